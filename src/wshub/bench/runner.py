@@ -1,0 +1,743 @@
+"""The load generator's engine: connections, scenarios, measurement.
+
+One asyncio (uvloop) process. Most connections count received messages with one
+``bytes.count`` of a 2-byte marker per data chunk; a few *probe* connections parse
+every frame and read the send timestamp carried in the content to measure latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import socket
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from .framing import (
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    FrameParser,
+    check_handshake_response,
+    encode_frame,
+    handshake_request,
+    make_key,
+)
+
+MARK = b"~#"
+M0, M1 = MARK[0], MARK[1]
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+_now = time.monotonic_ns
+_KEEPALIVE_PONG = encode_frame(OP_PONG, b"bench", mask_key=b"\x01\x02\x03\x04")
+_CLOSE_FRAME = encode_frame(OP_CLOSE, b"\x03\xe8", mask_key=b"\x05\x06\x07\x08")
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class Config:
+    scenario: str
+    url: str = "ws://127.0.0.1:8787/websocket"
+    protocol: str = "wshub"
+    connections: int = 1000
+    inflight: int = 32
+    rate: float = 50.0
+    size: int = 100
+    duration: float = 10.0
+    warmup: float = 2.0
+    source_ips: int = 0  # 0: auto
+    connect_concurrency: int = 64
+    connect_timeout: float = 15.0
+    probes: int = 32
+    server_pid: int | None = None
+    settle: float = 30.0
+    keepalive: float = 20.0
+    progress: bool = False
+    json: bool = False
+    host: str = field(init=False, default="")
+    port: int = field(init=False, default=0)
+    path: str = field(init=False, default="/")
+
+    def __post_init__(self) -> None:
+        u = urlsplit(self.url)
+        if u.scheme not in ("ws", ""):
+            raise ValueError("only ws:// URLs are supported")
+        self.host = u.hostname or "127.0.0.1"
+        self.port = u.port or 80
+        self.path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        if self.source_ips <= 0:
+            # wshub allows 200 open connections per client IP by default
+            self.source_ips = min(254, max(1, math.ceil(self.connections / 200)))
+
+
+def source_addresses(k: int) -> list[str]:
+    return [f"127.0.0.{i}" for i in range(1, k + 1)]
+
+
+# --------------------------------------------------------------------------- messages
+
+
+class Encoder:
+    """Builds the masked client frame for one bench message."""
+
+    def __init__(self, protocol: str, size: int) -> None:
+        self.protocol = protocol
+        self.size = size
+        self.key = b"\x11\x22\x33\x44"
+
+    def content(self, sender: int, seq: int) -> bytes:
+        # the marker, the send time in ns, then padding up to the requested size
+        head = b"~#%d s%d c%d " % (_now(), seq, sender)
+        pad = self.size - len(head)
+        return head + b"x" * pad if pad > 0 else head
+
+    def frame(self, sender: int, seq: int) -> bytes:
+        c = self.content(sender, seq)
+        if self.protocol == "wshub":
+            payload = b'{"type":"message","content":"' + c + b'"}'
+        else:
+            payload = c
+        return encode_frame(OP_TEXT, payload, mask_key=self.key)
+
+
+def read_stamp(payload: bytes) -> int | None:
+    i = payload.find(MARK)
+    if i < 0:
+        return None
+    j = payload.find(b" ", i)
+    try:
+        return int(payload[i + 2 : j])
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------- connections
+
+
+class Hub:
+    """State shared by every connection of a run."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.loop = asyncio.get_running_loop()
+        self.conns: list[Conn] = []
+        self.counts: list[int] = []  # messages received per connection (marker count)
+        self.measuring = False
+        self.latencies: list[int] = []  # ns, probes only, while measuring
+        self.wake = None  # called once per loop pass after data arrived (fanout)
+        self._wake_pending = False
+        self.closed_early = 0
+        self.errors: list[str] = []
+
+    def poke(self) -> None:
+        if not self._wake_pending:
+            self._wake_pending = True
+            self.loop.call_soon(self._run_wake)
+
+    def _run_wake(self) -> None:
+        self._wake_pending = False
+        if self.wake is not None:
+            self.wake()
+
+
+class Conn(asyncio.Protocol):
+    """A counting connection: after the handshake, one marker count per chunk."""
+
+    probe = False
+
+    def __init__(self, hub: Hub, idx: int) -> None:
+        self.hub = hub
+        self.idx = idx
+        self.counts = hub.counts
+        self.transport = None
+        self.key = make_key()
+        self.opened = hub.loop.create_future()
+        self.is_open = False
+        self.head = b""
+        self.last = -1
+        self.rx = 0
+        self.t_start = 0
+        self.t_open = 0
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.t_start = _now()
+        cfg = self.hub.cfg
+        transport.write(handshake_request(cfg.host, cfg.port, cfg.path, self.key))
+
+    def data_received(self, data: bytes) -> None:
+        if self.is_open:
+            self.rx += len(data)
+            n = data.count(MARK)
+            if self.last == M0 and data[0] == M1:
+                n += 1
+            self.last = data[-1]
+            if n:
+                self.counts[self.idx] += n
+                if self.hub.wake is not None:
+                    self.hub.poke()
+            return
+        self._handshake(data)
+
+    def _handshake(self, data: bytes) -> None:
+        self.head += data
+        i = self.head.find(b"\r\n\r\n")
+        if i < 0:
+            if len(self.head) > 65536:
+                self._fail("handshake response too long")
+            return
+        rest = self.head[i + 4 :]
+        head = self.head[:i]
+        self.head = b""
+        try:
+            check_handshake_response(head, self.key)
+        except ValueError as e:
+            self._fail(str(e))
+            return
+        self.is_open = True
+        self.t_open = _now()
+        if not self.opened.done():
+            self.opened.set_result(None)
+        if rest:
+            self.data_received(rest)
+
+    def _fail(self, why: str) -> None:
+        if not self.opened.done():
+            self.opened.set_exception(ConnectionError(why))
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc) -> None:
+        was_open = self.is_open
+        self.is_open = False
+        if not self.opened.done():
+            self.opened.set_exception(ConnectionError(f"closed during handshake: {exc}"))
+        elif was_open and not self.hub_closing():
+            self.hub.closed_early += 1
+        self.transport = None
+
+    def hub_closing(self) -> bool:
+        return getattr(self.hub, "closing", False)
+
+    def write(self, data: bytes) -> None:
+        t = self.transport
+        if t is not None:
+            t.write(data)
+
+
+class ProbeConn(Conn):
+    """A connection that parses every frame: latency, pings answered, closes seen."""
+
+    probe = True
+
+    def __init__(self, hub: Hub, idx: int) -> None:
+        super().__init__(hub, idx)
+        self.parser = FrameParser()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.is_open:
+            self._handshake(data)
+            return
+        self.rx += len(data)
+        now = _now()
+        n = 0
+        hub = self.hub
+        for op, payload in self.parser.feed(data):
+            if op == OP_TEXT:
+                t = read_stamp(payload)
+                if t is not None:
+                    n += 1
+                    if hub.measuring:
+                        hub.latencies.append(now - t)
+            elif op == OP_PING:
+                self.write(encode_frame(OP_PONG, payload))
+            elif op == OP_CLOSE:
+                self.write(encode_frame(OP_CLOSE, payload[:2]))
+        if n:
+            self.counts[self.idx] += n
+            if hub.wake is not None:
+                hub.poke()
+
+
+async def open_connections(hub: Hub, n: int, probe_every: int) -> dict:
+    """Open ``n`` connections concurrently; returns connect-time figures."""
+    cfg = hub.cfg
+    loop = hub.loop
+    ips = source_addresses(cfg.source_ips)
+    sem = asyncio.Semaphore(cfg.connect_concurrency)
+    hub.counts.extend([0] * n)
+    conns: list[Conn | None] = [None] * n
+    failures: list[str] = []
+
+    async def one(i: int) -> None:
+        async with sem:
+            probe = probe_every > 0 and i % probe_every == 0
+            proto = (ProbeConn if probe else Conn)(hub, i)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setblocking(False)
+                sock.bind((ips[i % len(ips)], 0))
+                await asyncio.wait_for(loop.sock_connect(sock, (cfg.host, cfg.port)), cfg.connect_timeout)
+                await loop.create_connection(lambda: proto, sock=sock)
+                await asyncio.wait_for(proto.opened, cfg.connect_timeout)
+            except (OSError, ConnectionError, asyncio.TimeoutError) as e:
+                failures.append(f"{type(e).__name__}: {e}")
+                if proto.transport is not None:
+                    proto.transport.abort()
+                else:
+                    sock.close()
+                return
+            conns[i] = proto
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    elapsed = time.perf_counter() - t0
+    hub.conns = [c for c in conns if c is not None]
+    if failures:
+        hub.errors.append(f"{len(failures)} connections failed, first: {failures[0]}")
+    hs = sorted((c.t_open - c.t_start) / 1e6 for c in hub.conns)
+    return {
+        "connections_requested": n,
+        "connections_open": len(hub.conns),
+        "connect_failures": len(failures),
+        "connect_time_s": round(elapsed, 3),
+        "connects_per_s": round(len(hub.conns) / elapsed, 1) if elapsed > 0 else None,
+        "handshake_ms_p50": round(pct(hs, 50), 2) if hs else None,
+        "handshake_ms_p99": round(pct(hs, 99), 2) if hs else None,
+        "source_ips": cfg.source_ips,
+    }
+
+
+async def close_all(hub: Hub) -> None:
+    hub.closing = True
+    for c in hub.conns:
+        t = c.transport
+        if t is not None:
+            try:
+                t.write(_CLOSE_FRAME)
+                t.close()
+            except Exception:
+                pass
+    await asyncio.sleep(0.2)
+    for c in hub.conns:
+        if c.transport is not None:
+            c.transport.abort()
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def pct(sorted_vals: list, p: float):
+    if not sorted_vals:
+        return None
+    k = (len(sorted_vals) - 1) * p / 100.0
+    f = math.floor(k)
+    c = min(f + 1, len(sorted_vals) - 1)
+    return sorted_vals[f] + (sorted_vals[c] - sorted_vals[f]) * (k - f)
+
+
+def latency_summary(lat_ns: list[int]) -> dict:
+    if not lat_ns:
+        return {"latency_samples": 0}
+    s = sorted(lat_ns)
+    ms = lambda v: round(v / 1e6, 3)  # noqa: E731
+    return {
+        "latency_samples": len(s),
+        "latency_ms_p50": ms(pct(s, 50)),
+        "latency_ms_p90": ms(pct(s, 90)),
+        "latency_ms_p99": ms(pct(s, 99)),
+        "latency_ms_max": ms(s[-1]),
+    }
+
+
+class ServerProbe:
+    """RSS and CPU time of the server process, from /proc (Linux)."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+        self.tck = os.sysconf("SC_CLK_TCK")
+
+    def rss_kib(self) -> int | None:
+        if not self.pid:
+            return None
+        try:
+            with open(f"/proc/{self.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1])
+        except OSError:
+            return None
+        return None
+
+    def cpu_s(self) -> float | None:
+        if not self.pid:
+            return None
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / self.tck
+        except (OSError, IndexError, ValueError):
+            return None
+
+
+class Progress:
+    def __init__(self, enabled: bool, label: str) -> None:
+        self.enabled = enabled
+        self.label = label
+        self.shown = False
+
+    def show(self, text: str) -> None:
+        if self.enabled:
+            sys.stderr.write(f"\r\x1b[2K[{self.label}] {text}")
+            sys.stderr.flush()
+            self.shown = True
+
+    def done(self) -> None:
+        if self.shown:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def fmt_rate(v: float) -> str:
+    if v >= 1e6:
+        return f"{v / 1e6:.2f}M"
+    if v >= 1e3:
+        return f"{v / 1e3:.1f}k"
+    return f"{v:.0f}"
+
+
+class Window:
+    """Measures the measured window: received counts, time, CPU of both sides."""
+
+    def __init__(self, hub: Hub, server: ServerProbe, recipients: list[int] | None = None) -> None:
+        self.hub = hub
+        self.server = server
+        self.idx = recipients
+
+    def total(self) -> int:
+        c = self.hub.counts
+        if self.idx is None:
+            return sum(c)
+        return sum(c[i] for i in self.idx)
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+        self.n0 = self.total()
+        self.cpu0 = time.process_time()
+        self.scpu0 = self.server.cpu_s()
+        self.hub.measuring = True
+
+    def stop(self) -> dict:
+        self.hub.measuring = False
+        t = time.perf_counter() - self.t0
+        n = self.total() - self.n0
+        cpu = time.process_time() - self.cpu0
+        out = {
+            "measured_s": round(t, 3),
+            "deliveries": n,
+            "deliveries_per_s": round(n / t, 1) if t > 0 else 0.0,
+            "generator_cpu": round(cpu / t, 3) if t > 0 else None,
+        }
+        s1 = self.server.cpu_s()
+        if self.scpu0 is not None and s1 is not None:
+            scpu = s1 - self.scpu0
+            out["server_cpu"] = round(scpu / t, 3)
+            if n:
+                out["server_cpu_us_per_delivery"] = round(scpu / n * 1e6, 3)
+        return out
+
+
+async def tick_loop(hub: Hub, seconds: float, progress: Progress, extra=None) -> None:
+    """Sleep ``seconds`` in 1 s steps, updating the progress line."""
+    end = time.perf_counter() + seconds
+    last_n = sum(hub.counts)
+    last_t = time.perf_counter()
+    while True:
+        left = end - time.perf_counter()
+        if left <= 0:
+            break
+        await asyncio.sleep(min(1.0, left))
+        if extra is not None:
+            extra()
+        now = time.perf_counter()
+        n = sum(hub.counts)
+        rate = (n - last_n) / (now - last_t) if now > last_t else 0.0
+        last_n, last_t = n, now
+        phase = "measuring" if hub.measuring else "warmup"
+        open_n = sum(1 for c in hub.conns if c.transport is not None)
+        progress.show(
+            f"{phase} {max(0.0, end - now):5.1f}s left  conns={open_n}  "
+            f"deliveries/s={fmt_rate(rate)}  total={n}"
+        )
+
+
+# --------------------------------------------------------------------------- keepalive
+
+
+def start_keepalive(hub: Hub):
+    """Send an unsolicited Pong on every counting connection now and then.
+
+    Counting connections do not parse frames, so they cannot answer a server Ping;
+    an unsolicited Pong (RFC 6455 5.5.3) is a sign of life for servers with a
+    heartbeat timeout.
+    """
+    period = hub.cfg.keepalive
+    if period <= 0:
+        return None
+
+    async def run() -> None:
+        while True:
+            await asyncio.sleep(period)
+            for c in hub.conns:
+                if not c.probe:
+                    c.write(_KEEPALIVE_PONG)
+
+    return asyncio.ensure_future(run())
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+def probe_spacing(n: int, probes: int) -> int:
+    if probes <= 0:
+        return 0
+    return max(1, n // probes)
+
+
+async def scenario_fanout(hub: Hub, server: ServerProbe, progress: Progress) -> dict:
+    cfg = hub.cfg
+    conn_info = await open_connections(hub, cfg.connections, probe_spacing(cfg.connections, cfg.probes))
+    if len(hub.conns) < 2:
+        raise RuntimeError("fan-out needs at least 2 open connections")
+    sender = hub.conns[0]
+    ridx = [c.idx for c in hub.conns[1:]]
+    counts = hub.counts
+    enc = Encoder(cfg.protocol, cfg.size)
+    K = cfg.inflight
+    st = {"sent": 0, "offset": 0, "stalls": 0, "last_min": -1, "last_move": time.perf_counter()}
+    sending = {"on": True}
+
+    def slowest() -> int:
+        return min([counts[i] for i in ridx])
+
+    def release() -> None:
+        if not sending["on"]:
+            return
+        m = slowest()
+        if m != st["last_min"]:
+            st["last_min"] = m
+            st["last_move"] = time.perf_counter()
+        room = K - (st["sent"] - st["offset"] - m)
+        if room > 0:
+            base = st["sent"]
+            sender.write(b"".join(enc.frame(0, base + j) for j in range(room)))
+            st["sent"] = base + room
+
+    def watchdog() -> None:
+        # a message lost by the server (e.g. a rate limit) would stall the window
+        if sending["on"] and time.perf_counter() - st["last_move"] > 2.0:
+            m = slowest()
+            st["stalls"] += 1
+            st["offset"] = st["sent"] - m
+            st["last_move"] = time.perf_counter()
+            release()
+
+    await asyncio.sleep(0.5)  # let join notifications drain
+    ka = start_keepalive(hub)
+    hub.wake = release
+    release()
+    win = Window(hub, server, ridx)
+    await tick_loop(hub, cfg.warmup, progress, watchdog)
+    sent0 = st["sent"]
+    win.start()
+    await tick_loop(hub, cfg.duration, progress, watchdog)
+    res = win.stop()
+    res["messages_sent_per_s"] = round((st["sent"] - sent0) / res["measured_s"], 1)
+    sending["on"] = False
+    hub.wake = None
+    res["stalls"] = st["stalls"]
+    res.update(latency_summary(hub.latencies))
+    if ka:
+        ka.cancel()
+    progress.done()
+    return {**conn_info, "inflight": K, "recipients": len(ridx), **res}
+
+
+async def _scheduled_sender(hub: Hub, senders: list[Conn], total_rate: float, stop_at: float, enc: Encoder, st: dict) -> None:
+    """Send ``total_rate`` messages per second round-robin over ``senders``."""
+    loop = hub.loop
+    t0 = loop.time()
+    k = 0
+    nsend = len(senders)
+    interval = 1.0 / total_rate
+    while True:
+        now = loop.time()
+        if now >= stop_at:
+            break
+        due = int((now - t0) / interval) + 1
+        if due - k > 1:
+            st["late"] = max(st["late"], now - (t0 + (k + 1) * interval))
+        per: dict[int, list[bytes]] = {}
+        while k < due:
+            s = k % nsend
+            per.setdefault(s, []).append(enc.frame(senders[s].idx, k))
+            st["sent_by"][s] += 1
+            k += 1
+        for s, frames in per.items():
+            senders[s].write(b"".join(frames))
+        st["sent"] = k
+        nxt = t0 + k * interval
+        await asyncio.sleep(max(0.0, nxt - loop.time()))
+
+
+async def _rate_like(hub: Hub, server: ServerProbe, progress: Progress, senders_n: int, total_rate: float) -> dict:
+    cfg = hub.cfg
+    n = cfg.connections
+    conn_info = await open_connections(hub, n, probe_spacing(n, cfg.probes))
+    conns = hub.conns
+    if len(conns) < 2:
+        raise RuntimeError("needs at least 2 open connections")
+    senders = conns[:senders_n]
+    recips = len(conns) - 1  # every message goes to everyone but its sender
+    enc = Encoder(cfg.protocol, cfg.size)
+    st = {"sent": 0, "late": 0.0, "sent_by": [0] * len(senders)}
+    await asyncio.sleep(0.5)
+    ka = start_keepalive(hub)
+    stop_at = hub.loop.time() + cfg.warmup + cfg.duration
+    task = asyncio.ensure_future(_scheduled_sender(hub, senders, total_rate, stop_at, enc, st))
+    win = Window(hub, server)
+    await tick_loop(hub, cfg.warmup, progress)
+    sent0 = st["sent"]
+    win.start()
+    await tick_loop(hub, cfg.duration, progress)
+    res = win.stop()
+    sent_in = st["sent"] - sent0
+    expected_total = st["sent"] * recips
+    backlog = expected_total - sum(hub.counts)
+    offered = total_rate * recips
+    res["messages_sent_per_s"] = round(sent_in / res["measured_s"], 1)
+    res["offered_deliveries_per_s"] = round(offered, 1)
+    res["achieved_ratio"] = round(res["deliveries_per_s"] / offered, 3) if offered else None
+    res["backlog_at_end"] = backlog
+    res["backlog_s"] = round(backlog / offered, 3) if offered else None
+    res["sender_late_max_ms"] = round(st["late"] * 1e3, 2)
+    res.update(latency_summary(hub.latencies))
+    res["fell_behind"] = bool(
+        (res["achieved_ratio"] is not None and res["achieved_ratio"] < 0.95)
+        or (res["backlog_s"] is not None and res["backlog_s"] > 1.0)
+        or hub.closed_early
+    )
+    await task
+    # give stragglers a moment so the server is not torn down mid-burst
+    await asyncio.sleep(0.2)
+    if ka:
+        ka.cancel()
+    progress.done()
+    return {**conn_info, "senders": len(senders), **res}
+
+
+async def scenario_rate(hub: Hub, server: ServerProbe, progress: Progress) -> dict:
+    return {"rate_msgs_per_s": hub.cfg.rate, **await _rate_like(hub, server, progress, 1, hub.cfg.rate)}
+
+
+async def scenario_chat(hub: Hub, server: ServerProbe, progress: Progress) -> dict:
+    cfg = hub.cfg
+    total = cfg.rate * cfg.connections
+    return {"rate_per_connection": cfg.rate, **await _rate_like(hub, server, progress, cfg.connections, total)}
+
+
+async def scenario_idle(hub: Hub, server: ServerProbe, progress: Progress) -> dict:
+    cfg = hub.cfg
+    rss0 = server.rss_kib()
+    conn_info = await open_connections(hub, cfg.connections, 0)
+    ka = start_keepalive(hub)
+    # wait until the server has stopped talking (join notifications), bounded
+    t_end = time.perf_counter() + cfg.settle
+    last = -1
+    quiet = 0
+    while time.perf_counter() < t_end and quiet < 2:
+        await asyncio.sleep(0.5)
+        rx = sum(c.rx for c in hub.conns)
+        quiet = quiet + 1 if rx == last else 0
+        last = rx
+        progress.show(f"settling  conns={len(hub.conns)}  rx={rx} bytes")
+    samples = []
+    end = time.perf_counter() + cfg.duration
+    while True:
+        r = server.rss_kib()
+        if r is not None:
+            samples.append(r)
+        left = end - time.perf_counter()
+        open_n = sum(1 for c in hub.conns if c.transport is not None)
+        progress.show(f"holding {max(0.0, left):5.1f}s left  conns={open_n}  server RSS={r} KiB")
+        if left <= 0:
+            break
+        await asyncio.sleep(min(1.0, left))
+    open_n = sum(1 for c in hub.conns if c.transport is not None)
+    res = {"connections_held": open_n, "closed_early": hub.closed_early}
+    if rss0 is not None and samples:
+        rss1 = statistics.median(samples)
+        res["server_rss_before_kib"] = rss0
+        res["server_rss_after_kib"] = rss1
+        if open_n:
+            res["rss_per_connection_kib"] = round((rss1 - rss0) / open_n, 2)
+    if ka:
+        ka.cancel()
+    progress.done()
+    return {**conn_info, **res}
+
+
+async def scenario_sink(hub: Hub, server: ServerProbe, progress: Progress) -> dict:
+    """Only count: for servers that send on their own (the ceiling server)."""
+    cfg = hub.cfg
+    conn_info = await open_connections(hub, cfg.connections, probe_spacing(cfg.connections, cfg.probes))
+    win = Window(hub, server)
+    await tick_loop(hub, cfg.warmup, progress)
+    win.start()
+    await tick_loop(hub, cfg.duration, progress)
+    res = win.stop()
+    res.update(latency_summary(hub.latencies))
+    progress.done()
+    return {**conn_info, **res}
+
+
+SCENARIOS = {
+    "fanout": scenario_fanout,
+    "rate": scenario_rate,
+    "chat": scenario_chat,
+    "idle": scenario_idle,
+    "sink": scenario_sink,
+}
+
+
+async def run(cfg: Config) -> dict:
+    hub = Hub(cfg)
+    server = ServerProbe(cfg.server_pid)
+    interactive = cfg.progress or sys.stderr.isatty()
+    progress = Progress(interactive, cfg.scenario)
+    t0 = time.perf_counter()
+    try:
+        res = await SCENARIOS[cfg.scenario](hub, server, progress)
+    finally:
+        progress.done()
+        await close_all(hub)
+    out = {
+        "scenario": cfg.scenario,
+        "protocol": cfg.protocol,
+        "url": cfg.url,
+        "size": cfg.size,
+        **res,
+        "closed_early": hub.closed_early,
+        "wall_s": round(time.perf_counter() - t0, 2),
+    }
+    if hub.errors:
+        out["errors"] = hub.errors
+    return out
