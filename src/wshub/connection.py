@@ -1,0 +1,362 @@
+"""One client socket: the HTTP request, the upgrade, frames in, frames out.
+
+This is a thin asyncio ``Protocol`` (no task per connection, no per-client
+queue: see :mod:`wshub.fanout`). Incoming bytes go to the ``websockets``
+library's sans-I/O :class:`~websockets.protocol.Protocol`, which parses frames
+and enforces RFC 6455 (masking, reserved bits, opcodes, control frame rules,
+the message size limit, permessage-deflate decoding, the close handshake).
+This module assembles fragmented messages, checks UTF-8, and hands complete
+messages to the :class:`~wshub.node.Node`, which owns every protocol decision.
+
+Outgoing data never goes through the library: the fan-out writes pre-built
+frames straight to the transport. The library's own output (Pong replies,
+Close frames) is queued through the same fan-out, so order holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import logging
+from typing import TYPE_CHECKING
+
+from websockets.extensions.permessage_deflate import PerMessageDeflate
+from websockets.frames import Opcode
+from websockets.protocol import SEND_EOF, Side
+from websockets.protocol import Protocol as FrameProtocol
+from websockets.protocol import State as FrameState
+
+from . import http
+from .errors import CloseCode, Disconnect
+from .ids import ConnectionId
+from .session import Admit, Session, State
+from .wire import Deflate
+
+if TYPE_CHECKING:
+    from .node import Node
+
+__all__ = ["Connection"]
+
+# The library logs every closed connection at INFO on the server side; wshub
+# writes its own lines, so keep the library's for warnings and errors.
+_frames_logger = logging.getLogger("wshub.frames")
+_frames_logger.setLevel(logging.WARNING)
+
+_TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
+_PING, _PONG, _CLOSE = Opcode.PING, Opcode.PONG, Opcode.CLOSE
+_utf8_decoder = codecs.getincrementaldecoder("utf-8")
+
+
+class Connection(asyncio.Protocol):
+    __slots__ = (
+        "node",
+        "transport",
+        "peer",
+        "ip",
+        "origin",
+        "id",
+        "session",
+        "ws",
+        "deflate",
+        "pending",
+        "joined_at",
+        "marked",
+        "is_recipient",
+        "opened_at",
+        "close_code",
+        "_buffer",
+        "_timer",
+        "_message",
+        "_message_opcode",
+        "_message_decoder",
+        "_message_refused",
+        "_released",
+        "_failed",
+    )
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.peer = ""
+        self.ip = ""  # the client address the per-IP limits apply to
+        self.origin: str | None = None
+        self.id = ConnectionId("")
+        self.session = node.new_session()
+        self.ws: FrameProtocol | None = None
+        self.deflate: Deflate | None = None
+        # Fan-out bookkeeping (see wshub.fanout).
+        self.pending: list[tuple[int, bytes]] | None = None
+        self.joined_at = 0
+        self.marked = False
+        self.is_recipient = False
+        self.opened_at = 0.0
+        self.close_code: int | None = None
+        self._buffer: bytearray | None = bytearray()
+        self._timer: asyncio.TimerHandle | None = None
+        # A fragmented message being received.
+        self._message: list[bytes] | None = None
+        self._message_opcode = _TEXT
+        self._message_decoder: codecs.IncrementalDecoder | None = None
+        self._message_refused = False
+        self._released = False  # admission slot given back
+        self._failed = False  # we failed the connection in this batch of frames
+
+    @property
+    def state(self) -> State:
+        return self.session.state
+
+    # -- asyncio callbacks ----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if peer else "unknown"
+        self.ip = self.peer
+        self.node.connecting(self)
+        self._timer = self.node.loop.call_later(
+            self.node.config.handshake_timeout, self._handshake_expired
+        )
+
+    def data_received(self, data: bytes) -> None:
+        if self.ws is not None:
+            self._receive_frames(data)
+            return
+        buffer = self._buffer
+        if buffer is None:  # an HTTP response is on its way out: ignore the rest
+            return
+        buffer += data
+        try:
+            parsed = http.parse_request_head(buffer)
+        except http.HttpError as exc:
+            self.node.refuse(self, exc.status, "bad_request", exc.body)
+            self.respond(http.response(exc.status, exc.body, headers=exc.headers))
+            return
+        if parsed is None:
+            return
+        request, length = parsed
+        del buffer[:length]
+        self.node.handle_request(self, request)
+
+    def eof_received(self) -> bool | None:
+        if self.ws is not None and self.session.state is not State.CLOSED:
+            self.ws.receive_eof()
+            self._drain_library_output()
+        return None  # let the transport close itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        previous = self.session.state
+        if previous is not State.CLOSED:
+            self.session.transition(State.CLOSED)
+            self.node.closed(self, previous)
+
+    def pause_writing(self) -> None:
+        # The fan-out checks buffer sizes itself after each write.
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # -- HTTP -----------------------------------------------------------------
+
+    def respond(self, response: bytes) -> None:
+        """Answer a plain HTTP request and close the connection."""
+        self._buffer = None
+        self._cancel_timer()
+        self.transport.write(response)
+        self.transport.close()
+
+    def upgrade(
+        self,
+        connection_id: ConnectionId,
+        response: bytes,
+        extension: PerMessageDeflate | None,
+        deflate: Deflate | None,
+        now: float,
+    ) -> None:
+        """Switch to WebSocket: called by the node once it admitted us."""
+        self._cancel_timer()
+        self.id = connection_id
+        ws = FrameProtocol(
+            Side.SERVER,
+            state=FrameState.OPEN,
+            max_size=self.node.config.max_message_size,
+            logger=_frames_logger,
+        )
+        if extension is not None:
+            ws.extensions = [extension]
+        self.ws = ws
+        self.deflate = deflate
+        self.opened_at = now
+        self.session.transition(State.OPEN)
+        self.session.alive(now)
+        self.transport.write(response)
+        leftover = bytes(self._buffer or b"")
+        self._buffer = None
+        self.node.opened(self)
+        if leftover:
+            self._receive_frames(leftover)
+
+    def _handshake_expired(self) -> None:
+        self._timer = None
+        if self.ws is None and not self.transport.is_closing():
+            self.node.refuse(self, 408, "handshake_timeout", "handshake deadline passed")
+            self.transport.abort()
+
+    # -- Frames in --------------------------------------------------------------
+
+    def _receive_frames(self, data: bytes) -> None:
+        ws = self.ws
+        assert ws is not None
+        if self.session.state is State.CLOSED or ws.state is FrameState.CLOSED:
+            return
+        self.session.alive(self.node.loop.time())
+        ws.receive_data(data)
+        for frame in ws.events_received():
+            # Frames parsed before a failure or a Close are processed; after
+            # we failed or closed the connection ourselves, the rest is dropped.
+            if self._failed or self.session.state is not State.OPEN:
+                break
+            opcode = frame.opcode
+            if opcode is _TEXT or opcode is _BINARY or opcode is _CONT:
+                self._receive_data_frame(opcode, frame.data, frame.fin)
+            elif opcode is _CLOSE:
+                rcvd = ws.close_rcvd
+                if self.close_code is None and rcvd is not None:
+                    self.close_code = rcvd.code
+            # Ping: the library queued the Pong. Pong: a sign of life, noted above.
+        self._drain_library_output()
+
+    def _receive_data_frame(self, opcode: Opcode, data: bytes, fin: bool) -> None:
+        node = self.node
+        if opcode is not _CONT:
+            self._message_opcode = opcode
+            self._message_refused = False
+            verdict = self.session.admit(node.loop.time())
+            if verdict is Admit.DISCONNECT:
+                node.rate_limited(self, disconnect=True)
+                return
+            if verdict is Admit.REFUSE:
+                self._message_refused = True
+            if not fin:
+                self._message = [data] if data else []
+                if opcode is _TEXT:
+                    self._message_decoder = _utf8_decoder()
+                    if not self._check_utf8(data, final=False):
+                        return
+                return
+            message = data
+        else:
+            parts = self._message
+            assert parts is not None  # the library refuses a stray continuation
+            if data:
+                parts.append(data)
+            if self._message_opcode is _TEXT and not self._check_utf8(data, final=fin):
+                return
+            if not fin:
+                return
+            message = b"".join(parts)
+            self._message = None
+            self._message_decoder = None
+        if self._message_refused:
+            node.rate_limited(self, disconnect=False)
+            return
+        if self._message_opcode is _BINARY:
+            node.on_binary(self)
+            return
+        try:
+            text = message.decode("utf-8")
+        except UnicodeDecodeError:
+            self._fail(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message")
+            return
+        node.on_text(self, text)
+
+    def _check_utf8(self, data: bytes, *, final: bool) -> bool:
+        """Validate a fragment as it arrives, to fail fast (RFC 6455 8.1)."""
+        decoder = self._message_decoder
+        assert decoder is not None
+        try:
+            decoder.decode(data, final)
+        except UnicodeDecodeError:
+            self._message = None
+            self._message_decoder = None
+            self._fail(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message")
+            return False
+        return True
+
+    def _fail(self, code: CloseCode, reason: str) -> None:
+        """Fail the connection (RFC 6455 7.1.7): Close frame, then TCP close."""
+        ws = self.ws
+        assert ws is not None
+        self._failed = True
+        if ws.state is FrameState.OPEN:
+            self.close_code = code
+            ws.fail(code, reason)
+
+    def _drain_library_output(self) -> None:
+        """Send what the frame library produced: Pongs, Close frames, EOF."""
+        ws = self.ws
+        assert ws is not None
+        out = ws.data_to_send()
+        if ws.state is FrameState.OPEN:
+            for chunk in out:  # only Pong frames while open
+                self.node.fanout.raw_to_one(self, chunk)
+            return
+        # Closing or closed: the client sent a Close, or the library failed
+        # the connection (1002, 1007, 1009). What was queued for this client
+        # in this pass goes first, then the Close frame; then no more data.
+        if self.session.state is State.OPEN:
+            if self.close_code is None and ws.close_sent is not None:
+                self.close_code = ws.close_sent.code
+            self._leave_fanout()
+        eof = False
+        for chunk in out:
+            if chunk is SEND_EOF or chunk == b"":
+                eof = True
+            else:
+                self.transport.write(chunk)
+        if eof:
+            self._cancel_timer()
+            self.transport.close()
+        elif self._timer is None and self.session.state is State.CLOSING:
+            self._start_close_timer()
+
+    # -- Closing from our side --------------------------------------------------
+
+    def close(self, disconnect: Disconnect) -> None:
+        """Start the closing handshake with *disconnect*'s code and reason.
+
+        Frames already queued for this client go out first; the socket is
+        dropped if the client has not finished the handshake within
+        ``--close-timeout``.
+        """
+        ws = self.ws
+        if ws is None or self.session.state is not State.OPEN or ws.state is not FrameState.OPEN:
+            return
+        self.close_code = disconnect.code
+        ws.send_close(disconnect.code, disconnect.reason)
+        self._leave_fanout()
+        for chunk in ws.data_to_send():
+            if chunk:
+                self.transport.write(chunk)
+        self._start_close_timer()
+
+    def abort(self) -> None:
+        self._cancel_timer()
+        self.transport.abort()
+
+    def _leave_fanout(self) -> None:
+        data = self.node.fanout.take(self)
+        if data:
+            self.transport.write(data)
+        self.session.transition(State.CLOSING)
+        self.node.closing(self)
+
+    def _start_close_timer(self) -> None:
+        self._cancel_timer()
+        self._timer = self.node.loop.call_later(self.node.config.close_timeout, self.abort)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

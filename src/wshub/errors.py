@@ -1,0 +1,61 @@
+"""Close codes and the exception root.
+
+Two families of outcomes exist for a client frame (decisions.md 5 and 8):
+
+* a *refusal* (:class:`wshub.protocol.Refusal`) answers with an ``error``
+  message and leaves the connection open;
+* a *disconnect* (:class:`Disconnect`) closes the connection with a WebSocket
+  close code and a short reason.
+
+::
+
+    WshubError
+     └── ConfigError        (wshub.config: a refused option value)
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+__all__ = [
+    "HEARTBEAT_TIMEOUT",
+    "RATE_LIMIT_EXCEEDED",
+    "SERVER_ERROR",
+    "SHUTTING_DOWN",
+    "SLOW_CONSUMER",
+    "CloseCode",
+    "Disconnect",
+    "WshubError",
+]
+
+
+class WshubError(Exception):
+    """Root of wshub's own exceptions."""
+
+
+class CloseCode(enum.IntEnum):
+    """The close codes wshub sends (RFC 6455 section 7.4.1)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001  # server shutting down
+    PROTOCOL_ERROR = 1002  # malformed frame (unmasked, reserved bits, ...)
+    INVALID_DATA = 1007  # invalid UTF-8 in a text message
+    POLICY_VIOLATION = 1008  # rate limit escalation, slow consumer
+    MESSAGE_TOO_BIG = 1009  # over --max-message-size
+    INTERNAL_ERROR = 1011  # heartbeat timeout, unexpected server error
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """Close the connection with *code* and *reason*."""
+
+    code: CloseCode
+    reason: str
+
+
+HEARTBEAT_TIMEOUT = Disconnect(CloseCode.INTERNAL_ERROR, "heartbeat timeout")
+SLOW_CONSUMER = Disconnect(CloseCode.POLICY_VIOLATION, "slow consumer")
+RATE_LIMIT_EXCEEDED = Disconnect(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+SHUTTING_DOWN = Disconnect(CloseCode.GOING_AWAY, "server shutting down")
+SERVER_ERROR = Disconnect(CloseCode.INTERNAL_ERROR, "internal error")

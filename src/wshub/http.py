@@ -1,0 +1,200 @@
+"""HTTP/1.1 at the edge, without sockets: request heads in, responses out.
+
+wshub answers only ``GET`` requests for a handful of paths and the WebSocket
+upgrade (RFC 6455 section 4.2), so it parses request heads itself, within
+strict limits, and closes every plain HTTP connection after one response.
+
+* :func:`parse_request_head` reads one request head from a buffer, or says it
+  needs more bytes, or raises :class:`HttpError` with the status to answer.
+* :func:`check_upgrade` validates a WebSocket upgrade and returns the
+  ``Sec-WebSocket-Accept`` value.
+* :func:`response` serializes a response.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = [
+    "MAX_HEADERS",
+    "MAX_HEAD_SIZE",
+    "HttpError",
+    "Request",
+    "check_upgrade",
+    "parse_request_head",
+    "response",
+]
+
+MAX_HEAD_SIZE: Final = 16 * 1024
+"""Largest request head (request line and headers) accepted: 431 past it."""
+MAX_HEADERS: Final = 100
+"""Most header fields accepted: 431 past it."""
+
+_WS_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+_REASONS: Final = {
+    101: "Switching Protocols",
+    200: "OK",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    426: "Upgrade Required",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
+}
+
+_TOKEN_CHARS: Final = frozenset(
+    b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+)
+
+
+class HttpError(Exception):
+    """A request refused with *status* and a short plain-text *body*."""
+
+    def __init__(self, status: int, body: str, headers: tuple[tuple[str, str], ...] = ()):
+        super().__init__(f"{status} {body}")
+        self.status = status
+        self.body = body
+        self.headers = headers
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    target: str
+    headers: tuple[tuple[str, str], ...]  # names lower-cased, in order
+
+    @property
+    def path(self) -> str:
+        return self.target.partition("?")[0]
+
+    def get_all(self, name: str) -> list[str]:
+        return [value for key, value in self.headers if key == name]
+
+    def get(self, name: str) -> str | None:
+        """The single value of header *name*; 400 if it appears twice."""
+        values = self.get_all(name)
+        if len(values) > 1:
+            raise HttpError(400, f"duplicate {name} header")
+        return values[0] if values else None
+
+
+def parse_request_head(buffer: bytes | bytearray) -> tuple[Request, int] | None:
+    """Parse the request head at the start of *buffer*.
+
+    Returns ``(request, head_length)``, or None when the head is incomplete
+    (the caller reads more, up to :data:`MAX_HEAD_SIZE`).
+
+    Raises:
+        HttpError: the request is malformed (400), too large (431), or not
+            one wshub serves (405, 505).
+    """
+    end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD_SIZE + 4)
+    if end == -1:
+        if len(buffer) > MAX_HEAD_SIZE:
+            raise HttpError(431, "request head too large")
+        return None
+    head = bytes(buffer[:end])
+    lines = head.split(b"\r\n")
+    if len(lines) - 1 > MAX_HEADERS:
+        raise HttpError(431, "too many header fields")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3:
+        raise HttpError(400, "malformed request line")
+    method, target, version = parts
+    if not method or not set(method) <= _TOKEN_CHARS:
+        raise HttpError(400, "malformed request method")
+    if not target.startswith(b"/") or any(c < 0x21 or c > 0x7E for c in target):
+        raise HttpError(400, "malformed request target")
+    if version != b"HTTP/1.1":
+        if version == b"HTTP/1.0":
+            raise HttpError(505, "HTTP/1.1 required")
+        raise HttpError(400, "malformed HTTP version")
+    headers = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or not set(name) <= _TOKEN_CHARS:
+            # Also refuses obsolete line folding (a line starting with white space).
+            raise HttpError(400, "malformed header field")
+        if any(c < 0x20 and c != 0x09 or c == 0x7F for c in value):
+            raise HttpError(400, "control character in header field")
+        headers.append((name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1")))
+    request = Request(method.decode("ascii"), target.decode("ascii"), tuple(headers))
+    if method not in (b"GET", b"HEAD"):
+        raise HttpError(405, "only GET is served", (("Allow", "GET, HEAD"),))
+    if request.get("host") is None:
+        raise HttpError(400, "missing Host header")
+    if request.get_all("transfer-encoding") or request.get("content-length") not in (None, "0"):
+        raise HttpError(400, "a request body is not expected")
+    return request, end + 4
+
+
+def _tokens(values: list[str]) -> set[str]:
+    return {token.strip().lower() for value in values for token in value.split(",")}
+
+
+def check_upgrade(request: Request) -> str:
+    """Validate a WebSocket upgrade request; return ``Sec-WebSocket-Accept``.
+
+    Raises:
+        HttpError: 426 without the upgrade headers (or for another version
+            of the protocol), 400 for a malformed key.
+    """
+    upgrade_headers = (("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13"))
+    if "websocket" not in _tokens(request.get_all("upgrade")) or "upgrade" not in _tokens(
+        request.get_all("connection")
+    ):
+        raise HttpError(426, "this endpoint speaks WebSocket: upgrade required", upgrade_headers)
+    if request.method != "GET":
+        raise HttpError(405, "a WebSocket upgrade must use GET", (("Allow", "GET"),))
+    if request.get("sec-websocket-version") != "13":
+        raise HttpError(426, "unsupported WebSocket version: 13 required", upgrade_headers)
+    key = request.get("sec-websocket-key")
+    if key is None:
+        raise HttpError(400, "missing Sec-WebSocket-Key")
+    try:
+        raw_key = base64.b64decode(key.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raw_key = b""
+    if len(raw_key) != 16:
+        raise HttpError(400, "invalid Sec-WebSocket-Key")
+    digest = hashlib.sha1(key.encode("ascii") + _WS_GUID).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+def response(
+    status: int,
+    body: bytes | str = b"",
+    *,
+    content_type: str = "text/plain; charset=utf-8",
+    headers: tuple[tuple[str, str], ...] = (),
+    head_only: bool = False,
+) -> bytes:
+    """A complete HTTP/1.1 response that closes the connection after it."""
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}"]
+    if status != 101:
+        lines.append(f"Content-Type: {content_type}")
+        lines.append(f"Content-Length: {len(body)}")
+        lines.append("Connection: close")
+        lines.append("Cache-Control: no-store")
+    lines.extend(f"{name}: {value}" for name, value in headers)
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only or status == 101 else head + body
+
+
+def switching_protocols(accept: str, extensions: str | None) -> bytes:
+    headers = [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", accept)]
+    if extensions:
+        headers.append(("Sec-WebSocket-Extensions", extensions))
+    return response(101, headers=tuple(headers))

@@ -1,0 +1,472 @@
+"""The hub on one node: admission, the registry, routing, heartbeat, drain.
+
+The node owns every protocol decision; :mod:`wshub.connection` only moves
+bytes and :mod:`wshub.fanout` only writes them. Routing a message means:
+encode it once (:mod:`wshub.protocol`), queue it for local recipients
+(:class:`~wshub.fanout.Fanout`), and hand the same payload to the backplane
+for the other nodes.
+
+Time: ``loop.time()`` (monotonic) for deadlines and rate limits,
+``time.time()`` for the timestamps clients see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from importlib import resources
+
+from . import __version__, http, protocol
+from .admission import Admission, client_address
+from .backplane import Backplane, Envelope, EventKind
+from .backplane.memory import MemoryBackplane
+from .config import Config
+from .connection import Connection
+from .errors import HEARTBEAT_TIMEOUT, RATE_LIMIT_EXCEEDED, SHUTTING_DOWN, SLOW_CONSUMER
+from .fanout import Fanout
+from .ids import ConnectionId, new_connection_id, new_node_id
+from .metrics import Metrics
+from .origin import OriginPolicy
+from .protocol import ErrorCode, Refusal, Relay, RelayKind
+from .session import Session, State
+from .wire import negotiate_deflate, ping_frame
+
+__all__ = ["Node"]
+
+log = logging.getLogger("wshub")
+
+_BINARY_REFUSAL = Refusal(
+    ErrorCode.BINARY_NOT_SUPPORTED, "Binary frames are not supported: send JSON or text"
+)
+_RATE_REFUSAL = Refusal(ErrorCode.RATE_LIMITED, "Too many messages: slow down")
+_PROTOCOL_PING_FRAME = ping_frame(b"wshub")
+
+_FANOUT_BUCKETS = (0, 1, 2, 5, 10, 50, 100, 500, 1000, 5000, 10000, 50000)
+
+
+class Node:
+    def __init__(
+        self,
+        config: Config,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        backplane: Backplane | None = None,
+    ) -> None:
+        self.config = config
+        self.loop = loop
+        self.node_id = backplane.node_id if backplane is not None else new_node_id()
+        self.backplane: Backplane = backplane or MemoryBackplane(self.node_id)
+        self.conns: dict[ConnectionId, Connection] = {}
+        self.admission = Admission(
+            max_connections=config.max_connections,
+            max_connections_per_ip=config.max_connections_per_ip,
+            ip_connect_rate=config.ip_connect_rate,
+        )
+        self.origins = OriginPolicy(config.allowed_origins)
+        self.fanout = Fanout(
+            loop,
+            self.conns.values,
+            send_buffer_limit=config.send_buffer_limit,
+            on_slow_consumer=self._slow_consumer,
+            on_send_failed=self._send_failed,
+        )
+        self.started_at = time.time()
+        self.draining = False
+        self.n_connecting = 0
+        self.n_closing = 0
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._drained: asyncio.Future[None] | None = None
+        self._page: bytes | None = None
+        self._lag = 0.0
+        self._setup_metrics()
+
+    # -- Metrics ----------------------------------------------------------------
+
+    def _setup_metrics(self) -> None:
+        m = self.metrics = Metrics()
+        m.gauge(
+            "wshub_connections",
+            "Connections on this node by state.",
+            lambda: {
+                "connecting": self.n_connecting,
+                "open": len(self.conns),
+                "closing": self.n_closing,
+            },
+            label="state",
+        )
+        m.gauge(
+            "wshub_cluster_connections",
+            "Open connections in the whole cluster, as this node knows them.",
+            self.cluster_count,
+        )
+        self.accepted = m.counter("wshub_connections_accepted_total", "WebSocket upgrades accepted.")
+        self.refused = m.counter(
+            "wshub_connections_refused_total",
+            "Requests refused before or at the upgrade, by reason.",
+            label="reason",
+        )
+        self.messages = m.counter(
+            "wshub_messages_total",
+            "Client data messages by outcome: INCOMING when received, VALIDATED when they "
+            "passed the checks, ROUTED when handled or delivered, FAILED when refused.",
+            label="outcome",
+        )
+        self.errors = m.counter("wshub_errors_total", "error messages sent, by code.", label="code")
+        self.closes = m.counter("wshub_closes_total", "Closed WebSocket connections by close code.",
+                                label="code")
+        self.slow_closes = m.counter(
+            "wshub_slow_consumer_closes_total", "Connections closed because their send buffer overflowed."
+        )
+        self.rate_refusals = m.counter(
+            "wshub_rate_limited_total", "Data frames refused by the per-connection rate limit."
+        )
+        self.send_failures = m.counter(
+            "wshub_send_failures_total", "Writes to a client socket that raised."
+        )
+        self.fanout_sizes = m.histogram(
+            "wshub_fanout_recipients", "Local recipients of each routed message.", _FANOUT_BUCKETS
+        )
+        m.gauge("wshub_deliveries_total", "Frames written to local recipients.",
+                lambda: self.fanout.deliveries, kind="counter")
+        m.gauge("wshub_socket_writes_total", "Socket writes made by the fan-out (one carries "
+                "every frame bound for a client in one loop pass).",
+                lambda: self.fanout.writes, kind="counter")
+        m.gauge("wshub_event_loop_lag_seconds",
+                "How late the last 1 s loop-lag probe timer fired.", lambda: self._lag)
+        m.gauge("wshub_backplane_up", "1 when the backplane link works.",
+                lambda: 1 if self.backplane.ready()[0] else 0)
+        m.gauge("wshub_uptime_seconds", "Seconds since this node started.",
+                lambda: round(time.time() - self.started_at, 3))
+
+    def count_message(self, outcome: str) -> None:
+        self.messages.inc_label(outcome)
+
+    # -- Lifecycle --------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.backplane.start(self)
+        self._every("heartbeat", self.config.heartbeat_interval, self._heartbeat)
+        # Check often enough that a dead client is closed within a few percent
+        # of the timeout, without walking all connections more than once a second.
+        check = min(1.0, self.config.effective_heartbeat_timeout / 20)
+        self._every("liveness", check, self._check_liveness)
+        self._every("sweep", self.config.sweep_interval, self._sweep)
+        self._probe_lag()
+
+    def _every(self, name: str, interval: float, callback: Callable[[], None]) -> None:
+        def tick() -> None:
+            self._timers[name] = self.loop.call_later(interval, tick)
+            callback()
+
+        self._timers[name] = self.loop.call_later(interval, tick)
+
+    def _probe_lag(self) -> None:
+        """Measure how late a 1 s timer fires: a blocked loop shows here."""
+        expected = self.loop.time() + 1.0
+
+        def fire() -> None:
+            self._lag = max(0.0, self.loop.time() - expected)
+            self._probe_lag()
+
+        self._timers["lag"] = self.loop.call_later(1.0, fire)
+
+    async def drain(self, timeout: float) -> None:
+        """Stop admitting, close every client with 1001, wait for them to go."""
+        self.draining = True
+        self.admission.draining = True
+        deadline = self.loop.time() + timeout
+        for conn in list(self.conns.values()):
+            conn.close(SHUTTING_DOWN)
+        self.fanout.flush()
+        # Wait (event-driven, bounded) for the closing handshakes to finish.
+        if self.n_closing > 0:
+            self._drained = self.loop.create_future()
+            try:
+                await asyncio.wait_for(self._drained, max(0.0, deadline - self.loop.time()))
+            except TimeoutError:
+                pass
+        for handle in self._timers.values():
+            handle.cancel()
+        await self.backplane.stop()
+
+    # -- Connections: admission and registry --------------------------------------
+
+    def new_session(self) -> Session:
+        c = self.config
+        return Session(
+            self.loop.time(),
+            message_rate=c.message_rate,
+            message_burst=c.message_burst,
+            strike_limit=c.rate_limit_refusals,
+            strike_window=c.rate_limit_window,
+        )
+
+    def connecting(self, conn: Connection) -> None:
+        self.n_connecting += 1
+
+    def refuse(self, conn: Connection, status: int, reason: str, detail: str) -> None:
+        self.refused.inc_label(reason)
+        log.info("refused peer=%s status=%d reason=%s detail=%s", conn.peer, status, reason, detail)
+
+    def handle_request(self, conn: Connection, request: http.Request) -> None:
+        """Answer one HTTP request: an endpoint, or the WebSocket upgrade."""
+        try:
+            path = request.path
+            head = request.method == "HEAD"
+            if path == "/websocket":
+                self._upgrade(conn, request)
+            elif path == "/":
+                conn.respond(http.response(
+                    200, self._chat_page(), content_type="text/html; charset=utf-8",
+                    head_only=head,
+                ))
+            elif path == "/healthz":
+                conn.respond(http.response(200, "ok\n", head_only=head))
+            elif path == "/readyz":
+                ready, reason = self.readiness()
+                conn.respond(http.response(200 if ready else 503, reason + "\n", head_only=head))
+            elif path == "/metrics":
+                conn.respond(http.response(
+                    200, self.metrics.render(),
+                    content_type="text/plain; version=0.0.4; charset=utf-8", head_only=head,
+                ))
+            elif path == "/stats":
+                conn.respond(http.response(
+                    200, json.dumps(self.stats(), indent=2) + "\n",
+                    content_type="application/json", head_only=head,
+                ))
+            else:
+                conn.respond(http.response(404, "not found\n", head_only=head))
+        except http.HttpError as exc:
+            self.refuse(conn, exc.status, "bad_request", exc.body)
+            conn.respond(http.response(exc.status, exc.body + "\n", headers=exc.headers))
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining: shutting down"
+        ok, reason = self.backplane.ready()
+        if not ok:
+            return False, f"backplane: {reason}"
+        if self.config.max_connections and len(self.conns) >= self.config.max_connections:
+            return False, "full: at --max-connections"
+        return True, "ready"
+
+    def _chat_page(self) -> bytes:
+        if self._page is None:
+            self._page = resources.files("wshub").joinpath("static/index.html").read_bytes()
+        return self._page
+
+    def _upgrade(self, conn: Connection, request: http.Request) -> None:
+        accept = http.check_upgrade(request)
+        origin = request.get("origin")
+        host = request.get("host")
+        if not self.origins.allows(origin, host):
+            self.refuse(conn, 403, "origin", f"origin {origin!r} not allowed")
+            conn.respond(http.response(403, "origin not allowed\n"))
+            return
+        ip = client_address(
+            conn.peer, request.get_all("x-forwarded-for"), self.config.trusted_proxies
+        )
+        now = self.loop.time()
+        refused = self.admission.check(ip, now)
+        if refused is not None:
+            reason = {503: "unavailable", 429: "ip_limit"}[refused.status]
+            self.refuse(conn, refused.status, reason, refused.reason)
+            headers = (("Retry-After", "1"),)
+            conn.respond(http.response(refused.status, refused.reason + "\n", headers=headers))
+            return
+        extension = deflate = None
+        extensions_header = None
+        if self.config.compression == "on":
+            try:
+                negotiated = negotiate_deflate(request.get_all("sec-websocket-extensions"))
+            except Exception:
+                negotiated = None  # a malformed offer: go on uncompressed
+            if negotiated is not None:
+                extensions_header, extension, deflate = negotiated
+        conn.ip = ip
+        conn.origin = origin
+        connection_id = new_connection_id(protocol.unix_ms(time.time()))
+        while connection_id in self.conns:  # 36^9 makes this a formality
+            connection_id = new_connection_id(protocol.unix_ms(time.time()))
+        self.n_connecting -= 1
+        conn.upgrade(
+            connection_id, http.switching_protocols(accept, extensions_header),
+            extension, deflate, now,
+        )
+
+    def opened(self, conn: Connection) -> None:
+        """*conn* completed its upgrade: welcome it, then tell everyone."""
+        self.accepted.inc()
+        self.conns[conn.id] = conn
+        conn.is_recipient = True
+        self.fanout.joined(conn)
+        now = time.time()
+        total = self.cluster_count()
+        self.fanout.to_one(conn, protocol.encode_welcome(conn.id, total, now))
+        joined = protocol.encode_user_joined(conn.id, total, now)
+        self.fanout.to_all(joined, exclude=conn)
+        self.backplane.publish(Envelope(self.node_id, EventKind.JOINED, conn.id, joined))
+        log.info("open id=%s peer=%s ip=%s origin=%s", conn.id, conn.peer, conn.ip, conn.origin)
+
+    def closing(self, conn: Connection) -> None:
+        """*conn* stopped being a recipient: its Close frame is on its way."""
+        self.n_closing += 1
+        self._unregister(conn)
+
+    def closed(self, conn: Connection, previous: State) -> None:
+        """The socket is gone, whatever the reason; *previous* is the state
+        the connection was in."""
+        if previous is State.CONNECTING:
+            self.n_connecting -= 1
+            return
+        if previous is State.CLOSING:
+            self.n_closing -= 1
+            if self.n_closing == 0 and self._drained is not None and not self._drained.done():
+                self._drained.set_result(None)
+        else:  # dropped while open, without a closing handshake
+            self._unregister(conn)
+        code = conn.close_code if conn.close_code is not None else 1006
+        self.closes.inc_label(str(code))
+        self.admission.release(conn.ip)
+        duration = self.loop.time() - conn.opened_at
+        log.info("close id=%s peer=%s code=%s duration=%.3fs", conn.id, conn.peer, code, duration)
+
+    def _unregister(self, conn: Connection) -> None:
+        """Remove *conn* from the registry and announce ``user_left``, once."""
+        if self.conns.pop(conn.id, None) is None:
+            return
+        conn.is_recipient = False
+        left = protocol.encode_user_left(conn.id, self.cluster_count(), time.time())
+        if self.conns:
+            self.fanout.to_all(left)
+        self.backplane.publish(Envelope(self.node_id, EventKind.LEFT, conn.id, left))
+
+    def cluster_count(self) -> int:
+        return len(self.conns) + self.backplane.remote_count()
+
+    # -- Messages from clients ------------------------------------------------------
+
+    def on_text(self, conn: Connection, text: str) -> None:
+        self.messages.inc_label("INCOMING")
+        result = protocol.parse_client_text(text)
+        if isinstance(result, Refusal):
+            self._refuse(conn, result)
+            return
+        self.messages.inc_label("VALIDATED")
+        if isinstance(result, Relay):
+            now = time.time()
+            payload = protocol.encode_relay(result.kind, conn.id, result.content, now)
+            exclude = conn if result.kind is RelayKind.MESSAGE else None
+            recipients = len(self.conns) - (1 if exclude is not None else 0)
+            self.fanout_sizes.observe(recipients)
+            if recipients:
+                self.fanout.to_all(payload, exclude=exclude)
+            self.backplane.publish(Envelope(self.node_id, EventKind.RELAY, conn.id, payload))
+        elif result is protocol.PING:
+            self.fanout.to_one(conn, protocol.encode_pong(time.time()))
+        elif result is protocol.USER_INFO:
+            self.fanout.to_one(
+                conn, protocol.encode_user_info_response(conn.id, self.cluster_count(), time.time())
+            )
+        # PONG: a sign of life, already noted by the connection.
+        self.messages.inc_label("ROUTED")
+
+    def on_binary(self, conn: Connection) -> None:
+        self.messages.inc_label("INCOMING")
+        self._refuse(conn, _BINARY_REFUSAL)
+
+    def rate_limited(self, conn: Connection, *, disconnect: bool) -> None:
+        self.messages.inc_label("INCOMING")
+        self.rate_refusals.inc()
+        if disconnect:
+            self.messages.inc_label("FAILED")
+            log.info("rate limit close id=%s ip=%s", conn.id, conn.ip)
+            conn.close(RATE_LIMIT_EXCEEDED)
+            return
+        self._refuse(conn, _RATE_REFUSAL)
+
+    def _refuse(self, conn: Connection, refusal: Refusal) -> None:
+        self.messages.inc_label("FAILED")
+        self.errors.inc_label(refusal.code.value)
+        self.fanout.to_one(conn, protocol.encode_error(refusal))
+
+    # -- Messages from other nodes ----------------------------------------------------
+
+    def on_envelope(self, envelope: Envelope) -> None:
+        if self.conns:
+            self.fanout.to_all(envelope.payload)
+        if envelope.kind is EventKind.RELAY:
+            self.fanout_sizes.observe(len(self.conns))
+
+    def on_connections_lost(self, connection_ids: Iterable[ConnectionId]) -> None:
+        now = time.time()
+        for connection_id in connection_ids:
+            left = protocol.encode_user_left(connection_id, self.cluster_count(), now)
+            if self.conns:
+                self.fanout.to_all(left)
+
+    # -- Timers ---------------------------------------------------------------------
+
+    def _heartbeat(self) -> None:
+        """Every interval: the JSON ping for browsers' scripts, and a protocol
+        Ping frame, which browsers answer on their own (decisions.md 6)."""
+        if not self.conns:
+            return
+        self.fanout.to_all(protocol.encode_ping(time.time()))
+        self.fanout.control_to_all(_PROTOCOL_PING_FRAME)
+
+    def _check_liveness(self) -> None:
+        now = self.loop.time()
+        timeout = self.config.effective_heartbeat_timeout
+        silent = [conn for conn in self.conns.values() if now - conn.session.last_seen > timeout]
+        for conn in silent:
+            log.info("heartbeat timeout id=%s peer=%s", conn.id, conn.peer)
+            conn.close(HEARTBEAT_TIMEOUT)
+
+    def _sweep(self) -> None:
+        """Remove anything closed that was missed; forget idle rate buckets."""
+        stale = [
+            conn for conn in self.conns.values()
+            if conn.session.state is not State.OPEN or conn.transport.is_closing()
+        ]
+        for conn in stale:
+            log.warning("sweep removed id=%s state=%s", conn.id, conn.session.state.name)
+            self._unregister(conn)
+            conn.abort()
+        self.admission.purge(self.loop.time())
+
+    def _slow_consumer(self, conn: Connection) -> None:
+        self.slow_closes.inc()
+        log.warning(
+            "slow consumer id=%s peer=%s buffered=%d", conn.id, conn.peer,
+            conn.transport.get_write_buffer_size(),
+        )
+        conn.close(SLOW_CONSUMER)
+
+    def _send_failed(self, conn: Connection, exc: BaseException) -> None:
+        self.send_failures.inc()
+        log.warning("send failed id=%s peer=%s error=%r", conn.id, conn.peer, exc)
+        conn.abort()
+
+    # -- Introspection ----------------------------------------------------------------
+
+    def stats(self) -> dict[str, object]:
+        outcomes = ("INCOMING", "VALIDATED", "ROUTED", "FAILED")
+        return {
+            "nodeId": self.node_id,
+            "version": __version__,
+            "uptimeSeconds": round(time.time() - self.started_at, 3),
+            "connections": {
+                "node": len(self.conns),
+                "cluster": self.cluster_count(),
+                "connecting": self.n_connecting,
+                "closing": self.n_closing,
+            },
+            "messages": {outcome: self.messages.get(outcome) for outcome in outcomes},
+            "deliveries": self.fanout.deliveries,
+            "backplane": {"ready": self.backplane.ready()[0], "detail": self.backplane.ready()[1]},
+        }

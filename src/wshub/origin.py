@@ -1,0 +1,86 @@
+"""Which browser origins may open a WebSocket (decisions.md 7).
+
+* No ``Origin`` header: a non-browser client, allowed.
+* An origin whose host (and port) equals the request's ``Host``: the page
+  served by wshub itself, always allowed.
+* Otherwise the allow-list decides: exact origins, ``https://*.example.com``
+  (any subdomain of example.com over https, not example.com itself), or ``*``.
+  An empty allow-list refuses every other origin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+__all__ = ["OriginPolicy"]
+
+_DEFAULT_PORTS = {"http": "80", "https": "443", "ws": "80", "wss": "443"}
+
+
+def _split_origin(origin: str) -> tuple[str, str, str] | None:
+    """(scheme, host, port) of a serialized origin, lower-cased, or None."""
+    scheme, sep, rest = origin.strip().lower().partition("://")
+    if not sep or not scheme or not rest or "/" in rest or "@" in rest:
+        return None
+    host, port = _split_host_port(rest)
+    if not host:
+        return None
+    return scheme, host, port or _DEFAULT_PORTS.get(scheme, "")
+
+
+def _split_host_port(netloc: str) -> tuple[str, str]:
+    if netloc.startswith("["):  # IPv6 literal
+        end = netloc.find("]")
+        if end == -1:
+            return "", ""
+        host, rest = netloc[: end + 1], netloc[end + 1 :]
+        return host, rest[1:] if rest.startswith(":") else ""
+    host, _, port = netloc.partition(":")
+    return host, port
+
+
+class OriginPolicy:
+    def __init__(self, allowed: Iterable[str] = ()) -> None:
+        self.any = False
+        self.exact: set[tuple[str, str, str]] = set()
+        self.wildcards: list[tuple[str, str, str]] = []  # (scheme, ".suffix", port)
+        for entry in allowed:
+            if entry == "*":
+                self.any = True
+                continue
+            parts = _split_origin(entry)
+            if parts is None:
+                raise ValueError(f"not an origin: {entry!r}")
+            scheme, host, port = parts
+            if host.startswith("*."):
+                self.wildcards.append((scheme, host[1:], port))
+            else:
+                self.exact.add(parts)
+
+    def allows(self, origin: str | None, host: str | None) -> bool:
+        """May a request with this ``Origin`` and ``Host`` header upgrade?"""
+        if origin is None:
+            return True
+        if self.any:
+            return True
+        parts = _split_origin(origin)
+        if parts is None:  # "null" (sandboxed pages, file://) or garbage
+            return False
+        scheme, origin_host, origin_port = parts
+        if host is not None:
+            req_host, req_port = _split_host_port(host.strip().lower())
+            if req_host == origin_host and (req_port or _DEFAULT_PORTS.get(scheme, "")) == (
+                origin_port
+            ):
+                return True
+        if parts in self.exact:
+            return True
+        for w_scheme, suffix, w_port in self.wildcards:
+            if (
+                scheme == w_scheme
+                and origin_port == w_port
+                and origin_host.endswith(suffix)
+                and len(origin_host) > len(suffix)
+            ):
+                return True
+        return False

@@ -1,0 +1,286 @@
+"""The wshub message protocol, without sockets or clocks.
+
+Client side: :func:`parse_client_text` turns the text of one WebSocket text
+message into a :data:`Command` (valid once constructed) or a :class:`Refusal`
+(an ``error`` reply that leaves the connection open). The rules are those of
+decisions.md sections 4 and 5:
+
+* a JSON **object** is a protocol message, dispatched on its ``type``;
+* anything else (invalid JSON, or JSON that is not an object) is plain text,
+  relayed as the ``content`` of a ``message`` after the content checks;
+* nothing a client sends can make parsing raise.
+
+Server side: the ``encode_*`` functions build the UTF-8 JSON payload of each
+server message once; the fan-out frames and writes those bytes unchanged for
+every recipient. Time is passed in as Unix seconds (``now``).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+from dataclasses import dataclass
+from typing import Final
+
+from .ids import ConnectionId
+
+__all__ = [
+    "MAX_CONTENT_CHARS",
+    "Command",
+    "ErrorCode",
+    "PingRequest",
+    "PongReceived",
+    "Refusal",
+    "Relay",
+    "RelayKind",
+    "UserInfoRequest",
+    "encode_broadcast",
+    "encode_error",
+    "encode_message",
+    "encode_ping",
+    "encode_pong",
+    "encode_relay",
+    "encode_user_info_response",
+    "encode_user_joined",
+    "encode_user_left",
+    "encode_welcome",
+    "iso_timestamp",
+    "parse_client_text",
+    "unix_ms",
+]
+
+MAX_CONTENT_CHARS: Final = 1000
+"""Longest content in Unicode code points (``len()`` of a ``str``)."""
+
+
+class ErrorCode(enum.StrEnum):
+    """The machine-readable ``code`` of an ``error`` message."""
+
+    EMPTY_CONTENT = "empty_content"
+    CONTENT_TOO_LONG = "content_too_long"
+    UNKNOWN_TYPE = "unknown_type"
+    MISSING_TYPE = "missing_type"
+    INVALID_CONTENT = "invalid_content"
+    BINARY_NOT_SUPPORTED = "binary_not_supported"
+    RATE_LIMITED = "rate_limited"
+
+
+class RelayKind(enum.StrEnum):
+    MESSAGE = "message"
+    """To every open connection except the sender."""
+    BROADCAST = "broadcast"
+    """To every open connection, the sender included."""
+
+
+@dataclass(frozen=True, slots=True)
+class Relay:
+    """A validated ``message`` or ``broadcast`` (or plain text, as a message)."""
+
+    kind: RelayKind
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class PingRequest:
+    """``{"type":"ping"}``: answer with ``pong``."""
+
+
+@dataclass(frozen=True, slots=True)
+class PongReceived:
+    """``{"type":"pong"}``: a sign of life, accepted silently."""
+
+
+@dataclass(frozen=True, slots=True)
+class UserInfoRequest:
+    """``{"type":"user_info"}``: answer with ``user_info_response``."""
+
+
+Command = Relay | PingRequest | PongReceived | UserInfoRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A frame refused with an ``error`` reply; the connection stays open."""
+
+    code: ErrorCode
+    message: str
+
+
+PING: Final = PingRequest()
+PONG: Final = PongReceived()
+USER_INFO: Final = UserInfoRequest()
+
+_SIMPLE_COMMANDS: Final[dict[str, Command]] = {
+    "ping": PING,
+    "pong": PONG,
+    "user_info": USER_INFO,
+}
+
+# The longest type name echoed back in an unknown_type error: a client must
+# not be able to make the server write its own payload back at length.
+_MAX_ECHOED_TYPE: Final = 64
+
+
+def _refuse_constant(name: str) -> object:
+    # json.loads accepts NaN, Infinity and -Infinity by default; they are not
+    # JSON (decisions.md 4.4), so such a frame is plain text.
+    raise ValueError(f"{name} is not JSON")
+
+
+_decoder = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
+def _json_object(text: str) -> dict[str, object] | None:
+    """The JSON object in *text*, or None when *text* is anything else.
+
+    Whatever the parser refuses (bad syntax, a byte order mark, nesting too
+    deep for the recursion limit, an integer past Python's digit limit) is not
+    an object, by decisions.md 4.4.
+    """
+    # Cheap pre-check: a JSON object starts with "{" after optional white space.
+    if not text.lstrip(" \t\n\r").startswith("{"):
+        return None
+    try:
+        value = _decoder.decode(text)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _check_content(kind: RelayKind, content: str) -> Relay | Refusal:
+    if not content.strip():
+        return Refusal(ErrorCode.EMPTY_CONTENT, "Message content cannot be empty")
+    if len(content) > MAX_CONTENT_CHARS:
+        return Refusal(
+            ErrorCode.CONTENT_TOO_LONG,
+            f"Message too long: {len(content)} characters, the limit is {MAX_CONTENT_CHARS}",
+        )
+    try:
+        content.encode("utf-8")
+    except UnicodeEncodeError:
+        # Only a JSON escape of a lone UTF-16 surrogate gets here: text that
+        # arrived as UTF-8 can't hold one.
+        return Refusal(
+            ErrorCode.INVALID_CONTENT,
+            "Message content holds a lone surrogate, which is not a character",
+        )
+    return Relay(kind, content)
+
+
+def parse_client_text(text: str) -> Command | Refusal:
+    """Interpret the text of one client text message (decisions.md 4 and 5)."""
+    obj = _json_object(text)
+    if obj is None:
+        return _check_content(RelayKind.MESSAGE, text)
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        return Refusal(ErrorCode.MISSING_TYPE, "Message needs a string field 'type'")
+    if kind == "message" or kind == "broadcast":
+        content = obj.get("content")
+        if not isinstance(content, str):
+            return Refusal(ErrorCode.INVALID_CONTENT, "Field 'content' must be a string")
+        return _check_content(RelayKind(kind), content)
+    command = _SIMPLE_COMMANDS.get(kind)
+    if command is not None:
+        return command
+    shown = kind[:_MAX_ECHOED_TYPE].encode("utf-8", "replace").decode("utf-8")
+    return Refusal(ErrorCode.UNKNOWN_TYPE, f"Unknown message type: {shown!r}")
+
+
+# -- Server messages ---------------------------------------------------------
+
+
+def unix_ms(now: float) -> int:
+    return int(now * 1000)
+
+
+def iso_timestamp(now: float) -> str:
+    """ISO 8601 in UTC with milliseconds and ``Z``: ``2026-11-25T20:17:58.123Z``."""
+    ms = unix_ms(now)
+    seconds, millis = divmod(ms, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
+def _payload(obj: dict[str, object]) -> bytes:
+    return _dumps(obj).encode("utf-8")
+
+
+def encode_welcome(connection_id: ConnectionId, connection_count: int, now: float) -> bytes:
+    return _payload(
+        {
+            "type": "welcome",
+            "connectionId": connection_id,
+            "timestamp": iso_timestamp(now),
+            "connectionCount": connection_count,
+        }
+    )
+
+
+def encode_user_joined(connection_id: ConnectionId, total_users: int, now: float) -> bytes:
+    return _payload(
+        {
+            "type": "user_joined",
+            "connectionId": connection_id,
+            "timestamp": iso_timestamp(now),
+            "totalUsers": total_users,
+        }
+    )
+
+
+def encode_user_left(connection_id: ConnectionId, total_users: int, now: float) -> bytes:
+    return _payload(
+        {
+            "type": "user_left",
+            "connectionId": connection_id,
+            "timestamp": iso_timestamp(now),
+            "totalUsers": total_users,
+        }
+    )
+
+
+def encode_relay(kind: RelayKind, sender: ConnectionId, content: str, now: float) -> bytes:
+    return _payload(
+        {
+            "type": kind.value,
+            "connectionId": sender,
+            "content": content,
+            "timestamp": iso_timestamp(now),
+        }
+    )
+
+
+def encode_message(sender: ConnectionId, content: str, now: float) -> bytes:
+    return encode_relay(RelayKind.MESSAGE, sender, content, now)
+
+
+def encode_broadcast(sender: ConnectionId, content: str, now: float) -> bytes:
+    return encode_relay(RelayKind.BROADCAST, sender, content, now)
+
+
+def encode_ping(now: float) -> bytes:
+    return _payload({"type": "ping", "timestamp": unix_ms(now)})
+
+
+def encode_pong(now: float) -> bytes:
+    return _payload({"type": "pong", "timestamp": unix_ms(now)})
+
+
+def encode_user_info_response(
+    connection_id: ConnectionId, connection_count: int, now: float
+) -> bytes:
+    return _payload(
+        {
+            "type": "user_info_response",
+            "connectionId": connection_id,
+            "connectionCount": connection_count,
+            "timestamp": iso_timestamp(now),
+        }
+    )
+
+
+def encode_error(refusal: Refusal) -> bytes:
+    return _payload({"type": "error", "message": refusal.message, "code": refusal.code.value})

@@ -1,0 +1,87 @@
+"""Per-connection state, without sockets or clocks.
+
+Theory of operation: a connection is CONNECTING until its upgrade succeeds,
+OPEN while it exchanges messages, CLOSING once either side has sent a Close
+frame (or the server decided to drop it), and CLOSED when the socket is gone.
+The table below lists every allowed transition; anything else is a bug and
+raises :class:`AssertionError`.
+
+A :class:`Session` also holds what the protocol needs to remember between
+frames: the last sign of life (any frame counts, decisions.md 6) and the
+message rate limit with its escalation (decisions.md 8).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final
+
+from .ratelimit import Strikes, TokenBucket
+
+__all__ = ["Admit", "Session", "State", "TRANSITIONS"]
+
+
+class State(enum.Enum):
+    CONNECTING = "connecting"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+TRANSITIONS: Final[dict[State, frozenset[State]]] = {
+    State.CONNECTING: frozenset({State.OPEN, State.CLOSED}),
+    State.OPEN: frozenset({State.CLOSING, State.CLOSED}),
+    State.CLOSING: frozenset({State.CLOSED}),
+    State.CLOSED: frozenset(),
+}
+
+
+class Admit(enum.Enum):
+    """What to do with one incoming data frame, rate-wise."""
+
+    ACCEPT = "accept"
+    REFUSE = "refuse"  # drop it and answer error rate_limited
+    DISCONNECT = "disconnect"  # too many refusals: close with 1008
+
+
+class Session:
+    __slots__ = ("state", "last_seen", "bucket", "strikes", "_strike_limit", "_strike_window")
+
+    def __init__(
+        self,
+        now: float,
+        *,
+        message_rate: float,
+        message_burst: int,
+        strike_limit: int,
+        strike_window: float,
+    ) -> None:
+        self.state = State.CONNECTING
+        self.last_seen = now
+        self.bucket = TokenBucket(message_rate, message_burst, now)
+        # Created on the first refusal: most connections never need one.
+        self.strikes: Strikes | None = None
+        self._strike_limit = strike_limit
+        self._strike_window = strike_window
+
+    def transition(self, new: State) -> None:
+        if new not in TRANSITIONS[self.state]:
+            raise AssertionError(f"invalid transition {self.state.name} -> {new.name}")
+        self.state = new
+
+    def alive(self, now: float) -> None:
+        """Record a sign of life: any frame from the client."""
+        self.last_seen = now
+
+    def silent_for(self, now: float) -> float:
+        return now - self.last_seen
+
+    def admit(self, now: float) -> Admit:
+        """Charge one data frame against the rate limit."""
+        if self.bucket.take(now):
+            return Admit.ACCEPT
+        if self.strikes is None:
+            self.strikes = Strikes(self._strike_limit, self._strike_window)
+        if self.strikes.add(now):
+            return Admit.DISCONNECT
+        return Admit.REFUSE

@@ -1,0 +1,109 @@
+"""Outgoing WebSocket frames, built once and written to many.
+
+A server frame is never masked (RFC 6455 section 5.1), so a frame carrying a
+given payload is the same bytes for every recipient: the fan-out builds it once
+and hands the same ``bytes`` object to each connection's transport.
+
+With permessage-deflate (RFC 7692) wshub always negotiates
+``server_no_context_takeover``: each message is compressed on its own, so one
+compressed frame is valid for every recipient that negotiated the same window
+size (:class:`Deflate`). Incoming frames are parsed by the ``websockets``
+library's sans-I/O layer (see :mod:`wshub.connection`).
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Final
+
+from websockets.extensions.permessage_deflate import (
+    PerMessageDeflate,
+    ServerPerMessageDeflateFactory,
+)
+from websockets.headers import build_extension, parse_extension
+
+__all__ = ["Deflate", "negotiate_deflate", "ping_frame", "text_frame"]
+
+OP_TEXT: Final = 0x1
+OP_PING: Final = 0x9
+FIN: Final = 0x80
+RSV1: Final = 0x40
+
+COMPRESS_MIN_SIZE: Final = 256
+"""Payloads shorter than this go uncompressed even when deflate is on: for
+small JSON messages the deflate header and CPU cost more than they save."""
+
+
+def frame(opcode: int, payload: bytes, rsv1: bool = False) -> bytes:
+    """One unmasked, final frame carrying *payload*."""
+    first = FIN | (RSV1 if rsv1 else 0) | opcode
+    length = len(payload)
+    if length < 126:
+        header = bytes((first, length))
+    elif length < 65536:
+        header = bytes((first, 126)) + length.to_bytes(2, "big")
+    else:
+        header = bytes((first, 127)) + length.to_bytes(8, "big")
+    return header + payload
+
+
+def text_frame(payload: bytes) -> bytes:
+    return frame(OP_TEXT, payload)
+
+
+def ping_frame(payload: bytes = b"") -> bytes:
+    return frame(OP_PING, payload)
+
+
+class Deflate:
+    """Compresses outgoing messages for connections that negotiated
+    permessage-deflate with one server window size."""
+
+    __slots__ = ("wbits",)
+
+    def __init__(self, wbits: int) -> None:
+        self.wbits = wbits
+
+    def text_frame(self, payload: bytes) -> bytes:
+        if len(payload) < COMPRESS_MIN_SIZE:
+            return frame(OP_TEXT, payload)
+        compressor = zlib.compressobj(wbits=-self.wbits)
+        data = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        # RFC 7692 7.2.1: remove the 4 octets 0x00 0x00 0xff 0xff at the tail.
+        return frame(OP_TEXT, data[:-4], rsv1=True)
+
+
+_DEFLATES = {bits: Deflate(bits) for bits in range(9, 16)}
+
+_FACTORY: Final = ServerPerMessageDeflateFactory(
+    # Per-message compression lets one compressed frame serve every recipient.
+    server_no_context_takeover=True,
+    # A client compressing with context takeover would make us keep a
+    # decompressor (tens of KiB) per connection for its whole life.
+    client_no_context_takeover=True,
+)
+
+
+def negotiate_deflate(
+    offers: list[str],
+) -> tuple[str, PerMessageDeflate, Deflate] | None:
+    """Accept the first permessage-deflate offer we can honour.
+
+    Returns the ``Sec-WebSocket-Extensions`` response value, the extension
+    that decodes incoming frames, and the :class:`Deflate` for outgoing ones;
+    None when there is no acceptable offer (the connection goes uncompressed).
+
+    Raises:
+        ValueError: the header is malformed.
+    """
+    for header in offers:
+        for name, params in parse_extension(header):
+            if name != "permessage-deflate":
+                continue
+            try:
+                response_params, extension = _FACTORY.process_request_params(params, [])
+            except Exception:  # NegotiationError and friends: try the next offer
+                continue
+            value = build_extension([(name, response_params)])
+            return value, extension, _DEFLATES[extension.local_max_window_bits]
+    return None
