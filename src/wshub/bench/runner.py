@@ -30,6 +30,7 @@ from .framing import (
 )
 
 MARK = b"~#"
+BIG = 1 << 62  # the count of a connection that must never be the slowest
 M0, M1 = MARK[0], MARK[1]
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 _now = time.monotonic_ns
@@ -130,10 +131,23 @@ class Hub:
         self.counts: list[int] = []  # messages received per connection (marker count)
         self.measuring = False
         self.latencies: list[int] = []  # ns, probes only, while measuring
-        self.wake = None  # called once per loop pass after data arrived (fanout)
+        # fanout: the slowest recipient's count and how many recipients are at it;
+        # when the last of them moves on, ``wake`` runs (once per loop pass)
+        self.min_count = -1
+        self.at_min = 0
+        self.wake = None
+        self.excluded = 0  # entries of counts set to BIG
         self._wake_pending = False
         self.closed_early = 0
         self.errors: list[str] = []
+
+    def total(self) -> int:
+        return sum(self.counts) - self.excluded * BIG
+
+    def exclude(self, idx: int) -> None:
+        if self.counts[idx] < BIG:
+            self.counts[idx] = BIG
+            self.excluded += 1
 
     def poke(self) -> None:
         if not self._wake_pending:
@@ -179,9 +193,15 @@ class Conn(asyncio.Protocol):
                 n += 1
             self.last = data[-1]
             if n:
-                self.counts[self.idx] += n
-                if self.hub.wake is not None:
-                    self.hub.poke()
+                c = self.counts
+                i = self.idx
+                old = c[i]
+                c[i] = old + n
+                hub = self.hub
+                if old == hub.min_count:
+                    hub.at_min -= 1
+                    if hub.at_min <= 0:
+                        hub.poke()
             return
         self._handshake(data)
 
@@ -220,6 +240,9 @@ class Conn(asyncio.Protocol):
             self.opened.set_exception(ConnectionError(f"closed during handshake: {exc}"))
         elif was_open and not self.hub_closing():
             self.hub.closed_early += 1
+            if self.hub.min_count >= 0:  # fanout: a dead recipient must not hold the window
+                self.hub.exclude(self.idx)
+                self.hub.poke()
         self.transport = None
 
     def hub_closing(self) -> bool:
@@ -229,6 +252,41 @@ class Conn(asyncio.Protocol):
         t = self.transport
         if t is not None:
             t.write(data)
+
+
+_SHARED = bytearray(262144)
+
+
+class BufConn(Conn, asyncio.BufferedProtocol):
+    """Counting connection on ``asyncio.BufferedProtocol``: reads land in one shared
+    buffer (the loop runs one callback at a time), so no bytes object per chunk."""
+
+    def get_buffer(self, sizehint: int):
+        if self.is_open:
+            return _SHARED
+        self._hsbuf = bytearray(65536)
+        return self._hsbuf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.is_open:
+            buf = _SHARED
+            self.rx += nbytes
+            n = buf.count(MARK, 0, nbytes)
+            if self.last == M0 and buf[0] == M1:
+                n += 1
+            self.last = buf[nbytes - 1]
+            if n:
+                c = self.counts
+                i = self.idx
+                old = c[i]
+                c[i] = old + n
+                hub = self.hub
+                if old == hub.min_count:
+                    hub.at_min -= 1
+                    if hub.at_min <= 0:
+                        hub.poke()
+            return
+        self._handshake(bytes(self._hsbuf[:nbytes]))
 
 
 class ProbeConn(Conn):
@@ -260,9 +318,17 @@ class ProbeConn(Conn):
             elif op == OP_CLOSE:
                 self.write(encode_frame(OP_CLOSE, payload[:2]))
         if n:
-            self.counts[self.idx] += n
-            if hub.wake is not None:
-                hub.poke()
+            c = self.counts
+            i = self.idx
+            old = c[i]
+            c[i] = old + n
+            if old == hub.min_count:
+                hub.at_min -= 1
+                if hub.at_min <= 0:
+                    hub.poke()
+
+
+COUNTING = BufConn if os.environ.get('WSHUB_BENCH_PLAIN') is None else Conn
 
 
 async def open_connections(hub: Hub, n: int, probe_every: int) -> dict:
@@ -278,7 +344,7 @@ async def open_connections(hub: Hub, n: int, probe_every: int) -> dict:
     async def one(i: int) -> None:
         async with sem:
             probe = probe_every > 0 and i % probe_every == 0
-            proto = (ProbeConn if probe else Conn)(hub, i)
+            proto = (ProbeConn if probe else COUNTING)(hub, i)
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
                 sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
@@ -425,8 +491,8 @@ class Window:
     def total(self) -> int:
         c = self.hub.counts
         if self.idx is None:
-            return sum(c)
-        return sum(c[i] for i in self.idx)
+            return self.hub.total()
+        return sum(c[i] for i in self.idx if c[i] < BIG)
 
     def start(self) -> None:
         self.t0 = time.perf_counter()
@@ -458,7 +524,7 @@ class Window:
 async def tick_loop(hub: Hub, seconds: float, progress: Progress, extra=None) -> None:
     """Sleep ``seconds`` in 1 s steps, updating the progress line."""
     end = time.perf_counter() + seconds
-    last_n = sum(hub.counts)
+    last_n = hub.total()
     last_t = time.perf_counter()
     while True:
         left = end - time.perf_counter()
@@ -468,7 +534,7 @@ async def tick_loop(hub: Hub, seconds: float, progress: Progress, extra=None) ->
         if extra is not None:
             extra()
         now = time.perf_counter()
-        n = sum(hub.counts)
+        n = hub.total()
         rate = (n - last_n) / (now - last_t) if now > last_t else 0.0
         last_n, last_t = n, now
         phase = "measuring" if hub.measuring else "warmup"
@@ -525,8 +591,17 @@ async def scenario_fanout(hub: Hub, server: ServerProbe, progress: Progress) -> 
     st = {"sent": 0, "offset": 0, "stalls": 0, "last_min": -1, "last_move": time.perf_counter()}
     sending = {"on": True}
 
+    hub.exclude(sender.idx)  # the sender is never the slowest recipient
+    open_idx = {c.idx for c in hub.conns}
+    for i in range(len(counts)):
+        if i not in open_idx:
+            hub.exclude(i)  # failed connections neither
+
     def slowest() -> int:
-        return min([counts[i] for i in ridx])
+        m = min(counts)
+        hub.at_min = counts.count(m)
+        hub.min_count = m
+        return m
 
     def release() -> None:
         if not sending["on"]:
@@ -563,6 +638,7 @@ async def scenario_fanout(hub: Hub, server: ServerProbe, progress: Progress) -> 
     res["messages_sent_per_s"] = round((st["sent"] - sent0) / res["measured_s"], 1)
     sending["on"] = False
     hub.wake = None
+    hub.min_count = -1
     res["stalls"] = st["stalls"]
     res.update(latency_summary(hub.latencies))
     if ka:
@@ -621,7 +697,7 @@ async def _rate_like(hub: Hub, server: ServerProbe, progress: Progress, senders_
     res = win.stop()
     sent_in = st["sent"] - sent0
     expected_total = st["sent"] * recips
-    backlog = expected_total - sum(hub.counts)
+    backlog = expected_total - hub.total()
     offered = total_rate * recips
     res["messages_sent_per_s"] = round(sent_in / res["measured_s"], 1)
     res["offered_deliveries_per_s"] = round(offered, 1)

@@ -1,0 +1,201 @@
+"""Shared fixtures: real ``wshub serve`` processes and real clients.
+
+Every integration test talks to a server started as its own process
+(``python -m wshub serve --port 0``) over loopback sockets, with the
+``websockets`` client library or, for malformed frames, a raw socket
+(:mod:`tests.rawws`). Timeouts are upper bounds only: tests wait for events,
+never for fixed sleeps. Scale them with ``WSHUB_TEST_TIME_SCALE`` on a slow
+machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from websockets.sync.client import ClientConnection, connect
+
+SCALE = float(os.environ.get("WSHUB_TEST_TIME_SCALE", "1"))
+TIMEOUT = 5.0 * SCALE
+"""Upper bound for anything a test waits for."""
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[str]
+    host: str
+    port: int
+    args: list[str]
+    stderr_lines: list[str] = field(default_factory=list)
+    _pump: threading.Thread | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.host}:{self.port}/websocket"
+
+    def connect(self, **kwargs: object) -> ClientConnection:
+        kwargs.setdefault("open_timeout", TIMEOUT)
+        kwargs.setdefault("close_timeout", TIMEOUT)
+        kwargs.setdefault("legacy", True)
+        # Unbounded client-side queue: with the default, a client that has not
+        # read its backlog stops reading the socket and can't see a Close.
+        kwargs.setdefault("max_queue", None)  # a connection held across calls, not a with-block
+        return connect(self.ws_url, **kwargs)  # type: ignore[arg-type]
+
+    def client(self, **kwargs: object) -> Client:
+        """Connect and read the ``welcome``."""
+        ws = self.connect(**kwargs)
+        welcome = json.loads(ws.recv(timeout=TIMEOUT))
+        assert welcome["type"] == "welcome", welcome
+        return Client(ws, welcome["connectionId"], welcome)
+
+    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict, bytes]:
+        request = urllib.request.Request(self.http_url + path, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+                return response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers), exc.read()
+
+    def stats(self) -> dict:
+        status, _, body = self.get("/stats")
+        assert status == 200
+        return json.loads(body)
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """Read one sample from /metrics (0 when absent)."""
+        _, _, body = self.get("/metrics")
+        pattern = re.escape(name + (f"{{{labels}}}" if labels else "")) + r" (\S+)"
+        match = re.search(r"^" + pattern + r"$", body.decode(), re.MULTILINE)
+        return float(match.group(1)) if match else 0.0
+
+    def wait_for(self, predicate: Callable[[], bool], what: str) -> None:
+        """Poll the server's own introspection until *predicate* holds."""
+        deadline = time.monotonic() + TIMEOUT
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            time.sleep(0.01)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=TIMEOUT * 3)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError("server did not exit") from None
+        finally:
+            assert self.proc.stdout is not None
+            self.proc.stdout.close()
+            if self._pump is not None:
+                self._pump.join(TIMEOUT)
+            assert self.proc.stderr is not None
+            self.proc.stderr.close()
+
+
+@dataclass
+class Client:
+    ws: ClientConnection
+    id: str
+    welcome: dict
+
+    def send(self, message: dict | str | bytes) -> None:
+        if isinstance(message, dict):
+            message = json.dumps(message)
+        self.ws.send(message)
+
+    def recv(self, timeout: float = TIMEOUT) -> dict:
+        return json.loads(self.ws.recv(timeout=timeout))
+
+    def recv_type(self, *types: str, timeout: float = TIMEOUT) -> dict:
+        """The next message of one of *types*, skipping heartbeats and other
+        clients' comings and goings (unless asked for)."""
+        while True:
+            message = self.recv(timeout)
+            if message["type"] in types:
+                return message
+            assert message["type"] in ("ping", "user_joined", "user_left"), f"unexpected {message}"
+
+    def roundtrip(self) -> None:
+        """Ping and wait for the pong: everything sent before was processed."""
+        self.send({"type": "ping"})
+        self.recv_type("pong")
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+def start_server(*args: str, env: dict[str, str] | None = None) -> Server:
+    cmd = [sys.executable, "-m", "wshub", "serve", "--port", "0", "--log-level", "warning",
+           *args]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # blocks until the server listens or dies
+    match = re.search(r"listening on (\S+):(\d+)", line)
+    if not match:
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(f"server did not start: {line!r} {err}")
+    server = Server(proc, match.group(1), int(match.group(2)), list(args))
+
+    def pump() -> None:
+        assert proc.stderr is not None
+        for text in proc.stderr:
+            server.stderr_lines.append(text)
+
+    server._pump = threading.Thread(target=pump, daemon=True)
+    server._pump.start()
+    return server
+
+
+@pytest.fixture
+def make_server() -> Iterator[Callable[..., Server]]:
+    """Start servers with the given flags; all are stopped after the test."""
+    servers: list[Server] = []
+
+    def make(*args: str, env: dict[str, str] | None = None) -> Server:
+        server = start_server(*args, env=env)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+        assert not [line for line in server.stderr_lines if "Traceback" in line], (
+            "server logged a traceback:\n" + "".join(server.stderr_lines)
+        )
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    """One server per test module with defaults, except limits that would
+    throttle a test suite opening many connections from one address."""
+    srv = start_server("--ip-connect-rate", "0", "--max-connections-per-ip", "0",
+                       "--message-rate", "0")
+    yield srv
+    srv.stop()
+    assert not [line for line in srv.stderr_lines if "Traceback" in line], (
+        "server logged a traceback:\n" + "".join(srv.stderr_lines)
+    )
