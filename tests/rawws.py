@@ -48,16 +48,28 @@ def encode_frame(
 
 
 class RawClient:
-    def __init__(self, host: str, port: int) -> None:
-        self.sock = socket.create_connection((host, port), timeout=TIMEOUT)
+    def __init__(self, host: str, port: int, *, rcvbuf: int | None = None) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            # Before connect(), so the advertised window stays small: a
+            # client that never reads then stalls the server quickly.
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(TIMEOUT)
+        self.sock.connect((host, port))
         self.buffer = b""
 
     @classmethod
     def open(
-        cls, host: str, port: int, *, headers: dict[str, str] | None = None, path: str = "/websocket"
+        cls,
+        host: str,
+        port: int,
+        *,
+        headers: dict[str, str] | None = None,
+        path: str = "/websocket",
+        rcvbuf: int | None = None,
     ) -> tuple[RawClient, int, bytes]:
         """Send an upgrade request; return the client, the status, the head."""
-        client = cls(host, port)
+        client = cls(host, port, rcvbuf=rcvbuf)
         key = base64.b64encode(os.urandom(16)).decode()
         lines = [
             f"GET {path} HTTP/1.1",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import logging
+import socket
 from typing import TYPE_CHECKING
 
 from websockets.extensions.permessage_deflate import PerMessageDeflate
@@ -45,6 +46,9 @@ _frames_logger.setLevel(logging.WARNING)
 _TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
 _PING, _PONG, _CLOSE = Opcode.PING, Opcode.PONG, Opcode.CLOSE
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
+
+KERNEL_SEND_BUFFER = 64 * 1024
+"""SO_SNDBUF for client sockets (Linux doubles it for bookkeeping)."""
 
 
 class Connection(asyncio.Protocol):
@@ -109,6 +113,12 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # A fixed kernel send buffer instead of Linux's autotuning (up to
+            # 4 MiB per socket): what a client that never reads can pin is then
+            # this plus --send-buffer-limit, and the limit is reached quickly.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, KERNEL_SEND_BUFFER)
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if peer else "unknown"
         self.ip = self.peer

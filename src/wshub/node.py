@@ -115,8 +115,17 @@ class Node:
             label="outcome",
         )
         self.errors = m.counter("wshub_errors_total", "error messages sent, by code.", label="code")
+        # Known label values start at 0, so dashboards see every series at once.
+        for outcome in ("INCOMING", "VALIDATED", "ROUTED", "FAILED"):
+            self.messages.inc_label(outcome, 0)
+        for code in ErrorCode:
+            self.errors.inc_label(code.value, 0)
+        for reason in ("bad_request", "origin", "ip_limit", "unavailable", "handshake_timeout"):
+            self.refused.inc_label(reason, 0)
         self.closes = m.counter("wshub_closes_total", "Closed WebSocket connections by close code.",
                                 label="code")
+        for close_code in ("1000", "1001", "1002", "1006", "1007", "1008", "1009", "1011"):
+            self.closes.inc_label(close_code, 0)
         self.slow_closes = m.counter(
             "wshub_slow_consumer_closes_total", "Connections closed because their send buffer overflowed."
         )

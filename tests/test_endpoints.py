@@ -1,0 +1,224 @@
+"""The HTTP edge of decisions.md 1, 7 and 8: endpoints, refusals, status codes."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+from websockets.exceptions import InvalidStatus
+
+from .conftest import TIMEOUT, Server
+from .rawws import RawClient
+
+
+def raw_request(server: Server, request: bytes) -> bytes:
+    """Send raw bytes; return everything the server answers before closing."""
+    with socket.create_connection((server.host, server.port), timeout=TIMEOUT) as sock:
+        sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_health_ready_metrics_stats(server: Server) -> None:
+    """/healthz, /readyz, /metrics and /stats answer 200 with their formats."""
+    assert server.get("/healthz")[0] == 200
+    status, _, body = server.get("/readyz")
+    assert status == 200 and body.strip() == b"ready"
+    status, headers, body = server.get("/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    text = body.decode()
+    for name in ("wshub_connections", "wshub_messages_total", "wshub_closes_total",
+                 "wshub_event_loop_lag_seconds", "wshub_fanout_recipients_bucket"):
+        assert f"\n{name}" in "\n" + text, name
+    status, headers, body = server.get("/stats")
+    stats = json.loads(body)
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    assert set(stats["messages"]) == {"INCOMING", "VALIDATED", "ROUTED", "FAILED"}
+    assert stats["connections"]["node"] == stats["connections"]["cluster"]
+    assert stats["nodeId"] and stats["uptimeSeconds"] >= 0
+
+
+def test_chat_page(server: Server) -> None:
+    """/ serves an HTML page that opens /websocket."""
+    status, headers, body = server.get("/")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert b"/websocket" in body and b"<html" in body
+
+
+def test_unknown_path_is_404(server: Server) -> None:
+    assert server.get("/nothing-here")[0] == 404
+    assert server.get("/websocket/extra")[0] == 404
+
+
+def test_websocket_without_upgrade_is_426(server: Server) -> None:
+    """A plain GET on /websocket is told to upgrade."""
+    status, headers, _ = server.get("/websocket")
+    assert status == 426 and headers["Upgrade"] == "websocket"
+
+
+def test_query_string_is_allowed(server: Server) -> None:
+    """/websocket?anything upgrades like /websocket."""
+    raw, status, _ = RawClient.open(server.host, server.port, path="/websocket?token=abc&x=1")
+    assert status == 101
+    raw.close()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"POST /websocket HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+        (b"GET /healthz HTTP/1.0\r\nHost: x\r\n\r\n", 505),
+        (b"GET /healthz\r\n\r\n", 400),
+        (b"GET /healthz HTTP/1.1\r\n\r\n", 400),  # no Host
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", 400),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 5000 + b"\r\n", 431),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 65536 + b"\r\n\r\n", 431),
+    ],
+)
+def test_malformed_requests(server: Server, request_bytes: bytes, status: int) -> None:
+    """Malformed or unsupported requests get a clear status and nothing else."""
+    assert status_of(raw_request(server, request_bytes)) == status
+
+
+def test_upgrade_errors(server: Server) -> None:
+    """Bad upgrade requests: wrong version 426, bad key 400, two Origins 400."""
+    base = (b"GET /websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\n")
+    key = b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    assert status_of(raw_request(server, base + key + b"Sec-WebSocket-Version: 8\r\n\r\n")) == 426
+    assert status_of(raw_request(
+        server, base + b"Sec-WebSocket-Key: short\r\nSec-WebSocket-Version: 13\r\n\r\n")) == 400
+    two_origins = b"Origin: http://a\r\nOrigin: http://b\r\n"
+    answer = raw_request(server, base + key + b"Sec-WebSocket-Version: 13\r\n" + two_origins + b"\r\n")
+    assert status_of(answer) == 400
+
+
+def test_origin_rules(server: Server) -> None:
+    """No Origin and same-host Origin pass; any other Origin gets 403."""
+    host = f"{server.host}:{server.port}"
+    for origin, expected in [
+        (None, 101),
+        (f"http://{host}", 101),
+        ("http://evil.example", 403),
+        (f"http://{server.host}:1", 403),
+        ("null", 403),
+    ]:
+        headers = {"Origin": origin} if origin else {}
+        raw, status, _ = RawClient.open(server.host, server.port, headers=headers)
+        assert status == expected, origin
+        raw.close()
+
+
+def test_origin_allow_list(make_server) -> None:
+    """--allowed-origins takes exact origins and https://*.domain wildcards."""
+    srv = make_server("--allowed-origins", "https://app.example.com,https://*.example.org")
+    for origin, expected in [
+        ("https://app.example.com", 101),
+        ("https://APP.example.com", 101),
+        ("http://app.example.com", 403),
+        ("https://chat.example.org", 101),
+        ("https://a.b.example.org", 101),
+        ("https://example.org", 403),
+        ("https://evil-example.org", 403),
+    ]:
+        raw, status, _ = RawClient.open(srv.host, srv.port, headers={"Origin": origin})
+        assert status == expected, origin
+        raw.close()
+    everyone = make_server("--allowed-origins", "*")
+    raw, status, _ = RawClient.open(everyone.host, everyone.port, headers={"Origin": "http://x"})
+    assert status == 101
+    raw.close()
+
+
+def test_node_maximum_is_503(make_server) -> None:
+    """Past --max-connections the upgrade is refused with 503; a slot frees up on close."""
+    srv = make_server("--max-connections", "2")
+    a, b = srv.client(), srv.client()
+    with pytest.raises(InvalidStatus) as info:
+        srv.connect()
+    assert info.value.response.status_code == 503
+    assert srv.get("/readyz")[0] == 503
+    a.close()
+    srv.wait_for(lambda: srv.stats()["connections"]["node"] == 1, "a slot to free up")
+    c = srv.client()
+    b.close()
+    c.close()
+
+
+def test_per_ip_concurrency_is_429(make_server) -> None:
+    """Past --max-connections-per-ip from one address: 429."""
+    srv = make_server("--max-connections-per-ip", "2", "--ip-connect-rate", "0")
+    a, b = srv.client(), srv.client()
+    with pytest.raises(InvalidStatus) as info:
+        srv.connect()
+    assert info.value.response.status_code == 429
+    assert srv.metric("wshub_connections_refused_total", 'reason="ip_limit"') == 1
+    a.close()
+    b.close()
+
+
+def test_per_ip_connect_rate_is_429(make_server) -> None:
+    """Past --ip-connect-rate new connections per second from one address: 429."""
+    srv = make_server("--ip-connect-rate", "3", "--max-connections-per-ip", "0")
+    clients = []
+    statuses = []
+    for _ in range(6):
+        raw, status, _ = RawClient.open(srv.host, srv.port)
+        statuses.append(status)
+        clients.append(raw)
+    assert statuses.count(101) in (3, 4) and 429 in statuses  # 3 of burst, maybe 1 refilled
+    for raw in clients:
+        raw.close()
+
+
+def test_forwarded_for_only_from_trusted_proxy(make_server) -> None:
+    """X-Forwarded-For sets the client IP only when the peer is a trusted proxy."""
+    trusting = make_server("--max-connections-per-ip", "1", "--ip-connect-rate", "0",
+                           "--trusted-proxies", "127.0.0.0/8")
+    opened = []
+    for forwarded in ("203.0.113.1", "203.0.113.2", "198.51.100.7, 203.0.113.3"):
+        raw, status, _ = RawClient.open(trusting.host, trusting.port,
+                                        headers={"X-Forwarded-For": forwarded})
+        assert status == 101, forwarded
+        opened.append(raw)
+    raw, status, _ = RawClient.open(trusting.host, trusting.port,
+                                    headers={"X-Forwarded-For": "203.0.113.1"})
+    assert status == 429
+    opened.append(raw)
+
+    untrusting = make_server("--max-connections-per-ip", "1", "--ip-connect-rate", "0")
+    first, status, _ = RawClient.open(untrusting.host, untrusting.port,
+                                      headers={"X-Forwarded-For": "203.0.113.1"})
+    assert status == 101
+    second, status, _ = RawClient.open(untrusting.host, untrusting.port,
+                                       headers={"X-Forwarded-For": "203.0.113.2"})
+    assert status == 429  # the header is ignored: both come from 127.0.0.1
+    for raw in [*opened, first, second]:
+        raw.close()
+
+
+def test_handshake_deadline_drops_silent_clients(make_server) -> None:
+    """A client that never finishes its request is dropped at --handshake-timeout,
+    and a real client still connects meanwhile."""
+    srv = make_server("--handshake-timeout", "0.5")
+    silent = socket.create_connection((srv.host, srv.port), timeout=TIMEOUT)
+    slow = socket.create_connection((srv.host, srv.port), timeout=TIMEOUT)
+    slow.sendall(b"GET /websocket HTTP/1.1\r\n")
+    client = srv.client()
+    start = time.monotonic()
+    assert silent.recv(1) == b""
+    assert slow.recv(1) == b""
+    assert time.monotonic() - start < 0.5 + TIMEOUT / 2
+    assert srv.metric("wshub_connections_refused_total", 'reason="handshake_timeout"') == 2
+    client.roundtrip()
+    client.close()
+    silent.close()
+    slow.close()
