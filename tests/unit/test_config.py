@@ -1,0 +1,101 @@
+"""wshub.config and the serve command line: sources, precedence, refusals."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from wshub.cli import build_config, main
+from wshub.config import OPTIONS, Config, ConfigError, load_config, option_reference
+
+
+def test_defaults_match_decisions() -> None:
+    c = Config()
+    assert (c.host, c.port) == ("127.0.0.1", 8787)
+    assert c.heartbeat_interval == 30 and c.effective_heartbeat_timeout == 70
+    assert c.sweep_interval == 30
+    assert (c.message_rate, c.message_burst) == (20, 40)
+    assert (c.rate_limit_refusals, c.rate_limit_window) == (10, 10)
+    assert (c.ip_connect_rate, c.max_connections_per_ip, c.max_connections) == (20, 200, 10000)
+    assert c.max_message_size == 65536 and c.send_buffer_limit == 1 << 20
+    assert c.handshake_timeout == 10 and c.drain_timeout == 10
+    assert c.compression == "off" and c.allowed_origins == () and c.trusted_proxies == ()
+
+
+def test_every_option_has_flag_env_and_help() -> None:
+    names = {option.flag for option in OPTIONS}
+    for flag in ("--host", "--port", "--heartbeat-interval", "--heartbeat-timeout",
+                 "--sweep-interval", "--message-rate", "--message-burst", "--ip-connect-rate",
+                 "--max-connections-per-ip", "--max-connections", "--allowed-origins",
+                 "--trusted-proxies", "--max-message-size", "--send-buffer-limit",
+                 "--drain-timeout", "--compression", "--log-level", "--log-format"):
+        assert flag in names
+    assert all(option.help and option.env.startswith("WSHUB_") for option in OPTIONS)
+    assert "`WSHUB_HEARTBEAT_INTERVAL`" in option_reference()
+
+
+def test_precedence_flag_over_env_over_file(tmp_path) -> None:
+    path = tmp_path / "wshub.toml"
+    path.write_text('port = 9000\nheartbeat-interval = 5\nmessage_rate = 3.5\n'
+                    'allowed-origins = ["https://a.example"]\n')
+    env = {"WSHUB_PORT": "9100", "WSHUB_HEARTBEAT_INTERVAL": "0.5"}
+    c = build_config(["--config", str(path), "--port", "9200"], env)
+    assert c.port == 9200  # flag
+    assert c.heartbeat_interval == 0.5  # environment
+    assert c.message_rate == 3.5  # file
+    assert c.allowed_origins == ("https://a.example",)
+    assert build_config([], {"WSHUB_CONFIG": str(path)}).port == 9000
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "named"),
+    [
+        (["--port", "abc"], {}, "--port"),
+        (["--port", "70000"], {}, "--port"),
+        ([], {"WSHUB_HEARTBEAT_INTERVAL": "-1"}, "--heartbeat-interval"),
+        ([], {"WSHUB_MESSAGE_RATE": "nan"}, "--message-rate"),
+        (["--compression", "maybe"], {}, "--compression"),
+        (["--allowed-origins", "example.com"], {}, "--allowed-origins"),
+        (["--trusted-proxies", "10.0.0.0/33"], {}, "--trusted-proxies"),
+        (["--max-message-size", "0"], {}, "--max-message-size"),
+        (["--heartbeat-interval", "30", "--heartbeat-timeout", "20"], {}, "--heartbeat-timeout"),
+    ],
+)
+def test_bad_values_name_the_option(flags: list[str], env: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config(flags, env)
+    assert named in str(info.value)
+
+
+def test_file_errors(tmp_path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("port = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        build_config(["--config", str(bad)], {})
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("colour = 'blue'\n")
+    with pytest.raises(ConfigError, match="unknown option 'colour'"):
+        build_config(["--config", str(unknown)], {})
+    with pytest.raises(ConfigError, match="cannot read"):
+        build_config(["--config", str(tmp_path / "missing.toml")], {})
+    with pytest.raises(ConfigError, match="--port"):
+        load_config({}, {}, {"port": True})
+
+
+def test_serve_refuses_bad_value_at_start() -> None:
+    """The real command exits with status 2 and names the option."""
+    result = subprocess.run(
+        [sys.executable, "-m", "wshub", "serve", "--max-connections", "many"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert "--max-connections" in result.stderr and "many" in result.stderr
+
+
+def test_main_help_and_unknown(capsys) -> None:
+    assert main(["--help"]) == 0
+    assert "serve" in capsys.readouterr().out
+    assert main(["frobnicate"]) == 2
+    assert main(["--version"]) == 0

@@ -1,0 +1,147 @@
+"""wshub.fanout: order, exclusions and one write per connection per pass.
+
+The engine's seam is the transport: these tests give it recording transports
+and a loop whose call_soon they run by hand.
+"""
+
+from __future__ import annotations
+
+from wshub.fanout import Fanout
+from wshub.wire import Deflate, text_frame
+
+
+class Transport:
+    def __init__(self, backlog: int = 0) -> None:
+        self.writes: list[bytes] = []
+        self.backlog = backlog
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self.backlog
+
+
+class Conn:
+    def __init__(self, name: str, deflate: Deflate | None = None, backlog: int = 0) -> None:
+        self.name = name
+        self.pending = None
+        self.joined_at = 0
+        self.marked = False
+        self.is_recipient = True
+        self.deflate = deflate
+        self.transport = Transport(backlog)
+
+
+class Loop:
+    def __init__(self) -> None:
+        self.callbacks: list = []
+
+    def call_soon(self, callback) -> None:
+        self.callbacks.append(callback)
+
+    def run(self) -> None:
+        callbacks, self.callbacks = self.callbacks, []
+        for callback in callbacks:
+            callback()
+
+
+def make(conns: list[Conn], limit: int = 1000):
+    loop = Loop()
+    slow: list[Conn] = []
+    fanout = Fanout(loop, lambda: conns, send_buffer_limit=limit,  # type: ignore[arg-type]
+                    on_slow_consumer=slow.append, on_send_failed=lambda c, e: None)
+    return fanout, loop, slow
+
+
+def test_one_write_per_connection_per_pass() -> None:
+    a, b = Conn("a"), Conn("b")
+    fanout, loop, _ = make([a, b])
+    for i in range(5):
+        fanout.to_all(f"m{i}".encode())
+    assert len(loop.callbacks) == 1  # scheduled once
+    loop.run()
+    expected = b"".join(text_frame(f"m{i}".encode()) for i in range(5))
+    assert a.transport.writes == [expected] and b.transport.writes == [expected]
+    assert a.transport.writes[0] is b.transport.writes[0]  # the same bytes object
+    assert fanout.deliveries == 10 and fanout.writes == 2
+
+
+def test_exclusion_and_private_frames_keep_order() -> None:
+    a, b = Conn("a"), Conn("b")
+    fanout, loop, _ = make([a, b])
+    fanout.to_all(b"1")
+    fanout.to_one(a, b"private")
+    fanout.to_all(b"2", exclude=a)
+    fanout.to_all(b"3")
+    loop.run()
+    assert a.transport.writes == [text_frame(b"1") + text_frame(b"private") + text_frame(b"3")]
+    assert b.transport.writes == [text_frame(b"1") + text_frame(b"2") + text_frame(b"3")]
+    assert not a.marked and a.pending is None  # reset for the next pass
+
+
+def test_newcomer_gets_nothing_queued_before_it() -> None:
+    a = Conn("a")
+    conns = [a]
+    fanout, loop, _ = make(conns)
+    fanout.to_all(b"before")
+    b = Conn("b")
+    conns.append(b)
+    fanout.joined(b)
+    fanout.to_one(b, b"welcome")
+    fanout.to_all(b"joined", exclude=b)
+    fanout.to_all(b"after")
+    loop.run()
+    assert b.transport.writes == [text_frame(b"welcome") + text_frame(b"after")]
+    assert a.transport.writes == [
+        text_frame(b"before") + text_frame(b"joined") + text_frame(b"after")
+    ]
+
+
+def test_take_hands_over_what_was_promised() -> None:
+    a, b = Conn("a"), Conn("b")
+    conns = [a, b]
+    fanout, loop, _ = make(conns)
+    fanout.to_all(b"1")
+    fanout.to_one(a, b"err")
+    assert fanout.take(a) == text_frame(b"1") + text_frame(b"err")
+    conns.remove(a)
+    a.is_recipient = False
+    fanout.to_all(b"2")
+    loop.run()
+    assert a.transport.writes == []
+    assert b.transport.writes == [text_frame(b"1") + text_frame(b"2")]
+
+
+def test_private_only_pass_writes_only_to_them() -> None:
+    a, b = Conn("a"), Conn("b")
+    fanout, loop, _ = make([a, b])
+    fanout.to_one(a, b"pong")
+    loop.run()
+    assert a.transport.writes == [text_frame(b"pong")] and b.transport.writes == []
+
+
+def test_slow_consumers_are_reported_after_the_pass() -> None:
+    a, b = Conn("a", backlog=5000), Conn("b")
+    fanout, loop, slow = make([a, b], limit=1000)
+    fanout.to_all(b"x")
+    loop.run()
+    assert slow == [a]
+    assert b.transport.writes == [text_frame(b"x")]
+
+
+def test_deflate_compresses_once_per_window() -> None:
+    import zlib
+
+    d = Deflate(15)
+    a, b, c = Conn("a", d), Conn("b", d), Conn("c")
+    fanout, loop, _ = make([a, b, c])
+    big = b"y" * 1000
+    fanout.to_all(big)
+    loop.run()
+    assert a.transport.writes[0] is b.transport.writes[0]
+    frame = a.transport.writes[0]
+    assert frame[0] == 0xC1  # FIN + RSV1 + text
+    assert c.transport.writes == [text_frame(big)]
+    header = 2 if frame[1] < 126 else 4
+    assert zlib.decompressobj(wbits=-15).decompress(frame[header:] + b"\x00\x00\xff\xff") == big

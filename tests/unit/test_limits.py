@@ -1,0 +1,113 @@
+"""wshub.ratelimit, wshub.session and wshub.admission with a hand-made clock."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from wshub.admission import Admission, client_address
+from wshub.ratelimit import KeyedBuckets, Strikes, TokenBucket
+from wshub.session import Admit, Session, State
+
+
+def test_token_bucket_burst_then_rate() -> None:
+    bucket = TokenBucket(rate=20, burst=40, now=0.0)
+    assert all(bucket.take(0.0) for _ in range(40))
+    assert not bucket.take(0.0)
+    assert bucket.take(0.05)  # one token per 50 ms
+    assert not bucket.take(0.05)
+    assert all(bucket.take(10.0) for _ in range(40))  # refilled, capped at burst
+    assert not bucket.take(10.0)
+
+
+def test_unlimited_bucket() -> None:
+    bucket = TokenBucket(rate=0, burst=0, now=0.0)
+    assert all(bucket.take(0.0) for _ in range(10_000))
+
+
+def test_strikes_in_window() -> None:
+    strikes = Strikes(limit=3, window=10)
+    assert not strikes.add(0)
+    assert not strikes.add(1)
+    assert not strikes.add(20)  # the first two expired
+    assert not strikes.add(21)
+    assert strikes.add(22)
+    assert not Strikes(limit=0, window=10).add(0)
+
+
+def test_keyed_buckets_purge() -> None:
+    buckets = KeyedBuckets(rate=1, burst=1)
+    assert buckets.take("a", 0.0) and not buckets.take("a", 0.0)
+    assert buckets.take("b", 0.0)
+    assert buckets.purge(0.5) == 0
+    assert buckets.purge(1.0) == 2 and len(buckets) == 0
+
+
+def test_session_transitions() -> None:
+    session = Session(0.0, message_rate=1, message_burst=1, strike_limit=2, strike_window=10)
+    assert session.state is State.CONNECTING
+    session.transition(State.OPEN)
+    session.transition(State.CLOSING)
+    session.transition(State.CLOSED)
+    with pytest.raises(AssertionError):
+        session.transition(State.OPEN)
+
+
+def test_session_rate_escalation() -> None:
+    session = Session(0.0, message_rate=1, message_burst=1, strike_limit=2, strike_window=10)
+    assert session.admit(0.0) is Admit.ACCEPT
+    assert session.admit(0.1) is Admit.REFUSE
+    assert session.admit(0.2) is Admit.DISCONNECT
+
+
+def test_session_liveness() -> None:
+    session = Session(5.0, message_rate=0, message_burst=0, strike_limit=0, strike_window=1)
+    assert session.silent_for(7.0) == 2.0
+    session.alive(7.0)
+    assert session.silent_for(7.5) == 0.5
+
+
+NETS = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+@pytest.mark.parametrize(
+    ("peer", "xff", "expected"),
+    [
+        ("203.0.113.9", ["1.2.3.4"], "203.0.113.9"),  # untrusted peer: header ignored
+        ("10.0.0.2", ["1.2.3.4"], "1.2.3.4"),
+        ("10.0.0.2", ["6.6.6.6, 1.2.3.4"], "1.2.3.4"),  # client-written prefix ignored
+        ("10.0.0.2", ["1.2.3.4, 10.0.0.7"], "1.2.3.4"),  # our own proxy chain skipped
+        ("10.0.0.2", ["1.2.3.4", "10.0.0.7"], "1.2.3.4"),  # two header lines
+        ("10.0.0.2", ["garbage"], "10.0.0.2"),
+        ("10.0.0.2", [], "10.0.0.2"),
+        ("::1", ["2001:db8::1"], "2001:db8::1"),
+    ],
+)
+def test_client_address(peer: str, xff: list[str], expected: str) -> None:
+    assert client_address(peer, xff, NETS) == expected
+
+
+def test_admission_order_and_release() -> None:
+    admission = Admission(max_connections=3, max_connections_per_ip=2, ip_connect_rate=100)
+    assert admission.check("a", 0.0) is None
+    assert admission.check("a", 0.0) is None
+    refused = admission.check("a", 0.0)
+    assert refused is not None and refused.status == 429
+    assert admission.check("b", 0.0) is None
+    refused = admission.check("c", 0.0)
+    assert refused is not None and refused.status == 503
+    admission.release("a")
+    assert admission.check("c", 0.0) is None
+    admission.draining = True
+    refused = admission.check("d", 0.0)
+    assert refused is not None and refused.status == 503
+
+
+def test_admission_connect_rate() -> None:
+    admission = Admission(max_connections=0, max_connections_per_ip=0, ip_connect_rate=2)
+    assert admission.check("a", 0.0) is None
+    assert admission.check("a", 0.0) is None
+    refused = admission.check("a", 0.0)
+    assert refused is not None and refused.status == 429
+    assert admission.check("a", 0.5) is None

@@ -1,0 +1,101 @@
+"""wshub.protocol: client frames to commands, server messages to bytes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from wshub import protocol
+from wshub.ids import ConnectionId
+from wshub.protocol import ErrorCode, Refusal, Relay, RelayKind, parse_client_text
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"type":"message","content":"hi"}', Relay(RelayKind.MESSAGE, "hi")),
+        ('{"type":"broadcast","content":"all","x":1}', Relay(RelayKind.BROADCAST, "all")),
+        ('  {"type":"ping"}  ', protocol.PING),
+        ('{"type":"pong","timestamp":1}', protocol.PONG),
+        ('{"type":"user_info"}', protocol.USER_INFO),
+        ("plain", Relay(RelayKind.MESSAGE, "plain")),
+        ('"json string"', Relay(RelayKind.MESSAGE, '"json string"')),
+        ("[1]", Relay(RelayKind.MESSAGE, "[1]")),
+        ("null", Relay(RelayKind.MESSAGE, "null")),
+        ('{"type":"message","content":Infinity}', Relay(RelayKind.MESSAGE,
+                                                         '{"type":"message","content":Infinity}')),
+        ('{"type":"ping","type":"user_info"}', protocol.USER_INFO),  # last duplicate wins
+    ],
+)
+def test_parse_valid(text: str, expected: object) -> None:
+    assert parse_client_text(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("{}", ErrorCode.MISSING_TYPE),
+        ('{"type":1}', ErrorCode.MISSING_TYPE),
+        ('{"type":"nope"}', ErrorCode.UNKNOWN_TYPE),
+        ('{"type":"user_joined"}', ErrorCode.UNKNOWN_TYPE),
+        ('{"type":"message","content":{}}', ErrorCode.INVALID_CONTENT),
+        ('{"type":"message","content":"\\ud83d"}', ErrorCode.INVALID_CONTENT),
+        ('{"type":"message","content":"  "}', ErrorCode.EMPTY_CONTENT),
+        ("\n", ErrorCode.EMPTY_CONTENT),
+        ("a" * 1001, ErrorCode.CONTENT_TOO_LONG),
+    ],
+)
+def test_parse_refused(text: str, code: ErrorCode) -> None:
+    result = parse_client_text(text)
+    assert isinstance(result, Refusal) and result.code is code and result.message
+
+
+def test_surrogate_pair_escape_is_a_real_character() -> None:
+    assert parse_client_text('{"type":"message","content":"\\ud83d\\ude00"}') == Relay(
+        RelayKind.MESSAGE, "😀"
+    )
+
+
+def test_hostile_json_is_plain_text() -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    result = parse_client_text(deep)
+    assert isinstance(result, Refusal) and result.code is ErrorCode.CONTENT_TOO_LONG
+    deep_object = '{"a":' * 100_000 + "1" + "}" * 100_000
+    assert isinstance(parse_client_text(deep_object), Refusal)  # plain text, too long
+    long_number = '{"type":"message","content":"x","n":' + "9" * 5000 + "}"
+    assert isinstance(parse_client_text(long_number), Refusal)  # plain text, too long
+    short_deep = '{"a":' * 300 + "1" + "}" * 300
+    assert isinstance(parse_client_text(short_deep[:1000]), Relay)
+
+
+def test_unknown_type_is_named_but_bounded() -> None:
+    result = parse_client_text(json.dumps({"type": "x" * 500}))
+    assert isinstance(result, Refusal) and len(result.message) < 120
+    lone = parse_client_text('{"type":"\\ud800"}')
+    assert isinstance(lone, Refusal)
+    lone.message.encode("utf-8")  # safe to send
+
+
+def test_iso_timestamp() -> None:
+    assert protocol.iso_timestamp(0) == "1970-01-01T00:00:00.000Z"
+    assert protocol.iso_timestamp(1795638000.1239) == "2026-11-25T20:20:00.123Z"
+
+
+def test_encoders_match_the_seed_shapes() -> None:
+    cid = ConnectionId("ws-1-abcdefghi")
+    now = 1795638000.5
+    welcome = json.loads(protocol.encode_welcome(cid, 3, now))
+    assert welcome == {"type": "welcome", "connectionId": cid,
+                       "timestamp": "2026-11-25T20:20:00.500Z", "connectionCount": 3}
+    assert json.loads(protocol.encode_user_joined(cid, 4, now))["totalUsers"] == 4
+    assert json.loads(protocol.encode_user_left(cid, 2, now))["type"] == "user_left"
+    assert json.loads(protocol.encode_ping(now)) == {"type": "ping", "timestamp": 1795638000500}
+    assert json.loads(protocol.encode_pong(now)) == {"type": "pong", "timestamp": 1795638000500}
+    message = protocol.encode_message(cid, "é\u0000<b>", now)
+    assert json.loads(message)["content"] == "é\u0000<b>"
+    message.decode("utf-8")
+    error = json.loads(protocol.encode_error(Refusal(ErrorCode.RATE_LIMITED, "slow")))
+    assert error == {"type": "error", "message": "slow", "code": "rate_limited"}
+    info = json.loads(protocol.encode_user_info_response(cid, 7, now))
+    assert info["connectionCount"] == 7 and info["type"] == "user_info_response"
