@@ -99,3 +99,15 @@ def test_main_help_and_unknown(capsys) -> None:
     assert "serve" in capsys.readouterr().out
     assert main(["frobnicate"]) == 2
     assert main(["--version"]) == 0
+
+
+def test_configuration_doc_is_current() -> None:
+    """docs/configuration.md is generated from config.py and must match it."""
+    from pathlib import Path
+
+    from wshub.docgen import configuration_md
+
+    doc = Path(__file__).parents[2] / "docs" / "configuration.md"
+    assert doc.read_text() == configuration_md(), (
+        "regenerate: python -m wshub.docgen > docs/configuration.md"
+    )
