@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         from .server import run
 
         setup_logging(config.log_level, config.log_format)
-        return run(config)
+        return run(config, rest)
     if command == "bench":
         from .bench import main as bench_main
 

@@ -127,6 +127,31 @@ def _networks(raw: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, 
     return tuple(networks)
 
 
+def _redis_url(raw: Any) -> str:
+    value = str(raw).strip()
+    if value and not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("expected redis://HOST:PORT[/DB], rediss://... or unix://PATH")
+    return value
+
+
+def _name(raw: Any) -> str:
+    value = str(raw).strip()
+    if not value or not all(c.isalnum() or c in "-_." for c in value):
+        raise ValueError("expected letters, digits, '-', '_' or '.'")
+    return value
+
+
+def _name_or_empty(raw: Any) -> str:
+    return "" if str(raw).strip() == "" else _name(raw)
+
+
+def _workers(raw: Any) -> int:
+    value = _count(raw)
+    if value < 1:
+        raise ValueError("expected at least 1")
+    return value
+
+
 def _choice(*choices: str) -> Callable[[Any], str]:
     def parse(raw: Any) -> str:
         value = str(raw).strip().lower()
@@ -230,6 +255,28 @@ class Config:
         "off", "permessage-deflate: off or on.", _choice("off", "on"), "off|on",
     )
 
+    # Cluster
+    redis_url: str = _opt(
+        "", "Redis (or Valkey) URL, e.g. redis://localhost:6379/0: run as one node of a "
+        "cluster. Empty: one process, everything in memory.", _redis_url, "URL",
+    )
+    node_ttl: float = _opt(
+        30.0, "Seconds a node's presence lease lasts in Redis; a node that stops refreshing "
+        "it is reaped and its clients announced as gone within 2 x this.", _duration, "SECONDS",
+    )
+    cluster_name: str = _opt(
+        "wshub", "Prefix of every Redis key and channel: clusters with different names can "
+        "share one Redis.", _name, "NAME",
+    )
+    node_id: str = _opt(
+        "", "This node's name in the cluster (default: random at each start).", _name_or_empty,
+        "NAME",
+    )
+    workers: int = _opt(
+        1, "Processes to run on this machine, sharing the port; more than one needs "
+        "--redis-url. A worker that dies is restarted.", _workers, "N",
+    )
+
     # Logging
     log_level: str = _opt(
         "info", "debug, info, warning or error.", _choice("debug", "info", "warning", "error"),
@@ -328,6 +375,11 @@ def load_config(
 
 
 def _check_together(config: Config) -> None:
+    if config.workers > 1 and not config.redis_url:
+        raise ConfigError(
+            f"--workers: {config.workers} workers need --redis-url (workers share one hub "
+            "through Redis; without it each would be a separate hub)"
+        )
     if config.message_rate > 0 and config.message_burst < 1:
         raise ConfigError("--message-burst: must be at least 1 while --message-rate is set")
     if config.effective_heartbeat_timeout <= config.heartbeat_interval:

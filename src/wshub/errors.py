@@ -44,6 +44,7 @@ class CloseCode(enum.IntEnum):
     POLICY_VIOLATION = 1008  # rate limit escalation, slow consumer
     MESSAGE_TOO_BIG = 1009  # over --max-message-size
     INTERNAL_ERROR = 1011  # heartbeat timeout, unexpected server error
+    SERVICE_RESTART = 1012  # rejoining a cluster that announced our clients gone
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,9 +25,16 @@ from .backplane import Backplane, Envelope, EventKind
 from .backplane.memory import MemoryBackplane
 from .config import Config
 from .connection import Connection
-from .errors import HEARTBEAT_TIMEOUT, RATE_LIMIT_EXCEEDED, SHUTTING_DOWN, SLOW_CONSUMER
+from .errors import (
+    HEARTBEAT_TIMEOUT,
+    RATE_LIMIT_EXCEEDED,
+    SHUTTING_DOWN,
+    SLOW_CONSUMER,
+    CloseCode,
+    Disconnect,
+)
 from .fanout import Fanout
-from .ids import ConnectionId, new_connection_id, new_node_id
+from .ids import ConnectionId, NodeId, new_connection_id, new_node_id
 from .metrics import Metrics
 from .origin import OriginPolicy
 from .protocol import ErrorCode, Refusal, Relay, RelayKind
@@ -43,6 +50,7 @@ _BINARY_REFUSAL = Refusal(
 )
 _RATE_REFUSAL = Refusal(ErrorCode.RATE_LIMITED, "Too many messages: slow down")
 _PROTOCOL_PING_FRAME = ping_frame(b"wshub")
+_REJOIN = Disconnect(CloseCode.SERVICE_RESTART, "cluster rejoin: please reconnect")
 
 _FANOUT_BUCKETS = (0, 1, 2, 5, 10, 50, 100, 500, 1000, 5000, 10000, 50000)
 
@@ -57,8 +65,19 @@ class Node:
     ) -> None:
         self.config = config
         self.loop = loop
-        self.node_id = backplane.node_id if backplane is not None else new_node_id()
-        self.backplane: Backplane = backplane or MemoryBackplane(self.node_id)
+        if backplane is None:
+            node_id = NodeId(config.node_id) if config.node_id else new_node_id()
+            if config.redis_url:
+                from .backplane.redis import RedisBackplane
+
+                backplane = RedisBackplane(
+                    config.redis_url, node_id, node_ttl=config.node_ttl,
+                    prefix=config.cluster_name, on_rejoined_after_reap=self._rejoin,
+                )
+            else:
+                backplane = MemoryBackplane(node_id, node_ttl=config.node_ttl)
+        self.node_id = backplane.node_id
+        self.backplane: Backplane = backplane
         self.conns: dict[ConnectionId, Connection] = {}
         self.admission = Admission(
             max_connections=config.max_connections,
@@ -145,8 +164,17 @@ class Node:
                 lambda: self.fanout.writes, kind="counter")
         m.gauge("wshub_event_loop_lag_seconds",
                 "How late the last 1 s loop-lag probe timer fired.", lambda: self._lag)
-        m.gauge("wshub_backplane_up", "1 when the backplane link works.",
-                lambda: 1 if self.backplane.ready()[0] else 0)
+        m.gauge("wshub_backplane_up", "1 when the backplane link works (always 1 in memory).",
+                lambda: self.backplane.metrics()["up"])
+        m.gauge("wshub_cluster_nodes", "Nodes this node knows of with open connections, "
+                "itself included.", lambda: self.backplane.metrics()["nodes"])
+        m.gauge("wshub_backplane_received_total", "Envelopes received from other nodes.",
+                lambda: self.backplane.metrics()["received"], kind="counter")
+        m.gauge("wshub_backplane_forward_failures_total", "Envelopes that could not be "
+                "forwarded to the other nodes (backplane down): dropped, at most once.",
+                lambda: self.backplane.metrics()["forward_failures"], kind="counter")
+        m.gauge("wshub_backplane_reconnects_total", "Times the backplane subscription was "
+                "rebuilt.", lambda: self.backplane.metrics()["reconnects"], kind="counter")
         m.gauge("wshub_uptime_seconds", "Seconds since this node started.",
                 lambda: round(time.time() - self.started_at, 3))
 
@@ -412,11 +440,30 @@ class Node:
             self.fanout_sizes.observe(len(self.conns))
 
     def on_connections_lost(self, connection_ids: Iterable[ConnectionId]) -> None:
+        """Connections elsewhere that are gone without their own ``left``
+        event (their node died): the view already dropped them."""
         now = time.time()
+        total = self.cluster_count()
         for connection_id in connection_ids:
-            left = protocol.encode_user_left(connection_id, self.cluster_count(), now)
             if self.conns:
-                self.fanout.to_all(left)
+                self.fanout.to_all(protocol.encode_user_left(connection_id, total, now))
+
+    def on_connections_found(self, connection_ids: Iterable[ConnectionId]) -> None:
+        """Connections elsewhere whose ``joined`` event was lost (an outage)."""
+        now = time.time()
+        total = self.cluster_count()
+        for connection_id in connection_ids:
+            if self.conns:
+                self.fanout.to_all(protocol.encode_user_joined(connection_id, total, now))
+
+    def local_connection_ids(self) -> list[ConnectionId]:
+        return list(self.conns)
+
+    def _rejoin(self) -> None:
+        """The cluster reaped us during an outage and told everyone our clients
+        left: close them so they come back as new connections."""
+        for conn in list(self.conns.values()):
+            conn.close(_REJOIN)
 
     # -- Timers ---------------------------------------------------------------------
 
@@ -477,5 +524,9 @@ class Node:
             },
             "messages": {outcome: self.messages.get(outcome) for outcome in outcomes},
             "deliveries": self.fanout.deliveries,
-            "backplane": {"ready": self.backplane.ready()[0], "detail": self.backplane.ready()[1]},
+            "backplane": {
+                "ready": self.backplane.ready()[0],
+                "detail": self.backplane.ready()[1],
+                **self.backplane.metrics(),
+            },
         }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -11,6 +12,7 @@ import sys
 from .config import Config
 from .connection import Connection
 from .node import Node
+from .supervisor import REUSE_PORT_ENV, supervise
 
 __all__ = ["run", "serve"]
 
@@ -33,6 +35,9 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
         config.port,
         backlog=4096,
         reuse_address=True,
+        # Only workers of one supervisor share a port; a second server started
+        # by mistake on a taken port must fail, not split the traffic.
+        reuse_port=os.environ.get(REUSE_PORT_ENV) == "1",
     )
     for sock in server.sockets:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -58,8 +63,10 @@ def _address(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def run(config: Config) -> int:
-    """Run :func:`serve` on uvloop when available."""
+def run(config: Config, argv: list[str] | None = None) -> int:
+    """Run :func:`serve` on uvloop when available (or supervise workers)."""
+    if config.workers > 1:
+        return supervise(config, argv or [])
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS

@@ -1,0 +1,404 @@
+"""The cluster backplane on Redis (or Valkey): pub/sub plus leased presence.
+
+Keys (``{p}`` is ``--cluster-name``, default ``wshub``)::
+
+    {p}:events             pub/sub channel: every envelope of every node
+    {p}:nodes              SET of node ids that registered presence
+    {p}:node:{id}:alive    lease, expires after --node-ttl unless refreshed
+    {p}:node:{id}:conns    SET of the node's open connection ids
+    {p}:node:{id}:reaped   marker left by the survivor that reaped the node
+
+Theory of operation
+-------------------
+*Publishing.* Envelopes queued during one loop pass go out in one pipeline on
+one connection, in order, together with the presence updates (``SADD`` before
+a ``joined`` is published, ``SREM`` before a ``left``). Redis delivers one
+connection's publications in order, so messages from one sender reach every
+recipient in the order sent. While Redis is unreachable nothing is queued:
+envelopes are dropped and counted (delivery is at most once, never late).
+
+*Subscribing.* One pub/sub connection, rebuilt with jittered exponential
+backoff after any error. On every (re)connect the node re-registers its
+presence from its own registry, then reads every other node's presence and
+corrects its view (:meth:`ViewKeeper.apply_snapshot`): joins and leaves missed
+during an outage are announced then, once. A subscription can also go silent
+without an error (a half-open TCP connection): every node publishes a probe to
+itself every few seconds and rebuilds the subscription when it stops hearing
+its own probes.
+
+*Presence.* Every ``ttl/3`` a node refreshes its lease and looks for nodes
+whose lease expired. Reaping is one Lua script: the first survivor to run it
+removes the dead node from ``{p}:nodes`` and takes its connection ids; every
+other survivor gets nothing. The winner publishes a ``lost`` envelope and each
+node announces ``user_left`` for those ids to its own clients, so each is
+announced exactly once per client. A node that comes back after being reaped
+(an outage longer than the TTL) finds the marker and closes its clients with
+1012 so they reconnect as new connections, since their departure was already
+announced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from ..ids import ConnectionId, NodeId
+from . import BackplaneHandler, Envelope, EventKind, decode_envelope, encode_envelope
+from .base import ViewKeeper
+
+__all__ = ["RedisBackplane", "backoff_delays", "reap_node"]
+
+log = logging.getLogger("wshub.backplane")
+
+_REAP = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return false end
+if redis.call('SREM', KEYS[1], ARGV[1]) == 0 then return false end
+local ids = redis.call('SMEMBERS', KEYS[3])
+redis.call('DEL', KEYS[3])
+redis.call('SET', KEYS[4], '1', 'EX', ARGV[2])
+return ids
+"""
+
+_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+
+
+def backoff_delays(
+    initial: float = 0.1, factor: float = 2.0, cap: float = 5.0, rand: Callable[[], float] = random.random
+) -> Any:
+    """Reconnect delays: exponential with full jitter, capped (pure)."""
+    delay = initial
+    while True:
+        yield delay * (0.5 + rand() / 2)
+        delay = min(cap, delay * factor)
+
+
+class Keys:
+    def __init__(self, prefix: str) -> None:
+        self.events = f"{prefix}:events"
+        self.nodes = f"{prefix}:nodes"
+        self.prefix = prefix
+
+    def alive(self, node: str) -> str:
+        return f"{self.prefix}:node:{node}:alive"
+
+    def conns(self, node: str) -> str:
+        return f"{self.prefix}:node:{node}:conns"
+
+    def reaped(self, node: str) -> str:
+        return f"{self.prefix}:node:{node}:reaped"
+
+
+class RedisBackplane(ViewKeeper):
+    def __init__(
+        self,
+        url: str,
+        node_id: NodeId,
+        *,
+        node_ttl: float = 30.0,
+        prefix: str = "wshub",
+        probe_interval: float | None = None,
+        on_rejoined_after_reap: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(node_id, time.monotonic)
+        self.url = url
+        self.node_ttl = node_ttl
+        self.keys = Keys(prefix)
+        self.probe_interval = probe_interval or max(0.2, min(5.0, node_ttl / 6))
+        self.on_rejoined_after_reap = on_rejoined_after_reap
+        self._redis: aioredis.Redis | None = None
+        self._up = False
+        self._reason = "connecting to Redis"
+        self._queue: list[tuple[str, Any]] = []
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._rebuild = False
+        self._reap_script: Any = None
+        # Figures for /metrics.
+        self.published = 0
+        self.forward_failures = 0
+        self.reconnects = 0
+        self.silent_rebuilds = 0
+
+    # -- Lifecycle ------------------------------------------------------------
+
+    async def start(self, handler: BackplaneHandler) -> None:
+        self.handler = handler
+        timeout = max(1.0, self.node_ttl / 6)
+        self._redis = aioredis.from_url(
+            self.url, socket_timeout=timeout, socket_connect_timeout=timeout,
+            health_check_interval=0,
+        )
+        self._reap_script = self._redis.register_script(_REAP)
+        connected = asyncio.get_running_loop().create_future()
+        self._tasks = [
+            asyncio.create_task(self._subscriber(connected), name="wshub-redis-subscriber"),
+            asyncio.create_task(self._publisher(), name="wshub-redis-publisher"),
+            asyncio.create_task(self._lease(), name="wshub-redis-lease"),
+            asyncio.create_task(self._prober(), name="wshub-redis-probe"),
+        ]
+        # Serve at once either way; wait briefly so that a node that can reach
+        # Redis starts with correct counts.
+        try:
+            await asyncio.wait_for(asyncio.shield(connected), timeout)
+        except TimeoutError:
+            log.warning("redis not reachable yet at start; serving local clients meanwhile")
+
+    async def stop(self) -> None:
+        """Flush queued envelopes and withdraw our presence, within a few seconds."""
+        self._stopping = True
+        redis = self._redis
+        if redis is not None and self._up:
+            try:
+                await asyncio.wait_for(self._flush(), 2.0)
+                pipe = redis.pipeline(transaction=True)
+                pipe.srem(self.keys.nodes, self.node_id)
+                pipe.delete(self.keys.conns(self.node_id), self.keys.alive(self.node_id))
+                await asyncio.wait_for(pipe.execute(), 2.0)
+            except _ERRORS as exc:
+                log.warning("could not withdraw presence from redis: %s", exc)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if redis is not None:
+            try:
+                await asyncio.wait_for(redis.aclose(), 2.0)
+            except _ERRORS:
+                pass
+        self.handler = None
+
+    # -- State ------------------------------------------------------------------
+
+    def ready(self) -> tuple[bool, str]:
+        return self._up, ("redis connected" if self._up else self._reason)
+
+    def _set_up(self) -> None:
+        if not self._up:
+            log.warning("backplane up: redis connected at %s", _redacted(self.url))
+        self._up = True
+        self._reason = "redis connected"
+
+    def _set_down(self, reason: str) -> None:
+        if self._up:
+            log.warning("backplane down: %s", reason)
+        self._up = False
+        self._reason = f"redis unreachable: {reason}"
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "up": 1 if self._up else 0,
+            "nodes": len(self.view.nodes) + 1,
+            "received": self.received,
+            "published": self.published,
+            "forward_failures": self.forward_failures,
+            "reconnects": self.reconnects,
+            "silent_rebuilds": self.silent_rebuilds,
+        }
+
+    # -- Publishing -------------------------------------------------------------
+
+    def publish(self, envelope: Envelope) -> None:
+        kind = envelope.kind
+        if not self._up:
+            # At most once: what can't be forwarded now is dropped and counted,
+            # never delivered late.
+            if kind is not EventKind.PROBE:
+                self.forward_failures += 1
+            return
+        if kind is EventKind.JOINED:
+            self._queue.append(("sadd", envelope.connection_id))
+        elif kind is EventKind.LEFT:
+            self._queue.append(("srem", envelope.connection_id))
+        self._queue.append(("publish", encode_envelope(envelope)))
+        self._wake.set()
+
+    async def _publisher(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            assert self._redis is not None
+            pipe = self._redis.pipeline(transaction=False)
+            conns_key = self.keys.conns(self.node_id)
+            publications = 0
+            for op, arg in batch:
+                if op == "publish":
+                    pipe.publish(self.keys.events, arg)
+                    publications += 1
+                elif op == "sadd":
+                    pipe.sadd(conns_key, arg)
+                else:
+                    pipe.srem(conns_key, arg)
+            try:
+                await pipe.execute()
+                self.published += publications
+            except _ERRORS as exc:
+                self.forward_failures += publications
+                self._set_down(f"publish failed: {exc}")
+                self._rebuild = True
+
+    # -- Subscribing ------------------------------------------------------------
+
+    async def _subscriber(self, connected: asyncio.Future[None]) -> None:
+        delays = backoff_delays()
+        while not self._stopping:
+            assert self._redis is not None
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.keys.events)
+                await self._register()
+                await self._resync()
+                self._rebuild = False
+                self.last_probe_heard = self.clock()
+                self._set_up()
+                if not connected.done():
+                    connected.set_result(None)
+                delays = backoff_delays()
+                while not self._rebuild:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None and message.get("type") == "message":
+                        try:
+                            envelope = decode_envelope(message["data"])
+                        except ValueError:
+                            log.warning("ignored a malformed envelope on %s", self.keys.events)
+                            continue
+                        self.receive(envelope)
+                self._set_down("subscription rebuilt")
+            except asyncio.CancelledError:
+                raise
+            except _ERRORS as exc:
+                self._set_down(str(exc) or type(exc).__name__)
+            finally:
+                try:
+                    await asyncio.wait_for(pubsub.aclose(), 1.0)
+                except (*_ERRORS, asyncio.CancelledError):
+                    pass
+            if self._stopping:
+                return
+            self.reconnects += 1
+            await asyncio.sleep(next(delays))
+
+    async def _register(self) -> None:
+        """(Re-)register this node's presence from its own registry."""
+        assert self._redis is not None and self.handler is not None
+        keys = self.keys
+        node = self.node_id
+        was_reaped = await self._redis.exists(keys.reaped(node))
+        if was_reaped:
+            log.warning("this node was reaped during an outage: its clients must reconnect")
+            await self._redis.delete(keys.reaped(node))
+            if self.on_rejoined_after_reap is not None:
+                self.on_rejoined_after_reap()
+        ids = list(self.handler.local_connection_ids())
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.sadd(keys.nodes, node)
+        pipe.set(keys.alive(node), "1", px=int(self.node_ttl * 1000))
+        pipe.delete(keys.conns(node))
+        if ids:
+            pipe.sadd(keys.conns(node), *ids)
+        await pipe.execute()
+
+    async def _resync(self) -> None:
+        assert self._redis is not None
+        nodes = [n.decode() for n in await self._redis.smembers(self.keys.nodes)]
+        others = [n for n in nodes if n != self.node_id]
+        pipe = self._redis.pipeline(transaction=False)
+        for node in others:
+            pipe.smembers(self.keys.conns(node))
+        results = await pipe.execute() if others else []
+        snapshot = {
+            NodeId(node): {ConnectionId(i.decode()) for i in ids}
+            for node, ids in zip(others, results, strict=True)
+        }
+        self.apply_snapshot(snapshot)
+
+    # -- Leases, reaping and probes ---------------------------------------------
+
+    async def _lease(self) -> None:
+        interval = self.node_ttl / 3
+        ticks = 0
+        while True:
+            await asyncio.sleep(interval)
+            if not self._up:
+                continue
+            ticks += 1
+            try:
+                await self._refresh_and_reap()
+                if ticks % 3 == 0:
+                    await self._resync()
+            except _ERRORS as exc:
+                self._set_down(f"lease refresh failed: {exc}")
+                self._rebuild = True
+
+    async def _refresh_and_reap(self) -> None:
+        assert self._redis is not None
+        keys = self.keys
+        await self._redis.set(keys.alive(self.node_id), "1", px=int(self.node_ttl * 1000))
+        nodes = [n.decode() for n in await self._redis.smembers(keys.nodes)]
+        for node in nodes:
+            if node == self.node_id:
+                continue
+            ids = await self._reap_script(
+                keys=[keys.nodes, keys.alive(node), keys.conns(node), keys.reaped(node)],
+                args=[node, int(max(60, self.node_ttl * 10))],
+            )
+            if ids is None:
+                continue
+            dead = [ConnectionId(i.decode()) for i in ids]
+            log.warning("reaped node %s: %d connections", node, len(dead))
+            self.apply_lost(NodeId(node), dead)
+            self.publish(Envelope(self.node_id, EventKind.LOST, ConnectionId(node),
+                                  "\n".join(dead).encode()))
+
+    async def _prober(self) -> None:
+        """Publish to ourselves; a subscription that stops hearing is rebuilt."""
+        while True:
+            await asyncio.sleep(self.probe_interval)
+            if not self._up:
+                continue
+            self.publish(Envelope(self.node_id, EventKind.PROBE, ConnectionId(""), b""))
+            if self.clock() - self.last_probe_heard > 3 * self.probe_interval + 1.0:
+                log.warning("backplane subscription went silent: rebuilding it")
+                self.silent_rebuilds += 1
+                self._rebuild = True
+
+
+async def reap_node(url: str, node_id: str, *, prefix: str = "wshub") -> list[str]:
+    """Reap *node_id* now (a supervisor whose worker died): expire its lease,
+    take its connections and tell the survivors. Returns the reaped ids."""
+    keys = Keys(prefix)
+    redis = aioredis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        await redis.delete(keys.alive(node_id))
+        ids = await redis.register_script(_REAP)(
+            keys=[keys.nodes, keys.alive(node_id), keys.conns(node_id), keys.reaped(node_id)],
+            args=[node_id, 60],
+        )
+        if ids is None:
+            return []
+        dead = [i.decode() for i in ids]
+        envelope = Envelope(NodeId(f"supervisor-{node_id}"), EventKind.LOST,
+                            ConnectionId(node_id), "\n".join(dead).encode())
+        await redis.publish(keys.events, encode_envelope(envelope))
+        return dead
+    finally:
+        await redis.aclose()
+
+
+def _redacted(url: str) -> str:
+    """The URL without a password, for logs."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"

@@ -1,0 +1,103 @@
+"""``--workers N``: N server processes on one machine, sharing the port.
+
+The supervisor starts each worker as ``wshub serve`` with the same options,
+``--workers 1``, a node id of its own and ``SO_REUSEPORT``, so the kernel
+spreads new connections across them; the workers form one hub through Redis.
+A worker that dies is restarted, and its connections are reaped at once (not
+after the node TTL), so every client elsewhere hears ``user_left`` for them.
+SIGTERM or SIGINT is passed on to every worker, which drains as usual.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from .config import Config
+from .ids import new_node_id
+
+__all__ = ["supervise"]
+
+log = logging.getLogger("wshub.supervisor")
+
+REUSE_PORT_ENV = "WSHUB_REUSE_PORT"
+
+
+class Worker:
+    def __init__(self, index: int, argv: list[str], config: Config) -> None:
+        self.index = index
+        self.argv = argv
+        self.config = config
+        self.node_id = ""
+        self.proc: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+
+    async def spawn(self) -> None:
+        base = self.config.node_id or new_node_id()
+        self.node_id = f"{base}-w{self.index}-{self.restarts}"
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "wshub", "serve", *self.argv,
+            "--workers", "1", "--node-id", self.node_id,
+            env={**os.environ, REUSE_PORT_ENV: "1"},
+        )
+        log.info("worker %d started pid=%d node=%s", self.index, self.proc.pid, self.node_id)
+
+
+async def _supervise(config: Config, argv: list[str]) -> int:
+    from .backplane.redis import reap_node
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    workers = [Worker(i, argv, config) for i in range(config.workers)]
+    for worker in workers:
+        await worker.spawn()
+    stopping = asyncio.create_task(stop.wait())
+    while not stop.is_set():
+        waits = {asyncio.create_task(w.proc.wait()): w for w in workers if w.proc}  # type: ignore[union-attr]
+        done, _ = await asyncio.wait([*waits, stopping], return_when=asyncio.FIRST_COMPLETED)
+        for task in waits:
+            if task not in done:
+                task.cancel()
+        if stop.is_set():
+            break
+        for task in done:
+            worker = waits.get(task)  # type: ignore[call-overload]
+            if worker is None:
+                continue
+            log.warning("worker %d (node %s) exited with %s: restarting", worker.index,
+                        worker.node_id, task.result())
+            try:
+                gone = await reap_node(config.redis_url, worker.node_id, prefix=config.cluster_name)
+                log.warning("announced %d connections of node %s as gone", len(gone),
+                            worker.node_id)
+            except Exception as exc:  # Redis down: the survivors reap it after the TTL
+                log.warning("could not reap node %s now: %s", worker.node_id, exc)
+            worker.restarts += 1
+            # A worker that keeps crashing is restarted at most once a second.
+            await asyncio.sleep(min(1.0, 0.1 * worker.restarts))
+            await worker.spawn()
+    for worker in workers:
+        if worker.proc and worker.proc.returncode is None:
+            worker.proc.send_signal(signal.SIGTERM)
+    deadline = config.drain_timeout + 5
+    for worker in workers:
+        if worker.proc is None:
+            continue
+        try:
+            await asyncio.wait_for(worker.proc.wait(), deadline)
+        except TimeoutError:
+            worker.proc.kill()
+    return 0
+
+
+def supervise(config: Config, argv: list[str]) -> int:
+    if config.port == 0:
+        print("wshub serve: --workers needs a fixed --port (0 would give each worker its own)",
+              file=sys.stderr)
+        return 2
+    return asyncio.run(_supervise(config, argv))
