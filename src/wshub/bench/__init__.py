@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-pid", type=int, help="read the server's RSS and CPU time from /proc")
     p.add_argument("--settle", type=float, default=30.0, help="idle: wait at most this long for the server to go quiet")
     p.add_argument("--keepalive", type=float, default=20.0, help="seconds between unsolicited Pongs (0: never)")
+    p.add_argument(
+        "--nap-us",
+        type=int,
+        default=0,
+        help="fanout: block the loop this many µs each ms so reads take several frames (fewer syscalls)",
+    )
     p.add_argument("--progress", action="store_true", help="progress line on stderr even when it is not a terminal")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
@@ -98,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             server_pid=args.server_pid,
             settle=args.settle,
             keepalive=args.keepalive,
+            nap_us=args.nap_us,
             progress=args.progress,
             json=args.json,
         )
