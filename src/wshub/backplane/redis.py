@@ -121,6 +121,7 @@ class RedisBackplane(ViewKeeper):
         self._stopping = False
         self._rebuild = False
         self._reap_script: Any = None
+        self._pubsub: Any = None
         # Figures for /metrics.
         self.published = 0
         self.forward_failures = 0
@@ -172,6 +173,17 @@ class RedisBackplane(ViewKeeper):
                 await asyncio.wait_for(redis.aclose(), 2.0)
             except _ERRORS:
                 pass
+        self.handler = None
+
+    async def crash(self) -> None:
+        """Vanish without a goodbye, as under ``kill -9`` (for tests): our
+        presence stays in Redis until a survivor reaps it."""
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._redis is not None:
+            await self._redis.aclose()
         self.handler = None
 
     # -- State ------------------------------------------------------------------
@@ -254,7 +266,7 @@ class RedisBackplane(ViewKeeper):
         delays = backoff_delays()
         while not self._stopping:
             assert self._redis is not None
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.keys.events)
                 await self._register()
@@ -369,8 +381,8 @@ class RedisBackplane(ViewKeeper):
                 continue
             self.publish(Envelope(self.node_id, EventKind.PROBE, ConnectionId(""), b""))
             if self.clock() - self.last_probe_heard > 3 * self.probe_interval + 1.0:
-                log.warning("backplane subscription went silent: rebuilding it")
                 self.silent_rebuilds += 1
+                self._set_down("subscription went silent (self-probe not heard): rebuilding")
                 self._rebuild = True
 
 

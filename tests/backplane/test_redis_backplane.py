@@ -1,0 +1,46 @@
+"""What only the Redis backplane does: notice a silent subscription, back off."""
+
+from __future__ import annotations
+
+import asyncio
+
+from wshub.backplane import Envelope, EventKind
+from wshub.backplane.redis import RedisBackplane, backoff_delays
+from wshub.ids import ConnectionId, NodeId
+
+from ..conftest import TIMEOUT
+from .test_contract import Recorder
+
+
+def test_backoff_is_jittered_exponential_and_capped() -> None:
+    delays = backoff_delays(initial=0.1, factor=2, cap=1.0, rand=lambda: 1.0)
+    assert [round(next(delays), 3) for _ in range(6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    low = backoff_delays(initial=0.1, factor=2, cap=1.0, rand=lambda: 0.0)
+    assert round(next(low), 3) == 0.05
+
+
+def test_a_silent_subscription_is_rebuilt(redis_server) -> None:
+    """A subscription that stops hearing without any error (here: unsubscribed
+    behind the node's back) is found by the self-probe and rebuilt."""
+
+    async def body() -> None:
+        recorders = [Recorder(), Recorder()]
+        a, b = (
+            RedisBackplane(redis_server.url, NodeId(name), node_ttl=3, prefix="silent",
+                           probe_interval=0.2)
+            for name in ("a", "b")
+        )
+        await a.start(recorders[0])
+        await b.start(recorders[1])
+        await b._pubsub.unsubscribe()  # silent: no error, just no more messages
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while b.silent_rebuilds == 0 or not b.ready()[0]:
+            assert loop.time() - start < 3 * 0.2 + 1.0 + TIMEOUT, "never noticed"
+            await asyncio.sleep(0.05)
+        a.publish(Envelope(NodeId("a"), EventKind.RELAY, ConnectionId("ws-1"), b"again"))
+        await recorders[1].until(lambda: recorders[1].relays() == [b"again"])
+        await a.stop()
+        await b.stop()
+
+    asyncio.run(body())
