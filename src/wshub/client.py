@@ -1,0 +1,438 @@
+"""``wshub client URL``: talk to a server of this protocol from a terminal.
+
+Two modes, chosen by whether standard input is a terminal:
+
+* **interactive** (a TTY): every line typed is sent as a ``message``; commands
+  start with a slash (``/broadcast TEXT``, ``/info``, ``/ping``, ``/raw FRAME``,
+  ``/quit``, ``/help``; ``//text`` sends a message that starts with a slash).
+  Incoming messages are printed readably, with local time and sender.
+* **scripted** (a pipe or file): each line of standard input is handled the
+  same way (or sent verbatim with ``--raw``). At the end of input the client
+  sends a ``ping`` and waits for its ``pong``, so every answer to what was sent
+  has arrived, then keeps printing for ``--wait`` seconds and closes.
+
+With ``--json`` every received message is printed as one JSON line instead
+(the client's own end-of-input ping and its pong excepted). The server's JSON
+``ping`` is always answered with ``{"type":"pong"}``.
+
+Exit status: 0 after a normal end, 1 when the connection cannot be opened or
+the server closes it before the client is done, 2 for a usage error, 130 on
+Ctrl-C.
+
+Text from the server is printed with control characters and bidirectional
+overrides escaped (``\\x1b``, ``\\u202e``), so a message cannot move the
+cursor, recolour the terminal or reorder what is shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, TextIO
+from urllib.parse import urlsplit, urlunsplit
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+
+__all__ = ["main", "normalize_url", "printable"]
+
+HELP = """\
+commands:
+  TEXT              send TEXT as a message to everyone else
+  /broadcast TEXT   send TEXT to everyone, you included (also /b)
+  /info             ask the server who you are and how many are online
+  /ping             measure the round trip to the server
+  /raw FRAME        send FRAME as it is (e.g. a JSON protocol message)
+  //TEXT            send a message that starts with a slash
+  /quit             close the connection and exit (also /q, Ctrl-D)"""
+
+# Characters that could drive the terminal or reorder the line: C0 and C1
+# controls and the Unicode bidirectional formatting characters.
+_BIDI = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
+_ESCAPES.update({ord(c): f"\\u{ord(c):04x}" for c in _BIDI})
+_ESCAPES[ord("\t")] = "    "
+
+
+def printable(text: str) -> str:
+    """*text* safe to print on a terminal: controls and bidi marks escaped,
+    line breaks kept as indented continuation lines."""
+    lines = text.split("\n")
+    return "\n    ".join(line.translate(_ESCAPES) for line in lines)
+
+
+def normalize_url(url: str) -> str:
+    """Accept ``host:port``, ``http(s)://`` and ``ws(s)://`` URLs; a URL
+    without a path gets the protocol's ``/websocket``."""
+    if "://" not in url:
+        url = "ws://" + url
+    parts = urlsplit(url)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme.lower(), parts.scheme.lower())
+    path = parts.path or "/websocket"
+    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wshub client",
+        description="Connect to a WebSocket server of the wshub protocol. On a terminal, type "
+        "to chat (/help lists the commands); with standard input from a pipe or file, each "
+        "line is sent and the client exits after the input ends.",
+        epilog=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("url", help="ws://HOST:PORT/websocket (wss://, http:// and HOST:PORT "
+                        "work too; a URL without a path gets /websocket)")
+    parser.add_argument("--json", action="store_true",
+                        help="print every received message as one JSON line")
+    parser.add_argument("--raw", action="store_true",
+                        help="send each input line verbatim as one text frame (no commands)")
+    parser.add_argument("--wait", type=float, default=0.5, metavar="SECONDS",
+                        help="scripted mode: after the input ends and the server has answered "
+                        "it, keep printing incoming messages this long (default 0.5)")
+    parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="give up opening the connection, or waiting for the server to "
+                        "answer at the end of input, after this long (default 10)")
+    parser.add_argument("--origin", metavar="ORIGIN", help="send this Origin header")
+    parser.add_argument("-H", "--header", action="append", default=[], metavar="'NAME: VALUE'",
+                        help="an extra HTTP header for the upgrade request (repeatable)")
+    return parser
+
+
+class Output:
+    """Where lines go: stdout for messages, stderr for status; on an
+    interactive terminal the prompt and the half-typed line are redrawn
+    after each incoming line."""
+
+    PROMPT = "> "
+
+    def __init__(self, interactive: bool, out: TextIO, err: TextIO) -> None:
+        self.interactive = interactive
+        self.out = out
+        self.err = err
+        self.lock = threading.Lock()
+        self.color = interactive and out.isatty() and "NO_COLOR" not in os.environ
+        self.readline: Any = None
+        self.prompting = False  # input() is showing the prompt
+        if interactive:
+            try:
+                import readline  # line editing and history for input()
+
+                self.readline = readline
+            except ImportError:  # pragma: no cover - platforms without readline
+                pass
+
+    def style(self, text: str, code: str) -> str:
+        return f"\x1b[{code}m{text}\x1b[0m" if self.color else text
+
+    def line(self, text: str, *, to_err: bool = False) -> None:
+        stream = self.err if to_err else self.out
+        with self.lock:
+            if self.interactive:
+                buffer = self.readline.get_line_buffer() if self.readline else ""
+                stream.write(f"\r\x1b[K{text}\n")
+                stream.flush()
+                if self.prompting:
+                    self.out.write(self.PROMPT + buffer)
+                    self.out.flush()
+            else:
+                stream.write(text + "\n")
+                stream.flush()
+
+
+def _clock(timestamp: object) -> str:
+    """A server timestamp (ISO 8601 or Unix ms) as local HH:MM:SS."""
+    try:
+        if isinstance(timestamp, int | float):
+            moment = datetime.fromtimestamp(timestamp / 1000)
+        else:
+            moment = datetime.fromisoformat(str(timestamp)).astimezone()
+        return moment.strftime("%H:%M:%S")
+    except (ValueError, OverflowError, OSError):
+        return datetime.now().strftime("%H:%M:%S")
+
+
+class Session:
+    def __init__(self, ws: ClientConnection, args: argparse.Namespace, output: Output) -> None:
+        self.ws = ws
+        self.args = args
+        self.output = output
+        self.me: str | None = None
+        # Pings in flight, oldest first: (sent at, who asked). The server
+        # answers in order, so each pong belongs to the oldest ping.
+        self.pings: deque[tuple[float, str]] = deque()
+        self.drained = asyncio.Event()
+        self.welcomed = asyncio.Event()
+
+    # -- Incoming -------------------------------------------------------------
+
+    async def receive(self) -> None:
+        try:
+            async for frame in self.ws:
+                await self.handle(frame)
+        except ConnectionClosed:
+            pass
+
+    async def handle(self, frame: str | bytes) -> None:
+        message: Any
+        if isinstance(frame, bytes):
+            message = {"binary": base64.b64encode(frame).decode()}
+        else:
+            try:
+                message = json.loads(frame)
+            except ValueError:
+                message = frame
+        kind = message.get("type") if isinstance(message, dict) else None
+        if kind == "ping":
+            await self.ws.send('{"type":"pong"}')
+        if kind == "welcome" and isinstance(message.get("connectionId"), str):
+            self.me = message["connectionId"]
+            self.welcomed.set()
+        asker = None
+        if kind == "pong" and self.pings:
+            sent_at, asker = self.pings.popleft()
+            if asker == "drain":
+                self.drained.set()
+                return
+        if self.args.json:
+            self.output.line(json.dumps(message, ensure_ascii=False, separators=(",", ":")))
+            return
+        text = self.describe(message, kind)
+        if kind == "pong" and asker == "user":
+            text = f"pong: round trip {(time.perf_counter() - sent_at) * 1000:.1f} ms"
+        if text is not None:
+            self.output.line(text)
+
+    def who(self, connection_id: object) -> str:
+        if connection_id == self.me:
+            return "you"
+        return printable(str(connection_id))
+
+    def describe(self, m: Any, kind: object) -> str | None:
+        """One readable line (or None to show nothing) for a server message."""
+        if not isinstance(m, dict):
+            return "? " + printable(m if isinstance(m, str) else json.dumps(m))
+        style = self.output.style
+        at = _clock(m.get("timestamp"))
+        if kind == "welcome":
+            return style(f"welcome: you are {printable(str(m.get('connectionId')))} "
+                         f"({m.get('connectionCount')} online)", "1")
+        if kind == "user_joined":
+            return style(f"{at} {self.who(m.get('connectionId'))} joined "
+                         f"({m.get('totalUsers')} online)", "2")
+        if kind == "user_left":
+            return style(f"{at} {self.who(m.get('connectionId'))} left "
+                         f"({m.get('totalUsers')} online)", "2")
+        if kind in ("message", "broadcast"):
+            tag = " [broadcast]" if kind == "broadcast" else ""
+            sender = style(self.who(m.get("connectionId")), "1")
+            return f"{at} {sender}{tag}: {printable(str(m.get('content')))}"
+        if kind == "user_info_response":
+            return (f"{at} user info: you are {printable(str(m.get('connectionId')))}, "
+                    f"{m.get('connectionCount')} online")
+        if kind == "error":
+            code = f" ({printable(str(m['code']))})" if "code" in m else ""
+            return style(f"{at} error{code}: {printable(str(m.get('message')))}", "31")
+        if kind in ("ping", "pong"):
+            return None
+        return "? " + printable(json.dumps(m, ensure_ascii=False))
+
+    # -- Outgoing -------------------------------------------------------------
+
+    async def ping(self, asker: str) -> None:
+        self.pings.append((time.perf_counter(), asker))
+        await self.ws.send('{"type":"ping"}')
+
+    async def command(self, line: str) -> bool:
+        """Act on one input line; False when it asks to quit."""
+        if self.args.raw:
+            await self.ws.send(line)
+            return True
+        if not line.strip():
+            return True
+        if line.startswith("//"):
+            await self.send("message", line[1:])
+            return True
+        if not line.startswith("/"):
+            await self.send("message", line)
+            return True
+        name, _, rest = line[1:].partition(" ")
+        if "/" + name in QUIT:
+            return False
+        if name in ("broadcast", "b"):
+            if rest.strip():
+                await self.send("broadcast", rest)
+            else:
+                self.output.line("usage: /broadcast TEXT", to_err=True)
+        elif name == "info":
+            await self.ws.send('{"type":"user_info"}')
+        elif name == "ping":
+            await self.ping("user")
+        elif name == "raw":
+            await self.ws.send(rest)
+        elif name == "help":
+            self.output.line(HELP)
+        else:
+            self.output.line(f"unknown command /{printable(name)} (try /help)", to_err=True)
+        return True
+
+    async def send(self, kind: str, content: str) -> None:
+        await self.ws.send(json.dumps({"type": kind, "content": content}, ensure_ascii=False))
+
+
+QUIT = ("/quit", "/q", "/exit")
+
+
+def _read_lines(output: Output, deliver: Callable[[str | None], None], raw: bool) -> None:
+    """In a thread: read standard input line by line; None at its end."""
+    try:
+        if output.interactive:
+            while True:
+                output.prompting = True
+                try:
+                    line = input(output.PROMPT)
+                except EOFError:
+                    break
+                finally:
+                    output.prompting = False
+                deliver(line)
+                if not raw and line.strip() in QUIT:
+                    return  # no prompt again while the client exits
+        else:
+            for line in sys.stdin:
+                deliver(line.rstrip("\r\n"))
+    except (OSError, ValueError):  # stdin closed under us
+        pass
+    except RuntimeError:  # the event loop is gone: we are exiting
+        return
+    deliver(None)
+
+
+def _describe_failure(exc: BaseException) -> str:
+    if isinstance(exc, InvalidStatus):
+        response = exc.response
+        body = response.body.decode("utf-8", "replace").strip() if response.body else ""
+        detail = f": {printable(body[:200])}" if body else ""
+        return f"the server answered {response.status_code} {response.reason_phrase}{detail}"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return printable(str(exc) or type(exc).__name__)
+
+
+async def _run(args: argparse.Namespace, output: Output) -> int:
+    url = normalize_url(args.url)
+    headers = []
+    for header in args.header:
+        name, sep, value = header.partition(":")
+        if not sep or not name.strip():
+            output.line(f"wshub client: bad --header {header!r} (want 'Name: value')", to_err=True)
+            return 2
+        headers.append((name.strip(), value.strip()))
+    try:
+        ws = await connect(
+            url, additional_headers=headers, origin=args.origin,  # type: ignore[arg-type]
+            open_timeout=args.timeout, max_size=None, max_queue=None,
+        )
+    except (OSError, InvalidHandshake, InvalidURI, TimeoutError, ValueError) as exc:
+        print(f"wshub client: cannot connect to {url}: {_describe_failure(exc)}", file=sys.stderr)
+        return 1
+
+    session = Session(ws, args, output)
+    interactive = output.interactive
+    if interactive:
+        output.line(f"connected to {url}; /help lists the commands, /quit or Ctrl-D exits",
+                    to_err=True)
+    loop = asyncio.get_running_loop()
+    lines: asyncio.Queue[str | None] = asyncio.Queue()
+    reader = threading.Thread(
+        target=_read_lines,
+        args=(output, lambda line: loop.call_soon_threadsafe(lines.put_nowait, line), args.raw),
+        daemon=True,
+    )
+    receiving = asyncio.create_task(session.receive())
+    if interactive:
+        # Show the welcome before the first prompt (a server of this protocol
+        # sends it at once; do not wait long for one that does not).
+        await asyncio.wait({asyncio.ensure_future(session.welcomed.wait()), receiving},
+                           timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+    reader.start()
+
+    try:
+        # Until the input ends (or /quit): send what comes in.
+        while True:
+            next_line = asyncio.ensure_future(lines.get())
+            await asyncio.wait({next_line, receiving}, return_when=asyncio.FIRST_COMPLETED)
+            if receiving.done():
+                next_line.cancel()
+                return _closed_by_server(ws, output)
+            line = next_line.result()
+            if line is None or not await session.command(line):
+                break
+
+        # Drain: the pong to this ping comes after every answer to what was sent.
+        await session.ping("drain")
+        drained = asyncio.ensure_future(session.drained.wait())
+        await asyncio.wait({drained, receiving}, timeout=args.timeout,
+                           return_when=asyncio.FIRST_COMPLETED)
+        drained.cancel()
+        if receiving.done():
+            return _closed_by_server(ws, output)
+        if not session.drained.is_set():
+            output.line("wshub client: the server did not answer the final ping", to_err=True)
+        if not interactive and args.wait > 0:
+            await asyncio.wait({receiving}, timeout=args.wait)
+            if receiving.done():
+                return _closed_by_server(ws, output)
+    except ConnectionClosed:
+        await asyncio.wait({receiving}, timeout=args.timeout)
+        return _closed_by_server(ws, output)
+    finally:
+        if interactive:
+            output.out.write("\r\x1b[K")  # no prompt left dangling
+            output.out.flush()
+
+    await ws.close()
+    await asyncio.wait({receiving}, timeout=args.timeout)
+    return 0
+
+
+def _closed_by_server(ws: ClientConnection, output: Output) -> int:
+    code = ws.close_code if ws.close_code is not None else 1006
+    reason = f" {printable(ws.close_reason)}" if ws.close_reason else ""
+    output.line(f"wshub client: connection closed by the server: {code}{reason}", to_err=True)
+    return 1
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.wait < 0 or args.timeout <= 0:
+        print("wshub client: --wait must be >= 0 and --timeout > 0", file=sys.stderr)
+        return 2
+    interactive = sys.stdin.isatty()
+    output = Output(interactive, sys.stdout, sys.stderr)
+    saved_tty = None
+    if interactive:
+        try:
+            import termios
+
+            saved_tty = termios.tcgetattr(sys.stdin.fileno())
+        except (ImportError, OSError):
+            saved_tty = None
+    try:
+        return asyncio.run(_run(args, output))
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if saved_tty is not None:
+            import termios
+
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved_tty)
