@@ -277,6 +277,13 @@ class Config:
         "--redis-url. A worker that dies is restarted.", _workers, "N",
     )
 
+    # Testing
+    echo_endpoint: str = _opt(
+        "off", "on: also serve /echo, which sends every message back as it came, with this "
+        "node's WebSocket layer and limits (for conformance suites such as Autobahn; never "
+        "in production).", _choice("off", "on"), "off|on",
+    )
+
     # Logging
     log_level: str = _opt(
         "info", "debug, info, warning or error.", _choice("debug", "info", "warning", "error"),

@@ -22,7 +22,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from websockets.extensions.permessage_deflate import PerMessageDeflate
-from websockets.frames import Opcode
+from websockets.frames import Frame, Opcode
 from websockets.protocol import SEND_EOF, Side
 from websockets.protocol import Protocol as FrameProtocol
 from websockets.protocol import State as FrameState
@@ -51,6 +51,19 @@ KERNEL_SEND_BUFFER = 64 * 1024
 """SO_SNDBUF for client sockets (Linux doubles it for bookkeeping)."""
 
 
+class _FrameProtocol(FrameProtocol):
+    """The library's sans-I/O protocol, with one correction."""
+
+    def recv_frame(self, frame: Frame) -> None:
+        # RFC 6455 5.4 lets control frames arrive between the fragments of a
+        # message, and a Close ends the connection: the unfinished message is
+        # simply dropped. The library fails the connection with 1002 instead
+        # ("incomplete fragmented message"); Autobahn case 7.1.5 expects 1000.
+        if frame.opcode is _CLOSE and self.current_size is not None:
+            self.current_size = None
+        super().recv_frame(frame)
+
+
 class Connection(asyncio.Protocol):
     __slots__ = (
         "node",
@@ -76,6 +89,7 @@ class Connection(asyncio.Protocol):
         "_message_refused",
         "_released",
         "_failed",
+        "echo",
     )
 
     def __init__(self, node: Node) -> None:
@@ -104,6 +118,7 @@ class Connection(asyncio.Protocol):
         self._message_refused = False
         self._released = False  # admission slot given back
         self._failed = False  # we failed the connection in this batch of frames
+        self.echo = False  # a conformance-test connection on /echo, outside the hub
 
     @property
     def state(self) -> State:
@@ -150,7 +165,7 @@ class Connection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if self.ws is not None and self.session.state is not State.CLOSED:
             self.ws.receive_eof()
-            self._drain_library_output()
+            self._drain_library_output(self.ws.data_to_send())
         return None  # let the transport close itself
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -187,10 +202,15 @@ class Connection(asyncio.Protocol):
         """Switch to WebSocket: called by the node once it admitted us."""
         self._cancel_timer()
         self.id = connection_id
-        ws = FrameProtocol(
+        limit = self.node.config.max_message_size
+        ws = _FrameProtocol(
             Side.SERVER,
             state=FrameState.OPEN,
-            max_size=self.node.config.max_message_size,
+            # The exact limit is checked on each whole message below. The
+            # library gets some slack because with permessage-deflate it
+            # checks the compressed size of a frame too, and incompressible
+            # data grows a little when deflated.
+            max_size=limit + (limit // 1000 + 64 if extension is not None else 1),
             logger=_frames_logger,
         )
         if extension is not None:
@@ -222,7 +242,13 @@ class Connection(asyncio.Protocol):
             return
         self.session.alive(self.node.loop.time())
         ws.receive_data(data)
-        for frame in ws.events_received():
+        events = ws.events_received()
+        # The library answered every Ping of this batch already: its output
+        # starts with one Pong per Ping, in order (then a Close, if any).
+        # Queue each Pong at its Ping's place among our replies.
+        out = ws.data_to_send()
+        pongs = 0
+        for frame in events:
             # Frames parsed before a failure or a Close are processed; after
             # we failed or closed the connection ourselves, the rest is dropped.
             if self._failed or self.session.state is not State.OPEN:
@@ -230,19 +256,23 @@ class Connection(asyncio.Protocol):
             opcode = frame.opcode
             if opcode is _TEXT or opcode is _BINARY or opcode is _CONT:
                 self._receive_data_frame(opcode, frame.data, frame.fin)
+            elif opcode is _PING:
+                if pongs < len(out) and out[pongs]:
+                    self.node.fanout.raw_to_one(self, out[pongs])
+                    pongs += 1
             elif opcode is _CLOSE:
                 rcvd = ws.close_rcvd
                 if self.close_code is None and rcvd is not None:
                     self.close_code = rcvd.code
-            # Ping: the library queued the Pong. Pong: a sign of life, noted above.
-        self._drain_library_output()
+            # Pong: a sign of life, noted above.
+        self._drain_library_output(out[pongs:] + ws.data_to_send())
 
     def _receive_data_frame(self, opcode: Opcode, data: bytes, fin: bool) -> None:
         node = self.node
         if opcode is not _CONT:
             self._message_opcode = opcode
             self._message_refused = False
-            verdict = self.session.admit(node.loop.time())
+            verdict = Admit.ACCEPT if self.echo else self.session.admit(node.loop.time())
             if verdict is Admit.DISCONNECT:
                 node.rate_limited(self, disconnect=True)
                 return
@@ -268,18 +298,27 @@ class Connection(asyncio.Protocol):
             message = b"".join(parts)
             self._message = None
             self._message_decoder = None
+        if len(message) > node.config.max_message_size:
+            self._fail(CloseCode.MESSAGE_TOO_BIG, "message too big")
+            return
         if self._message_refused:
             node.rate_limited(self, disconnect=False)
             return
         if self._message_opcode is _BINARY:
-            node.on_binary(self)
+            if self.echo:
+                node.on_echo(self, False, message)
+            else:
+                node.on_binary(self)
             return
         try:
             text = message.decode("utf-8")
         except UnicodeDecodeError:
             self._fail(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message")
             return
-        node.on_text(self, text)
+        if self.echo:
+            node.on_echo(self, True, message)
+        else:
+            node.on_text(self, text)
 
     def _check_utf8(self, data: bytes, *, final: bool) -> bool:
         """Validate a fragment as it arrives, to fail fast (RFC 6455 8.1)."""
@@ -303,11 +342,10 @@ class Connection(asyncio.Protocol):
             self.close_code = code
             ws.fail(code, reason)
 
-    def _drain_library_output(self) -> None:
+    def _drain_library_output(self, out: list[bytes]) -> None:
         """Send what the frame library produced: Pongs, Close frames, EOF."""
         ws = self.ws
         assert ws is not None
-        out = ws.data_to_send()
         if ws.state is FrameState.OPEN:
             for chunk in out:  # only Pong frames while open
                 self.node.fanout.raw_to_one(self, chunk)
@@ -323,7 +361,7 @@ class Connection(asyncio.Protocol):
         for chunk in out:
             if chunk is SEND_EOF or chunk == b"":
                 eof = True
-            else:
+            elif chunk[0] & 0x0F != _PONG:  # no Pong after our Close
                 self.transport.write(chunk)
         if eof:
             self._cancel_timer()

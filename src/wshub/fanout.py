@@ -136,7 +136,10 @@ class Fanout:
         out before its Close frame. Call it before the connection stops being
         a recipient.
         """
-        data = self._build(conn, conn.deflate, {})
+        if conn.is_recipient:
+            data = self._build(conn, conn.deflate, {})
+        else:
+            data = b"".join(frame for _, frame in conn.pending or ())
         conn.pending = None
         conn.joined_at = len(self.frames)  # nothing more from this pass
         self._mark(conn)  # so that flush resets it
@@ -184,22 +187,29 @@ class Fanout:
             skipped = sum(1 for conn in self.excluded if conn is not None)
             skipped += sum(conn.joined_at for conn in marked if conn.is_recipient)
             self.deliveries += len(frames) * len(recipients) - skipped  # type: ignore[arg-type]
-        else:
-            for conn in marked:
-                if not conn.is_recipient:
-                    continue
+        # Connections that are not recipients of shared frames (on /echo)
+        # but have frames of their own; and, in a pass without shared frames,
+        # every connection with frames of its own.
+        for conn in marked:
+            if frames and conn.is_recipient:
+                continue  # written above
+            if conn.is_recipient:
                 data = self._build(conn, conn.deflate, deflated)
-                if not data:
-                    continue
-                transport = conn.transport
-                try:
-                    transport.write(data)
-                except Exception as exc:
-                    self._on_failed(conn, exc)
-                    continue
-                writes += 1
-                if transport.get_write_buffer_size() > limit:
-                    slow.append(conn)
+            elif conn.pending:
+                data = b"".join(frame for _, frame in conn.pending)
+            else:
+                continue  # closing: its share was taken already
+            if not data:
+                continue
+            transport = conn.transport
+            try:
+                transport.write(data)
+            except Exception as exc:
+                self._on_failed(conn, exc)
+                continue
+            writes += 1
+            if transport.get_write_buffer_size() > limit:
+                slow.append(conn)
         for conn in marked:
             conn.marked = False
             conn.pending = None

@@ -39,7 +39,8 @@ from .metrics import Metrics
 from .origin import OriginPolicy
 from .protocol import ErrorCode, Refusal, Relay, RelayKind
 from .session import Session, State
-from .wire import negotiate_deflate, ping_frame
+from .wire import OP_BINARY, OP_TEXT, negotiate_deflate, ping_frame
+from .wire import frame as wire_frame
 
 __all__ = ["Node"]
 
@@ -255,6 +256,9 @@ class Node:
             head = request.method == "HEAD"
             if path == "/websocket":
                 self._upgrade(conn, request)
+            elif path == "/echo" and self.config.echo_endpoint == "on":
+                conn.echo = True
+                self._upgrade(conn, request)
             elif path == "/":
                 conn.respond(http.response(
                     200, self._chat_page(), content_type="text/html; charset=utf-8",
@@ -338,6 +342,8 @@ class Node:
     def opened(self, conn: Connection) -> None:
         """*conn* completed its upgrade: welcome it, then tell everyone."""
         self.accepted.inc()
+        if conn.echo:
+            return  # a conformance-test connection: not part of the hub
         self.conns[conn.id] = conn
         conn.is_recipient = True
         self.fanout.joined(conn)
@@ -411,6 +417,13 @@ class Node:
             )
         # PONG: a sign of life, already noted by the connection.
         self.messages.inc_label("ROUTED")
+
+    def on_echo(self, conn: Connection, text: bool, message: bytes) -> None:
+        """/echo: send the message back as it came (conformance testing)."""
+        opcode = OP_TEXT if text else OP_BINARY
+        deflate = conn.deflate
+        frame = wire_frame(opcode, message) if deflate is None else deflate.frame(opcode, message)
+        self.fanout.raw_to_one(conn, frame)
 
     def on_binary(self, conn: Connection) -> None:
         self.messages.inc_label("INCOMING")

@@ -25,6 +25,7 @@ from websockets.headers import build_extension, parse_extension
 __all__ = ["Deflate", "negotiate_deflate", "ping_frame", "text_frame"]
 
 OP_TEXT: Final = 0x1
+OP_BINARY: Final = 0x2
 OP_PING: Final = 0x9
 FIN: Final = 0x80
 RSV1: Final = 0x40
@@ -65,12 +66,15 @@ class Deflate:
         self.wbits = wbits
 
     def text_frame(self, payload: bytes) -> bytes:
+        return self.frame(OP_TEXT, payload)
+
+    def frame(self, opcode: int, payload: bytes) -> bytes:
         if len(payload) < COMPRESS_MIN_SIZE:
-            return frame(OP_TEXT, payload)
+            return frame(opcode, payload)
         compressor = zlib.compressobj(wbits=-self.wbits)
         data = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
         # RFC 7692 7.2.1: remove the 4 octets 0x00 0x00 0xff 0xff at the tail.
-        return frame(OP_TEXT, data[:-4], rsv1=True)
+        return frame(opcode, data[:-4], rsv1=True)
 
 
 _DEFLATES = {bits: Deflate(bits) for bits in range(9, 16)}

@@ -81,7 +81,7 @@ class MemoryBackplane(ViewKeeper):
         self.broker.presence.pop(self.node_id, None)
         self.broker.alive_until.pop(self.node_id, None)
 
-    def crash(self) -> None:
+    async def crash(self) -> None:
         """Vanish without a goodbye (tests): presence stays until reaped."""
         self._halt()
 
