@@ -55,7 +55,11 @@ class RawClient:
             # client that never reads then stalls the server quickly.
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.settimeout(TIMEOUT)
-        self.sock.connect((host, port))
+        try:
+            self.sock.connect((host, port))
+        except BaseException:
+            self.sock.close()
+            raise
         self.buffer = b""
 
     @classmethod
@@ -80,8 +84,12 @@ class RawClient:
             "Sec-WebSocket-Version: 13",
         ]
         lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
-        client.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-        head = client.read_until(b"\r\n\r\n")
+        try:
+            client.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+            head = client.read_until(b"\r\n\r\n")
+        except BaseException:
+            client.close()
+            raise
         status = int(head.split(b" ", 2)[1])
         return client, status, head
 

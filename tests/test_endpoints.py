@@ -222,3 +222,30 @@ def test_handshake_deadline_drops_silent_clients(make_server) -> None:
     client.close()
     silent.close()
     slow.close()
+
+
+def test_every_metric_is_documented(server: Server) -> None:
+    """docs/operations.md names every metric family /metrics exposes."""
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "operations.md").read_text()
+    _, _, body = server.get("/metrics")
+    names = {line.split()[2] for line in body.decode().splitlines()
+             if line.startswith("# TYPE ")}
+    assert len(names) > 15
+    missing = sorted(name for name in names if f"`{name}`" not in doc)
+    assert not missing, f"undocumented metrics: {missing}"
+
+
+def test_json_logs_carry_fields(make_server) -> None:
+    """--log-format json writes one object per line with the event's fields."""
+    srv = make_server("--log-format", "json", "--log-level", "info")
+    client = srv.client()
+    client.close()
+    srv.wait_for(lambda: any('"event": "close"' in line for line in srv.stderr_lines), "close log")
+    events = [json.loads(line) for line in srv.stderr_lines if line.startswith("{")]
+    opened = next(e for e in events if e.get("event") == "open")
+    closed = next(e for e in events if e.get("event") == "close")
+    assert opened["id"] == client.id and opened["origin"] is None and opened["ip"] == "127.0.0.1"
+    assert closed["code"] == 1000 and closed["id"] == client.id and closed["duration"] >= 0
+    assert all("content" not in e for e in events)

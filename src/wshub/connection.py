@@ -90,6 +90,7 @@ class Connection(asyncio.Protocol):
         "_released",
         "_failed",
         "echo",
+        "close_reason",
     )
 
     def __init__(self, node: Node) -> None:
@@ -109,6 +110,7 @@ class Connection(asyncio.Protocol):
         self.is_recipient = False
         self.opened_at = 0.0
         self.close_code: int | None = None
+        self.close_reason = ""
         self._buffer: bytearray | None = bytearray()
         self._timer: asyncio.TimerHandle | None = None
         # A fragmented message being received.
@@ -153,7 +155,7 @@ class Connection(asyncio.Protocol):
         try:
             parsed = http.parse_request_head(buffer)
         except http.HttpError as exc:
-            self.node.refuse(self, exc.status, "bad_request", exc.body)
+            self.node.refuse(self, exc.status, http.refusal_reason(exc.status), exc.body)
             self.respond(http.response(exc.status, exc.body, headers=exc.headers))
             return
         if parsed is None:
@@ -210,7 +212,7 @@ class Connection(asyncio.Protocol):
             # library gets some slack because with permessage-deflate it
             # checks the compressed size of a frame too, and incompressible
             # data grows a little when deflated.
-            max_size=limit + (limit // 1000 + 64 if extension is not None else 1),
+            max_size=limit + (limit // 1000 + 64 if extension is not None else 0),
             logger=_frames_logger,
         )
         if extension is not None:
@@ -264,6 +266,7 @@ class Connection(asyncio.Protocol):
                 rcvd = ws.close_rcvd
                 if self.close_code is None and rcvd is not None:
                     self.close_code = rcvd.code
+                    self.close_reason = "client: " + rcvd.reason[:64]
             # Pong: a sign of life, noted above.
         self._drain_library_output(out[pongs:] + ws.data_to_send())
 
@@ -340,6 +343,7 @@ class Connection(asyncio.Protocol):
         self._failed = True
         if ws.state is FrameState.OPEN:
             self.close_code = code
+            self.close_reason = reason
             ws.fail(code, reason)
 
     def _drain_library_output(self, out: list[bytes]) -> None:
@@ -356,6 +360,7 @@ class Connection(asyncio.Protocol):
         if self.session.state is State.OPEN:
             if self.close_code is None and ws.close_sent is not None:
                 self.close_code = ws.close_sent.code
+                self.close_reason = ws.close_sent.reason
             self._leave_fanout()
         eof = False
         for chunk in out:
@@ -382,6 +387,7 @@ class Connection(asyncio.Protocol):
         if ws is None or self.session.state is not State.OPEN or ws.state is not FrameState.OPEN:
             return
         self.close_code = disconnect.code
+        self.close_reason = disconnect.reason
         ws.send_close(disconnect.code, disconnect.reason)
         self._leave_fanout()
         for chunk in ws.data_to_send():

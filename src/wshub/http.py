@@ -26,6 +26,7 @@ __all__ = [
     "Request",
     "check_upgrade",
     "parse_request_head",
+    "refusal_reason",
     "response",
 ]
 
@@ -136,6 +137,19 @@ def parse_request_head(buffer: bytes | bytearray) -> tuple[Request, int] | None:
     if request.get_all("transfer-encoding") or request.get("content-length") not in (None, "0"):
         raise HttpError(400, "a request body is not expected")
     return request, end + 4
+
+
+_REFUSAL_REASONS: Final = {
+    405: "method",
+    426: "upgrade_required",
+    431: "too_large",
+    505: "http_version",
+}
+
+
+def refusal_reason(status: int) -> str:
+    """The ``reason`` label of wshub_connections_refused_total for *status*."""
+    return _REFUSAL_REASONS.get(status, "bad_request")
 
 
 def _tokens(values: list[str]) -> set[str]:

@@ -16,21 +16,44 @@ import logging
 import sys
 import time
 
-__all__ = ["setup_logging"]
+__all__ = ["log_event", "setup_logging"]
+
+
+def log_event(logger: logging.Logger, level: int, event: str, **fields: object) -> None:
+    """Log *event* with *fields*: ``event k=v ...`` as text, or keys of the
+    JSON object with ``--log-format json``."""
+    if not logger.isEnabledFor(level):
+        return
+    text = " ".join([event, *(f"{key}={_text_value(value)}" for key, value in fields.items())])
+    logger.log(level, text, extra={"event": event, "fields": fields})
+
+
+def _text_value(value: object) -> str:
+    if value is None:
+        return "-"
+    text = str(value)
+    if not text or any(c.isspace() or c in '"=' for c in text):
+        return json.dumps(text, ensure_ascii=False)
+    return text
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, object] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
         }
+        event = getattr(record, "event", None)
+        if event is not None:
+            entry["event"] = event
+            entry.update(getattr(record, "fields", {}))
+        else:
+            entry["message"] = record.getMessage()
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        return json.dumps(entry, ensure_ascii=False, default=str)
 
 
 def setup_logging(level: str, fmt: str) -> None:

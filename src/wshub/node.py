@@ -35,6 +35,7 @@ from .errors import (
 )
 from .fanout import Fanout
 from .ids import ConnectionId, NodeId, new_connection_id, new_node_id
+from .logs import log_event
 from .metrics import Metrics
 from .origin import OriginPolicy
 from .protocol import ErrorCode, Refusal, Relay, RelayKind
@@ -140,7 +141,8 @@ class Node:
             self.messages.inc_label(outcome, 0)
         for code in ErrorCode:
             self.errors.inc_label(code.value, 0)
-        for reason in ("bad_request", "origin", "ip_limit", "unavailable", "handshake_timeout"):
+        for reason in ("bad_request", "method", "upgrade_required", "too_large", "http_version",
+                       "origin", "ip_limit", "unavailable", "handshake_timeout"):
             self.refused.inc_label(reason, 0)
         self.closes = m.counter("wshub_closes_total", "Closed WebSocket connections by close code.",
                                 label="code")
@@ -247,7 +249,8 @@ class Node:
 
     def refuse(self, conn: Connection, status: int, reason: str, detail: str) -> None:
         self.refused.inc_label(reason)
-        log.info("refused peer=%s status=%d reason=%s detail=%s", conn.peer, status, reason, detail)
+        log_event(log, logging.INFO, "refused", peer=conn.peer, status=status, reason=reason,
+                  detail=detail)
 
     def handle_request(self, conn: Connection, request: http.Request) -> None:
         """Answer one HTTP request: an endpoint, or the WebSocket upgrade."""
@@ -282,7 +285,7 @@ class Node:
             else:
                 conn.respond(http.response(404, "not found\n", head_only=head))
         except http.HttpError as exc:
-            self.refuse(conn, exc.status, "bad_request", exc.body)
+            self.refuse(conn, exc.status, http.refusal_reason(exc.status), exc.body)
             conn.respond(http.response(exc.status, exc.body + "\n", headers=exc.headers))
 
     def readiness(self) -> tuple[bool, str]:
@@ -353,7 +356,8 @@ class Node:
         joined = protocol.encode_user_joined(conn.id, total, now)
         self.fanout.to_all(joined, exclude=conn)
         self.backplane.publish(Envelope(self.node_id, EventKind.JOINED, conn.id, joined))
-        log.info("open id=%s peer=%s ip=%s origin=%s", conn.id, conn.peer, conn.ip, conn.origin)
+        log_event(log, logging.INFO, "open", id=conn.id, peer=conn.peer, ip=conn.ip,
+                  origin=conn.origin)
 
     def closing(self, conn: Connection) -> None:
         """*conn* stopped being a recipient: its Close frame is on its way."""
@@ -376,7 +380,9 @@ class Node:
         self.closes.inc_label(str(code))
         self.admission.release(conn.ip)
         duration = self.loop.time() - conn.opened_at
-        log.info("close id=%s peer=%s code=%s duration=%.3fs", conn.id, conn.peer, code, duration)
+        log_event(log, logging.INFO, "close", id=conn.id or None, peer=conn.peer, ip=conn.ip,
+                  origin=conn.origin, code=code, reason=conn.close_reason or None,
+                  duration=round(duration, 3))
 
     def _unregister(self, conn: Connection) -> None:
         """Remove *conn* from the registry and announce ``user_left``, once."""
@@ -434,7 +440,7 @@ class Node:
         self.rate_refusals.inc()
         if disconnect:
             self.messages.inc_label("FAILED")
-            log.info("rate limit close id=%s ip=%s", conn.id, conn.ip)
+            log_event(log, logging.INFO, "rate_limit_close", id=conn.id, ip=conn.ip)
             conn.close(RATE_LIMIT_EXCEEDED)
             return
         self._refuse(conn, _RATE_REFUSAL)
@@ -493,7 +499,7 @@ class Node:
         timeout = self.config.effective_heartbeat_timeout
         silent = [conn for conn in self.conns.values() if now - conn.session.last_seen > timeout]
         for conn in silent:
-            log.info("heartbeat timeout id=%s peer=%s", conn.id, conn.peer)
+            log_event(log, logging.INFO, "heartbeat_timeout", id=conn.id, peer=conn.peer)
             conn.close(HEARTBEAT_TIMEOUT)
 
     def _sweep(self) -> None:
@@ -510,15 +516,14 @@ class Node:
 
     def _slow_consumer(self, conn: Connection) -> None:
         self.slow_closes.inc()
-        log.warning(
-            "slow consumer id=%s peer=%s buffered=%d", conn.id, conn.peer,
-            conn.transport.get_write_buffer_size(),
-        )
+        log_event(log, logging.WARNING, "slow_consumer", id=conn.id, peer=conn.peer,
+                  buffered=conn.transport.get_write_buffer_size())
         conn.close(SLOW_CONSUMER)
 
     def _send_failed(self, conn: Connection, exc: BaseException) -> None:
         self.send_failures.inc()
-        log.warning("send failed id=%s peer=%s error=%r", conn.id, conn.peer, exc)
+        log_event(log, logging.WARNING, "send_failed", id=conn.id, peer=conn.peer,
+                  error=repr(exc))
         conn.abort()
 
     # -- Introspection ----------------------------------------------------------------

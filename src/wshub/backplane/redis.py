@@ -51,6 +51,7 @@ from redis.exceptions import RedisError
 
 from ..ids import ConnectionId, NodeId
 from . import BackplaneHandler, Envelope, EventKind, decode_envelope, encode_envelope
+from ..logs import log_event
 from .base import ViewKeeper
 
 __all__ = ["RedisBackplane", "backoff_delays", "reap_node"]
@@ -193,13 +194,13 @@ class RedisBackplane(ViewKeeper):
 
     def _set_up(self) -> None:
         if not self._up:
-            log.warning("backplane up: redis connected at %s", _redacted(self.url))
+            log_event(log, logging.WARNING, "backplane_up", url=_redacted(self.url))
         self._up = True
         self._reason = "redis connected"
 
     def _set_down(self, reason: str) -> None:
         if self._up:
-            log.warning("backplane down: %s", reason)
+            log_event(log, logging.WARNING, "backplane_down", reason=reason)
         self._up = False
         self._reason = f"redis unreachable: {reason}"
 
