@@ -99,3 +99,25 @@ def test_encoders_match_the_seed_shapes() -> None:
     assert error == {"type": "error", "message": "slow", "code": "rate_limited"}
     info = json.loads(protocol.encode_user_info_response(cid, 7, now))
     assert info["connectionCount"] == 7 and info["type"] == "user_info_response"
+
+
+def test_relay_fast_path_matches_generic_encoding() -> None:
+    """encode_relay's hand-built JSON equals what json.dumps gives."""
+    import json as _json
+
+    cid = ConnectionId("ws-1795650196889-6lzccbwhy")
+    for content in ["plain", 'quote " and \\ backslash', "é😀\u2028\u0000\x1f</script>", "\ud7ff"]:
+        for kind in RelayKind:
+            fast = protocol.encode_relay(kind, cid, content, 1795650196.889)
+            generic = _json.dumps(
+                {"type": kind.value, "connectionId": cid, "content": content,
+                 "timestamp": protocol.iso_timestamp(1795650196.889)},
+                ensure_ascii=False, separators=(",", ":"),
+            ).encode()
+            assert fast == generic
+
+
+def test_iso_timestamp_cache_crosses_seconds() -> None:
+    assert protocol.iso_timestamp(59.999) == "1970-01-01T00:00:59.999Z"
+    assert protocol.iso_timestamp(60.0) == "1970-01-01T00:01:00.000Z"
+    assert protocol.iso_timestamp(59.5) == "1970-01-01T00:00:59.500Z"
