@@ -33,7 +33,7 @@ class ViewChange:
 
 
 class PresenceView:
-    def __init__(self, *, grace: float = 5.0, tombstone_ttl: float = 300.0) -> None:
+    def __init__(self, *, grace: float = 5.0, tombstone_ttl: float = 60.0) -> None:
         self.grace = grace
         self.tombstone_ttl = tombstone_ttl
         self.nodes: dict[NodeId, dict[ConnectionId, float]] = {}  # id -> when it joined
@@ -57,6 +57,8 @@ class PresenceView:
     def left(self, node: NodeId, conn: ConnectionId, now: float) -> bool:
         """Apply a leave event; True if *conn* was in the view."""
         self._tombstones[conn] = now
+        if len(self._tombstones) % 1024 == 0:
+            self._expire_tombstones(now)
         conns = self.nodes.get(node)
         if conns is None or conns.pop(conn, None) is None:
             return False
@@ -93,7 +95,10 @@ class PresenceView:
         return change
 
     def _expire_tombstones(self, now: float) -> None:
+        # A tombstone only has to outlive a snapshot that was in flight when
+        # its connection left; insertion order is time order, so stop early.
         horizon = now - self.tombstone_ttl
-        expired = [conn for conn, when in self._tombstones.items() if when < horizon]
-        for conn in expired:
+        for conn, when in list(self._tombstones.items()):
+            if when >= horizon:
+                break
             del self._tombstones[conn]

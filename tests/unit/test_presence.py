@@ -1,0 +1,55 @@
+"""wshub.backplane.presence: every change announced once, stale snapshots held off."""
+
+from __future__ import annotations
+
+from wshub.backplane.presence import PresenceView
+from wshub.ids import ConnectionId, NodeId
+
+A, B = NodeId("a"), NodeId("b")
+X, Y, Z = ConnectionId("x"), ConnectionId("y"), ConnectionId("z")
+
+
+def test_events_are_idempotent() -> None:
+    view = PresenceView()
+    assert view.joined(A, X, 0) and not view.joined(A, X, 1)
+    assert view.count() == 1
+    assert view.left(A, X, 2) and not view.left(A, X, 3)
+    assert view.count() == 0
+    assert not view.joined(A, X, 4)  # a tombstoned id never comes back
+
+
+def test_snapshot_adds_missed_joins_and_removes_missed_leaves() -> None:
+    view = PresenceView(grace=5)
+    view.joined(A, X, 0)
+    view.joined(A, Y, 0)
+    change = view.resync({A: {X, Z}}, now=10)
+    assert change.joined == [Z] and change.left == [Y]
+    assert view.count() == 2
+
+
+def test_stale_snapshot_does_not_undo_fresh_events() -> None:
+    view = PresenceView(grace=5)
+    view.joined(A, X, 100)  # joined just now: the snapshot may predate it
+    view.joined(A, Y, 0)
+    view.left(A, Y, 99)  # left just now: the snapshot may still list it
+    change = view.resync({A: {Y}}, now=101)
+    assert change.joined == [] and change.left == []
+    assert view.count() == 1
+
+
+def test_lost_node_announces_each_once() -> None:
+    view = PresenceView()
+    view.joined(A, X, 0)
+    view.joined(A, Y, 0)
+    view.joined(B, Z, 0)
+    assert sorted(view.lost(A, [X], 1)) == [X, Y]  # and whatever else A had
+    assert view.lost(A, [X, Y], 2) == []
+    assert view.count() == 1
+
+
+def test_tombstones_expire() -> None:
+    view = PresenceView(tombstone_ttl=60)
+    view.joined(A, X, 0)
+    view.left(A, X, 0)
+    view.resync({}, now=100)
+    assert view.joined(A, X, 100)  # forgotten: (ids are unique, so this is moot in practice)
