@@ -166,25 +166,27 @@ class RedisBackplane(ViewKeeper):
                 await asyncio.wait_for(pipe.execute(), 2.0)
             except _ERRORS as exc:
                 log.warning("could not withdraw presence from redis: %s", exc)
+        await self._close_connections()
+        self.handler = None
+
+    async def _close_connections(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if redis is not None:
-            try:
-                await asyncio.wait_for(redis.aclose(), 2.0)
-            except _ERRORS:
-                pass
-        self.handler = None
+        # The subscriber closes its pub/sub connection on the way out, unless
+        # it was cancelled while doing so: close it here as well (idempotent).
+        for closable in (self._pubsub, self._redis):
+            if closable is not None:
+                try:
+                    await asyncio.wait_for(closable.aclose(), 2.0)
+                except (*_ERRORS, RuntimeError):
+                    pass
 
     async def crash(self) -> None:
         """Vanish without a goodbye, as under ``kill -9`` (for tests): our
         presence stays in Redis until a survivor reaps it."""
         self._stopping = True
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._redis is not None:
-            await self._redis.aclose()
+        await self._close_connections()
         self.handler = None
 
     # -- State ------------------------------------------------------------------
