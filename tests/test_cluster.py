@@ -33,12 +33,16 @@ def test_messages_and_counts_cross_nodes(make_server, redis_server) -> None:
     """message and broadcast reach every node; counts are cluster-wide."""
     a_srv, b_srv = cluster(make_server, redis_server, 2)
     a = a_srv.client()
+    # Counts elsewhere follow the join event through Redis (well under a
+    # millisecond here); wait for it rather than race it.
+    b_srv.wait_for(lambda: b_srv.stats()["connections"]["cluster"] == 1, "a's join on B")
     b = b_srv.client()
     assert b.welcome["connectionCount"] == 2
     joined = a.recv_type("user_joined")
     assert joined["connectionId"] == b.id and joined["totalUsers"] == 2
     c = b_srv.client()
     assert a.recv_type("user_joined")["connectionId"] == c.id
+    a_srv.wait_for(lambda: a_srv.stats()["connections"]["cluster"] == 3, "c's join on A")
     a.send({"type": "message", "content": "from a"})
     for client in (b, c):
         got = client.recv_type("message")
