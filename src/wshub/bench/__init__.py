@@ -3,6 +3,8 @@
 Scenarios: ``fanout`` (closed loop, one sender), ``rate`` (one sender at a fixed
 rate), ``chat`` (every connection sends at a fixed rate), ``idle`` (held
 connections, server memory) and ``sink`` (count only; for the ceiling server).
+Several ``--url`` spread the connections over the nodes of a cluster.
+See ``wshub bench --help``.
 """
 
 from __future__ import annotations
@@ -26,61 +28,177 @@ DEFAULTS = {
 }
 
 
+SCENARIO_HELP = """\
+scenarios:
+  fanout  Closed-loop fan-out: N connections (default 1000); connection 0 sends,
+          every other one receives. The sender keeps --inflight messages (32)
+          ahead of the slowest recipient, so the server runs as fast as it can.
+          Reports deliveries/s and, with --server-pid, server CPU µs per delivery.
+  rate    Latency at a fixed rate: N connections (1000), one sender at --rate
+          messages/s (50) to all the others. Reports latency p50/p90/p99/max
+          from the send time carried in each message.
+  chat    Everyone talks: N connections (100), each sending --rate messages/s (10)
+          to all the others (N x rate x (N-1) deliveries/s offered). Reports
+          whether the server sustained it or fell behind, and latency.
+  idle    N connections (10000) opened and held for --duration seconds; with
+          --server-pid, the server's resident memory per connection.
+  sink    Only count what the server sends on its own (for bench/ceiling_server.py:
+          the generator's own ceiling).
+
+protocols:
+  wshub   {"type":"message","content":...} as the wshub protocol wants; every
+          connection also receives welcome/user_joined/user_left (not counted).
+  raw     any text frame, relayed verbatim (the minimal comparison relays).
+
+Every message carries the marker ~#, its send time and a sequence number in its
+content (padded to --size bytes). Several --url spread the connections over
+several servers (a cluster): round-robin, or with --placement sender-alone the
+sender alone on the first URL and the recipients on the others.
+
+examples:
+  wshub bench fanout --url ws://127.0.0.1:8787/websocket --server-pid PID
+  wshub bench rate --rate 50 -n 1000
+  wshub bench chat -n 100 --rate 10
+  wshub bench rate --url ws://127.0.0.1:8801/websocket --url ws://127.0.0.1:8802/websocket \\
+      --placement sender-alone
+  wshub bench idle -n 10000 --server-pid PID
+
+Against wshub, raise its limits for a benchmark (the defaults rate-limit the
+sender and cap connections per IP): wshub serve --message-rate 0
+--ip-connect-rate 0 --max-connections-per-ip 0 --max-connections 20000.
+Exit status: 0 when connections opened and none closed early, 1 otherwise.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="wshub bench",
-        description="Load generator for wshub and for minimal relay servers.",
+        description="Load generator for wshub and for minimal relay servers: opens many "
+        "WebSocket connections over 127.0.0.0/8 source addresses, runs one scenario, "
+        "prints a table (or --json).",
+        epilog=SCENARIO_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("scenario", choices=sorted(SCENARIOS), help="what to run")
-    p.add_argument("--url", default="ws://127.0.0.1:8787/websocket", help="server URL (ws:// only)")
-    p.add_argument(
+    p.add_argument("scenario", choices=sorted(SCENARIOS), metavar="SCENARIO",
+                   help="fanout, rate, chat, idle or sink (described below)")
+    g = p.add_argument_group("target")
+    g.add_argument(
+        "--url",
+        action="append",
+        metavar="URL",
+        help="server URL (ws:// only; default ws://127.0.0.1:8787/websocket); repeat for several servers",
+    )
+    g.add_argument(
+        "--placement",
+        choices=("round-robin", "sender-alone"),
+        default="round-robin",
+        help="with several --url: connections round-robin over them (the sender on the first), "
+        "or the sender alone on the first and the rest on the others",
+    )
+    g.add_argument(
         "--protocol",
         choices=("wshub", "raw"),
         default="wshub",
         help="wshub: JSON messages of the wshub protocol; raw: any text frame is relayed verbatim",
     )
-    p.add_argument("-n", "--connections", type=int, help="connections (fanout 1000, rate 1000, chat 100, idle 10000)")
-    p.add_argument("--inflight", type=int, default=32, help="fanout: messages in flight, released by the slowest recipient")
-    p.add_argument("--rate", type=float, help="rate: messages/s of the one sender (50); chat: per connection (10)")
-    p.add_argument("--size", type=int, default=100, help="content bytes per message (default 100)")
-    p.add_argument("--duration", type=float, default=10.0, help="measured seconds (idle: seconds held)")
-    p.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
-    p.add_argument(
+    g.add_argument("--server-pid", type=int, metavar="PID",
+                   help="read the server's RSS and CPU time from /proc (CPU per delivery, memory per connection)")
+    g = p.add_argument_group("load")
+    g.add_argument("-n", "--connections", type=int, metavar="N",
+                   help="connections (default: fanout 1000, rate 1000, chat 100, idle 10000, sink 100)")
+    g.add_argument("--inflight", type=int, default=32, metavar="K",
+                   help="fanout: messages in flight, released by the slowest recipient (32)")
+    g.add_argument("--rate", type=float, metavar="PER_S",
+                   help="rate: messages/s of the one sender (50); chat: per connection (10)")
+    g.add_argument("--size", type=int, default=100, metavar="BYTES", help="content bytes per message (100)")
+    g.add_argument("--duration", type=float, default=10.0, metavar="S", help="measured seconds (idle: seconds held) (10)")
+    g.add_argument("--warmup", type=float, default=2.0, metavar="S", help="seconds of load before measuring (2)")
+    g = p.add_argument_group("connections")
+    g.add_argument(
         "--source-ips",
         type=int,
         default=0,
+        metavar="K",
         help="bind source addresses 127.0.0.1..127.0.0.K round-robin (default: one per 200 connections)",
     )
-    p.add_argument("--connect-concurrency", type=int, default=64, help="handshakes in progress at once")
-    p.add_argument("--connect-timeout", type=float, default=15.0)
-    p.add_argument("--probes", type=int, default=32, help="connections that parse every frame for latency")
-    p.add_argument("--server-pid", type=int, help="read the server's RSS and CPU time from /proc")
-    p.add_argument("--settle", type=float, default=30.0, help="idle: wait at most this long for the server to go quiet")
-    p.add_argument("--keepalive", type=float, default=20.0, help="seconds between unsolicited Pongs (0: never)")
-    p.add_argument(
+    g.add_argument("--connect-concurrency", type=int, default=64, metavar="N", help="handshakes in progress at once (64)")
+    g.add_argument("--connect-timeout", type=float, default=15.0, metavar="S", help="per connection (15)")
+    g.add_argument("--open-deadline", type=float, default=0.0, metavar="S",
+                   help="start no new connection after S seconds and go on with those open (0: no deadline)")
+    g.add_argument("--probes", type=int, default=32, metavar="N",
+                   help="connections that also read send times for latency (32, spread evenly)")
+    g.add_argument("--settle", type=float, default=30.0, metavar="S",
+                   help="idle: wait at most this long for the server to go quiet (30)")
+    g.add_argument("--keepalive", type=float, default=20.0, metavar="S",
+                   help="seconds between unsolicited Pongs from counting connections (0: never) (20)")
+    g.add_argument(
         "--nap-us",
         type=int,
         default=0,
+        metavar="US",
         help="fanout: block the loop this many µs each ms so reads take several frames (fewer syscalls)",
     )
-    p.add_argument("--progress", action="store_true", help="progress line on stderr even when it is not a terminal")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
+    g = p.add_argument_group("output")
+    g.add_argument("--progress", action="store_true", help="progress line on stderr even when it is not a terminal")
+    g.add_argument("--json", action="store_true", help="print the result as JSON")
+    g.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
     return p
+
+
+def _fmt_value(v) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:,.3f}".rstrip("0").rstrip(".") if abs(v) < 1e5 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, list):
+        return "; ".join(map(str, v))
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {_fmt_value(x)}" for k, x in v.items())
+    return "–" if v is None else str(v)
+
+
+def _headline(res: dict) -> list[str]:
+    out = []
+    d = res.get("deliveries_per_s")
+    if d is not None:
+        line = f"deliveries/s {d:,.0f}"
+        if "offered_deliveries_per_s" in res:
+            line += f" of {res['offered_deliveries_per_s']:,.0f} offered"
+            line += " (FELL BEHIND)" if res.get("fell_behind") else " (sustained)"
+        if "server_cpu_us_per_delivery" in res:
+            line += f"; server CPU {res['server_cpu_us_per_delivery']} µs per delivery"
+        out.append(line)
+    if res.get("latency_samples"):
+        out.append(
+            "latency ms p50 {} / p90 {} / p99 {} / max {} ({} samples)".format(
+                res["latency_ms_p50"], res["latency_ms_p90"], res["latency_ms_p99"],
+                res["latency_ms_max"], res["latency_samples"],
+            )
+        )
+    if "rss_per_connection_kib" in res:
+        out.append(f"server RSS per connection {res['rss_per_connection_kib']} KiB "
+                   f"({res.get('connections_held')} connections held)")
+    if "generator_cpu" in res:
+        out.append(f"CPU used: generator {res['generator_cpu']}, server {res.get('server_cpu', '–')} (cores)")
+    return out
 
 
 def format_table(res: dict) -> str:
     rows = []
     for k, v in res.items():
-        if isinstance(v, float):
-            v = f"{v:,.3f}".rstrip("0").rstrip(".") if abs(v) < 1e5 else f"{v:,.0f}"
-        elif isinstance(v, int) and not isinstance(v, bool):
-            v = f"{v:,}"
-        elif isinstance(v, list):
-            v = "; ".join(map(str, v))
-        rows.append((k, str(v)))
+        if k == "latency_by_url":
+            for url, summ in v.items():
+                rows.append((f"latency {url}", "p50 {} / p99 {} ms ({} samples)".format(
+                    summ.get("latency_ms_p50", "–"), summ.get("latency_ms_p99", "–"), summ.get("latency_samples", 0))))
+            continue
+        rows.append((k.replace("_", " "), _fmt_value(v)))
     w = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
+    head = _headline(res)
+    sep = "-" * max(40, w + 20)
+    body = "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
+    return (f"{res.get('scenario', '')}: " + "\n  ".join(head) + "\n" + sep + "\n" + body) if head else body
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = Config(
             scenario=args.scenario,
-            url=args.url,
+            url=(args.url or ["ws://127.0.0.1:8787/websocket"])[0],
+            urls=args.url or [],
+            placement=args.placement,
+            open_deadline=args.open_deadline,
             protocol=args.protocol,
             connections=args.connections if args.connections is not None else n_def,
             inflight=args.inflight,

@@ -43,6 +43,9 @@ _CLOSE_FRAME = encode_frame(OP_CLOSE, b"\x03\xe8", mask_key=b"\x05\x06\x07\x08")
 class Config:
     scenario: str
     url: str = "ws://127.0.0.1:8787/websocket"
+    urls: list[str] = field(default_factory=list)  # several servers (a cluster); url is the first
+    placement: str = "round-robin"  # or "sender-alone": connection 0 alone on the first URL
+    open_deadline: float = 0.0  # stop starting new connections after this many seconds (0: never)
     protocol: str = "wshub"
     connections: int = 1000
     inflight: int = 32
@@ -63,14 +66,23 @@ class Config:
     host: str = field(init=False, default="")
     port: int = field(init=False, default=0)
     path: str = field(init=False, default="/")
+    targets: list[tuple[str, int, str]] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
-        u = urlsplit(self.url)
-        if u.scheme not in ("ws", ""):
-            raise ValueError("only ws:// URLs are supported")
-        self.host = u.hostname or "127.0.0.1"
-        self.port = u.port or 80
-        self.path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        if not self.urls:
+            self.urls = [self.url]
+        self.url = self.urls[0]
+        for url in self.urls:
+            u = urlsplit(url)
+            if u.scheme not in ("ws", ""):
+                raise ValueError(f"only ws:// URLs are supported: {url}")
+            path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+            self.targets.append((u.hostname or "127.0.0.1", u.port or 80, path))
+        self.host, self.port, self.path = self.targets[0]
+        if self.placement not in ("round-robin", "sender-alone"):
+            raise ValueError("--placement is round-robin or sender-alone")
+        if self.placement == "sender-alone" and len(self.targets) < 2:
+            raise ValueError("--placement sender-alone needs at least two --url")
         if self.source_ips <= 0:
             # wshub allows 200 open connections per client IP by default
             self.source_ips = min(254, max(1, math.ceil(self.connections / 200)))
@@ -78,6 +90,17 @@ class Config:
 
 def source_addresses(k: int) -> list[str]:
     return [f"127.0.0.{i}" for i in range(1, k + 1)]
+
+
+def target_of(cfg: Config, i: int) -> int:
+    """Which URL connection ``i`` opens: round-robin, or the sender (connection 0)
+    alone on the first URL and everyone else round-robin over the others."""
+    n = len(cfg.targets)
+    if n == 1:
+        return 0
+    if cfg.placement == "sender-alone":
+        return 0 if i == 0 else 1 + (i - 1) % (n - 1)
+    return i % n
 
 
 # --------------------------------------------------------------------------- messages
@@ -118,7 +141,8 @@ class Hub:
         self.conns: list[Conn] = []
         self.counts: list[int] = []  # messages received per connection (marker count)
         self.measuring = False
-        self.latencies: list[int] = []  # ns, probes only, while measuring
+        # ns, probes only, while measuring; one list per URL
+        self.latencies_by: list[list[int]] = [[] for _ in cfg.targets]
         # fanout: the slowest recipient's count and how many recipients are at it;
         # when the last of them moves on, ``wake`` runs (once per loop pass)
         self.min_count = -1
@@ -131,6 +155,17 @@ class Hub:
 
     def total(self) -> int:
         return sum(self.counts) - self.excluded * BIG
+
+    def latencies(self) -> list[int]:
+        return [v for lst in self.latencies_by for v in lst]
+
+    def latency_report(self) -> dict:
+        out = latency_summary(self.latencies())
+        if len(self.latencies_by) > 1:
+            out["latency_by_url"] = {
+                url: latency_summary(lst) for url, lst in zip(self.cfg.urls, self.latencies_by)
+            }
+        return out
 
     def exclude(self, idx: int) -> None:
         if self.counts[idx] < BIG:
@@ -153,9 +188,11 @@ class Conn(asyncio.BaseProtocol):
 
     probe = False
 
-    def __init__(self, hub: Hub, idx: int) -> None:
+    def __init__(self, hub: Hub, idx: int, target: int = 0) -> None:
         self.hub = hub
         self.idx = idx
+        self.target = target
+        self.lats = hub.latencies_by[target]
         self.counts = hub.counts
         self.transport = None
         self.key = make_key()
@@ -170,8 +207,8 @@ class Conn(asyncio.BaseProtocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.t_start = _now()
-        cfg = self.hub.cfg
-        transport.write(handshake_request(cfg.host, cfg.port, cfg.path, self.key))
+        host, port, path = self.hub.cfg.targets[self.target]
+        transport.write(handshake_request(host, port, path, self.key))
 
     def data_received(self, data: bytes) -> None:
         if self.is_open:
@@ -312,7 +349,7 @@ class ProbeConn(BufConn):
         j = data.find(b" ", i)
         if j > 0:
             try:
-                hub.latencies.append(now - int(data[i + 2 : j]))
+                self.lats.append(now - int(data[i + 2 : j]))
             except ValueError:
                 pass
         k = data.rfind(MARK)
@@ -320,12 +357,12 @@ class ProbeConn(BufConn):
             j = data.find(b" ", k)
             if j > 0:
                 try:
-                    hub.latencies.append(now - int(data[k + 2 : j]))
+                    self.lats.append(now - int(data[k + 2 : j]))
                 except ValueError:
                     pass
 
 
-async def open_connections(hub: Hub, n: int, probe_every: int) -> dict:
+async def open_connections(hub: Hub, n: int, probe_every: int, progress: Progress | None = None) -> dict:
     """Open ``n`` connections concurrently; returns connect-time figures."""
     cfg = hub.cfg
     loop = hub.loop
@@ -334,18 +371,26 @@ async def open_connections(hub: Hub, n: int, probe_every: int) -> dict:
     hub.counts.extend([0] * n)
     conns: list[Conn | None] = [None] * n
     failures: list[str] = []
+    skipped = [0]
+    deadline = time.perf_counter() + cfg.open_deadline if cfg.open_deadline > 0 else None
+    done = [0]
 
     async def one(i: int) -> None:
         async with sem:
+            if deadline is not None and time.perf_counter() > deadline:
+                skipped[0] += 1
+                return
             probe = probe_every > 0 and i % probe_every == 0
-            proto = (ProbeConn if probe else BufConn)(hub, i)
+            t = target_of(cfg, i)
+            host, port, _ = cfg.targets[t]
+            proto = (ProbeConn if probe else BufConn)(hub, i, t)
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
                 sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.setblocking(False)
                 sock.bind((ips[i % len(ips)], 0))
-                await asyncio.wait_for(loop.sock_connect(sock, (cfg.host, cfg.port)), cfg.connect_timeout)
+                await asyncio.wait_for(loop.sock_connect(sock, (host, port)), cfg.connect_timeout)
                 await loop.create_connection(lambda: proto, sock=sock)
                 await asyncio.wait_for(proto.opened, cfg.connect_timeout)
             except (OSError, ConnectionError, asyncio.TimeoutError) as e:
@@ -356,9 +401,20 @@ async def open_connections(hub: Hub, n: int, probe_every: int) -> dict:
                     sock.close()
                 return
             conns[i] = proto
+            done[0] += 1
+
+    async def show() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            progress.show(f"connecting  open={done[0]}/{n}  failed={len(failures)}  {time.perf_counter() - t0:.0f}s")
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(n)))
+    shower = asyncio.ensure_future(show()) if progress is not None and progress.enabled else None
+    try:
+        await asyncio.gather(*(one(i) for i in range(n)))
+    finally:
+        if shower is not None:
+            shower.cancel()
     elapsed = time.perf_counter() - t0
     hub.conns = [c for c in conns if c is not None]
     if failures:
@@ -373,6 +429,9 @@ async def open_connections(hub: Hub, n: int, probe_every: int) -> dict:
         "handshake_ms_p50": round(pct(hs, 50), 2) if hs else None,
         "handshake_ms_p99": round(pct(hs, 99), 2) if hs else None,
         "source_ips": cfg.source_ips,
+        **({"connections_not_attempted": skipped[0]} if skipped[0] else {}),
+        **({"connections_by_url": [sum(1 for c in hub.conns if c.target == t) for t in range(len(cfg.targets))]}
+           if len(cfg.targets) > 1 else {}),
     }
 
 
@@ -593,7 +652,7 @@ def start_nap(hub: Hub):
 
 async def scenario_fanout(hub: Hub, server: ServerProbe, progress: Progress) -> dict:
     cfg = hub.cfg
-    conn_info = await open_connections(hub, cfg.connections, probe_spacing(cfg.connections, cfg.probes))
+    conn_info = await open_connections(hub, cfg.connections, probe_spacing(cfg.connections, cfg.probes), progress)
     if len(hub.conns) < 2:
         raise RuntimeError("fan-out needs at least 2 open connections")
     sender = hub.conns[0]
@@ -656,7 +715,7 @@ async def scenario_fanout(hub: Hub, server: ServerProbe, progress: Progress) -> 
     if nap:
         nap["on"] = False
     res["stalls"] = st["stalls"]
-    res.update(latency_summary(hub.latencies))
+    res.update(hub.latency_report())
     if ka:
         ka.cancel()
     progress.done()
@@ -693,7 +752,7 @@ async def _scheduled_sender(hub: Hub, senders: list[Conn], total_rate: float, st
 async def _rate_like(hub: Hub, server: ServerProbe, progress: Progress, senders_n: int, total_rate: float) -> dict:
     cfg = hub.cfg
     n = cfg.connections
-    conn_info = await open_connections(hub, n, probe_spacing(n, cfg.probes))
+    conn_info = await open_connections(hub, n, probe_spacing(n, cfg.probes), progress)
     conns = hub.conns
     if len(conns) < 2:
         raise RuntimeError("needs at least 2 open connections")
@@ -721,7 +780,7 @@ async def _rate_like(hub: Hub, server: ServerProbe, progress: Progress, senders_
     res["backlog_at_end"] = backlog
     res["backlog_s"] = round(backlog / offered, 3) if offered else None
     res["sender_late_max_ms"] = round(st["late"] * 1e3, 2)
-    res.update(latency_summary(hub.latencies))
+    res.update(hub.latency_report())
     res["fell_behind"] = bool(
         (res["achieved_ratio"] is not None and res["achieved_ratio"] < 0.95)
         or (res["backlog_s"] is not None and res["backlog_s"] > 1.0)
@@ -749,7 +808,7 @@ async def scenario_chat(hub: Hub, server: ServerProbe, progress: Progress) -> di
 async def scenario_idle(hub: Hub, server: ServerProbe, progress: Progress) -> dict:
     cfg = hub.cfg
     rss0 = server.rss_kib()
-    conn_info = await open_connections(hub, cfg.connections, 0)
+    conn_info = await open_connections(hub, cfg.connections, 0, progress)
     ka = start_keepalive(hub)
     # wait until the server has stopped talking (join notifications), bounded
     t_end = time.perf_counter() + cfg.settle
@@ -790,13 +849,13 @@ async def scenario_idle(hub: Hub, server: ServerProbe, progress: Progress) -> di
 async def scenario_sink(hub: Hub, server: ServerProbe, progress: Progress) -> dict:
     """Only count: for servers that send on their own (the ceiling server)."""
     cfg = hub.cfg
-    conn_info = await open_connections(hub, cfg.connections, probe_spacing(cfg.connections, cfg.probes))
+    conn_info = await open_connections(hub, cfg.connections, probe_spacing(cfg.connections, cfg.probes), progress)
     win = Window(hub, server)
     await tick_loop(hub, cfg.warmup, progress)
     win.start()
     await tick_loop(hub, cfg.duration, progress)
     res = win.stop()
-    res.update(latency_summary(hub.latencies))
+    res.update(hub.latency_report())
     progress.done()
     return {**conn_info, **res}
 
@@ -825,6 +884,7 @@ async def run(cfg: Config) -> dict:
         "scenario": cfg.scenario,
         "protocol": cfg.protocol,
         "url": cfg.url,
+        **({"urls": cfg.urls, "placement": cfg.placement} if len(cfg.urls) > 1 else {}),
         "size": cfg.size,
         **res,
         "closed_early": hub.closed_early,
