@@ -154,7 +154,6 @@ class Fanout:
             return
         self.passes += 1
         slow: list[Connection] = []
-        limit = self._limit
         writes = 0
         deflated: dict[int, list[bytes]] = {}
         if frames:
@@ -173,17 +172,8 @@ class Fanout:
                         data = common_deflated[wbits] = b"".join(
                             self._deflated(conn.deflate, deflated)
                         )
-                if not data:
-                    continue
-                transport = conn.transport
-                try:
-                    transport.write(data)
-                except Exception as exc:  # a broken transport: count it, go on
-                    self._on_failed(conn, exc)
-                    continue
-                writes += 1
-                if transport.get_write_buffer_size() > limit:
-                    slow.append(conn)
+                if data:
+                    writes += self._write(conn, data, slow)
             skipped = sum(1 for conn in self.excluded if conn is not None)
             skipped += sum(conn.joined_at for conn in marked if conn.is_recipient)
             self.deliveries += len(frames) * len(recipients) - skipped  # type: ignore[arg-type]
@@ -199,17 +189,8 @@ class Fanout:
                 data = b"".join(frame for _, frame in conn.pending)
             else:
                 continue  # closing: its share was taken already
-            if not data:
-                continue
-            transport = conn.transport
-            try:
-                transport.write(data)
-            except Exception as exc:
-                self._on_failed(conn, exc)
-                continue
-            writes += 1
-            if transport.get_write_buffer_size() > limit:
-                slow.append(conn)
+            if data:
+                writes += self._write(conn, data, slow)
         for conn in marked:
             conn.marked = False
             conn.pending = None
@@ -221,6 +202,18 @@ class Fanout:
         self.marked = []
         for conn in slow:
             self._on_slow(conn)
+
+    def _write(self, conn: Connection, data: bytes, slow: list[Connection]) -> int:
+        """One write; a connection over its buffer limit joins *slow*."""
+        transport = conn.transport
+        try:
+            transport.write(data)
+        except Exception as exc:  # a broken transport: count it, go on
+            self._on_failed(conn, exc)
+            return 0
+        if transport.get_write_buffer_size() > self._limit:
+            slow.append(conn)
+        return 1
 
     def _deflated(self, deflate: Deflate, cache: dict[int, list[bytes]]) -> list[bytes]:
         """This pass's shared frames, compressed once per window size."""
