@@ -20,7 +20,9 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 # -- /proc --------------------------------------------------------------------
 
@@ -174,14 +176,17 @@ class AsyncWs(asyncio.Protocol):
         self.close_sent = False
         self.bytes_received = 0
         self.status = 0
+        _open.add(self)
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:  # uvloop sets it already, and refuses setsockopt on its sockets
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
         key = base64.b64encode(os.urandom(16)).decode()
         lines = [f"GET {self.path} HTTP/1.1", f"Host: {self.host}:{self.port}",
                  "Upgrade: websocket", "Connection: Upgrade",
@@ -294,6 +299,27 @@ class AsyncWs(asyncio.Protocol):
         """Drop the socket without a closing handshake (RST)."""
         if self.transport is not None:
             self.transport.abort()
+
+
+_open: weakref.WeakSet[AsyncWs] = weakref.WeakSet()
+
+
+def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run *coro* on uvloop (as the server does) when available; whatever
+    happens, drop every :class:`AsyncWs` connection it left open."""
+
+    async def guarded() -> Any:
+        try:
+            return await coro
+        finally:
+            for ws in list(_open):
+                ws.abort()
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        return asyncio.run(guarded())
+    return uvloop.run(guarded())
 
 
 async def ws_connect(host: str, port: int, *, timeout: float = 10.0,
