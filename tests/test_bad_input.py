@@ -731,11 +731,6 @@ def test_closed_socket_mid_frame_is_harmless(guard: Guard) -> None:
         raw.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server bug: an unfinished fragmented message is kept as a list of one bytes "
-    "object per fragment (connection.py _receive_data_frame), so 64 KiB sent as "
-    "one-byte fragments costs ~60x its size in server memory, and the small "
-    "objects fragment the heap so RSS does not come back after the clients go"))
 def test_fragment_assembly_memory_is_proportional_to_the_bytes(make_server) -> None:
     """Memory held for an unfinished fragmented message should be proportional
     to its bytes, not to its fragment count: 8 clients each holding 65,000

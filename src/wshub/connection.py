@@ -47,6 +47,9 @@ _TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
 _PING, _PONG, _CLOSE = Opcode.PING, Opcode.PONG, Opcode.CLOSE
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 
+_FEED_SLICE = 8192
+"""Bytes handed to the frame parser per step (see _receive_frames)."""
+
 KERNEL_SEND_BUFFER = 64 * 1024
 """SO_SNDBUF for client sockets (Linux doubles it for bookkeeping)."""
 
@@ -114,7 +117,9 @@ class Connection(asyncio.Protocol):
         self._buffer: bytearray | None = bytearray()
         self._timer: asyncio.TimerHandle | None = None
         # A fragmented message being received.
-        self._message: list[bytes] | None = None
+        # One growing buffer, not a list of fragments: memory follows the
+        # bytes received, not the number of (possibly one-byte) fragments.
+        self._message: bytearray | None = None
         self._message_opcode = _TEXT
         self._message_decoder: codecs.IncrementalDecoder | None = None
         self._message_refused = False
@@ -238,6 +243,20 @@ class Connection(asyncio.Protocol):
     # -- Frames in --------------------------------------------------------------
 
     def _receive_frames(self, data: bytes) -> None:
+        # The library turns a whole read (up to 256 KiB) into Frame objects
+        # at once; 1-byte fragments would make that ~40,000 objects. Feeding
+        # it in slices bounds what one step allocates.
+        if len(data) <= _FEED_SLICE:
+            self._receive_slice(data)
+            return
+        ws = self.ws
+        assert ws is not None
+        for start in range(0, len(data), _FEED_SLICE):
+            if self._failed or ws.state is FrameState.CLOSED:
+                return
+            self._receive_slice(data[start : start + _FEED_SLICE])
+
+    def _receive_slice(self, data: bytes) -> None:
         ws = self.ws
         assert ws is not None
         if self.session.state is State.CLOSED or ws.state is FrameState.CLOSED:
@@ -282,7 +301,7 @@ class Connection(asyncio.Protocol):
             if verdict is Admit.REFUSE:
                 self._message_refused = True
             if not fin:
-                self._message = [data] if data else []
+                self._message = bytearray(data)
                 if opcode is _TEXT:
                     self._message_decoder = _utf8_decoder()
                     if not self._check_utf8(data, final=False):
@@ -292,13 +311,12 @@ class Connection(asyncio.Protocol):
         else:
             parts = self._message
             assert parts is not None  # the library refuses a stray continuation
-            if data:
-                parts.append(data)
+            parts += data
             if self._message_opcode is _TEXT and not self._check_utf8(data, final=fin):
                 return
             if not fin:
                 return
-            message = b"".join(parts)
+            message = bytes(parts)
             self._message = None
             self._message_decoder = None
         if len(message) > node.config.max_message_size:
