@@ -321,10 +321,29 @@ def measure_ceiling(a, runs: int) -> list[dict]:
     return out
 
 
+def wshub_source() -> str:
+    """HEAD and a hash of the server's sources as they are now (the tree is shared and
+    the server may change during a long run: each wshub measurement records what ran)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for f in sorted((ROOT / "src" / "wshub").rglob("*.py")):
+        if "bench" not in f.parts:
+            h.update(f.read_bytes())
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        head = "?"
+    return f"{head}+src:{h.hexdigest()[:8]}"
+
+
 def run_one(server: str, scen: str, a, run: int) -> dict:
     label, proto, build = SERVERS[server]
     port = free_port()
     rec = {"run": run, "server": server, "scenario": scen, "pressure_before": pressure(), "load_before": loadavg()}
+    if server == "wshub":
+        rec["wshub_source"] = wshub_source()
     args, timeout = scenario_args(scen, a)
     try:
         with Server(build(port), port, a.server_core, server) as srv:
@@ -883,6 +902,10 @@ def render(data: dict) -> str:
                 c2 = f"{100 * s2[1] / tot:.1f} % | `{s2[0]}`" if s2[0] else " | "
                 add(f"| {c1} | | {c2} |")
             add("")
+    srcs = sorted({x["wshub_source"] for x in data["runs"] if x.get("wshub_source")})
+    if len(srcs) > 1:
+        add(f"**The server's code changed during this run** (the work tree is shared): the wshub measurements ran on "
+            f"{len(srcs)} states of `src/wshub` ({', '.join(f'`{x}`' for x in srcs)}); each run's state is in the JSON.\n")
     if NOTES.exists():
         add(NOTES.read_text().rstrip() + "\n")
     return "\n".join(L) + "\n"
@@ -918,8 +941,8 @@ def chart(data: dict) -> None:
         ax.grid(axis="y", alpha=0.3)
     if summ["ceiling"]:
         axes[0].axhline(summ["ceiling"], color="red", linestyle="--", linewidth=0.8)
-        axes[0].annotate("generator ceiling (flood)", (-0.4, summ["ceiling"] * 1.08), fontsize=7, color="red")
-    axes[0].legend(fontsize=8, loc="lower left")
+        axes[0].annotate("generator ceiling: frames per CPU-second (flood)", (-0.4, summ["ceiling"] * 1.08), fontsize=7, color="red")
+    axes[0].legend(fontsize=8, loc="upper right")
     fig.suptitle(f"wshub vs Node ws vs uWebSockets.js — medians of {data['args']['runs']} runs, "
                  f"{data['machine']['nproc']} cores, server core 0, generator core 1", fontsize=10)
     fig.tight_layout()
