@@ -61,6 +61,7 @@ class Fanout:
         send_buffer_limit: int,
         on_slow_consumer: Callable[[Connection], None],
         on_send_failed: Callable[[Connection, BaseException], None],
+        coalesce_delay: float = 0.05,
     ) -> None:
         self._loop = loop
         self._recipients = recipients
@@ -74,6 +75,8 @@ class Fanout:
         self.excluded: list[Connection | None] = []
         self.marked: list[Connection] = []
         self._scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._coalesce_delay = coalesce_delay
         # Figures for /metrics.
         self.deliveries = 0
         self.writes = 0
@@ -81,21 +84,30 @@ class Fanout:
 
     # -- Queueing (called while routing; never writes) -----------------------
 
-    def to_all(self, payload: bytes, exclude: Connection | None = None) -> None:
-        """Queue a text message for every open connection but *exclude*."""
+    def to_all(
+        self, payload: bytes, exclude: Connection | None = None, *, urgent: bool = True
+    ) -> None:
+        """Queue a text message for every open connection but *exclude*.
+
+        A message that is not *urgent* (presence events, the heartbeat) may
+        wait up to ``coalesce_delay`` for company: when a thousand clients
+        connect one per loop pass, each ``user_joined`` would otherwise cost
+        one write per recipient. Anything urgent queued meanwhile takes it
+        along, in order.
+        """
         self.frames.append(text_frame(payload))
         self.payloads.append(payload)
         self.excluded.append(exclude)
         if exclude is not None:
             self._mark(exclude)
-        self._schedule()
+        self._schedule(urgent)
 
-    def control_to_all(self, frame: bytes) -> None:
+    def control_to_all(self, frame: bytes, *, urgent: bool = True) -> None:
         """Queue a ready-made control frame (a Ping) for every connection."""
         self.frames.append(frame)
         self.payloads.append(None)
         self.excluded.append(None)
-        self._schedule()
+        self._schedule(urgent)
 
     def to_one(self, conn: Connection, payload: bytes) -> None:
         """Queue a text message for *conn* only."""
@@ -122,10 +134,17 @@ class Fanout:
             conn.marked = True
             self.marked.append(conn)
 
-    def _schedule(self) -> None:
-        if not self._scheduled:
+    def _schedule(self, urgent: bool = True) -> None:
+        if self._scheduled:
+            return
+        if urgent:
             self._scheduled = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             self._loop.call_soon(self.flush)
+        elif self._timer is None:
+            self._timer = self._loop.call_later(self._coalesce_delay, self.flush)
 
     # -- Writing --------------------------------------------------------------
 
@@ -148,6 +167,9 @@ class Fanout:
     def flush(self) -> None:
         """Write this pass's frames: one write per connection."""
         self._scheduled = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         frames = self.frames
         marked = self.marked
         if not frames and not marked:

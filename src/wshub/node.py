@@ -40,7 +40,7 @@ from .metrics import Metrics
 from .origin import OriginPolicy
 from .protocol import ErrorCode, Refusal, Relay, RelayKind
 from .session import Session, State
-from .wire import OP_BINARY, OP_TEXT, negotiate_deflate, ping_frame
+from .wire import OP_BINARY, OP_TEXT, negotiate_deflate, ping_frame, text_frame
 from .wire import frame as wire_frame
 
 __all__ = ["Node"]
@@ -352,9 +352,13 @@ class Node:
         self.fanout.joined(conn)
         now = time.time()
         total = self.cluster_count()
-        self.fanout.to_one(conn, protocol.encode_welcome(conn.id, total, now))
+        # The welcome goes out at once, straight after the 101 response: the
+        # newcomer has nothing queued before it. Its user_joined may wait a
+        # little for other joins, so a connection storm costs few writes.
+        welcome = protocol.encode_welcome(conn.id, total, now)
+        conn.transport.write(text_frame(welcome))
         joined = protocol.encode_user_joined(conn.id, total, now)
-        self.fanout.to_all(joined, exclude=conn)
+        self.fanout.to_all(joined, exclude=conn, urgent=False)
         self.backplane.publish(Envelope(self.node_id, EventKind.JOINED, conn.id, joined))
         log_event(log, logging.INFO, "open", id=conn.id, peer=conn.peer, ip=conn.ip,
                   origin=conn.origin)
@@ -391,7 +395,7 @@ class Node:
         conn.is_recipient = False
         left = protocol.encode_user_left(conn.id, self.cluster_count(), time.time())
         if self.conns:
-            self.fanout.to_all(left)
+            self.fanout.to_all(left, urgent=False)
         self.backplane.publish(Envelope(self.node_id, EventKind.LEFT, conn.id, left))
 
     def cluster_count(self) -> int:
@@ -454,7 +458,8 @@ class Node:
 
     def on_envelope(self, envelope: Envelope) -> None:
         if self.conns:
-            self.fanout.to_all(envelope.payload)
+            # Relays are urgent; presence from other nodes may wait for company.
+            self.fanout.to_all(envelope.payload, urgent=envelope.kind is EventKind.RELAY)
         if envelope.kind is EventKind.RELAY:
             self.fanout_sizes.observe(len(self.conns))
 
@@ -465,7 +470,8 @@ class Node:
         total = self.cluster_count()
         for connection_id in connection_ids:
             if self.conns:
-                self.fanout.to_all(protocol.encode_user_left(connection_id, total, now))
+                self.fanout.to_all(protocol.encode_user_left(connection_id, total, now),
+                                   urgent=False)
 
     def on_connections_found(self, connection_ids: Iterable[ConnectionId]) -> None:
         """Connections elsewhere whose ``joined`` event was lost (an outage)."""
@@ -473,7 +479,8 @@ class Node:
         total = self.cluster_count()
         for connection_id in connection_ids:
             if self.conns:
-                self.fanout.to_all(protocol.encode_user_joined(connection_id, total, now))
+                self.fanout.to_all(protocol.encode_user_joined(connection_id, total, now),
+                                   urgent=False)
 
     def local_connection_ids(self) -> list[ConnectionId]:
         return list(self.conns)
@@ -491,8 +498,8 @@ class Node:
         Ping frame, which browsers answer on their own (decisions.md 6)."""
         if not self.conns:
             return
-        self.fanout.to_all(protocol.encode_ping(time.time()))
-        self.fanout.control_to_all(_PROTOCOL_PING_FRAME)
+        self.fanout.to_all(protocol.encode_ping(time.time()), urgent=False)
+        self.fanout.control_to_all(_PROTOCOL_PING_FRAME, urgent=False)
 
     def _check_liveness(self) -> None:
         now = self.loop.time()

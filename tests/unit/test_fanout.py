@@ -33,12 +33,32 @@ class Conn:
         self.transport = Transport(backlog)
 
 
+class Handle:
+    def __init__(self, loop: Loop, callback) -> None:
+        self.loop, self.callback, self.cancelled = loop, callback, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
 class Loop:
     def __init__(self) -> None:
         self.callbacks: list = []
+        self.timers: list[tuple[float, Handle]] = []
 
     def call_soon(self, callback) -> None:
         self.callbacks.append(callback)
+
+    def call_later(self, delay: float, callback) -> Handle:
+        handle = Handle(self, callback)
+        self.timers.append((delay, handle))
+        return handle
+
+    def fire_timers(self) -> None:
+        timers, self.timers = self.timers, []
+        for _, handle in timers:
+            if not handle.cancelled:
+                handle.callback()
 
     def run(self) -> None:
         callbacks, self.callbacks = self.callbacks, []
@@ -145,3 +165,19 @@ def test_deflate_compresses_once_per_window() -> None:
     assert c.transport.writes == [text_frame(big)]
     header = 2 if frame[1] < 126 else 4
     assert zlib.decompressobj(wbits=-15).decompress(frame[header:] + b"\x00\x00\xff\xff") == big
+
+
+def test_presence_waits_for_company_and_rides_along_with_urgent_frames() -> None:
+    a, b = Conn("a"), Conn("b")
+    fanout, loop, _ = make([a, b])
+    fanout.to_all(b"joined-1", urgent=False)
+    fanout.to_all(b"joined-2", urgent=False)
+    assert loop.callbacks == [] and len(loop.timers) == 1  # one timer, no flush yet
+    loop.fire_timers()
+    assert a.transport.writes == [text_frame(b"joined-1") + text_frame(b"joined-2")]
+    fanout.to_all(b"joined-3", urgent=False)
+    fanout.to_all(b"message")  # urgent: flushes at once, the join first
+    loop.run()
+    assert b.transport.writes[-1] == text_frame(b"joined-3") + text_frame(b"message")
+    loop.fire_timers()  # the join's timer was cancelled: nothing more
+    assert len(b.transport.writes) == 2
