@@ -292,21 +292,28 @@ class Soak:
             for serial in s.received:
                 counts[serial] = counts.get(serial, 0) + 1
             received[s.index] = counts
-        must = delivered = maybe = missing = dup = unexpected = unconfirmed = 0
-        for serial, m in enumerate(self.sent):
-            if not m.t_conf:
-                unconfirmed += 1
-                continue
-            for s in sessions:
-                n = received[s.index].get(serial, 0)
-                if n > 1:
-                    dup += 1
-                if m.kind == "message" and s.index == m.sender:
-                    if n:
-                        unexpected += 1
-                    continue
-                if s.t_welcome and s.t_welcome < m.t_send and s.t_close_start > m.t_conf:
+        # Linear in deliveries: each session is checked against the messages
+        # sent during its life (serials grow with t_send), and each serial it
+        # received against the rule that says whether it could have.
+        from bisect import bisect_left, bisect_right
+
+        must = delivered = maybe = missing = dup = unexpected = 0
+        unconfirmed = sum(1 for m in self.sent if not m.t_conf)
+        send_times = [m.t_send for m in self.sent]
+        for s in sessions:
+            counts = received[s.index]
+            dup += sum(1 for n in counts.values() if n > 1)
+            if s.t_welcome:
+                lo = bisect_right(send_times, s.t_welcome)
+                hi = bisect_left(send_times, s.t_close_start)
+                for serial in range(lo, hi):
+                    m = self.sent[serial]
+                    if not m.t_conf or m.t_conf >= s.t_close_start:
+                        continue
+                    if m.kind == "message" and m.sender == s.index:
+                        continue
                     must += 1
+                    n = counts.get(serial, 0)
                     if n == 1:
                         delivered += 1
                     elif n == 0:
@@ -318,10 +325,13 @@ class Soak:
                                 f"session {s.index} (welcome {s.t_welcome:.3f}, closing "
                                 f"{s.t_close_start:.3f}, {'clean' if s.clean else 'dropped'}, "
                                 f"received {len(s.received)})")
-                elif s.t_closed < m.t_send or s.t_connect > m.t_conf:
-                    if n:
-                        unexpected += 1
-                elif n:
+            for serial in counts:
+                m = self.sent[serial]
+                own = m.kind == "message" and m.sender == s.index
+                if own or s.t_closed < m.t_send or (m.t_conf and s.t_connect > m.t_conf):
+                    unexpected += 1
+                elif not (s.t_welcome and s.t_welcome < m.t_send and m.t_conf
+                          and s.t_close_start > m.t_conf):
                     maybe += 1
         order_errors = sum(s.order_errors for s in sessions)
         joined_twice = sum(1 for v in self.observer_joined.values() if v != 1)
