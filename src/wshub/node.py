@@ -13,6 +13,7 @@ Time: ``loop.time()`` (monotonic) for deadlines and rate limits,
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import logging
 import time
@@ -53,6 +54,15 @@ _BINARY_REFUSAL = Refusal(
 _RATE_REFUSAL = Refusal(ErrorCode.RATE_LIMITED, "Too many messages: slow down")
 _PROTOCOL_PING_FRAME = ping_frame(b"wshub")
 _REJOIN = Disconnect(CloseCode.SERVICE_RESTART, "cluster rejoin: please reconnect")
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
+        return None
+
+
+_malloc_trim = _find_malloc_trim()
 
 _FANOUT_BUCKETS = (0, 1, 2, 5, 10, 50, 100, 500, 1000, 5000, 10000, 50000)
 
@@ -520,6 +530,11 @@ class Node:
             self._unregister(conn)
             conn.abort()
         self.admission.purge(self.loop.time())
+        # After a burst (a connection storm buffers hundreds of MB of
+        # user_joined frames for a moment) glibc keeps the freed memory;
+        # hand it back to the OS so RSS follows the load down.
+        if _malloc_trim is not None:
+            _malloc_trim(0)
 
     def _slow_consumer(self, conn: Connection) -> None:
         self.slow_closes.inc()
