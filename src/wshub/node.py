@@ -476,21 +476,23 @@ class Node:
     def on_connections_lost(self, connection_ids: Iterable[ConnectionId]) -> None:
         """Connections elsewhere that are gone without their own ``left``
         event (their node died): the view already dropped them."""
-        now = time.time()
-        total = self.cluster_count()
-        for connection_id in connection_ids:
-            if self.conns:
-                self.fanout.to_all(protocol.encode_user_left(connection_id, total, now),
-                                   urgent=False)
+        self._announce(connection_ids, protocol.encode_user_left)
 
     def on_connections_found(self, connection_ids: Iterable[ConnectionId]) -> None:
         """Connections elsewhere whose ``joined`` event was lost (an outage)."""
+        self._announce(connection_ids, protocol.encode_user_joined)
+
+    def _announce(
+        self,
+        connection_ids: Iterable[ConnectionId],
+        encode: Callable[[ConnectionId, int, float], bytes],
+    ) -> None:
+        if not self.conns:
+            return
         now = time.time()
         total = self.cluster_count()
         for connection_id in connection_ids:
-            if self.conns:
-                self.fanout.to_all(protocol.encode_user_joined(connection_id, total, now),
-                                   urgent=False)
+            self.fanout.to_all(encode(connection_id, total, now), urgent=False)
 
     def local_connection_ids(self) -> list[ConnectionId]:
         return list(self.conns)
