@@ -1,0 +1,1753 @@
+/*
+ * native.c: the native engine of `wshub bench` (scenarios fanout, rate and sink).
+ *
+ * One thread, one level-triggered epoll set, one 256 KiB read buffer shared by
+ * every connection. Receiving walks frame headers only: of each data frame it
+ * looks at the first WIN bytes of the payload for the bench marker "~#" (a cost
+ * per frame, not per byte) and skips the rest unread, across reads. A frame split
+ * anywhere (inside its header, inside the looked-at window, inside the payload)
+ * is carried over in the connection's state. Pings are answered with a masked
+ * Pong. Probe connections also parse the send time carried after the marker
+ * (CLOCK_MONOTONIC ns, the clock of Python's time.monotonic_ns) of the first and
+ * the last counted message of each read.
+ *
+ * The scenarios mirror src/wshub/bench/runner.py step by step (connect with a
+ * concurrency limit and per-connection timeouts, the closed loop of fanout with
+ * its watchdog, the scheduled sender of rate, the measured window, the CPU of
+ * both sides); the result is one JSON object on stdout with the Python engine's
+ * keys (native.py adds the scenario/protocol/url/size header); progress, if any,
+ * goes to stderr. libc and Linux epoll only. SHA-1 and base64 are written here
+ * for the handshake's Sec-WebSocket-Accept check.
+ *
+ * Build: cc -O2 -Wall -Wextra -Werror -o wshub-bench-native native.c
+ * It is built and run by native.py (`wshub bench ... --engine native`).
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/epoll.h>
+#include <sys/random.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef IP_BIND_ADDRESS_NO_PORT
+#define IP_BIND_ADDRESS_NO_PORT 24
+#endif
+
+#define RDBUF (256 * 1024) /* one read */
+#define WIN 160            /* payload bytes of a data frame looked at for the marker */
+#define MAXT 64            /* --target at most */
+#define HS_MAX 65536       /* a longer handshake response fails */
+#define NS 1000000000LL
+
+/* ------------------------------------------------------------------ small helpers */
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * NS + ts.tv_nsec;
+}
+
+static double cpu_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* A fatal error: the message on stderr, and as {"error": ...} on stdout (whatever
+ * was buffered for stdout is dropped), exit status 2. */
+static void die(const char *fmt, ...) {
+    char msg[600], out[1400];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "wshub-bench-native: %s\n", msg);
+    size_t o = 0;
+    o += (size_t)snprintf(out, sizeof out, "{\"error\": \"");
+    for (const char *p = msg; *p && o < sizeof out - 8; p++) {
+        if (*p == '"' || *p == '\\')
+            out[o++] = '\\';
+        out[o++] = (unsigned char)*p < 0x20 ? ' ' : *p;
+    }
+    o += (size_t)snprintf(out + o, sizeof out - o, "\"}\n");
+    if (write(1, out, o) < 0)
+        _exit(3);
+    _exit(2);
+}
+
+static void *xrealloc(void *p, size_t n) {
+    void *q = realloc(p, n ? n : 1);
+    if (!q)
+        die("out of memory");
+    return q;
+}
+
+/* round half away from zero to d decimals (Python's round differs only on exact ties) */
+static double rnd(double v, int d) {
+    double m = 1;
+    while (d-- > 0)
+        m *= 10;
+    double x = v * m;
+    int64_t i = (int64_t)(x >= 0 ? x + 0.5 : x - 0.5);
+    return (double)i / m;
+}
+
+typedef struct {
+    int64_t *v;
+    size_t n, cap;
+} vec_t;
+
+static void vec_push(vec_t *a, int64_t x) {
+    if (a->n == a->cap) {
+        a->cap = a->cap ? a->cap * 2 : 1024;
+        a->v = xrealloc(a->v, a->cap * sizeof *a->v);
+    }
+    a->v[a->n++] = x;
+}
+
+static int cmp_i64(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* runner.pct: linear interpolation between closest ranks */
+static double pct(const int64_t *s, size_t n, double p) {
+    double k = (double)(n - 1) * p / 100.0;
+    size_t f = (size_t)k;
+    size_t c = f + 1 < n ? f + 1 : n - 1;
+    return (double)s[f] + (double)(s[c] - s[f]) * (k - (double)f);
+}
+
+static uint64_t rng_state;
+
+static uint32_t rng32(void) {
+    uint64_t x = rng_state; /* xorshift64* */
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    rng_state = x;
+    return (uint32_t)((x * 0x2545F4914F6CDD1DULL) >> 32);
+}
+
+static void random_bytes(void *p, size_t n) {
+    size_t got = 0;
+    while (got < n) {
+        ssize_t r = getrandom((char *)p + got, n - got, 0);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            die("getrandom: %s", strerror(errno));
+        }
+        got += (size_t)r;
+    }
+}
+
+/* ------------------------------------------------------------------ SHA-1, base64 */
+
+static uint32_t rol32(uint32_t x, int k) { return (x << k) | (x >> (32 - k)); }
+
+static void sha1_block(uint32_t h[5], const uint8_t *p) {
+    uint32_t w[80];
+    for (int i = 0; i < 16; i++)
+        w[i] = (uint32_t)p[4 * i] << 24 | (uint32_t)p[4 * i + 1] << 16 | (uint32_t)p[4 * i + 2] << 8 | p[4 * i + 3];
+    for (int i = 16; i < 80; i++)
+        w[i] = rol32(w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16], 1);
+    uint32_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4];
+    for (int i = 0; i < 80; i++) {
+        uint32_t f, k;
+        if (i < 20) {
+            f = (b & c) | (~b & d);
+            k = 0x5A827999;
+        } else if (i < 40) {
+            f = b ^ c ^ d;
+            k = 0x6ED9EBA1;
+        } else if (i < 60) {
+            f = (b & c) | (b & d) | (c & d);
+            k = 0x8F1BBCDC;
+        } else {
+            f = b ^ c ^ d;
+            k = 0xCA62C1D6;
+        }
+        uint32_t t = rol32(a, 5) + f + e + k + w[i];
+        e = d;
+        d = c;
+        c = rol32(b, 30);
+        b = a;
+        a = t;
+    }
+    h[0] += a;
+    h[1] += b;
+    h[2] += c;
+    h[3] += d;
+    h[4] += e;
+}
+
+static void sha1(const uint8_t *msg, size_t len, uint8_t out[20]) {
+    uint32_t h[5] = {0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476, 0xC3D2E1F0};
+    size_t full = len / 64 * 64;
+    for (size_t i = 0; i < full; i += 64)
+        sha1_block(h, msg + i);
+    uint8_t tail[128];
+    size_t r = len - full;
+    memcpy(tail, msg + full, r);
+    tail[r++] = 0x80;
+    size_t tl = r + 8 <= 64 ? 64 : 128;
+    memset(tail + r, 0, tl - r);
+    uint64_t bits = (uint64_t)len * 8;
+    for (int i = 0; i < 8; i++)
+        tail[tl - 1 - i] = (uint8_t)(bits >> (8 * i));
+    for (size_t i = 0; i < tl; i += 64)
+        sha1_block(h, tail + i);
+    for (int i = 0; i < 5; i++) {
+        out[4 * i] = (uint8_t)(h[i] >> 24);
+        out[4 * i + 1] = (uint8_t)(h[i] >> 16);
+        out[4 * i + 2] = (uint8_t)(h[i] >> 8);
+        out[4 * i + 3] = (uint8_t)h[i];
+    }
+}
+
+static void base64(const uint8_t *in, size_t n, char *out) {
+    static const char A[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    size_t o = 0;
+    for (size_t i = 0; i < n; i += 3) {
+        uint32_t v = (uint32_t)in[i] << 16;
+        if (i + 1 < n)
+            v |= (uint32_t)in[i + 1] << 8;
+        if (i + 2 < n)
+            v |= in[i + 2];
+        out[o++] = A[(v >> 18) & 63];
+        out[o++] = A[(v >> 12) & 63];
+        out[o++] = i + 1 < n ? A[(v >> 6) & 63] : '=';
+        out[o++] = i + 2 < n ? A[v & 63] : '=';
+    }
+    out[o] = 0;
+}
+
+/* Sec-WebSocket-Accept for a key: base64(SHA-1(key + GUID)), 28 chars */
+static void accept_for(const char *key, char out[29]) {
+    char buf[128];
+    int n = snprintf(buf, sizeof buf, "%s258EAFA5-E914-47DA-95CA-C5AB0DC85B11", key);
+    uint8_t d[20];
+    sha1((const uint8_t *)buf, (size_t)n, d);
+    base64(d, 20, out);
+}
+
+/* ------------------------------------------------------------------ configuration */
+
+typedef struct {
+    char host[256];
+    int port;
+    char path[2048];
+    char url[2400];
+    struct sockaddr_in addr;
+} target_t;
+
+enum { SC_FANOUT, SC_RATE, SC_SINK };
+
+static struct {
+    int scenario;
+    int raw; /* --protocol raw */
+    target_t t[MAXT];
+    int nt;
+    int sender_alone;
+    int n;
+    int inflight;
+    double rate;
+    int size;
+    double duration, warmup;
+    int source_ips;
+    int concurrency;
+    double connect_timeout;
+    double open_deadline;
+    int probes;
+    int server_pid;
+    double keepalive;
+    int nap_us;
+    int progress;
+    size_t read_size; /* tests: read at most this many bytes at a time */
+} cfg = {
+    .scenario = SC_FANOUT,
+    .n = 1000,
+    .inflight = 32,
+    .rate = 50,
+    .size = 100,
+    .duration = 10,
+    .warmup = 2,
+    .concurrency = 64,
+    .connect_timeout = 15,
+    .probes = 32,
+    .keepalive = 20,
+    .read_size = RDBUF,
+};
+
+static int target_of(int i) {
+    int n = cfg.nt;
+    if (n == 1)
+        return 0;
+    if (cfg.sender_alone)
+        return i == 0 ? 0 : 1 + (i - 1) % (n - 1);
+    return i % n;
+}
+
+/* ------------------------------------------------------------------ connections */
+
+enum { C_NONE, C_CONNECTING, C_HANDSHAKE, C_OPEN, C_DONE };
+
+typedef struct {
+    int fd;
+    int idx, target;
+    uint8_t state;
+    uint8_t probe;
+    uint8_t excluded;  /* fanout: never the slowest (the sender, failed or closed) */
+    uint8_t recipient; /* fanout: counted in the window */
+    uint8_t marked;    /* the fragmented message in progress carries the marker */
+    uint8_t capturing; /* collecting the looked-at start of a payload */
+    uint8_t op, fin, masked;
+    uint8_t hdr_have;
+    uint8_t want_out; /* EPOLLOUT registered */
+    uint8_t hdr[14];
+    uint8_t mkey[4];
+    uint16_t cap_have, cap_want;
+    uint64_t plen;   /* payload length of the frame being captured */
+    uint64_t skip;   /* payload bytes still to skip */
+    int64_t count;   /* counted messages */
+    int64_t frag_ts; /* send time of a fragmented marked message (or -1) */
+    int64_t deadline;
+    int64_t t_start, t_open;
+    char key[25];
+    char *hs; /* the handshake response so far */
+    uint32_t hs_len;
+    char *out; /* bytes the socket did not take yet */
+    size_t out_len, out_off, out_cap;
+    uint8_t win[WIN];
+} conn_t;
+
+static struct {
+    int ep;
+    uint8_t *buf;
+    conn_t *c;
+    int64_t t_begin;
+    /* connecting */
+    int next;     /* next connection to attempt */
+    int *att;     /* attempts in progress */
+    int natt;
+    int nopen, nfail, skipped;
+    char first_failure[512];
+    int64_t open_deadline;
+    int connecting;
+    /* measurement */
+    int measuring;
+    int closing;
+    int64_t closed_early;
+    vec_t lat[MAXT];
+    size_t hint; /* offset of the marker in the last data frame */
+    /* per read, probes */
+    int stamping;
+    int rd_first;
+    int64_t rd_last;
+    int64_t rd_now;
+    /* fanout */
+    int fanout_on;
+    int sending;
+    int64_t min_count;
+    int64_t at_min;
+    int wake;
+    int sender; /* index of the sending connection */
+    int64_t sent, offset, last_min, stalls;
+    int64_t last_move;
+    /* rate */
+    int rate_on;
+    int64_t rate_t0, rate_stop, rate_next;
+    double interval_ns;
+    double late_ns;
+    /* keepalive, nap */
+    int64_t ka_next;  /* 0: off */
+    int64_t nap_next; /* 0: off */
+    /* progress */
+    int show;
+    int shown;
+    const char *label;
+    /* frame building */
+    uint8_t *fbuf;
+    size_t fcap;
+} G;
+
+static void progress(const char *fmt, ...) {
+    if (!G.show)
+        return;
+    char line[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "\r\x1b[2K[%s] %s", G.label, line);
+    fflush(stderr);
+    G.shown = 1;
+}
+
+static void progress_done(void) {
+    if (G.shown) {
+        fputc('\n', stderr);
+        fflush(stderr);
+        G.shown = 0;
+    }
+}
+
+static void ep_set(conn_t *c, uint32_t events, int op) {
+    struct epoll_event ev = {.events = events, .data.u32 = (uint32_t)c->idx};
+    if (epoll_ctl(G.ep, op, c->fd, &ev) < 0 && op != EPOLL_CTL_DEL)
+        die("epoll_ctl: %s", strerror(errno));
+}
+
+static void close_fd(conn_t *c) {
+    if (c->fd >= 0) {
+        close(c->fd); /* leaves the epoll set with it */
+        c->fd = -1;
+    }
+    free(c->hs);
+    c->hs = NULL;
+    free(c->out);
+    c->out = NULL;
+    c->out_len = c->out_off = c->out_cap = 0;
+    c->want_out = 0;
+}
+
+/* Write now what the socket takes, keep the rest for EPOLLOUT. */
+static void conn_write(conn_t *c, const void *data, size_t n) {
+    if (c->fd < 0 || n == 0)
+        return;
+    const uint8_t *p = data;
+    if (c->out_len == c->out_off) {
+        ssize_t w = send(c->fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+                return; /* the read side sees the end */
+            w = 0;
+        }
+        if ((size_t)w == n)
+            return;
+        p += w;
+        n -= (size_t)w;
+        c->out_len = c->out_off = 0;
+    }
+    if (c->out_len + n > c->out_cap) {
+        c->out_cap = (c->out_len + n) * 2;
+        c->out = xrealloc(c->out, c->out_cap);
+    }
+    memcpy(c->out + c->out_len, p, n);
+    c->out_len += n;
+    if (!c->want_out && c->state != C_CONNECTING) {
+        c->want_out = 1;
+        ep_set(c, EPOLLIN | EPOLLOUT, EPOLL_CTL_MOD);
+    }
+}
+
+static void flush_out(conn_t *c) {
+    while (c->out_off < c->out_len) {
+        ssize_t w = send(c->fd, c->out + c->out_off, c->out_len - c->out_off, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return;
+            c->out_off = c->out_len; /* broken: drop it, the read side sees the end */
+            break;
+        }
+        c->out_off += (size_t)w;
+    }
+    c->out_len = c->out_off = 0;
+    if (c->want_out) {
+        c->want_out = 0;
+        ep_set(c, EPOLLIN, EPOLL_CTL_MOD);
+    }
+}
+
+/* ------------------------------------------------------------------ frames out */
+
+static void mask_copy(uint8_t *dst, const uint8_t *src, size_t n, const uint8_t key[4]) {
+    for (size_t i = 0; i < n; i++)
+        dst[i] = src[i] ^ key[i & 3];
+}
+
+/* a masked client frame; returns its length (dst holds 14 + n bytes) */
+static size_t client_frame(uint8_t *dst, int opcode, const uint8_t *payload, size_t n) {
+    size_t h = 0;
+    dst[h++] = (uint8_t)(0x80 | opcode);
+    if (n < 126) {
+        dst[h++] = (uint8_t)(0x80 | n);
+    } else if (n < 65536) {
+        dst[h++] = 0x80 | 126;
+        dst[h++] = (uint8_t)(n >> 8);
+        dst[h++] = (uint8_t)n;
+    } else {
+        dst[h++] = 0x80 | 127;
+        for (int i = 7; i >= 0; i--)
+            dst[h++] = (uint8_t)((uint64_t)n >> (8 * i));
+    }
+    uint32_t k = rng32();
+    uint8_t key[4] = {(uint8_t)k, (uint8_t)(k >> 8), (uint8_t)(k >> 16), (uint8_t)(k >> 24)};
+    memcpy(dst + h, key, 4);
+    h += 4;
+    mask_copy(dst + h, payload, n, key);
+    return h + n;
+}
+
+static uint8_t *payload_buf;
+static size_t payload_cap;
+
+/* The bench message of runner.Encoder: "~#<ns> s<seq> c<sender> " padded with x,
+ * in the wshub envelope or raw; appended to G.fbuf at *len. */
+static void message_frame(size_t *len, int sender, int64_t seq) {
+    char head[96];
+    int hn = snprintf(head, sizeof head, "~#%lld s%lld c%d ", (long long)now_ns(), (long long)seq, sender);
+    size_t cn = (size_t)cfg.size > (size_t)hn ? (size_t)cfg.size : (size_t)hn;
+    size_t need = cn + 64;
+    if (need > payload_cap) {
+        payload_cap = need;
+        payload_buf = xrealloc(payload_buf, payload_cap);
+    }
+    size_t p = 0;
+    static const char pre[] = "{\"type\":\"message\",\"content\":\"";
+    if (!cfg.raw) {
+        memcpy(payload_buf, pre, sizeof pre - 1);
+        p = sizeof pre - 1;
+    }
+    memcpy(payload_buf + p, head, (size_t)hn);
+    memset(payload_buf + p + hn, 'x', cn - (size_t)hn);
+    p += cn;
+    if (!cfg.raw) {
+        payload_buf[p++] = '"';
+        payload_buf[p++] = '}';
+    }
+    if (*len + p + 14 > G.fcap) {
+        G.fcap = (*len + p + 14) * 2;
+        G.fbuf = xrealloc(G.fbuf, G.fcap);
+    }
+    *len += client_frame(G.fbuf + *len, 1, payload_buf, p);
+}
+
+static void send_control(conn_t *c, int opcode, const uint8_t *payload, size_t n) {
+    uint8_t f[14 + 125];
+    if (n > 125)
+        n = 125;
+    conn_write(c, f, client_frame(f, opcode, payload, n));
+}
+
+/* ------------------------------------------------------------------ frames in */
+
+static void fanout_counted(conn_t *c, int64_t k);
+
+/* the marker in the first len bytes of a payload: its offset, or -1 */
+static long find_marker(const uint8_t *p, size_t len) {
+    size_t h = G.hint;
+    if (h + 1 < len && p[h] == '~' && p[h + 1] == '#')
+        return (long)h;
+    if (len < 2)
+        return -1;
+    const uint8_t *q = p, *e = p + len - 1;
+    while (q < e) {
+        q = memchr(q, '~', (size_t)(e - q));
+        if (!q)
+            return -1;
+        if (q[1] == '#') {
+            G.hint = (size_t)(q - p);
+            return (long)(q - p);
+        }
+        q++;
+    }
+    return -1;
+}
+
+/* the send time after the marker at p[m], or -1 when it is not all there */
+static int64_t stamp_at(const uint8_t *p, size_t len, long m) {
+    size_t i = (size_t)m + 2;
+    int64_t v = 0;
+    size_t d0 = i;
+    while (i < len && p[i] >= '0' && p[i] <= '9' && i - d0 < 19)
+        v = v * 10 + (p[i++] - '0');
+    if (i == d0 || i >= len || p[i] != ' ')
+        return -1;
+    return v;
+}
+
+static void stamp(conn_t *c, int64_t ts) {
+    if (ts < 0)
+        return;
+    if (!G.rd_first) {
+        G.rd_first = 1;
+        vec_push(&G.lat[c->target], G.rd_now - ts);
+    } else {
+        G.rd_last = ts;
+    }
+}
+
+/* One frame whose looked-at start (len bytes of payload) is at p; returns 1 when
+ * it completes a counted message. */
+static int frame_end(conn_t *c, int op, int fin, const uint8_t *p, size_t len) {
+    switch (op) {
+    case 1:
+    case 2: {
+        long m = find_marker(p, len);
+        if (fin) {
+            if (m < 0)
+                return 0;
+            if (G.stamping)
+                stamp(c, stamp_at(p, len, m));
+            return 1;
+        }
+        c->marked = m >= 0;
+        c->frag_ts = m >= 0 && G.stamping ? stamp_at(p, len, m) : -1;
+        return 0;
+    }
+    case 0:
+        if (fin && c->marked) {
+            c->marked = 0;
+            if (G.stamping)
+                stamp(c, c->frag_ts);
+            return 1;
+        }
+        return 0;
+    case 9: /* Ping: Pong with the same payload */
+        send_control(c, 0xA, p, len);
+        return 0;
+    case 8: /* Close: answer it; the end of the stream follows */
+        if (!G.closing)
+            send_control(c, 0x8, p, len >= 2 ? 2 : 0);
+        return 0;
+    default:
+        return 0;
+    }
+}
+
+static size_t header_len(uint8_t b1) {
+    size_t n = b1 & 0x7F;
+    return 2 + (n == 126 ? 2 : n == 127 ? 8 : 0) + (b1 & 0x80 ? 4 : 0);
+}
+
+/* Walk the frames of one read; returns the messages counted. */
+static int64_t feed(conn_t *c, const uint8_t *p, size_t n) {
+    const uint8_t *end = p + n;
+    int64_t counted = 0;
+    while (p < end) {
+        size_t avail = (size_t)(end - p);
+        if (c->skip) {
+            if (c->skip >= avail) {
+                c->skip -= avail;
+                return counted;
+            }
+            p += c->skip;
+            c->skip = 0;
+            continue;
+        }
+        if (c->capturing) {
+            size_t k = (size_t)(c->cap_want - c->cap_have);
+            if (k > avail)
+                k = avail;
+            memcpy(c->win + c->cap_have, p, k);
+            c->cap_have = (uint16_t)(c->cap_have + k);
+            p += k;
+            if (c->cap_have < c->cap_want)
+                return counted;
+            c->capturing = 0;
+            if (c->masked)
+                mask_copy(c->win, c->win, c->cap_want, c->mkey);
+            counted += frame_end(c, c->op, c->fin, c->win, c->cap_want);
+            c->skip = c->plen - c->cap_want;
+            continue;
+        }
+        /* a frame header */
+        const uint8_t *h;
+        if (c->hdr_have) {
+            while (c->hdr_have < 2 && p < end)
+                c->hdr[c->hdr_have++] = *p++;
+            if (c->hdr_have < 2)
+                return counted;
+            size_t hl = header_len(c->hdr[1]);
+            size_t k = hl - c->hdr_have;
+            if (k > (size_t)(end - p))
+                k = (size_t)(end - p);
+            memcpy(c->hdr + c->hdr_have, p, k);
+            c->hdr_have = (uint8_t)(c->hdr_have + k);
+            p += k;
+            if (c->hdr_have < hl)
+                return counted;
+            h = c->hdr;
+            c->hdr_have = 0;
+        } else {
+            if (avail < 2 || avail < header_len(p[1])) {
+                memcpy(c->hdr, p, avail);
+                c->hdr_have = (uint8_t)avail;
+                return counted;
+            }
+            h = p;
+            p += header_len(p[1]);
+        }
+        int fin = h[0] >> 7, op = h[0] & 0x0F, masked = h[1] >> 7;
+        uint64_t plen = h[1] & 0x7F;
+        size_t o = 2;
+        if (plen == 126) {
+            plen = (uint64_t)h[2] << 8 | h[3];
+            o = 4;
+        } else if (plen == 127) {
+            plen = 0;
+            for (int i = 0; i < 8; i++)
+                plen = plen << 8 | h[2 + i];
+            o = 10;
+        }
+        size_t want;
+        if (op == 1 || op == 2)
+            want = plen < WIN ? (size_t)plen : WIN;
+        else if (op == 8 || op == 9)
+            want = plen < 125 ? (size_t)plen : 125;
+        else
+            want = 0;
+        avail = (size_t)(end - p);
+        if (want == 0) {
+            counted += frame_end(c, op, fin, p, 0);
+        } else if (!masked && avail >= want) {
+            counted += frame_end(c, op, fin, p, want);
+        } else {
+            c->op = (uint8_t)op;
+            c->fin = (uint8_t)fin;
+            c->masked = (uint8_t)masked;
+            if (masked)
+                memcpy(c->mkey, h + o, 4);
+            c->plen = plen;
+            c->cap_have = 0;
+            c->cap_want = (uint16_t)want;
+            c->capturing = 1;
+            continue;
+        }
+        if (plen <= avail)
+            p += plen;
+        else {
+            c->skip = plen - avail;
+            return counted;
+        }
+    }
+    return counted;
+}
+
+/* ------------------------------------------------------------------ connecting */
+
+static void py_error(char *out, size_t n, int err, const char *what) {
+    const char *kind = err == ECONNREFUSED ? "ConnectionRefusedError"
+                       : err == ECONNRESET ? "ConnectionResetError"
+                       : err == ETIMEDOUT  ? "TimeoutError"
+                                           : "OSError";
+    snprintf(out, n, "%s: [Errno %d] %s%s%s", kind, err, strerror(err), what ? ": " : "", what ? what : "");
+}
+
+static void attempt_end(conn_t *c, const char *failure) {
+    for (int i = 0; i < G.natt; i++)
+        if (G.att[i] == c->idx) {
+            G.att[i] = G.att[--G.natt];
+            break;
+        }
+    if (failure) {
+        if (!G.nfail++)
+            snprintf(G.first_failure, sizeof G.first_failure, "%s", failure);
+        close_fd(c);
+        c->state = C_DONE;
+    } else {
+        G.nopen++;
+        c->state = C_OPEN;
+    }
+}
+
+static void conn_connected(conn_t *c) {
+    c->t_start = now_ns();
+    c->deadline = c->t_start + (int64_t)(cfg.connect_timeout * 1e9);
+    c->state = C_HANDSHAKE;
+    ep_set(c, EPOLLIN, EPOLL_CTL_MOD);
+    c->want_out = 0;
+    target_t *t = &cfg.t[c->target];
+    char req[4096];
+    int n = snprintf(req, sizeof req,
+                     "GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n",
+                     t->path, t->host, t->port, c->key);
+    conn_write(c, req, (size_t)n);
+}
+
+static void start_attempt(int i) {
+    conn_t *c = &G.c[i];
+    char why[512];
+    if (G.open_deadline && now_ns() > G.open_deadline) {
+        G.skipped++;
+        c->state = C_DONE;
+        return;
+    }
+    uint8_t k[16];
+    random_bytes(k, sizeof k);
+    base64(k, sizeof k, c->key);
+    c->target = target_of(i);
+    c->deadline = now_ns() + (int64_t)(cfg.connect_timeout * 1e9);
+    G.att[G.natt++] = i;
+    c->state = C_CONNECTING;
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        py_error(why, sizeof why, errno, "socket");
+        attempt_end(c, why);
+        return;
+    }
+    c->fd = fd;
+    int one = 1;
+    setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    struct sockaddr_in src = {.sin_family = AF_INET};
+    src.sin_addr.s_addr = htonl((127u << 24) | (uint32_t)(1 + i % cfg.source_ips));
+    if (bind(fd, (struct sockaddr *)&src, sizeof src) < 0) {
+        py_error(why, sizeof why, errno, "bind");
+        attempt_end(c, why);
+        return;
+    }
+    struct epoll_event ev = {.events = EPOLLOUT, .data.u32 = (uint32_t)i};
+    if (epoll_ctl(G.ep, EPOLL_CTL_ADD, fd, &ev) < 0)
+        die("epoll_ctl: %s", strerror(errno));
+    if (connect(fd, (struct sockaddr *)&cfg.t[c->target].addr, sizeof cfg.t[c->target].addr) == 0) {
+        conn_connected(c);
+    } else if (errno != EINPROGRESS) {
+        py_error(why, sizeof why, errno, NULL);
+        attempt_end(c, why);
+    }
+}
+
+static void on_connect_ready(conn_t *c) {
+    int err = 0;
+    socklen_t l = sizeof err;
+    if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &l) < 0)
+        err = errno;
+    if (err) {
+        char why[512];
+        py_error(why, sizeof why, err, NULL);
+        attempt_end(c, why);
+        return;
+    }
+    conn_connected(c);
+}
+
+/* Returns the number of bytes of the response up to and with the blank line once
+ * it is all there and valid, 0 while incomplete, -1 after failing the attempt. */
+static long handshake_data(conn_t *c, const uint8_t *p, size_t n) {
+    size_t old = c->hs_len;
+    size_t take = n;
+    if (old + take > HS_MAX)
+        take = HS_MAX - old;
+    c->hs = xrealloc(c->hs, old + take + 1);
+    memcpy(c->hs + old, p, take);
+    c->hs_len = (uint32_t)(old + take);
+    c->hs[c->hs_len] = 0;
+    char *e = memmem(c->hs + (old > 3 ? old - 3 : 0), c->hs_len - (old > 3 ? old - 3 : 0), "\r\n\r\n", 4);
+    if (!e) {
+        if (c->hs_len >= HS_MAX) {
+            attempt_end(c, "ConnectionError: handshake response too long");
+            return -1;
+        }
+        return 0;
+    }
+    *e = 0;
+    char why[600];
+    /* status line */
+    char *eol = strstr(c->hs, "\r\n");
+    if (eol)
+        *eol = 0;
+    const char *sp = strchr(c->hs, ' ');
+    if (!sp || strncmp(sp + 1, "101", 3) != 0 || (sp[4] != ' ' && sp[4] != 0)) {
+        snprintf(why, sizeof why, "ConnectionError: handshake refused: %.200s", c->hs);
+        attempt_end(c, why);
+        return -1;
+    }
+    char want[29];
+    accept_for(c->key, want);
+    int found = 0, good = 0;
+    for (char *line = eol ? eol + 2 : NULL; line && *line;) {
+        char *next = strstr(line, "\r\n");
+        if (next)
+            *next = 0;
+        char *colon = strchr(line, ':');
+        if (colon) {
+            char *a = line, *b = colon;
+            while (a < b && (*a == ' ' || *a == '\t'))
+                a++;
+            while (b > a && (b[-1] == ' ' || b[-1] == '\t'))
+                b--;
+            if ((size_t)(b - a) == 20 && strncasecmp(a, "sec-websocket-accept", 20) == 0) {
+                char *v = colon + 1, *ve = v + strlen(v);
+                while (*v == ' ' || *v == '\t')
+                    v++;
+                while (ve > v && (ve[-1] == ' ' || ve[-1] == '\t'))
+                    ve--;
+                found = 1;
+                good = (size_t)(ve - v) == 28 && memcmp(v, want, 28) == 0;
+                break;
+            }
+        }
+        line = next ? next + 2 : NULL;
+    }
+    if (!found || !good) {
+        attempt_end(c, found ? "ConnectionError: bad Sec-WebSocket-Accept"
+                             : "ConnectionError: no Sec-WebSocket-Accept in the 101 response");
+        return -1;
+    }
+    long used = (long)(e - c->hs) + 4 - (long)old; /* bytes of this read in the response */
+    free(c->hs);
+    c->hs = NULL;
+    c->hs_len = 0;
+    c->t_open = now_ns();
+    attempt_end(c, NULL);
+    return used;
+}
+
+/* ------------------------------------------------------------------ the loop */
+
+static void conn_lost(conn_t *c, int err) {
+    if (c->state == C_CONNECTING || c->state == C_HANDSHAKE) {
+        char why[512];
+        if (err)
+            py_error(why, sizeof why, err, NULL);
+        else
+            snprintf(why, sizeof why, "ConnectionError: closed during handshake: None");
+        attempt_end(c, why);
+        return;
+    }
+    if (c->state == C_OPEN && !G.closing) {
+        G.closed_early++;
+        if (cfg.scenario == SC_FANOUT && !c->excluded) {
+            /* a dead recipient must not hold the window */
+            c->excluded = 1;
+            G.wake = 1;
+        }
+    }
+    close_fd(c);
+    c->state = C_DONE;
+}
+
+static void on_readable(conn_t *c) {
+    size_t lim = cfg.read_size;
+    ssize_t r = recv(c->fd, G.buf, lim, MSG_DONTWAIT);
+    if (r <= 0) {
+        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+            return;
+        conn_lost(c, r < 0 ? errno : 0);
+        return;
+    }
+    const uint8_t *p = G.buf;
+    size_t n = (size_t)r;
+    if (c->state == C_HANDSHAKE) {
+        long used = handshake_data(c, p, n);
+        if (used <= 0)
+            return;
+        p += used;
+        n -= (size_t)used;
+        if (!n)
+            return;
+    }
+    if (G.closing)
+        return;
+    G.stamping = c->probe && G.measuring;
+    if (G.stamping) {
+        G.rd_first = 0;
+        G.rd_last = -1;
+        G.rd_now = now_ns();
+    }
+    int64_t k = feed(c, p, n);
+    if (G.stamping && G.rd_last >= 0)
+        vec_push(&G.lat[c->target], G.rd_now - G.rd_last);
+    if (k)
+        fanout_counted(c, k);
+}
+
+static void fanout_counted(conn_t *c, int64_t k) {
+    int64_t old = c->count;
+    c->count = old + k;
+    if (old == G.min_count && !c->excluded) {
+        if (--G.at_min <= 0)
+            G.wake = 1;
+    }
+}
+
+static void release(void);
+static void rate_tick(void);
+
+static void keepalive_tick(int64_t now) {
+    if (!G.ka_next || now < G.ka_next)
+        return;
+    G.ka_next = now + (int64_t)(cfg.keepalive * 1e9);
+    for (int i = 0; i < cfg.n; i++)
+        if (G.c[i].state == C_OPEN && G.c[i].fd >= 0)
+            send_control(&G.c[i], 0xA, (const uint8_t *)"bench", 5);
+}
+
+static void pump_connects(void) {
+    if (!G.connecting)
+        return;
+    int64_t now = now_ns();
+    for (int i = 0; i < G.natt;) {
+        conn_t *c = &G.c[G.att[i]];
+        if (now > c->deadline) {
+            attempt_end(c, "TimeoutError: "); /* removes att[i] */
+            continue;
+        }
+        i++;
+    }
+    while (G.natt < cfg.concurrency && G.next < cfg.n)
+        start_attempt(G.next++);
+}
+
+static int timeout_ms(int64_t until) {
+    int64_t t = until;
+    if (G.rate_on && G.rate_next < t)
+        t = G.rate_next;
+    if (G.ka_next && G.ka_next < t)
+        t = G.ka_next;
+    if (G.nap_next && G.nap_next < t)
+        t = G.nap_next;
+    if (G.connecting)
+        for (int i = 0; i < G.natt; i++)
+            if (G.c[G.att[i]].deadline + 1000000 < t)
+                t = G.c[G.att[i]].deadline + 1000000;
+    int64_t d = t - now_ns();
+    if (d <= 0)
+        return 0;
+    return (int)((d + 999999) / 1000000);
+}
+
+static void loop_once(int64_t until) {
+    static struct epoll_event ev[1024];
+    int n = epoll_wait(G.ep, ev, 1024, timeout_ms(until));
+    if (n < 0 && errno != EINTR)
+        die("epoll_wait: %s", strerror(errno));
+    for (int i = 0; i < n; i++) {
+        conn_t *c = &G.c[ev[i].data.u32];
+        if (c->fd < 0)
+            continue;
+        uint32_t e = ev[i].events;
+        if (c->state == C_CONNECTING) {
+            on_connect_ready(c);
+            continue;
+        }
+        if (e & EPOLLOUT)
+            flush_out(c);
+        if (c->fd >= 0 && (e & (EPOLLIN | EPOLLHUP | EPOLLERR)))
+            on_readable(c);
+    }
+    if (G.wake) {
+        G.wake = 0;
+        release();
+    }
+    int64_t now = now_ns();
+    if (G.rate_on && now >= G.rate_next)
+        rate_tick();
+    keepalive_tick(now);
+    if (G.nap_next && now >= G.nap_next) {
+        struct timespec ts = {0, (long)cfg.nap_us * 1000};
+        nanosleep(&ts, NULL);
+        G.nap_next = now_ns() + 1000000;
+    }
+    pump_connects();
+}
+
+static void run_until(int64_t t) {
+    while (now_ns() < t)
+        loop_once(t);
+}
+
+/* ------------------------------------------------------------------ measurement */
+
+static int64_t total(void) {
+    int64_t s = 0;
+    for (int i = 0; i < cfg.n; i++) {
+        conn_t *c = &G.c[i];
+        if (cfg.scenario == SC_FANOUT ? (c->recipient && !c->excluded) : 1)
+            s += c->count;
+    }
+    return s;
+}
+
+static int open_now(void) {
+    int k = 0;
+    for (int i = 0; i < cfg.n; i++)
+        k += G.c[i].state == C_OPEN && G.c[i].fd >= 0;
+    return k;
+}
+
+static double server_cpu_s(void) {
+    if (cfg.server_pid <= 0)
+        return -1;
+    char path[64], buf[4096];
+    snprintf(path, sizeof path, "/proc/%d/stat", cfg.server_pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t r = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (r <= 0)
+        return -1;
+    buf[r] = 0;
+    char *p = strrchr(buf, ')');
+    if (!p)
+        return -1;
+    p++;
+    /* fields after ")": state(0) ... utime(11) stime(12) */
+    unsigned long long ut = 0, st = 0;
+    int f = -1;
+    char *save = NULL;
+    for (char *tok = strtok_r(p, " ", &save); tok; tok = strtok_r(NULL, " ", &save)) {
+        f++;
+        if (f == 11)
+            ut = strtoull(tok, NULL, 10);
+        else if (f == 12) {
+            st = strtoull(tok, NULL, 10);
+            break;
+        }
+    }
+    if (f < 12)
+        return -1;
+    return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
+}
+
+static const char *fmt_rate(double v, char *b, size_t n) {
+    if (v >= 1e6)
+        snprintf(b, n, "%.2fM", v / 1e6);
+    else if (v >= 1e3)
+        snprintf(b, n, "%.1fk", v / 1e3);
+    else
+        snprintf(b, n, "%.0f", v);
+    return b;
+}
+
+static void watchdog(void);
+
+/* runner.tick_loop: seconds in 1 s steps, the watchdog (fanout) and the progress line */
+static void tick_loop(double seconds) {
+    int64_t end = now_ns() + (int64_t)(seconds * 1e9);
+    int64_t last_n = total(), last_t = now_ns();
+    for (;;) {
+        int64_t left = end - now_ns();
+        if (left <= 0)
+            break;
+        run_until(now_ns() + (left < NS ? left : NS));
+        if (G.fanout_on)
+            watchdog();
+        if (G.show) {
+            int64_t now = now_ns(), n = total();
+            double rate = now > last_t ? (double)(n - last_n) * 1e9 / (double)(now - last_t) : 0;
+            last_n = n;
+            last_t = now;
+            char rb[32];
+            double l = (double)(end - now) / 1e9;
+            progress("%s %5.1fs left  conns=%d  deliveries/s=%s  total=%lld", G.measuring ? "measuring" : "warmup",
+                     l > 0 ? l : 0.0, open_now(), fmt_rate(rate, rb, sizeof rb), (long long)n);
+        }
+    }
+}
+
+static struct {
+    int64_t t0, n0;
+    double cpu0, scpu0;
+    /* results */
+    double t;
+    int64_t n;
+    double cpu;
+    double scpu; /* -1: unknown */
+} W;
+
+static void win_start(void) {
+    W.t0 = now_ns();
+    W.n0 = total();
+    W.cpu0 = cpu_s();
+    W.scpu0 = server_cpu_s();
+    G.measuring = 1;
+}
+
+static void win_stop(void) {
+    G.measuring = 0;
+    W.t = (double)(now_ns() - W.t0) / 1e9;
+    W.n = total() - W.n0;
+    W.cpu = cpu_s() - W.cpu0;
+    double s1 = server_cpu_s();
+    W.scpu = W.scpu0 >= 0 && s1 >= 0 ? s1 - W.scpu0 : -1;
+}
+
+/* ------------------------------------------------------------------ JSON out */
+
+static int jn; /* members written in the current object */
+
+static void obj_begin(void) {
+    printf("{");
+    jn = 0;
+}
+
+static void jkey(const char *k) {
+    printf("%s\"%s\": ", jn++ ? ", " : "", k);
+}
+
+static void jstr_raw(const char *s) {
+    putchar('"');
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        if (*p == '"' || *p == '\\')
+            printf("\\%c", *p);
+        else if (*p < 0x20)
+            printf("\\u%04x", *p);
+        else
+            putchar(*p);
+    }
+    putchar('"');
+}
+
+static void jint(const char *k, long long v) {
+    jkey(k);
+    printf("%lld", v);
+}
+
+static void jfloat(const char *k, double v, int d) {
+    jkey(k);
+    printf("%.*f", d > 0 ? d : 1, rnd(v, d));
+}
+
+static void jnull(const char *k) {
+    jkey(k);
+    printf("null");
+}
+
+static void jbool(const char *k, int v) {
+    jkey(k);
+    printf(v ? "true" : "false");
+}
+
+static void latency_summary(vec_t *v) {
+    jint("latency_samples", (long long)v->n);
+    if (!v->n)
+        return;
+    qsort(v->v, v->n, sizeof *v->v, cmp_i64);
+    jfloat("latency_ms_p50", pct(v->v, v->n, 50) / 1e6, 3);
+    jfloat("latency_ms_p90", pct(v->v, v->n, 90) / 1e6, 3);
+    jfloat("latency_ms_p99", pct(v->v, v->n, 99) / 1e6, 3);
+    jfloat("latency_ms_max", (double)v->v[v->n - 1] / 1e6, 3);
+}
+
+static void latency_report(void) {
+    vec_t all = {0};
+    for (int t = 0; t < cfg.nt; t++)
+        for (size_t i = 0; i < G.lat[t].n; i++)
+            vec_push(&all, G.lat[t].v[i]);
+    latency_summary(&all);
+    free(all.v);
+    if (cfg.nt > 1) {
+        jkey("latency_by_url");
+        putchar('{');
+        for (int t = 0; t < cfg.nt; t++) {
+            if (t)
+                printf(", ");
+            jstr_raw(cfg.t[t].url);
+            printf(": {");
+            int save = jn;
+            jn = 0;
+            latency_summary(&G.lat[t]);
+            jn = save;
+            putchar('}');
+        }
+        putchar('}');
+    }
+}
+
+static void window_report(void) {
+    jfloat("measured_s", W.t, 3);
+    jint("deliveries", (long long)W.n);
+    jfloat("deliveries_per_s", W.t > 0 ? (double)W.n / W.t : 0.0, 1);
+    if (W.t > 0)
+        jfloat("generator_cpu", W.cpu / W.t, 3);
+    else
+        jnull("generator_cpu");
+    if (W.scpu >= 0) {
+        jfloat("server_cpu", W.scpu / W.t, 3);
+        if (W.n)
+            jfloat("server_cpu_us_per_delivery", W.scpu / (double)W.n * 1e6, 3);
+    }
+}
+
+/* ------------------------------------------------------------------ scenarios */
+
+static struct {
+    double elapsed;
+} CI;
+
+static void open_connections(int probe_every) {
+    G.t_begin = now_ns();
+    for (int i = 0; i < cfg.n; i++)
+        G.c[i].probe = probe_every > 0 && i % probe_every == 0;
+    G.open_deadline = cfg.open_deadline > 0 ? now_ns() + (int64_t)(cfg.open_deadline * 1e9) : 0;
+    G.connecting = 1;
+    int64_t t0 = now_ns(), shown_at = t0;
+    pump_connects();
+    while (G.next < cfg.n || G.natt > 0) {
+        loop_once(now_ns() + 250000000);
+        if (G.show && now_ns() - shown_at >= NS) {
+            shown_at = now_ns();
+            progress("connecting  open=%d/%d  failed=%d  %.0fs", G.nopen, cfg.n, G.nfail,
+                     (double)(shown_at - t0) / 1e9);
+        }
+    }
+    G.connecting = 0;
+    CI.elapsed = (double)(now_ns() - t0) / 1e9;
+}
+
+static void conn_info(void) {
+    jint("connections_requested", cfg.n);
+    jint("connections_open", G.nopen);
+    jint("connect_failures", G.nfail);
+    jfloat("connect_time_s", CI.elapsed, 3);
+    if (CI.elapsed > 0)
+        jfloat("connects_per_s", G.nopen / CI.elapsed, 1);
+    else
+        jnull("connects_per_s");
+    vec_t hs = {0};
+    for (int i = 0; i < cfg.n; i++)
+        if (G.c[i].t_open)
+            vec_push(&hs, G.c[i].t_open - G.c[i].t_start);
+    if (hs.n) {
+        qsort(hs.v, hs.n, sizeof *hs.v, cmp_i64);
+        jfloat("handshake_ms_p50", pct(hs.v, hs.n, 50) / 1e6, 2);
+        jfloat("handshake_ms_p99", pct(hs.v, hs.n, 99) / 1e6, 2);
+    } else {
+        jnull("handshake_ms_p50");
+        jnull("handshake_ms_p99");
+    }
+    free(hs.v);
+    jint("source_ips", cfg.source_ips);
+    if (G.skipped)
+        jint("connections_not_attempted", G.skipped);
+    if (cfg.nt > 1) {
+        jkey("connections_by_url");
+        putchar('[');
+        for (int t = 0; t < cfg.nt; t++) {
+            int k = 0;
+            for (int i = 0; i < cfg.n; i++)
+                k += G.c[i].t_open && G.c[i].target == t;
+            printf(t ? ", %d" : "%d", k);
+        }
+        putchar(']');
+    }
+}
+
+static int probe_spacing(int n, int probes) {
+    if (probes <= 0)
+        return 0;
+    return n / probes > 1 ? n / probes : 1;
+}
+
+static int first_open(void) {
+    for (int i = 0; i < cfg.n; i++)
+        if (G.c[i].t_open)
+            return i;
+    return -1;
+}
+
+static void fail_run(const char *why) {
+    /* native.py raises this as RuntimeError */
+    progress_done();
+    obj_begin();
+    jkey("error");
+    jstr_raw(why);
+    printf("}\n");
+    fflush(stdout);
+}
+
+static int64_t slowest(void) {
+    int64_t m = INT64_MAX, k = 0;
+    for (int i = 0; i < cfg.n; i++) {
+        conn_t *c = &G.c[i];
+        if (c->excluded)
+            continue;
+        if (c->count < m) {
+            m = c->count;
+            k = 1;
+        } else if (c->count == m) {
+            k++;
+        }
+    }
+    G.at_min = k;
+    G.min_count = m;
+    return m;
+}
+
+/* the closed loop: keep --inflight messages ahead of the slowest recipient */
+static void release(void) {
+    if (!G.sending)
+        return;
+    int64_t m = slowest();
+    if (m == INT64_MAX)
+        return; /* no recipient left */
+    if (m != G.last_min) {
+        G.last_min = m;
+        G.last_move = now_ns();
+    }
+    int64_t room = cfg.inflight - (G.sent - G.offset - m);
+    if (room > 0) {
+        size_t len = 0;
+        for (int64_t j = 0; j < room; j++)
+            message_frame(&len, 0, G.sent + j);
+        conn_write(&G.c[G.sender], G.fbuf, len);
+        G.sent += room;
+    }
+}
+
+static void watchdog(void) {
+    /* a message lost by the server (e.g. a rate limit) would stall the window */
+    if (G.sending && now_ns() - G.last_move > 2 * NS) {
+        int64_t m = slowest();
+        G.stalls++;
+        G.offset = G.sent - (m == INT64_MAX ? 0 : m);
+        G.last_move = now_ns();
+        release();
+    }
+}
+
+static void start_keepalive(void) {
+    if (cfg.keepalive > 0)
+        G.ka_next = now_ns() + (int64_t)(cfg.keepalive * 1e9);
+}
+
+static int scenario_fanout(void) {
+    open_connections(probe_spacing(cfg.n, cfg.probes));
+    if (G.nopen < 2) {
+        fail_run("fan-out needs at least 2 open connections");
+        return 1;
+    }
+    G.sender = first_open();
+    int recipients = 0;
+    for (int i = 0; i < cfg.n; i++) {
+        conn_t *c = &G.c[i];
+        c->recipient = c->t_open && i != G.sender;
+        /* the sender, failed and already closed connections are never the slowest */
+        c->excluded = !c->recipient || c->state != C_OPEN;
+        recipients += c->recipient;
+    }
+    G.min_count = -1;
+    G.last_min = -1;
+    G.last_move = now_ns();
+    run_until(now_ns() + NS / 2); /* let join notifications drain */
+    start_keepalive();
+    G.fanout_on = 1;
+    G.sending = 1;
+    if (cfg.nap_us > 0)
+        G.nap_next = now_ns() + 1000000;
+    release();
+    tick_loop(cfg.warmup);
+    int64_t sent0 = G.sent;
+    win_start();
+    tick_loop(cfg.duration);
+    win_stop();
+    int64_t sent_in = G.sent - sent0;
+    G.sending = 0;
+    G.fanout_on = 0;
+    G.min_count = -1;
+    G.nap_next = 0;
+    G.ka_next = 0;
+    progress_done();
+    obj_begin();
+    conn_info();
+    jint("inflight", cfg.inflight);
+    jint("recipients", recipients);
+    window_report();
+    double ms = rnd(W.t, 3);
+    jfloat("messages_sent_per_s", ms > 0 ? (double)sent_in / ms : 0.0, 1);
+    jint("stalls", G.stalls);
+    latency_report();
+    return 0;
+}
+
+static int64_t rate_sent;
+static int64_t rate_k;
+
+static void rate_tick(void) {
+    int64_t now = now_ns();
+    if (now >= G.rate_stop) {
+        G.rate_on = 0;
+        return;
+    }
+    int64_t due = (int64_t)((double)(now - G.rate_t0) / G.interval_ns) + 1;
+    if (due - rate_k > 1) {
+        double late = (double)(now - G.rate_t0) - (double)(rate_k + 1) * G.interval_ns;
+        if (late > G.late_ns)
+            G.late_ns = late;
+    }
+    size_t len = 0;
+    for (; rate_k < due; rate_k++)
+        message_frame(&len, G.sender, rate_k);
+    if (len)
+        conn_write(&G.c[G.sender], G.fbuf, len);
+    rate_sent = rate_k;
+    G.rate_next = G.rate_t0 + (int64_t)((double)rate_k * G.interval_ns);
+}
+
+static int scenario_rate(void) {
+    int n = cfg.n;
+    open_connections(probe_spacing(n, cfg.probes));
+    if (G.nopen < 2) {
+        fail_run("needs at least 2 open connections");
+        return 1;
+    }
+    G.sender = first_open();
+    int64_t recips = G.nopen - 1; /* every message goes to everyone but its sender */
+    run_until(now_ns() + NS / 2);
+    start_keepalive();
+    G.rate_t0 = now_ns();
+    G.rate_stop = G.rate_t0 + (int64_t)((cfg.warmup + cfg.duration) * 1e9);
+    G.interval_ns = 1e9 / cfg.rate;
+    G.rate_next = G.rate_t0;
+    G.rate_on = 1;
+    rate_tick();
+    tick_loop(cfg.warmup);
+    int64_t sent0 = rate_sent;
+    win_start();
+    tick_loop(cfg.duration);
+    win_stop();
+    int64_t sent_in = rate_sent - sent0;
+    int64_t expected_total = rate_sent * recips;
+    int64_t backlog = expected_total - total();
+    double offered = cfg.rate * (double)recips;
+    run_until(G.rate_stop); /* the sender's end */
+    G.rate_on = 0;
+    run_until(now_ns() + NS / 5); /* stragglers: do not tear the server down mid-burst */
+    G.ka_next = 0;
+    progress_done();
+    obj_begin();
+    jkey("rate_msgs_per_s");
+    if (cfg.rate < 1e15 && cfg.rate == (double)(int64_t)cfg.rate)
+        printf("%lld.0", (long long)cfg.rate);
+    else
+        printf("%.17g", cfg.rate);
+    conn_info();
+    jint("senders", 1);
+    window_report();
+    double ms = rnd(W.t, 3);
+    jfloat("messages_sent_per_s", ms > 0 ? (double)sent_in / ms : 0.0, 1);
+    jfloat("offered_deliveries_per_s", offered, 1);
+    double dps = rnd(W.t > 0 ? (double)W.n / W.t : 0.0, 1);
+    double achieved = offered > 0 ? rnd(dps / offered, 3) : -1;
+    if (offered > 0)
+        jfloat("achieved_ratio", achieved, 3);
+    else
+        jnull("achieved_ratio");
+    jint("backlog_at_end", (long long)backlog);
+    double backlog_s = offered > 0 ? rnd((double)backlog / offered, 3) : -1;
+    if (offered > 0)
+        jfloat("backlog_s", backlog_s, 3);
+    else
+        jnull("backlog_s");
+    jfloat("sender_late_max_ms", G.late_ns / 1e6, 2);
+    latency_report();
+    jbool("fell_behind", (offered > 0 && achieved < 0.95) || (offered > 0 && backlog_s > 1.0) || G.closed_early);
+    return 0;
+}
+
+static int scenario_sink(void) {
+    open_connections(probe_spacing(cfg.n, cfg.probes));
+    tick_loop(cfg.warmup);
+    win_start();
+    tick_loop(cfg.duration);
+    win_stop();
+    progress_done();
+    obj_begin();
+    conn_info();
+    window_report();
+    latency_report();
+    return 0;
+}
+
+/* runner.close_all: a Close frame on every open connection, then up to 0.2 s for
+ * the servers to close their side (reading and dropping what still comes). */
+static void close_all(void) {
+    G.closing = 1;
+    G.rate_on = 0;
+    G.ka_next = 0;
+    G.nap_next = 0;
+    static const uint8_t bye[2] = {0x03, 0xE8};
+    for (int i = 0; i < cfg.n; i++) {
+        conn_t *c = &G.c[i];
+        if (c->fd >= 0 && c->state == C_OPEN)
+            send_control(c, 0x8, bye, 2);
+    }
+    int64_t end = now_ns() + NS / 5;
+    while (now_ns() < end && open_now() > 0)
+        loop_once(end);
+    for (int i = 0; i < cfg.n; i++)
+        close_fd(&G.c[i]);
+}
+
+/* ------------------------------------------------------------------ main */
+
+static const char *arg(int argc, char **argv, int *i) {
+    if (*i + 1 >= argc)
+        die("%s needs a value", argv[*i]);
+    return argv[++*i];
+}
+
+static void add_target(const char *host, const char *port, const char *path, const char *url) {
+    if (cfg.nt >= MAXT)
+        die("at most %d targets", MAXT);
+    target_t *t = &cfg.t[cfg.nt++];
+    snprintf(t->host, sizeof t->host, "%s", host);
+    t->port = atoi(port);
+    snprintf(t->path, sizeof t->path, "%s", path);
+    snprintf(t->url, sizeof t->url, "%s", url);
+    struct addrinfo hints = {.ai_family = AF_INET, .ai_socktype = SOCK_STREAM}, *res = NULL;
+    int e = getaddrinfo(host, port, &hints, &res);
+    if (e || !res)
+        die("cannot resolve %s: %s", host, gai_strerror(e));
+    memcpy(&t->addr, res->ai_addr, sizeof t->addr);
+    freeaddrinfo(res);
+}
+
+int main(int argc, char **argv) {
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--accept")) { /* tests: print Sec-WebSocket-Accept for a key */
+            char out[29];
+            accept_for(arg(argc, argv, &i), out);
+            printf("%s\n", out);
+            return 0;
+        } else if (!strcmp(a, "--scenario")) {
+            const char *s = arg(argc, argv, &i);
+            if (!strcmp(s, "fanout"))
+                cfg.scenario = SC_FANOUT;
+            else if (!strcmp(s, "rate"))
+                cfg.scenario = SC_RATE;
+            else if (!strcmp(s, "sink"))
+                cfg.scenario = SC_SINK;
+            else
+                die("unknown scenario %s (fanout, rate or sink)", s);
+        } else if (!strcmp(a, "--protocol")) {
+            cfg.raw = !strcmp(arg(argc, argv, &i), "raw");
+        } else if (!strcmp(a, "--target")) {
+            if (i + 4 >= argc)
+                die("--target HOST PORT PATH URL");
+            add_target(argv[i + 1], argv[i + 2], argv[i + 3], argv[i + 4]);
+            i += 4;
+        } else if (!strcmp(a, "--placement")) {
+            cfg.sender_alone = !strcmp(arg(argc, argv, &i), "sender-alone");
+        } else if (!strcmp(a, "-n")) {
+            cfg.n = atoi(arg(argc, argv, &i));
+        } else if (!strcmp(a, "--inflight")) {
+            cfg.inflight = atoi(arg(argc, argv, &i));
+        } else if (!strcmp(a, "--rate")) {
+            cfg.rate = atof(arg(argc, argv, &i));
+        } else if (!strcmp(a, "--size")) {
+            cfg.size = atoi(arg(argc, argv, &i));
+        } else if (!strcmp(a, "--duration")) {
+            cfg.duration = atof(arg(argc, argv, &i));
+        } else if (!strcmp(a, "--warmup")) {
+            cfg.warmup = atof(arg(argc, argv, &i));
+        } else if (!strcmp(a, "--source-ips")) {
+            cfg.source_ips = atoi(arg(argc, argv, &i));
+        } else if (!strcmp(a, "--connect-concurrency")) {
+            cfg.concurrency = atoi(arg(argc, argv, &i));
+        } else if (!strcmp(a, "--connect-timeout")) {
+            cfg.connect_timeout = atof(arg(argc, argv, &i));
+        } else if (!strcmp(a, "--open-deadline")) {
+            cfg.open_deadline = atof(arg(argc, argv, &i));
+        } else if (!strcmp(a, "--probes")) {
+            cfg.probes = atoi(arg(argc, argv, &i));
+        } else if (!strcmp(a, "--server-pid")) {
+            cfg.server_pid = atoi(arg(argc, argv, &i));
+        } else if (!strcmp(a, "--keepalive")) {
+            cfg.keepalive = atof(arg(argc, argv, &i));
+        } else if (!strcmp(a, "--nap-us")) {
+            cfg.nap_us = atoi(arg(argc, argv, &i));
+        } else if (!strcmp(a, "--progress")) {
+            cfg.progress = atoi(arg(argc, argv, &i));
+        } else if (!strcmp(a, "--read-size")) {
+            long v = atol(arg(argc, argv, &i));
+            cfg.read_size = v > 0 && v < RDBUF ? (size_t)v : RDBUF;
+        } else {
+            die("unknown argument %s", a);
+        }
+    }
+    if (!cfg.nt)
+        die("no --target");
+    if (cfg.n < 1 || cfg.inflight < 1 || cfg.duration <= 0 || cfg.warmup < 0 || cfg.concurrency < 1)
+        die("bad -n, --inflight, --duration, --warmup or --connect-concurrency");
+    if (cfg.scenario == SC_RATE && cfg.rate <= 0)
+        die("--rate must be positive");
+    if (cfg.source_ips <= 0)
+        cfg.source_ips = cfg.n / 200 + (cfg.n % 200 != 0);
+    if (cfg.source_ips < 1)
+        cfg.source_ips = 1;
+    if (cfg.source_ips > 254)
+        cfg.source_ips = 254;
+
+    signal(SIGPIPE, SIG_IGN);
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+    random_bytes(&rng_state, sizeof rng_state);
+    rng_state |= 1;
+    int64_t t_main = now_ns();
+    G.ep = epoll_create1(EPOLL_CLOEXEC);
+    if (G.ep < 0)
+        die("epoll_create1: %s", strerror(errno));
+    G.buf = xrealloc(NULL, RDBUF);
+    G.c = calloc((size_t)cfg.n, sizeof *G.c);
+    G.att = calloc((size_t)cfg.concurrency, sizeof *G.att);
+    if (!G.c || !G.att)
+        die("out of memory");
+    for (int i = 0; i < cfg.n; i++) {
+        G.c[i].fd = -1;
+        G.c[i].idx = i;
+        G.c[i].frag_ts = -1;
+    }
+    G.min_count = -1;
+    G.show = cfg.progress || isatty(2);
+    G.label = cfg.scenario == SC_FANOUT ? "fanout" : cfg.scenario == SC_RATE ? "rate" : "sink";
+
+    /* the result object is written as the scenario goes; the connection
+     * figures come first, so stdout is buffered until the end */
+    static char obuf[1 << 16];
+    setvbuf(stdout, obuf, _IOFBF, sizeof obuf);
+    int64_t wall_mark = t_main;
+    int rc;
+    if (cfg.scenario == SC_FANOUT)
+        rc = scenario_fanout();
+    else if (cfg.scenario == SC_RATE)
+        rc = scenario_rate();
+    else
+        rc = scenario_sink();
+    progress_done();
+    close_all();
+    if (rc) {
+        fflush(stdout);
+        return 1;
+    }
+    jint("closed_early", G.closed_early);
+    jfloat("wall_s", (double)(now_ns() - wall_mark) / 1e9, 2);
+    if (G.nfail) {
+        char msg[700];
+        snprintf(msg, sizeof msg, "%d connections failed, first: %s", G.nfail, G.first_failure);
+        jkey("errors");
+        putchar('[');
+        jstr_raw(msg);
+        putchar(']');
+    }
+    printf("}\n");
+    fflush(stdout);
+    return 0;
+}
