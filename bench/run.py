@@ -14,6 +14,9 @@ What one run does, every step bounded by a timeout:
 3. --runs times, the servers in a rotated order: for each server and each scenario
    (fanout, latency, chat, idle, idle-2k) starts a fresh server pinned to core 0
    (``taskset -c 0``), runs ``python -m wshub.bench`` pinned to core 1, stops the server;
+   the ceiling, fanout, latency and the cluster runs use ``--engine native`` (the C
+   engine, src/wshub/bench/native.c; ``--engine python`` here to go back), chat and
+   idle the Python engine (the only one that has them);
 4. cluster: a redis-server on a free port, wshub nodes with ``--redis-url``: fan-out
    on one node against two (connections split), and cross-node latency (sender on
    node A, every recipient on node B);
@@ -205,10 +208,11 @@ def bench(args: list[str], core: str, timeout: float) -> dict:
 def scenario_args(scen: str, a) -> tuple[list[str], float]:
     """Generator arguments (without --url/--protocol/--server-pid) and a timeout."""
     d, w = str(a.duration), str(a.warmup)
+    eng = ["--engine", getattr(a, "engine", "python")]  # results from before the native engine: python
     if scen == "fanout":
-        return ["fanout", "-n", "1000", "--inflight", "32", "--warmup", w, "--duration", d], a.duration + a.warmup + 120
+        return ["fanout", *eng, "-n", "1000", "--inflight", "32", "--warmup", w, "--duration", d], a.duration + a.warmup + 120
     if scen == "latency":
-        return ["rate", "-n", "1000", "--rate", "50", "--warmup", w, "--duration", d], a.duration + a.warmup + 120
+        return ["rate", *eng, "-n", "1000", "--rate", "50", "--warmup", w, "--duration", d], a.duration + a.warmup + 120
     if scen == "chat":
         return ["chat", "-n", "100", "--rate", "10", "--warmup", w, "--duration", d], a.duration + a.warmup + 90
     if scen == "idle":
@@ -257,6 +261,7 @@ def machine() -> dict:
         "uwebsockets": npmver("uwebsockets"),
         "redis_server": ver(["redis-server", "--version"]).split(" sha=")[0],
         "py_spy": ver([str(Path(PY).with_name("py-spy")), "--version"]),
+        "cc": (ver(["cc", "--version"]).splitlines() or ["?"])[0],
     }
 
 
@@ -274,6 +279,16 @@ def wait_for_quiet(limit: float, max_wait: float) -> dict:
         time.sleep(30)
     return {"waited_s": round(time.monotonic() - t0), "load_at_first_check": first, "load_at_start": loadavg(),
             "pressure_at_start": pressure()}
+
+
+def ensure_native() -> None:
+    """Build the native generator now (cc, cached), so no measured run pays for it."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    p = subprocess.run([PY, "-m", "wshub.bench.native"], capture_output=True, text=True, env=env, cwd=ROOT,
+                       timeout=300)
+    if p.returncode:
+        raise SystemExit(f"the native generator does not build: {p.stderr[-2000:]}")
+    log(f"native generator: {p.stdout.strip()}")
 
 
 def ensure_tools(need_chart: bool, need_spy: bool) -> None:
@@ -308,7 +323,7 @@ def measure_ceiling(a, runs: int) -> list[dict]:
             rec = {"run": r + 1, "offered": rate or "max", "pressure_before": pressure(), "load_before": loadavg()}
             try:
                 with Server(cmd, port, a.server_core, "ceiling") as srv:
-                    rec["result"] = bench(["sink", "--protocol", "raw", "-n", "1000", "--probes", "0",
+                    rec["result"] = bench(["sink", "--engine", a.engine, "--protocol", "raw", "-n", "1000", "--probes", "0",
                                            "--url", f"ws://127.0.0.1:{port}/", "--warmup", str(a.warmup),
                                            "--duration", "5", "--server-pid", str(srv.pid)],
                                           a.client_core, 90)
@@ -671,6 +686,11 @@ def goal_lines(summ: dict) -> list[str]:
     return lines
 
 
+def _engine(a: dict) -> str:
+    """The generator engine of a run (results saved before --engine existed: python)."""
+    return a.get("engine", "python")
+
+
 def render(data: dict) -> str:
     a = data["args"]
     m = data["machine"]
@@ -693,7 +713,15 @@ def render(data: dict) -> str:
     add("It installs what it needs that is missing (`npm ci` in `bench/servers`; matplotlib and py-spy into the "
         "venv, as benchmark tools, not project dependencies). Each server is started fresh for each scenario, "
         f"pinned to core {a['server_core']} (`taskset -c {a['server_core']}`); the load generator "
-        f"(`python -m wshub.bench`, the same for all) is pinned to core {a['client_core']}. wshub runs as\n")
+        f"(`python -m wshub.bench`, the same for all) is pinned to core {a['client_core']}. "
+        + (f"**The generator's engine**: `--engine native` (a C program, `src/wshub/bench/native.c`, built with "
+           f"the system's `cc` on first use: epoll, one 256 KiB read buffer, it walks frame headers and looks only "
+           f"at the first bytes of each frame's payload, so its cost per frame does not depend on the frame's size) "
+           f"for the ceiling, fan-out, latency and the cluster runs; the Python engine (asyncio + uvloop) for chat "
+           f"and idle, which the native engine does not have. See `docs/benchmarks-native-generator.md` for what "
+           f"the native engine changes. "
+           if _engine(a) == "native" else "The generator's engine: Python (asyncio + uvloop) throughout. ")
+        + "wshub runs as\n")
     add("```sh\nwshub serve --host 127.0.0.1 --port PORT --ip-connect-rate 0 --max-connections-per-ip 0 \\\n"
         "    --message-rate 0 --max-connections 20000 --log-level warning\n```\n")
     add("with its full protocol (validation, JSON envelopes with ids and timestamps, `welcome`, `user_joined`/"
@@ -711,7 +739,9 @@ def render(data: dict) -> str:
     add(f"{m['nproc']} cores (`{m['cpu']}`), Linux {m['kernel']}; Python {m['python']}, uvloop {m['uvloop']}, "
         f"websockets {m['websockets']} (wshub's frame parser), redis-py {m['redis_py']}; Node {m['node']}, "
         f"ws {m['ws']}, uwebsockets {m['uwebsockets']}; {m['redis_server']}; wshub {m['wshub']} at commit "
-        f"`{m['wshub_commit']}`; {m['py_spy']}.\n")
+        f"`{m['wshub_commit']}`; {m['py_spy']}"
+        + (f"; the native generator built with `{m['cc']}`" if m.get("cc") and _engine(a) == "native" else "")
+        + ".\n")
     pa = [x.get("pressure_before", {}).get("some", {}).get("avg10") for x in data["runs"]]
     pa = [v for v in pa if v is not None]
     la = [x.get("load_before", [None])[0] for x in data["runs"]]
@@ -728,7 +758,7 @@ def render(data: dict) -> str:
     # ceiling
     add("## The generator's own ceiling\n")
     add(f"`bench/ceiling_server.py` (core {a['server_core']}) floods pre-built frames, 32 per write, round-robin over "
-        "1000 connections; `wshub bench sink` (core 1) only counts them. As fast as the flood server could: "
+        f"1000 connections; `wshub bench sink --engine {_engine(a)}` (core 1) only counts them. As fast as the flood server could: "
         f"{fmt(summ['flood_counted'])} frames/s counted (runs {' / '.join(fmt(v) for v in summ['flood_runs'])}) at "
         f"generator CPU {fmt(summ['ceiling_gen_cpu'])}; offered 2M/s: {fmt(summ['ceiling_2m'])} counted at generator "
         f"CPU {fmt(summ['ceiling_2m_gen_cpu'])}. On this shared machine the flood server (one Python process) "
@@ -805,9 +835,9 @@ def render(data: dict) -> str:
         add("wshub serve --port P1 --redis-url redis://127.0.0.1:RPORT/0 ...benchmark flags... &   # node A")
         add("wshub serve --port P2 --redis-url redis://127.0.0.1:RPORT/0 ...benchmark flags... &   # node B")
         add("# fan-out, two nodes: connections round-robin, the sender on node A")
-        add("python -m wshub.bench fanout -n 1000 --inflight 32 --url ws://127.0.0.1:P1/websocket --url ws://127.0.0.1:P2/websocket")
+        add(f"python -m wshub.bench fanout --engine {_engine(a)} -n 1000 --inflight 32 --url ws://127.0.0.1:P1/websocket --url ws://127.0.0.1:P2/websocket")
         add("# cross-node latency: the sender alone on node A, the 999 recipients on node B")
-        add("python -m wshub.bench rate -n 1000 --rate 50 --placement sender-alone --url ws://127.0.0.1:P1/websocket --url ws://127.0.0.1:P2/websocket")
+        add(f"python -m wshub.bench rate --engine {_engine(a)} -n 1000 --rate 50 --placement sender-alone --url ws://127.0.0.1:P1/websocket --url ws://127.0.0.1:P2/websocket")
         add("```\n")
         cells = {}
         for cfg in ("fanout-1", "fanout-2", "latency-cross", "latency-1"):
@@ -968,6 +998,9 @@ def main() -> int:
     ap.add_argument("--client-core", default="1")
     ap.add_argument("--wait-load", type=float, default=1.5, help="wait for the 1-minute load average below this")
     ap.add_argument("--wait-max", type=float, default=900.0, help="but at most this many seconds")
+    ap.add_argument("--engine", choices=("native", "python"), default="native",
+                    help="generator engine for the ceiling, fanout, latency and cluster runs (native); "
+                    "chat and idle always use the Python engine")
     ap.add_argument("--no-ceiling", action="store_true")
     ap.add_argument("--no-cluster", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
@@ -995,6 +1028,8 @@ def main() -> int:
         if s not in SCENARIOS:
             ap.error(f"unknown scenario {s!r}; known: {', '.join(SCENARIOS)}")
     ensure_tools(True, not a.no_profile)
+    if a.engine == "native":
+        ensure_native()
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
