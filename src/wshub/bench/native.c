@@ -22,7 +22,9 @@
  * Build: cc -O2 -Wall -Wextra -Werror -o wshub-bench-native native.c
  * It is built and run by native.py (`wshub bench ... --engine native`).
  */
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -1228,7 +1230,7 @@ static void jnull(const char *k) {
 
 static void jbool(const char *k, int v) {
     jkey(k);
-    printf(v ? "true" : "false");
+    fputs(v ? "true" : "false", stdout);
 }
 
 static void latency_summary(vec_t *v) {
