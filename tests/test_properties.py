@@ -13,7 +13,9 @@ For random text and JSON sent by one client:
 
 from __future__ import annotations
 
+import itertools
 import json
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -21,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from .conftest import Client, Server
+from .rawws import RawClient, encode_frame
 
 JSON_WS = " \t\n\r"
 
@@ -162,3 +165,93 @@ def test_random_bytes_in_text_frames(server: Server, pair: tuple[Client, Client]
         raw.close()
         while observer.recv_type("user_left")["connectionId"] != raw_id:
             pass
+
+
+# -- A stream of frames cut anywhere -------------------------------------------
+#
+# The connection parses the common frame (whole, final, masked text) itself
+# and leaves every other frame to the frame library, tracking where frames
+# end across reads. Whatever the cuts, every message must arrive once, in
+# order, and every Ping must get its Pong, in order.
+
+stream_items = st.lists(
+    st.one_of(
+        st.tuples(st.just("message"), st.text(alphabet="ab€😀", min_size=1, max_size=400)),
+        st.tuples(st.just("ping"), st.binary(max_size=20)),
+        st.tuples(st.just("pong"), st.binary(max_size=20)),
+        # a message in 2 to 4 fragments, a Ping between the first two
+        st.tuples(st.just("fragments"), st.text(alphabet="xy", min_size=4, max_size=300),
+                  st.integers(2, 4), st.binary(max_size=10)),
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+def encode_stream(items: list[tuple], serial: int) -> tuple[bytes, list[str], list[bytes]]:
+    """The bytes, the contents the observer must get, the Pongs the sender must get."""
+    out = bytearray()
+    contents: list[str] = []
+    pongs: list[bytes] = []
+    for n, item in enumerate(items):
+        kind = item[0]
+        if kind == "ping":
+            out += encode_frame(0x9, item[1])
+            pongs.append(item[1])
+        elif kind == "pong":
+            out += encode_frame(0xA, item[1])
+        else:
+            content = f"{serial}.{n} {item[1]}"
+            payload = json.dumps({"type": "message", "content": content}).encode()
+            contents.append(content)
+            if kind == "message":
+                out += encode_frame(0x1, payload)
+                continue
+            parts, ping = item[2], item[3]
+            step = -(-len(payload) // parts)
+            pieces = [payload[i : i + step] for i in range(0, len(payload), step)]
+            for i, piece in enumerate(pieces):
+                out += encode_frame(0x1 if i == 0 else 0x0, piece, fin=i == len(pieces) - 1)
+                if i == 0:
+                    out += encode_frame(0x9, ping)
+                    pongs.append(ping)
+    return bytes(out), contents, pongs
+
+
+@pytest.fixture(scope="module")
+def raw_pair(server: Server) -> Iterator[tuple[RawClient, Client]]:
+    raw, status, _ = RawClient.open(server.host, server.port)
+    assert status == 101
+    raw.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    observer = server.client()
+    yield raw, observer
+    raw.close()
+    observer.close()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(items=stream_items, cuts=st.lists(st.integers(1, 40), min_size=1, max_size=30))
+def test_a_frame_stream_cut_anywhere(raw_pair: tuple[RawClient, Client], items: list[tuple],
+                                     cuts: list[int]) -> None:
+    raw, observer = raw_pair
+    global _serial
+    _serial += 1
+    data, contents, pongs = encode_stream(items, _serial)
+    pos = 0
+    for size in itertools.cycle(cuts):
+        if pos >= len(data):
+            break
+        raw.send(data[pos : pos + size])
+        pos += size
+    got = [observer.recv_type("message")["content"] for _ in contents]
+    assert got == contents
+    seen: list[bytes] = []
+    while len(seen) < len(pongs):
+        opcode, payload, _ = raw.recv_frame()
+        if opcode == 0xA:
+            seen.append(payload)
+        else:
+            assert opcode in (0x1, 0x9), f"unexpected opcode {opcode}"
+            if opcode == 0x1:
+                assert json.loads(payload)["type"] in ("welcome", "user_joined", "user_left")
+    assert seen == pongs

@@ -29,6 +29,7 @@ from websockets.protocol import State as FrameState
 
 from . import http
 from .errors import CloseCode, Disconnect
+from .framescan import FrameScanner
 from .ids import ConnectionId
 from .session import Admit, Session, State
 from .wire import Deflate
@@ -46,9 +47,6 @@ _frames_logger.setLevel(logging.WARNING)
 _TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
 _PING, _PONG, _CLOSE = Opcode.PING, Opcode.PONG, Opcode.CLOSE
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
-
-_FEED_SLICE = 8192
-"""Bytes handed to the frame parser per step (see _receive_frames)."""
 
 KERNEL_SEND_BUFFER = 64 * 1024
 """SO_SNDBUF for client sockets (Linux doubles it for bookkeeping)."""
@@ -92,6 +90,7 @@ class Connection(asyncio.Protocol):
         "_message_refused",
         "_released",
         "_failed",
+        "_scanner",
         "echo",
         "close_reason",
     )
@@ -125,6 +124,7 @@ class Connection(asyncio.Protocol):
         self._message_refused = False
         self._released = False  # admission slot given back
         self._failed = False  # we failed the connection in this batch of frames
+        self._scanner = FrameScanner(node.config.max_message_size)
         self.echo = False  # a conformance-test connection on /echo, outside the hub
 
     @property
@@ -243,25 +243,39 @@ class Connection(asyncio.Protocol):
     # -- Frames in --------------------------------------------------------------
 
     def _receive_frames(self, data: bytes) -> None:
-        # The library turns a whole read (up to 256 KiB) into Frame objects
-        # at once; 1-byte fragments would make that ~40,000 objects. Feeding
-        # it in slices bounds what one step allocates.
-        if len(data) <= _FEED_SLICE:
-            self._receive_slice(data)
-            return
-        ws = self.ws
-        assert ws is not None
-        for start in range(0, len(data), _FEED_SLICE):
-            if self._failed or ws.state is FrameState.CLOSED:
-                return
-            self._receive_slice(data[start : start + _FEED_SLICE])
-
-    def _receive_slice(self, data: bytes) -> None:
+        """Frames in: the common frame here, every other frame in the library
+        (see :mod:`wshub.framescan`)."""
         ws = self.ws
         assert ws is not None
         if self.session.state is State.CLOSED or ws.state is FrameState.CLOSED:
             return
         self.session.alive(self.node.loop.time())
+        for opcode, chunk in self._scanner.scan(data, self._fast_path_open):
+            if opcode is None:
+                self._feed_library(chunk)
+                continue
+            self._receive_data_frame(_TEXT if opcode == 1 else _BINARY, chunk, True)
+            if self._failed:  # the library queued our Close frame: send it
+                self._drain_library_output(ws.data_to_send())
+
+    def _fast_path_open(self) -> bool:
+        ws = self.ws
+        return (
+            not self._failed
+            and self.session.state is State.OPEN
+            and ws is not None
+            and ws.state is FrameState.OPEN
+            and ws.current_size is None  # not inside a fragmented message
+        )
+
+    def _feed_library(self, data: bytes) -> None:
+        # *data* is one frame, or a part of one: the scanner feeds the library
+        # frame by frame, so what one step allocates stays bounded (a read of
+        # 1-byte fragments would otherwise make ~40,000 Frame objects at once).
+        ws = self.ws
+        assert ws is not None
+        if self.session.state is State.CLOSED or ws.state is FrameState.CLOSED:
+            return
         ws.receive_data(data)
         events = ws.events_received()
         # The library answered every Ping of this batch already: its output

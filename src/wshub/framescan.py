@@ -1,0 +1,98 @@
+"""Where client frames end: the fast path for the common frame.
+
+Nearly every frame a hub receives is a whole, final, masked text frame of a
+few hundred bytes. The ``websockets`` library parses frames with generator
+coroutines, which costs several microseconds per frame; here such a frame
+costs a header check and one C call to unmask it.
+
+:class:`FrameScanner` splits a client's byte stream into
+
+* ``(opcode, payload)`` for a *simple* frame: FIN set, no reserved bits, text
+  or binary, masked, within the size limit, and complete: the caller handles
+  it itself;
+* ``(None, chunk)`` for everything else, to be fed to the library as it is:
+  control frames, fragments, reserved bits, unmasked or oversized frames, and
+  any frame still incomplete at the end of the data (from its first byte).
+
+The library therefore always receives a stream that starts at a frame boundary
+and keeps enforcing every rule of RFC 6455 on what it gets; the scanner only
+tracks where frames end across reads: an incomplete header is kept (at most 13
+bytes), and the bytes the library still needs to finish the frame it is in are
+counted, so they go to it without a look.
+
+The caller says, before each frame, whether the fast path is allowed at all
+(``fast``): not inside a fragmented message (a text frame there is a protocol
+error the library must see), and not once the connection is closing. Pure: no
+I/O; the caller's state is only read through ``fast``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from websockets.frames import apply_mask
+
+__all__ = ["FrameScanner"]
+
+
+class FrameScanner:
+    __slots__ = ("head", "owes", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit  # the largest payload taken on the fast path
+        self.head = b""  # an incomplete header from the previous read
+        self.owes = 0  # bytes of the current frame that belong to the library
+
+    def scan(
+        self, data: bytes, fast: Callable[[], bool]
+    ) -> Iterator[tuple[int, bytes] | tuple[None, bytes]]:
+        owes = self.owes
+        if owes:
+            if len(data) <= owes:
+                self.owes = owes - len(data)
+                yield None, data
+                return
+            self.owes = 0
+            yield None, data[:owes]
+            data = data[owes:]
+        if self.head:
+            data = self.head + data
+            self.head = b""
+        limit = self.limit
+        pos = 0
+        end = len(data)
+        while pos < end:
+            if end - pos < 2:
+                self.head = data[pos:]
+                return
+            b0 = data[pos]
+            b1 = data[pos + 1]
+            length = b1 & 0x7F
+            header = 6 if b1 & 0x80 else 2  # with the mask key, if any
+            if length == 126:
+                header += 2
+                if end - pos >= 4:
+                    length = (data[pos + 2] << 8) | data[pos + 3]
+            elif length == 127:
+                header += 8
+                if end - pos >= 10:
+                    length = int.from_bytes(data[pos + 2 : pos + 10], "big")
+            if end - pos < header:
+                self.head = data[pos:]
+                return
+            size = header + length
+            if end - pos < size:  # incomplete: the library assembles it
+                self.owes = size - (end - pos)
+                yield None, data[pos:]
+                return
+            if (
+                (b0 == 0x81 or b0 == 0x82)  # FIN, no RSV bits, text or binary
+                and b1 & 0x80  # masked
+                and length <= limit
+                and fast()
+            ):
+                start = pos + header
+                yield b0 & 0x0F, apply_mask(data[start : pos + size], data[start - 4 : start])
+            else:
+                yield None, data[pos : pos + size]
+            pos += size
