@@ -129,6 +129,8 @@ def _refuse_constant(name: str) -> object:
 
 
 _decoder = json.JSONDecoder(parse_constant=_refuse_constant)
+_scan_once = _decoder.scan_once
+_JSON_WS: Final = " \t\n\r"
 
 
 def _json_object(text: str) -> dict[str, object] | None:
@@ -138,17 +140,24 @@ def _json_object(text: str) -> dict[str, object] | None:
     deep for the recursion limit, an integer past Python's digit limit) is not
     an object, by decisions.md 4.4.
     """
-    # Cheap pre-check: a JSON object starts with "{" after optional white space.
-    if not text.lstrip(" \t\n\r").startswith("{"):
-        return None
+    # A JSON object starts with "{" after optional white space. The C
+    # scanner is called directly: JSONDecoder.decode() adds two regular
+    # expression matches for the white space around the value.
+    start = 0
+    if not text.startswith("{"):
+        start = len(text) - len(text.lstrip(_JSON_WS))
+        if not text.startswith("{", start):
+            return None
     try:
-        value = _decoder.decode(text)
-    except (ValueError, RecursionError):
+        value, end = _scan_once(text, start)
+    except (StopIteration, ValueError, RecursionError):
         return None
+    if end != len(text) and text[end:].strip(_JSON_WS):
+        return None  # something after the value
     return value if isinstance(value, dict) else None
 
 
-def _check_content(kind: RelayKind, content: str) -> Relay | Refusal:
+def _check_content(kind: RelayKind, content: str, escaped: bool) -> Relay | Refusal:
     if not content.strip():
         return Refusal(ErrorCode.EMPTY_CONTENT, "Message content cannot be empty")
     if len(content) > MAX_CONTENT_CHARS:
@@ -156,31 +165,36 @@ def _check_content(kind: RelayKind, content: str) -> Relay | Refusal:
             ErrorCode.CONTENT_TOO_LONG,
             f"Message too long: {len(content)} characters, the limit is {MAX_CONTENT_CHARS}",
         )
-    try:
-        content.encode("utf-8")
-    except UnicodeEncodeError:
-        # Only a JSON escape of a lone UTF-16 surrogate gets here: text that
-        # arrived as UTF-8 can't hold one.
-        return Refusal(
-            ErrorCode.INVALID_CONTENT,
-            "Message content holds a lone surrogate, which is not a character",
-        )
+    if escaped:
+        # Only a JSON escape (\uD800) can give a lone UTF-16 surrogate: text
+        # that arrived as UTF-8 can't hold one.
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError:
+            return Refusal(
+                ErrorCode.INVALID_CONTENT,
+                "Message content holds a lone surrogate, which is not a character",
+            )
     return Relay(kind, content)
+
+
+_RELAY_KINDS: Final = {kind.value: kind for kind in RelayKind}
 
 
 def parse_client_text(text: str) -> Command | Refusal:
     """Interpret the text of one client text message (decisions.md 4 and 5)."""
     obj = _json_object(text)
     if obj is None:
-        return _check_content(RelayKind.MESSAGE, text)
+        return _check_content(RelayKind.MESSAGE, text, False)
     kind = obj.get("type")
     if not isinstance(kind, str):
         return Refusal(ErrorCode.MISSING_TYPE, "Message needs a string field 'type'")
-    if kind == "message" or kind == "broadcast":
+    relay = _RELAY_KINDS.get(kind)
+    if relay is not None:
         content = obj.get("content")
         if not isinstance(content, str):
             return Refusal(ErrorCode.INVALID_CONTENT, "Field 'content' must be a string")
-        return _check_content(RelayKind(kind), content)
+        return _check_content(relay, content, "\\u" in text)
     command = _SIMPLE_COMMANDS.get(kind)
     if command is not None:
         return command
@@ -249,11 +263,14 @@ def encode_user_left(connection_id: ConnectionId, total_users: int, now: float) 
     )
 
 
+_RELAY_HEADS: Final = {kind: f'{{"type":"{kind.value}","connectionId":"' for kind in RelayKind}
+
+
 def encode_relay(kind: RelayKind, sender: ConnectionId, content: str, now: float) -> bytes:
     # The hot path: built by hand around the C string escaper, the same bytes
     # as _payload() would give (the sender id needs no escaping: [a-z0-9-]).
     return (
-        f'{{"type":"{kind.value}","connectionId":"{sender}","content":'
+        f'{_RELAY_HEADS[kind]}{sender}","content":'
         f'{_escape_string(content)},"timestamp":"{iso_timestamp(now)}"}}'
     ).encode("utf-8")
 

@@ -26,6 +26,12 @@ from wshub.protocol import ErrorCode, Refusal, Relay, RelayKind, parse_client_te
         ('{"type":"message","content":Infinity}', Relay(RelayKind.MESSAGE,
                                                          '{"type":"message","content":Infinity}')),
         ('{"type":"ping","type":"user_info"}', protocol.USER_INFO),  # last duplicate wins
+        ('\r\n\t {"type":"message","content":"ws"}\n', Relay(RelayKind.MESSAGE, "ws")),
+        ('{"type":"ping"} x', Relay(RelayKind.MESSAGE, '{"type":"ping"} x')),  # extra data
+        ('{"type":"ping"}{}', Relay(RelayKind.MESSAGE, '{"type":"ping"}{}')),
+        ('{"type":"ping"', Relay(RelayKind.MESSAGE, '{"type":"ping"')),  # unfinished
+        ('\ufeff{"type":"ping"}', Relay(RelayKind.MESSAGE, '\ufeff{"type":"ping"}')),  # BOM
+        ('{"type":"message","content":"\\u00e9"}', Relay(RelayKind.MESSAGE, "é")),
     ],
 )
 def test_parse_valid(text: str, expected: object) -> None:
@@ -41,6 +47,7 @@ def test_parse_valid(text: str, expected: object) -> None:
         ('{"type":"user_joined"}', ErrorCode.UNKNOWN_TYPE),
         ('{"type":"message","content":{}}', ErrorCode.INVALID_CONTENT),
         ('{"type":"message","content":"\\ud83d"}', ErrorCode.INVALID_CONTENT),
+        ('{"type":"broadcast","content":"a\\uDC00b"}', ErrorCode.INVALID_CONTENT),
         ('{"type":"message","content":"  "}', ErrorCode.EMPTY_CONTENT),
         ("\n", ErrorCode.EMPTY_CONTENT),
         ("a" * 1001, ErrorCode.CONTENT_TOO_LONG),
