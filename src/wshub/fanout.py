@@ -182,9 +182,12 @@ class Fanout:
             common = frames[0] if len(frames) == 1 else b"".join(frames)
             common_deflated: dict[int, bytes] = {}
             recipients = self._recipients()
+            limit = self._limit
             for conn in recipients:
                 if conn.marked:
                     data = self._build(conn, conn.deflate, deflated)
+                    if not data:
+                        continue
                 elif conn.deflate is None:
                     data = common
                 else:
@@ -194,8 +197,16 @@ class Fanout:
                         data = common_deflated[wbits] = b"".join(
                             self._deflated(conn.deflate, deflated)
                         )
-                if data:
-                    writes += self._write(conn, data, slow)
+                # _write(), inlined: this loop runs once per recipient.
+                transport = conn.transport
+                try:
+                    transport.write(data)
+                except Exception as exc:
+                    self._on_failed(conn, exc)
+                    continue
+                writes += 1
+                if transport.get_write_buffer_size() > limit:
+                    slow.append(conn)
             skipped = sum(1 for conn in self.excluded if conn is not None)
             skipped += sum(conn.joined_at for conn in marked if conn.is_recipient)
             self.deliveries += len(frames) * len(recipients) - skipped  # type: ignore[arg-type]

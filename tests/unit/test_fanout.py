@@ -181,3 +181,22 @@ def test_presence_waits_for_company_and_rides_along_with_urgent_frames() -> None
     assert b.transport.writes[-1] == text_frame(b"joined-3") + text_frame(b"message")
     loop.fire_timers()  # the join's timer was cancelled: nothing more
     assert len(b.transport.writes) == 2
+
+
+def test_a_broken_transport_is_reported_and_the_others_still_get_theirs() -> None:
+    class Broken(Transport):
+        def write(self, data: bytes) -> None:
+            raise RuntimeError("transport is closed")
+
+    a, b, c = Conn("a"), Conn("b"), Conn("c")
+    b.transport = Broken()
+    loop = Loop()
+    failed: list[tuple[Conn, BaseException]] = []
+    fanout = Fanout(loop, lambda: [a, b, c], send_buffer_limit=1000,  # type: ignore[arg-type]
+                    on_slow_consumer=lambda c: None,
+                    on_send_failed=lambda conn, exc: failed.append((conn, exc)))
+    fanout.to_all(b"x")
+    loop.run()
+    assert [conn for conn, _ in failed] == [b] and isinstance(failed[0][1], RuntimeError)
+    assert a.transport.writes == c.transport.writes == [text_frame(b"x")]
+    assert fanout.writes == 2
