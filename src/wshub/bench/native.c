@@ -387,6 +387,8 @@ static struct {
     /* frame building */
     uint8_t *fbuf;
     size_t fcap;
+    /* WSHUB_NATIVE_STATS=1: reads, bytes and passes of the measured window on stderr */
+    int64_t st_reads, st_bytes, st_waits, st_events;
 } G;
 
 static void progress(const char *fmt, ...) {
@@ -951,6 +953,8 @@ static void on_readable(conn_t *c) {
     }
     const uint8_t *p = G.buf;
     size_t n = (size_t)r;
+    G.st_reads++;
+    G.st_bytes += r;
     if (c->state == C_HANDSHAKE) {
         long used = handshake_data(c, p, n);
         if (used <= 0)
@@ -1035,6 +1039,8 @@ static void loop_once(int64_t until) {
     int n = epoll_wait(G.ep, ev, 1024, timeout_ms(until));
     if (n < 0 && errno != EINTR)
         die("epoll_wait: %s", strerror(errno));
+    G.st_waits++;
+    G.st_events += n > 0 ? n : 0;
     for (int i = 0; i < n; i++) {
         conn_t *c = &G.c[ev[i].data.u32];
         if (c->fd < 0)
@@ -1170,7 +1176,13 @@ static struct {
     double scpu; /* -1: unknown */
 } W;
 
+static int64_t st0[4];
+
 static void win_start(void) {
+    st0[0] = G.st_reads;
+    st0[1] = G.st_bytes;
+    st0[2] = G.st_waits;
+    st0[3] = G.st_events;
     W.t0 = now_ns();
     W.n0 = total();
     W.cpu0 = cpu_s();
@@ -1185,6 +1197,15 @@ static void win_stop(void) {
     W.cpu = cpu_s() - W.cpu0;
     double s1 = server_cpu_s();
     W.scpu = W.scpu0 >= 0 && s1 >= 0 ? s1 - W.scpu0 : -1;
+    const char *st = getenv("WSHUB_NATIVE_STATS");
+    if (st && *st && *st != '0') {
+        double r = (double)(G.st_reads - st0[0]), w = (double)(G.st_waits - st0[2]);
+        fprintf(stderr, "[native] window: %.0f reads/s, %.0f bytes/read, %.2f frames/read, %.0f epoll_wait/s, "
+                "%.1f events/wait, %.3f us CPU/frame, %.2f us CPU/read\n", r / W.t,
+                r ? (double)(G.st_bytes - st0[1]) / r : 0.0, r ? (double)W.n / r : 0.0, w / W.t,
+                w ? (double)(G.st_events - st0[3]) / w : 0.0, W.n ? W.cpu / (double)W.n * 1e6 : 0.0,
+                r ? W.cpu / r * 1e6 : 0.0);
+    }
 }
 
 /* ------------------------------------------------------------------ JSON out */
