@@ -44,3 +44,31 @@ def test_a_silent_subscription_is_rebuilt(redis_server) -> None:
         await b.stop()
 
     asyncio.run(body())
+
+
+def test_stop_ends_even_when_a_redis_await_swallows_the_cancellation(redis_server) -> None:
+    """A client-library await that turns our cancellation into an error it
+    handles (seen once: a node idled after SIGTERM with Redis gone) must not
+    hold the shutdown: the loops stop on _stopping and the wait is bounded."""
+
+    async def body() -> None:
+        bp = RedisBackplane(redis_server.url, NodeId("swallow"), node_ttl=0.3, prefix="swallow")
+        await bp.start(Recorder())
+        entered = asyncio.Event()
+
+        async def set_that_swallows(*args, **kwargs):
+            entered.set()
+            try:
+                await asyncio.Event().wait()  # Redis never answers
+            except asyncio.CancelledError:
+                raise ConnectionError("connection lost") from None  # not a cancel any more
+
+        bp._redis.set = set_that_swallows  # type: ignore[union-attr,method-assign]
+        await asyncio.wait_for(entered.wait(), TIMEOUT)  # the lease loop is in it
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await asyncio.wait_for(bp.stop(), TIMEOUT)
+        assert loop.time() - start < 3.5
+        assert all(task.done() for task in bp._tasks)
+
+    asyncio.run(body())

@@ -68,6 +68,7 @@ return ids
 """
 
 _ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+_STOP_TIMEOUT = 3.0  # seconds for the background tasks to end once cancelled
 
 
 def backoff_delays(
@@ -172,7 +173,14 @@ class RedisBackplane(ViewKeeper):
     async def _close_connections(self) -> None:
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            # Bounded: an await inside the client library that turns our
+            # cancellation into an error it handles must not hold the
+            # shutdown (the loops also stop on _stopping).
+            _, pending = await asyncio.wait(self._tasks, timeout=_STOP_TIMEOUT)
+            if pending:
+                log.warning("backplane tasks still running after cancel: %s",
+                            ", ".join(sorted(task.get_name() for task in pending)))
         # The subscriber closes its pub/sub connection on the way out, unless
         # it was cancelled while doing so: close it here as well (idempotent).
         for closable in (self._pubsub, self._redis):
@@ -235,7 +243,7 @@ class RedisBackplane(ViewKeeper):
         self._wake.set()
 
     async def _publisher(self) -> None:
-        while True:
+        while not self._stopping:
             await self._wake.wait()
             self._wake.clear()
             await self._flush()
@@ -343,7 +351,7 @@ class RedisBackplane(ViewKeeper):
     async def _lease(self) -> None:
         interval = self.node_ttl / 3
         ticks = 0
-        while True:
+        while not self._stopping:
             await asyncio.sleep(interval)
             if not self._up:
                 continue
@@ -378,7 +386,7 @@ class RedisBackplane(ViewKeeper):
 
     async def _prober(self) -> None:
         """Publish to ourselves; a subscription that stops hearing is rebuilt."""
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.probe_interval)
             if not self._up:
                 continue
