@@ -46,7 +46,8 @@ def test_accept_value_matches_python(tmp_path):
     exe = str(native.binary())
     keys = [b"dGhlIHNhbXBsZSBub25jZQ=="] + [base64.b64encode(os.urandom(16)) for _ in range(5)]
     for key in keys:
-        out = subprocess.run([exe, "--accept", key.decode()], capture_output=True, text=True, check=True)
+        out = subprocess.run([exe, "--accept", key.decode()],
+                             capture_output=True, text=True, check=True)
         assert out.stdout.strip().encode() == accept_for(key)
 
 
@@ -81,7 +82,8 @@ WSHUB_FLAGS = ("--ip-connect-rate", "0", "--max-connections-per-ip", "0", "--mes
 
 def test_fanout_against_wshub(make_server, capsys):
     srv = make_server(*WSHUB_FLAGS)
-    rc = bench_main(["fanout", "--engine", "native", "-n", "20", "--duration", "1", "--warmup", "0.3",
+    rc = bench_main(["fanout", "--engine", "native", "-n", "20", "--duration", "1",
+                     "--warmup", "0.3",
                      "--url", srv.ws_url, "--server-pid", str(srv.proc.pid), "--json"])
     res = json.loads(capsys.readouterr().out)
     assert rc == 0, res
@@ -104,7 +106,8 @@ def test_fanout_against_wshub(make_server, capsys):
 
 def test_rate_against_wshub(make_server):
     srv = make_server(*WSHUB_FLAGS)
-    cfg = Config(scenario="rate", url=srv.ws_url, connections=20, rate=100.0, duration=1.0, warmup=0.3)
+    cfg = Config(scenario="rate", url=srv.ws_url, connections=20, rate=100.0, duration=1.0,
+                 warmup=0.3)
     res = native.run(cfg)
     assert res["connections_open"] == 20 and res["closed_early"] == 0
     assert res["rate_msgs_per_s"] == 100.0 and res["senders"] == 1
@@ -236,7 +239,8 @@ class FrameServer:
                 k, _, v = line.partition(b":")
                 if k.strip().lower() == b"sec-websocket-key":
                     key = v.strip()
-            acc = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+            guid = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+            acc = base64.b64encode(hashlib.sha1(key + guid).digest())
             if self.mode == "refuse":
                 conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
                 return
@@ -293,7 +297,7 @@ def test_exact_count_over_awkward_reads(frame_server, read_size):
     cfg = Config(scenario="sink", url=srv.url, protocol="raw", connections=1, warmup=0.0,
                  duration=2.5 if read_size == 1 else 1.0, probes=1, keepalive=0)
     res = native.run(cfg, read_size=read_size)
-    assert srv.done.is_set(), f"the server's last Ping was not answered within the run: {srv.failure}"
+    assert srv.done.is_set(), f"the last Ping was not answered within the run: {srv.failure}"
     assert not srv.failure, srv.failure
     assert res["connections_open"] == 1 and res["closed_early"] == 0
     assert res["deliveries"] == srv.expected
@@ -309,7 +313,8 @@ def test_exact_count_over_awkward_reads(frame_server, read_size):
                                       ("refuse", "handshake refused: HTTP/1.1 403 Forbidden")])
 def test_handshake_checked(frame_server, mode, why):
     srv = frame_server(mode=mode)
-    cfg = Config(scenario="sink", url=srv.url, protocol="raw", connections=3, warmup=0.0, duration=0.1)
+    cfg = Config(scenario="sink", url=srv.url, protocol="raw", connections=3, warmup=0.0,
+                 duration=0.1)
     res = native.run(cfg)
     assert res["connections_open"] == 0 and res["connect_failures"] == 3
     assert why in res["errors"][0]

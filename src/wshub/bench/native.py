@@ -75,7 +75,8 @@ def binary() -> Path:
         c_file = Path(tmp) / SOURCE
         c_file.write_bytes(src)
         tmp_bin = Path(tmp) / out.name
-        proc = subprocess.run([cc, *CFLAGS, "-o", str(tmp_bin), str(c_file)], capture_output=True, text=True)
+        proc = subprocess.run([cc, *CFLAGS, "-o", str(tmp_bin), str(c_file)],
+                              capture_output=True, text=True)
         if proc.returncode != 0:
             raise NativeError(f"building the native engine failed ({cc} {' '.join(CFLAGS)}):\n"
                               f"{proc.stderr.strip()[-3000:]}")
