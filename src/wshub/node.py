@@ -54,6 +54,8 @@ _BINARY_REFUSAL = Refusal(
 _RATE_REFUSAL = Refusal(ErrorCode.RATE_LIMITED, "Too many messages: slow down")
 _PROTOCOL_PING_FRAME = ping_frame(b"wshub")
 _REJOIN = Disconnect(CloseCode.SERVICE_RESTART, "cluster rejoin: please reconnect")
+_MESSAGE = RelayKind.MESSAGE  # an enum member lookup costs ~170 ns in Python 3.11
+
 
 def _find_malloc_trim() -> Callable[[int], int] | None:
     try:
@@ -149,6 +151,7 @@ class Node:
         # Known label values start at 0, so dashboards see every series at once.
         for outcome in ("INCOMING", "VALIDATED", "ROUTED", "FAILED"):
             self.messages.inc_label(outcome, 0)
+        self._outcomes = self.messages.values  # updated directly on the hot path
         for code in ErrorCode:
             self.errors.inc_label(code.value, 0)
         for reason in ("bad_request", "method", "upgrade_required", "too_large", "http_version",
@@ -414,29 +417,34 @@ class Node:
     # -- Messages from clients ------------------------------------------------------
 
     def on_text(self, conn: Connection, text: str) -> None:
-        self.messages.inc_label("INCOMING")
+        # The hot path of every relayed message: counters as plain dict
+        # updates, the relay case tested first.
+        outcomes = self._outcomes
+        outcomes["INCOMING"] += 1
         result = protocol.parse_client_text(text)
-        if isinstance(result, Refusal):
-            self._refuse(conn, result)
-            return
-        self.messages.inc_label("VALIDATED")
-        if isinstance(result, Relay):
-            now = time.time()
-            payload = protocol.encode_relay(result.kind, conn.id, result.content, now)
-            exclude = conn if result.kind is RelayKind.MESSAGE else None
+        if type(result) is Relay:
+            outcomes["VALIDATED"] += 1
+            payload = protocol.encode_relay(result.kind, conn.id, result.content, time.time())
+            exclude = conn if result.kind is _MESSAGE else None
             recipients = len(self.conns) - (1 if exclude is not None else 0)
             self.fanout_sizes.observe(recipients)
             if recipients:
                 self.fanout.to_all(payload, exclude=exclude)
             self.backplane.publish(Envelope(self.node_id, EventKind.RELAY, conn.id, payload))
-        elif result is protocol.PING:
+            outcomes["ROUTED"] += 1
+            return
+        if isinstance(result, Refusal):
+            self._refuse(conn, result)
+            return
+        outcomes["VALIDATED"] += 1
+        if result is protocol.PING:
             self.fanout.to_one(conn, protocol.encode_pong(time.time()))
         elif result is protocol.USER_INFO:
             self.fanout.to_one(
                 conn, protocol.encode_user_info_response(conn.id, self.cluster_count(), time.time())
             )
         # PONG: a sign of life, already noted by the connection.
-        self.messages.inc_label("ROUTED")
+        outcomes["ROUTED"] += 1
 
     def on_echo(self, conn: Connection, text: bool, message: bytes) -> None:
         """/echo: send the message back as it came (conformance testing)."""
