@@ -260,25 +260,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wshub bench: --engine native runs {', '.join(native.SCENARIOS)}; "
                   f"use --engine python for {cfg.scenario}", file=sys.stderr)
             return 2
-        try:
-            res = native.run(cfg)
-        except KeyboardInterrupt:
-            return 130
-        except Exception as e:  # a failed run still says why
-            print(f"wshub bench: {type(e).__name__}: {e}", file=sys.stderr)
-            return 1
-        return _report(res, args.json)
-    if args.no_uvloop:
-        runner = asyncio.run
-    else:
-        try:
-            import uvloop
 
-            runner = uvloop.run
-        except ImportError:
-            runner = asyncio.run
+        def execute() -> dict:
+            return native.run(cfg)
+    else:
+        runner = asyncio.run
+        if not args.no_uvloop:
+            try:
+                import uvloop
+
+                runner = uvloop.run
+            except ImportError:
+                pass
+
+        def execute() -> dict:
+            return runner(run(cfg))
     try:
-        res = runner(run(cfg))
+        res = execute()
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # a failed run still says why
