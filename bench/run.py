@@ -39,7 +39,6 @@ import re
 import urllib.request
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -52,6 +51,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
+sys.path.insert(0, str(BENCH))
+import machine_info  # noqa: E402  (bench/machine_info.py, beside this script)
 NODE_DIR = BENCH / "servers"
 PY = sys.executable
 RESULTS = BENCH / "results" / "benchmarks.json"
@@ -225,43 +226,18 @@ def scenario_args(scen: str, a) -> tuple[list[str], float]:
 
 
 def machine() -> dict:
-    model = ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-
-    def ver(cmd: list[str]) -> str:
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip()
-        except (OSError, subprocess.TimeoutExpired):
-            return "?"
-
-    def pyver(mod: str) -> str:
-        return ver([PY, "-c", f"import importlib.metadata as m; print(m.version({mod!r}))"])
-
-    def npmver(pkg: str) -> str:
-        try:
-            return json.loads((NODE_DIR / "node_modules" / pkg / "package.json").read_text())["version"]
-        except (OSError, ValueError, KeyError):
-            return "?"
-
     return {
-        "nproc": os.cpu_count(),
-        "cpu": model,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "wshub": pyver("wshub"),
-        "wshub_commit": ver(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]),
-        "uvloop": pyver("uvloop"),
-        "websockets": pyver("websockets"),
-        "redis_py": pyver("redis"),
-        "node": ver(["node", "--version"]),
-        "ws": npmver("ws"),
-        "uwebsockets": npmver("uwebsockets"),
-        "redis_server": ver(["redis-server", "--version"]).split(" sha=")[0],
-        "py_spy": ver([str(Path(PY).with_name("py-spy")), "--version"]),
-        "cc": (ver(["cc", "--version"]).splitlines() or ["?"])[0],
+        **machine_info.basics(),
+        "wshub": machine_info.python_package(PY, "wshub"),
+        "wshub_commit": machine_info.output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]),
+        "uvloop": machine_info.python_package(PY, "uvloop"),
+        "websockets": machine_info.python_package(PY, "websockets"),
+        "redis_py": machine_info.python_package(PY, "redis"),
+        "ws": machine_info.npm_package("ws"),
+        "uwebsockets": machine_info.npm_package("uwebsockets"),
+        "redis_server": machine_info.output(["redis-server", "--version"]).split(" sha=")[0],
+        "py_spy": machine_info.output([str(Path(PY).with_name("py-spy")), "--version"]),
+        "cc": (machine_info.output(["cc", "--version"]).splitlines() or ["?"])[0],
     }
 
 

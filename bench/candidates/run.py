@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -29,6 +28,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT / "bench"))
+import machine_info  # noqa: E402  (bench/machine_info.py)
+
 NODE_DIR = ROOT / "bench" / "servers"
 PY = sys.executable
 
@@ -93,39 +95,14 @@ def bench(args: list[str], core: str, timeout: float) -> dict:
 
 
 def machine() -> dict:
-    model = ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-
-    def ver(cmd: list[str]) -> str:
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip()
-        except (OSError, subprocess.TimeoutExpired):
-            return "?"
-
-    def pyver(mod: str) -> str:
-        return ver([PY, "-c", f"import {mod}; print({mod}.__version__)"])
-
-    def npmver(pkg: str) -> str:
-        try:
-            return json.loads((NODE_DIR / "node_modules" / pkg / "package.json").read_text())["version"]
-        except (OSError, ValueError, KeyError):
-            return "?"
-
     return {
-        "nproc": os.cpu_count(),
-        "cpu": model,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "node": ver(["node", "--version"]),
-        "websockets": pyver("websockets"),
-        "aiohttp": pyver("aiohttp"),
-        "picows": pyver("picows"),
-        "uvloop": pyver("uvloop"),
-        "ws": npmver("ws"),
-        "uwebsockets": npmver("uwebsockets"),
+        **machine_info.basics(),
+        "websockets": machine_info.python_package(PY, "websockets"),
+        "aiohttp": machine_info.python_package(PY, "aiohttp"),
+        "picows": machine_info.python_package(PY, "picows"),
+        "uvloop": machine_info.python_package(PY, "uvloop"),
+        "ws": machine_info.npm_package("ws"),
+        "uwebsockets": machine_info.npm_package("uwebsockets"),
     }
 
 
