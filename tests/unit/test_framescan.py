@@ -175,3 +175,28 @@ def test_the_limit_is_inclusive() -> None:
     over = client_frame(0x2, b"a" * (LIMIT + 1))
     got = list(FrameScanner(LIMIT).scan(at + over, lambda: True))
     assert got == [(2, b"a" * LIMIT), (None, over)]
+
+
+def test_frames_for_the_library_come_together_up_to_8_kib() -> None:
+    ping = client_frame(0x9, b"p")  # 7 bytes
+    pieces = list(FrameScanner(LIMIT).scan(ping * 3000, lambda: True))
+    assert all(opcode is None for opcode, _ in pieces)
+    assert b"".join(chunk for _, chunk in pieces) == ping * 3000
+    assert [len(chunk) for _, chunk in pieces][:2] == [8197, 8197]  # 1171 pings each
+
+
+def test_the_library_gets_what_came_before_the_caller_is_asked() -> None:
+    # A fragmented message begins: the caller can only know that it must not
+    # take the next text frame itself once the library has seen the first part.
+    start = client_frame(0x1, b"part", fin=False)
+    text = client_frame(0x1, b"whole")
+    events: list[object] = []
+    scanner = FrameScanner(LIMIT)
+
+    def fast() -> bool:
+        events.append("asked")
+        return False
+
+    for item in scanner.scan(start + text, fast):
+        events.append(item)
+    assert events == [(None, start), "asked", (None, text)]
