@@ -52,7 +52,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
-import machine_info  # noqa: E402  (bench/machine_info.py, beside this script)
+import shared  # noqa: E402  (bench/shared.py, beside this script)
 NODE_DIR = BENCH / "servers"
 PY = sys.executable
 RESULTS = BENCH / "results" / "benchmarks.json"
@@ -121,19 +121,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 20.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"server did not listen on {port} within {timeout}s")
-
-
 def cpu_s(pid: int) -> float | None:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -182,7 +169,7 @@ class Server:
         self.proc = spawn(self.cmd, self.core, self.name)
         self.pid = self.proc.pid
         try:
-            wait_port(self.port, self.proc)
+            shared.wait_port(self.port, self.proc)
         except RuntimeError:
             stop(self.proc)
             raise
@@ -227,17 +214,17 @@ def scenario_args(scen: str, a) -> tuple[list[str], float]:
 
 def machine() -> dict:
     return {
-        **machine_info.basics(),
-        "wshub": machine_info.python_package(PY, "wshub"),
-        "wshub_commit": machine_info.output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]),
-        "uvloop": machine_info.python_package(PY, "uvloop"),
-        "websockets": machine_info.python_package(PY, "websockets"),
-        "redis_py": machine_info.python_package(PY, "redis"),
-        "ws": machine_info.npm_package("ws"),
-        "uwebsockets": machine_info.npm_package("uwebsockets"),
-        "redis_server": machine_info.output(["redis-server", "--version"]).split(" sha=")[0],
-        "py_spy": machine_info.output([str(Path(PY).with_name("py-spy")), "--version"]),
-        "cc": (machine_info.output(["cc", "--version"]).splitlines() or ["?"])[0],
+        **shared.basics(),
+        "wshub": shared.python_package(PY, "wshub"),
+        "wshub_commit": shared.output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]),
+        "uvloop": shared.python_package(PY, "uvloop"),
+        "websockets": shared.python_package(PY, "websockets"),
+        "redis_py": shared.python_package(PY, "redis"),
+        "ws": shared.npm_package("ws"),
+        "uwebsockets": shared.npm_package("uwebsockets"),
+        "redis_server": shared.output(["redis-server", "--version"]).split(" sha=")[0],
+        "py_spy": shared.output([str(Path(PY).with_name("py-spy")), "--version"]),
+        "cc": (shared.output(["cc", "--version"]).splitlines() or ["?"])[0],
     }
 
 
@@ -369,7 +356,7 @@ def run_cluster(a, runs: int) -> dict:
                    "--client-output-buffer-limit", "pubsub 256mb 64mb 60"], a.server_core, "redis")
     out = {"redis_port": rport, "runs": []}
     try:
-        wait_port(rport, redis)
+        shared.wait_port(rport, redis)
         url = f"redis://127.0.0.1:{rport}/0"
         configs = [("fanout-1", 1), ("fanout-2", 2), ("latency-cross", 2), ("latency-1", 1)]
         for r in range(runs):
@@ -382,7 +369,7 @@ def run_cluster(a, runs: int) -> dict:
                        "load_before": loadavg()}
                 try:
                     for p, proc in zip(ports, procs):
-                        wait_port(p, proc)
+                        shared.wait_port(p, proc)
                     time.sleep(1.0)
                     urls = []
                     for p in ports:

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "bench"))
-import machine_info  # noqa: E402  (bench/machine_info.py)
+import shared  # noqa: E402  (bench/shared.py)
 
 NODE_DIR = ROOT / "bench" / "servers"
 PY = sys.executable
@@ -50,17 +49,6 @@ def pressure() -> str:
         return ""
 
 
-def wait_port(port: int, timeout: float = 15.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"server did not listen on {port} within {timeout}s")
-
-
 class Server:
     def __init__(self, name: str, port: int, core: str) -> None:
         self.name = name
@@ -70,7 +58,7 @@ class Server:
     def __enter__(self) -> "Server":
         self.log = open(f"/tmp/wshub-bench-{self.name}.log", "w")
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
-        wait_port(self.port)
+        shared.wait_port(self.port, timeout=15.0)
         time.sleep(0.5)  # let the process settle before the RSS baseline
         return self
 
@@ -96,13 +84,13 @@ def bench(args: list[str], core: str, timeout: float) -> dict:
 
 def machine() -> dict:
     return {
-        **machine_info.basics(),
-        "websockets": machine_info.python_package(PY, "websockets"),
-        "aiohttp": machine_info.python_package(PY, "aiohttp"),
-        "picows": machine_info.python_package(PY, "picows"),
-        "uvloop": machine_info.python_package(PY, "uvloop"),
-        "ws": machine_info.npm_package("ws"),
-        "uwebsockets": machine_info.npm_package("uwebsockets"),
+        **shared.basics(),
+        "websockets": shared.python_package(PY, "websockets"),
+        "aiohttp": shared.python_package(PY, "aiohttp"),
+        "picows": shared.python_package(PY, "picows"),
+        "uvloop": shared.python_package(PY, "uvloop"),
+        "ws": shared.npm_package("ws"),
+        "uwebsockets": shared.npm_package("uwebsockets"),
     }
 
 

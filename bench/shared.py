@@ -1,12 +1,14 @@
-"""What a benchmark page says about the machine and the versions it ran: shared
-by bench/run.py and bench/candidates/run.py."""
+"""What bench/run.py and bench/candidates/run.py share: the machine record a
+benchmark page gives (CPU, kernel, versions) and waiting for a server's port."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 NODE_DIR = Path(__file__).resolve().parent / "servers"
@@ -48,3 +50,17 @@ def basics() -> dict:
         "python": platform.python_version(),
         "node": output(["node", "--version"]),
     }
+
+
+def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 20.0) -> None:
+    """Return once 127.0.0.1:*port* accepts; fail early if *proc* exits first."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"server did not listen on {port} within {timeout}s")
