@@ -1,0 +1,160 @@
+"""wshub._directsend.send_each against real sockets.
+
+The transports here are stand-ins (only ``is_closing`` and
+``get_write_buffer_size`` are asked of them); the sockets are real, so what
+arrives, what is refused and what a full or broken socket does are the
+kernel's answers.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import tracemalloc
+
+import pytest
+
+# The test install has a C compiler: a build that silently fell back to the
+# pure-Python path must fail here, not pass unnoticed.
+from wshub._directsend import send_each
+
+
+class Transport:
+    def __init__(self, closing: bool = False, queued: int = 0) -> None:
+        self.closing = closing
+        self.queued = queued
+        self.asked = 0
+
+    def is_closing(self) -> bool:
+        self.asked += 1
+        return self.closing
+
+    def get_write_buffer_size(self) -> int:
+        return self.queued
+
+
+@pytest.fixture
+def pairs():
+    made: list[tuple[socket.socket, socket.socket]] = []
+
+    def make(n: int, sndbuf: int | None = None) -> list[tuple[socket.socket, socket.socket]]:
+        for _ in range(n):
+            ours, theirs = socket.socketpair()
+            ours.setblocking(False)
+            if sndbuf is not None:
+                ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+                theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, sndbuf)
+            made.append((ours, theirs))
+        return made[-n:]
+
+    yield make
+    for ours, theirs in made:
+        ours.close()
+        theirs.close()
+
+
+def received(sock: socket.socket) -> bytes:
+    sock.setblocking(False)
+    chunks = []
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except BlockingIOError:
+            return b"".join(chunks)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def test_every_idle_socket_gets_the_bytes_and_none_is_returned(pairs) -> None:
+    made = pairs(5)
+    outs = [(Transport(), ours.fileno(), "extra items are ignored") for ours, _ in made]
+    assert send_each(outs, b"frame bytes") is None
+    assert [received(theirs) for _, theirs in made] == [b"frame bytes"] * 5
+
+
+def test_a_closing_or_busy_transport_is_left_to_the_caller(pairs) -> None:
+    (a, ta), (b, tb), (c, tc) = pairs(3)
+    outs = [(Transport(closing=True), a.fileno()), (Transport(), b.fileno()),
+            (Transport(queued=10), c.fileno())]
+    assert send_each(outs, b"x") == [(0, 0), (2, 0)]
+    assert (received(ta), received(tb), received(tc)) == (b"", b"x", b"")
+
+
+def test_a_full_socket_reports_how_much_went_out(pairs) -> None:
+    ((ours, theirs),) = pairs(1, sndbuf=4096)
+    data = bytes(range(256)) * 4096  # 1 MiB: far more than the buffers hold
+    left = send_each([(Transport(), ours.fileno())], data)
+    assert left is not None and len(left) == 1
+    index, sent = left[0]
+    assert index == 0 and 0 < sent < len(data)
+    # Nothing more fits: the next attempt sends nothing and says so.
+    assert send_each([(Transport(), ours.fileno())], data[sent:]) == [(0, 0)]
+    assert received(theirs) == data[:sent]
+
+
+def test_a_broken_socket_is_reported_without_sigpipe(pairs) -> None:
+    (a, ta), (b, tb) = pairs(2)
+    ta.close()  # the peer is gone: send() fails with EPIPE, not a signal
+    outs = [(Transport(), a.fileno()), (Transport(), b.fileno())]
+    assert send_each(outs, b"after") == [(0, 0)]
+    assert received(tb) == b"after"
+
+
+def test_an_empty_list_sends_nothing() -> None:
+    assert send_each([], b"x") is None
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        (),
+        ([],),
+        ((), b"x"),
+        ([], "text"),
+        ([], bytearray(b"x")),
+        ([(Transport(),)], b"x"),
+        (["not a tuple"], b"x"),
+        ([(Transport(), "3")], b"x"),
+        ([(Transport(), -1)], b"x"),
+        ([(Transport(), 1 << 40)], b"x"),
+    ],
+)
+def test_bad_arguments_raise_instead_of_crashing(args) -> None:
+    with pytest.raises((TypeError, ValueError, OverflowError)):
+        send_each(*args)
+
+
+def test_an_exception_in_the_transport_propagates(pairs) -> None:
+    class Broken(Transport):
+        def is_closing(self) -> bool:
+            raise RuntimeError("transport bug")
+
+    ((ours, theirs),) = pairs(1)
+    with pytest.raises(RuntimeError, match="transport bug"):
+        send_each([(Broken(), ours.fileno())], b"x")
+    assert received(theirs) == b""
+
+
+def test_no_reference_is_leaked(pairs) -> None:
+    made = pairs(3)
+    transport = Transport(queued=1)  # every one comes back: the result list is built
+    outs = [(transport, ours.fileno()) for ours, _ in made]
+    data = b"y" * 100
+
+    def run(times: int) -> None:
+        for _ in range(times):
+            assert send_each(outs, data) == [(0, 0), (1, 0), (2, 0)]
+
+    run(100)
+    before = sys.getrefcount(transport), sys.getrefcount(data), sys.getrefcount(outs[0])
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        run(20_000)
+        grown = tracemalloc.get_traced_memory()[0] - start
+    finally:
+        tracemalloc.stop()
+    assert (sys.getrefcount(transport), sys.getrefcount(data), sys.getrefcount(outs[0])) == before
+    # One leaked (index, sent) pair per call would be ~1 MiB here.
+    assert grown < 64 * 1024, f"{grown} bytes still allocated after 20,000 calls"
