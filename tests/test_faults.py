@@ -52,13 +52,16 @@ async def _paced_phase(sender: AsyncWs, latencies: dict[int, float], first: int,
             await asyncio.sleep(delay)
 
 
-def test_stalled_reader_under_full_rate_broadcast(make_server) -> None:
+@pytest.mark.parametrize("direct_send", ["on", "off"])
+def test_stalled_reader_under_full_rate_broadcast(make_server, direct_send: str) -> None:
     """A client that stops reading while 3,000 messages/s of 1 KB flow: the
     server's memory plateaus near --send-buffer-limit, the client is closed
     with 1008, the watcher receives everything in order and its p99 latency
-    barely moves."""
+    barely moves. Both ways of writing: straight to idle sockets from C
+    (partial sends handed to the transport), and always through it."""
     limit = 4 << 20
-    srv = make_server(*OPEN, "--send-buffer-limit", str(limit), "--close-timeout", "1")
+    srv = make_server(*OPEN, "--send-buffer-limit", str(limit), "--close-timeout", "1",
+                      "--direct-send", direct_send)
     rate, phase = 3000, 6000  # messages/s; messages per phase (2 s)
     pad = "x" * 900  # with the sequence number and time: under 1000 characters, about 1 KB
 
@@ -126,6 +129,8 @@ def test_stalled_reader_under_full_rate_broadcast(make_server) -> None:
            f"p99 {p99_a * 1000:.2f} -> {p99_b * 1000:.2f} ms (without -> with the stalled client)")
     assert srv.metric("wshub_closes_total", 'code="1008"') == 1
     assert growth < 2 * (limit >> 20) + 4, f"RSS grew {growth:.1f} MiB"
+    direct = srv.metric("wshub_direct_sends_total")
+    assert (direct > 0) if direct_send == "on" else (direct == 0), direct
     # "Does not move much": a server that waited for the stalled client would
     # add its whole backlog (seconds) to everyone's latency.
     assert p99_b < max(3 * p99_a, p99_a + 0.05), (p99_a, p99_b)

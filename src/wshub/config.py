@@ -254,6 +254,13 @@ class Config:
     compression: str = _opt(
         "off", "permessage-deflate: off or on.", _choice("off", "on"), "off|on",
     )
+    direct_send: str = _opt(
+        "on", "on: a frame for many clients is sent to each idle client's socket from one C "
+        "call (the compiled wshub._directsend) instead of through the event loop's transport "
+        "one by one; same bytes and order, ~1.3 us less CPU per delivery. off: always through "
+        "the transport. Without the compiled module this is off, with a warning at start.",
+        _choice("off", "on"), "off|on",
+    )
 
     # Cluster
     redis_url: str = _opt(

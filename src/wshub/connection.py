@@ -31,7 +31,7 @@ from . import http
 from .errors import CloseCode, Disconnect
 from .framescan import FrameScanner
 from .ids import ConnectionId
-from .session import Admit, Session, State
+from .session import Admit, State
 from .wire import Deflate
 
 if TYPE_CHECKING:
@@ -93,6 +93,7 @@ class Connection(asyncio.Protocol):
         "_scanner",
         "echo",
         "close_reason",
+        "direct",
     )
 
     def __init__(self, node: Node) -> None:
@@ -110,6 +111,7 @@ class Connection(asyncio.Protocol):
         self.joined_at = 0
         self.marked = False
         self.is_recipient = False
+        self.direct: tuple[asyncio.Transport, int, Connection] | None = None
         self.opened_at = 0.0
         self.close_code: int | None = None
         self.close_reason = ""
@@ -141,6 +143,10 @@ class Connection(asyncio.Protocol):
             # 4 MiB per socket): what a client that never reads can pin is then
             # this plus --send-buffer-limit, and the limit is reached quickly.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, KERNEL_SEND_BUFFER)
+            if self.node.fanout.direct and transport.get_extra_info("sslcontext") is None:
+                # The fan-out may send to this socket itself while the
+                # transport is idle (wshub.fanout, "Direct sends").
+                self.direct = (self.transport, sock.fileno(), self)
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if peer else "unknown"
         self.ip = self.peer

@@ -34,7 +34,7 @@ from .errors import (
     CloseCode,
     Disconnect,
 )
-from .fanout import Fanout
+from .fanout import Fanout, compiled_send_each
 from .ids import ConnectionId, NodeId, new_connection_id, new_node_id
 from .logs import log_event
 from .metrics import Metrics
@@ -105,7 +105,12 @@ class Node:
             send_buffer_limit=config.send_buffer_limit,
             on_slow_consumer=self._slow_consumer,
             on_send_failed=self._send_failed,
+            send_each=compiled_send_each if config.direct_send == "on" else None,
         )
+        if config.direct_send == "on" and compiled_send_each is None:
+            log_event(log, logging.WARNING, "direct_send_unavailable",
+                      detail="wshub._directsend was not built at install (no C compiler or "
+                      "Python headers): every write goes through the transport")
         self.started_at = time.time()
         self.draining = False
         self.n_connecting = 0
@@ -135,7 +140,9 @@ class Node:
             "Open connections in the whole cluster, as this node knows them.",
             self.cluster_count,
         )
-        self.accepted = m.counter("wshub_connections_accepted_total", "WebSocket upgrades accepted.")
+        self.accepted = m.counter(
+            "wshub_connections_accepted_total", "WebSocket upgrades accepted."
+        )
         self.refused = m.counter(
             "wshub_connections_refused_total",
             "Requests refused before or at the upgrade, by reason.",
@@ -162,7 +169,8 @@ class Node:
         for close_code in ("1000", "1001", "1002", "1006", "1007", "1008", "1009", "1011"):
             self.closes.inc_label(close_code, 0)
         self.slow_closes = m.counter(
-            "wshub_slow_consumer_closes_total", "Connections closed because their send buffer overflowed."
+            "wshub_slow_consumer_closes_total",
+            "Connections closed because their send buffer overflowed.",
         )
         self.rate_refusals = m.counter(
             "wshub_rate_limited_total", "Data frames refused by the per-connection rate limit."
@@ -178,6 +186,9 @@ class Node:
         m.gauge("wshub_socket_writes_total", "Socket writes made by the fan-out (one carries "
                 "every frame bound for a client in one loop pass).",
                 lambda: self.fanout.writes, kind="counter")
+        m.gauge("wshub_direct_sends_total", "Of those, the ones sent straight to the socket "
+                "from one C call for many clients (--direct-send), not through the transport.",
+                lambda: self.fanout.direct_sends, kind="counter")
         m.gauge("wshub_event_loop_lag_seconds",
                 "How late the last 1 s loop-lag probe timer fired.", lambda: self._lag)
         m.gauge("wshub_backplane_up", "1 when the backplane link works (always 1 in memory).",

@@ -29,6 +29,7 @@ class Conn:
         self.joined_at = 0
         self.marked = False
         self.is_recipient = True
+        self.direct = None
         self.deflate = deflate
         self.transport = Transport(backlog)
 
@@ -200,3 +201,74 @@ def test_a_broken_transport_is_reported_and_the_others_still_get_theirs() -> Non
     assert [conn for conn, _ in failed] == [b] and isinstance(failed[0][1], RuntimeError)
     assert a.transport.writes == c.transport.writes == [text_frame(b"x")]
     assert fanout.writes == 2
+
+
+class DirectSends:
+    """Stands in for ``wshub._directsend.send_each``: records what it was
+    given and answers as told (the C function itself is tested against real
+    sockets in tests/test_directsend.py)."""
+
+    def __init__(self, left: list[tuple[int, int]] | None = None) -> None:
+        self.calls: list[tuple[list[str], bytes]] = []
+        self.left = left
+
+    def __call__(self, outs: list, data: bytes) -> list[tuple[int, int]] | None:
+        self.calls.append(([conn.name for _, _, conn in outs], data))
+        return self.left
+
+
+def direct_conn(name: str, transport: Transport | None = None, backlog: int = 0) -> Conn:
+    conn = Conn(name, backlog=backlog)
+    if transport is not None:
+        conn.transport = transport
+    conn.direct = (conn.transport, -1, conn)
+    return conn
+
+
+def test_direct_recipients_go_in_one_call_the_others_through_their_transports() -> None:
+    a, b, c, d = direct_conn("a"), direct_conn("b"), Conn("c"), direct_conn("d")
+    e = direct_conn("e")
+    e.deflate = Deflate(15)
+    sends = DirectSends()
+    loop = Loop()
+    fanout = Fanout(loop, lambda: [a, b, c, d, e], send_buffer_limit=1000,  # type: ignore[arg-type]
+                    on_slow_consumer=lambda c: None, on_send_failed=lambda c, e: None,
+                    send_each=sends)
+    fanout.to_all(b"1")
+    fanout.to_one(b, b"private")
+    fanout.to_all(b"2")
+    loop.run()
+    common = text_frame(b"1") + text_frame(b"2")
+    assert sends.calls == [(["a", "d"], common)]  # one call, in recipient order
+    assert a.transport.writes == d.transport.writes == []
+    # A marked connection gets bytes of its own, a compressed one its
+    # compressed copy (these are too small to compress), one without a socket
+    # the common bytes: all through their transports, as before.
+    assert b.transport.writes == [text_frame(b"1") + text_frame(b"private") + text_frame(b"2")]
+    assert c.transport.writes == e.transport.writes == [common]
+    assert fanout.writes == 5 and fanout.direct_sends == 2 and fanout.deliveries == 10
+
+
+def test_what_a_direct_send_left_goes_through_the_transport() -> None:
+    class Broken(Transport):
+        def write(self, data: bytes) -> None:
+            raise RuntimeError("transport is closed")
+
+    a, b = direct_conn("a"), direct_conn("b", backlog=5000)
+    c, d = direct_conn("c", transport=Broken()), direct_conn("d")
+    sends = DirectSends(left=[(0, 3), (1, 0), (2, 0)])
+    loop = Loop()
+    slow: list[Conn] = []
+    failed: list[Conn] = []
+    fanout = Fanout(loop, lambda: [a, b, c, d], send_buffer_limit=1000,  # type: ignore[arg-type]
+                    on_slow_consumer=slow.append,
+                    on_send_failed=lambda conn, exc: failed.append(conn), send_each=sends)
+    fanout.to_all(b"hello world")
+    loop.run()
+    frame = text_frame(b"hello world")
+    assert [bytes(data) for data in a.transport.writes] == [frame[3:]]  # the rest of a partial send
+    assert b.transport.writes == [frame]  # nothing went out: all of it
+    assert slow == [b]  # over its limit after that write
+    assert failed == [c]
+    assert d.transport.writes == []  # sent directly
+    assert fanout.writes == 3 and fanout.direct_sends == 1
