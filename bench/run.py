@@ -79,7 +79,13 @@ SERVERS = {
     "wshub": ("wshub (full protocol)", "wshub", lambda port: wshub_cmd(port)),
     "node-ws": ("Node `ws`", "raw", lambda port: ["node", str(NODE_DIR / "ws_relay.js"), str(port)]),
     "uws": ("uWebSockets.js", "raw", lambda port: ["node", str(NODE_DIR / "uws_relay.js"), str(port)]),
+    # wshub writing every frame through the event loop's transport, as before
+    # the compiled direct sends (docs/ws-layer.md): what they buy, same run.
+    "wshub-transport": ("wshub, `--direct-send off`", "wshub",
+                        lambda port: wshub_cmd(port, ["--direct-send", "off"])),
 }
+# A variant is run only through the scenarios where it can differ.
+ONLY = {"wshub-transport": ("fanout", "latency", "chat")}
 
 SCENARIOS = ["fanout", "latency", "chat", "idle", "idle-2k"]
 SCENARIO_TEXT = {
@@ -320,7 +326,7 @@ def run_one(server: str, scen: str, a, run: int) -> dict:
     label, proto, build = SERVERS[server]
     port = free_port()
     rec = {"run": run, "server": server, "scenario": scen, "pressure_before": pressure(), "load_before": loadavg()}
-    if server == "wshub":
+    if server.startswith("wshub"):
         rec["wshub_source"] = wshub_source()
     args, timeout = scenario_args(scen, a)
     try:
@@ -776,8 +782,9 @@ def render(data: dict) -> str:
         "full round of the window, not a latency at a given rate, and is only in the JSON.\n")
 
     add("### Ratios (medians)\n")
-    add("| | wshub / uWebSockets.js | wshub / Node `ws` |")
-    add("| --- | --- | --- |")
+    variant = "wshub-transport" in names
+    add("| | wshub / uWebSockets.js | wshub / Node `ws` |" + (" wshub / wshub `--direct-send off` |" if variant else ""))
+    add("| --- | --- | --- |" + (" --- |" if variant else ""))
     g = lambda s, k, f: (c.get((s, k)) or {}).get(f)  # noqa: E731
     rows = [("fan-out deliveries/s", "fanout", "deliveries_per_s"),
             ("server CPU per delivery", "fanout", "server_cpu_us_per_delivery"),
@@ -788,8 +795,13 @@ def render(data: dict) -> str:
             ("idle RSS per connection (10k)", "idle", "rss_per_connection_kib"),
             ("idle RSS per connection (2k)", "idle-2k", "rss_per_connection_kib")]
     for title, scen, key in rows:
-        add(f"| {title} | {ratio(g('wshub', scen, key), g('uws', scen, key))} | {ratio(g('wshub', scen, key), g('node-ws', scen, key))} |")
+        add(f"| {title} | {ratio(g('wshub', scen, key), g('uws', scen, key))} | {ratio(g('wshub', scen, key), g('node-ws', scen, key))} |"
+            + (f" {ratio(g('wshub', scen, key), g('wshub-transport', scen, key))} |" if variant else ""))
     add("")
+    if variant:
+        add("`wshub, --direct-send off` is wshub writing every frame through the event loop's transport, as it did "
+            "before the compiled direct sends (`src/wshub/_directsend.c`, see docs/ws-layer.md); it runs only "
+            f"through {', '.join(ONLY['wshub-transport'])}, where the two can differ.\n")
     add("### The goals of issue 4\n")
     add("| goal | measured | |")
     add("| --- | --- | --- |")
@@ -927,7 +939,7 @@ def chart(data: dict) -> None:
     summ = summarize(data)
     c = summ["cells"]
     names = data["servers"]
-    colors = {"wshub": "#2b6cb0", "node-ws": "#a0aec0", "uws": "#dd6b20"}
+    colors = {"wshub": "#2b6cb0", "node-ws": "#a0aec0", "uws": "#dd6b20", "wshub-transport": "#90cdf4"}
     scen = [("fanout", "fan-out\n(closed loop, 32 in flight)"), ("latency", "latency\n(1 sender, 50 msg/s)"),
             ("chat", "chat\n(100 × 10 msg/s)")]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
@@ -937,7 +949,7 @@ def chart(data: dict) -> None:
         for j, s in enumerate(names):
             vals = [(c.get((s, k)) or {}).get(key) or 0 for k, _ in scen]
             xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(scen))]
-            bars = ax.bar(xs, vals, width, label=SERVERS[s][0], color=colors.get(s))
+            bars = ax.bar(xs, vals, width, label=SERVERS[s][0].replace("`", ""), color=colors.get(s))
             for b, v in zip(bars, vals):
                 if v:
                     ax.annotate(fmt(v), (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=7)
@@ -963,7 +975,7 @@ def chart(data: dict) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--servers", default=",".join(SERVERS), help="comma-separated: wshub,node-ws,uws")
+    ap.add_argument("--servers", default=",".join(SERVERS), help="comma-separated: " + ",".join(SERVERS))
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--duration", type=float, default=8.0, help="measured seconds per scenario (8)")
     ap.add_argument("--warmup", type=float, default=2.0)
@@ -1025,6 +1037,8 @@ def main() -> int:
             order = names[r % len(names):] + names[: r % len(names)]
             for srv in order:
                 for scen in scens:
+                    if scen not in ONLY.get(srv, SCENARIOS):
+                        continue
                     rec = run_one(srv, scen, a, r + 1)
                     log(f"run {r + 1} {srv:8} {scen:8} {short(rec)}")
                     data["runs"].append(rec)
