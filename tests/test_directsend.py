@@ -136,6 +136,31 @@ def test_an_exception_in_the_transport_propagates(pairs) -> None:
     assert received(theirs) == b""
 
 
+def test_nothing_is_sent_before_every_transport_was_asked(pairs) -> None:
+    class Broken(Transport):
+        def get_write_buffer_size(self) -> int:
+            raise RuntimeError("transport bug")
+
+    (a, ta), (b, tb) = pairs(2)
+    with pytest.raises(RuntimeError, match="transport bug"):
+        send_each([(Transport(), a.fileno()), (Broken(), b.fileno())], b"x")
+    assert (received(ta), received(tb)) == (b"", b"")
+
+
+def test_a_list_changed_by_a_transport_is_refused(pairs) -> None:
+    (a, _), (b, _) = pairs(2)
+    outs: list = []
+
+    class Meddling(Transport):
+        def is_closing(self) -> bool:
+            outs.clear()
+            return False
+
+    outs.extend([(Meddling(), a.fileno()), (Transport(), b.fileno())])
+    with pytest.raises(RuntimeError, match="changed size"):
+        send_each(outs, b"x")
+
+
 def test_no_reference_is_leaked(pairs) -> None:
     made = pairs(3)
     transport = Transport(queued=1)  # every one comes back: the result list is built

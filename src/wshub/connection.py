@@ -183,6 +183,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
+        self.direct = None  # the descriptor is closed (and it held a cycle)
         previous = self.session.state
         if previous is not State.CLOSED:
             self.session.transition(State.CLOSED)
