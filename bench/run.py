@@ -58,6 +58,12 @@ PY = sys.executable
 RESULTS = BENCH / "results" / "benchmarks.json"
 DOC = ROOT / "docs" / "benchmarks.md"
 CHART = ROOT / "docs" / "benchmarks-results.png"
+
+
+def chart_path(doc: str) -> Path:
+    """The chart beside the page: docs/benchmarks-results.png for the page,
+    DOC.png for any other --doc (a side run must not replace the page's)."""
+    return CHART if Path(doc).resolve() == DOC.resolve() else Path(doc).with_suffix(".png")
 PROFILES = ROOT / "docs" / "profiles"
 NOTES = BENCH / "benchmarks-notes.md"
 
@@ -668,7 +674,7 @@ def _engine(a: dict) -> str:
     return a.get("engine", "python")
 
 
-def render(data: dict) -> str:
+def render(data: dict, chart_file: Path = CHART) -> str:
     a = data["args"]
     m = data["machine"]
     q = data["quiet"]
@@ -807,8 +813,8 @@ def render(data: dict) -> str:
     add("| --- | --- | --- |")
     L.extend(goal_lines(summ))
     add("")
-    if CHART.exists():
-        add(f"![deliveries per second and p99 latency per scenario]({CHART.name})\n")
+    if chart_file.exists():
+        add(f"![deliveries per second and p99 latency per scenario]({chart_file.name})\n")
 
     # cluster
     cl = data.get("cluster")
@@ -930,7 +936,7 @@ def render(data: dict) -> str:
     return "\n".join(L) + "\n"
 
 
-def chart(data: dict) -> None:
+def chart(data: dict, path: Path = CHART) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -965,7 +971,7 @@ def chart(data: dict) -> None:
     fig.suptitle(f"wshub vs Node ws vs uWebSockets.js — medians of {data['args']['runs']} runs, "
                  f"{data['machine']['nproc']} cores, server core 0, generator core 1", fontsize=10)
     fig.tight_layout()
-    fig.savefig(CHART, dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -1001,9 +1007,9 @@ def main() -> int:
     if a.render_only:
         data = json.loads(Path(a.results).read_text())
         ensure_tools(True, False)
-        chart(data)
-        Path(a.doc).write_text(render(data))
-        log(f"wrote {a.doc} and {CHART}")
+        chart(data, chart_path(a.doc))
+        Path(a.doc).write_text(render(data, chart_path(a.doc)))
+        log(f"wrote {a.doc} and {chart_path(a.doc)}")
         return 0
     if a.quick:
         a.runs, a.duration, a.warmup, a.wait_max, a.profile_seconds = 1, 3.0, 1.0, 0.0, 3.0
@@ -1058,9 +1064,9 @@ def main() -> int:
             stop(p, signal.SIGKILL if p.poll() is None else signal.SIGTERM)
     Path(a.results).parent.mkdir(parents=True, exist_ok=True)
     Path(a.results).write_text(json.dumps(data, indent=1, default=str))
-    chart(data)
-    Path(a.doc).write_text(render(data))
-    log(f"wrote {a.results}, {a.doc} and {CHART} in {data['elapsed_s']} s")
+    chart(data, chart_path(a.doc))
+    Path(a.doc).write_text(render(data, chart_path(a.doc)))
+    log(f"wrote {a.results}, {a.doc} and {chart_path(a.doc)} in {data['elapsed_s']} s")
     return 0
 
 
