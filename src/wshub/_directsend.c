@@ -14,12 +14,14 @@
  * who gives the rest to transport.write(): partial sends, EAGAIN, and errors,
  * which the transport then meets and reports itself.
  *
- * Two phases: every transport is asked first, then the send(2)s follow one
- * another with nothing in between. Measured on a 2-vCPU VM against a load
- * generator on the other vCPU, the tight run of sends costs ~1 us less *per
- * send* in the kernel than sends interleaved with the checks (9.9 -> 8.8 us
- * of server CPU per delivery, one frame to 999 clients): the kernel's send
- * path stays in cache, and the reader is woken fewer times from idle.
+ * In chunks of two phases: the transports of a chunk are asked first, then
+ * the chunk's send(2)s follow one another with nothing in between. Measured
+ * on a 2-vCPU VM against a load generator on the other vCPU, a tight run of
+ * sends costs ~1 us less *per send* in the kernel than sends interleaved with
+ * the checks (9.9 -> 8.8 us of server CPU per delivery, one frame to 999
+ * clients): the kernel's send path stays in cache, and the reader is woken
+ * fewer times from idle. Asking all thousand transports before the first
+ * send held every delivery back by ~0.3 ms; a chunk's checks take ~20 us.
  *
  * The GIL is held across send(2): the socket is non-blocking (MSG_DONTWAIT),
  * and releasing and taking the GIL would cost more than the call.
@@ -59,7 +61,8 @@ transport_is_idle(PyObject *transport)
 PyDoc_STRVAR(send_each_doc,
 "send_each(outs, data, /)\n--\n\n"
 "Send the bytes *data* to every ``(transport, fd, ...)`` tuple of the list\n"
-"*outs* whose transport is not closing and has nothing queued. Return None\n"
+"*outs* whose transport is not closing and has nothing queued (a transport\n"
+"whose methods raise counts as busy). Return None\n"
 "when every one took all of *data*; otherwise a list of ``(index, sent)``\n"
 "for the others, *sent* being how many leading bytes of *data* went out\n"
 "(0 when nothing was attempted or the send failed).");
@@ -70,6 +73,11 @@ struct target {
     int fd;
     Py_ssize_t sent;
 };
+
+/* Sockets asked, then sent to, at a time: large enough that the sends run
+ * back to back, small enough that the first send is not held back by a
+ * thousand checks (each touches a cold transport). */
+#define CHUNK 64
 
 static PyObject *
 send_each(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
@@ -97,43 +105,55 @@ send_each(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         return PyErr_NoMemory();
     PyObject *left = NULL;
 
-    /* Phase 1: which sockets may be written now. */
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (PyList_GET_SIZE(outs) != n) {
-            /* Only a foreign is_closing() could do this; never a transport. */
-            PyErr_SetString(PyExc_RuntimeError, "send_each(): outs changed size");
-            goto error;
-        }
-        PyObject *item = PyList_GET_ITEM(outs, i);
-        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) < 2) {
-            PyErr_SetString(PyExc_TypeError,
-                            "send_each(): each item must be a (transport, fd, ...) tuple");
-            goto error;
-        }
-        long fd = PyLong_AsLong(PyTuple_GET_ITEM(item, 1));
-        if (fd < 0 || fd > INT_MAX) {
-            if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_ValueError, "send_each(): a file descriptor is out of range");
-            goto error;
-        }
-        Py_INCREF(item);  /* keep it alive while its transport's methods run */
-        int idle = transport_is_idle(PyTuple_GET_ITEM(item, 0));
-        Py_DECREF(item);
-        if (idle < 0)
-            goto error;
-        targets[i].fd = idle ? (int)fd : -1;
-        targets[i].sent = 0;
-    }
+    for (Py_ssize_t first = 0; first < n; first += CHUNK) {
+        Py_ssize_t last = first + CHUNK < n ? first + CHUNK : n;
 
-    /* Phase 2: the sends, back to back. */
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (targets[i].fd < 0)
-            continue;
-        ssize_t w;
-        do {
-            w = send(targets[i].fd, data, (size_t)length, MSG_DONTWAIT | MSG_NOSIGNAL);
-        } while (w < 0 && errno == EINTR);
-        targets[i].sent = w > 0 ? (Py_ssize_t)w : 0;
+        /* Phase 1: which sockets of this chunk may be written now. */
+        for (Py_ssize_t i = first; i < last; i++) {
+            if (PyList_GET_SIZE(outs) != n) {
+                /* Only a foreign is_closing() could do this; never a transport. */
+                PyErr_SetString(PyExc_RuntimeError, "send_each(): outs changed size");
+                goto error;
+            }
+            PyObject *item = PyList_GET_ITEM(outs, i);
+            if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) < 2) {
+                PyErr_SetString(PyExc_TypeError,
+                                "send_each(): each item must be a (transport, fd, ...) tuple");
+                goto error;
+            }
+            long fd = PyLong_AsLong(PyTuple_GET_ITEM(item, 1));
+            if (fd < 0 || fd > INT_MAX) {
+                if (!PyErr_Occurred())
+                    PyErr_SetString(PyExc_ValueError,
+                                    "send_each(): a file descriptor is out of range");
+                goto error;
+            }
+            Py_INCREF(item);  /* keep it alive while its transport's methods run */
+            int idle = transport_is_idle(PyTuple_GET_ITEM(item, 0));
+            Py_DECREF(item);
+            if (idle < 0) {
+                /* A transport that cannot answer is left to the caller, whose
+                 * transport.write() meets the same fault and reports it: one
+                 * broken transport must not cost the others their frame. */
+                if (!PyErr_ExceptionMatches(PyExc_Exception))
+                    goto error;
+                PyErr_Clear();
+                idle = 0;
+            }
+            targets[i].fd = idle ? (int)fd : -1;
+            targets[i].sent = 0;
+        }
+
+        /* Phase 2: the chunk's sends, back to back. */
+        for (Py_ssize_t i = first; i < last; i++) {
+            if (targets[i].fd < 0)
+                continue;
+            ssize_t w;
+            do {
+                w = send(targets[i].fd, data, (size_t)length, MSG_DONTWAIT | MSG_NOSIGNAL);
+            } while (w < 0 && errno == EINTR);
+            targets[i].sent = w > 0 ? (Py_ssize_t)w : 0;
+        }
     }
 
     /* Phase 3: what the caller must still write through the transport. */
