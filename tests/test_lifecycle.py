@@ -143,6 +143,26 @@ def test_compression_negotiated_and_delivered(make_server) -> None:
         client.close()
 
 
+@pytest.mark.parametrize("direct_send", ["on", "off"])
+def test_compressed_recipients_are_sent_directly(make_server, direct_send: str) -> None:
+    """Clients with permessage-deflate get the compressed copy from the same
+    direct-send call as each other (one per window size), or, with
+    --direct-send off, through their transports; the bytes are the same."""
+    srv = make_server("--compression", "on", "--direct-send", direct_send)
+    a = srv.client()
+    c = srv.client()
+    assert a.recv_type("user_joined")["connectionId"] == c.id  # presence settled
+    before = srv.metric("wshub_direct_sends_total")
+    big = "compress me " * 80
+    a.send({"type": "broadcast", "content": big})
+    for client in (a, c):
+        assert client.recv_type("broadcast")["content"] == big
+    sent = srv.metric("wshub_direct_sends_total") - before
+    assert sent == (2 if direct_send == "on" else 0)
+    a.close()
+    c.close()
+
+
 def test_compressed_frame_is_rsv1(make_server) -> None:
     """A large server frame to a deflate client is compressed (RSV1 set) and
     decompresses to the message; a small one goes uncompressed."""

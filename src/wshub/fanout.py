@@ -22,10 +22,11 @@ that has nothing special going on gets that same object in one
 an exclusion, or that joined mid-pass) get bytes of their own. With k messages
 in a pass, a recipient costs one write for k deliveries.
 
-Direct sends: a recipient that gets the common bytes unchanged and has a plain
-TCP socket (``conn.direct``) is not written in the Python loop. The loop
-collects them, and one call of the C extension ``wshub._directsend`` sends the
-bytes to each socket whose transport is idle (not closing, nothing queued).
+Direct sends: a recipient that gets the common bytes unchanged (or their
+compressed copy for its window size) and has a plain TCP socket
+(``conn.direct``) is not written in the Python loop. The loop collects them,
+and one call of the C extension ``wshub._directsend`` per set of bytes sends
+them to each socket whose transport is idle (not closing, nothing queued).
 Whatever it could not send goes through ``transport.write`` as before. This
 takes the interpreter and event-loop work (~1.3 µs) off each delivery of a
 message to many clients, and with the sends back to back the kernel's own
@@ -210,6 +211,7 @@ class Fanout:
             recipients = self._recipients()
             limit = self._limit
             direct: list[tuple[asyncio.Transport, int, Connection]] = []
+            direct_deflated: dict[int, list[tuple[asyncio.Transport, int, Connection]]] = {}
             for conn in recipients:
                 if conn.marked:
                     data = self._build(conn, conn.deflate, deflated)
@@ -227,6 +229,13 @@ class Fanout:
                         data = common_deflated[wbits] = b"".join(
                             self._deflated(conn.deflate, deflated)
                         )
+                    if conn.direct is not None:
+                        # One send_each call per window size, after the loop.
+                        group = direct_deflated.get(wbits)
+                        if group is None:
+                            group = direct_deflated[wbits] = []
+                        group.append(conn.direct)
+                        continue
                 # _write(), inlined: this loop runs once per recipient.
                 transport = conn.transport
                 try:
@@ -239,6 +248,8 @@ class Fanout:
                     slow.append(conn)
             if direct:
                 writes += self._send_direct(direct, common, slow)
+            for wbits, group in direct_deflated.items():
+                writes += self._send_direct(group, common_deflated[wbits], slow)
             skipped = sum(1 for conn in self.excluded if conn is not None)
             skipped += sum(conn.joined_at for conn in marked if conn.is_recipient)
             self.deliveries += len(frames) * len(recipients) - skipped  # type: ignore[arg-type]

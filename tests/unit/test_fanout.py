@@ -239,14 +239,30 @@ def test_direct_recipients_go_in_one_call_the_others_through_their_transports() 
     fanout.to_all(b"2")
     loop.run()
     common = text_frame(b"1") + text_frame(b"2")
-    assert sends.calls == [(["a", "d"], common)]  # one call, in recipient order
-    assert a.transport.writes == d.transport.writes == []
-    # A marked connection gets bytes of its own, a compressed one its
-    # compressed copy (these are too small to compress), one without a socket
-    # the common bytes: all through their transports, as before.
+    # One call for the common bytes, in recipient order; one for the
+    # compressed copy (these frames are too small to compress, so equal).
+    assert sends.calls == [(["a", "d"], common), (["e"], common)]
+    assert a.transport.writes == d.transport.writes == e.transport.writes == []
+    # A marked connection gets bytes of its own, one without a socket the
+    # common bytes: through their transports, as before.
     assert b.transport.writes == [text_frame(b"1") + text_frame(b"private") + text_frame(b"2")]
-    assert c.transport.writes == e.transport.writes == [common]
-    assert fanout.writes == 5 and fanout.direct_sends == 2 and fanout.deliveries == 10
+    assert c.transport.writes == [common]
+    assert fanout.writes == 5 and fanout.direct_sends == 3 and fanout.deliveries == 10
+
+
+def test_compressed_direct_recipients_get_their_window_sizes_copy() -> None:
+    big = b"compress me " * 40
+    a, b, c = direct_conn("a"), direct_conn("b"), direct_conn("c")
+    b.deflate, c.deflate = Deflate(15), Deflate(9)
+    sends = DirectSends()
+    loop = Loop()
+    fanout = Fanout(loop, lambda: [a, b, c], send_buffer_limit=1 << 20,  # type: ignore[arg-type]
+                    on_slow_consumer=lambda c: None, on_send_failed=lambda c, e: None,
+                    send_each=sends)
+    fanout.to_all(big)
+    loop.run()
+    assert sends.calls == [(["a"], text_frame(big)), (["b"], Deflate(15).text_frame(big)),
+                           (["c"], Deflate(9).text_frame(big))]
 
 
 def test_what_a_direct_send_left_goes_through_the_transport() -> None:
