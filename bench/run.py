@@ -690,7 +690,7 @@ def render(data: dict, chart_file: Path = CHART) -> str:
         f"{a['runs']} runs**; the runs interleave the servers in a rotated order. This machine is shared and noisy: "
         "read the ratios, not the absolute figures.\n")
     add("## The command\n")
-    add("```sh\n.venv/bin/python bench/run.py            # about 35 minutes; rewrites this page\n"
+    add("```sh\n.venv/bin/python bench/run.py            # about 20 minutes on 2 cores; rewrites this page\n"
         ".venv/bin/python bench/run.py --quick    # one short run of everything, to try it\n"
         ".venv/bin/python bench/run.py --render-only   # this page again from bench/results/benchmarks.json\n```\n")
     add("It installs what it needs that is missing (`npm ci` in `bench/servers`; matplotlib and py-spy into the "
