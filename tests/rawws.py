@@ -43,8 +43,25 @@ def encode_frame(
     if not mask:
         return header + payload
     key = os.urandom(4)
-    masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-    return header + key + masked
+    return header + key + xor(payload, key)
+
+
+def xor(payload: bytes, key: bytes) -> bytes:
+    """*payload* masked (or unmasked) with the 4-byte *key*, as RFC 6455 5.3."""
+    n = len(payload)
+    stream = (key * (n // 4 + 1))[:n]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
+
+
+def chunked(data: bytes, sizes: list[int]) -> list[bytes]:
+    """Split ``data`` into pieces of the given sizes (cycled), the last one whatever is left."""
+    out, pos, i = [], 0, 0
+    while pos < len(data):
+        n = sizes[i % len(sizes)]
+        out.append(data[pos : pos + n])
+        pos += n
+        i += 1
+    return out
 
 
 class RawClient:

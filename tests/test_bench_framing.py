@@ -20,17 +20,7 @@ from wshub.bench.framing import (
     parse_header,
 )
 
-
-def chunked(data: bytes, sizes):
-    """Split ``data`` into pieces of the given sizes (cycled), the last one whatever is left."""
-    out, pos, i = [], 0, 0
-    while pos < len(data):
-        n = sizes[i % len(sizes)]
-        out.append(data[pos : pos + n])
-        pos += n
-        i += 1
-    return out
-
+from .rawws import chunked
 
 # --------------------------------------------------------------------- masking
 

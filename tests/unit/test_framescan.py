@@ -3,7 +3,6 @@ once, in order, either parsed (the simple ones) or as bytes for the library."""
 
 from __future__ import annotations
 
-import os
 import struct
 
 from hypothesis import given, settings
@@ -11,30 +10,9 @@ from hypothesis import strategies as st
 
 from wshub.framescan import FrameScanner
 
+from ..rawws import chunked, encode_frame, xor
+
 LIMIT = 1000
-
-
-def client_frame(opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0,
-                 masked: bool = True) -> bytes:
-    first = (0x80 if fin else 0) | (rsv << 4) | opcode
-    bit = 0x80 if masked else 0
-    n = len(payload)
-    if n < 126:
-        head = bytes((first, bit | n))
-    elif n < 65536:
-        head = bytes((first, bit | 126)) + struct.pack("!H", n)
-    else:
-        head = bytes((first, bit | 127)) + struct.pack("!Q", n)
-    if not masked:
-        return head + payload
-    key = os.urandom(4)
-    return head + key + xor(payload, key)
-
-
-def xor(payload: bytes, key: bytes) -> bytes:
-    n = len(payload)
-    stream = (key * (n // 4 + 1))[:n]
-    return (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
 
 
 def parse_all(data: bytes) -> list[tuple[int, int, bool, bytes]]:
@@ -85,16 +63,6 @@ frame_specs = st.lists(
 )
 
 
-def cut(data: bytes, sizes: list[int]) -> list[bytes]:
-    chunks, pos, i = [], 0, 0
-    while pos < len(data):
-        size = sizes[i % len(sizes)]
-        chunks.append(data[pos : pos + size])
-        pos += size
-        i += 1
-    return chunks
-
-
 def run(chunks: list[bytes], fast_when: list[bool]) -> tuple[list, bytes]:
     """Scan *chunks*; returns the frames in order, each one parsed either by
     the scanner or (from the library's bytes) by the reference parser."""
@@ -118,9 +86,9 @@ def run(chunks: list[bytes], fast_when: list[bool]) -> tuple[list, bytes]:
 @given(specs=frame_specs, sizes=st.lists(st.integers(1, 70000), min_size=1, max_size=8),
        fast_when=st.lists(st.booleans(), min_size=1, max_size=5))
 def test_every_frame_once_in_order_whatever_the_cuts(specs, sizes, fast_when) -> None:
-    frames = [client_frame(op, payload, fin=fin, rsv=rsv, masked=masked)
+    frames = [encode_frame(op, payload, fin=fin, rsv=rsv, mask=masked)
               for op, payload, fin, rsv, masked in specs]
-    out, library = run(cut(b"".join(frames), sizes), fast_when)
+    out, library = run(chunked(b"".join(frames), sizes), fast_when)
     # Rebuild the stream of frames: the library's bytes are whole frames
     # wherever a fast frame was taken in between.
     rebuilt: list[tuple[int, int, bool, bytes]] = []
@@ -140,8 +108,8 @@ def test_every_frame_once_in_order_whatever_the_cuts(specs, sizes, fast_when) ->
 
 
 def test_a_simple_frame_is_parsed_and_the_rest_goes_to_the_library() -> None:
-    text = client_frame(0x1, b'{"type":"message","content":"hi"}')
-    ping = client_frame(0x9, b"p")
+    text = encode_frame(0x1, b'{"type":"message","content":"hi"}')
+    ping = encode_frame(0x9, b"p")
     scanner = FrameScanner(LIMIT)
     got = list(scanner.scan(text + ping + text[:3], lambda: True))
     assert got == [(1, b'{"type":"message","content":"hi"}'), (None, ping)]
@@ -150,7 +118,7 @@ def test_a_simple_frame_is_parsed_and_the_rest_goes_to_the_library() -> None:
 
 
 def test_an_incomplete_frame_goes_to_the_library_from_its_first_byte() -> None:
-    text = client_frame(0x1, b"x" * 200)
+    text = encode_frame(0x1, b"x" * 200)
     scanner = FrameScanner(LIMIT)
     assert list(scanner.scan(text[:100], lambda: True)) == [(None, text[:100])]
     assert scanner.owes == len(text) - 100
@@ -159,7 +127,7 @@ def test_an_incomplete_frame_goes_to_the_library_from_its_first_byte() -> None:
 
 
 def test_when_the_caller_says_no_every_frame_goes_to_the_library() -> None:
-    text = client_frame(0x1, b"hello")
+    text = encode_frame(0x1, b"hello")
     assert list(FrameScanner(LIMIT).scan(text * 2, lambda: False)) == [(None, text)] * 2
 
 
@@ -171,14 +139,14 @@ def test_an_oversized_announcement_goes_to_the_library_at_once() -> None:
 
 
 def test_the_limit_is_inclusive() -> None:
-    at = client_frame(0x2, b"a" * LIMIT)
-    over = client_frame(0x2, b"a" * (LIMIT + 1))
+    at = encode_frame(0x2, b"a" * LIMIT)
+    over = encode_frame(0x2, b"a" * (LIMIT + 1))
     got = list(FrameScanner(LIMIT).scan(at + over, lambda: True))
     assert got == [(2, b"a" * LIMIT), (None, over)]
 
 
 def test_frames_for_the_library_come_together_up_to_8_kib() -> None:
-    ping = client_frame(0x9, b"p")  # 7 bytes
+    ping = encode_frame(0x9, b"p")  # 7 bytes
     pieces = list(FrameScanner(LIMIT).scan(ping * 3000, lambda: True))
     assert all(opcode is None for opcode, _ in pieces)
     assert b"".join(chunk for _, chunk in pieces) == ping * 3000
@@ -188,8 +156,8 @@ def test_frames_for_the_library_come_together_up_to_8_kib() -> None:
 def test_the_library_gets_what_came_before_the_caller_is_asked() -> None:
     # A fragmented message begins: the caller can only know that it must not
     # take the next text frame itself once the library has seen the first part.
-    start = client_frame(0x1, b"part", fin=False)
-    text = client_frame(0x1, b"whole")
+    start = encode_frame(0x1, b"part", fin=False)
+    text = encode_frame(0x1, b"whole")
     events: list[object] = []
     scanner = FrameScanner(LIMIT)
 
