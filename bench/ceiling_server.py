@@ -76,7 +76,10 @@ class Flood:
         a = self.args
         loop = asyncio.get_running_loop()
         server = await loop.create_server(lambda: Conn(self), a.host, a.port, backlog=4096)
-        print(f"ceiling server on {a.host}:{a.port}, batch {a.batch}, rate {a.rate or 'max'}", flush=True)
+        print(
+            f"ceiling server on {a.host}:{a.port}, batch {a.batch}, rate {a.rate or 'max'}",
+            flush=True,
+        )
         t_end = time.monotonic() + a.duration
         t0 = None
         i = 0
@@ -116,14 +119,20 @@ class Flood:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("port", type=int)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--batch", type=int, default=32, help="frames per write")
-    p.add_argument("--rate", type=float, default=0.0, help="total frames/s (0: as fast as possible)")
+    p.add_argument(
+        "--rate", type=float, default=0.0, help="total frames/s (0: as fast as possible)"
+    )
     p.add_argument("--size", type=int, default=100, help="payload bytes per frame (< 126)")
     p.add_argument("--duration", type=float, default=60.0, help="stop after this many seconds")
-    p.add_argument("--max-frames", type=int, default=2_000_000_000, help="stop after this many frames")
+    p.add_argument(
+        "--max-frames", type=int, default=2_000_000_000, help="stop after this many frames"
+    )
     args = p.parse_args()
     try:
         import uvloop

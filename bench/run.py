@@ -53,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
 import shared  # noqa: E402  (bench/shared.py, beside this script)
+
 NODE_DIR = BENCH / "servers"
 PY = sys.executable
 RESULTS = BENCH / "results" / "benchmarks.json"
@@ -64,31 +65,60 @@ def chart_path(doc: str) -> Path:
     """The chart beside the page: docs/benchmarks-results.png for the page,
     DOC.png for any other --doc (a side run must not replace the page's)."""
     return CHART if Path(doc).resolve() == DOC.resolve() else Path(doc).with_suffix(".png")
+
+
 PROFILES = ROOT / "docs" / "profiles"
 NOTES = BENCH / "benchmarks-notes.md"
 
 WSHUB_FLAGS = [
-    "--ip-connect-rate", "0", "--max-connections-per-ip", "0",
-    "--message-rate", "0", "--max-connections", "20000",
+    "--ip-connect-rate",
+    "0",
+    "--max-connections-per-ip",
+    "0",
+    "--message-rate",
+    "0",
+    "--max-connections",
+    "20000",
 ]
 
 
 def wshub_cmd(port: int, extra: list[str] = ()) -> list[str]:
     exe = Path(PY).with_name("wshub")
     base = [str(exe)] if exe.exists() else [PY, "-m", "wshub"]
-    return [*base, "serve", "--host", "127.0.0.1", "--port", str(port), *WSHUB_FLAGS,
-            "--log-level", "warning", *extra]
+    return [
+        *base,
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *WSHUB_FLAGS,
+        "--log-level",
+        "warning",
+        *extra,
+    ]
 
 
 SERVERS = {
     # name: (label, protocol, command builder)
     "wshub": ("wshub (full protocol)", "wshub", lambda port: wshub_cmd(port)),
-    "node-ws": ("Node `ws`", "raw", lambda port: ["node", str(NODE_DIR / "ws_relay.js"), str(port)]),
-    "uws": ("uWebSockets.js", "raw", lambda port: ["node", str(NODE_DIR / "uws_relay.js"), str(port)]),
+    "node-ws": (
+        "Node `ws`",
+        "raw",
+        lambda port: ["node", str(NODE_DIR / "ws_relay.js"), str(port)],
+    ),
+    "uws": (
+        "uWebSockets.js",
+        "raw",
+        lambda port: ["node", str(NODE_DIR / "uws_relay.js"), str(port)],
+    ),
     # wshub writing every frame through the event loop's transport, as before
     # the compiled direct sends (docs/ws-layer.md): what they buy, same run.
-    "wshub-transport": ("wshub, `--direct-send off`", "wshub",
-                        lambda port: wshub_cmd(port, ["--direct-send", "off"])),
+    "wshub-transport": (
+        "wshub, `--direct-send off`",
+        "wshub",
+        lambda port: wshub_cmd(port, ["--direct-send", "off"]),
+    ),
 }
 # A variant is run only through the scenarios where it can differ.
 ONLY = {"wshub-transport": ("fanout", "latency", "chat")}
@@ -165,7 +195,9 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 
 def spawn(cmd: list[str], core: str, logname: str) -> subprocess.Popen:
     logf = open(f"/tmp/wshub-bench-{logname}.log", "w")
-    proc = subprocess.Popen(["taskset", "-c", core, *cmd], stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT)
+    proc = subprocess.Popen(
+        ["taskset", "-c", core, *cmd], stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT
+    )
     logf.close()
     _children.append(proc)
     return proc
@@ -208,19 +240,75 @@ def bench(args: list[str], core: str, timeout: float) -> dict:
 def scenario_args(scen: str, a) -> tuple[list[str], float]:
     """Generator arguments (without --url/--protocol/--server-pid) and a timeout."""
     d, w = str(a.duration), str(a.warmup)
-    eng = ["--engine", getattr(a, "engine", "python")]  # results from before the native engine: python
+    eng = [
+        "--engine",
+        getattr(a, "engine", "python"),
+    ]  # results from before the native engine: python
     if scen == "fanout":
-        return ["fanout", *eng, "-n", "1000", "--inflight", "32", "--warmup", w, "--duration", d], a.duration + a.warmup + 120
+        return [
+            "fanout",
+            *eng,
+            "-n",
+            "1000",
+            "--inflight",
+            "32",
+            "--warmup",
+            w,
+            "--duration",
+            d,
+        ], a.duration + a.warmup + 120
     if scen == "latency":
-        return ["rate", *eng, "-n", "1000", "--rate", "50", "--warmup", w, "--duration", d], a.duration + a.warmup + 120
+        return [
+            "rate",
+            *eng,
+            "-n",
+            "1000",
+            "--rate",
+            "50",
+            "--warmup",
+            w,
+            "--duration",
+            d,
+        ], a.duration + a.warmup + 120
     if scen == "chat":
-        return ["chat", "-n", "100", "--rate", "10", "--warmup", w, "--duration", d], a.duration + a.warmup + 90
+        return [
+            "chat",
+            "-n",
+            "100",
+            "--rate",
+            "10",
+            "--warmup",
+            w,
+            "--duration",
+            d,
+        ], a.duration + a.warmup + 90
     if scen == "idle":
-        return (["idle", "-n", str(a.idle_connections), "--duration", "5", "--settle", "20",
-                 "--open-deadline", str(a.idle_open_deadline)], a.idle_open_deadline + 180)
+        return (
+            [
+                "idle",
+                "-n",
+                str(a.idle_connections),
+                "--duration",
+                "5",
+                "--settle",
+                "20",
+                "--open-deadline",
+                str(a.idle_open_deadline),
+            ],
+            a.idle_open_deadline + 180,
+        )
     if scen == "idle-2k":
-        return ["idle", "-n", "2000", "--duration", "5", "--settle", "20", "--open-deadline",
-                str(a.idle_open_deadline)], a.idle_open_deadline + 180
+        return [
+            "idle",
+            "-n",
+            "2000",
+            "--duration",
+            "5",
+            "--settle",
+            "20",
+            "--open-deadline",
+            str(a.idle_open_deadline),
+        ], a.idle_open_deadline + 180
     raise ValueError(scen)
 
 
@@ -250,28 +338,45 @@ def wait_for_quiet(limit: float, max_wait: float) -> dict:
         if time.monotonic() - t0 >= max_wait:
             log(f"load {la[0]:.2f} still ≥ {limit} after {max_wait:.0f}s: running anyway")
             break
-        log(f"load average {la[0]:.2f} ≥ {limit}: waiting (at most {max_wait - (time.monotonic() - t0):.0f}s more)")
+        log(
+            f"load average {la[0]:.2f} ≥ {limit}: waiting (at most {max_wait - (time.monotonic() - t0):.0f}s more)"
+        )
         time.sleep(30)
-    return {"waited_s": round(time.monotonic() - t0), "load_at_first_check": first, "load_at_start": loadavg(),
-            "pressure_at_start": pressure()}
+    return {
+        "waited_s": round(time.monotonic() - t0),
+        "load_at_first_check": first,
+        "load_at_start": loadavg(),
+        "pressure_at_start": pressure(),
+    }
 
 
 def ensure_native() -> None:
     """Build the native generator now (cc, cached), so no measured run pays for it."""
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    p = subprocess.run([PY, "-m", "wshub.bench.native"], capture_output=True, text=True, env=env, cwd=ROOT,
-                       timeout=300)
+    p = subprocess.run(
+        [PY, "-m", "wshub.bench.native"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
     if p.returncode:
         raise SystemExit(f"the native generator does not build: {p.stderr[-2000:]}")
     log(f"native generator: {p.stdout.strip()}")
 
 
 def ensure_tools(need_chart: bool, need_spy: bool) -> None:
-    if not (NODE_DIR / "node_modules" / "uwebsockets").exists() or not (NODE_DIR / "node_modules" / "ws").exists():
+    if (
+        not (NODE_DIR / "node_modules" / "uwebsockets").exists()
+        or not (NODE_DIR / "node_modules" / "ws").exists()
+    ):
         if not shutil.which("npm"):
             raise SystemExit("npm not found: install Node 20 + npm")
         log("npm ci in bench/servers")
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, timeout=300)
+        subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, timeout=300
+        )
     pkgs = []
     if need_chart:
         try:
@@ -281,7 +386,9 @@ def ensure_tools(need_chart: bool, need_spy: bool) -> None:
     if need_spy and not Path(PY).with_name("py-spy").exists():
         pkgs.append("py-spy")
     if pkgs:
-        log(f"pip install {' '.join(pkgs)} into {sys.prefix} (benchmark tools only, not project dependencies)")
+        log(
+            f"pip install {' '.join(pkgs)} into {sys.prefix} (benchmark tools only, not project dependencies)"
+        )
         subprocess.run([PY, "-m", "pip", "install", "-q", *pkgs], check=True, timeout=600)
 
 
@@ -293,20 +400,55 @@ def measure_ceiling(a, runs: int) -> list[dict]:
     for r in range(runs):
         for rate in (0, 2_000_000):
             port = free_port()
-            cmd = [PY, str(BENCH / "ceiling_server.py"), str(port), "--rate", str(rate), "--batch", "32",
-                   "--duration", str(a.warmup + 5 + 30)]
-            rec = {"run": r + 1, "offered": rate or "max", "pressure_before": pressure(), "load_before": loadavg()}
+            cmd = [
+                PY,
+                str(BENCH / "ceiling_server.py"),
+                str(port),
+                "--rate",
+                str(rate),
+                "--batch",
+                "32",
+                "--duration",
+                str(a.warmup + 5 + 30),
+            ]
+            rec = {
+                "run": r + 1,
+                "offered": rate or "max",
+                "pressure_before": pressure(),
+                "load_before": loadavg(),
+            }
             try:
                 with Server(cmd, port, a.server_core, "ceiling") as srv:
-                    rec["result"] = bench(["sink", "--engine", a.engine, "--protocol", "raw", "-n", "1000", "--probes", "0",
-                                           "--url", f"ws://127.0.0.1:{port}/", "--warmup", str(a.warmup),
-                                           "--duration", "5", "--server-pid", str(srv.pid)],
-                                          a.client_core, 90)
+                    rec["result"] = bench(
+                        [
+                            "sink",
+                            "--engine",
+                            a.engine,
+                            "--protocol",
+                            "raw",
+                            "-n",
+                            "1000",
+                            "--probes",
+                            "0",
+                            "--url",
+                            f"ws://127.0.0.1:{port}/",
+                            "--warmup",
+                            str(a.warmup),
+                            "--duration",
+                            "5",
+                            "--server-pid",
+                            str(srv.pid),
+                        ],
+                        a.client_core,
+                        90,
+                    )
             except RuntimeError as e:
                 rec["result"] = {"error": str(e)}
             res = rec["result"]
-            log(f"ceiling run {r + 1} offered {rec['offered']}: counted {res.get('deliveries_per_s')}/s "
-                f"gen cpu {res.get('generator_cpu')} {res.get('error', '')}")
+            log(
+                f"ceiling run {r + 1} offered {rec['offered']}: counted {res.get('deliveries_per_s')}/s "
+                f"gen cpu {res.get('generator_cpu')} {res.get('error', '')}"
+            )
             out.append(rec)
     return out
 
@@ -321,8 +463,12 @@ def wshub_source() -> str:
         if "bench" not in f.parts:
             h.update(f.read_bytes())
     try:
-        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         head = "?"
     return f"{head}+src:{h.hexdigest()[:8]}"
@@ -331,15 +477,32 @@ def wshub_source() -> str:
 def run_one(server: str, scen: str, a, run: int) -> dict:
     label, proto, build = SERVERS[server]
     port = free_port()
-    rec = {"run": run, "server": server, "scenario": scen, "pressure_before": pressure(), "load_before": loadavg()}
+    rec = {
+        "run": run,
+        "server": server,
+        "scenario": scen,
+        "pressure_before": pressure(),
+        "load_before": loadavg(),
+    }
     if server.startswith("wshub"):
         rec["wshub_source"] = wshub_source()
     args, timeout = scenario_args(scen, a)
     try:
         with Server(build(port), port, a.server_core, server) as srv:
             path = "/websocket"
-            rec["result"] = bench([*args, "--protocol", proto, "--url", f"ws://127.0.0.1:{port}{path}",
-                                   "--server-pid", str(srv.pid)], a.client_core, timeout)
+            rec["result"] = bench(
+                [
+                    *args,
+                    "--protocol",
+                    proto,
+                    "--url",
+                    f"ws://127.0.0.1:{port}{path}",
+                    "--server-pid",
+                    str(srv.pid),
+                ],
+                a.client_core,
+                timeout,
+            )
     except RuntimeError as e:
         rec["result"] = {"error": str(e)}
     rec["pressure_after"] = pressure()
@@ -352,33 +515,65 @@ def short(rec: dict) -> str:
         return f"ERROR {r['error'][:200]}"
     s = rec["scenario"]
     if s == "fanout":
-        return (f"{r.get('deliveries_per_s', 0):,.0f}/s  {r.get('server_cpu_us_per_delivery')} µs/delivery  "
-                f"server cpu {r.get('server_cpu')}  gen cpu {r.get('generator_cpu')}  p99 {r.get('latency_ms_p99')} ms")
+        return (
+            f"{r.get('deliveries_per_s', 0):,.0f}/s  {r.get('server_cpu_us_per_delivery')} µs/delivery  "
+            f"server cpu {r.get('server_cpu')}  gen cpu {r.get('generator_cpu')}  p99 {r.get('latency_ms_p99')} ms"
+        )
     if s in ("latency", "chat"):
-        return (f"{r.get('deliveries_per_s', 0):,.0f}/s of {r.get('offered_deliveries_per_s', 0):,.0f}  "
-                f"p50 {r.get('latency_ms_p50')} p99 {r.get('latency_ms_p99')} max {r.get('latency_ms_max')} ms  "
-                f"fell behind: {r.get('fell_behind')}")
-    return (f"{r.get('rss_per_connection_kib')} KiB/conn  held {r.get('connections_held')}  "
-            f"connect {r.get('connect_time_s')} s  failed {r.get('connect_failures')}")
+        return (
+            f"{r.get('deliveries_per_s', 0):,.0f}/s of {r.get('offered_deliveries_per_s', 0):,.0f}  "
+            f"p50 {r.get('latency_ms_p50')} p99 {r.get('latency_ms_p99')} max {r.get('latency_ms_max')} ms  "
+            f"fell behind: {r.get('fell_behind')}"
+        )
+    return (
+        f"{r.get('rss_per_connection_kib')} KiB/conn  held {r.get('connections_held')}  "
+        f"connect {r.get('connect_time_s')} s  failed {r.get('connect_failures')}"
+    )
 
 
 def run_cluster(a, runs: int) -> dict:
     rport = free_port()
-    redis = spawn(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                   "--client-output-buffer-limit", "pubsub 256mb 64mb 60"], a.server_core, "redis")
+    redis = spawn(
+        [
+            "redis-server",
+            "--port",
+            str(rport),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--client-output-buffer-limit",
+            "pubsub 256mb 64mb 60",
+        ],
+        a.server_core,
+        "redis",
+    )
     out = {"redis_port": rport, "runs": []}
     try:
         shared.wait_port(rport, redis)
         url = f"redis://127.0.0.1:{rport}/0"
         configs = [("fanout-1", 1), ("fanout-2", 2), ("latency-cross", 2), ("latency-1", 1)]
         for r in range(runs):
-            order = configs[r % len(configs):] + configs[: r % len(configs)]
+            order = configs[r % len(configs) :] + configs[: r % len(configs)]
             for name, nodes in order:
                 ports = [free_port() for _ in range(nodes)]
-                procs = [spawn(wshub_cmd(p, ["--redis-url", url, "--node-id", f"bench-{name}-{r}-{i}"]),
-                               a.server_core, f"node{i}") for i, p in enumerate(ports)]
-                rec = {"run": r + 1, "config": name, "nodes": nodes, "pressure_before": pressure(),
-                       "load_before": loadavg()}
+                procs = [
+                    spawn(
+                        wshub_cmd(p, ["--redis-url", url, "--node-id", f"bench-{name}-{r}-{i}"]),
+                        a.server_core,
+                        f"node{i}",
+                    )
+                    for i, p in enumerate(ports)
+                ]
+                rec = {
+                    "run": r + 1,
+                    "config": name,
+                    "nodes": nodes,
+                    "pressure_before": pressure(),
+                    "load_before": loadavg(),
+                }
                 try:
                     for p, proc in zip(ports, procs):
                         shared.wait_port(p, proc)
@@ -393,20 +588,27 @@ def run_cluster(a, runs: int) -> dict:
                         args, timeout = scenario_args("latency", a)
                     if name == "latency-cross":
                         args += ["--placement", "sender-alone"]
-                    rec["result"] = bench([*args, *urls, "--protocol", "wshub", "--server-pid", str(procs[0].pid)],
-                                          a.client_core, timeout)
+                    rec["result"] = bench(
+                        [*args, *urls, "--protocol", "wshub", "--server-pid", str(procs[0].pid)],
+                        a.client_core,
+                        timeout,
+                    )
                     cpu1 = [cpu_s(p.pid) for p in procs] + [cpu_s(redis.pid)]
-                    rec["cpu_s_whole_run"] = [round(y - x, 2) if x is not None and y is not None else None
-                                              for x, y in zip(cpu0, cpu1)]
+                    rec["cpu_s_whole_run"] = [
+                        round(y - x, 2) if x is not None and y is not None else None
+                        for x, y in zip(cpu0, cpu1)
+                    ]
                 except RuntimeError as e:
                     rec["result"] = {"error": str(e)}
                 finally:
                     for p in procs:
                         stop(p)
                 res = rec["result"]
-                log(f"cluster run {r + 1} {name:14} {res.get('deliveries_per_s', 0):,.0f}/s  "
+                log(
+                    f"cluster run {r + 1} {name:14} {res.get('deliveries_per_s', 0):,.0f}/s  "
                     f"p50 {res.get('latency_ms_p50')} p99 {res.get('latency_ms_p99')} ms  "
-                    f"by url {res.get('connections_by_url')}  {res.get('error', '')}")
+                    f"by url {res.get('connections_by_url')}  {res.get('error', '')}"
+                )
                 out["runs"].append(rec)
                 time.sleep(1.0)
     finally:
@@ -463,14 +665,22 @@ def profile(a) -> dict:
     out = {}
     cases = [
         ("after", "wshub", SERVERS["wshub"][2], "wshub", "fanout"),
-        ("before", "websockets-relay", lambda p: [PY, str(BENCH / "candidates" / "websockets_relay.py"), str(p)],
-         "raw", "fanout"),
+        (
+            "before",
+            "websockets-relay",
+            lambda p: [PY, str(BENCH / "candidates" / "websockets_relay.py"), str(p)],
+            "raw",
+            "fanout",
+        ),
         ("storm", "wshub", SERVERS["wshub"][2], "wshub", "storm"),
     ]
     for tag, name, build, proto, scen in cases:
         port = free_port()
-        dest = PROFILES / (f"fanout-{tag}-{name}.collapsed.txt" if scen == "fanout"
-                           else "connect-storm-wshub.collapsed.txt")
+        dest = PROFILES / (
+            f"fanout-{tag}-{name}.collapsed.txt"
+            if scen == "fanout"
+            else "connect-storm-wshub.collapsed.txt"
+        )
         rec = {"server": name, "scenario": scen}
         try:
             with Server(build(port), port, a.server_core, f"profile-{name}") as srv:
@@ -479,12 +689,41 @@ def profile(a) -> dict:
                     i = args.index("--duration")
                     args[i + 1] = str(a.profile_seconds + 6)
                 else:
-                    args = ["idle", "-n", "3000", "--duration", "1", "--settle", "10", "--open-deadline", "90"]
+                    args = [
+                        "idle",
+                        "-n",
+                        "3000",
+                        "--duration",
+                        "1",
+                        "--settle",
+                        "10",
+                        "--open-deadline",
+                        "90",
+                    ]
                 env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
                 gen = subprocess.Popen(
-                    ["taskset", "-c", a.client_core, PY, "-m", "wshub.bench", *args, "--protocol", proto,
-                     "--url", f"ws://127.0.0.1:{port}/websocket", "--server-pid", str(srv.pid), "--json"],
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+                    [
+                        "taskset",
+                        "-c",
+                        a.client_core,
+                        PY,
+                        "-m",
+                        "wshub.bench",
+                        *args,
+                        "--protocol",
+                        proto,
+                        "--url",
+                        f"ws://127.0.0.1:{port}/websocket",
+                        "--server-pid",
+                        str(srv.pid),
+                        "--json",
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env=env,
+                    cwd=ROOT,
+                )
                 _children.append(gen)
                 # fan-out: wait until the 1000 connections are open (the server's fds), then
                 # the warm-up; storm: wait until 500 are open
@@ -501,13 +740,34 @@ def profile(a) -> dict:
                     time.sleep(a.warmup + 1)
                 m0 = wshub_metrics(port) if name == "wshub" else {}
                 c0, t0, us0 = cpu_s(srv.pid), time.monotonic(), cpu_split(srv.pid)
-                spy_run = subprocess.run(["taskset", "-c", a.client_core, spy, "record", "--pid", str(srv.pid),
-                                "--rate", "200", "--duration", str(int(a.profile_seconds)), "--native",
-                                "--format", "raw", "--output", str(dest)],
-                               capture_output=True, text=True, timeout=a.profile_seconds + 60)
+                spy_run = subprocess.run(
+                    [
+                        "taskset",
+                        "-c",
+                        a.client_core,
+                        spy,
+                        "record",
+                        "--pid",
+                        str(srv.pid),
+                        "--rate",
+                        "200",
+                        "--duration",
+                        str(int(a.profile_seconds)),
+                        "--native",
+                        "--format",
+                        "raw",
+                        "--output",
+                        str(dest),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=a.profile_seconds + 60,
+                )
                 if spy_run.returncode:
                     rec["error"] = f"py-spy: {spy_run.stderr[-300:]}"
-                rec["server_cpu_during_profile"] = round((cpu_s(srv.pid) - c0) / (time.monotonic() - t0), 3)
+                rec["server_cpu_during_profile"] = round(
+                    (cpu_s(srv.pid) - c0) / (time.monotonic() - t0), 3
+                )
                 us1 = cpu_split(srv.pid)
                 if us0 and us1:
                     u, k = us1[0] - us0[0], us1[1] - us0[1]
@@ -520,7 +780,9 @@ def profile(a) -> dict:
                     rec["deliveries_in_window"] = d
                     rec["writes_in_window"] = w
                     rec["frames_per_write"] = round(d / w, 2)
-                    rec["server_cpu_us_per_delivery_in_window"] = round((cpu_s(srv.pid) - c0) / d * 1e6, 3)
+                    rec["server_cpu_us_per_delivery_in_window"] = round(
+                        (cpu_s(srv.pid) - c0) / d * 1e6, 3
+                    )
                 try:
                     so, se = gen.communicate(timeout=a.profile_seconds + 200)
                     rec["bench"] = json.loads(so)
@@ -536,8 +798,10 @@ def profile(a) -> dict:
             rec["size"] = dest.stat().st_size
             rec["top"] = collapse_top(dest)
         b = rec.get("bench", {})
-        log(f"profile {tag} {name}: {b.get('deliveries_per_s')}/s {b.get('server_cpu_us_per_delivery')} µs/delivery "
-            f"samples {rec.get('top', {}).get('samples')} {rec.get('error', '')}")
+        log(
+            f"profile {tag} {name}: {b.get('deliveries_per_s')}/s {b.get('server_cpu_us_per_delivery')} µs/delivery "
+            f"samples {rec.get('top', {}).get('samples')} {rec.get('error', '')}"
+        )
         out[tag] = rec
     return out
 
@@ -575,8 +839,11 @@ def summarize(data: dict) -> dict:
     flood = [c["result"] for c in data["ceiling"] if c["offered"] == "max"]
     ceiling_2m = [c["result"] for c in data["ceiling"] if c["offered"] != "max"]
     # frames counted per second of generator CPU: what one full core of the generator counts
-    per_core = [c["result"]["deliveries_per_s"] / c["result"]["generator_cpu"] for c in data["ceiling"]
-                if c["result"].get("generator_cpu") and c["result"].get("deliveries_per_s")]
+    per_core = [
+        c["result"]["deliveries_per_s"] / c["result"]["generator_cpu"]
+        for c in data["ceiling"]
+        if c["result"].get("generator_cpu") and c["result"].get("deliveries_per_s")
+    ]
     summ = {
         "ceiling": med(per_core),
         "ceiling_runs": per_core,
@@ -592,10 +859,23 @@ def summarize(data: dict) -> dict:
             rs = [x["result"] for x in data["runs"] if x["server"] == srv and x["scenario"] == scen]
             if not rs:
                 continue
-            keys = ["deliveries_per_s", "server_cpu_us_per_delivery", "server_cpu", "generator_cpu",
-                    "latency_ms_p50", "latency_ms_p90", "latency_ms_p99", "latency_ms_max",
-                    "offered_deliveries_per_s", "achieved_ratio", "backlog_s", "rss_per_connection_kib",
-                    "connections_held", "connect_time_s", "connects_per_s"]
+            keys = [
+                "deliveries_per_s",
+                "server_cpu_us_per_delivery",
+                "server_cpu",
+                "generator_cpu",
+                "latency_ms_p50",
+                "latency_ms_p90",
+                "latency_ms_p99",
+                "latency_ms_max",
+                "offered_deliveries_per_s",
+                "achieved_ratio",
+                "backlog_s",
+                "rss_per_connection_kib",
+                "connections_held",
+                "connect_time_s",
+                "connects_per_s",
+            ]
             cell = {k: med([r.get(k) for r in rs]) for k in keys}
             cell["n"] = len(rs)
             cell["errors"] = [r["error"] for r in rs if "error" in r]
@@ -605,8 +885,17 @@ def summarize(data: dict) -> dict:
             if scen == "fanout":
                 at = []
                 for r in rs:
-                    d, g, s = r.get("deliveries_per_s") or 0, r.get("generator_cpu") or 0, r.get("server_cpu") or 0
-                    at.append(bool((summ["ceiling"] and d >= 0.8 * summ["ceiling"]) or (g >= 0.75 and g > s)))
+                    d, g, s = (
+                        r.get("deliveries_per_s") or 0,
+                        r.get("generator_cpu") or 0,
+                        r.get("server_cpu") or 0,
+                    )
+                    at.append(
+                        bool(
+                            (summ["ceiling"] and d >= 0.8 * summ["ceiling"])
+                            or (g >= 0.75 and g > s)
+                        )
+                    )
                 cell["at_ceiling_runs"] = sum(at)
                 cell["at_ceiling"] = sum(at) * 2 > len(at)
             summ["cells"][(srv, scen)] = cell
@@ -617,7 +906,11 @@ def goal_lines(summ: dict) -> list[str]:
     c = summ["cells"]
     g = lambda s, k, f: (c.get((s, k)) or {}).get(f)  # noqa: E731
     lines = []
-    w, u, n = g("wshub", "fanout", "deliveries_per_s"), g("uws", "fanout", "deliveries_per_s"), g("node-ws", "fanout", "deliveries_per_s")
+    w, u, n = (
+        g("wshub", "fanout", "deliveries_per_s"),
+        g("uws", "fanout", "deliveries_per_s"),
+        g("node-ws", "fanout", "deliveries_per_s"),
+    )
     wc, uc = g("wshub", "fanout", "at_ceiling"), g("uws", "fanout", "at_ceiling")
     if w and u:
         wcpu = g("wshub", "fanout", "server_cpu_us_per_delivery")
@@ -628,35 +921,53 @@ def goal_lines(summ: dict) -> list[str]:
         if not (wc or uc):
             verdict = ("**met**" if w >= u else "**not met**") + f"; {cpu}"
         elif wc and not uc and w >= u:
-            verdict = (f"**met**: wshub reached the generator's ceiling, so its figure is a lower bound; "
-                       f"{cpu}")
+            verdict = (
+                f"**met**: wshub reached the generator's ceiling, so its figure is a lower bound; "
+                f"{cpu}"
+            )
         elif uc and not wc and w < u:
-            verdict = (f"**not met**: uWebSockets.js reached the generator's ceiling, so its figure is a "
-                       f"lower bound; {cpu}")
+            verdict = (
+                f"**not met**: uWebSockets.js reached the generator's ceiling, so its figure is a "
+                f"lower bound; {cpu}"
+            )
         else:
             hit = ", ".join(x for x, y in (("wshub", wc), ("uWebSockets.js", uc)) if y)
             verdict = f"**undecided**: {hit} at the generator's ceiling; compare the {cpu}"
         lines.append(
             f"| fan-out ≥ 1.0 × uWebSockets.js | {ratio(w, u)} ({fmt(w)} vs {fmt(u)} deliveries/s) | "
-            + verdict + " |")
+            + verdict
+            + " |"
+        )
     if w and n:
         valid = not (wc or g("node-ws", "fanout", "at_ceiling"))
-        lines.append(f"| fan-out ≥ 5 × Node `ws` | {ratio(w, n)} ({fmt(w)} vs {fmt(n)}) | "
-                     + ("**met**" if w >= 5 * n else "**not met**")
-                     + ("" if valid else " (wshub at the generator's ceiling: a lower bound)") + " |")
+        lines.append(
+            f"| fan-out ≥ 5 × Node `ws` | {ratio(w, n)} ({fmt(w)} vs {fmt(n)}) | "
+            + ("**met**" if w >= 5 * n else "**not met**")
+            + ("" if valid else " (wshub at the generator's ceiling: a lower bound)")
+            + " |"
+        )
     wp, up = g("wshub", "latency", "latency_ms_p99"), g("uws", "latency", "latency_ms_p99")
     if wp and up:
-        lines.append(f"| p99 at 50 msg/s ≤ uWebSockets.js's | {fmt(wp, ' ms')} vs {fmt(up, ' ms')} ({ratio(wp, up)}) | "
-                     + ("**met**" if wp <= up else "**not met**") + " |")
+        lines.append(
+            f"| p99 at 50 msg/s ≤ uWebSockets.js's | {fmt(wp, ' ms')} vs {fmt(up, ' ms')} ({ratio(wp, up)}) | "
+            + ("**met**" if wp <= up else "**not met**")
+            + " |"
+        )
     wp, up = g("wshub", "chat", "latency_ms_p99"), g("uws", "chat", "latency_ms_p99")
     wf = g("wshub", "chat", "fell_behind_runs")
     if wp and up:
         ok = wp <= 1.5 * up and not wf
-        lines.append(f"| chat sustained, p99 ≤ 1.5 × uWebSockets.js's | {fmt(wp, ' ms')} vs {fmt(up, ' ms')} "
-                     f"({ratio(wp, up)}); fell behind in {wf} of {g('wshub', 'chat', 'n')} runs | "
-                     + ("**met**" if ok else "**not met**") + " |")
+        lines.append(
+            f"| chat sustained, p99 ≤ 1.5 × uWebSockets.js's | {fmt(wp, ' ms')} vs {fmt(up, ' ms')} "
+            f"({ratio(wp, up)}); fell behind in {wf} of {g('wshub', 'chat', 'n')} runs | "
+            + ("**met**" if ok else "**not met**")
+            + " |"
+        )
     for scen, label in (("idle", "10,000"), ("idle-2k", "2,000")):
-        wr, nr = g("wshub", scen, "rss_per_connection_kib"), g("node-ws", scen, "rss_per_connection_kib")
+        wr, nr = (
+            g("wshub", scen, "rss_per_connection_kib"),
+            g("node-ws", scen, "rss_per_connection_kib"),
+        )
         held = g("wshub", scen, "connections_held")
         if wr and nr:
             want = 10000 if scen == "idle" else 2000
@@ -664,8 +975,13 @@ def goal_lines(summ: dict) -> list[str]:
             lines.append(
                 f"| idle RSS per connection ≤ Node `ws`'s ({label}) | {fmt(wr, ' KiB')} vs {fmt(nr, ' KiB')} "
                 f"({ratio(wr, nr)}); wshub held {fmt(held)} of {want:,} | "
-                + ("**not met: wshub could not open them all** (see below)" if partial
-                   else ("**met**" if wr <= nr else "**not met**")) + " |")
+                + (
+                    "**not met: wshub could not open them all** (see below)"
+                    if partial
+                    else ("**met**" if wr <= nr else "**not met**")
+                )
+                + " |"
+            )
     return lines
 
 
@@ -685,62 +1001,90 @@ def render(data: dict, chart_file: Path = CHART) -> str:
     L: list[str] = []
     add = L.append
     add("# Benchmarks: wshub against Node `ws` and uWebSockets.js\n")
-    add(f"Measured {data['started']} (UTC) by `bench/run.py`; generated from `bench/results/benchmarks.json`. "
+    add(
+        f"Measured {data['started']} (UTC) by `bench/run.py`; generated from `bench/results/benchmarks.json`. "
         "Every figure is the **median of "
         f"{a['runs']} runs**; the runs interleave the servers in a rotated order. This machine is shared and noisy: "
-        "read the ratios, not the absolute figures.\n")
+        "read the ratios, not the absolute figures.\n"
+    )
     add("## The command\n")
-    add("```sh\n.venv/bin/python bench/run.py            # about 20 minutes on 2 cores; rewrites this page\n"
+    add(
+        "```sh\n.venv/bin/python bench/run.py            # about 20 minutes on 2 cores; rewrites this page\n"
         ".venv/bin/python bench/run.py --quick    # one short run of everything, to try it\n"
-        ".venv/bin/python bench/run.py --render-only   # this page again from bench/results/benchmarks.json\n```\n")
-    add("It installs what it needs that is missing (`npm ci` in `bench/servers`; matplotlib and py-spy into the "
+        ".venv/bin/python bench/run.py --render-only   # this page again from bench/results/benchmarks.json\n```\n"
+    )
+    add(
+        "It installs what it needs that is missing (`npm ci` in `bench/servers`; matplotlib and py-spy into the "
         "venv, as benchmark tools, not project dependencies). Each server is started fresh for each scenario, "
         f"pinned to core {a['server_core']} (`taskset -c {a['server_core']}`); the load generator "
         f"(`python -m wshub.bench`, the same for all) is pinned to core {a['client_core']}. "
-        + (f"**The generator's engine**: `--engine native` (a C program, `src/wshub/bench/native.c`, built with "
-           f"the system's `cc` on first use: epoll, one 256 KiB read buffer, it walks frame headers and looks only "
-           f"at the first bytes of each frame's payload, so its cost per frame hardly depends on the frame's size: no byte is scanned) "
-           f"for the ceiling, fan-out, latency and the cluster runs; the Python engine (asyncio + uvloop) for chat "
-           f"and idle, which the native engine does not have. See `docs/benchmarks-native-generator.md` for what "
-           f"the native engine changes. "
-           if _engine(a) == "native" else "The generator's engine: Python (asyncio + uvloop) throughout. ")
-        + "wshub runs as\n")
-    add("```sh\nwshub serve --host 127.0.0.1 --port PORT --ip-connect-rate 0 --max-connections-per-ip 0 \\\n"
-        "    --message-rate 0 --max-connections 20000 --log-level warning\n```\n")
-    add("with its full protocol (validation, JSON envelopes with ids and timestamps, `welcome`, `user_joined`/"
+        + (
+            f"**The generator's engine**: `--engine native` (a C program, `src/wshub/bench/native.c`, built with "
+            f"the system's `cc` on first use: epoll, one 256 KiB read buffer, it walks frame headers and looks only "
+            f"at the first bytes of each frame's payload, so its cost per frame hardly depends on the frame's size: no byte is scanned) "
+            f"for the ceiling, fan-out, latency and the cluster runs; the Python engine (asyncio + uvloop) for chat "
+            f"and idle, which the native engine does not have. See `docs/benchmarks-native-generator.md` for what "
+            f"the native engine changes. "
+            if _engine(a) == "native"
+            else "The generator's engine: Python (asyncio + uvloop) throughout. "
+        )
+        + "wshub runs as\n"
+    )
+    add(
+        "```sh\nwshub serve --host 127.0.0.1 --port PORT --ip-connect-rate 0 --max-connections-per-ip 0 \\\n"
+        "    --message-rate 0 --max-connections 20000 --log-level warning\n```\n"
+    )
+    add(
+        "with its full protocol (validation, JSON envelopes with ids and timestamps, `welcome`, `user_joined`/"
         "`user_left` to everyone, heartbeat, per-connection buffer limit); the generator speaks `--protocol wshub` "
         "to it. The comparison servers are the minimal relays in `bench/servers/` (`ws_relay.js`: `client.send()` "
         "per recipient; `uws_relay.js`: one topic, `ws.publish()`), driven with `--protocol raw`. The generator "
-        "commands, per scenario:\n")
+        "commands, per scenario:\n"
+    )
     add("```sh")
     for s in SCENARIOS:
         args, _ = scenario_args(s, argparse.Namespace(**a))
         add(f"# {SCENARIO_TEXT[s]}")
-        add(f"python -m wshub.bench {' '.join(args)} --protocol wshub|raw --url ws://127.0.0.1:PORT/websocket --server-pid PID")
+        add(
+            f"python -m wshub.bench {' '.join(args)} --protocol wshub|raw --url ws://127.0.0.1:PORT/websocket --server-pid PID"
+        )
     add("```\n")
     add("## The machine\n")
-    add(f"{m['nproc']} cores (`{m['cpu']}`), Linux {m['kernel']}; Python {m['python']}, uvloop {m['uvloop']}, "
+    add(
+        f"{m['nproc']} cores (`{m['cpu']}`), Linux {m['kernel']}; Python {m['python']}, uvloop {m['uvloop']}, "
         f"websockets {m['websockets']} (wshub's frame parser), redis-py {m['redis_py']}; Node {m['node']}, "
         f"ws {m['ws']}, uwebsockets {m['uwebsockets']}; {m['redis_server']}; wshub {m['wshub']} at commit "
         f"`{m['wshub_commit']}`; {m['py_spy']}"
-        + (f"; the native generator built with `{m['cc']}`" if m.get("cc") and _engine(a) == "native" else "")
-        + ".\n")
+        + (
+            f"; the native generator built with `{m['cc']}`"
+            if m.get("cc") and _engine(a) == "native"
+            else ""
+        )
+        + ".\n"
+    )
     pa = [x.get("pressure_before", {}).get("some", {}).get("avg10") for x in data["runs"]]
     pa = [v for v in pa if v is not None]
     la = [x.get("load_before", [None])[0] for x in data["runs"]]
     la = [v for v in la if v is not None]
     ps = q.get("pressure_at_start", {}).get("some", {})
-    add(f"**Load and CPU pressure.** The run waited {q['waited_s']} s for the 1-minute load average to fall below "
+    add(
+        f"**Load and CPU pressure.** The run waited {q['waited_s']} s for the 1-minute load average to fall below "
         f"{a['wait_load']} (it was {q['load_at_first_check'][0]:.2f} at the first check, "
         f"{q['load_at_start'][0]:.2f} at the start). `/proc/pressure/cpu` at the start: some avg10 "
         f"{ps.get('avg10', '–')} %, avg60 {ps.get('avg60', '–')} %, avg300 {ps.get('avg300', '–')} %. "
-        + (f"Before each measurement (some avg10): median {statistics.median(pa):.1f} %, range {min(pa):.1f}–{max(pa):.1f} %; "
-           f"1-minute load average median {statistics.median(la):.2f}, range {min(la):.2f}–{max(la):.2f}. " if pa and la else "")
-        + "Every run's figures, with the pressure and load before and after it, are in `bench/results/benchmarks.json`.\n")
+        + (
+            f"Before each measurement (some avg10): median {statistics.median(pa):.1f} %, range {min(pa):.1f}–{max(pa):.1f} %; "
+            f"1-minute load average median {statistics.median(la):.2f}, range {min(la):.2f}–{max(la):.2f}. "
+            if pa and la
+            else ""
+        )
+        + "Every run's figures, with the pressure and load before and after it, are in `bench/results/benchmarks.json`.\n"
+    )
 
     # ceiling
     add("## The generator's own ceiling\n")
-    add(f"`bench/ceiling_server.py` (core {a['server_core']}) floods pre-built frames, 32 per write, round-robin over "
+    add(
+        f"`bench/ceiling_server.py` (core {a['server_core']}) floods pre-built frames, 32 per write, round-robin over "
         f"1000 connections; `wshub bench sink --engine {_engine(a)}` (core 1) only counts them. As fast as the flood server could: "
         f"{fmt(summ['flood_counted'])} frames/s counted (runs {' / '.join(fmt(v) for v in summ['flood_runs'])}) at "
         f"generator CPU {fmt(summ['ceiling_gen_cpu'])}; offered 2M/s: {fmt(summ['ceiling_2m'])} counted at generator "
@@ -748,66 +1092,95 @@ def render(data: dict, chart_file: Path = CHART) -> str:
         "rarely outruns the generator, so the ceiling is stated as what the generator counts per second of its own "
         f"CPU: **{fmt(summ['ceiling'])} frames per CPU-second** (median of "
         f"{' / '.join(fmt(v) for v in summ['ceiling_runs'])}), i.e. "
-        f"{fmt(1e6 / summ['ceiling'] if summ['ceiling'] else None)} µs of generator CPU per frame when reads are large.\n")
-    add(("With the native engine the reads hold about 32 frames both in the flood (the flood server's batch) and "
-         "in fan-out (a recipient never has more than the 32 messages in flight to read), so this figure is also "
-         "what the generator can count in fan-out; its cost is almost all the kernel's (one `recv` and the ACK it "
-         "sends per read), see `docs/benchmarks-native-generator.md`. "
-         if _engine(a) == "native" else
-         "In the fan-out scenario the reads are smaller than in the flood (fewer frames per `recv`), so the "
-         "generator saturates earlier than that. ")
+        f"{fmt(1e6 / summ['ceiling'] if summ['ceiling'] else None)} µs of generator CPU per frame when reads are large.\n"
+    )
+    add(
+        (
+            "With the native engine the reads hold about 32 frames both in the flood (the flood server's batch) and "
+            "in fan-out (a recipient never has more than the 32 messages in flight to read), so this figure is also "
+            "what the generator can count in fan-out; its cost is almost all the kernel's (one `recv` and the ACK it "
+            "sends per read), see `docs/benchmarks-native-generator.md`. "
+            if _engine(a) == "native"
+            else "In the fan-out scenario the reads are smaller than in the flood (fewer frames per `recv`), so the "
+            "generator saturates earlier than that. "
+        )
         + "A fan-out run counts as **at the generator's ceiling** when it "
         "reached 0.8 × the figure above, or when the generator used ≥ 0.75 of its core and more CPU than the "
         "server (the server had room left; the generator did not). Such a figure is a lower bound of the server, "
         "and **a comparison counts only where both servers stay below the ceiling**; where one does not, compare "
         "the server CPU per delivery instead (CPU time used ÷ deliveries, which depends much less on who was the "
-        "bottleneck or on the noise).\n")
+        "bottleneck or on the noise).\n"
+    )
 
     # figures
     add("## Figures (medians)\n")
-    add("| server | fan-out deliveries/s | the runs | server CPU µs/delivery | server / generator CPU | at ceiling? "
-        "| p99 at 50 msg/s (p50 / p90 / max) | chat 100 × 10/s | chat p99 (p50) | idle RSS/conn, 10k (held, connect time) | idle RSS/conn, 2k |")
+    add(
+        "| server | fan-out deliveries/s | the runs | server CPU µs/delivery | server / generator CPU | at ceiling? "
+        "| p99 at 50 msg/s (p50 / p90 / max) | chat 100 × 10/s | chat p99 (p50) | idle RSS/conn, 10k (held, connect time) | idle RSS/conn, 2k |"
+    )
     add("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for s in names:
-        f, l, ch, i, i2 = (c.get((s, k), {}) for k in ("fanout", "latency", "chat", "idle", "idle-2k"))
+        f, l, ch, i, i2 = (
+            c.get((s, k), {}) for k in ("fanout", "latency", "chat", "idle", "idle-2k")
+        )
         chat_state = "–"
         if ch:
-            chat_state = (f"fell behind ({ch['fell_behind_runs']} of {ch['n']} runs)" if ch["fell_behind_runs"]
-                          else "sustained") + f", {fmt(ch.get('deliveries_per_s'))}/s"
-        add(f"| {label[s]} | {fmt(f.get('deliveries_per_s'))} | {' / '.join(fmt(v) for v in f.get('runs_deliveries', []))} "
+            chat_state = (
+                f"fell behind ({ch['fell_behind_runs']} of {ch['n']} runs)"
+                if ch["fell_behind_runs"]
+                else "sustained"
+            ) + f", {fmt(ch.get('deliveries_per_s'))}/s"
+        add(
+            f"| {label[s]} | {fmt(f.get('deliveries_per_s'))} | {' / '.join(fmt(v) for v in f.get('runs_deliveries', []))} "
             f"| {fmt(f.get('server_cpu_us_per_delivery'))} | {fmt(f.get('server_cpu'))} / {fmt(f.get('generator_cpu'))} "
             f"| {'**yes**' if f.get('at_ceiling') else 'no'} ({f.get('at_ceiling_runs', 0)} of {f.get('n', 0)}) "
             f"| {fmt(l.get('latency_ms_p99'), ' ms')} ({fmt(l.get('latency_ms_p50'))} / {fmt(l.get('latency_ms_p90'))} / {fmt(l.get('latency_ms_max'))}) "
             f"| {chat_state} | {fmt(ch.get('latency_ms_p99'), ' ms')} ({fmt(ch.get('latency_ms_p50'))}) "
             f"| {fmt(i.get('rss_per_connection_kib'), ' KiB')} ({fmt(i.get('connections_held'))}, {fmt(i.get('connect_time_s'), ' s', 1)}) "
-            f"| {fmt(i2.get('rss_per_connection_kib'), ' KiB')} |")
+            f"| {fmt(i2.get('rss_per_connection_kib'), ' KiB')} |"
+        )
     errs = [(s, k, e) for (s, k), cell in c.items() for e in cell["errors"]]
     if errs:
         add("\nErrors: " + "; ".join(f"{s} {k}: {e[:160]}" for s, k, e in errs) + "\n")
-    add("\n\"p99 at 50 msg/s\" is the `latency` scenario; fan-out latency (closed loop, 32 in flight) measures a "
-        "full round of the window, not a latency at a given rate, and is only in the JSON.\n")
+    add(
+        '\n"p99 at 50 msg/s" is the `latency` scenario; fan-out latency (closed loop, 32 in flight) measures a '
+        "full round of the window, not a latency at a given rate, and is only in the JSON.\n"
+    )
 
     add("### Ratios (medians)\n")
     variant = "wshub-transport" in names
-    add("| | wshub / uWebSockets.js | wshub / Node `ws` |" + (" wshub / wshub `--direct-send off` |" if variant else ""))
+    add(
+        "| | wshub / uWebSockets.js | wshub / Node `ws` |"
+        + (" wshub / wshub `--direct-send off` |" if variant else "")
+    )
     add("| --- | --- | --- |" + (" --- |" if variant else ""))
     g = lambda s, k, f: (c.get((s, k)) or {}).get(f)  # noqa: E731
-    rows = [("fan-out deliveries/s", "fanout", "deliveries_per_s"),
-            ("server CPU per delivery", "fanout", "server_cpu_us_per_delivery"),
-            ("p99 at 50 msg/s", "latency", "latency_ms_p99"),
-            ("p50 at 50 msg/s", "latency", "latency_ms_p50"),
-            ("chat p99", "chat", "latency_ms_p99"),
-            ("chat deliveries/s", "chat", "deliveries_per_s"),
-            ("idle RSS per connection (10k)", "idle", "rss_per_connection_kib"),
-            ("idle RSS per connection (2k)", "idle-2k", "rss_per_connection_kib")]
+    rows = [
+        ("fan-out deliveries/s", "fanout", "deliveries_per_s"),
+        ("server CPU per delivery", "fanout", "server_cpu_us_per_delivery"),
+        ("p99 at 50 msg/s", "latency", "latency_ms_p99"),
+        ("p50 at 50 msg/s", "latency", "latency_ms_p50"),
+        ("chat p99", "chat", "latency_ms_p99"),
+        ("chat deliveries/s", "chat", "deliveries_per_s"),
+        ("idle RSS per connection (10k)", "idle", "rss_per_connection_kib"),
+        ("idle RSS per connection (2k)", "idle-2k", "rss_per_connection_kib"),
+    ]
     for title, scen, key in rows:
-        add(f"| {title} | {ratio(g('wshub', scen, key), g('uws', scen, key))} | {ratio(g('wshub', scen, key), g('node-ws', scen, key))} |"
-            + (f" {ratio(g('wshub', scen, key), g('wshub-transport', scen, key))} |" if variant else ""))
+        add(
+            f"| {title} | {ratio(g('wshub', scen, key), g('uws', scen, key))} | {ratio(g('wshub', scen, key), g('node-ws', scen, key))} |"
+            + (
+                f" {ratio(g('wshub', scen, key), g('wshub-transport', scen, key))} |"
+                if variant
+                else ""
+            )
+        )
     add("")
     if variant:
-        add("`wshub, --direct-send off` is wshub writing every frame through the event loop's transport, as it did "
+        add(
+            "`wshub, --direct-send off` is wshub writing every frame through the event loop's transport, as it did "
             "before the compiled direct sends (`src/wshub/_directsend.c`, see docs/ws-layer.md); it runs only "
-            f"through {', '.join(ONLY['wshub-transport'])}, where the two can differ.\n")
+            f"through {', '.join(ONLY['wshub-transport'])}, where the two can differ.\n"
+        )
     add("### The goals of issue 4\n")
     add("| goal | measured | |")
     add("| --- | --- | --- |")
@@ -820,26 +1193,45 @@ def render(data: dict, chart_file: Path = CHART) -> str:
     cl = data.get("cluster")
     if cl and cl.get("runs"):
         add("## Cluster (issue 3)\n")
-        add("wshub nodes with `--redis-url` to a `redis-server` the script starts on a free port "
+        add(
+            "wshub nodes with `--redis-url` to a `redis-server` the script starts on a free port "
             "(`--save '' --appendonly no --client-output-buffer-limit 'pubsub 256mb 64mb 60'`). "
             f"**This machine has two cores**: every node and Redis share core {a['server_core']}, the generator has "
             f"core {a['client_core']}. So two nodes here do not show what two machines would give; they show what the "
-            "backplane costs for the same CPU.\n")
+            "backplane costs for the same CPU.\n"
+        )
         add("```sh")
         add("redis-server --port RPORT --save '' --appendonly no &")
-        add("wshub serve --port P1 --redis-url redis://127.0.0.1:RPORT/0 ...benchmark flags... &   # node A")
-        add("wshub serve --port P2 --redis-url redis://127.0.0.1:RPORT/0 ...benchmark flags... &   # node B")
+        add(
+            "wshub serve --port P1 --redis-url redis://127.0.0.1:RPORT/0 ...benchmark flags... &   # node A"
+        )
+        add(
+            "wshub serve --port P2 --redis-url redis://127.0.0.1:RPORT/0 ...benchmark flags... &   # node B"
+        )
         add("# fan-out, two nodes: connections round-robin, the sender on node A")
-        add(f"python -m wshub.bench fanout --engine {_engine(a)} -n 1000 --inflight 32 --url ws://127.0.0.1:P1/websocket --url ws://127.0.0.1:P2/websocket")
+        add(
+            f"python -m wshub.bench fanout --engine {_engine(a)} -n 1000 --inflight 32 --url ws://127.0.0.1:P1/websocket --url ws://127.0.0.1:P2/websocket"
+        )
         add("# cross-node latency: the sender alone on node A, the 999 recipients on node B")
-        add(f"python -m wshub.bench rate --engine {_engine(a)} -n 1000 --rate 50 --placement sender-alone --url ws://127.0.0.1:P1/websocket --url ws://127.0.0.1:P2/websocket")
+        add(
+            f"python -m wshub.bench rate --engine {_engine(a)} -n 1000 --rate 50 --placement sender-alone --url ws://127.0.0.1:P1/websocket --url ws://127.0.0.1:P2/websocket"
+        )
         add("```\n")
         cells = {}
         for cfg in ("fanout-1", "fanout-2", "latency-cross", "latency-1"):
             rs = [x["result"] for x in cl["runs"] if x["config"] == cfg]
-            cells[cfg] = {k: med([r.get(k) for r in rs]) for k in
-                          ("deliveries_per_s", "latency_ms_p50", "latency_ms_p90", "latency_ms_p99", "latency_ms_max",
-                           "generator_cpu", "server_cpu")}
+            cells[cfg] = {
+                k: med([r.get(k) for r in rs])
+                for k in (
+                    "deliveries_per_s",
+                    "latency_ms_p50",
+                    "latency_ms_p90",
+                    "latency_ms_p99",
+                    "latency_ms_max",
+                    "generator_cpu",
+                    "server_cpu",
+                )
+            }
             cells[cfg]["runs"] = [r.get("deliveries_per_s") for r in rs]
             cells[cfg]["runs_p99"] = [r.get("latency_ms_p99") for r in rs]
             cells[cfg]["errors"] = [r["error"] for r in rs if "error" in r]
@@ -848,22 +1240,37 @@ def render(data: dict, chart_file: Path = CHART) -> str:
         single_l = c.get(("wshub", "latency"), {})
         add("| setup | fan-out deliveries/s | the runs | generator CPU |")
         add("| --- | --- | --- | --- |")
-        add(f"| one node, no Redis (from the table above) | {fmt(single.get('deliveries_per_s'))} | "
-            f"{' / '.join(fmt(v) for v in single.get('runs_deliveries', []))} | {fmt(single.get('generator_cpu'))} |")
-        for cfg, title in (("fanout-1", "one node with `--redis-url`"), ("fanout-2", "two nodes, 500 connections each")):
+        add(
+            f"| one node, no Redis (from the table above) | {fmt(single.get('deliveries_per_s'))} | "
+            f"{' / '.join(fmt(v) for v in single.get('runs_deliveries', []))} | {fmt(single.get('generator_cpu'))} |"
+        )
+        for cfg, title in (
+            ("fanout-1", "one node with `--redis-url`"),
+            ("fanout-2", "two nodes, 500 connections each"),
+        ):
             x = cells[cfg]
-            add(f"| {title} | {fmt(x['deliveries_per_s'])} | {' / '.join(fmt(v) for v in x['runs'])} | {fmt(x['generator_cpu'])} |")
-        add(f"\nTwo nodes against one (both with Redis): **{ratio(cells['fanout-2']['deliveries_per_s'], cells['fanout-1']['deliveries_per_s'])}**.\n")
+            add(
+                f"| {title} | {fmt(x['deliveries_per_s'])} | {' / '.join(fmt(v) for v in x['runs'])} | {fmt(x['generator_cpu'])} |"
+            )
+        add(
+            f"\nTwo nodes against one (both with Redis): **{ratio(cells['fanout-2']['deliveries_per_s'], cells['fanout-1']['deliveries_per_s'])}**.\n"
+        )
         add("| latency at 50 msg/s, 1000 connections | p50 | p90 | p99 | max | the runs' p99 |")
         add("| --- | --- | --- | --- | --- | --- |")
-        add(f"| one node, no Redis (from the table above) | {fmt(single_l.get('latency_ms_p50'), ' ms')} | "
+        add(
+            f"| one node, no Redis (from the table above) | {fmt(single_l.get('latency_ms_p50'), ' ms')} | "
             f"{fmt(single_l.get('latency_ms_p90'), ' ms')} | {fmt(single_l.get('latency_ms_p99'), ' ms')} | "
-            f"{fmt(single_l.get('latency_ms_max'), ' ms')} | {' / '.join(fmt(v) for v in single_l.get('runs_p99', []))} |")
-        for cfg, title in (("latency-1", "one node with `--redis-url`"),
-                           ("latency-cross", "**cross-node**: sender on node A, 999 recipients on node B")):
+            f"{fmt(single_l.get('latency_ms_max'), ' ms')} | {' / '.join(fmt(v) for v in single_l.get('runs_p99', []))} |"
+        )
+        for cfg, title in (
+            ("latency-1", "one node with `--redis-url`"),
+            ("latency-cross", "**cross-node**: sender on node A, 999 recipients on node B"),
+        ):
             x = cells[cfg]
-            add(f"| {title} | {fmt(x['latency_ms_p50'], ' ms')} | {fmt(x['latency_ms_p90'], ' ms')} | "
-                f"{fmt(x['latency_ms_p99'], ' ms')} | {fmt(x['latency_ms_max'], ' ms')} | {' / '.join(fmt(v) for v in x['runs_p99'])} |")
+            add(
+                f"| {title} | {fmt(x['latency_ms_p50'], ' ms')} | {fmt(x['latency_ms_p90'], ' ms')} | "
+                f"{fmt(x['latency_ms_p99'], ' ms')} | {fmt(x['latency_ms_max'], ' ms')} | {' / '.join(fmt(v) for v in x['runs_p99'])} |"
+            )
         ce = [e for x in cells.values() for e in x["errors"]]
         if ce:
             add("\nErrors: " + "; ".join(e[:160] for e in ce))
@@ -873,19 +1280,25 @@ def render(data: dict, chart_file: Path = CHART) -> str:
     pr = data.get("profile")
     if pr:
         add("## Where the time goes (py-spy)\n")
-        add(f"`py-spy record --native --rate 200 --format raw` for {int(a['profile_seconds'])} s on the server "
+        add(
+            f"`py-spy record --native --rate 200 --format raw` for {int(a['profile_seconds'])} s on the server "
             "(py-spy pinned to the generator's core), in the fan-out scenario after the connections opened and the "
             "warm-up. `--native` shows the C frames too, so time in the `write()` system call is visible; it pauses "
             "the process for each sample, so throughput under py-spy is lower than in the measured runs. The "
-            "collapsed stacks are in `docs/profiles/` (open them in speedscope or `flamegraph.pl`).\n")
-        add("**Before**: wshub has coalesced writes since its first version, so there is no per-recipient-send "
+            "collapsed stacks are in `docs/profiles/` (open them in speedscope or `flamegraph.pl`).\n"
+        )
+        add(
+            "**Before**: wshub has coalesced writes since its first version, so there is no per-recipient-send "
             "wshub to profile; the baseline is the minimal relay on the `websockets` library "
             "(`bench/candidates/websockets_relay.py`: `websockets.broadcast()`, one frame and one `send()` per "
             "message per recipient), the design wshub would have had with a library's send path. **After**: wshub "
             "at this commit. **Connect storm**: wshub while the `idle` generator opens 3000 connections (each "
-            "newcomer's `user_joined` goes to every open connection).\n")
-        add("| | server | deliveries/s (under py-spy) | server CPU µs per delivery | frames per `write()` | "
-            "system share of server CPU | samples | profile |")
+            "newcomer's `user_joined` goes to every open connection).\n"
+        )
+        add(
+            "| | server | deliveries/s (under py-spy) | server CPU µs per delivery | frames per `write()` | "
+            "system share of server CPU | samples | profile |"
+        )
         add("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for tag in ("before", "after", "storm"):
             x = pr.get(tag)
@@ -893,31 +1306,66 @@ def render(data: dict, chart_file: Path = CHART) -> str:
                 continue
             b = x.get("bench", {})
             dps = b.get("deliveries_per_s") if x.get("scenario") == "fanout" else None
-            cpd = (b.get("server_cpu_us_per_delivery") if x.get("scenario") == "fanout"
-                   else x.get("server_cpu_us_per_delivery_in_window"))
-            add(f"| {tag} | {x.get('server')} | {fmt(dps)} | {fmt(cpd)} | {fmt(x.get('frames_per_write'))} | "
+            cpd = (
+                b.get("server_cpu_us_per_delivery")
+                if x.get("scenario") == "fanout"
+                else x.get("server_cpu_us_per_delivery_in_window")
+            )
+            add(
+                f"| {tag} | {x.get('server')} | {fmt(dps)} | {fmt(cpd)} | {fmt(x.get('frames_per_write'))} | "
                 f"{fmt(100 * x['system_share'] if x.get('system_share') is not None else None, ' %', 0)} | "
-                f"{x.get('top', {}).get('samples', '–')} | `{x.get('file', '–')}` |")
+                f"{x.get('top', {}).get('samples', '–')} | `{x.get('file', '–')}` |"
+            )
         add("")
         w = c.get(("wshub", "fanout"), {})
-        add(f"Cost per delivery in the measured fan-out runs above (server utime + stime from `/proc/PID/stat` ÷ "
+        add(
+            f"Cost per delivery in the measured fan-out runs above (server utime + stime from `/proc/PID/stat` ÷ "
             f"deliveries, medians): **wshub {fmt(w.get('server_cpu_us_per_delivery'))} µs**, uWebSockets.js "
             f"{fmt(g('uws', 'fanout', 'server_cpu_us_per_delivery'))} µs, Node `ws` "
-            f"{fmt(g('node-ws', 'fanout', 'server_cpu_us_per_delivery'))} µs.\n")
+            f"{fmt(g('node-ws', 'fanout', 'server_cpu_us_per_delivery'))} µs.\n"
+        )
         for tag in ("after", "before", "storm"):
             x = pr.get(tag, {})
             top = x.get("top")
             if not top or not top["samples"]:
                 continue
             tot = top["samples"]
-            add(f"**{tag}: {x.get('server')}**, top functions by own time (share of samples) and by inclusive "
-                "time (Python and native frames):\n")
+            add(
+                f"**{tag}: {x.get('server')}**, top functions by own time (share of samples) and by inclusive "
+                "time (Python and native frames):\n"
+            )
             add("| own time | function | | inclusive | function |")
             add("| --- | --- | --- | --- | --- |")
-            skip = ("<module>", "main (", "run (", "Runner.run", "_run_module", "_PyEval", "Py", "pymain", "__libc",
-                    "_start", "__pyx_f_6uvloop_4loop_4Loop__run", "uv_run", "uv__", "_run (", "Handle._run",
-                    "_PyObject", "cfunction", "method_vectorcall", "__pyx_pw", "__Pyx", "uvloop.loop", "0x",
-                    "Loop__", "run_forever", "run_until_complete", "loop_cb", "Handle__run", "task_step")
+            skip = (
+                "<module>",
+                "main (",
+                "run (",
+                "Runner.run",
+                "_run_module",
+                "_PyEval",
+                "Py",
+                "pymain",
+                "__libc",
+                "_start",
+                "__pyx_f_6uvloop_4loop_4Loop__run",
+                "uv_run",
+                "uv__",
+                "_run (",
+                "Handle._run",
+                "_PyObject",
+                "cfunction",
+                "method_vectorcall",
+                "__pyx_pw",
+                "__Pyx",
+                "uvloop.loop",
+                "0x",
+                "Loop__",
+                "run_forever",
+                "run_until_complete",
+                "loop_cb",
+                "Handle__run",
+                "task_step",
+            )
             selfs = top["self"][:10]
             incl = [f for f in top["inclusive"] if not f[0].startswith(skip)][:10]
             for k in range(max(len(selfs), len(incl))):
@@ -929,8 +1377,10 @@ def render(data: dict, chart_file: Path = CHART) -> str:
             add("")
     srcs = sorted({x["wshub_source"] for x in data["runs"] if x.get("wshub_source")})
     if len(srcs) > 1:
-        add(f"**The server's code changed during this run** (the work tree is shared): the wshub measurements ran on "
-            f"{len(srcs)} states of `src/wshub` ({', '.join(f'`{x}`' for x in srcs)}); each run's state is in the JSON.\n")
+        add(
+            f"**The server's code changed during this run** (the work tree is shared): the wshub measurements ran on "
+            f"{len(srcs)} states of `src/wshub` ({', '.join(f'`{x}`' for x in srcs)}); each run's state is in the JSON.\n"
+        )
     if NOTES.exists():
         add(NOTES.read_text().rstrip() + "\n")
     return "\n".join(L) + "\n"
@@ -945,20 +1395,38 @@ def chart(data: dict, path: Path = CHART) -> None:
     summ = summarize(data)
     c = summ["cells"]
     names = data["servers"]
-    colors = {"wshub": "#2b6cb0", "node-ws": "#a0aec0", "uws": "#dd6b20", "wshub-transport": "#90cdf4"}
-    scen = [("fanout", "fan-out\n(closed loop, 32 in flight)"), ("latency", "latency\n(1 sender, 50 msg/s)"),
-            ("chat", "chat\n(100 × 10 msg/s)")]
+    colors = {
+        "wshub": "#2b6cb0",
+        "node-ws": "#a0aec0",
+        "uws": "#dd6b20",
+        "wshub-transport": "#90cdf4",
+    }
+    scen = [
+        ("fanout", "fan-out\n(closed loop, 32 in flight)"),
+        ("latency", "latency\n(1 sender, 50 msg/s)"),
+        ("chat", "chat\n(100 × 10 msg/s)"),
+    ]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     width = 0.8 / len(names)
-    for ax, key, title, unit in ((axes[0], "deliveries_per_s", "deliveries per second (log scale)", ""),
-                                 (axes[1], "latency_ms_p99", "p99 latency, ms (log scale)", " ms")):
+    for ax, key, title, unit in (
+        (axes[0], "deliveries_per_s", "deliveries per second (log scale)", ""),
+        (axes[1], "latency_ms_p99", "p99 latency, ms (log scale)", " ms"),
+    ):
         for j, s in enumerate(names):
             vals = [(c.get((s, k)) or {}).get(key) or 0 for k, _ in scen]
             xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(scen))]
-            bars = ax.bar(xs, vals, width, label=SERVERS[s][0].replace("`", ""), color=colors.get(s))
+            bars = ax.bar(
+                xs, vals, width, label=SERVERS[s][0].replace("`", ""), color=colors.get(s)
+            )
             for b, v in zip(bars, vals):
                 if v:
-                    ax.annotate(fmt(v), (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=7)
+                    ax.annotate(
+                        fmt(v),
+                        (b.get_x() + b.get_width() / 2, v),
+                        ha="center",
+                        va="bottom",
+                        fontsize=7,
+                    )
         ax.set_yscale("log")
         ax.set_xticks(range(len(scen)))
         ax.set_xticklabels([t for _, t in scen], fontsize=8)
@@ -966,10 +1434,18 @@ def chart(data: dict, path: Path = CHART) -> None:
         ax.grid(axis="y", alpha=0.3)
     if summ["ceiling"]:
         axes[0].axhline(summ["ceiling"], color="red", linestyle="--", linewidth=0.8)
-        axes[0].annotate("generator ceiling: frames per CPU-second (flood)", (-0.4, summ["ceiling"] * 1.08), fontsize=7, color="red")
+        axes[0].annotate(
+            "generator ceiling: frames per CPU-second (flood)",
+            (-0.4, summ["ceiling"] * 1.08),
+            fontsize=7,
+            color="red",
+        )
     axes[0].legend(fontsize=8, loc="upper right")
-    fig.suptitle(f"wshub vs Node ws vs uWebSockets.js — medians of {data['args']['runs']} runs, "
-                 f"{data['machine']['nproc']} cores, server core 0, generator core 1", fontsize=10)
+    fig.suptitle(
+        f"wshub vs Node ws vs uWebSockets.js — medians of {data['args']['runs']} runs, "
+        f"{data['machine']['nproc']} cores, server core 0, generator core 1",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -979,29 +1455,49 @@ def chart(data: dict, path: Path = CHART) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--servers", default=",".join(SERVERS), help="comma-separated: " + ",".join(SERVERS))
+    ap.add_argument(
+        "--servers", default=",".join(SERVERS), help="comma-separated: " + ",".join(SERVERS)
+    )
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--duration", type=float, default=8.0, help="measured seconds per scenario (8)")
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--idle-connections", type=int, default=10000)
-    ap.add_argument("--idle-open-deadline", type=float, default=60.0,
-                    help="idle: open no new connection after this many seconds (60)")
+    ap.add_argument(
+        "--idle-open-deadline",
+        type=float,
+        default=60.0,
+        help="idle: open no new connection after this many seconds (60)",
+    )
     ap.add_argument("--profile-seconds", type=float, default=8.0)
     ap.add_argument("--server-core", default="0")
     ap.add_argument("--client-core", default="1")
-    ap.add_argument("--wait-load", type=float, default=1.5, help="wait for the 1-minute load average below this")
+    ap.add_argument(
+        "--wait-load", type=float, default=1.5, help="wait for the 1-minute load average below this"
+    )
     ap.add_argument("--wait-max", type=float, default=900.0, help="but at most this many seconds")
-    ap.add_argument("--engine", choices=("native", "python"), default="native",
-                    help="generator engine for the ceiling, fanout, latency and cluster runs (native); "
-                    "chat and idle always use the Python engine")
+    ap.add_argument(
+        "--engine",
+        choices=("native", "python"),
+        default="native",
+        help="generator engine for the ceiling, fanout, latency and cluster runs (native); "
+        "chat and idle always use the Python engine",
+    )
     ap.add_argument("--no-ceiling", action="store_true")
     ap.add_argument("--no-cluster", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="1 run, 3 s measured, no waiting: to try the script")
-    ap.add_argument("--render-only", action="store_true", help="rewrite the doc and chart from the saved JSON")
-    ap.add_argument("--results", default=str(RESULTS), help="where the JSON goes (and --render-only reads)")
+    ap.add_argument(
+        "--quick", action="store_true", help="1 run, 3 s measured, no waiting: to try the script"
+    )
+    ap.add_argument(
+        "--render-only", action="store_true", help="rewrite the doc and chart from the saved JSON"
+    )
+    ap.add_argument(
+        "--results", default=str(RESULTS), help="where the JSON goes (and --render-only reads)"
+    )
     ap.add_argument("--doc", default=str(DOC))
     a = ap.parse_args()
     if a.render_only:
@@ -1040,7 +1536,7 @@ def main() -> int:
         if not a.no_ceiling:
             data["ceiling"] = measure_ceiling(a, a.runs)
         for r in range(a.runs):
-            order = names[r % len(names):] + names[: r % len(names)]
+            order = names[r % len(names) :] + names[: r % len(names)]
             for srv in order:
                 for scen in scens:
                     if scen not in ONLY.get(srv, SCENARIOS):

@@ -36,7 +36,9 @@ def python_package(python: str, name: str) -> str:
 
 def npm_package(name: str) -> str:
     try:
-        return json.loads((NODE_DIR / "node_modules" / name / "package.json").read_text())["version"]
+        return json.loads((NODE_DIR / "node_modules" / name / "package.json").read_text())[
+            "version"
+        ]
     except (OSError, ValueError, KeyError):
         return "?"
 

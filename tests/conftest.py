@@ -142,8 +142,7 @@ class Client:
 
 
 def start_server(*args: str, env: dict[str, str] | None = None) -> Server:
-    cmd = [sys.executable, "-m", "wshub", "serve", "--port", "0", "--log-level", "warning",
-           *args]
+    cmd = [sys.executable, "-m", "wshub", "serve", "--port", "0", "--log-level", "warning", *args]
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
@@ -192,8 +191,9 @@ def make_server() -> Iterator[Callable[..., Server]]:
 def server() -> Iterator[Server]:
     """One server per test module with defaults, except limits that would
     throttle a test suite opening many connections from one address."""
-    srv = start_server("--ip-connect-rate", "0", "--max-connections-per-ip", "0",
-                       "--message-rate", "0")
+    srv = start_server(
+        "--ip-connect-rate", "0", "--max-connections-per-ip", "0", "--message-rate", "0"
+    )
     yield srv
     srv.stop()
     assert not [line for line in srv.stderr_lines if "Traceback" in line], (
@@ -226,9 +226,21 @@ class RedisServer:
 
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--protected-mode", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         import redis
 

@@ -50,8 +50,9 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[rank]
 
 
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float,
-               interval: float = 0.01) -> float:
+def wait_until(
+    predicate: Callable[[], bool], what: str, timeout: float, interval: float = 0.01
+) -> float:
     """Poll *predicate* until it holds; return the seconds it took."""
     start = time.monotonic()
     while not predicate():
@@ -104,8 +105,11 @@ class Watchers:
             got: list[str] = []
             while len(got) < n:
                 message = receiver.recv()
-                if message["type"] == "message" and message["content"].startswith(prefix) \
-                        and message["connectionId"] in self.ids:
+                if (
+                    message["type"] == "message"
+                    and message["content"].startswith(prefix)
+                    and message["connectionId"] in self.ids
+                ):
                     got.append(message["content"])
                 elif message["type"] in ("message", "broadcast"):
                     self.relayed.append(message)
@@ -157,9 +161,16 @@ class AsyncWs(asyncio.Protocol):
     is echoed. With ``count_only``, everything after the first text message
     (the ``welcome``) is only counted in :attr:`bytes_received`."""
 
-    def __init__(self, host: str, port: int, *, path: str = "/websocket",
-                 on_text: Callable[[AsyncWs, bytes], None] | None = None,
-                 count_only: bool = False, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        path: str = "/websocket",
+        on_text: Callable[[AsyncWs, bytes], None] | None = None,
+        count_only: bool = False,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         loop = asyncio.get_running_loop()
         self.host, self.port, self.path = host, port, path
         self.on_text = on_text
@@ -188,9 +199,14 @@ class AsyncWs(asyncio.Protocol):
             except OSError:
                 pass
         key = base64.b64encode(os.urandom(16)).decode()
-        lines = [f"GET {self.path} HTTP/1.1", f"Host: {self.host}:{self.port}",
-                 "Upgrade: websocket", "Connection: Upgrade",
-                 f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
+        lines = [
+            f"GET {self.path} HTTP/1.1",
+            f"Host: {self.host}:{self.port}",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            f"Sec-WebSocket-Key: {key}",
+            "Sec-WebSocket-Version: 13",
+        ]
         lines += [f"{k}: {v}" for k, v in self.headers.items()]
         transport.write(("\r\n".join(lines) + "\r\n\r\n").encode())
 
@@ -204,7 +220,7 @@ class AsyncWs(asyncio.Protocol):
             if end < 0:
                 return
             head = bytes(self.buffer[:end])
-            del self.buffer[:end + 4]
+            del self.buffer[: end + 4]
             self.status = int(head.split(b" ", 2)[1])
             if self.status != 101:
                 if not self.opened.done():
@@ -235,7 +251,7 @@ class AsyncWs(asyncio.Protocol):
                 head = 10
             if size - pos < head + n:
                 break
-            payload = bytes(buf[pos + head:pos + head + n])
+            payload = bytes(buf[pos + head : pos + head + n])
             pos += head + n
             self._frame(first & 0x0F, payload)
             if self.count_only and self.welcome is not None:
@@ -322,14 +338,23 @@ def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
     return uvloop.run(guarded())
 
 
-async def ws_connect(host: str, port: int, *, timeout: float = 10.0,
-                     local_addr: tuple[str, int] | None = None,
-                     **kwargs: object) -> AsyncWs:
+async def ws_connect(
+    host: str,
+    port: int,
+    *,
+    timeout: float = 10.0,
+    local_addr: tuple[str, int] | None = None,
+    **kwargs: object,
+) -> AsyncWs:
     """Open a connection and wait for its ``welcome``."""
     loop = asyncio.get_running_loop()
     _, proto = await asyncio.wait_for(
-        loop.create_connection(lambda: AsyncWs(host, port, **kwargs),  # type: ignore[arg-type]
-                               host, port, local_addr=local_addr),
+        loop.create_connection(
+            lambda: AsyncWs(host, port, **kwargs),  # type: ignore[arg-type]
+            host,
+            port,
+            local_addr=local_addr,
+        ),
         timeout,
     )
     try:

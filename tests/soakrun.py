@@ -86,11 +86,24 @@ class Soak:
     # -- the server ---------------------------------------------------------------
 
     def start_server(self) -> None:
-        cmd = [sys.executable, "-m", "wshub", "serve", "--port", "0", "--log-level", "warning",
-               "--ip-connect-rate", "0", "--max-connections-per-ip", "0",
-               "--heartbeat-interval", str(self.args.heartbeat), *self.args.server_arg]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "wshub",
+            "serve",
+            "--port",
+            "0",
+            "--log-level",
+            "warning",
+            "--ip-connect-rate",
+            "0",
+            "--max-connections-per-ip",
+            "0",
+            "--heartbeat-interval",
+            str(self.args.heartbeat),
+            *self.args.server_arg,
+        ]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         match = re.search(r"listening on (\S+):(\d+)", line)
@@ -104,8 +117,14 @@ class Soak:
 
     # -- one session ------------------------------------------------------------------
 
-    def on_text(self, session: Session, ws: AsyncWs, payload: bytes,
-                pending: list[int], pong_waiters: list[asyncio.Future[None]]) -> None:
+    def on_text(
+        self,
+        session: Session,
+        ws: AsyncWs,
+        payload: bytes,
+        pending: list[int],
+        pong_waiters: list[asyncio.Future[None]],
+    ) -> None:
         message = json.loads(payload)
         kind = message["type"]
         if kind in ("message", "broadcast"):
@@ -137,8 +156,9 @@ class Soak:
             if pending and pending[0] == -2:  # the expected error precedes its ping
                 pending.pop(0)
         elif kind == "user_joined" and session.index == 0:
-            self.observer_joined[message["connectionId"]] = \
+            self.observer_joined[message["connectionId"]] = (
                 self.observer_joined.get(message["connectionId"], 0) + 1
+            )
         elif kind == "user_left" and session.index == 0:
             cid = message["connectionId"]
             self.observer_left[cid] = self.observer_left.get(cid, 0) + 1
@@ -157,9 +177,12 @@ class Soak:
         pong_waiters: list[asyncio.Future[None]] = []
         loop = asyncio.get_running_loop()
         try:
-            ws = await ws_connect("127.0.0.1", self.port, timeout=10,
-                                  on_text=lambda w, p: self.on_text(session, w, p, pending,
-                                                                    pong_waiters))
+            ws = await ws_connect(
+                "127.0.0.1",
+                self.port,
+                timeout=10,
+                on_text=lambda w, p: self.on_text(session, w, p, pending, pong_waiters),
+            )
         except Exception as exc:  # noqa: BLE001
             self.errors.append(f"connect failed: {exc!r}")
             session.t_close_start = session.t_closed = time.monotonic()
@@ -170,12 +193,23 @@ class Soak:
         end = min(session.t_connect + lifetime, self.stop_at) if index else float("inf")
         seq = 0
         try:
-            while time.monotonic() < end and not ws.closed.done() and not (
-                    index == 0 and self.observer_stop.is_set()):
-                await asyncio.sleep(min(self.rng.expovariate(args.rate), end - time.monotonic()
-                                        + 0.001, 0.5 if index == 0 else 3600))
-                if time.monotonic() >= end or ws.closed.done() or (
-                        index == 0 and self.observer_stop.is_set()):
+            while (
+                time.monotonic() < end
+                and not ws.closed.done()
+                and not (index == 0 and self.observer_stop.is_set())
+            ):
+                await asyncio.sleep(
+                    min(
+                        self.rng.expovariate(args.rate),
+                        end - time.monotonic() + 0.001,
+                        0.5 if index == 0 else 3600,
+                    )
+                )
+                if (
+                    time.monotonic() >= end
+                    or ws.closed.done()
+                    or (index == 0 and self.observer_stop.is_set())
+                ):
                     break
                 roll = self.rng.random()
                 if roll < 0.9:
@@ -190,14 +224,17 @@ class Soak:
                     ws.send_json({"type": "user_info"})
                 elif roll < 0.98:
                     code = self.rng.choice(["unknown_type", "empty_content", "invalid_content"])
-                    frame = {"unknown_type": {"type": "nope"},
-                             "empty_content": {"type": "message", "content": "  "},
-                             "invalid_content": {"type": "broadcast", "content": 5}}[code]
+                    frame = {
+                        "unknown_type": {"type": "nope"},
+                        "empty_content": {"type": "message", "content": "  "},
+                        "invalid_content": {"type": "broadcast", "content": 5},
+                    }[code]
                     self.expected_errors[code] = self.expected_errors.get(code, 0) + 1
                     ws.send_json(frame)
                 else:
-                    self.expected_errors["binary_not_supported"] = \
+                    self.expected_errors["binary_not_supported"] = (
                         self.expected_errors.get("binary_not_supported", 0) + 1
+                    )
                     ws._write(b"\x82\x80\x00\x00\x00\x00")  # an empty binary frame
                 ws.send_json({"type": "ping"})
                 self.data_frames += 2
@@ -282,8 +319,9 @@ class Soak:
             await asyncio.sleep(0.05)
         return self.account(before, stats_open, stats_end, ids, time.monotonic() - start)
 
-    def account(self, before: dict, stats_open: dict, stats_end: dict, ids: set[str],
-                elapsed: float) -> dict:
+    def account(
+        self, before: dict, stats_open: dict, stats_end: dict, ids: set[str], elapsed: float
+    ) -> dict:
         sessions = sorted(self.sessions, key=lambda s: s.t_connect)
         by_index = {s.index: s for s in sessions}
         received: dict[int, dict[int, int]] = {}
@@ -324,14 +362,19 @@ class Soak:
                                 f"sent {m.t_send:.3f}, routed by {m.t_conf:.3f}) never reached "
                                 f"session {s.index} (welcome {s.t_welcome:.3f}, closing "
                                 f"{s.t_close_start:.3f}, {'clean' if s.clean else 'dropped'}, "
-                                f"received {len(s.received)})")
+                                f"received {len(s.received)})"
+                            )
             for serial in counts:
                 m = self.sent[serial]
                 own = m.kind == "message" and m.sender == s.index
                 if own or s.t_closed < m.t_send or (m.t_conf and s.t_connect > m.t_conf):
                     unexpected += 1
-                elif not (s.t_welcome and s.t_welcome < m.t_send and m.t_conf
-                          and s.t_close_start > m.t_conf):
+                elif not (
+                    s.t_welcome
+                    and s.t_welcome < m.t_send
+                    and m.t_conf
+                    and s.t_close_start > m.t_conf
+                ):
                     maybe += 1
         order_errors = sum(s.order_errors for s in sessions)
         joined_twice = sum(1 for v in self.observer_joined.values() if v != 1)
@@ -344,14 +387,17 @@ class Soak:
         if self.got_errors != self.expected_errors:
             errors.append(f"error replies {self.got_errors} != expected {self.expected_errors}")
         if incoming != self.data_frames:
-            errors.append(f"server counted {incoming} data messages, clients sent "
-                          f"{self.data_frames}")
+            errors.append(
+                f"server counted {incoming} data messages, clients sent {self.data_frames}"
+            )
         if failed != sum(self.expected_errors.values()):
-            errors.append(f"server counted {failed} FAILED, expected "
-                          f"{sum(self.expected_errors.values())}")
+            errors.append(
+                f"server counted {failed} FAILED, expected {sum(self.expected_errors.values())}"
+            )
         if stats_open["connections"]["node"] != 1:
-            errors.append(f"{stats_open['connections']['node']} connections open with only the "
-                          "observer left")
+            errors.append(
+                f"{stats_open['connections']['node']} connections open with only the observer left"
+            )
         if stats_end["connections"]["node"] != 0 or stats_end["connections"]["closing"] != 0:
             errors.append(f"connections at the end: {stats_end['connections']}")
         assert self.proc is not None
@@ -381,9 +427,13 @@ class Soak:
             "unexpected": unexpected,
             "unconfirmed": unconfirmed,
             "out_of_order": order_errors,
-            "observer": {"joined": len(self.observer_joined), "left": len(self.observer_left),
-                         "not_joined": not_joined, "not_left": not_left,
-                         "announced_twice": joined_twice + left_twice},
+            "observer": {
+                "joined": len(self.observer_joined),
+                "left": len(self.observer_left),
+                "not_joined": not_joined,
+                "not_left": not_left,
+                "announced_twice": joined_twice + left_twice,
+            },
             "expected_error_replies": self.expected_errors,
             "error_replies": self.got_errors,
             "rss": rss,
@@ -421,20 +471,37 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/soak", description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=300, help="client slots (default 300)")
-    parser.add_argument("--rate", type=float, default=0.5,
-                        help="frames per second per client, on average (default 0.5)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.5,
+        help="frames per second per client, on average (default 0.5)",
+    )
     parser.add_argument("--min-life", type=float, default=5.0)
     parser.add_argument("--max-life", type=float, default=40.0)
-    parser.add_argument("--drop-ratio", type=float, default=0.1,
-                        help="share of sessions that drop their socket instead of closing")
-    parser.add_argument("--heartbeat", type=float, default=5.0,
-                        help="server --heartbeat-interval (default 5 s, so Pings are in the mix)")
-    parser.add_argument("--warmup", type=float, default=15.0,
-                        help="seconds before the memory baseline is taken")
+    parser.add_argument(
+        "--drop-ratio",
+        type=float,
+        default=0.1,
+        help="share of sessions that drop their socket instead of closing",
+    )
+    parser.add_argument(
+        "--heartbeat",
+        type=float,
+        default=5.0,
+        help="server --heartbeat-interval (default 5 s, so Pings are in the mix)",
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=15.0, help="seconds before the memory baseline is taken"
+    )
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    parser.add_argument("--server-arg", action="append", default=[],
-                        help="extra argument for wshub serve (repeatable)")
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra argument for wshub serve (repeatable)",
+    )
     args = parser.parse_args(argv)
     if args.seed is None:
         args.seed = int.from_bytes(os.urandom(4), "big")
@@ -463,8 +530,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(summary_text(result))
         print(f"seed {args.seed}; server exit status {soak.proc.returncode}")
-    bad = (result["error_count"] or result["missing"] or result["duplicates"]
-           or result["unexpected"] or result["unconfirmed"] or result["out_of_order"])
+    bad = (
+        result["error_count"]
+        or result["missing"]
+        or result["duplicates"]
+        or result["unexpected"]
+        or result["unconfirmed"]
+        or result["out_of_order"]
+    )
     return 1 if bad else 0
 
 

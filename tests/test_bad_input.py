@@ -38,8 +38,18 @@ slack (pymalloc arenas, freed buffers kept for reuse), not a leak. A leak of
 the bad input itself (a 64 KiB message, 100,000 fragments, a flood of pongs)
 would not fit, since every test repeats its input or sizes it above this."""
 
-FLAGS = ("--ip-connect-rate", "0", "--max-connections-per-ip", "0", "--message-rate", "0",
-         "--handshake-timeout", str(HANDSHAKE_TIMEOUT), "--close-timeout", "1")
+FLAGS = (
+    "--ip-connect-rate",
+    "0",
+    "--max-connections-per-ip",
+    "0",
+    "--message-rate",
+    "0",
+    "--handshake-timeout",
+    str(HANDSHAKE_TIMEOUT),
+    "--close-timeout",
+    "1",
+)
 
 
 @dataclass
@@ -80,7 +90,8 @@ def hub() -> Iterator[Hub]:
     watchers.close()
     srv.stop()
     assert not [line for line in srv.stderr_lines if "Traceback" in line], (
-        "server logged a traceback:\n" + "".join(srv.stderr_lines))
+        "server logged a traceback:\n" + "".join(srv.stderr_lines)
+    )
 
 
 @dataclass
@@ -116,8 +127,9 @@ def guard(hub: Hub) -> Iterator[Guard]:
     assert len(relayed) <= g.relayed_allowed, f"relayed to the watchers: {relayed}"
     # Whoever misbehaved left exactly once, as both watchers heard.
     for bad in g.bad_ids:
-        wait_until(lambda bad=bad: w.heard("user_left", bad) >= 2 or _drain(w), "user_left",
-                   TIMEOUT)
+        wait_until(
+            lambda bad=bad: w.heard("user_left", bad) >= 2 or _drain(w), "user_left", TIMEOUT
+        )
         assert w.heard("user_left", bad) == 2, f"user_left for {bad} not exactly once each"
     # The node keeps accepting, and counts are right.
     fresh = hub.server.client()
@@ -126,14 +138,21 @@ def guard(hub: Hub) -> Iterator[Guard]:
     wait_until(hub.settled, "the bad client to be gone", TIMEOUT)
     after = hub.outcome_counts()
     assert after["INCOMING"] == after["VALIDATED"] + after["FAILED"], after
-    wait_until(lambda: fd_count(hub.pid) <= hub.fd_baseline, "file descriptors back to baseline",
-               TIMEOUT)
+    wait_until(
+        lambda: fd_count(hub.pid) <= hub.fd_baseline, "file descriptors back to baseline", TIMEOUT
+    )
     # Memory returns near its baseline.
     try:
-        wait_until(lambda: rss_kib(hub.pid) - g.rss_before <= MEM_TOLERANCE_KIB,
-                   "RSS back near baseline", 2.0, interval=0.1)
+        wait_until(
+            lambda: rss_kib(hub.pid) - g.rss_before <= MEM_TOLERANCE_KIB,
+            "RSS back near baseline",
+            2.0,
+            interval=0.1,
+        )
     except AssertionError:
-        raise AssertionError(f"RSS grew by {g.rss_delta()} KiB (tolerance {MEM_TOLERANCE_KIB})")
+        raise AssertionError(
+            f"RSS grew by {g.rss_delta()} KiB (tolerance {MEM_TOLERANCE_KIB})"
+        ) from None
     assert hub.server.proc.poll() is None
 
 
@@ -196,8 +215,10 @@ def expect_close(raw: RawClient, code: int) -> str:
     return reason
 
 
-UPGRADE = (b"GET /websocket HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-           b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+UPGRADE = (
+    b"GET /websocket HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+)
 V13 = b"Sec-WebSocket-Version: 13\r\n"
 
 
@@ -207,13 +228,19 @@ V13 = b"Sec-WebSocket-Version: 13\r\n"
 @pytest.mark.parametrize(
     ("name", "request_bytes", "status"),
     [
-        ("3000 headers", UPGRADE + V13 + b"".join(b"X-H%d: v\r\n" % i for i in range(3000))
-         + b"\r\n", 431),
+        (
+            "3000 headers",
+            UPGRADE + V13 + b"".join(b"X-H%d: v\r\n" % i for i in range(3000)) + b"\r\n",
+            431,
+        ),
         ("101 header fields", UPGRADE + V13 + b"X-H: v\r\n" * 96 + b"\r\n", 431),
         ("64 KiB header line", UPGRADE + V13 + b"Cookie: " + b"a" * 65536 + b"\r\n\r\n", 431),
         ("64 KiB request line", b"GET /websocket?" + b"q" * 65536 + b" HTTP/1.1\r\n\r\n", 431),
-        ("two Origin headers", UPGRADE + V13 + b"Origin: http://127.0.0.1\r\n"
-         b"Origin: http://evil.example\r\n\r\n", 400),
+        (
+            "two Origin headers",
+            UPGRADE + V13 + b"Origin: http://127.0.0.1\r\nOrigin: http://evil.example\r\n\r\n",
+            400,
+        ),
         ("two Host headers", UPGRADE + V13 + b"Host: other\r\n\r\n", 400),
         ("version 8", UPGRADE + b"Sec-WebSocket-Version: 8\r\n\r\n", 426),
         ("version 14", UPGRADE + b"Sec-WebSocket-Version: 14\r\n\r\n", 426),
@@ -221,18 +248,25 @@ V13 = b"Sec-WebSocket-Version: 13\r\n"
         ("POST", UPGRADE.replace(b"GET", b"POST", 1) + V13 + b"\r\n", 405),
         ("PUT", UPGRADE.replace(b"GET", b"PUT", 1) + V13 + b"\r\n", 405),
         ("DELETE", UPGRADE.replace(b"GET", b"DELETE", 1) + V13 + b"\r\n", 405),
-        ("CONNECT (authority form)", b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
-         400),
-        ("key too short", UPGRADE.replace(b"dGhlIHNhbXBsZSBub25jZQ==", b"c2hvcnQ=") + V13
-         + b"\r\n", 400),
+        (
+            "CONNECT (authority form)",
+            b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+            400,
+        ),
+        (
+            "key too short",
+            UPGRADE.replace(b"dGhlIHNhbXBsZSBub25jZQ==", b"c2hvcnQ=") + V13 + b"\r\n",
+            400,
+        ),
         ("NUL in a header", UPGRADE + V13 + b"X-A: a\x00b\r\n\r\n", 400),
         ("a body", UPGRADE + V13 + b"Content-Length: 5\r\n\r\nhello", 400),
         ("HTTP/1.0", UPGRADE.replace(b"HTTP/1.1", b"HTTP/1.0", 1) + V13 + b"\r\n", 505),
         ("binary garbage", bytes(range(256)) * 4 + b"\r\n\r\n", 400),
     ],
 )
-def test_bad_handshake_is_refused_with_its_status(guard: Guard, name: str, request_bytes: bytes,
-                                                  status: int) -> None:
+def test_bad_handshake_is_refused_with_its_status(
+    guard: Guard, name: str, request_bytes: bytes, status: int
+) -> None:
     """Each malformed upgrade gets its documented status, closes, and is counted."""
     refused = bad_requests(guard)
     for _ in range(5):  # repeated, so that anything kept per request would show in RSS
@@ -253,8 +287,10 @@ BAD_REQUEST_REASONS = ("bad_request", "method", "upgrade_required", "too_large",
 def bad_requests(guard: Guard) -> float:
     """Requests refused as malformed, whatever the reason label (400, 405,
     426, 431, 505)."""
-    return sum(guard.metric("wshub_connections_refused_total", f'reason="{reason}"')
-               for reason in BAD_REQUEST_REASONS)
+    return sum(
+        guard.metric("wshub_connections_refused_total", f'reason="{reason}"')
+        for reason in BAD_REQUEST_REASONS
+    )
 
 
 def test_request_one_byte_a_second_is_dropped_at_the_deadline(guard: Guard) -> None:
@@ -270,7 +306,7 @@ def test_request_one_byte_a_second_is_dropped_at_the_deadline(guard: Guard) -> N
     dropped_after = None
     while sent < len(request) and time.monotonic() - start < HANDSHAKE_TIMEOUT + TIMEOUT:
         try:
-            sock.send(request[sent:sent + 1])
+            sock.send(request[sent : sent + 1])
             sent += 1
             if sock.recv(1) == b"":  # waits ~0.7 s: "one byte every second or so"
                 dropped_after = time.monotonic() - start
@@ -290,10 +326,14 @@ def test_request_one_byte_a_second_is_dropped_at_the_deadline(guard: Guard) -> N
     assert dropped_after is not None, f"not dropped after {sent} bytes"
     assert sent < len(request)
     assert HANDSHAKE_TIMEOUT - 0.1 < dropped_after < HANDSHAKE_TIMEOUT + 1.5, dropped_after
-    assert guard.metric("wshub_connections_refused_total",
-                        'reason="handshake_timeout"') == timed_out + 1
-    print(f"\n[figure] trickling client dropped after {dropped_after:.2f} s "
-          f"({sent} bytes sent), --handshake-timeout {HANDSHAKE_TIMEOUT}")
+    assert (
+        guard.metric("wshub_connections_refused_total", 'reason="handshake_timeout"')
+        == timed_out + 1
+    )
+    print(
+        f"\n[figure] trickling client dropped after {dropped_after:.2f} s "
+        f"({sent} bytes sent), --handshake-timeout {HANDSHAKE_TIMEOUT}"
+    )
 
 
 # -- frames ---------------------------------------------------------------------
@@ -307,8 +347,10 @@ BAD_FRAMES = [
     ("RSV3", encode_frame(0x1, b"hello", rsv=1)),
     ("RSV on a ping", encode_frame(0x9, b"", rsv=7)),
     *[(f"reserved opcode {op:#x}", encode_frame(op, b"x")) for op in (3, 4, 5, 6, 7)],
-    *[(f"reserved control opcode {op:#x}", encode_frame(op, b"")) for op in (0xB, 0xC, 0xD, 0xE,
-                                                                                0xF)],
+    *[
+        (f"reserved control opcode {op:#x}", encode_frame(op, b""))
+        for op in (0xB, 0xC, 0xD, 0xE, 0xF)
+    ],
     ("ping of 126 bytes", encode_frame(0x9, b"p" * 126)),
     ("pong of 65535 bytes", encode_frame(0xA, b"p" * 65535)),
     ("close of 126 bytes", encode_frame(0x8, b"\x03\xe8" + b"r" * 124)),
@@ -316,10 +358,14 @@ BAD_FRAMES = [
     ("fragmented close", encode_frame(0x8, b"\x03\xe8", fin=False)),
     ("continuation with nothing to continue", encode_frame(0x0, b"orphan")),
     ("final continuation with nothing to continue", encode_frame(0x0, b"", fin=True)),
-    ("new text inside a fragmented one", encode_frame(0x1, b"a", fin=False)
-     + encode_frame(0x1, b"b")),
-    ("binary inside a fragmented text", encode_frame(0x1, b"a", fin=False)
-     + encode_frame(0x2, b"b")),
+    (
+        "new text inside a fragmented one",
+        encode_frame(0x1, b"a", fin=False) + encode_frame(0x1, b"b"),
+    ),
+    (
+        "binary inside a fragmented text",
+        encode_frame(0x1, b"a", fin=False) + encode_frame(0x2, b"b"),
+    ),
 ]
 
 
@@ -332,11 +378,13 @@ def test_malformed_frame_closes_1002(guard: Guard, name: str, frame: bytes) -> N
     raw.send(frame)
     expect_close(raw, 1002)
     guard.server.wait_for(
-        lambda: guard.metric("wshub_closes_total", 'code="1002"') == closes + 1, "1002 counted")
+        lambda: guard.metric("wshub_closes_total", 'code="1002"') == closes + 1, "1002 counted"
+    )
 
 
-@pytest.mark.parametrize("length", [65537, 2**32, 2**63 - 1, 2**63],
-                         ids=["64KiB+1", "2^32", "2^63-1", "2^63"])
+@pytest.mark.parametrize(
+    "length", [65537, 2**32, 2**63 - 1, 2**63], ids=["64KiB+1", "2^32", "2^63-1", "2^63"]
+)
 def test_huge_announced_length_closes_1009_at_once(guard: Guard, length: int) -> None:
     """A header announcing more than --max-message-size closes with 1009 before
     any payload arrives, and nothing is allocated for it."""
@@ -350,8 +398,10 @@ def test_huge_announced_length_closes_1009_at_once(guard: Guard, length: int) ->
     jump = rss_kib(guard.hub.pid) - rss
     assert elapsed < 1.0, elapsed
     assert jump < 1024, f"RSS jumped {jump} KiB on an announced {length} bytes"
-    print(f"\n[figure] announced {length} bytes: 1009 ({reason!r}) after {elapsed * 1000:.1f} ms, "
-          f"RSS {jump:+d} KiB")
+    print(
+        f"\n[figure] announced {length} bytes: 1009 ({reason!r}) after {elapsed * 1000:.1f} ms, "
+        f"RSS {jump:+d} KiB"
+    )
 
 
 class Pusher(threading.Thread):
@@ -367,7 +417,7 @@ class Pusher(threading.Thread):
     def run(self) -> None:
         try:
             while self.sent < len(self.data):
-                self.raw.sock.sendall(self.data[self.sent:self.sent + self.chunk])
+                self.raw.sock.sendall(self.data[self.sent : self.sent + self.chunk])
                 self.sent += self.chunk
         except OSError as exc:
             self.error = exc
@@ -397,8 +447,10 @@ def test_100000_one_byte_fragments_close_1009_when_over_the_limit(guard: Guard) 
     # Bounded, though not by the message limit alone: see
     # test_fragment_assembly_memory_is_proportional_to_the_bytes.
     assert peak < 16 * 1024, f"RSS +{peak} KiB"
-    print(f"\n[figure] 100,000 one-byte fragments: 1009 after {elapsed:.2f} s, "
-          f"RSS {peak:+d} KiB just after")
+    print(
+        f"\n[figure] 100,000 one-byte fragments: 1009 after {elapsed:.2f} s, "
+        f"RSS {peak:+d} KiB just after"
+    )
 
 
 def test_100000_empty_fragments_deliver_once(guard: Guard) -> None:
@@ -446,16 +498,20 @@ def test_ping_flood_from_a_client_that_never_reads_is_closed_1008(guard: Guard) 
         peak = max(peak, guard.rss_delta())
         if sent % 10_000 == 0 and guard.metric("wshub_slow_consumer_closes_total") > slow:
             break
-    srv.wait_for(lambda: guard.metric("wshub_slow_consumer_closes_total") == slow + 1,
-                 "slow-consumer close")
-    srv.wait_for(lambda: guard.metric("wshub_closes_total", 'code="1008"') == closes + 1,
-                 "1008 counted")
+    srv.wait_for(
+        lambda: guard.metric("wshub_slow_consumer_closes_total") == slow + 1, "slow-consumer close"
+    )
+    srv.wait_for(
+        lambda: guard.metric("wshub_closes_total", 'code="1008"') == closes + 1, "1008 counted"
+    )
     elapsed = time.monotonic() - start
     raw.close()
     # The outgoing buffer is bounded by --send-buffer-limit (1 MiB by default).
     assert peak < 1024 + MEM_TOLERANCE_KIB, f"RSS rose {peak} KiB during the flood"
-    print(f"\n[figure] ping flood: {sent} pings sent, closed 1008 slow consumer after "
-          f"{elapsed:.2f} s, peak RSS {peak:+d} KiB")
+    print(
+        f"\n[figure] ping flood: {sent} pings sent, closed 1008 slow consumer after "
+        f"{elapsed:.2f} s, peak RSS {peak:+d} KiB"
+    )
 
 
 # -- UTF-8 ----------------------------------------------------------------------
@@ -486,8 +542,9 @@ def send_fragments(raw: RawClient, parts: list[bytes]) -> None:
 
 
 @pytest.mark.parametrize(("name", "parts"), BAD_UTF8, ids=[n for n, _ in BAD_UTF8])
-def test_invalid_utf8_closes_1007_and_delivers_nothing(guard: Guard, name: str,
-                                                       parts: list[bytes]) -> None:
+def test_invalid_utf8_closes_1007_and_delivers_nothing(
+    guard: Guard, name: str, parts: list[bytes]
+) -> None:
     raw, raw_id = open_raw(guard.server)
     guard.bad_ids.append(raw_id)
     send_fragments(raw, parts)
@@ -495,15 +552,22 @@ def test_invalid_utf8_closes_1007_and_delivers_nothing(guard: Guard, name: str,
     # guard: relayed_allowed = 0, so nothing reached the watchers.
 
 
-@pytest.mark.parametrize(("name", "parts", "text"), [
-    ("euro sign split over two fragments", [b"price: \xe2\x82", b"\xac5"], "price: €5"),
-    ("emoji split byte by byte", [b"\xf0", b"\x9f", b"\x98", b"\x80"], "😀"),
-    ("U+10FFFF, the last code point", [b"max \xf4\x8f\xbf\xbf"], "max \U0010ffff"),
-    ("U+FFFF and U+FFFE (noncharacters are valid UTF-8)", [b"\xef\xbf\xbf\xef\xbf\xbe"],
-     "\uffff\ufffe"),
-])
-def test_valid_utf8_at_the_edges_is_delivered(guard: Guard, name: str, parts: list[bytes],
-                                              text: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "parts", "text"),
+    [
+        ("euro sign split over two fragments", [b"price: \xe2\x82", b"\xac5"], "price: €5"),
+        ("emoji split byte by byte", [b"\xf0", b"\x9f", b"\x98", b"\x80"], "😀"),
+        ("U+10FFFF, the last code point", [b"max \xf4\x8f\xbf\xbf"], "max \U0010ffff"),
+        (
+            "U+FFFF and U+FFFE (noncharacters are valid UTF-8)",
+            [b"\xef\xbf\xbf\xef\xbf\xbe"],
+            "\uffff\ufffe",
+        ),
+    ],
+)
+def test_valid_utf8_at_the_edges_is_delivered(
+    guard: Guard, name: str, parts: list[bytes], text: str
+) -> None:
     """The other side of the 1007 tests: valid sequences, however split, pass whole."""
     raw, raw_id = open_raw(guard.server)
     guard.bad_ids.append(raw_id)
@@ -561,27 +625,45 @@ def assert_relayed(guard: Guard, frame: str, kind: str, content: str) -> None:
 DEEP = 30_000  # 60 KB: under the 64 KiB message limit, far past the parser's depth
 
 
-@pytest.mark.parametrize(("frame", "code"), [
-    ('{"type":"broadcast","content":"deep","d":' + "[" * DEEP + "]" * DEEP + "}",
-     "content_too_long"),
-    ('{"a":' * 10_000 + "1" + "}" * 10_000, "content_too_long"),
-    ('{"type":"broadcast","content":"big","n":' + "9" * 5000 + "}", "content_too_long"),
-    ("9" * 5000, "content_too_long"),
-    ('{"type":"message","content":"x","content":5}', "invalid_content"),
-    ('{"type":"message","type":7,"content":"x"}', "missing_type"),
-    ('{"type":"\\ud800"}', "unknown_type"),
-    ('{"type":"t\\udfff' + "x" * 200 + '"}', "unknown_type"),
-    ('{"type":"' + "y" * 10_000 + '"}', "unknown_type"),
-    ('{"type":"message","content":"x\\ud83d"}', "invalid_content"),
-    ('{"type":"message","content":"\\ude00\\ud83d"}', "invalid_content"),
-    ('{"type":"broadcast","content":1e400}', "invalid_content"),
-    ('{"type":1e400}', "missing_type"),
-    *[('{"type":"message","content":' + value + "}", "invalid_content")
-      for value in ("0", "-1.5e3", "true", "false", "null", "[]", '["a"]', "{}", '{"a":"b"}')],
-    *[('{"type":' + value + ',"content":"x"}', "missing_type")
-      for value in ("0", "-1.5e3", "true", "false", "null", "[]", '["message"]', "{}",
-                    '{"type":"message"}')],
-])
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (
+            '{"type":"broadcast","content":"deep","d":' + "[" * DEEP + "]" * DEEP + "}",
+            "content_too_long",
+        ),
+        ('{"a":' * 10_000 + "1" + "}" * 10_000, "content_too_long"),
+        ('{"type":"broadcast","content":"big","n":' + "9" * 5000 + "}", "content_too_long"),
+        ("9" * 5000, "content_too_long"),
+        ('{"type":"message","content":"x","content":5}', "invalid_content"),
+        ('{"type":"message","type":7,"content":"x"}', "missing_type"),
+        ('{"type":"\\ud800"}', "unknown_type"),
+        ('{"type":"t\\udfff' + "x" * 200 + '"}', "unknown_type"),
+        ('{"type":"' + "y" * 10_000 + '"}', "unknown_type"),
+        ('{"type":"message","content":"x\\ud83d"}', "invalid_content"),
+        ('{"type":"message","content":"\\ude00\\ud83d"}', "invalid_content"),
+        ('{"type":"broadcast","content":1e400}', "invalid_content"),
+        ('{"type":1e400}', "missing_type"),
+        *[
+            ('{"type":"message","content":' + value + "}", "invalid_content")
+            for value in ("0", "-1.5e3", "true", "false", "null", "[]", '["a"]', "{}", '{"a":"b"}')
+        ],
+        *[
+            ('{"type":' + value + ',"content":"x"}', "missing_type")
+            for value in (
+                "0",
+                "-1.5e3",
+                "true",
+                "false",
+                "null",
+                "[]",
+                '["message"]',
+                "{}",
+                '{"type":"message"}',
+            )
+        ],
+    ],
+)
 def test_json_that_is_refused(guard: Guard, frame: str, code: str) -> None:
     """Each is refused with its code, relayed to no one, and the sender stays."""
     assert_error(guard, frame, code)
@@ -592,39 +674,61 @@ def test_unknown_type_error_does_not_echo_a_long_type(guard: Guard) -> None:
     assert len(replies[0]["message"]) < 200
 
 
-@pytest.mark.parametrize(("frame", "kind", "content"), [
-    # Parsed: the object is a protocol message.
-    ('{"type":"broadcast","content":"shallow","d":' + "[" * 400 + "]" * 400 + "}",
-     "broadcast", "shallow"),
-    ('{"type":"broadcast","content":"n","n":' + "9" * 4000 + "}", "broadcast", "n"),
-    ('{"type":"broadcast","content":"f","n":0.' + "1" * 5000 + "}", "broadcast", "f"),
-    ('{"type":"broadcast","content":"inf","n":1e400}', "broadcast", "inf"),
-    ('{"type":"message","content":"first","content":"last"}', "message", "last"),
-    ('{"type":"ping","type":"broadcast","content":"dup type"}', "broadcast", "dup type"),
-    ('{"type":"broadcast","content":"ok","x":"\\udfff"}', "broadcast", "ok"),
-    ('{"\\ud800":1,"type":"broadcast","content":"key"}', "broadcast", "key"),
-    ('{"type":"broadcast","content":"\\ud83d\\ude00"}', "broadcast", "😀"),
-    ('{"type":"broadcast","content":"\\ufeffbom inside"}', "broadcast", "\ufeffbom inside"),
-    ('{"type":"broadcast","content":"\\u0000"}', "broadcast", "\x00"),
-    ('\t\r\n {"type":"broadcast","content":"ws"} \n', "broadcast", "ws"),
-    # Not JSON, or not an object: plain text, relayed verbatim.
-    ("[" * 450 + "]" * 450, "message", "[" * 450 + "]" * 450),
-    ('{"type":"broadcast","content":"x","n":NaN}', "message",
-     '{"type":"broadcast","content":"x","n":NaN}'),
-    ('{"type":"broadcast","content":"x","n":Infinity}', "message",
-     '{"type":"broadcast","content":"x","n":Infinity}'),
-    ('{"type":"broadcast","content":"x","n":-Infinity}', "message",
-     '{"type":"broadcast","content":"x","n":-Infinity}'),
-    (' \ufeff{"type":"broadcast","content":"bom"}', "message",
-     ' \ufeff{"type":"broadcast","content":"bom"}'),
-    ("{'type':'broadcast','content':'single quotes'}", "message",
-     "{'type':'broadcast','content':'single quotes'}"),
-    ('{"type":"broadcast","content":"x",}', "message", '{"type":"broadcast","content":"x",}'),
-    ('"\\ud800"', "message", '"\\ud800"'),
-    ("9" * 1000, "message", "9" * 1000),
-])
-def test_json_edge_cases_are_relayed_by_the_rules(guard: Guard, frame: str, kind: str,
-                                                  content: str) -> None:
+@pytest.mark.parametrize(
+    ("frame", "kind", "content"),
+    [
+        # Parsed: the object is a protocol message.
+        (
+            '{"type":"broadcast","content":"shallow","d":' + "[" * 400 + "]" * 400 + "}",
+            "broadcast",
+            "shallow",
+        ),
+        ('{"type":"broadcast","content":"n","n":' + "9" * 4000 + "}", "broadcast", "n"),
+        ('{"type":"broadcast","content":"f","n":0.' + "1" * 5000 + "}", "broadcast", "f"),
+        ('{"type":"broadcast","content":"inf","n":1e400}', "broadcast", "inf"),
+        ('{"type":"message","content":"first","content":"last"}', "message", "last"),
+        ('{"type":"ping","type":"broadcast","content":"dup type"}', "broadcast", "dup type"),
+        ('{"type":"broadcast","content":"ok","x":"\\udfff"}', "broadcast", "ok"),
+        ('{"\\ud800":1,"type":"broadcast","content":"key"}', "broadcast", "key"),
+        ('{"type":"broadcast","content":"\\ud83d\\ude00"}', "broadcast", "😀"),
+        ('{"type":"broadcast","content":"\\ufeffbom inside"}', "broadcast", "\ufeffbom inside"),
+        ('{"type":"broadcast","content":"\\u0000"}', "broadcast", "\x00"),
+        ('\t\r\n {"type":"broadcast","content":"ws"} \n', "broadcast", "ws"),
+        # Not JSON, or not an object: plain text, relayed verbatim.
+        ("[" * 450 + "]" * 450, "message", "[" * 450 + "]" * 450),
+        (
+            '{"type":"broadcast","content":"x","n":NaN}',
+            "message",
+            '{"type":"broadcast","content":"x","n":NaN}',
+        ),
+        (
+            '{"type":"broadcast","content":"x","n":Infinity}',
+            "message",
+            '{"type":"broadcast","content":"x","n":Infinity}',
+        ),
+        (
+            '{"type":"broadcast","content":"x","n":-Infinity}',
+            "message",
+            '{"type":"broadcast","content":"x","n":-Infinity}',
+        ),
+        (
+            ' \ufeff{"type":"broadcast","content":"bom"}',
+            "message",
+            ' \ufeff{"type":"broadcast","content":"bom"}',
+        ),
+        (
+            "{'type':'broadcast','content':'single quotes'}",
+            "message",
+            "{'type':'broadcast','content':'single quotes'}",
+        ),
+        ('{"type":"broadcast","content":"x",}', "message", '{"type":"broadcast","content":"x",}'),
+        ('"\\ud800"', "message", '"\\ud800"'),
+        ("9" * 1000, "message", "9" * 1000),
+    ],
+)
+def test_json_edge_cases_are_relayed_by_the_rules(
+    guard: Guard, frame: str, kind: str, content: str
+) -> None:
     assert_relayed(guard, frame, kind, content)
 
 
@@ -634,10 +738,12 @@ def test_100000_deep_nesting_with_a_larger_message_limit(make_server) -> None:
     srv = make_server("--max-message-size", str(1 << 20), "--message-rate", "0")
     a, b = srv.client(), srv.client()
     rss = rss_kib(srv.proc.pid)
-    for frame in ("[" * 100_000 + "]" * 100_000,
-                  '{"a":' * 100_000 + "1" + "}" * 100_000,
-                  '{"type":"broadcast","content":"x","d":' + "[" * 100_000 + "]" * 100_000 + "}",
-                  '{"type":"broadcast","content":"x","d":' + "{" * 100_000):
+    for frame in (
+        "[" * 100_000 + "]" * 100_000,
+        '{"a":' * 100_000 + "1" + "}" * 100_000,
+        '{"type":"broadcast","content":"x","d":' + "[" * 100_000 + "]" * 100_000 + "}",
+        '{"type":"broadcast","content":"x","d":' + "{" * 100_000,
+    ):
         a.ws.send(frame)
         assert a.recv_type("error")["code"] == "content_too_long"
     a.send({"type": "message", "content": "after"})
@@ -658,19 +764,25 @@ def test_deep_nesting_over_the_default_limit_closes_1009(guard: Guard) -> None:
 MIXED = "xé€😀"
 
 
-@pytest.mark.parametrize(("name", "content", "ok"), [
-    *[(f"{n} x {len(c.encode())}-byte", c * n, n == 1000)
-      for c in ("x", "é", "€", "😀") for n in (1000, 1001)],
-    ("1000 mixed widths", MIXED * 250, True),
-    ("1001 mixed widths", MIXED * 250 + "x", False),
-    ("500 e + combining acute", "e\u0301" * 500, True),
-    ("500 e + combining acute, one more", "e\u0301" * 500 + "e", False),
-    ("zalgo: 1 base + 999 combining marks", "a" + "\u0301" * 999, True),
-    ("zalgo: 1 base + 1000 combining marks", "a" + "\u0301" * 1000, False),
-    ("142 ZWJ family emoji (994 code points)", "👨\u200d👩\u200d👧\u200d👦" * 142, True),
-    ("143 ZWJ family emoji (1001 code points)", "👨\u200d👩\u200d👧\u200d👦" * 143, False),
-    ("regional-indicator flags", "🇫🇷🇯🇵" * 250, True),
-])
+@pytest.mark.parametrize(
+    ("name", "content", "ok"),
+    [
+        *[
+            (f"{n} x {len(c.encode())}-byte", c * n, n == 1000)
+            for c in ("x", "é", "€", "😀")
+            for n in (1000, 1001)
+        ],
+        ("1000 mixed widths", MIXED * 250, True),
+        ("1001 mixed widths", MIXED * 250 + "x", False),
+        ("500 e + combining acute", "e\u0301" * 500, True),
+        ("500 e + combining acute, one more", "e\u0301" * 500 + "e", False),
+        ("zalgo: 1 base + 999 combining marks", "a" + "\u0301" * 999, True),
+        ("zalgo: 1 base + 1000 combining marks", "a" + "\u0301" * 1000, False),
+        ("142 ZWJ family emoji (994 code points)", "👨\u200d👩\u200d👧\u200d👦" * 142, True),
+        ("143 ZWJ family emoji (1001 code points)", "👨\u200d👩\u200d👧\u200d👦" * 143, False),
+        ("regional-indicator flags", "🇫🇷🇯🇵" * 250, True),
+    ],
+)
 def test_content_length_in_code_points(guard: Guard, name: str, content: str, ok: bool) -> None:
     """1000 code points pass and 1001 do not, whatever their width or grouping;
     as a JSON string, as escapes, and as plain text."""
@@ -686,27 +798,31 @@ def test_content_length_in_code_points(guard: Guard, name: str, content: str, ok
 CONTROLS = "".join(chr(i) for i in range(32)) + "\x7f" + "".join(chr(i) for i in range(0x80, 0xA0))
 
 
-@pytest.mark.parametrize(("name", "content"), [
-    ("every C0 and C1 control and DEL", "ctl:" + CONTROLS),
-    ("NUL only", "\x00"),
-    ("NULs around text", "\x00a\x00b\x00"),
-    ("escape sequences (terminal)", "\x1b[31mred\x1b[0m\x1b]0;title\x07"),
-    ("script tag", '<script>alert("x")</script>'),
-    ("closing script then script", "</script><script>alert(1)</script>"),
-    ("img onerror", "<img src=x onerror=alert(1)>"),
-    ("HTML entities", "&lt;b&gt; &amp;amp; &#60;"),
-    ("templates", "{{7*7}} ${7*7} <%= 7*7 %>"),
-    ("SQL", "' OR 1=1 --; DROP TABLE users;"),
-    ("JSON-breaking", '"},{"type":"broadcast","content":"injected"}\\'),
-    ("line and paragraph separators", "a\u2028b\u2029c"),
-    ("bidi override and zero width", "\u202eevil\u202c \u200b\u200c\u200d\ufeff"),
-    ("noncharacters", "\ufdd0\ufffe\uffff\U0001fffe"),
-    ("private use and last plane", "\ue000\U000f0000\U0010ffff"),
-])
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("every C0 and C1 control and DEL", "ctl:" + CONTROLS),
+        ("NUL only", "\x00"),
+        ("NULs around text", "\x00a\x00b\x00"),
+        ("escape sequences (terminal)", "\x1b[31mred\x1b[0m\x1b]0;title\x07"),
+        ("script tag", '<script>alert("x")</script>'),
+        ("closing script then script", "</script><script>alert(1)</script>"),
+        ("img onerror", "<img src=x onerror=alert(1)>"),
+        ("HTML entities", "&lt;b&gt; &amp;amp; &#60;"),
+        ("templates", "{{7*7}} ${7*7} <%= 7*7 %>"),
+        ("SQL", "' OR 1=1 --; DROP TABLE users;"),
+        ("JSON-breaking", '"},{"type":"broadcast","content":"injected"}\\'),
+        ("line and paragraph separators", "a\u2028b\u2029c"),
+        ("bidi override and zero width", "\u202eevil\u202c \u200b\u200c\u200d\ufeff"),
+        ("noncharacters", "\ufdd0\ufffe\uffff\U0001fffe"),
+        ("private use and last plane", "\ue000\U000f0000\U0010ffff"),
+    ],
+)
 def test_content_is_relayed_exactly(guard: Guard, name: str, content: str) -> None:
     """Controls, NUL and markup are data: relayed as they came, JSON-escaped."""
-    assert_relayed(guard, json.dumps({"type": "broadcast", "content": content}), "broadcast",
-                   content)
+    assert_relayed(
+        guard, json.dumps({"type": "broadcast", "content": content}), "broadcast", content
+    )
 
 
 def test_content_of_only_unicode_whitespace_is_empty(guard: Guard) -> None:
@@ -758,8 +874,10 @@ def test_fragment_assembly_memory_is_proportional_to_the_bytes(make_server) -> N
     watcher.roundtrip()
     after = rss_kib(srv.proc.pid) - start
     watcher.close()
-    print(f"\n[figure] unfinished message of {held} one-byte fragments: "
-          f"{per_client / 1024:.0f} KiB of server memory per client ({per_client / held:.0f}x); "
-          f"RSS {after:+d} KiB after the {clients} clients left")
+    print(
+        f"\n[figure] unfinished message of {held} one-byte fragments: "
+        f"{per_client / 1024:.0f} KiB of server memory per client ({per_client / held:.0f}x); "
+        f"RSS {after:+d} KiB after the {clients} clients left"
+    )
     assert per_client < 4 * held, f"{per_client / held:.0f}x the bytes held"
     assert after < MEM_TOLERANCE_KIB, f"RSS stayed {after} KiB above its baseline"

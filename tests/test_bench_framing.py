@@ -130,7 +130,11 @@ def test_frame_parser_joins_fragments_and_passes_control_frames():
         + encode_server_frame(OP_CONT, b"lo")
         + encode_server_frame(OP_CLOSE, b"\x03\xe8")
     )
-    assert FrameParser().feed(data) == [(OP_PING, b"p"), (OP_TEXT, b"hello"), (OP_CLOSE, b"\x03\xe8")]
+    assert FrameParser().feed(data) == [
+        (OP_PING, b"p"),
+        (OP_TEXT, b"hello"),
+        (OP_CLOSE, b"\x03\xe8"),
+    ]
 
 
 def test_frame_parser_unmasks_client_frames():

@@ -46,8 +46,9 @@ def test_accept_value_matches_python(tmp_path):
     exe = str(native.binary())
     keys = [b"dGhlIHNhbXBsZSBub25jZQ=="] + [base64.b64encode(os.urandom(16)) for _ in range(5)]
     for key in keys:
-        out = subprocess.run([exe, "--accept", key.decode()],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [exe, "--accept", key.decode()], capture_output=True, text=True, check=True
+        )
         assert out.stdout.strip().encode() == accept_for(key)
 
 
@@ -82,9 +83,24 @@ WSHUB_FLAGS = ("--ip-connect-rate", "0", "--max-connections-per-ip", "0", "--mes
 
 def test_fanout_against_wshub(make_server, capsys):
     srv = make_server(*WSHUB_FLAGS)
-    rc = bench_main(["fanout", "--engine", "native", "-n", "20", "--duration", "1",
-                     "--warmup", "0.3",
-                     "--url", srv.ws_url, "--server-pid", str(srv.proc.pid), "--json"])
+    rc = bench_main(
+        [
+            "fanout",
+            "--engine",
+            "native",
+            "-n",
+            "20",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.3",
+            "--url",
+            srv.ws_url,
+            "--server-pid",
+            str(srv.proc.pid),
+            "--json",
+        ]
+    )
     res = json.loads(capsys.readouterr().out)
     assert rc == 0, res
     assert res["engine"] == "native" and res["scenario"] == "fanout" and res["protocol"] == "wshub"
@@ -106,8 +122,9 @@ def test_fanout_against_wshub(make_server, capsys):
 
 def test_rate_against_wshub(make_server):
     srv = make_server(*WSHUB_FLAGS)
-    cfg = Config(scenario="rate", url=srv.ws_url, connections=20, rate=100.0, duration=1.0,
-                 warmup=0.3)
+    cfg = Config(
+        scenario="rate", url=srv.ws_url, connections=20, rate=100.0, duration=1.0, warmup=0.3
+    )
     res = native.run(cfg)
     assert res["connections_open"] == 20 and res["closed_early"] == 0
     assert res["rate_msgs_per_s"] == 100.0 and res["senders"] == 1
@@ -143,8 +160,13 @@ def stream_block(big: bool) -> tuple[list[bytes], int, list[bytes]]:
     add(OP_TEXT, b'{"type":"welcome","connectionId":"ws-1-abc","users":[]}')
     add(OP_TEXT, stamped(), counts=True)  # raw relay: the marker first, 7-bit length
     for _ in range(3):  # wshub envelope, 16-bit length (> 125 bytes)
-        add(OP_TEXT, b'{"type":"message","connectionId":"ws-1700000000000-abcdefghi","content":"'
-            + stamped(pad=100) + b'","timestamp":"2026-01-01T00:00:00.000Z"}', counts=True)
+        add(
+            OP_TEXT,
+            b'{"type":"message","connectionId":"ws-1700000000000-abcdefghi","content":"'
+            + stamped(pad=100)
+            + b'","timestamp":"2026-01-01T00:00:00.000Z"}',
+            counts=True,
+        )
     pings.append(b"mid-%d" % len(frames))
     add(OP_PING, pings[-1])
     if big:
@@ -212,8 +234,8 @@ class FrameServer:
             fin, op, masked, key, n, hl = h
             if len(buf) < hl + n:
                 break
-            payload = bytes(buf[hl:hl + n])
-            del buf[:hl + n]
+            payload = bytes(buf[hl : hl + n])
+            del buf[: hl + n]
             if not masked:
                 self.unmasked += 1
             out.append((op, mask(payload, key) if masked else payload))
@@ -246,8 +268,10 @@ class FrameServer:
                 return
             if self.mode == "bad-accept":
                 acc = acc[:-2] + (b"A=" if acc[-2:] != b"A=" else b"B=")
-            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                         b"Connection: Upgrade\r\nsec-websocket-accept:  " + acc + b" \r\n\r\n")
+            conn.sendall(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nsec-websocket-accept:  " + acc + b" \r\n\r\n"
+            )
             buf = bytearray()
             # the client is open (and measuring, with --warmup 0) once it answers this
             conn.sendall(encode_server_frame(OP_PING, b"start"))
@@ -255,7 +279,7 @@ class FrameServer:
             for f in self.frames:
                 # the header and the first bytes of the payload in pieces, the rest at once
                 for i in range(min(len(f), 14)):
-                    conn.sendall(f[i:i + 1])
+                    conn.sendall(f[i : i + 1])
                 if len(f) > 14:
                     conn.sendall(f[14:])
             conn.sendall(encode_server_frame(OP_PING, b"done"))
@@ -294,8 +318,16 @@ def frame_server():
 @pytest.mark.parametrize("read_size", [1, 2, 3, 7, 131, None])
 def test_exact_count_over_awkward_reads(frame_server, read_size):
     srv = frame_server()
-    cfg = Config(scenario="sink", url=srv.url, protocol="raw", connections=1, warmup=0.0,
-                 duration=2.5 if read_size == 1 else 1.0, probes=1, keepalive=0)
+    cfg = Config(
+        scenario="sink",
+        url=srv.url,
+        protocol="raw",
+        connections=1,
+        warmup=0.0,
+        duration=2.5 if read_size == 1 else 1.0,
+        probes=1,
+        keepalive=0,
+    )
     res = native.run(cfg, read_size=read_size)
     assert srv.done.is_set(), f"the last Ping was not answered within the run: {srv.failure}"
     assert not srv.failure, srv.failure
@@ -309,12 +341,18 @@ def test_exact_count_over_awkward_reads(frame_server, read_size):
     assert 0 <= res["latency_ms_p50"] <= res["latency_ms_max"] < 10 * TIMEOUT * 1000
 
 
-@pytest.mark.parametrize("mode,why", [("bad-accept", "bad Sec-WebSocket-Accept"),
-                                      ("refuse", "handshake refused: HTTP/1.1 403 Forbidden")])
+@pytest.mark.parametrize(
+    "mode,why",
+    [
+        ("bad-accept", "bad Sec-WebSocket-Accept"),
+        ("refuse", "handshake refused: HTTP/1.1 403 Forbidden"),
+    ],
+)
 def test_handshake_checked(frame_server, mode, why):
     srv = frame_server(mode=mode)
-    cfg = Config(scenario="sink", url=srv.url, protocol="raw", connections=3, warmup=0.0,
-                 duration=0.1)
+    cfg = Config(
+        scenario="sink", url=srv.url, protocol="raw", connections=3, warmup=0.0, duration=0.1
+    )
     res = native.run(cfg)
     assert res["connections_open"] == 0 and res["connect_failures"] == 3
     assert why in res["errors"][0]

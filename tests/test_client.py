@@ -28,8 +28,11 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]|\r")
 def run_script(url: str, lines: list[str], *args: str) -> subprocess.CompletedProcess[str]:
     """Run the client with *lines* on stdin; it must exit on its own."""
     return subprocess.run(
-        [*CLIENT, url, *args], input="".join(line + "\n" for line in lines),
-        capture_output=True, text=True, timeout=TIMEOUT * 3,
+        [*CLIENT, url, *args],
+        input="".join(line + "\n" for line in lines),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 3,
     )
 
 
@@ -38,13 +41,18 @@ class Piped:
 
     def __init__(self, url: str, *args: str) -> None:
         self.proc = subprocess.Popen(
-            [*CLIENT, url, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True,
+            [*CLIENT, url, *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.stderr: list[str] = []
-        self.pumps = [threading.Thread(target=self._pump, daemon=True),
-                      threading.Thread(target=self._pump_err, daemon=True)]
+        self.pumps = [
+            threading.Thread(target=self._pump, daemon=True),
+            threading.Thread(target=self._pump_err, daemon=True),
+        ]
         for pump in self.pumps:
             pump.start()
 
@@ -102,8 +110,14 @@ class Terminal:
 
         self.master, slave = pty.openpty()
         env = {**os.environ, "TERM": "dumb", "NO_COLOR": "1"}
-        self.proc = subprocess.Popen([*CLIENT, url, *args], stdin=slave, stdout=slave,
-                                     stderr=slave, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [*CLIENT, url, *args],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            start_new_session=True,
+        )
         os.close(slave)
         self.raw = ""
         self.pos = 0
@@ -138,7 +152,7 @@ class Terminal:
                     return match
                 left = deadline - time.monotonic()
                 if left <= 0 or self.eof:
-                    raise AssertionError(f"no {pattern!r} in terminal output:\n{clean[self.pos:]}")
+                    raise AssertionError(f"no {pattern!r} in terminal output:\n{clean[self.pos :]}")
                 self.cond.wait(left)
 
     def type(self, text: str) -> None:
@@ -179,22 +193,33 @@ def test_scripted_json(make_server: Callable[..., Server]) -> None:
     JSON line before the client exits 0; the end-of-input ping stays hidden."""
     server = make_server(*LOOSE)
     peer = server.client()
-    result = run_script(server.ws_url, [
-        "hello there",
-        "",                       # blank lines are skipped
-        "/broadcast to all",
-        "/info",
-        "/ping",
-        "x" * 1001,
-        '/raw {"type":"nope"}',
-        "/raw not json, plain text",
-        "//starts with a slash",
-    ], "--json", "--wait", "0")
+    result = run_script(
+        server.ws_url,
+        [
+            "hello there",
+            "",  # blank lines are skipped
+            "/broadcast to all",
+            "/info",
+            "/ping",
+            "x" * 1001,
+            '/raw {"type":"nope"}',
+            "/raw not json, plain text",
+            "//starts with a slash",
+        ],
+        "--json",
+        "--wait",
+        "0",
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     messages = [json.loads(line) for line in lines]
     assert [m["type"] for m in messages] == [
-        "welcome", "broadcast", "user_info_response", "pong", "error", "error",
+        "welcome",
+        "broadcast",
+        "user_info_response",
+        "pong",
+        "error",
+        "error",
     ], lines
     me = messages[0]["connectionId"]
     assert re.fullmatch(ID, me)
@@ -207,8 +232,10 @@ def test_scripted_json(make_server: Callable[..., Server]) -> None:
     assert peer.recv_type("user_joined")["connectionId"] == me
     got = [peer.recv_type("message", "broadcast") for _ in range(4)]
     assert [(m["type"], m["content"]) for m in got] == [
-        ("message", "hello there"), ("broadcast", "to all"),
-        ("message", "not json, plain text"), ("message", "/starts with a slash"),
+        ("message", "hello there"),
+        ("broadcast", "to all"),
+        ("message", "not json, plain text"),
+        ("message", "/starts with a slash"),
     ]
     assert all(m["connectionId"] == me for m in got)
     assert peer.recv_type("user_left")["connectionId"] == me
@@ -216,11 +243,18 @@ def test_scripted_json(make_server: Callable[..., Server]) -> None:
 
 def test_scripted_raw_sends_lines_verbatim(make_server: Callable[..., Server]) -> None:
     server = make_server(*LOOSE)
-    result = run_script(server.ws_url, [
-        '{"type":"broadcast","content":"sent raw"}',
-        "/info",  # not a command with --raw: plain text, relayed to nobody
-        '{"type":"user_info"}',
-    ], "--json", "--raw", "--wait", "0")
+    result = run_script(
+        server.ws_url,
+        [
+            '{"type":"broadcast","content":"sent raw"}',
+            "/info",  # not a command with --raw: plain text, relayed to nobody
+            '{"type":"user_info"}',
+        ],
+        "--json",
+        "--raw",
+        "--wait",
+        "0",
+    )
     assert result.returncode == 0, result.stderr
     types = [json.loads(line)["type"] for line in result.stdout.splitlines()]
     assert types == ["welcome", "broadcast", "user_info_response"]
@@ -229,8 +263,9 @@ def test_scripted_raw_sends_lines_verbatim(make_server: Callable[..., Server]) -
 
 def test_scripted_readable_output(make_server: Callable[..., Server]) -> None:
     server = make_server(*LOOSE)
-    result = run_script(server.ws_url, ["/broadcast hi", "/info", "/ping", "", "x" * 1001],
-                        "--wait", "0")
+    result = run_script(
+        server.ws_url, ["/broadcast hi", "/info", "/ping", "", "x" * 1001], "--wait", "0"
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     me = re.search(rf"welcome: you are ({ID}) \(1 online\)", out)
@@ -373,6 +408,11 @@ def test_interactive_end_of_input_and_server_close(make_server: Callable[..., Se
 
 @pytest.mark.parametrize("flag", ["--wait", "--timeout"])
 def test_bad_durations_are_usage_errors(flag: str) -> None:
-    result = subprocess.run([*CLIENT, "ws://127.0.0.1:1", flag, "-1"], capture_output=True,
-                            text=True, timeout=TIMEOUT * 3, stdin=subprocess.DEVNULL)
+    result = subprocess.run(
+        [*CLIENT, "ws://127.0.0.1:1", flag, "-1"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 3,
+        stdin=subprocess.DEVNULL,
+    )
     assert result.returncode == 2 and flag in result.stderr

@@ -16,18 +16,34 @@ from .conftest import TIMEOUT, Client, RedisServer, Server, free_port
 
 _names = itertools.count()
 
+
 def cluster(make_server, redis: RedisServer, n: int, *extra: str) -> list[Server]:
     name = f"t{next(_names)}"
     return [
-        make_server("--redis-url", redis.url, "--cluster-name", name, "--node-ttl", "1",
-                    "--ip-connect-rate", "0", "--max-connections-per-ip", "0",
-                    "--message-rate", "0", *extra)
+        make_server(
+            "--redis-url",
+            redis.url,
+            "--cluster-name",
+            name,
+            "--node-ttl",
+            "1",
+            "--ip-connect-rate",
+            "0",
+            "--max-connections-per-ip",
+            "0",
+            "--message-rate",
+            "0",
+            *extra,
+        )
         for _ in range(n)
     ]
 
+
 def wait_count(client: Client, server: Server, expected: int) -> None:
-    server.wait_for(lambda: server.stats()["connections"]["cluster"] == expected,
-                    f"cluster count {expected}")
+    server.wait_for(
+        lambda: server.stats()["connections"]["cluster"] == expected, f"cluster count {expected}"
+    )
+
 
 def test_messages_and_counts_cross_nodes(make_server, redis_server) -> None:
     """message and broadcast reach every node; counts are cluster-wide."""
@@ -61,6 +77,7 @@ def test_messages_and_counts_cross_nodes(make_server, redis_server) -> None:
     for client in (a, b):
         client.close()
 
+
 def test_per_sender_order_across_nodes(make_server, redis_server) -> None:
     """Messages from one sender reach a client on another node in the order sent."""
     a_srv, b_srv = cluster(make_server, redis_server, 2)
@@ -72,6 +89,7 @@ def test_per_sender_order_across_nodes(make_server, redis_server) -> None:
     assert got == list(range(300))
     a.close()
     b.close()
+
 
 def test_kill_9_announces_left_exactly_once(make_server, redis_server) -> None:
     """A node killed with SIGKILL: each survivor's clients hear user_left once
@@ -97,6 +115,7 @@ def test_kill_9_announces_left_exactly_once(make_server, redis_server) -> None:
         client.roundtrip()  # and nothing else was announced
     a.close()
     b.close()
+
 
 def test_redis_outage_keeps_local_delivery_and_heals(make_server, own_redis) -> None:
     """Redis stopped mid-traffic: local delivery goes on, /readyz says why,
@@ -129,6 +148,7 @@ def test_redis_outage_keeps_local_delivery_and_heals(make_server, own_redis) -> 
     for client in (a1, a2, b1):
         client.close()
 
+
 def test_drained_node_announces_left_to_the_cluster(make_server, redis_server) -> None:
     """SIGTERM on one node: its clients get 1001, the rest hear user_left at once."""
     a_srv, b_srv = cluster(make_server, redis_server, 2)
@@ -147,15 +167,35 @@ def test_drained_node_announces_left_to_the_cluster(make_server, redis_server) -
     assert a_srv.stats()["connections"]["cluster"] == 1
     a.close()
 
+
 def test_workers_share_the_port_and_restart(redis_server) -> None:
     """--workers 2: two processes on one port, one hub; a killed worker is
     restarted and its clients are announced as gone."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "wshub", "serve", "--workers", "2", "--port", str(port),
-         "--redis-url", redis_server.url, "--cluster-name", f"w{next(_names)}",
-         "--ip-connect-rate", "0", "--max-connections-per-ip", "0", "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "wshub",
+            "serve",
+            "--workers",
+            "2",
+            "--port",
+            str(port),
+            "--redis-url",
+            redis_server.url,
+            "--cluster-name",
+            f"w{next(_names)}",
+            "--ip-connect-rate",
+            "0",
+            "--max-connections-per-ip",
+            "0",
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None
@@ -184,8 +224,9 @@ def test_workers_share_the_port_and_restart(redis_server) -> None:
         assert 0 < len(survivors) < len(clients)
         gone = len(clients) - len(survivors)
         watcher = survivors[0]
-        announced = {watcher.recv_type("user_left", timeout=TIMEOUT)["connectionId"]
-                     for _ in range(gone)}
+        announced = {
+            watcher.recv_type("user_left", timeout=TIMEOUT)["connectionId"] for _ in range(gone)
+        }
         assert len(announced) == gone
         assert "listening on" in proc.stdout.readline()  # the replacement worker
         assert len(_worker_pids(proc.pid)) == 2
@@ -195,18 +236,24 @@ def test_workers_share_the_port_and_restart(redis_server) -> None:
         proc.stdout.close()  # type: ignore[union-attr]
         proc.stderr.close()  # type: ignore[union-attr]
 
+
 def _worker_pids(parent: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(parent)],
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(parent)], capture_output=True, text=True
+    ).stdout
     return [int(pid) for pid in out.split()]
+
 
 def test_workers_without_redis_are_refused() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "wshub", "serve", "--workers", "2"],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 2
     assert re.search(r"--workers.*--redis-url", result.stderr)
+
 
 def test_unreachable_redis_at_start_still_serves(make_server) -> None:
     """A node whose Redis is down at start serves its own clients and says so."""
@@ -217,4 +264,3 @@ def test_unreachable_redis_at_start_still_serves(make_server) -> None:
     assert srv.get("/readyz")[0] == 503
     a.close()
     b.close()
-

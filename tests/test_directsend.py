@@ -75,8 +75,11 @@ def test_every_idle_socket_gets_the_bytes_and_none_is_returned(pairs) -> None:
 
 def test_a_closing_or_busy_transport_is_left_to_the_caller(pairs) -> None:
     (a, ta), (b, tb), (c, tc) = pairs(3)
-    outs = [(Transport(closing=True), a.fileno()), (Transport(), b.fileno()),
-            (Transport(queued=10), c.fileno())]
+    outs = [
+        (Transport(closing=True), a.fileno()),
+        (Transport(), b.fileno()),
+        (Transport(queued=10), c.fileno()),
+    ]
     assert send_each(outs, b"x") == [(0, 0), (2, 0)]
     assert (received(ta), received(tb), received(tc)) == (b"", b"x", b"")
 

@@ -35,8 +35,13 @@ def test_health_ready_metrics_stats(server: Server) -> None:
     status, headers, body = server.get("/metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
     text = body.decode()
-    for name in ("wshub_connections", "wshub_messages_total", "wshub_closes_total",
-                 "wshub_event_loop_lag_seconds", "wshub_fanout_recipients_bucket"):
+    for name in (
+        "wshub_connections",
+        "wshub_messages_total",
+        "wshub_closes_total",
+        "wshub_event_loop_lag_seconds",
+        "wshub_fanout_recipients_bucket",
+    ):
         assert f"\n{name}" in "\n" + text, name
     status, headers, body = server.get("/stats")
     stats = json.loads(body)
@@ -90,14 +95,21 @@ def test_malformed_requests(server: Server, request_bytes: bytes, status: int) -
 
 def test_upgrade_errors(server: Server) -> None:
     """Bad upgrade requests: wrong version 426, bad key 400, two Origins 400."""
-    base = (b"GET /websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\n")
+    base = b"GET /websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     key = b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
     assert status_of(raw_request(server, base + key + b"Sec-WebSocket-Version: 8\r\n\r\n")) == 426
-    assert status_of(raw_request(
-        server, base + b"Sec-WebSocket-Key: short\r\nSec-WebSocket-Version: 13\r\n\r\n")) == 400
+    assert (
+        status_of(
+            raw_request(
+                server, base + b"Sec-WebSocket-Key: short\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+        )
+        == 400
+    )
     two_origins = b"Origin: http://a\r\nOrigin: http://b\r\n"
-    answer = raw_request(server, base + key + b"Sec-WebSocket-Version: 13\r\n" + two_origins + b"\r\n")
+    answer = raw_request(
+        server, base + key + b"Sec-WebSocket-Version: 13\r\n" + two_origins + b"\r\n"
+    )
     assert status_of(answer) == 400
 
 
@@ -181,25 +193,35 @@ def test_per_ip_connect_rate_is_429(make_server) -> None:
 
 def test_forwarded_for_only_from_trusted_proxy(make_server) -> None:
     """X-Forwarded-For sets the client IP only when the peer is a trusted proxy."""
-    trusting = make_server("--max-connections-per-ip", "1", "--ip-connect-rate", "0",
-                           "--trusted-proxies", "127.0.0.0/8")
+    trusting = make_server(
+        "--max-connections-per-ip",
+        "1",
+        "--ip-connect-rate",
+        "0",
+        "--trusted-proxies",
+        "127.0.0.0/8",
+    )
     opened = []
     for forwarded in ("203.0.113.1", "203.0.113.2", "198.51.100.7, 203.0.113.3"):
-        raw, status, _ = RawClient.open(trusting.host, trusting.port,
-                                        headers={"X-Forwarded-For": forwarded})
+        raw, status, _ = RawClient.open(
+            trusting.host, trusting.port, headers={"X-Forwarded-For": forwarded}
+        )
         assert status == 101, forwarded
         opened.append(raw)
-    raw, status, _ = RawClient.open(trusting.host, trusting.port,
-                                    headers={"X-Forwarded-For": "203.0.113.1"})
+    raw, status, _ = RawClient.open(
+        trusting.host, trusting.port, headers={"X-Forwarded-For": "203.0.113.1"}
+    )
     assert status == 429
     opened.append(raw)
 
     untrusting = make_server("--max-connections-per-ip", "1", "--ip-connect-rate", "0")
-    first, status, _ = RawClient.open(untrusting.host, untrusting.port,
-                                      headers={"X-Forwarded-For": "203.0.113.1"})
+    first, status, _ = RawClient.open(
+        untrusting.host, untrusting.port, headers={"X-Forwarded-For": "203.0.113.1"}
+    )
     assert status == 101
-    second, status, _ = RawClient.open(untrusting.host, untrusting.port,
-                                       headers={"X-Forwarded-For": "203.0.113.2"})
+    second, status, _ = RawClient.open(
+        untrusting.host, untrusting.port, headers={"X-Forwarded-For": "203.0.113.2"}
+    )
     assert status == 429  # the header is ignored: both come from 127.0.0.1
     for raw in [*opened, first, second]:
         raw.close()
@@ -230,8 +252,7 @@ def test_every_metric_is_documented(server: Server) -> None:
 
     doc = (Path(__file__).parents[1] / "docs" / "operations.md").read_text()
     _, _, body = server.get("/metrics")
-    names = {line.split()[2] for line in body.decode().splitlines()
-             if line.startswith("# TYPE ")}
+    names = {line.split()[2] for line in body.decode().splitlines() if line.startswith("# TYPE ")}
     assert len(names) > 15
     missing = sorted(name for name in names if f"`{name}`" not in doc)
     assert not missing, f"undocumented metrics: {missing}"

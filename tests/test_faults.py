@@ -18,8 +18,18 @@ import time
 import pytest
 
 from .conftest import TIMEOUT, Server, free_port
-from .loadtools import (AsyncWs, HandshakeRefused, Watchers, fd_count, percentile, raise_nofile,
-                        rss_kib, run_async, wait_until, ws_connect)
+from .loadtools import (
+    AsyncWs,
+    HandshakeRefused,
+    Watchers,
+    fd_count,
+    percentile,
+    raise_nofile,
+    rss_kib,
+    run_async,
+    wait_until,
+    ws_connect,
+)
 from .rawws import RawClient
 
 OPEN = ("--ip-connect-rate", "0", "--max-connections-per-ip", "0", "--message-rate", "0")
@@ -35,8 +45,9 @@ run = run_async
 # -- a client that stops reading under full-rate broadcast -----------------------
 
 
-async def _paced_phase(sender: AsyncWs, latencies: dict[int, float], first: int, count: int,
-                       rate: int, pad: str) -> None:
+async def _paced_phase(
+    sender: AsyncWs, latencies: dict[int, float], first: int, count: int, rate: int, pad: str
+) -> None:
     """Send *count* messages at *rate* per second, in 5 ms ticks."""
     loop = asyncio.get_running_loop()
     tick = 0.005
@@ -60,8 +71,15 @@ def test_stalled_reader_under_full_rate_broadcast(make_server, direct_send: str)
     barely moves. Both ways of writing: straight to idle sockets from C
     (partial sends handed to the transport), and always through it."""
     limit = 4 << 20
-    srv = make_server(*OPEN, "--send-buffer-limit", str(limit), "--close-timeout", "1",
-                      "--direct-send", direct_send)
+    srv = make_server(
+        *OPEN,
+        "--send-buffer-limit",
+        str(limit),
+        "--close-timeout",
+        "1",
+        "--direct-send",
+        direct_send,
+    )
     rate, phase = 3000, 6000  # messages/s; messages per phase (2 s)
     pad = "x" * 900  # with the sequence number and time: under 1000 characters, about 1 KB
 
@@ -93,16 +111,19 @@ def test_stalled_reader_under_full_rate_broadcast(make_server, direct_send: str)
         await wait_for_async(lambda: len(order) >= 1000 + phase, "phase A delivered")
         # The stalled client: a socket that never reads, with a small window.
         loop = asyncio.get_running_loop()
-        stalled = await loop.run_in_executor(None, lambda: RawClient.open(
-            srv.host, srv.port, rcvbuf=4096))
+        stalled = await loop.run_in_executor(
+            None, lambda: RawClient.open(srv.host, srv.port, rcvbuf=4096)
+        )
         assert stalled[1] == 101
         t_stall = time.monotonic()
         await _paced_phase(sender, latencies, 1000 + phase, phase, rate, pad)
         await wait_for_async(lambda: len(order) >= 1000 + 2 * phase, "phase B delivered")
         slow_closed = await loop.run_in_executor(
-            None, lambda: wait_until(
-                lambda: srv.metric("wshub_slow_consumer_closes_total") == 1, "slow close",
-                TIMEOUT))
+            None,
+            lambda: wait_until(
+                lambda: srv.metric("wshub_slow_consumer_closes_total") == 1, "slow close", TIMEOUT
+            ),
+        )
         stalled[0].close()
         await watcher.close()
         await sender.close()
@@ -123,10 +144,12 @@ def test_stalled_reader_under_full_rate_broadcast(make_server, direct_send: str)
     p50_a = percentile([latencies[i] for i in range(1000, 1000 + phase)], 50)
     p50_b = percentile([latencies[i] for i in range(1000 + phase, 1000 + 2 * phase)], 50)
     growth = (peak - base_rss) / 1024
-    figure(f"stalled reader at {rate} msg/s x 1 KB, --send-buffer-limit {limit >> 20} MiB: "
-           f"server RSS peak +{growth:.1f} MiB over baseline; closed 1008 slow consumer; "
-           f"watcher p50 {p50_a * 1000:.2f} -> {p50_b * 1000:.2f} ms, "
-           f"p99 {p99_a * 1000:.2f} -> {p99_b * 1000:.2f} ms (without -> with the stalled client)")
+    figure(
+        f"stalled reader at {rate} msg/s x 1 KB, --send-buffer-limit {limit >> 20} MiB: "
+        f"server RSS peak +{growth:.1f} MiB over baseline; closed 1008 slow consumer; "
+        f"watcher p50 {p50_a * 1000:.2f} -> {p50_b * 1000:.2f} ms, "
+        f"p99 {p99_a * 1000:.2f} -> {p99_b * 1000:.2f} ms (without -> with the stalled client)"
+    )
     assert srv.metric("wshub_closes_total", 'code="1008"') == 1
     assert growth < 2 * (limit >> 20) + 4, f"RSS grew {growth:.1f} MiB"
     direct = srv.metric("wshub_direct_sends_total")
@@ -152,12 +175,22 @@ def test_client_frozen_with_sigstop_is_removed_within_heartbeat(make_server) -> 
     answering Pings: it is removed within heartbeat interval + timeout, the
     others hear user_left once and the counts are right."""
     interval, timeout = 0.5, 1.5
-    srv = make_server("--heartbeat-interval", str(interval), "--heartbeat-timeout", str(timeout),
-                      "--close-timeout", "0.5")
+    srv = make_server(
+        "--heartbeat-interval",
+        str(interval),
+        "--heartbeat-timeout",
+        str(timeout),
+        "--close-timeout",
+        "0.5",
+    )
     watcher = srv.client()
     proc = subprocess.Popen(
         [sys.executable, "-m", "wshub", "client", "--json", srv.ws_url],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         frozen_id = watcher.recv_type("user_joined")["connectionId"]
         # Alive past the timeout: it answers Pings on its own (a bounded
@@ -174,12 +207,19 @@ def test_client_frozen_with_sigstop_is_removed_within_heartbeat(make_server) -> 
         assert left["connectionId"] == frozen_id
         assert left["totalUsers"] == 1
         assert elapsed < interval + timeout + 0.25, elapsed
-        srv.wait_for(lambda: srv.stats()["connections"] == {
-            **srv.stats()["connections"], "node": 1, "closing": 0}, "counts right")
+        srv.wait_for(
+            lambda: (
+                srv.stats()["connections"]
+                == {**srv.stats()["connections"], "node": 1, "closing": 0}
+            ),
+            "counts right",
+        )
         assert srv.metric("wshub_closes_total", 'code="1011"') == 1
         watcher.roundtrip()  # and no second user_left
-        figure(f"SIGSTOPped client removed after {elapsed:.2f} s "
-               f"(--heartbeat-interval {interval}, --heartbeat-timeout {timeout})")
+        figure(
+            f"SIGSTOPped client removed after {elapsed:.2f} s "
+            f"(--heartbeat-interval {interval}, --heartbeat-timeout {timeout})"
+        )
     finally:
         os.kill(proc.pid, signal.SIGCONT)
         proc.kill()
@@ -237,7 +277,7 @@ def test_1000_slow_handshakes_are_dropped_and_fds_return(make_server) -> None:
             next_trickle += 0.5
             for fd, sock in alive.items():
                 try:
-                    sock.send(request[sent[fd]:sent[fd] + 1])
+                    sock.send(request[sent[fd] : sent[fd] + 1])
                     sent[fd] += 1
                 except OSError:
                     pass
@@ -248,10 +288,12 @@ def test_1000_slow_handshakes_are_dropped_and_fds_return(make_server) -> None:
     assert srv.metric("wshub_connections_refused_total", 'reason="handshake_timeout"') == 1000
     assert min(drop_times) > deadline_s - 0.1
     assert max(drop_times) < deadline_s + opened + 1.0
-    figure(f"1000 slow handshakes: opened in {opened:.2f} s, a real client connected in "
-           f"{connect_time * 1000:.0f} ms meanwhile, dropped between {min(drop_times):.2f} and "
-           f"{max(drop_times):.2f} s (--handshake-timeout {deadline_s}), server fds "
-           f"{baseline} -> {baseline + 1000} -> {fd_count(srv.proc.pid)}")
+    figure(
+        f"1000 slow handshakes: opened in {opened:.2f} s, a real client connected in "
+        f"{connect_time * 1000:.0f} ms meanwhile, dropped between {min(drop_times):.2f} and "
+        f"{max(drop_times):.2f} s (--handshake-timeout {deadline_s}), server fds "
+        f"{baseline} -> {baseline + 1000} -> {fd_count(srv.proc.pid)}"
+    )
 
 
 # -- 10,000 connections at once --------------------------------------------------------
@@ -267,10 +309,19 @@ def test_10000_connections_opened_at_once(make_server) -> None:
 
     async def main() -> tuple[float, int, float]:
         start = time.monotonic()
-        results = await asyncio.gather(*[
-            ws_connect(srv.host, srv.port, count_only=True, timeout=60,
-                       local_addr=(f"127.0.0.{2 + i % 4}", 0))
-            for i in range(n)], return_exceptions=True)
+        results = await asyncio.gather(
+            *[
+                ws_connect(
+                    srv.host,
+                    srv.port,
+                    count_only=True,
+                    timeout=60,
+                    local_addr=(f"127.0.0.{2 + i % 4}", 0),
+                )
+                for i in range(n)
+            ],
+            return_exceptions=True,
+        )
         elapsed = time.monotonic() - start
         clients = [r for r in results if isinstance(r, AsyncWs)]
         errors = [r for r in results if not isinstance(r, AsyncWs)]
@@ -279,8 +330,10 @@ def test_10000_connections_opened_at_once(make_server) -> None:
         assert len(ids) == n
         loop = asyncio.get_running_loop()
         # The server may be too busy announcing the joins to answer at once.
-        await loop.run_in_executor(None, lambda: wait_until(
-            lambda: _node_count(srv) == n, "10,000 counted", 60, interval=0.2))
+        await loop.run_in_executor(
+            None,
+            lambda: wait_until(lambda: _node_count(srv) == n, "10,000 counted", 60, interval=0.2),
+        )
         rss = rss_kib(srv.proc.pid)
         slow = await loop.run_in_executor(None, srv.metric, "wshub_slow_consumer_closes_total")
         figure(f"slow-consumer closes during the join storm: {slow:.0f}")
@@ -300,10 +353,12 @@ def test_10000_connections_opened_at_once(make_server) -> None:
     client = srv.client()  # still serving
     assert client.welcome["connectionCount"] == 1
     client.close()
-    figure(f"{n} connections opened at once: all welcomed in {elapsed:.1f} s "
-           f"(somaxconn {SOMAXCONN}, backlog 4096), "
-           f"server RSS +{growth:.0f} MiB ({growth * 1024 / n:.1f} KiB per connection); "
-           f"all dropped at once: registry empty {gone:.1f} s later, RSS then +{after:.0f} MiB")
+    figure(
+        f"{n} connections opened at once: all welcomed in {elapsed:.1f} s "
+        f"(somaxconn {SOMAXCONN}, backlog 4096), "
+        f"server RSS +{growth:.0f} MiB ({growth * 1024 / n:.1f} KiB per connection); "
+        f"all dropped at once: registry empty {gone:.1f} s later, RSS then +{after:.0f} MiB"
+    )
 
 
 with open("/proc/sys/net/core/somaxconn") as _f:
@@ -361,8 +416,7 @@ def test_reconnect_storm_after_restart(make_server) -> None:
         assert stats["connections"]["node"] == n
         t_stop = time.monotonic()
         await loop.run_in_executor(None, first.stop)
-        second = await loop.run_in_executor(
-            None, lambda: make_server(*OPEN, "--port", str(port)))
+        second = await loop.run_in_executor(None, lambda: make_server(*OPEN, "--port", str(port)))
         holder["server"] = second
         t_up = time.monotonic()
         await asyncio.wait_for(asyncio.gather(*lives), 60)
@@ -375,8 +429,10 @@ def test_reconnect_storm_after_restart(make_server) -> None:
     assert codes == [1001] * n
     assert len(holder["ids"]) == n  # type: ignore[arg-type]
     second.wait_for(lambda: second.stats()["connections"]["node"] == 0, "storm clients gone")
-    figure(f"reconnect storm: {n} clients closed 1001 by the restart; server back after "
-           f"{down:.2f} s; all {n} reconnected {storm:.2f} s after it listened")
+    figure(
+        f"reconnect storm: {n} clients closed 1001 by the restart; server back after "
+        f"{down:.2f} s; all {n} reconnected {storm:.2f} s after it listened"
+    )
 
 
 # -- a blocked event loop -----------------------------------------------------------------
@@ -416,8 +472,10 @@ def test_blocked_event_loop_shows_in_the_lag_metric(make_server) -> None:
 
 
 def cluster(make_server, redis, n: int, name: str) -> list[Server]:  # noqa: ANN001
-    return [make_server(*OPEN, "--redis-url", redis.url, "--cluster-name", name,
-                        "--node-ttl", "1") for _ in range(n)]
+    return [
+        make_server(*OPEN, "--redis-url", redis.url, "--cluster-name", name, "--node-ttl", "1")
+        for _ in range(n)
+    ]
 
 
 def test_redis_killed_and_restarted_measured(make_server, own_redis) -> None:
@@ -451,10 +509,12 @@ def test_redis_killed_and_restarted_measured(make_server, own_redis) -> None:
     assert a2.recv_type("message")["content"] == "after"
     for c in (a1, a2, b1):
         c.close()
-    figure(f"Redis SIGKILLed: /readyz 503 after {detected:.2f} s; {sent} messages sent during "
-           f"the outage reached the local client, {lost:.0f} envelopes counted in "
-           f"wshub_backplane_forward_failures_total and none delivered late; both nodes ready "
-           f"{healed:.2f} s after Redis restarted")
+    figure(
+        f"Redis SIGKILLed: /readyz 503 after {detected:.2f} s; {sent} messages sent during "
+        f"the outage reached the local client, {lost:.0f} envelopes counted in "
+        f"wshub_backplane_forward_failures_total and none delivered late; both nodes ready "
+        f"{healed:.2f} s after Redis restarted"
+    )
 
 
 def test_node_killed_with_kill_9_measured(make_server, redis_server) -> None:
@@ -480,9 +540,10 @@ def test_node_killed_with_kill_9_measured(make_server, redis_server) -> None:
     assert a_srv.stats()["connections"]["cluster"] == 1
     watcher.roundtrip()
     watcher.close()
-    figure(f"node kill -9 with 20 clients (--node-ttl 1): first user_left after {first_at:.2f} s, "
-           f"all 20 after {elapsed:.2f} s, each once; cluster count back to 1")
-
+    figure(
+        f"node kill -9 with 20 clients (--node-ttl 1): first user_left after {first_at:.2f} s, "
+        f"all 20 after {elapsed:.2f} s, each once; cluster count back to 1"
+    )
 
 
 def test_memory_returns_after_a_join_storm(make_server) -> None:
@@ -497,12 +558,23 @@ def test_memory_returns_after_a_join_storm(make_server) -> None:
     base = rss_kib(srv.proc.pid)
 
     async def main() -> int:
-        clients = await asyncio.gather(*[
-            ws_connect(srv.host, srv.port, count_only=True, timeout=60,
-                       local_addr=(f"127.0.0.{2 + i % 4}", 0)) for i in range(n)])
+        clients = await asyncio.gather(
+            *[
+                ws_connect(
+                    srv.host,
+                    srv.port,
+                    count_only=True,
+                    timeout=60,
+                    local_addr=(f"127.0.0.{2 + i % 4}", 0),
+                )
+                for i in range(n)
+            ]
+        )
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, lambda: wait_until(
-            lambda: _node_count(srv) == n + 1, "all counted", 60, interval=0.2))
+        await loop.run_in_executor(
+            None,
+            lambda: wait_until(lambda: _node_count(srv) == n + 1, "all counted", 60, interval=0.2),
+        )
         peak = rss_kib(srv.proc.pid)
         for c in clients:
             c.abort()
@@ -511,10 +583,11 @@ def test_memory_returns_after_a_join_storm(make_server) -> None:
     peak = run(main())
     wait_until(lambda: _node_count(srv) == 1, "the storm gone", 60, interval=0.2)
     watcher.roundtrip()
-    wait_until(lambda: rss_kib(srv.proc.pid) - base < 32 * 1024, "RSS back down", 10,
-               interval=0.2)
+    wait_until(lambda: rss_kib(srv.proc.pid) - base < 32 * 1024, "RSS back down", 10, interval=0.2)
     after = rss_kib(srv.proc.pid)
-    figure(f"join storm of {n}: server RSS +{(peak - base) / 1024:.0f} MiB at its peak, "
-           f"+{(after - base) / 1024:.0f} MiB after everyone left")
+    figure(
+        f"join storm of {n}: server RSS +{(peak - base) / 1024:.0f} MiB at its peak, "
+        f"+{(after - base) / 1024:.0f} MiB after everyone left"
+    )
     watcher.close()
     assert after - base < 32 * 1024, f"RSS stayed {(after - base) / 1024:.0f} MiB up"

@@ -71,8 +71,16 @@ def test_any_frame_is_a_sign_of_life(make_server) -> None:
 
 def test_rate_limit_refuses_then_closes_1008(make_server) -> None:
     """Over the bucket: error rate_limited and nothing relayed; persisting: 1008."""
-    srv = make_server("--message-rate", "1", "--message-burst", "3",
-                      "--rate-limit-refusals", "4", "--rate-limit-window", "60")
+    srv = make_server(
+        "--message-rate",
+        "1",
+        "--message-burst",
+        "3",
+        "--rate-limit-refusals",
+        "4",
+        "--rate-limit-window",
+        "60",
+    )
     a = srv.client()
     b = srv.client()
     for i in range(3):
@@ -96,8 +104,9 @@ def test_rate_limit_refuses_then_closes_1008(make_server) -> None:
 def test_slow_consumer_is_closed_and_others_get_everything(make_server) -> None:
     """A client that never reads is closed with 1008 once its buffer overflows;
     the others receive every message in order, and memory stays bounded."""
-    srv = make_server("--send-buffer-limit", "65536", "--close-timeout", "0.5",
-                      "--message-rate", "0")
+    srv = make_server(
+        "--send-buffer-limit", "65536", "--close-timeout", "0.5", "--message-rate", "0"
+    )
     sender = srv.client()
     reader = srv.client()
     stalled, stalled_id = open_raw(srv, rcvbuf=4096)
@@ -131,7 +140,8 @@ def test_compression_negotiated_and_delivered(make_server) -> None:
     b = srv.client(compression=None)  # one without compression in the same fan-out
     c = srv.client()
     assert a.ws.response.headers.get("Sec-WebSocket-Extensions", "").startswith(
-        "permessage-deflate")
+        "permessage-deflate"
+    )
     assert "Sec-WebSocket-Extensions" not in b.ws.response.headers
     big = "compress me " * 80
     a.send({"type": "broadcast", "content": big})

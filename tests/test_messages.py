@@ -89,9 +89,18 @@ def test_message_goes_to_others_broadcast_to_all(server: Server) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["just words", "{not json", '"a json string"', "42", "[1, 2]", "null", "true",
-     "\ufeff{\"type\":\"broadcast\",\"content\":\"bom\"}", '{"type":"message"} trailing',
-     '{"type":"broadcast","content":NaN}'],
+    [
+        "just words",
+        "{not json",
+        '"a json string"',
+        "42",
+        "[1, 2]",
+        "null",
+        "true",
+        '\ufeff{"type":"broadcast","content":"bom"}',
+        '{"type":"message"} trailing',
+        '{"type":"broadcast","content":NaN}',
+    ],
 )
 def test_anything_but_a_json_object_is_plain_text(server: Server, text: str) -> None:
     """Invalid JSON and non-object JSON are relayed verbatim as a message."""

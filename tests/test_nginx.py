@@ -114,14 +114,33 @@ def make_nginx(tmp_path: Path) -> Iterator[Callable[[Server], Nginx]]:
         user = "user root;" if os.geteuid() == 0 else ""
         (tmp_path / "nginx.conf").write_text(MAIN_CONF.format(tmp=tmp_path, user=user))
         check = subprocess.run(
-            [NGINX, "-t", "-p", f"{tmp_path}/", "-e", f"{tmp_path}/error.log",
-             "-c", f"{tmp_path}/nginx.conf"], capture_output=True, text=True, timeout=TIMEOUT,
+            [
+                NGINX,
+                "-t",
+                "-p",
+                f"{tmp_path}/",
+                "-e",
+                f"{tmp_path}/error.log",
+                "-c",
+                f"{tmp_path}/nginx.conf",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
         )
         assert check.returncode == 0, check.stderr
         proc = subprocess.Popen(
-            [NGINX, "-p", f"{tmp_path}/", "-e", f"{tmp_path}/error.log",
-             "-c", f"{tmp_path}/nginx.conf"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                NGINX,
+                "-p",
+                f"{tmp_path}/",
+                "-e",
+                f"{tmp_path}/error.log",
+                "-c",
+                f"{tmp_path}/nginx.conf",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         nginx = Nginx(proc, port, tmp_path)
         started.append(nginx)
@@ -182,8 +201,9 @@ def test_chat_through_nginx(make_server: Callable[..., Server], make_nginx) -> N
 
     # The page and plain HTTP endpoints pass too.
     with socket.create_connection(("127.0.0.1", nginx.port), timeout=TIMEOUT) as sock:
-        sock.sendall(f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{nginx.port}\r\n"
-                     "Connection: close\r\n\r\n".encode())
+        sock.sendall(
+            f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{nginx.port}\r\nConnection: close\r\n\r\n".encode()
+        )
         answer = b""
         while chunk := sock.recv(65536):
             answer += chunk
@@ -196,9 +216,20 @@ def test_terminal_client_through_nginx(make_server: Callable[..., Server], make_
     server = make_server()
     nginx = make_nginx(server)
     result = subprocess.run(
-        [sys.executable, "-m", "wshub", "client", f"127.0.0.1:{nginx.port}", "--json",
-         "--wait", "0"],
-        input="/broadcast via the proxy\n", capture_output=True, text=True, timeout=TIMEOUT * 3,
+        [
+            sys.executable,
+            "-m",
+            "wshub",
+            "client",
+            f"127.0.0.1:{nginx.port}",
+            "--json",
+            "--wait",
+            "0",
+        ],
+        input="/broadcast via the proxy\n",
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 3,
     )
     assert result.returncode == 0, result.stderr
     types = [json.loads(line)["type"] for line in result.stdout.splitlines()]
@@ -216,9 +247,10 @@ def test_per_ip_limit_uses_forwarded_address_when_proxy_trusted(
     assert nginx.refused_status(CLIENT_A) == 429  # A's second connection
     # Writing the header yourself does not buy a new address: nginx appends
     # the peer it saw, and wshub reads from the right.
-    assert nginx.refused_status(
-        CLIENT_A, additional_headers={"X-Forwarded-For": "198.51.100.7"}
-    ) == 429
+    assert (
+        nginx.refused_status(CLIENT_A, additional_headers={"X-Forwarded-For": "198.51.100.7"})
+        == 429
+    )
     a.close()
     server.wait_for(lambda: server.stats()["connections"]["node"] == 1, "A to leave")
     again, _ = nginx.client(CLIENT_A)  # A's allowance is back

@@ -24,8 +24,14 @@ from .conftest import TIMEOUT, Server, start_server
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 MS = TIMEOUT * 1000
 ID = re.compile(r"^ws-\d{13}-[a-z0-9]{9}$")
@@ -189,9 +195,7 @@ def test_counter_and_too_long_error(make_server: Callable[..., Server], open_pag
     assert server.stats()["messages"]["FAILED"] == 1
 
 
-def test_answers_server_ping_with_pong(
-    make_server: Callable[..., Server], open_page
-) -> None:
+def test_answers_server_ping_with_pong(make_server: Callable[..., Server], open_page) -> None:
     """The page answers the server's JSON ping with {"type":"pong"}."""
     server = make_server(*LOOSE, "--heartbeat-interval", "0.2")
     page = open_page(server)
@@ -199,7 +203,8 @@ def test_answers_server_ping_with_pong(
         page.reload()
     ws: WebSocket = info.value
     with ws.expect_event(
-        "framesent", predicate=lambda payload: json.loads(payload) == {"type": "pong"},
+        "framesent",
+        predicate=lambda payload: json.loads(payload) == {"type": "pong"},
         timeout=MS,
     ):
         pass
@@ -216,8 +221,7 @@ def test_keyboard_only(make_server: Callable[..., Server], open_page) -> None:
 
     def focused() -> str:
         return a.evaluate(
-            "() => { const e = document.activeElement;"
-            " return e.id || (e.name + ':' + e.value); }"
+            "() => { const e = document.activeElement; return e.id || (e.name + ':' + e.value); }"
         )
 
     order = []
@@ -248,8 +252,7 @@ def test_keyboard_only(make_server: Callable[..., Server], open_page) -> None:
 def test_phone_sized_screen(make_server: Callable[..., Server], open_page) -> None:
     """At 360x640 nothing scrolls sideways and the controls fit on screen."""
     server = make_server(*LOOSE)
-    page = open_page(server, viewport={"width": 360, "height": 640}, is_mobile=True,
-                     has_touch=True)
+    page = open_page(server, viewport={"width": 360, "height": 640}, is_mobile=True, has_touch=True)
     send_long = "a-very-long-word-" * 30
     other = open_page(server)
     send(other, send_long)
@@ -277,7 +280,9 @@ def test_reconnects_after_server_restart(open_page) -> None:
         state = page.locator("#state")
         expect(state).to_have_attribute("data-state", re.compile("waiting|connecting"))
         expect(state).to_have_text(re.compile(r"reconnecting in \d+\.\d s \(attempt \d+\)"))
-        expect(feed_item(page, "system", "Disconnected (1001 server shutting down).")).to_have_count(1)
+        expect(
+            feed_item(page, "system", "Disconnected (1001 server shutting down).")
+        ).to_have_count(1)
         expect(page.get_by_role("button", name="Send")).to_be_disabled()
         expect(page.locator("#count")).to_have_text("–")
         # At least one attempt failed against the closed port before the restart.
@@ -305,8 +310,9 @@ def take_screenshot(path: str) -> None:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             pages = []
             for _ in range(3):
-                context = browser.new_context(viewport={"width": 820, "height": 640},
-                                              device_scale_factor=1)
+                context = browser.new_context(
+                    viewport={"width": 820, "height": 640}, device_scale_factor=1
+                )
                 context.set_default_timeout(MS)
                 page = context.new_page()
                 page.goto(server.http_url + "/")

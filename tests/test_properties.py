@@ -56,8 +56,9 @@ def expected_relay(text: str) -> tuple[str, str] | None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -66,8 +67,12 @@ frames = st.one_of(
     st.text(alphabet=st.characters(codec="utf-8"), min_size=990, max_size=1010),
     json_values.map(json.dumps),
     st.fixed_dictionaries(
-        {"type": st.sampled_from(["message", "broadcast", "ping", "user_info", "pong",
-                                  "welcome", "", "MESSAGE"]) | st.text(max_size=5)},
+        {
+            "type": st.sampled_from(
+                ["message", "broadcast", "ping", "user_info", "pong", "welcome", "", "MESSAGE"]
+            )
+            | st.text(max_size=5)
+        },
         optional={"content": json_values | st.text(max_size=1100)},
     ).map(lambda d: json.dumps(d, ensure_ascii=False)),
     st.builds(
@@ -109,8 +114,9 @@ _serial = 0
 
 @settings(max_examples=100, deadline=None)
 @given(data=st.binary(max_size=300))
-def test_random_binary_is_refused_and_never_relayed(pair: tuple[Client, Client],
-                                                    data: bytes) -> None:
+def test_random_binary_is_refused_and_never_relayed(
+    pair: tuple[Client, Client], data: bytes
+) -> None:
     sender, observer = pair
     sender.ws.send(data)
     assert sender.recv_type("error")["code"] == "binary_not_supported"
@@ -129,8 +135,9 @@ def pair(server: Server) -> Iterator[tuple[Client, Client]]:
 
 @settings(max_examples=100, deadline=None)
 @given(payload=st.binary(max_size=64))
-def test_random_bytes_in_text_frames(server: Server, pair: tuple[Client, Client],
-                                     payload: bytes) -> None:
+def test_random_bytes_in_text_frames(
+    server: Server, pair: tuple[Client, Client], payload: bytes
+) -> None:
     """Invalid UTF-8 closes with 1007 and delivers nothing; valid UTF-8 is a
     text message like any other."""
     from .rawws import RawClient
@@ -180,8 +187,12 @@ stream_items = st.lists(
         st.tuples(st.just("ping"), st.binary(max_size=20)),
         st.tuples(st.just("pong"), st.binary(max_size=20)),
         # a message in 2 to 4 fragments, a Ping between the first two
-        st.tuples(st.just("fragments"), st.text(alphabet="xy", min_size=4, max_size=300),
-                  st.integers(2, 4), st.binary(max_size=10)),
+        st.tuples(
+            st.just("fragments"),
+            st.text(alphabet="xy", min_size=4, max_size=300),
+            st.integers(2, 4),
+            st.binary(max_size=10),
+        ),
     ),
     min_size=1,
     max_size=12,
@@ -231,8 +242,9 @@ def raw_pair(server: Server) -> Iterator[tuple[RawClient, Client]]:
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(items=stream_items, cuts=st.lists(st.integers(1, 40), min_size=1, max_size=30))
-def test_a_frame_stream_cut_anywhere(raw_pair: tuple[RawClient, Client], items: list[tuple],
-                                     cuts: list[int]) -> None:
+def test_a_frame_stream_cut_anywhere(
+    raw_pair: tuple[RawClient, Client], items: list[tuple], cuts: list[int]
+) -> None:
     raw, observer = raw_pair
     global _serial
     _serial += 1

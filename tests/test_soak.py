@@ -24,9 +24,20 @@ minute) would not fit."""
 
 def test_soak_one_minute() -> None:
     result = subprocess.run(
-        [str(ROOT / "scripts" / "soak"), "--minutes", "1", "--clients", "300", "--warmup", "15",
-         "--json"],
-        capture_output=True, text=True, timeout=240, cwd=ROOT,
+        [
+            str(ROOT / "scripts" / "soak"),
+            "--minutes",
+            "1",
+            "--clients",
+            "300",
+            "--warmup",
+            "15",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
     )
     assert result.stdout.strip(), result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])

@@ -34,11 +34,17 @@ NODE_DIR = ROOT / "bench" / "servers"
 PY = sys.executable
 
 SERVERS = {
-    "websockets": ("websockets 17.4 (`broadcast()`), uvloop", [PY, str(HERE / "websockets_relay.py")]),
+    "websockets": (
+        "websockets 17.4 (`broadcast()`), uvloop",
+        [PY, str(HERE / "websockets_relay.py")],
+    ),
     "aiohttp": ("aiohttp 3.14, uvloop", [PY, str(HERE / "aiohttp_relay.py")]),
     "picows": ("picows 2.3, uvloop", [PY, str(HERE / "picows_relay.py")]),
     "node-ws": ("Node `ws` 8.23", ["node", str(NODE_DIR / "ws_relay.js")]),
-    "uws": ("uWebSockets.js (npm `uwebsockets@3.0.6`, pub/sub)", ["node", str(NODE_DIR / "uws_relay.js")]),
+    "uws": (
+        "uWebSockets.js (npm `uwebsockets@3.0.6`, pub/sub)",
+        ["node", str(NODE_DIR / "uws_relay.js")],
+    ),
 }
 
 
@@ -112,7 +118,9 @@ def fmt(v, unit=""):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--servers", default=",".join(SERVERS))
     ap.add_argument("--fanout-connections", type=int, default=1000)
@@ -133,29 +141,56 @@ def main() -> int:
         if not shutil.which("npm"):
             print("npm not found: install Node 20 + npm, or leave out node-ws,uws", file=sys.stderr)
             return 2
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, timeout=300)
+        subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, timeout=300
+        )
 
     info = machine()
     print(json.dumps(info), file=sys.stderr)
     results: list[dict] = []
     url = f"ws://127.0.0.1:{a.port}/websocket"
     for r in range(a.runs):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             for scen in ("fanout", "idle"):
                 rec = {"run": r + 1, "server": n, "scenario": scen, "pressure_before": pressure()}
                 try:
                     with Server(n, a.port, a.server_core) as srv:
                         if scen == "fanout":
-                            args = ["fanout", "--protocol", "raw", "--url", url,
-                                    "-n", str(a.fanout_connections), "--inflight", str(a.inflight),
-                                    "--duration", str(a.duration), "--warmup", str(a.warmup),
-                                    "--server-pid", str(srv.proc.pid)]
+                            args = [
+                                "fanout",
+                                "--protocol",
+                                "raw",
+                                "--url",
+                                url,
+                                "-n",
+                                str(a.fanout_connections),
+                                "--inflight",
+                                str(a.inflight),
+                                "--duration",
+                                str(a.duration),
+                                "--warmup",
+                                str(a.warmup),
+                                "--server-pid",
+                                str(srv.proc.pid),
+                            ]
                             timeout = a.duration + a.warmup + 120
                         else:
-                            args = ["idle", "--protocol", "raw", "--url", url,
-                                    "-n", str(a.idle_connections), "--duration", "5", "--settle", "10",
-                                    "--server-pid", str(srv.proc.pid)]
+                            args = [
+                                "idle",
+                                "--protocol",
+                                "raw",
+                                "--url",
+                                url,
+                                "-n",
+                                str(a.idle_connections),
+                                "--duration",
+                                "5",
+                                "--settle",
+                                "10",
+                                "--server-pid",
+                                str(srv.proc.pid),
+                            ]
                             timeout = 240
                         rec["result"] = bench(args, a.client_core, timeout)
                 except (RuntimeError, subprocess.TimeoutExpired) as e:
@@ -163,11 +198,17 @@ def main() -> int:
                 rec["pressure_after"] = pressure()
                 res = rec["result"]
                 if scen == "fanout":
-                    short = (f"{res.get('deliveries_per_s')} deliveries/s  server cpu {res.get('server_cpu')}  "
-                             f"gen cpu {res.get('generator_cpu')}")
+                    short = (
+                        f"{res.get('deliveries_per_s')} deliveries/s  server cpu {res.get('server_cpu')}  "
+                        f"gen cpu {res.get('generator_cpu')}"
+                    )
                 else:
                     short = f"{res.get('rss_per_connection_kib')} KiB/conn  held {res.get('connections_held')}"
-                print(f"run {r + 1} {n:10} {scen:6} {short}  {res.get('error', '')}", file=sys.stderr, flush=True)
+                print(
+                    f"run {r + 1} {n:10} {scen:6} {short}  {res.get('error', '')}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 results.append(rec)
                 time.sleep(1.0)
 
@@ -188,7 +229,9 @@ def main() -> int:
         }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ws-layer.json").write_text(json.dumps({"machine": info, "args": vars(a), "medians": rows, "runs": results}, indent=1))
+    (out / "ws-layer.json").write_text(
+        json.dumps({"machine": info, "args": vars(a), "medians": rows, "runs": results}, indent=1)
+    )
 
     ref_uws = rows.get("uws", {}).get("deliveries_per_s")
     ref_ws = rows.get("node-ws", {}).get("deliveries_per_s")
@@ -212,7 +255,9 @@ def main() -> int:
             f"| {SERVERS[n][0]} | {fmt(d)} | {runs} | {fmt(x['server_cpu_us_per_delivery'])} | "
             f"{fmt(x['server_cpu'])} | {fmt(x['generator_cpu'])} | {fmt(x['latency_ms_p99'], ' ms')} | "
             f"{fmt(x['rss_per_connection_kib'], ' KiB')} | "
-            f"{d / ref_uws:.3f} |" if d and ref_uws else f"| {SERVERS[n][0]} | {fmt(d)} | {runs} | – | – | – | – | – | – |"
+            f"{d / ref_uws:.3f} |"
+            if d and ref_uws
+            else f"| {SERVERS[n][0]} | {fmt(d)} | {runs} | – | – | – | – | – | – |"
         )
         if d and ref_uws:
             lines[-1] += f" {d / ref_ws:.2f} |" if ref_ws else " – |"

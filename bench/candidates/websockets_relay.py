@@ -27,7 +27,9 @@ async def handler(ws) -> None:
 
 async def main(port: int) -> None:
     # no keepalive pings and no compression: a minimal relay
-    async with serve(handler, "127.0.0.1", port, ping_interval=None, compression=None, backlog=4096) as server:
+    async with serve(
+        handler, "127.0.0.1", port, ping_interval=None, compression=None, backlog=4096
+    ) as server:
         print(f"websockets {websockets.__version__} relay on 127.0.0.1:{port}", flush=True)
         await server.serve_forever()
 

@@ -24,11 +24,19 @@ def _serve_parser(prog: str = "wshub serve") -> argparse.ArgumentParser:
         "the environment over the file.",
         argument_default=argparse.SUPPRESS,
     )
-    parser.add_argument("--config", metavar="FILE", help="TOML file of options "
-                        "(keys are flag names without the dashes, e.g. heartbeat-interval).")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file of options "
+        "(keys are flag names without the dashes, e.g. heartbeat-interval).",
+    )
     for option in OPTIONS:
-        parser.add_argument(option.flag, dest=option.attr, metavar=option.metavar or None,
-                            help=f"{option.help} [env {option.env}]")
+        parser.add_argument(
+            option.flag,
+            dest=option.attr,
+            metavar=option.metavar or None,
+            help=f"{option.help} [env {option.env}]",
+        )
     return parser
 
 

@@ -90,21 +90,44 @@ def _parser() -> argparse.ArgumentParser:
         epilog=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("url", help="ws://HOST:PORT/websocket (wss://, http:// and HOST:PORT "
-                        "work too; a URL without a path gets /websocket)")
-    parser.add_argument("--json", action="store_true",
-                        help="print every received message as one JSON line")
-    parser.add_argument("--raw", action="store_true",
-                        help="send each input line verbatim as one text frame (no commands)")
-    parser.add_argument("--wait", type=float, default=0.5, metavar="SECONDS",
-                        help="scripted mode: after the input ends and the server has answered "
-                        "it, keep printing incoming messages this long (default 0.5)")
-    parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
-                        help="give up opening the connection, or waiting for the server to "
-                        "answer at the end of input, after this long (default 10)")
+    parser.add_argument(
+        "url",
+        help="ws://HOST:PORT/websocket (wss://, http:// and HOST:PORT "
+        "work too; a URL without a path gets /websocket)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print every received message as one JSON line"
+    )
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="send each input line verbatim as one text frame (no commands)",
+    )
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=0.5,
+        metavar="SECONDS",
+        help="scripted mode: after the input ends and the server has answered "
+        "it, keep printing incoming messages this long (default 0.5)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="give up opening the connection, or waiting for the server to "
+        "answer at the end of input, after this long (default 10)",
+    )
     parser.add_argument("--origin", metavar="ORIGIN", help="send this Origin header")
-    parser.add_argument("-H", "--header", action="append", default=[], metavar="'NAME: VALUE'",
-                        help="an extra HTTP header for the upgrade request (repeatable)")
+    parser.add_argument(
+        "-H",
+        "--header",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="an extra HTTP header for the upgrade request (repeatable)",
+    )
     return parser
 
 
@@ -224,21 +247,28 @@ class Session:
         style = self.output.style
         at = _clock(m.get("timestamp"))
         if kind == "welcome":
-            return style(f"welcome: you are {printable(str(m.get('connectionId')))} "
-                         f"({m.get('connectionCount')} online)", "1")
+            return style(
+                f"welcome: you are {printable(str(m.get('connectionId')))} "
+                f"({m.get('connectionCount')} online)",
+                "1",
+            )
         if kind == "user_joined":
-            return style(f"{at} {self.who(m.get('connectionId'))} joined "
-                         f"({m.get('totalUsers')} online)", "2")
+            return style(
+                f"{at} {self.who(m.get('connectionId'))} joined ({m.get('totalUsers')} online)", "2"
+            )
         if kind == "user_left":
-            return style(f"{at} {self.who(m.get('connectionId'))} left "
-                         f"({m.get('totalUsers')} online)", "2")
+            return style(
+                f"{at} {self.who(m.get('connectionId'))} left ({m.get('totalUsers')} online)", "2"
+            )
         if kind in ("message", "broadcast"):
             tag = " [broadcast]" if kind == "broadcast" else ""
             sender = style(self.who(m.get("connectionId")), "1")
             return f"{at} {sender}{tag}: {printable(str(m.get('content')))}"
         if kind == "user_info_response":
-            return (f"{at} user info: you are {printable(str(m.get('connectionId')))}, "
-                    f"{m.get('connectionCount')} online")
+            return (
+                f"{at} user info: you are {printable(str(m.get('connectionId')))}, "
+                f"{m.get('connectionCount')} online"
+            )
         if kind == "error":
             code = f" ({printable(str(m['code']))})" if "code" in m else ""
             return style(f"{at} error{code}: {printable(str(m.get('message')))}", "31")
@@ -339,8 +369,12 @@ async def _run(args: argparse.Namespace, output: Output) -> int:
         headers.append((name.strip(), value.strip()))
     try:
         ws = await connect(
-            url, additional_headers=headers, origin=args.origin,  # type: ignore[arg-type]
-            open_timeout=args.timeout, max_size=None, max_queue=None,
+            url,
+            additional_headers=headers,
+            origin=args.origin,  # type: ignore[arg-type]
+            open_timeout=args.timeout,
+            max_size=None,
+            max_queue=None,
         )
     except (OSError, InvalidHandshake, InvalidURI, TimeoutError, ValueError) as exc:
         print(f"wshub client: cannot connect to {url}: {_describe_failure(exc)}", file=sys.stderr)
@@ -349,8 +383,9 @@ async def _run(args: argparse.Namespace, output: Output) -> int:
     session = Session(ws, args, output)
     interactive = output.interactive
     if interactive:
-        output.line(f"connected to {url}; /help lists the commands, /quit or Ctrl-D exits",
-                    to_err=True)
+        output.line(
+            f"connected to {url}; /help lists the commands, /quit or Ctrl-D exits", to_err=True
+        )
     loop = asyncio.get_running_loop()
     lines: asyncio.Queue[str | None] = asyncio.Queue()
     reader = threading.Thread(
@@ -362,8 +397,11 @@ async def _run(args: argparse.Namespace, output: Output) -> int:
     if interactive:
         # Show the welcome before the first prompt (a server of this protocol
         # sends it at once; do not wait long for one that does not).
-        await asyncio.wait({asyncio.ensure_future(session.welcomed.wait()), receiving},
-                           timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            {asyncio.ensure_future(session.welcomed.wait()), receiving},
+            timeout=1.0,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
     reader.start()
 
     try:
@@ -381,8 +419,9 @@ async def _run(args: argparse.Namespace, output: Output) -> int:
         # Drain: the pong to this ping comes after every answer to what was sent.
         await session.ping("drain")
         drained = asyncio.ensure_future(session.drained.wait())
-        await asyncio.wait({drained, receiving}, timeout=args.timeout,
-                           return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            {drained, receiving}, timeout=args.timeout, return_when=asyncio.FIRST_COMPLETED
+        )
         drained.cancel()
         if receiving.done():
             return _closed_by_server(ws, output)

@@ -110,8 +110,7 @@ def _origins(raw: Any) -> tuple[str, ...]:
         scheme, sep, rest = item.partition("://")
         if not sep or not scheme or not rest or "/" in rest:
             raise ValueError(
-                f"{item!r} is not an origin (scheme://host[:port], "
-                "https://*.example.com or *)"
+                f"{item!r} is not an origin (scheme://host[:port], https://*.example.com or *)"
             )
         origins.append(item.lower())
     return tuple(origins)
@@ -176,124 +175,188 @@ class Config:
 
     # Heartbeat and cleanup
     heartbeat_interval: float = _opt(
-        30.0, "Seconds between the JSON ping and protocol Ping sent to each client.",
-        _duration, "SECONDS",
+        30.0,
+        "Seconds between the JSON ping and protocol Ping sent to each client.",
+        _duration,
+        "SECONDS",
     )
     heartbeat_timeout: float | None = _opt(
         None,
         "Seconds without any frame from a client before it is closed with 1011 "
         "(default: 2 heartbeat intervals + 10 s).",
-        _optional_duration, "SECONDS",
+        _optional_duration,
+        "SECONDS",
     )
     sweep_interval: float = _opt(
-        30.0, "Seconds between sweeps that purge closed connections and idle rate buckets.",
-        _duration, "SECONDS",
+        30.0,
+        "Seconds between sweeps that purge closed connections and idle rate buckets.",
+        _duration,
+        "SECONDS",
     )
 
     # Per-connection message rate
     message_rate: float = _opt(
-        20.0, "Data frames per second each connection may send (token bucket; 0: unlimited).",
-        _rate, "PER_SECOND",
+        20.0,
+        "Data frames per second each connection may send (token bucket; 0: unlimited).",
+        _rate,
+        "PER_SECOND",
     )
     message_burst: int = _opt(
-        40, "Token bucket size: data frames a connection may send at once.", _count, "FRAMES",
+        40,
+        "Token bucket size: data frames a connection may send at once.",
+        _count,
+        "FRAMES",
     )
     rate_limit_refusals: int = _opt(
-        10, "Refused frames within --rate-limit-window that close the connection with 1008 "
-        "(0: never close).", _count, "FRAMES",
+        10,
+        "Refused frames within --rate-limit-window that close the connection with 1008 "
+        "(0: never close).",
+        _count,
+        "FRAMES",
     )
     rate_limit_window: float = _opt(
-        10.0, "Window in seconds for --rate-limit-refusals.", _duration, "SECONDS",
+        10.0,
+        "Window in seconds for --rate-limit-refusals.",
+        _duration,
+        "SECONDS",
     )
 
     # Admission
     ip_connect_rate: float = _opt(
-        20.0, "New connections per second per client IP; over it, 429 (0: unlimited).",
-        _rate, "PER_SECOND",
+        20.0,
+        "New connections per second per client IP; over it, 429 (0: unlimited).",
+        _rate,
+        "PER_SECOND",
     )
     max_connections_per_ip: int = _opt(
-        200, "Open connections per client IP; over it, 429 (0: unlimited).", _count, "N",
+        200,
+        "Open connections per client IP; over it, 429 (0: unlimited).",
+        _count,
+        "N",
     )
     max_connections: int = _opt(
-        10000, "Open connections on this node; over it, 503 (0: unlimited).", _count, "N",
+        10000,
+        "Open connections on this node; over it, 503 (0: unlimited).",
+        _count,
+        "N",
     )
     allowed_origins: tuple[str, ...] = _opt(
-        (), "Comma-separated browser origins allowed besides the server's own host: exact "
-        "origins, https://*.example.com wildcards, or * for any.", _origins, "ORIGINS",
+        (),
+        "Comma-separated browser origins allowed besides the server's own host: exact "
+        "origins, https://*.example.com wildcards, or * for any.",
+        _origins,
+        "ORIGINS",
     )
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = _opt(
-        (), "Comma-separated addresses or networks of reverse proxies whose X-Forwarded-For "
-        "is believed.", _networks, "NETWORKS",
+        (),
+        "Comma-separated addresses or networks of reverse proxies whose X-Forwarded-For "
+        "is believed.",
+        _networks,
+        "NETWORKS",
     )
     handshake_timeout: float = _opt(
-        10.0, "Seconds a client has to complete the HTTP upgrade before it is dropped.",
-        _duration, "SECONDS",
+        10.0,
+        "Seconds a client has to complete the HTTP upgrade before it is dropped.",
+        _duration,
+        "SECONDS",
     )
 
     # Sizes and buffers
     max_message_size: int = _opt(
-        65536, "Largest incoming WebSocket message in bytes (after decompression); "
-        "larger closes with 1009.", _size, "BYTES",
+        65536,
+        "Largest incoming WebSocket message in bytes (after decompression); "
+        "larger closes with 1009.",
+        _size,
+        "BYTES",
     )
     send_buffer_limit: int = _opt(
-        1048576, "Outgoing bytes buffered for one client before it is closed with 1008 "
-        "'slow consumer'.", _size, "BYTES",
+        1048576,
+        "Outgoing bytes buffered for one client before it is closed with 1008 'slow consumer'.",
+        _size,
+        "BYTES",
     )
     close_timeout: float = _opt(
-        5.0, "Seconds to wait for the client's side of a closing handshake before "
-        "dropping the socket.", _duration, "SECONDS",
+        5.0,
+        "Seconds to wait for the client's side of a closing handshake before dropping the socket.",
+        _duration,
+        "SECONDS",
     )
 
     # Lifecycle
     drain_timeout: float = _opt(
-        10.0, "Seconds a SIGTERM/SIGINT shutdown may take before the process exits anyway.",
-        _duration, "SECONDS",
+        10.0,
+        "Seconds a SIGTERM/SIGINT shutdown may take before the process exits anyway.",
+        _duration,
+        "SECONDS",
     )
 
     # Wire
     compression: str = _opt(
-        "off", "permessage-deflate: off or on.", _choice("off", "on"), "off|on",
+        "off",
+        "permessage-deflate: off or on.",
+        _choice("off", "on"),
+        "off|on",
     )
     direct_send: str = _opt(
-        "on", "on: a frame for many clients is sent to each idle client's socket from one C "
+        "on",
+        "on: a frame for many clients is sent to each idle client's socket from one C "
         "call (the compiled wshub._directsend) instead of through the event loop's transport "
         "one by one; same bytes and order, ~1.3 us less CPU per delivery. off: always through "
         "the transport. Without the compiled module this is off, with a warning at start.",
-        _choice("off", "on"), "off|on",
+        _choice("off", "on"),
+        "off|on",
     )
 
     # Cluster
     redis_url: str = _opt(
-        "", "Redis (or Valkey) URL, e.g. redis://localhost:6379/0: run as one node of a "
-        "cluster. Empty: one process, everything in memory.", _redis_url, "URL",
+        "",
+        "Redis (or Valkey) URL, e.g. redis://localhost:6379/0: run as one node of a "
+        "cluster. Empty: one process, everything in memory.",
+        _redis_url,
+        "URL",
     )
     node_ttl: float = _opt(
-        30.0, "Seconds a node's presence lease lasts in Redis; a node that stops refreshing "
-        "it is reaped and its clients announced as gone within 2 x this.", _duration, "SECONDS",
+        30.0,
+        "Seconds a node's presence lease lasts in Redis; a node that stops refreshing "
+        "it is reaped and its clients announced as gone within 2 x this.",
+        _duration,
+        "SECONDS",
     )
     cluster_name: str = _opt(
-        "wshub", "Prefix of every Redis key and channel: clusters with different names can "
-        "share one Redis.", _name, "NAME",
+        "wshub",
+        "Prefix of every Redis key and channel: clusters with different names can share one Redis.",
+        _name,
+        "NAME",
     )
     node_id: str = _opt(
-        "", "This node's name in the cluster (default: random at each start).", _name_or_empty,
+        "",
+        "This node's name in the cluster (default: random at each start).",
+        _name_or_empty,
         "NAME",
     )
     workers: int = _opt(
-        1, "Processes to run on this machine, sharing the port; more than one needs "
-        "--redis-url. A worker that dies is restarted.", _workers, "N",
+        1,
+        "Processes to run on this machine, sharing the port; more than one needs "
+        "--redis-url. A worker that dies is restarted.",
+        _workers,
+        "N",
     )
 
     # Testing
     echo_endpoint: str = _opt(
-        "off", "on: also serve /echo, which sends every message back as it came, with this "
+        "off",
+        "on: also serve /echo, which sends every message back as it came, with this "
         "node's WebSocket layer and limits (for conformance suites such as Autobahn; never "
-        "in production).", _choice("off", "on"), "off|on",
+        "in production).",
+        _choice("off", "on"),
+        "off|on",
     )
 
     # Logging
     log_level: str = _opt(
-        "info", "debug, info, warning or error.", _choice("debug", "info", "warning", "error"),
+        "info",
+        "debug, info, warning or error.",
+        _choice("debug", "info", "warning", "error"),
         "LEVEL",
     )
     log_format: str = _opt("text", "text or json.", _choice("text", "json"), "FORMAT")

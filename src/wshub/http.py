@@ -208,7 +208,11 @@ def response(
 
 
 def switching_protocols(accept: str, extensions: str | None) -> bytes:
-    headers = [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", accept)]
+    headers = [
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Accept", accept),
+    ]
     if extensions:
         headers.append(("Sec-WebSocket-Extensions", extensions))
     return response(101, headers=tuple(headers))

@@ -85,8 +85,11 @@ class Node:
                 from .backplane.redis import RedisBackplane
 
                 backplane = RedisBackplane(
-                    config.redis_url, node_id, node_ttl=config.node_ttl,
-                    prefix=config.cluster_name, on_rejoined_after_reap=self._rejoin,
+                    config.redis_url,
+                    node_id,
+                    node_ttl=config.node_ttl,
+                    prefix=config.cluster_name,
+                    on_rejoined_after_reap=self._rejoin,
                 )
             else:
                 backplane = MemoryBackplane(node_id, node_ttl=config.node_ttl)
@@ -108,9 +111,13 @@ class Node:
             send_each=compiled_send_each if config.direct_send == "on" else None,
         )
         if config.direct_send == "on" and compiled_send_each is None:
-            log_event(log, logging.WARNING, "direct_send_unavailable",
-                      detail="wshub._directsend was not built at install (no C compiler or "
-                      "Python headers): every write goes through the transport")
+            log_event(
+                log,
+                logging.WARNING,
+                "direct_send_unavailable",
+                detail="wshub._directsend was not built at install (no C compiler or "
+                "Python headers): every write goes through the transport",
+            )
         self.started_at = time.time()
         self.draining = False
         self.n_connecting = 0
@@ -161,11 +168,21 @@ class Node:
         self._outcomes = self.messages.values  # updated directly on the hot path
         for code in ErrorCode:
             self.errors.inc_label(code.value, 0)
-        for reason in ("bad_request", "method", "upgrade_required", "too_large", "http_version",
-                       "origin", "ip_limit", "unavailable", "handshake_timeout"):
+        for reason in (
+            "bad_request",
+            "method",
+            "upgrade_required",
+            "too_large",
+            "http_version",
+            "origin",
+            "ip_limit",
+            "unavailable",
+            "handshake_timeout",
+        ):
             self.refused.inc_label(reason, 0)
-        self.closes = m.counter("wshub_closes_total", "Closed WebSocket connections by close code.",
-                                label="code")
+        self.closes = m.counter(
+            "wshub_closes_total", "Closed WebSocket connections by close code.", label="code"
+        )
         for close_code in ("1000", "1001", "1002", "1006", "1007", "1008", "1009", "1011"):
             self.closes.inc_label(close_code, 0)
         self.slow_closes = m.counter(
@@ -181,29 +198,65 @@ class Node:
         self.fanout_sizes = m.histogram(
             "wshub_fanout_recipients", "Local recipients of each routed message.", _FANOUT_BUCKETS
         )
-        m.gauge("wshub_deliveries_total", "Frames written to local recipients.",
-                lambda: self.fanout.deliveries, kind="counter")
-        m.gauge("wshub_socket_writes_total", "Socket writes made by the fan-out (one carries "
-                "every frame bound for a client in one loop pass).",
-                lambda: self.fanout.writes, kind="counter")
-        m.gauge("wshub_direct_sends_total", "Of those, the ones sent straight to the socket "
-                "from one C call for many clients (--direct-send), not through the transport.",
-                lambda: self.fanout.direct_sends, kind="counter")
-        m.gauge("wshub_event_loop_lag_seconds",
-                "How late the last 1 s loop-lag probe timer fired.", lambda: self._lag)
-        m.gauge("wshub_backplane_up", "1 when the backplane link works (always 1 in memory).",
-                lambda: self.backplane.metrics()["up"])
-        m.gauge("wshub_cluster_nodes", "Nodes this node knows of with open connections, "
-                "itself included.", lambda: self.backplane.metrics()["nodes"])
-        m.gauge("wshub_backplane_received_total", "Envelopes received from other nodes.",
-                lambda: self.backplane.metrics()["received"], kind="counter")
-        m.gauge("wshub_backplane_forward_failures_total", "Envelopes that could not be "
-                "forwarded to the other nodes (backplane down): dropped, at most once.",
-                lambda: self.backplane.metrics()["forward_failures"], kind="counter")
-        m.gauge("wshub_backplane_reconnects_total", "Times the backplane subscription was "
-                "rebuilt.", lambda: self.backplane.metrics()["reconnects"], kind="counter")
-        m.gauge("wshub_uptime_seconds", "Seconds since this node started.",
-                lambda: round(time.time() - self.started_at, 3))
+        m.gauge(
+            "wshub_deliveries_total",
+            "Frames written to local recipients.",
+            lambda: self.fanout.deliveries,
+            kind="counter",
+        )
+        m.gauge(
+            "wshub_socket_writes_total",
+            "Socket writes made by the fan-out (one carries "
+            "every frame bound for a client in one loop pass).",
+            lambda: self.fanout.writes,
+            kind="counter",
+        )
+        m.gauge(
+            "wshub_direct_sends_total",
+            "Of those, the ones sent straight to the socket "
+            "from one C call for many clients (--direct-send), not through the transport.",
+            lambda: self.fanout.direct_sends,
+            kind="counter",
+        )
+        m.gauge(
+            "wshub_event_loop_lag_seconds",
+            "How late the last 1 s loop-lag probe timer fired.",
+            lambda: self._lag,
+        )
+        m.gauge(
+            "wshub_backplane_up",
+            "1 when the backplane link works (always 1 in memory).",
+            lambda: self.backplane.metrics()["up"],
+        )
+        m.gauge(
+            "wshub_cluster_nodes",
+            "Nodes this node knows of with open connections, itself included.",
+            lambda: self.backplane.metrics()["nodes"],
+        )
+        m.gauge(
+            "wshub_backplane_received_total",
+            "Envelopes received from other nodes.",
+            lambda: self.backplane.metrics()["received"],
+            kind="counter",
+        )
+        m.gauge(
+            "wshub_backplane_forward_failures_total",
+            "Envelopes that could not be "
+            "forwarded to the other nodes (backplane down): dropped, at most once.",
+            lambda: self.backplane.metrics()["forward_failures"],
+            kind="counter",
+        )
+        m.gauge(
+            "wshub_backplane_reconnects_total",
+            "Times the backplane subscription was rebuilt.",
+            lambda: self.backplane.metrics()["reconnects"],
+            kind="counter",
+        )
+        m.gauge(
+            "wshub_uptime_seconds",
+            "Seconds since this node started.",
+            lambda: round(time.time() - self.started_at, 3),
+        )
 
     def count_message(self, outcome: str) -> None:
         self.messages.inc_label(outcome)
@@ -273,8 +326,15 @@ class Node:
 
     def refuse(self, conn: Connection, status: int, reason: str, detail: str) -> None:
         self.refused.inc_label(reason)
-        log_event(log, logging.INFO, "refused", peer=conn.peer, status=status, reason=reason,
-                  detail=detail)
+        log_event(
+            log,
+            logging.INFO,
+            "refused",
+            peer=conn.peer,
+            status=status,
+            reason=reason,
+            detail=detail,
+        )
 
     def handle_request(self, conn: Connection, request: http.Request) -> None:
         """Answer one HTTP request: an endpoint, or the WebSocket upgrade."""
@@ -287,25 +347,37 @@ class Node:
                 conn.echo = True
                 self._upgrade(conn, request)
             elif path == "/":
-                conn.respond(http.response(
-                    200, self._chat_page(), content_type="text/html; charset=utf-8",
-                    head_only=head,
-                ))
+                conn.respond(
+                    http.response(
+                        200,
+                        self._chat_page(),
+                        content_type="text/html; charset=utf-8",
+                        head_only=head,
+                    )
+                )
             elif path == "/healthz":
                 conn.respond(http.response(200, "ok\n", head_only=head))
             elif path == "/readyz":
                 ready, reason = self.readiness()
                 conn.respond(http.response(200 if ready else 503, reason + "\n", head_only=head))
             elif path == "/metrics":
-                conn.respond(http.response(
-                    200, self.metrics.render(),
-                    content_type="text/plain; version=0.0.4; charset=utf-8", head_only=head,
-                ))
+                conn.respond(
+                    http.response(
+                        200,
+                        self.metrics.render(),
+                        content_type="text/plain; version=0.0.4; charset=utf-8",
+                        head_only=head,
+                    )
+                )
             elif path == "/stats":
-                conn.respond(http.response(
-                    200, json.dumps(self.stats(), indent=2) + "\n",
-                    content_type="application/json", head_only=head,
-                ))
+                conn.respond(
+                    http.response(
+                        200,
+                        json.dumps(self.stats(), indent=2) + "\n",
+                        content_type="application/json",
+                        head_only=head,
+                    )
+                )
             else:
                 conn.respond(http.response(404, "not found\n", head_only=head))
         except http.HttpError as exc:
@@ -362,8 +434,11 @@ class Node:
             connection_id = new_connection_id(protocol.unix_ms(time.time()))
         self.n_connecting -= 1
         conn.upgrade(
-            connection_id, http.switching_protocols(accept, extensions_header),
-            extension, deflate, now,
+            connection_id,
+            http.switching_protocols(accept, extensions_header),
+            extension,
+            deflate,
+            now,
         )
 
     def opened(self, conn: Connection) -> None:
@@ -384,8 +459,9 @@ class Node:
         joined = protocol.encode_user_joined(conn.id, total, now)
         self.fanout.to_all(joined, exclude=conn, urgent=False)
         self.backplane.publish(Envelope(self.node_id, EventKind.JOINED, conn.id, joined))
-        log_event(log, logging.INFO, "open", id=conn.id, peer=conn.peer, ip=conn.ip,
-                  origin=conn.origin)
+        log_event(
+            log, logging.INFO, "open", id=conn.id, peer=conn.peer, ip=conn.ip, origin=conn.origin
+        )
 
     def closing(self, conn: Connection) -> None:
         """*conn* stopped being a recipient: its Close frame is on its way."""
@@ -408,9 +484,18 @@ class Node:
         self.closes.inc_label(str(code))
         self.admission.release(conn.ip)
         duration = self.loop.time() - conn.opened_at
-        log_event(log, logging.INFO, "close", id=conn.id or None, peer=conn.peer, ip=conn.ip,
-                  origin=conn.origin, code=code, reason=conn.close_reason or None,
-                  duration=round(duration, 3))
+        log_event(
+            log,
+            logging.INFO,
+            "close",
+            id=conn.id or None,
+            peer=conn.peer,
+            ip=conn.ip,
+            origin=conn.origin,
+            code=code,
+            reason=conn.close_reason or None,
+            duration=round(duration, 3),
+        )
 
     def _unregister(self, conn: Connection) -> None:
         """Remove *conn* from the registry and announce ``user_left``, once."""
@@ -543,7 +628,8 @@ class Node:
     def _sweep(self) -> None:
         """Remove anything closed that was missed; forget idle rate buckets."""
         stale = [
-            conn for conn in self.conns.values()
+            conn
+            for conn in self.conns.values()
             if conn.session.state is not State.OPEN or conn.transport.is_closing()
         ]
         for conn in stale:
@@ -559,14 +645,19 @@ class Node:
 
     def _slow_consumer(self, conn: Connection) -> None:
         self.slow_closes.inc()
-        log_event(log, logging.WARNING, "slow_consumer", id=conn.id, peer=conn.peer,
-                  buffered=conn.transport.get_write_buffer_size())
+        log_event(
+            log,
+            logging.WARNING,
+            "slow_consumer",
+            id=conn.id,
+            peer=conn.peer,
+            buffered=conn.transport.get_write_buffer_size(),
+        )
         conn.close(SLOW_CONSUMER)
 
     def _send_failed(self, conn: Connection, exc: BaseException) -> None:
         self.send_failures.inc()
-        log_event(log, logging.WARNING, "send_failed", id=conn.id, peer=conn.peer,
-                  error=repr(exc))
+        log_event(log, logging.WARNING, "send_failed", id=conn.id, peer=conn.peer, error=repr(exc))
         conn.abort()
 
     # -- Introspection ----------------------------------------------------------------

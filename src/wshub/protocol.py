@@ -275,7 +275,7 @@ def encode_relay(kind: RelayKind, sender: ConnectionId, content: str, now: float
     return (
         f'{_RELAY_HEADS[kind]}{sender}","content":'
         f'{_escape_string(content)},"timestamp":"{iso_timestamp(now)}"}}'
-    ).encode("utf-8")
+    ).encode()
 
 
 def encode_message(sender: ConnectionId, content: str, now: float) -> bytes:

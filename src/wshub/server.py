@@ -85,7 +85,8 @@ def run(config: Config, argv: list[str] | None = None) -> int:
     try:
         runner(serve(config))
     except OSError as exc:
-        print(f"wshub: cannot listen on {config.host}:{config.port}: {exc.strerror}",
-              file=sys.stderr)
+        print(
+            f"wshub: cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr
+        )
         return 1
     return 0

@@ -39,8 +39,15 @@ class Worker:
         base = self.config.node_id or new_node_id()
         self.node_id = f"{base}-w{self.index}-{self.restarts}"
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "wshub", "serve", *self.argv,
-            "--workers", "1", "--node-id", self.node_id,
+            sys.executable,
+            "-m",
+            "wshub",
+            "serve",
+            *self.argv,
+            "--workers",
+            "1",
+            "--node-id",
+            self.node_id,
             env={**os.environ, REUSE_PORT_ENV: "1"},
         )
         log.info("worker %d started pid=%d node=%s", self.index, self.proc.pid, self.node_id)
@@ -69,12 +76,17 @@ async def _supervise(config: Config, argv: list[str]) -> int:
             worker = waits.get(task)  # type: ignore[call-overload]
             if worker is None:
                 continue
-            log.warning("worker %d (node %s) exited with %s: restarting", worker.index,
-                        worker.node_id, task.result())
+            log.warning(
+                "worker %d (node %s) exited with %s: restarting",
+                worker.index,
+                worker.node_id,
+                task.result(),
+            )
             try:
                 gone = await reap_node(config.redis_url, worker.node_id, prefix=config.cluster_name)
-                log.warning("announced %d connections of node %s as gone", len(gone),
-                            worker.node_id)
+                log.warning(
+                    "announced %d connections of node %s as gone", len(gone), worker.node_id
+                )
             except Exception as exc:  # Redis down: the survivors reap it after the TTL
                 log.warning("could not reap node %s now: %s", worker.node_id, exc)
             worker.restarts += 1
@@ -97,7 +109,9 @@ async def _supervise(config: Config, argv: list[str]) -> int:
 
 def supervise(config: Config, argv: list[str]) -> int:
     if config.port == 0:
-        print("wshub serve: --workers needs a fixed --port (0 would give each worker its own)",
-              file=sys.stderr)
+        print(
+            "wshub serve: --workers needs a fixed --port (0 would give each worker its own)",
+            file=sys.stderr,
+        )
         return 2
     return asyncio.run(_supervise(config, argv))

@@ -81,8 +81,9 @@ def medium(request):
 
         async def make(name: str, ttl: float = 30.0):
             recorder = Recorder()
-            backplane = RedisBackplane(redis_server.url, NodeId(name), node_ttl=ttl,
-                                       prefix=prefix, probe_interval=0.2)
+            backplane = RedisBackplane(
+                redis_server.url, NodeId(name), node_ttl=ttl, prefix=prefix, probe_interval=0.2
+            )
             await backplane.start(recorder)
             assert backplane.ready()[0]
             return backplane, recorder
@@ -118,7 +119,7 @@ def test_presence_counts_and_duplicates(medium) -> None:
     """joined/left move remote counts; each change reaches the node once."""
 
     async def body() -> None:
-        (a, ra), (b, rb) = await medium("a"), await medium("b")
+        (a, _ra), (b, rb) = await medium("a"), await medium("b")
         a.publish(env("a", EventKind.JOINED, "ws-x", b"joined-x"))
         a.publish(env("a", EventKind.JOINED, "ws-y", b"joined-y"))
         await rb.until(lambda: b.remote_count() == 2)

@@ -26,8 +26,9 @@ def test_a_silent_subscription_is_rebuilt(redis_server) -> None:
     async def body() -> None:
         recorders = [Recorder(), Recorder()]
         a, b = (
-            RedisBackplane(redis_server.url, NodeId(name), node_ttl=3, prefix="silent",
-                           probe_interval=0.2)
+            RedisBackplane(
+                redis_server.url, NodeId(name), node_ttl=3, prefix="silent", probe_interval=0.2
+            )
             for name in ("a", "b")
         )
         await a.start(recorders[0])

@@ -26,11 +26,26 @@ def test_defaults_match_decisions() -> None:
 
 def test_every_option_has_flag_env_and_help() -> None:
     names = {option.flag for option in OPTIONS}
-    for flag in ("--host", "--port", "--heartbeat-interval", "--heartbeat-timeout",
-                 "--sweep-interval", "--message-rate", "--message-burst", "--ip-connect-rate",
-                 "--max-connections-per-ip", "--max-connections", "--allowed-origins",
-                 "--trusted-proxies", "--max-message-size", "--send-buffer-limit",
-                 "--drain-timeout", "--compression", "--log-level", "--log-format"):
+    for flag in (
+        "--host",
+        "--port",
+        "--heartbeat-interval",
+        "--heartbeat-timeout",
+        "--sweep-interval",
+        "--message-rate",
+        "--message-burst",
+        "--ip-connect-rate",
+        "--max-connections-per-ip",
+        "--max-connections",
+        "--allowed-origins",
+        "--trusted-proxies",
+        "--max-message-size",
+        "--send-buffer-limit",
+        "--drain-timeout",
+        "--compression",
+        "--log-level",
+        "--log-format",
+    ):
         assert flag in names
     assert all(option.help and option.env.startswith("WSHUB_") for option in OPTIONS)
     assert "`WSHUB_HEARTBEAT_INTERVAL`" in option_reference()
@@ -38,8 +53,10 @@ def test_every_option_has_flag_env_and_help() -> None:
 
 def test_precedence_flag_over_env_over_file(tmp_path) -> None:
     path = tmp_path / "wshub.toml"
-    path.write_text('port = 9000\nheartbeat-interval = 5\nmessage_rate = 3.5\n'
-                    'allowed-origins = ["https://a.example"]\n')
+    path.write_text(
+        "port = 9000\nheartbeat-interval = 5\nmessage_rate = 3.5\n"
+        'allowed-origins = ["https://a.example"]\n'
+    )
     env = {"WSHUB_PORT": "9100", "WSHUB_HEARTBEAT_INTERVAL": "0.5"}
     c = build_config(["--config", str(path), "--port", "9200"], env)
     assert c.port == 9200  # flag
@@ -88,7 +105,9 @@ def test_serve_refuses_bad_value_at_start() -> None:
     """The real command exits with status 2 and names the option."""
     result = subprocess.run(
         [sys.executable, "-m", "wshub", "serve", "--max-connections", "many"],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 2
     assert "--max-connections" in result.stderr and "many" in result.stderr

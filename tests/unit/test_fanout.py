@@ -70,8 +70,13 @@ class Loop:
 def make(conns: list[Conn], limit: int = 1000):
     loop = Loop()
     slow: list[Conn] = []
-    fanout = Fanout(loop, lambda: conns, send_buffer_limit=limit,  # type: ignore[arg-type]
-                    on_slow_consumer=slow.append, on_send_failed=lambda c, e: None)
+    fanout = Fanout(
+        loop,
+        lambda: conns,
+        send_buffer_limit=limit,  # type: ignore[arg-type]
+        on_slow_consumer=slow.append,
+        on_send_failed=lambda c, e: None,
+    )
     return fanout, loop, slow
 
 
@@ -193,9 +198,13 @@ def test_a_broken_transport_is_reported_and_the_others_still_get_theirs() -> Non
     b.transport = Broken()
     loop = Loop()
     failed: list[tuple[Conn, BaseException]] = []
-    fanout = Fanout(loop, lambda: [a, b, c], send_buffer_limit=1000,  # type: ignore[arg-type]
-                    on_slow_consumer=lambda c: None,
-                    on_send_failed=lambda conn, exc: failed.append((conn, exc)))
+    fanout = Fanout(
+        loop,
+        lambda: [a, b, c],
+        send_buffer_limit=1000,  # type: ignore[arg-type]
+        on_slow_consumer=lambda c: None,
+        on_send_failed=lambda conn, exc: failed.append((conn, exc)),
+    )
     fanout.to_all(b"x")
     loop.run()
     assert [conn for conn, _ in failed] == [b] and isinstance(failed[0][1], RuntimeError)
@@ -231,9 +240,14 @@ def test_direct_recipients_go_in_one_call_the_others_through_their_transports() 
     e.deflate = Deflate(15)
     sends = DirectSends()
     loop = Loop()
-    fanout = Fanout(loop, lambda: [a, b, c, d, e], send_buffer_limit=1000,  # type: ignore[arg-type]
-                    on_slow_consumer=lambda c: None, on_send_failed=lambda c, e: None,
-                    send_each=sends)
+    fanout = Fanout(
+        loop,
+        lambda: [a, b, c, d, e],
+        send_buffer_limit=1000,  # type: ignore[arg-type]
+        on_slow_consumer=lambda c: None,
+        on_send_failed=lambda c, e: None,
+        send_each=sends,
+    )
     fanout.to_all(b"1")
     fanout.to_one(b, b"private")
     fanout.to_all(b"2")
@@ -256,13 +270,21 @@ def test_compressed_direct_recipients_get_their_window_sizes_copy() -> None:
     b.deflate, c.deflate = Deflate(15), Deflate(9)
     sends = DirectSends()
     loop = Loop()
-    fanout = Fanout(loop, lambda: [a, b, c], send_buffer_limit=1 << 20,  # type: ignore[arg-type]
-                    on_slow_consumer=lambda c: None, on_send_failed=lambda c, e: None,
-                    send_each=sends)
+    fanout = Fanout(
+        loop,
+        lambda: [a, b, c],
+        send_buffer_limit=1 << 20,  # type: ignore[arg-type]
+        on_slow_consumer=lambda c: None,
+        on_send_failed=lambda c, e: None,
+        send_each=sends,
+    )
     fanout.to_all(big)
     loop.run()
-    assert sends.calls == [(["a"], text_frame(big)), (["b"], Deflate(15).text_frame(big)),
-                           (["c"], Deflate(9).text_frame(big))]
+    assert sends.calls == [
+        (["a"], text_frame(big)),
+        (["b"], Deflate(15).text_frame(big)),
+        (["c"], Deflate(9).text_frame(big)),
+    ]
 
 
 def test_what_a_direct_send_left_goes_through_the_transport() -> None:
@@ -276,9 +298,14 @@ def test_what_a_direct_send_left_goes_through_the_transport() -> None:
     loop = Loop()
     slow: list[Conn] = []
     failed: list[Conn] = []
-    fanout = Fanout(loop, lambda: [a, b, c, d], send_buffer_limit=1000,  # type: ignore[arg-type]
-                    on_slow_consumer=slow.append,
-                    on_send_failed=lambda conn, exc: failed.append(conn), send_each=sends)
+    fanout = Fanout(
+        loop,
+        lambda: [a, b, c, d],
+        send_buffer_limit=1000,  # type: ignore[arg-type]
+        on_slow_consumer=slow.append,
+        on_send_failed=lambda conn, exc: failed.append(conn),
+        send_each=sends,
+    )
     fanout.to_all(b"hello world")
     loop.run()
     frame = text_frame(b"hello world")

@@ -44,20 +44,51 @@ def parse_all(data: bytes) -> list[tuple[int, int, bool, bytes]]:
 
 frame_specs = st.lists(
     st.one_of(
-        st.tuples(st.sampled_from([0x1, 0x2]), st.binary(max_size=300), st.just(True),
-                  st.just(0), st.just(True)),  # simple
-        st.tuples(st.sampled_from([0x1, 0x2]), st.binary(min_size=LIMIT - 2, max_size=LIMIT + 2),
-                  st.just(True), st.just(0), st.just(True)),  # around the limit (126 lengths)
-        st.tuples(st.sampled_from([0x9, 0xA, 0x8]), st.binary(max_size=125), st.just(True),
-                  st.just(0), st.just(True)),  # control
-        st.tuples(st.sampled_from([0x0, 0x1]), st.binary(max_size=50), st.booleans(),
-                  st.just(0), st.just(True)),  # fragments
-        st.tuples(st.just(0x1), st.binary(max_size=50), st.just(True),
-                  st.sampled_from([1, 2, 4]), st.just(True)),  # reserved bits
-        st.tuples(st.just(0x1), st.binary(max_size=50), st.just(True), st.just(0),
-                  st.just(False)),  # unmasked
-        st.tuples(st.just(0x2), st.binary(min_size=65536, max_size=65540), st.just(True),
-                  st.just(0), st.just(True)),  # 127 lengths
+        st.tuples(
+            st.sampled_from([0x1, 0x2]),
+            st.binary(max_size=300),
+            st.just(True),
+            st.just(0),
+            st.just(True),
+        ),  # simple
+        st.tuples(
+            st.sampled_from([0x1, 0x2]),
+            st.binary(min_size=LIMIT - 2, max_size=LIMIT + 2),
+            st.just(True),
+            st.just(0),
+            st.just(True),
+        ),  # around the limit (126 lengths)
+        st.tuples(
+            st.sampled_from([0x9, 0xA, 0x8]),
+            st.binary(max_size=125),
+            st.just(True),
+            st.just(0),
+            st.just(True),
+        ),  # control
+        st.tuples(
+            st.sampled_from([0x0, 0x1]),
+            st.binary(max_size=50),
+            st.booleans(),
+            st.just(0),
+            st.just(True),
+        ),  # fragments
+        st.tuples(
+            st.just(0x1),
+            st.binary(max_size=50),
+            st.just(True),
+            st.sampled_from([1, 2, 4]),
+            st.just(True),
+        ),  # reserved bits
+        st.tuples(
+            st.just(0x1), st.binary(max_size=50), st.just(True), st.just(0), st.just(False)
+        ),  # unmasked
+        st.tuples(
+            st.just(0x2),
+            st.binary(min_size=65536, max_size=65540),
+            st.just(True),
+            st.just(0),
+            st.just(True),
+        ),  # 127 lengths
     ),
     max_size=10,
 )
@@ -83,11 +114,16 @@ def run(chunks: list[bytes], fast_when: list[bool]) -> tuple[list, bytes]:
 
 
 @settings(max_examples=400, deadline=None)
-@given(specs=frame_specs, sizes=st.lists(st.integers(1, 70000), min_size=1, max_size=8),
-       fast_when=st.lists(st.booleans(), min_size=1, max_size=5))
+@given(
+    specs=frame_specs,
+    sizes=st.lists(st.integers(1, 70000), min_size=1, max_size=8),
+    fast_when=st.lists(st.booleans(), min_size=1, max_size=5),
+)
 def test_every_frame_once_in_order_whatever_the_cuts(specs, sizes, fast_when) -> None:
-    frames = [encode_frame(op, payload, fin=fin, rsv=rsv, mask=masked)
-              for op, payload, fin, rsv, masked in specs]
+    frames = [
+        encode_frame(op, payload, fin=fin, rsv=rsv, mask=masked)
+        for op, payload, fin, rsv, masked in specs
+    ]
     out, library = run(chunked(b"".join(frames), sizes), fast_when)
     # Rebuild the stream of frames: the library's bytes are whole frames
     # wherever a fast frame was taken in between.

@@ -23,8 +23,10 @@ from wshub.protocol import ErrorCode, Refusal, Relay, RelayKind, parse_client_te
         ('"json string"', Relay(RelayKind.MESSAGE, '"json string"')),
         ("[1]", Relay(RelayKind.MESSAGE, "[1]")),
         ("null", Relay(RelayKind.MESSAGE, "null")),
-        ('{"type":"message","content":Infinity}', Relay(RelayKind.MESSAGE,
-                                                         '{"type":"message","content":Infinity}')),
+        (
+            '{"type":"message","content":Infinity}',
+            Relay(RelayKind.MESSAGE, '{"type":"message","content":Infinity}'),
+        ),
         ('{"type":"ping","type":"user_info"}', protocol.USER_INFO),  # last duplicate wins
         ('\r\n\t {"type":"message","content":"ws"}\n', Relay(RelayKind.MESSAGE, "ws")),
         ('{"type":"ping"} x', Relay(RelayKind.MESSAGE, '{"type":"ping"} x')),  # extra data
@@ -93,8 +95,12 @@ def test_encoders_match_the_seed_shapes() -> None:
     cid = ConnectionId("ws-1-abcdefghi")
     now = 1795638000.5
     welcome = json.loads(protocol.encode_welcome(cid, 3, now))
-    assert welcome == {"type": "welcome", "connectionId": cid,
-                       "timestamp": "2026-11-25T20:20:00.500Z", "connectionCount": 3}
+    assert welcome == {
+        "type": "welcome",
+        "connectionId": cid,
+        "timestamp": "2026-11-25T20:20:00.500Z",
+        "connectionCount": 3,
+    }
     assert json.loads(protocol.encode_user_joined(cid, 4, now))["totalUsers"] == 4
     assert json.loads(protocol.encode_user_left(cid, 2, now))["type"] == "user_left"
     assert json.loads(protocol.encode_ping(now)) == {"type": "ping", "timestamp": 1795638000500}
@@ -117,9 +123,14 @@ def test_relay_fast_path_matches_generic_encoding() -> None:
         for kind in RelayKind:
             fast = protocol.encode_relay(kind, cid, content, 1795650196.889)
             generic = _json.dumps(
-                {"type": kind.value, "connectionId": cid, "content": content,
-                 "timestamp": protocol.iso_timestamp(1795650196.889)},
-                ensure_ascii=False, separators=(",", ":"),
+                {
+                    "type": kind.value,
+                    "connectionId": cid,
+                    "content": content,
+                    "timestamp": protocol.iso_timestamp(1795650196.889),
+                },
+                ensure_ascii=False,
+                separators=(",", ":"),
             ).encode()
             assert fast == generic
 

@@ -16,15 +16,11 @@ def test_frame_lengths() -> None:
 def test_negotiate_deflate() -> None:
     assert negotiate_deflate([]) is None
     assert negotiate_deflate(["x-webkit-deflate-frame"]) is None
-    header, extension, deflate = negotiate_deflate(
-        ["permessage-deflate; client_max_window_bits"]
-    )  # type: ignore[misc]
+    header, extension, deflate = negotiate_deflate(["permessage-deflate; client_max_window_bits"])  # type: ignore[misc]
     assert header.startswith("permessage-deflate")
     assert "server_no_context_takeover" in header and "client_no_context_takeover" in header
     assert deflate.wbits == 15
-    _, _, small = negotiate_deflate(
-        ["permessage-deflate; server_max_window_bits=10"]
-    )  # type: ignore[misc]
+    _, _, small = negotiate_deflate(["permessage-deflate; server_max_window_bits=10"])  # type: ignore[misc]
     assert small.wbits == 10
 
 

@@ -70,8 +70,9 @@ class MemoryBackplane(ViewKeeper):
             if ids is not None:
                 self.apply_lost(node, ids)
                 self.broker.publish(
-                    Envelope(self.node_id, EventKind.LOST, ConnectionId(node),
-                             "\n".join(ids).encode())
+                    Envelope(
+                        self.node_id, EventKind.LOST, ConnectionId(node), "\n".join(ids).encode()
+                    )
                 )
         self._timer = self.loop.call_later(self.node_ttl / 3, self._tick)
 

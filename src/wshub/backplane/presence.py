@@ -76,9 +76,7 @@ class PresenceView:
         gone.extend(conn for conn in rest if self.left(node, conn, now))
         return gone
 
-    def resync(
-        self, snapshot: dict[NodeId, set[ConnectionId]], now: float
-    ) -> ViewChange:
+    def resync(self, snapshot: dict[NodeId, set[ConnectionId]], now: float) -> ViewChange:
         """Correct the view from a snapshot of every other node's presence."""
         change = ViewChange()
         for node, conns in snapshot.items():

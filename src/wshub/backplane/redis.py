@@ -50,8 +50,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from ..ids import ConnectionId, NodeId
-from . import BackplaneHandler, Envelope, EventKind, decode_envelope, encode_envelope
 from ..logs import log_event
+from . import BackplaneHandler, Envelope, EventKind, decode_envelope, encode_envelope
 from .base import ViewKeeper
 
 __all__ = ["RedisBackplane", "backoff_delays", "reap_node"]
@@ -72,7 +72,10 @@ _STOP_TIMEOUT = 3.0  # seconds for the background tasks to end once cancelled
 
 
 def backoff_delays(
-    initial: float = 0.1, factor: float = 2.0, cap: float = 5.0, rand: Callable[[], float] = random.random
+    initial: float = 0.1,
+    factor: float = 2.0,
+    cap: float = 5.0,
+    rand: Callable[[], float] = random.random,
 ) -> Any:
     """Reconnect delays: exponential with full jitter, capped (pure)."""
     delay = initial
@@ -136,7 +139,9 @@ class RedisBackplane(ViewKeeper):
         self.handler = handler
         timeout = max(1.0, self.node_ttl / 6)
         self._redis = aioredis.from_url(
-            self.url, socket_timeout=timeout, socket_connect_timeout=timeout,
+            self.url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
             health_check_interval=0,
         )
         self._reap_script = self._redis.register_script(_REAP)
@@ -179,8 +184,10 @@ class RedisBackplane(ViewKeeper):
             # shutdown (the loops also stop on _stopping).
             _, pending = await asyncio.wait(self._tasks, timeout=_STOP_TIMEOUT)
             if pending:
-                log.warning("backplane tasks still running after cancel: %s",
-                            ", ".join(sorted(task.get_name() for task in pending)))
+                log.warning(
+                    "backplane tasks still running after cancel: %s",
+                    ", ".join(sorted(task.get_name() for task in pending)),
+                )
         # The subscriber closes its pub/sub connection on the way out, unless
         # it was cancelled while doing so: close it here as well (idempotent).
         for closable in (self._pubsub, self._redis):
@@ -381,8 +388,9 @@ class RedisBackplane(ViewKeeper):
             dead = [ConnectionId(i.decode()) for i in ids]
             log.warning("reaped node %s: %d connections", node, len(dead))
             self.apply_lost(NodeId(node), dead)
-            self.publish(Envelope(self.node_id, EventKind.LOST, ConnectionId(node),
-                                  "\n".join(dead).encode()))
+            self.publish(
+                Envelope(self.node_id, EventKind.LOST, ConnectionId(node), "\n".join(dead).encode())
+            )
 
     async def _prober(self) -> None:
         """Publish to ourselves; a subscription that stops hearing is rebuilt."""
@@ -411,8 +419,12 @@ async def reap_node(url: str, node_id: str, *, prefix: str = "wshub") -> list[st
         if ids is None:
             return []
         dead = [i.decode() for i in ids]
-        envelope = Envelope(NodeId(f"supervisor-{node_id}"), EventKind.LOST,
-                            ConnectionId(node_id), "\n".join(dead).encode())
+        envelope = Envelope(
+            NodeId(f"supervisor-{node_id}"),
+            EventKind.LOST,
+            ConnectionId(node_id),
+            "\n".join(dead).encode(),
+        )
         await redis.publish(keys.events, encode_envelope(envelope))
         return dead
     finally:

@@ -85,14 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=SCENARIO_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("scenario", choices=sorted(SCENARIOS), metavar="SCENARIO",
-                   help="fanout, rate, chat, idle or sink (described below)")
+    p.add_argument(
+        "scenario",
+        choices=sorted(SCENARIOS),
+        metavar="SCENARIO",
+        help="fanout, rate, chat, idle or sink (described below)",
+    )
     g = p.add_argument_group("target")
     g.add_argument(
         "--url",
         action="append",
         metavar="URL",
-        help="server URL (ws:// only; default ws://127.0.0.1:8787/websocket); repeat for several servers",
+        help="server URL (ws:// only; default ws://127.0.0.1:8787/websocket); "
+        "repeat for several servers",
     )
     g.add_argument(
         "--placement",
@@ -107,42 +112,105 @@ def build_parser() -> argparse.ArgumentParser:
         default="wshub",
         help="wshub: JSON messages of the wshub protocol; raw: any text frame is relayed verbatim",
     )
-    g.add_argument("--server-pid", type=int, metavar="PID",
-                   help="read the server's RSS and CPU time from /proc (CPU per delivery, memory per connection)")
+    g.add_argument(
+        "--server-pid",
+        type=int,
+        metavar="PID",
+        help="read the server's RSS and CPU time from /proc "
+        "(CPU per delivery, memory per connection)",
+    )
     g = p.add_argument_group("load")
-    g.add_argument("-n", "--connections", type=int, metavar="N",
-                   help="connections (default: fanout 1000, rate 1000, chat 100, idle 10000, sink 100)")
-    g.add_argument("--inflight", type=int, default=32, metavar="K",
-                   help="fanout: messages in flight, released by the slowest recipient (32)")
-    g.add_argument("--rate", type=float, metavar="PER_S",
-                   help="rate: messages/s of the one sender (50); chat: per connection (10)")
-    g.add_argument("--size", type=int, default=100, metavar="BYTES", help="content bytes per message (100)")
-    g.add_argument("--duration", type=float, default=10.0, metavar="S", help="measured seconds (idle: seconds held) (10)")
-    g.add_argument("--warmup", type=float, default=2.0, metavar="S", help="seconds of load before measuring (2)")
+    g.add_argument(
+        "-n",
+        "--connections",
+        type=int,
+        metavar="N",
+        help="connections (default: fanout 1000, rate 1000, chat 100, idle 10000, sink 100)",
+    )
+    g.add_argument(
+        "--inflight",
+        type=int,
+        default=32,
+        metavar="K",
+        help="fanout: messages in flight, released by the slowest recipient (32)",
+    )
+    g.add_argument(
+        "--rate",
+        type=float,
+        metavar="PER_S",
+        help="rate: messages/s of the one sender (50); chat: per connection (10)",
+    )
+    g.add_argument(
+        "--size", type=int, default=100, metavar="BYTES", help="content bytes per message (100)"
+    )
+    g.add_argument(
+        "--duration",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="measured seconds (idle: seconds held) (10)",
+    )
+    g.add_argument(
+        "--warmup",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="seconds of load before measuring (2)",
+    )
     g = p.add_argument_group("connections")
     g.add_argument(
         "--source-ips",
         type=int,
         default=0,
         metavar="K",
-        help="bind source addresses 127.0.0.1..127.0.0.K round-robin (default: one per 200 connections)",
+        help="bind source addresses 127.0.0.1..127.0.0.K round-robin "
+        "(default: one per 200 connections)",
     )
-    g.add_argument("--connect-concurrency", type=int, default=64, metavar="N", help="handshakes in progress at once (64)")
-    g.add_argument("--connect-timeout", type=float, default=15.0, metavar="S", help="per connection (15)")
-    g.add_argument("--open-deadline", type=float, default=0.0, metavar="S",
-                   help="start no new connection after S seconds and go on with those open (0: no deadline)")
-    g.add_argument("--probes", type=int, default=32, metavar="N",
-                   help="connections that also read send times for latency (32, spread evenly)")
-    g.add_argument("--settle", type=float, default=30.0, metavar="S",
-                   help="idle: wait at most this long for the server to go quiet (30)")
-    g.add_argument("--keepalive", type=float, default=20.0, metavar="S",
-                   help="seconds between unsolicited Pongs from counting connections (0: never) (20)")
+    g.add_argument(
+        "--connect-concurrency",
+        type=int,
+        default=64,
+        metavar="N",
+        help="handshakes in progress at once (64)",
+    )
+    g.add_argument(
+        "--connect-timeout", type=float, default=15.0, metavar="S", help="per connection (15)"
+    )
+    g.add_argument(
+        "--open-deadline",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="start no new connection after S seconds and go on with those open (0: no deadline)",
+    )
+    g.add_argument(
+        "--probes",
+        type=int,
+        default=32,
+        metavar="N",
+        help="connections that also read send times for latency (32, spread evenly)",
+    )
+    g.add_argument(
+        "--settle",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="idle: wait at most this long for the server to go quiet (30)",
+    )
+    g.add_argument(
+        "--keepalive",
+        type=float,
+        default=20.0,
+        metavar="S",
+        help="seconds between unsolicited Pongs from counting connections (0: never) (20)",
+    )
     g.add_argument(
         "--nap-us",
         type=int,
         default=0,
         metavar="US",
-        help="fanout: block the loop this many µs each ms so reads take several frames (fewer syscalls)",
+        help="fanout: block the loop this many µs each ms so reads take several frames "
+        "(fewer syscalls)",
     )
     g = p.add_argument_group("engine")
     g.add_argument(
@@ -154,7 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
         "CPU per frame, so the generator is not the bottleneck)",
     )
     g = p.add_argument_group("output")
-    g.add_argument("--progress", action="store_true", help="progress line on stderr even when it is not a terminal")
+    g.add_argument(
+        "--progress",
+        action="store_true",
+        help="progress line on stderr even when it is not a terminal",
+    )
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     g.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
     return p
@@ -188,15 +260,23 @@ def _headline(res: dict) -> list[str]:
     if res.get("latency_samples"):
         out.append(
             "latency ms p50 {} / p90 {} / p99 {} / max {} ({} samples)".format(
-                res["latency_ms_p50"], res["latency_ms_p90"], res["latency_ms_p99"],
-                res["latency_ms_max"], res["latency_samples"],
+                res["latency_ms_p50"],
+                res["latency_ms_p90"],
+                res["latency_ms_p99"],
+                res["latency_ms_max"],
+                res["latency_samples"],
             )
         )
     if "rss_per_connection_kib" in res:
-        out.append(f"server RSS per connection {res['rss_per_connection_kib']} KiB "
-                   f"({res.get('connections_held')} connections held)")
+        out.append(
+            f"server RSS per connection {res['rss_per_connection_kib']} KiB "
+            f"({res.get('connections_held')} connections held)"
+        )
     if "generator_cpu" in res:
-        out.append(f"CPU used: generator {res['generator_cpu']}, server {res.get('server_cpu', '–')} (cores)")
+        out.append(
+            f"CPU used: generator {res['generator_cpu']}, "
+            f"server {res.get('server_cpu', '–')} (cores)"
+        )
     return out
 
 
@@ -205,15 +285,27 @@ def format_table(res: dict) -> str:
     for k, v in res.items():
         if k == "latency_by_url":
             for url, summ in v.items():
-                rows.append((f"latency {url}", "p50 {} / p99 {} ms ({} samples)".format(
-                    summ.get("latency_ms_p50", "–"), summ.get("latency_ms_p99", "–"), summ.get("latency_samples", 0))))
+                rows.append(
+                    (
+                        f"latency {url}",
+                        "p50 {} / p99 {} ms ({} samples)".format(
+                            summ.get("latency_ms_p50", "–"),
+                            summ.get("latency_ms_p99", "–"),
+                            summ.get("latency_samples", 0),
+                        ),
+                    )
+                )
             continue
         rows.append((k.replace("_", " "), _fmt_value(v)))
     w = max(len(k) for k, _ in rows)
     head = _headline(res)
     sep = "-" * max(40, w + 20)
     body = "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
-    return (f"{res.get('scenario', '')}: " + "\n  ".join(head) + "\n" + sep + "\n" + body) if head else body
+    return (
+        (f"{res.get('scenario', '')}: " + "\n  ".join(head) + "\n" + sep + "\n" + body)
+        if head
+        else body
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,14 +343,19 @@ def main(argv: list[str] | None = None) -> int:
         print("wshub bench: --rate must be positive", file=sys.stderr)
         return 2
     if cfg.connections < 1 or cfg.inflight < 1 or cfg.duration <= 0 or cfg.warmup < 0:
-        print("wshub bench: --connections, --inflight, --duration must be positive", file=sys.stderr)
+        print(
+            "wshub bench: --connections, --inflight, --duration must be positive", file=sys.stderr
+        )
         return 2
     if args.engine == "native":
         from . import native
 
         if cfg.scenario not in native.SCENARIOS:
-            print(f"wshub bench: --engine native runs {', '.join(native.SCENARIOS)}; "
-                  f"use --engine python for {cfg.scenario}", file=sys.stderr)
+            print(
+                f"wshub bench: --engine native runs {', '.join(native.SCENARIOS)}; "
+                f"use --engine python for {cfg.scenario}",
+                file=sys.stderr,
+            )
             return 2
 
         def execute() -> dict:
@@ -275,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def execute() -> dict:
             return runner(run(cfg))
+
     try:
         res = execute()
     except KeyboardInterrupt:

@@ -75,11 +75,14 @@ def binary() -> Path:
         c_file = Path(tmp) / SOURCE
         c_file.write_bytes(src)
         tmp_bin = Path(tmp) / out.name
-        proc = subprocess.run([cc, *CFLAGS, "-o", str(tmp_bin), str(c_file)],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [cc, *CFLAGS, "-o", str(tmp_bin), str(c_file)], capture_output=True, text=True
+        )
         if proc.returncode != 0:
-            raise NativeError(f"building the native engine failed ({cc} {' '.join(CFLAGS)}):\n"
-                              f"{proc.stderr.strip()[-3000:]}")
+            raise NativeError(
+                f"building the native engine failed ({cc} {' '.join(CFLAGS)}):\n"
+                f"{proc.stderr.strip()[-3000:]}"
+            )
         os.replace(tmp_bin, out)  # atomic: concurrent builds each put a whole file
     return out
 
@@ -87,27 +90,44 @@ def binary() -> Path:
 def command(cfg: Config, read_size: int | None = None) -> list[str]:
     """The engine's arguments for ``cfg`` (the binary first)."""
     if cfg.scenario not in SCENARIOS:
-        raise NativeError(f"the native engine runs {', '.join(SCENARIOS)}, not {cfg.scenario}; "
-                          "use --engine python")
+        raise NativeError(
+            f"the native engine runs {', '.join(SCENARIOS)}, not {cfg.scenario}; "
+            "use --engine python"
+        )
     args = [str(binary()), "--scenario", cfg.scenario, "--protocol", cfg.protocol]
-    for url, (host, port, path) in zip(cfg.urls, cfg.targets):
+    for url, (host, port, path) in zip(cfg.urls, cfg.targets, strict=True):
         args += ["--target", host, str(port), path, url]
     args += [
-        "--placement", cfg.placement,
-        "-n", str(cfg.connections),
-        "--inflight", str(cfg.inflight),
-        "--rate", repr(float(cfg.rate)),
-        "--size", str(cfg.size),
-        "--duration", repr(float(cfg.duration)),
-        "--warmup", repr(float(cfg.warmup)),
-        "--source-ips", str(cfg.source_ips),
-        "--connect-concurrency", str(cfg.connect_concurrency),
-        "--connect-timeout", repr(float(cfg.connect_timeout)),
-        "--open-deadline", repr(float(cfg.open_deadline)),
-        "--probes", str(cfg.probes),
-        "--keepalive", repr(float(cfg.keepalive)),
-        "--nap-us", str(cfg.nap_us),
-        "--progress", "1" if cfg.progress else "0",
+        "--placement",
+        cfg.placement,
+        "-n",
+        str(cfg.connections),
+        "--inflight",
+        str(cfg.inflight),
+        "--rate",
+        repr(float(cfg.rate)),
+        "--size",
+        str(cfg.size),
+        "--duration",
+        repr(float(cfg.duration)),
+        "--warmup",
+        repr(float(cfg.warmup)),
+        "--source-ips",
+        str(cfg.source_ips),
+        "--connect-concurrency",
+        str(cfg.connect_concurrency),
+        "--connect-timeout",
+        repr(float(cfg.connect_timeout)),
+        "--open-deadline",
+        repr(float(cfg.open_deadline)),
+        "--probes",
+        str(cfg.probes),
+        "--keepalive",
+        repr(float(cfg.keepalive)),
+        "--nap-us",
+        str(cfg.nap_us),
+        "--progress",
+        "1" if cfg.progress else "0",
     ]
     if cfg.server_pid:
         args += ["--server-pid", str(cfg.server_pid)]
@@ -124,8 +144,10 @@ def run(cfg: Config, *, read_size: int | None = None) -> dict:
     try:
         body = json.loads(proc.stdout)
     except json.JSONDecodeError:
-        raise NativeError(f"the native engine exited with {proc.returncode} without a result "
-                          f"(stdout: {proc.stdout[-300:]!r})") from None
+        raise NativeError(
+            f"the native engine exited with {proc.returncode} without a result "
+            f"(stdout: {proc.stdout[-300:]!r})"
+        ) from None
     if "error" in body:  # what the Python engine raises as RuntimeError (or a fatal error)
         raise RuntimeError(body["error"])
     if proc.returncode != 0:

@@ -163,7 +163,8 @@ class Hub:
         out = latency_summary(self.latencies())
         if len(self.latencies_by) > 1:
             out["latency_by_url"] = {
-                url: latency_summary(lst) for url, lst in zip(self.cfg.urls, self.latencies_by)
+                url: latency_summary(lst)
+                for url, lst in zip(self.cfg.urls, self.latencies_by, strict=True)
             }
         return out
 
@@ -362,7 +363,9 @@ class ProbeConn(BufConn):
                     pass
 
 
-async def open_connections(hub: Hub, n: int, probe_every: int, progress: Progress | None = None) -> dict:
+async def open_connections(
+    hub: Hub, n: int, probe_every: int, progress: Progress | None = None
+) -> dict:
     """Open ``n`` connections concurrently; returns connect-time figures."""
     cfg = hub.cfg
     loop = hub.loop
@@ -393,7 +396,7 @@ async def open_connections(hub: Hub, n: int, probe_every: int, progress: Progres
                 await asyncio.wait_for(loop.sock_connect(sock, (host, port)), cfg.connect_timeout)
                 await loop.create_connection(lambda: proto, sock=sock)
                 await asyncio.wait_for(proto.opened, cfg.connect_timeout)
-            except (OSError, ConnectionError, asyncio.TimeoutError) as e:
+            except (TimeoutError, OSError, ConnectionError) as e:
                 failures.append(f"{type(e).__name__}: {e}")
                 if proto.transport is not None:
                     proto.transport.abort()
@@ -406,7 +409,10 @@ async def open_connections(hub: Hub, n: int, probe_every: int, progress: Progres
     async def show() -> None:
         while True:
             await asyncio.sleep(1.0)
-            progress.show(f"connecting  open={done[0]}/{n}  failed={len(failures)}  {time.perf_counter() - t0:.0f}s")
+            progress.show(
+                f"connecting  open={done[0]}/{n}  failed={len(failures)}  "
+                f"{time.perf_counter() - t0:.0f}s"
+            )
 
     t0 = time.perf_counter()
     shower = asyncio.ensure_future(show()) if progress is not None and progress.enabled else None
@@ -430,8 +436,15 @@ async def open_connections(hub: Hub, n: int, probe_every: int, progress: Progres
         "handshake_ms_p99": round(pct(hs, 99), 2) if hs else None,
         "source_ips": cfg.source_ips,
         **({"connections_not_attempted": skipped[0]} if skipped[0] else {}),
-        **({"connections_by_url": [sum(1 for c in hub.conns if c.target == t) for t in range(len(cfg.targets))]}
-           if len(cfg.targets) > 1 else {}),
+        **(
+            {
+                "connections_by_url": [
+                    sum(1 for c in hub.conns if c.target == t) for t in range(len(cfg.targets))
+                ]
+            }
+            if len(cfg.targets) > 1
+            else {}
+        ),
     }
 
 
@@ -652,7 +665,9 @@ def start_nap(hub: Hub):
 
 async def scenario_fanout(hub: Hub, server: ServerProbe, progress: Progress) -> dict:
     cfg = hub.cfg
-    conn_info = await open_connections(hub, cfg.connections, probe_spacing(cfg.connections, cfg.probes), progress)
+    conn_info = await open_connections(
+        hub, cfg.connections, probe_spacing(cfg.connections, cfg.probes), progress
+    )
     if len(hub.conns) < 2:
         raise RuntimeError("fan-out needs at least 2 open connections")
     sender = hub.conns[0]
@@ -722,7 +737,9 @@ async def scenario_fanout(hub: Hub, server: ServerProbe, progress: Progress) -> 
     return {**conn_info, "inflight": K, "recipients": len(ridx), **res}
 
 
-async def _scheduled_sender(hub: Hub, senders: list[Conn], total_rate: float, stop_at: float, enc: Encoder, st: dict) -> None:
+async def _scheduled_sender(
+    hub: Hub, senders: list[Conn], total_rate: float, stop_at: float, enc: Encoder, st: dict
+) -> None:
     """Send ``total_rate`` messages per second round-robin over ``senders``."""
     loop = hub.loop
     t0 = loop.time()
@@ -749,7 +766,9 @@ async def _scheduled_sender(hub: Hub, senders: list[Conn], total_rate: float, st
         await asyncio.sleep(max(0.0, nxt - loop.time()))
 
 
-async def _rate_like(hub: Hub, server: ServerProbe, progress: Progress, senders_n: int, total_rate: float) -> dict:
+async def _rate_like(
+    hub: Hub, server: ServerProbe, progress: Progress, senders_n: int, total_rate: float
+) -> dict:
     cfg = hub.cfg
     n = cfg.connections
     conn_info = await open_connections(hub, n, probe_spacing(n, cfg.probes), progress)
@@ -796,13 +815,19 @@ async def _rate_like(hub: Hub, server: ServerProbe, progress: Progress, senders_
 
 
 async def scenario_rate(hub: Hub, server: ServerProbe, progress: Progress) -> dict:
-    return {"rate_msgs_per_s": hub.cfg.rate, **await _rate_like(hub, server, progress, 1, hub.cfg.rate)}
+    return {
+        "rate_msgs_per_s": hub.cfg.rate,
+        **await _rate_like(hub, server, progress, 1, hub.cfg.rate),
+    }
 
 
 async def scenario_chat(hub: Hub, server: ServerProbe, progress: Progress) -> dict:
     cfg = hub.cfg
     total = cfg.rate * cfg.connections
-    return {"rate_per_connection": cfg.rate, **await _rate_like(hub, server, progress, cfg.connections, total)}
+    return {
+        "rate_per_connection": cfg.rate,
+        **await _rate_like(hub, server, progress, cfg.connections, total),
+    }
 
 
 async def scenario_idle(hub: Hub, server: ServerProbe, progress: Progress) -> dict:
@@ -849,7 +874,9 @@ async def scenario_idle(hub: Hub, server: ServerProbe, progress: Progress) -> di
 async def scenario_sink(hub: Hub, server: ServerProbe, progress: Progress) -> dict:
     """Only count: for servers that send on their own (the ceiling server)."""
     cfg = hub.cfg
-    conn_info = await open_connections(hub, cfg.connections, probe_spacing(cfg.connections, cfg.probes), progress)
+    conn_info = await open_connections(
+        hub, cfg.connections, probe_spacing(cfg.connections, cfg.probes), progress
+    )
     win = Window(hub, server)
     await tick_loop(hub, cfg.warmup, progress)
     win.start()
