@@ -6,11 +6,19 @@ library's sans-I/O :class:`~websockets.protocol.Protocol`, which parses frames
 and enforces RFC 6455 (masking, reserved bits, opcodes, control frame rules,
 the message size limit, permessage-deflate decoding, the close handshake).
 This module assembles fragmented messages, checks UTF-8, and hands complete
-messages to the :class:`~wshub.node.Node`, which owns every protocol decision.
+messages to its owner.
 
-Outgoing data never goes through the library: the fan-out writes pre-built
-frames straight to the transport. The library's own output (Pong replies,
-Close frames) is queued through the same fan-out, so order holds.
+What this module may not know: who else is connected, rooms, the protocol's
+JSON, metrics, the backplane. It talks to its owner only through
+:class:`ConnectionOwner`, defined here: the node while the request is plain
+HTTP, then the room's hub (or the echo endpoint) once the upgrade is granted.
+
+One writer per socket: only :meth:`Connection.write` and the methods of this
+class write to the transport. The fan-out hands its bytes to ``write()``
+(or, for an idle plain socket, sends them from one C call while the transport
+has nothing queued: see :mod:`wshub.fanout`). The library's own output (Pong
+replies) is queued through the owner, so order holds; a Close frame goes out
+after what was promised to the client, which the owner hands back.
 """
 
 from __future__ import annotations
@@ -19,7 +27,9 @@ import asyncio
 import codecs
 import logging
 import socket
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 from websockets.extensions.permessage_deflate import PerMessageDeflate
 from websockets.frames import Frame, Opcode
@@ -31,13 +41,13 @@ from . import http
 from .errors import CloseCode, Disconnect
 from .framescan import FrameScanner
 from .ids import ConnectionId
-from .session import Admit, State
+from .session import Admit, Session, State
 from .wire import Deflate
 
 if TYPE_CHECKING:
-    from .node import Node
+    from .fanout import Audience
 
-__all__ = ["Connection"]
+__all__ = ["Connection", "ConnectionOwner", "ConnectionSettings"]
 
 # The library logs every closed connection at INFO on the server side; wshub
 # writes its own lines, so keep the library's for warnings and errors.
@@ -50,6 +60,59 @@ _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 
 KERNEL_SEND_BUFFER = 64 * 1024
 """SO_SNDBUF for client sockets (Linux doubles it for bookkeeping)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionSettings:
+    """The options a connection applies by itself."""
+
+    max_message_size: int
+    send_buffer_limit: int
+    handshake_timeout: float
+    close_timeout: float
+    message_rate: float
+    message_burst: int
+    rate_limit_refusals: int
+    rate_limit_window: float
+    direct_send: bool  # the fan-out may send to plain sockets itself
+
+
+class ConnectionOwner(Protocol):
+    """What a connection tells its owner. Each call is made once per event,
+    in the order the events happen on the socket."""
+
+    def on_request(self, conn: Connection, request: http.Request) -> None:
+        """A plain HTTP request head (before any upgrade): answer it with
+        :meth:`Connection.respond`, or grant the upgrade."""
+
+    def on_refused(self, conn: Connection, status: int, reason: str, detail: str) -> None:
+        """The connection refused something itself (a malformed request head,
+        the handshake deadline): count it, log it."""
+
+    def on_open(self, conn: Connection) -> None:
+        """The upgrade response is written: the connection is OPEN."""
+
+    def on_text(self, conn: Connection, text: str) -> None:
+        """A whole text message that passed the rate limit."""
+
+    def on_binary(self, conn: Connection, data: bytes) -> None:
+        """A whole binary message that passed the rate limit."""
+
+    def on_rate_limited(self, conn: Connection, *, disconnect: bool) -> None:
+        """A data message over the rate limit (dropped); *disconnect*: too
+        many of them, close the connection."""
+
+    def on_control(self, conn: Connection, frame: bytes) -> None:
+        """A frame of the protocol's own (a Pong) to queue, in order with
+        what the owner sends."""
+
+    def on_closing(self, conn: Connection) -> bytes:
+        """The connection stops receiving frames (a Close frame is about to
+        go out): return what was queued for it, which goes out first."""
+        ...
+
+    def on_closed(self, conn: Connection, previous: State) -> None:
+        """The socket is gone; *previous* is the state it was in."""
 
 
 class _FrameProtocol(FrameProtocol):
@@ -67,7 +130,9 @@ class _FrameProtocol(FrameProtocol):
 
 class Connection(asyncio.Protocol):
     __slots__ = (
-        "node",
+        "owner",
+        "settings",
+        "loop",
         "transport",
         "peer",
         "ip",
@@ -80,6 +145,9 @@ class Connection(asyncio.Protocol):
         "joined_at",
         "marked",
         "is_recipient",
+        "audience",
+        "room",
+        "admitted",
         "opened_at",
         "close_code",
         "_buffer",
@@ -91,19 +159,35 @@ class Connection(asyncio.Protocol):
         "_released",
         "_failed",
         "_scanner",
-        "echo",
+        "_held",
+        "_body",
         "close_reason",
         "direct",
     )
 
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+    def __init__(
+        self,
+        owner: ConnectionOwner,
+        settings: ConnectionSettings,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.owner = owner
+        self.settings = settings
+        self.loop = loop
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set on connect
         self.peer = ""
         self.ip = ""  # the client address the per-IP limits apply to
         self.origin: str | None = None
         self.id = ConnectionId("")
-        self.session = node.new_session()
+        self.room = ""  # the room it belongs to once admitted ("" the default room)
+        self.admitted = False  # holds a slot of the per-IP and node limits
+        self.session = Session(
+            loop.time(),
+            message_rate=settings.message_rate,
+            message_burst=settings.message_burst,
+            strike_limit=settings.rate_limit_refusals,
+            strike_window=settings.rate_limit_window,
+        )
         self.ws: FrameProtocol | None = None
         self.deflate: Deflate | None = None
         # Fan-out bookkeeping (see wshub.fanout).
@@ -111,6 +195,7 @@ class Connection(asyncio.Protocol):
         self.joined_at = 0
         self.marked = False
         self.is_recipient = False
+        self.audience: Audience[Any] | None = None
         self.direct: tuple[asyncio.Transport, int, Connection] | None = None
         self.opened_at = 0.0
         self.close_code: int | None = None
@@ -126,8 +211,9 @@ class Connection(asyncio.Protocol):
         self._message_refused = False
         self._released = False  # admission slot given back
         self._failed = False  # we failed the connection in this batch of frames
-        self._scanner = FrameScanner(node.config.max_message_size)
-        self.echo = False  # a conformance-test connection on /echo, outside the hub
+        self._scanner = FrameScanner(settings.max_message_size)
+        self._held = False  # the upgrade is granted but waits (see hold())
+        self._body: tuple[int, Callable[[bytes], None]] | None = None  # see read_body()
 
     @property
     def state(self) -> State:
@@ -143,17 +229,14 @@ class Connection(asyncio.Protocol):
             # 4 MiB per socket): what a client that never reads can pin is then
             # this plus --send-buffer-limit, and the limit is reached quickly.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, KERNEL_SEND_BUFFER)
-            if self.node.fanout.direct and transport.get_extra_info("sslcontext") is None:
+            if self.settings.direct_send and transport.get_extra_info("sslcontext") is None:
                 # The fan-out may send to this socket itself while the
                 # transport is idle (wshub.fanout, "Direct sends").
                 self.direct = (self.transport, sock.fileno(), self)
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if peer else "unknown"
         self.ip = self.peer
-        self.node.connecting(self)
-        self._timer = self.node.loop.call_later(
-            self.node.config.handshake_timeout, self._handshake_expired
-        )
+        self._timer = self.loop.call_later(self.settings.handshake_timeout, self._handshake_expired)
 
     def data_received(self, data: bytes) -> None:
         if self.ws is not None:
@@ -163,17 +246,24 @@ class Connection(asyncio.Protocol):
         if buffer is None:  # an HTTP response is on its way out: ignore the rest
             return
         buffer += data
+        if self._body is not None:
+            self._body_received()
+            return
+        if self._held:  # the client spoke first: keep it for after the upgrade
+            if len(buffer) > http.MAX_HEAD_SIZE:
+                self.abort()
+            return
         try:
             parsed = http.parse_request_head(buffer)
         except http.HttpError as exc:
-            self.node.refuse(self, exc.status, http.refusal_reason(exc.status), exc.body)
+            self.owner.on_refused(self, exc.status, http.refusal_reason(exc.status), exc.body)
             self.respond(http.response(exc.status, exc.body, headers=exc.headers))
             return
         if parsed is None:
             return
         request, length = parsed
         del buffer[:length]
-        self.node.handle_request(self, request)
+        self.owner.on_request(self, request)
 
     def eof_received(self) -> bool | None:
         if self.ws is not None and self.session.state is not State.CLOSED:
@@ -187,7 +277,7 @@ class Connection(asyncio.Protocol):
         previous = self.session.state
         if previous is not State.CLOSED:
             self.session.transition(State.CLOSED)
-            self.node.closed(self, previous)
+            self.owner.on_closed(self, previous)
 
     def pause_writing(self) -> None:
         # The fan-out checks buffer sizes itself after each write.
@@ -195,6 +285,20 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         pass
+
+    # -- Writing ----------------------------------------------------------------
+
+    def write(self, data: bytes | memoryview) -> bool:
+        """Write *data* to the socket (frames, in order); True when the send
+        buffer is over ``--send-buffer-limit`` now: a slow consumer, which the
+        caller reports. Raises what a broken transport raises."""
+        transport = self.transport
+        transport.write(data)
+        return transport.get_write_buffer_size() > self.settings.send_buffer_limit
+
+    def buffered(self) -> int:
+        """Bytes written but not sent yet."""
+        return self.transport.get_write_buffer_size()
 
     # -- HTTP -----------------------------------------------------------------
 
@@ -205,18 +309,55 @@ class Connection(asyncio.Protocol):
         self.transport.write(response)
         self.transport.close()
 
+    def read_body(self, length: int, then: Callable[[bytes], None]) -> None:
+        """Read a request body of *length* bytes (bounded by the route), then
+        call *then* with it. The handshake deadline covers the body too."""
+        self._body = (length, then)
+        self._body_received()
+
+    def _body_received(self) -> None:
+        assert self._body is not None
+        buffer = self._buffer
+        length, then = self._body
+        if buffer is None or len(buffer) < length:
+            return
+        self._body = None
+        body = bytes(buffer[:length])
+        del buffer[:length]
+        then(body)
+
+    def hold(self) -> None:
+        """The upgrade is granted but its owner is not ready yet (a room
+        whose cluster state is being read): keep the connection CONNECTING,
+        what the client sends buffered, until :meth:`upgrade`."""
+        self._held = True
+
     def upgrade(
         self,
+        owner: ConnectionOwner,
         connection_id: ConnectionId,
         response: bytes,
         extension: PerMessageDeflate | None,
         deflate: Deflate | None,
         now: float,
+        *,
+        rate_limited: bool = True,
     ) -> None:
-        """Switch to WebSocket: called by the node once it admitted us."""
+        """Switch to WebSocket, with *owner* from now on (the room's hub).
+
+        Without *rate_limited* (the conformance-test endpoint) every data
+        frame is accepted."""
+        if self.session.state is not State.CONNECTING or self.transport.is_closing():
+            return  # gone while held
         self._cancel_timer()
+        self._held = False
+        self.owner = owner
         self.id = connection_id
-        limit = self.node.config.max_message_size
+        if not rate_limited:
+            self.session = Session(
+                now, message_rate=0, message_burst=1, strike_limit=0, strike_window=1.0
+            )
+        limit = self.settings.max_message_size
         ws = _FrameProtocol(
             Side.SERVER,
             state=FrameState.OPEN,
@@ -237,14 +378,14 @@ class Connection(asyncio.Protocol):
         self.transport.write(response)
         leftover = bytes(self._buffer or b"")
         self._buffer = None
-        self.node.opened(self)
+        owner.on_open(self)
         if leftover:
             self._receive_frames(leftover)
 
     def _handshake_expired(self) -> None:
         self._timer = None
         if self.ws is None and not self.transport.is_closing():
-            self.node.refuse(self, 408, "handshake_timeout", "handshake deadline passed")
+            self.owner.on_refused(self, 408, "handshake_timeout", "handshake deadline passed")
             self.transport.abort()
 
     # -- Frames in --------------------------------------------------------------
@@ -256,7 +397,7 @@ class Connection(asyncio.Protocol):
         assert ws is not None
         if self.session.state is State.CLOSED or ws.state is FrameState.CLOSED:
             return
-        self.session.alive(self.node.loop.time())
+        self.session.alive(self.loop.time())
         for opcode, chunk in self._scanner.scan(data, self._fast_path_open):
             if opcode is None:
                 self._feed_library(chunk)
@@ -300,7 +441,7 @@ class Connection(asyncio.Protocol):
                 self._receive_data_frame(opcode, frame.data, frame.fin)
             elif opcode is _PING:
                 if pongs < len(out) and out[pongs]:
-                    self.node.fanout.raw_to_one(self, out[pongs])
+                    self.owner.on_control(self, out[pongs])
                     pongs += 1
             elif opcode is _CLOSE:
                 rcvd = ws.close_rcvd
@@ -311,13 +452,13 @@ class Connection(asyncio.Protocol):
         self._drain_library_output(out[pongs:] + ws.data_to_send())
 
     def _receive_data_frame(self, opcode: Opcode, data: bytes, fin: bool) -> None:
-        node = self.node
+        owner = self.owner
         if opcode is not _CONT:
             self._message_opcode = opcode
             self._message_refused = False
-            verdict = Admit.ACCEPT if self.echo else self.session.admit(node.loop.time())
+            verdict = self.session.admit(self.loop.time())
             if verdict is Admit.DISCONNECT:
-                node.rate_limited(self, disconnect=True)
+                owner.on_rate_limited(self, disconnect=True)
                 return
             if verdict is Admit.REFUSE:
                 self._message_refused = True
@@ -340,27 +481,21 @@ class Connection(asyncio.Protocol):
             message = bytes(parts)
             self._message = None
             self._message_decoder = None
-        if len(message) > node.config.max_message_size:
+        if len(message) > self.settings.max_message_size:
             self._fail(CloseCode.MESSAGE_TOO_BIG, "message too big")
             return
         if self._message_refused:
-            node.rate_limited(self, disconnect=False)
+            owner.on_rate_limited(self, disconnect=False)
             return
         if self._message_opcode is _BINARY:
-            if self.echo:
-                node.on_echo(self, False, message)
-            else:
-                node.on_binary(self)
+            owner.on_binary(self, message)
             return
         try:
             text = message.decode("utf-8")
         except UnicodeDecodeError:
             self._fail(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message")
             return
-        if self.echo:
-            node.on_echo(self, True, message)
-        else:
-            node.on_text(self, text)
+        owner.on_text(self, text)
 
     def _check_utf8(self, data: bytes, *, final: bool) -> bool:
         """Validate a fragment as it arrives, to fail fast (RFC 6455 8.1)."""
@@ -391,7 +526,7 @@ class Connection(asyncio.Protocol):
         assert ws is not None
         if ws.state is FrameState.OPEN:
             for chunk in out:  # only Pong frames while open
-                self.node.fanout.raw_to_one(self, chunk)
+                self.owner.on_control(self, chunk)
             return
         # Closing or closed: the client sent a Close, or the library failed
         # the connection (1002, 1007, 1009). What was queued for this client
@@ -439,15 +574,14 @@ class Connection(asyncio.Protocol):
         self.transport.abort()
 
     def _leave_fanout(self) -> None:
-        data = self.node.fanout.take(self)
+        self.session.transition(State.CLOSING)
+        data = self.owner.on_closing(self)
         if data:
             self.transport.write(data)
-        self.session.transition(State.CLOSING)
-        self.node.closing(self)
 
     def _start_close_timer(self) -> None:
         self._cancel_timer()
-        self._timer = self.node.loop.call_later(self.node.config.close_timeout, self.abort)
+        self._timer = self.loop.call_later(self.settings.close_timeout, self.abort)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

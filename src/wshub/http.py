@@ -1,11 +1,13 @@
 """HTTP/1.1 at the edge, without sockets: request heads in, responses out.
 
-wshub answers only ``GET`` requests for a handful of paths and the WebSocket
+wshub answers a handful of endpoints (:mod:`wshub.routes`) and the WebSocket
 upgrade (RFC 6455 section 4.2), so it parses request heads itself, within
 strict limits, and closes every plain HTTP connection after one response.
 
 * :func:`parse_request_head` reads one request head from a buffer, or says it
   needs more bytes, or raises :class:`HttpError` with the status to answer.
+* :func:`body_length` says how long a request's body is, within a route's
+  bound (``Content-Length`` only; no chunked bodies).
 * :func:`check_upgrade` validates a WebSocket upgrade and returns the
   ``Sec-WebSocket-Accept`` value.
 * :func:`response` serializes a response.
@@ -24,6 +26,7 @@ __all__ = [
     "MAX_HEAD_SIZE",
     "HttpError",
     "Request",
+    "body_length",
     "check_upgrade",
     "parse_request_head",
     "refusal_reason",
@@ -45,6 +48,8 @@ _REASONS: Final = {
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
+    411: "Length Required",
+    413: "Content Too Large",
     426: "Upgrade Required",
     429: "Too Many Requests",
     431: "Request Header Fields Too Large",
@@ -73,6 +78,7 @@ class Request:
     method: str
     target: str
     headers: tuple[tuple[str, str], ...]  # names lower-cased, in order
+    body: bytes = b""
 
     @property
     def path(self) -> str:
@@ -97,7 +103,7 @@ def parse_request_head(buffer: bytes | bytearray) -> tuple[Request, int] | None:
 
     Raises:
         HttpError: the request is malformed (400), too large (431), or not
-            one wshub serves (405, 505).
+            HTTP/1.1 (505).
     """
     end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD_SIZE + 4)
     if end == -1:
@@ -130,17 +136,39 @@ def parse_request_head(buffer: bytes | bytearray) -> tuple[Request, int] | None:
             raise HttpError(400, "control character in header field")
         headers.append((name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1")))
     request = Request(method.decode("ascii"), target.decode("ascii"), tuple(headers))
-    if method not in (b"GET", b"HEAD"):
-        raise HttpError(405, "only GET is served", (("Allow", "GET, HEAD"),))
     if request.get("host") is None:
         raise HttpError(400, "missing Host header")
-    if request.get_all("transfer-encoding") or request.get("content-length") not in (None, "0"):
-        raise HttpError(400, "a request body is not expected")
     return request, end + 4
+
+
+def body_length(request: Request, max_body: int) -> int:
+    """The length of *request*'s body, which the route bounds to *max_body*
+    bytes (0: no body at all).
+
+    Raises:
+        HttpError: 400 for a body where none is expected or a malformed
+            length, 411 for a chunked body, 413 past *max_body*.
+    """
+    if request.get_all("transfer-encoding"):
+        if not max_body:
+            raise HttpError(400, "a request body is not expected")
+        raise HttpError(411, "a request body needs a Content-Length")
+    raw = request.get("content-length")
+    if raw is None or raw == "0":
+        return 0
+    if not max_body:
+        raise HttpError(400, "a request body is not expected")
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 12:
+        raise HttpError(400, "malformed Content-Length")
+    length = int(raw)
+    if length > max_body:
+        raise HttpError(413, f"request body too large: at most {max_body} bytes")
+    return length
 
 
 _REFUSAL_REASONS: Final = {
     405: "method",
+    413: "too_large",
     426: "upgrade_required",
     431: "too_large",
     505: "http_version",

@@ -1,10 +1,13 @@
-"""The hub on one node: admission, the registry, routing, heartbeat, drain.
+"""The node: one process's rooms, its timers, its drain, its figures.
 
-The node owns every protocol decision; :mod:`wshub.connection` only moves
-bytes and :mod:`wshub.fanout` only writes them. Routing a message means:
-encode it once (:mod:`wshub.protocol`), queue it for local recipients
-(:class:`~wshub.fanout.Fanout`), and hand the same payload to the backplane
-for the other nodes.
+What this module does: it keeps the room hubs of this process (created on a
+room's first member, dropped a short grace after its last), routes what the
+backplane brings to the room it is for, runs the timers (heartbeat, liveness,
+sweep), drains on shutdown and reports (``/stats``, ``/metrics``). What it
+leaves to others: HTTP and the upgrade (:mod:`wshub.gateway`), a room's
+members and routing (:mod:`wshub.hub`), writing (:mod:`wshub.fanout`), one
+socket (:mod:`wshub.connection`), the cluster (:mod:`wshub.backplane`), the
+metric definitions (:mod:`wshub.nodemetrics`).
 
 Time: ``loop.time()`` (monotonic) for deadlines and rate limits,
 ``time.time()`` for the timestamps clients see.
@@ -14,59 +17,48 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable
-from importlib import resources
 
-from . import __version__, http, protocol
-from .admission import Admission, client_address
-from .backplane import Backplane, Envelope, EventKind
-from .backplane.memory import MemoryBackplane
+from . import __version__
+from .admission import Admission
+from .backplane import Backplane, Envelope
+from .backplane.factory import make_backplane
 from .config import Config
-from .connection import Connection
-from .errors import (
-    HEARTBEAT_TIMEOUT,
-    RATE_LIMIT_EXCEEDED,
-    SHUTTING_DOWN,
-    SLOW_CONSUMER,
-    CloseCode,
-    Disconnect,
-)
+from .connection import Connection, ConnectionSettings
+from .echo import EchoEndpoint
+from .endpoints import node_routes
+from .errors import HEARTBEAT_TIMEOUT, SHUTTING_DOWN, SLOW_CONSUMER, CloseCode, Disconnect
 from .fanout import Fanout, compiled_send_each
-from .ids import ConnectionId, NodeId, new_connection_id, new_node_id
+from .gateway import Gateway, Upgrade
+from .hub import Hub
+from .ids import ConnectionId
 from .logs import log_event
-from .metrics import Metrics
-from .origin import OriginPolicy
-from .protocol import ErrorCode, Refusal, Relay, RelayKind
-from .session import Session, State
-from .wire import OP_BINARY, OP_TEXT, negotiate_deflate, ping_frame, text_frame
-from .wire import frame as wire_frame
+from .nodemetrics import OUTCOMES, node_metrics
+from .rooms import DEFAULT_ROOM, RoomName
+from .session import State
 
 __all__ = ["Node"]
 
 log = logging.getLogger("wshub")
 
-_BINARY_REFUSAL = Refusal(
-    ErrorCode.BINARY_NOT_SUPPORTED, "Binary frames are not supported: send JSON or text"
-)
-_RATE_REFUSAL = Refusal(ErrorCode.RATE_LIMITED, "Too many messages: slow down")
-_PROTOCOL_PING_FRAME = ping_frame(b"wshub")
 _REJOIN = Disconnect(CloseCode.SERVICE_RESTART, "cluster rejoin: please reconnect")
-_MESSAGE = RelayKind.MESSAGE  # an enum member lookup costs ~170 ns in Python 3.11
+
+ROOM_GRACE = 1.0
+"""Seconds an empty room's hub (and its backplane channel) is kept, so that a
+client that reconnects at once does not cost an unsubscribe and a subscribe."""
 
 
 def _find_malloc_trim() -> Callable[[int], int] | None:
     try:
-        return ctypes.CDLL(None).malloc_trim  # type: ignore[no-any-return]
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
         return None
+    return trim
 
 
 _malloc_trim = _find_malloc_trim()
-
-_FANOUT_BUCKETS = (0, 1, 2, 5, 10, 50, 100, 500, 1000, 5000, 10000, 50000)
 
 
 class Node:
@@ -79,36 +71,26 @@ class Node:
     ) -> None:
         self.config = config
         self.loop = loop
-        if backplane is None:
-            node_id = NodeId(config.node_id) if config.node_id else new_node_id()
-            if config.redis_url:
-                from .backplane.redis import RedisBackplane
-
-                backplane = RedisBackplane(
-                    config.redis_url,
-                    node_id,
-                    node_ttl=config.node_ttl,
-                    prefix=config.cluster_name,
-                    on_rejoined_after_reap=self._rejoin,
-                )
-            else:
-                backplane = MemoryBackplane(node_id, node_ttl=config.node_ttl)
-        self.node_id = backplane.node_id
-        self.backplane: Backplane = backplane
-        self.conns: dict[ConnectionId, Connection] = {}
+        self.backplane: Backplane = backplane or make_backplane(config, on_rejoined=self._rejoin)
+        self.node_id = self.backplane.node_id
+        self.metrics, self.counters = node_metrics(self)
+        self.rooms: dict[RoomName, Hub] = {}
+        self._occupied: set[RoomName] = set()  # rooms with members (or joining)
+        self._emptied_at: dict[RoomName, float] = {}
+        # Upgrades waiting for their room's backplane subscription.
+        self._waiting: dict[RoomName, list[Upgrade]] = {}
+        self.connections: dict[ConnectionId, Connection] = {}  # open, in every room
         self.admission = Admission(
             max_connections=config.max_connections,
             max_connections_per_ip=config.max_connections_per_ip,
             ip_connect_rate=config.ip_connect_rate,
         )
-        self.origins = OriginPolicy(config.allowed_origins)
-        self.fanout = Fanout(
+        direct = config.direct_send == "on" and compiled_send_each is not None
+        self.fanout: Fanout[Connection] = Fanout(
             loop,
-            self.conns.values,
-            send_buffer_limit=config.send_buffer_limit,
             on_slow_consumer=self._slow_consumer,
             on_send_failed=self._send_failed,
-            send_each=compiled_send_each if config.direct_send == "on" else None,
+            send_each=compiled_send_each if direct else None,
         )
         if config.direct_send == "on" and compiled_send_each is None:
             log_event(
@@ -118,148 +100,38 @@ class Node:
                 detail="wshub._directsend was not built at install (no C compiler or "
                 "Python headers): every write goes through the transport",
             )
+        self.settings = ConnectionSettings(
+            max_message_size=config.max_message_size,
+            send_buffer_limit=config.send_buffer_limit,
+            handshake_timeout=config.handshake_timeout,
+            close_timeout=config.close_timeout,
+            message_rate=config.message_rate,
+            message_burst=config.message_burst,
+            rate_limit_refusals=config.rate_limit_refusals,
+            rate_limit_window=config.rate_limit_window,
+            direct_send=direct,
+        )
+        self.gateway = Gateway(
+            config,
+            loop.time,
+            rooms=self,
+            admission=self.admission,
+            counters=self.counters,
+            routes=node_routes(self),
+            echo=EchoEndpoint(host=self, fanout=self.fanout),
+        )
         self.started_at = time.time()
         self.draining = False
         self.n_connecting = 0
         self.n_closing = 0
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._drained: asyncio.Future[None] | None = None
-        self._page: bytes | None = None
         self._lag = 0.0
-        self._setup_metrics()
 
-    # -- Metrics ----------------------------------------------------------------
-
-    def _setup_metrics(self) -> None:
-        m = self.metrics = Metrics()
-        m.gauge(
-            "wshub_connections",
-            "Connections on this node by state.",
-            lambda: {
-                "connecting": self.n_connecting,
-                "open": len(self.conns),
-                "closing": self.n_closing,
-            },
-            label="state",
-        )
-        m.gauge(
-            "wshub_cluster_connections",
-            "Open connections in the whole cluster, as this node knows them.",
-            self.cluster_count,
-        )
-        self.accepted = m.counter(
-            "wshub_connections_accepted_total", "WebSocket upgrades accepted."
-        )
-        self.refused = m.counter(
-            "wshub_connections_refused_total",
-            "Requests refused before or at the upgrade, by reason.",
-            label="reason",
-        )
-        self.messages = m.counter(
-            "wshub_messages_total",
-            "Client data messages by outcome: INCOMING when received, VALIDATED when they "
-            "passed the checks, ROUTED when handled or delivered, FAILED when refused.",
-            label="outcome",
-        )
-        self.errors = m.counter("wshub_errors_total", "error messages sent, by code.", label="code")
-        # Known label values start at 0, so dashboards see every series at once.
-        for outcome in ("INCOMING", "VALIDATED", "ROUTED", "FAILED"):
-            self.messages.inc_label(outcome, 0)
-        self._outcomes = self.messages.values  # updated directly on the hot path
-        for code in ErrorCode:
-            self.errors.inc_label(code.value, 0)
-        for reason in (
-            "bad_request",
-            "method",
-            "upgrade_required",
-            "too_large",
-            "http_version",
-            "origin",
-            "ip_limit",
-            "unavailable",
-            "handshake_timeout",
-        ):
-            self.refused.inc_label(reason, 0)
-        self.closes = m.counter(
-            "wshub_closes_total", "Closed WebSocket connections by close code.", label="code"
-        )
-        for close_code in ("1000", "1001", "1002", "1006", "1007", "1008", "1009", "1011"):
-            self.closes.inc_label(close_code, 0)
-        self.slow_closes = m.counter(
-            "wshub_slow_consumer_closes_total",
-            "Connections closed because their send buffer overflowed.",
-        )
-        self.rate_refusals = m.counter(
-            "wshub_rate_limited_total", "Data frames refused by the per-connection rate limit."
-        )
-        self.send_failures = m.counter(
-            "wshub_send_failures_total", "Writes to a client socket that raised."
-        )
-        self.fanout_sizes = m.histogram(
-            "wshub_fanout_recipients", "Local recipients of each routed message.", _FANOUT_BUCKETS
-        )
-        m.gauge(
-            "wshub_deliveries_total",
-            "Frames written to local recipients.",
-            lambda: self.fanout.deliveries,
-            kind="counter",
-        )
-        m.gauge(
-            "wshub_socket_writes_total",
-            "Socket writes made by the fan-out (one carries "
-            "every frame bound for a client in one loop pass).",
-            lambda: self.fanout.writes,
-            kind="counter",
-        )
-        m.gauge(
-            "wshub_direct_sends_total",
-            "Of those, the ones sent straight to the socket "
-            "from one C call for many clients (--direct-send), not through the transport.",
-            lambda: self.fanout.direct_sends,
-            kind="counter",
-        )
-        m.gauge(
-            "wshub_event_loop_lag_seconds",
-            "How late the last 1 s loop-lag probe timer fired.",
-            lambda: self._lag,
-        )
-        m.gauge(
-            "wshub_backplane_up",
-            "1 when the backplane link works (always 1 in memory).",
-            lambda: self.backplane.metrics()["up"],
-        )
-        m.gauge(
-            "wshub_cluster_nodes",
-            "Nodes this node knows of with open connections, itself included.",
-            lambda: self.backplane.metrics()["nodes"],
-        )
-        m.gauge(
-            "wshub_backplane_received_total",
-            "Envelopes received from other nodes.",
-            lambda: self.backplane.metrics()["received"],
-            kind="counter",
-        )
-        m.gauge(
-            "wshub_backplane_forward_failures_total",
-            "Envelopes that could not be "
-            "forwarded to the other nodes (backplane down): dropped, at most once.",
-            lambda: self.backplane.metrics()["forward_failures"],
-            kind="counter",
-        )
-        m.gauge(
-            "wshub_backplane_reconnects_total",
-            "Times the backplane subscription was rebuilt.",
-            lambda: self.backplane.metrics()["reconnects"],
-            kind="counter",
-        )
-        m.gauge(
-            "wshub_uptime_seconds",
-            "Seconds since this node started.",
-            lambda: round(time.time() - self.started_at, 3),
-        )
-
-    def count_message(self, outcome: str) -> None:
-        self.messages.inc_label(outcome)
+    def new_connection(self) -> Connection:
+        """A connection for a socket just accepted (the server's protocol factory)."""
+        self.n_connecting += 1
+        return Connection(self.gateway, self.settings, self.loop)
 
     # -- Lifecycle --------------------------------------------------------------
 
@@ -295,7 +167,7 @@ class Node:
         self.draining = True
         self.admission.draining = True
         deadline = self.loop.time() + timeout
-        for conn in list(self.conns.values()):
+        for conn in list(self.connections.values()):
             conn.close(SHUTTING_DOWN)
         self.fanout.flush()
         # Wait (event-driven, bounded) for the closing handshakes to finish.
@@ -309,179 +181,109 @@ class Node:
             handle.cancel()
         await self.backplane.stop()
 
-    # -- Connections: admission and registry --------------------------------------
+    # -- Rooms (the gateway's RoomDirectory) -----------------------------------------
 
-    def new_session(self) -> Session:
-        c = self.config
-        return Session(
-            self.loop.time(),
-            message_rate=c.message_rate,
-            message_burst=c.message_burst,
-            strike_limit=c.rate_limit_refusals,
-            strike_window=c.rate_limit_window,
-        )
+    def enter(self, room: RoomName, upgrade: Upgrade) -> bool:
+        hub = self.rooms.get(room)
+        if room not in self._occupied:
+            limit = self.config.max_rooms
+            if room != DEFAULT_ROOM and limit and self.room_count(default=False) >= limit:
+                return False
+            self._occupied.add(room)
+        if hub is None:
+            hub = self.rooms[room] = Hub(
+                room,
+                host=self,
+                fanout=self.fanout,
+                backplane=self.backplane,
+                counters=self.counters,
+                node_id=self.node_id,
+                clock=time.time,
+            )
+            if not self.backplane.subscribe(room):
+                self._waiting[room] = []
+        waiting = self._waiting.get(room)
+        if waiting is None:
+            upgrade.complete(hub, self.loop.time())
+        else:
+            # The welcome's counts need the room's presence elsewhere: wait for it.
+            upgrade.conn.hold()
+            waiting.append(upgrade)
+        return True
 
-    def connecting(self, conn: Connection) -> None:
-        self.n_connecting += 1
-
-    def refuse(self, conn: Connection, status: int, reason: str, detail: str) -> None:
-        self.refused.inc_label(reason)
-        log_event(
-            log,
-            logging.INFO,
-            "refused",
-            peer=conn.peer,
-            status=status,
-            reason=reason,
-            detail=detail,
-        )
-
-    def handle_request(self, conn: Connection, request: http.Request) -> None:
-        """Answer one HTTP request: an endpoint, or the WebSocket upgrade."""
-        try:
-            path = request.path
-            head = request.method == "HEAD"
-            if path == "/websocket":
-                self._upgrade(conn, request)
-            elif path == "/echo" and self.config.echo_endpoint == "on":
-                conn.echo = True
-                self._upgrade(conn, request)
-            elif path == "/":
-                conn.respond(
-                    http.response(
-                        200,
-                        self._chat_page(),
-                        content_type="text/html; charset=utf-8",
-                        head_only=head,
-                    )
-                )
-            elif path == "/healthz":
-                conn.respond(http.response(200, "ok\n", head_only=head))
-            elif path == "/readyz":
-                ready, reason = self.readiness()
-                conn.respond(http.response(200 if ready else 503, reason + "\n", head_only=head))
-            elif path == "/metrics":
-                conn.respond(
-                    http.response(
-                        200,
-                        self.metrics.render(),
-                        content_type="text/plain; version=0.0.4; charset=utf-8",
-                        head_only=head,
-                    )
-                )
-            elif path == "/stats":
-                conn.respond(
-                    http.response(
-                        200,
-                        json.dumps(self.stats(), indent=2) + "\n",
-                        content_type="application/json",
-                        head_only=head,
-                    )
-                )
-            else:
-                conn.respond(http.response(404, "not found\n", head_only=head))
-        except http.HttpError as exc:
-            self.refuse(conn, exc.status, http.refusal_reason(exc.status), exc.body)
-            conn.respond(http.response(exc.status, exc.body + "\n", headers=exc.headers))
-
-    def readiness(self) -> tuple[bool, str]:
-        if self.draining:
-            return False, "draining: shutting down"
-        ok, reason = self.backplane.ready()
-        if not ok:
-            return False, f"backplane: {reason}"
-        if self.config.max_connections and len(self.conns) >= self.config.max_connections:
-            return False, "full: at --max-connections"
-        return True, "ready"
-
-    def _chat_page(self) -> bytes:
-        if self._page is None:
-            self._page = resources.files("wshub").joinpath("static/index.html").read_bytes()
-        return self._page
-
-    def _upgrade(self, conn: Connection, request: http.Request) -> None:
-        accept = http.check_upgrade(request)
-        origin = request.get("origin")
-        host = request.get("host")
-        if not self.origins.allows(origin, host):
-            self.refuse(conn, 403, "origin", f"origin {origin!r} not allowed")
-            conn.respond(http.response(403, "origin not allowed\n"))
+    def on_room_ready(self, room: RoomName) -> None:
+        hub = self.rooms.get(room)
+        waiting = self._waiting.pop(room, [])
+        if hub is None:
             return
-        ip = client_address(
-            conn.peer, request.get_all("x-forwarded-for"), self.config.trusted_proxies
-        )
         now = self.loop.time()
-        refused = self.admission.check(ip, now)
-        if refused is not None:
-            reason = {503: "unavailable", 429: "ip_limit"}[refused.status]
-            self.refuse(conn, refused.status, reason, refused.reason)
-            headers = (("Retry-After", "1"),)
-            conn.respond(http.response(refused.status, refused.reason + "\n", headers=headers))
-            return
-        extension = deflate = None
-        extensions_header = None
-        if self.config.compression == "on":
-            try:
-                negotiated = negotiate_deflate(request.get_all("sec-websocket-extensions"))
-            except Exception:
-                negotiated = None  # a malformed offer: go on uncompressed
-            if negotiated is not None:
-                extensions_header, extension, deflate = negotiated
-        conn.ip = ip
-        conn.origin = origin
-        connection_id = new_connection_id(protocol.unix_ms(time.time()))
-        while connection_id in self.conns:  # 36^9 makes this a formality
-            connection_id = new_connection_id(protocol.unix_ms(time.time()))
+        for upgrade in waiting:
+            upgrade.complete(hub, now)
+        if not hub.members:  # everyone left while waiting
+            self.room_emptied(hub)
+
+    def is_live(self, connection_id: ConnectionId) -> bool:
+        return connection_id in self.connections
+
+    def connection_ended(self, conn: Connection, previous: State) -> None:
+        """A connection gone before its upgrade completed."""
         self.n_connecting -= 1
-        conn.upgrade(
-            connection_id,
-            http.switching_protocols(accept, extensions_header),
-            extension,
-            deflate,
-            now,
-        )
+        if conn.admitted:
+            self.admission.release(conn.ip)
+        waiting = self._waiting.get(conn.room)
+        if waiting is not None:
+            waiting[:] = [upgrade for upgrade in waiting if upgrade.conn is not conn]
 
-    def opened(self, conn: Connection) -> None:
-        """*conn* completed its upgrade: welcome it, then tell everyone."""
-        self.accepted.inc()
-        if conn.echo:
-            return  # a conformance-test connection: not part of the hub
-        self.conns[conn.id] = conn
-        conn.is_recipient = True
-        self.fanout.joined(conn)
-        now = time.time()
-        total = self.cluster_count()
-        # The welcome goes out at once, straight after the 101 response: the
-        # newcomer has nothing queued before it. Its user_joined may wait a
-        # little for other joins, so a connection storm costs few writes.
-        welcome = protocol.encode_welcome(conn.id, total, now)
-        conn.transport.write(text_frame(welcome))
-        joined = protocol.encode_user_joined(conn.id, total, now)
-        self.fanout.to_all(joined, exclude=conn, urgent=False)
-        self.backplane.publish(Envelope(self.node_id, EventKind.JOINED, conn.id, joined))
-        log_event(
-            log, logging.INFO, "open", id=conn.id, peer=conn.peer, ip=conn.ip, origin=conn.origin
-        )
+    def room_count(self, *, default: bool = True) -> int:
+        """Rooms with members on this node."""
+        count = len(self._occupied)
+        if not default and DEFAULT_ROOM in self._occupied:
+            count -= 1
+        return count
 
-    def closing(self, conn: Connection) -> None:
-        """*conn* stopped being a recipient: its Close frame is on its way."""
-        self.n_closing += 1
-        self._unregister(conn)
+    def room_emptied(self, hub: Hub) -> None:
+        if self._waiting.get(hub.room):
+            return  # still joining
+        self._occupied.discard(hub.room)
+        self._emptied_at[hub.room] = self.loop.time()
+        self.loop.call_later(ROOM_GRACE, self._drop_room, hub.room)
 
-    def closed(self, conn: Connection, previous: State) -> None:
-        """The socket is gone, whatever the reason; *previous* is the state
-        the connection was in."""
-        if previous is State.CONNECTING:
-            self.n_connecting -= 1
+    def _drop_room(self, room: RoomName) -> None:
+        """Drop an empty room's hub once it stayed empty for the grace."""
+        if room in self._occupied:
+            return  # members came back; when it empties again, a new timer runs
+        emptied_at = self._emptied_at.get(room)
+        if emptied_at is None:
             return
+        wait = emptied_at + ROOM_GRACE - self.loop.time()
+        if wait > 0.01:  # emptied again since this timer was set
+            self.loop.call_later(wait, self._drop_room, room)
+            return
+        del self._emptied_at[room]
+        if self.rooms.pop(room, None) is not None:
+            self._waiting.pop(room, None)
+            self.backplane.unsubscribe(room)
+
+    # -- Members' lifecycle (the hubs' HubHost) -----------------------------------------
+
+    def member_opened(self, conn: Connection) -> None:
+        self.counters.accepted.inc()
+        self.n_connecting -= 1
+        if conn.is_recipient:
+            self.connections[conn.id] = conn
+
+    def member_closing(self, conn: Connection) -> None:
+        self.n_closing += 1
+        self.connections.pop(conn.id, None)
+
+    def member_closed(self, conn: Connection, previous: State) -> None:
         if previous is State.CLOSING:
             self.n_closing -= 1
             if self.n_closing == 0 and self._drained is not None and not self._drained.done():
                 self._drained.set_result(None)
-        else:  # dropped while open, without a closing handshake
-            self._unregister(conn)
+        self.connections.pop(conn.id, None)
         code = conn.close_code if conn.close_code is not None else 1006
-        self.closes.inc_label(str(code))
+        self.counters.closes.inc_label(str(code))
         self.admission.release(conn.ip)
         duration = self.loop.time() - conn.opened_at
         log_event(
@@ -497,145 +299,62 @@ class Node:
             duration=round(duration, 3),
         )
 
-    def _unregister(self, conn: Connection) -> None:
-        """Remove *conn* from the registry and announce ``user_left``, once."""
-        if self.conns.pop(conn.id, None) is None:
-            return
-        conn.is_recipient = False
-        left = protocol.encode_user_left(conn.id, self.cluster_count(), time.time())
-        if self.conns:
-            self.fanout.to_all(left, urgent=False)
-        self.backplane.publish(Envelope(self.node_id, EventKind.LEFT, conn.id, left))
+    def member_refused(self, conn: Connection, status: int, reason: str, detail: str) -> None:
+        self.gateway.on_refused(conn, status, reason, detail)
 
-    def cluster_count(self) -> int:
-        return len(self.conns) + self.backplane.remote_count()
-
-    # -- Messages from clients ------------------------------------------------------
-
-    def on_text(self, conn: Connection, text: str) -> None:
-        # The hot path of every relayed message: counters as plain dict
-        # updates, the relay case tested first.
-        outcomes = self._outcomes
-        outcomes["INCOMING"] += 1
-        result = protocol.parse_client_text(text)
-        if type(result) is Relay:
-            outcomes["VALIDATED"] += 1
-            payload = protocol.encode_relay(result.kind, conn.id, result.content, time.time())
-            exclude = conn if result.kind is _MESSAGE else None
-            recipients = len(self.conns) - (1 if exclude is not None else 0)
-            self.fanout_sizes.observe(recipients)
-            if recipients:
-                self.fanout.to_all(payload, exclude=exclude)
-            self.backplane.publish(Envelope(self.node_id, EventKind.RELAY, conn.id, payload))
-            outcomes["ROUTED"] += 1
-            return
-        if isinstance(result, Refusal):
-            self._refuse(conn, result)
-            return
-        outcomes["VALIDATED"] += 1
-        if result is protocol.PING:
-            self.fanout.to_one(conn, protocol.encode_pong(time.time()))
-        elif result is protocol.USER_INFO:
-            self.fanout.to_one(
-                conn, protocol.encode_user_info_response(conn.id, self.cluster_count(), time.time())
-            )
-        # PONG: a sign of life, already noted by the connection.
-        outcomes["ROUTED"] += 1
-
-    def on_echo(self, conn: Connection, text: bool, message: bytes) -> None:
-        """/echo: send the message back as it came (conformance testing)."""
-        opcode = OP_TEXT if text else OP_BINARY
-        deflate = conn.deflate
-        frame = wire_frame(opcode, message) if deflate is None else deflate.frame(opcode, message)
-        self.fanout.raw_to_one(conn, frame)
-
-    def on_binary(self, conn: Connection) -> None:
-        self.messages.inc_label("INCOMING")
-        self._refuse(conn, _BINARY_REFUSAL)
-
-    def rate_limited(self, conn: Connection, *, disconnect: bool) -> None:
-        self.messages.inc_label("INCOMING")
-        self.rate_refusals.inc()
-        if disconnect:
-            self.messages.inc_label("FAILED")
-            log_event(log, logging.INFO, "rate_limit_close", id=conn.id, ip=conn.ip)
-            conn.close(RATE_LIMIT_EXCEEDED)
-            return
-        self._refuse(conn, _RATE_REFUSAL)
-
-    def _refuse(self, conn: Connection, refusal: Refusal) -> None:
-        self.messages.inc_label("FAILED")
-        self.errors.inc_label(refusal.code.value)
-        self.fanout.to_one(conn, protocol.encode_error(refusal))
-
-    # -- Messages from other nodes ----------------------------------------------------
+    # -- The backplane's handler -------------------------------------------------------
 
     def on_envelope(self, envelope: Envelope) -> None:
-        if self.conns:
-            # Relays are urgent; presence from other nodes may wait for company.
-            self.fanout.to_all(envelope.payload, urgent=envelope.kind is EventKind.RELAY)
-        if envelope.kind is EventKind.RELAY:
-            self.fanout_sizes.observe(len(self.conns))
+        hub = self.rooms.get(envelope.room)
+        if hub is not None:
+            hub.on_envelope(envelope)
 
-    def on_connections_lost(self, connection_ids: Iterable[ConnectionId]) -> None:
-        """Connections elsewhere that are gone without their own ``left``
-        event (their node died): the view already dropped them."""
-        self._announce(connection_ids, protocol.encode_user_left)
+    def on_connections_lost(self, room: RoomName, connection_ids: Iterable[ConnectionId]) -> None:
+        hub = self.rooms.get(room)
+        if hub is not None:
+            hub.announce_left(connection_ids)
 
-    def on_connections_found(self, connection_ids: Iterable[ConnectionId]) -> None:
-        """Connections elsewhere whose ``joined`` event was lost (an outage)."""
-        self._announce(connection_ids, protocol.encode_user_joined)
+    def on_connections_found(self, room: RoomName, connection_ids: Iterable[ConnectionId]) -> None:
+        hub = self.rooms.get(room)
+        if hub is not None:
+            hub.announce_joined(connection_ids)
 
-    def _announce(
-        self,
-        connection_ids: Iterable[ConnectionId],
-        encode: Callable[[ConnectionId, int, float], bytes],
-    ) -> None:
-        if not self.conns:
-            return
-        now = time.time()
-        total = self.cluster_count()
-        for connection_id in connection_ids:
-            self.fanout.to_all(encode(connection_id, total, now), urgent=False)
-
-    def local_connection_ids(self) -> list[ConnectionId]:
-        return list(self.conns)
+    def local_presence(self) -> list[tuple[RoomName, ConnectionId]]:
+        return [(hub.room, cid) for hub in self.rooms.values() for cid in hub.members]
 
     def _rejoin(self) -> None:
         """The cluster reaped us during an outage and told everyone our clients
         left: close them so they come back as new connections."""
-        for conn in list(self.conns.values()):
+        for conn in list(self.connections.values()):
             conn.close(_REJOIN)
 
     # -- Timers ---------------------------------------------------------------------
 
     def _heartbeat(self) -> None:
-        """Every interval: the JSON ping for browsers' scripts, and a protocol
-        Ping frame, which browsers answer on their own (decisions.md 6)."""
-        if not self.conns:
-            return
-        self.fanout.to_all(protocol.encode_ping(time.time()), urgent=False)
-        self.fanout.control_to_all(_PROTOCOL_PING_FRAME, urgent=False)
+        for hub in self.rooms.values():
+            hub.heartbeat()
 
     def _check_liveness(self) -> None:
         now = self.loop.time()
         timeout = self.config.effective_heartbeat_timeout
-        silent = [conn for conn in self.conns.values() if now - conn.session.last_seen > timeout]
+        silent = [c for c in self.connections.values() if now - c.session.last_seen > timeout]
         for conn in silent:
             log_event(log, logging.INFO, "heartbeat_timeout", id=conn.id, peer=conn.peer)
             conn.close(HEARTBEAT_TIMEOUT)
 
     def _sweep(self) -> None:
         """Remove anything closed that was missed; forget idle rate buckets."""
-        stale = [
-            conn
-            for conn in self.conns.values()
-            if conn.session.state is not State.OPEN or conn.transport.is_closing()
-        ]
-        for conn in stale:
-            log.warning("sweep removed id=%s state=%s", conn.id, conn.session.state.name)
-            self._unregister(conn)
-            conn.abort()
+        for hub in list(self.rooms.values()):
+            stale = [
+                conn
+                for conn in hub.members.values()
+                if conn.session.state is not State.OPEN or conn.transport.is_closing()
+            ]
+            for conn in stale:
+                log.warning("sweep removed id=%s state=%s", conn.id, conn.session.state.name)
+                hub.remove(conn)
+                self.connections.pop(conn.id, None)
+                conn.abort()
         self.admission.purge(self.loop.time())
         # After a burst (a connection storm buffers hundreds of MB of
         # user_joined frames for a moment) glibc keeps the freed memory;
@@ -644,41 +363,80 @@ class Node:
             _malloc_trim(0)
 
     def _slow_consumer(self, conn: Connection) -> None:
-        self.slow_closes.inc()
+        self.counters.slow_closes.inc()
         log_event(
             log,
             logging.WARNING,
             "slow_consumer",
             id=conn.id,
             peer=conn.peer,
-            buffered=conn.transport.get_write_buffer_size(),
+            buffered=conn.buffered(),
         )
         conn.close(SLOW_CONSUMER)
 
     def _send_failed(self, conn: Connection, exc: BaseException) -> None:
-        self.send_failures.inc()
+        self.counters.send_failures.inc()
         log_event(log, logging.WARNING, "send_failed", id=conn.id, peer=conn.peer, error=repr(exc))
         conn.abort()
 
     # -- Introspection ----------------------------------------------------------------
 
+    def readiness(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining: shutting down"
+        ok, reason = self.backplane.ready()
+        if not ok:
+            return False, f"backplane: {reason}"
+        if self.config.max_connections and len(self.connections) >= self.config.max_connections:
+            return False, "full: at --max-connections"
+        return True, "ready"
+
+    def cluster_count(self) -> int:
+        """Open connections in the rooms this node has members in, cluster-wide."""
+        return sum(hub.count() for hub in self.rooms.values() if hub.members)
+
+    def connections_by_state(self) -> dict[str, float]:
+        return {
+            "connecting": self.n_connecting,
+            "open": len(self.connections),
+            "closing": self.n_closing,
+        }
+
+    def loop_lag(self) -> float:
+        return self._lag
+
+    def uptime(self) -> float:
+        return round(time.time() - self.started_at, 3)
+
+    def fanout_figures(self) -> dict[str, float]:
+        fanout = self.fanout
+        return {
+            "deliveries": fanout.deliveries,
+            "writes": fanout.writes,
+            "direct_sends": fanout.direct_sends,
+        }
+
+    def backplane_figures(self) -> dict[str, float]:
+        return self.backplane.metrics()
+
+    def metrics_text(self) -> str:
+        return self.metrics.render()
+
     def stats(self) -> dict[str, object]:
-        outcomes = ("INCOMING", "VALIDATED", "ROUTED", "FAILED")
+        ready, detail = self.backplane.ready()
         return {
             "nodeId": self.node_id,
             "version": __version__,
-            "uptimeSeconds": round(time.time() - self.started_at, 3),
+            "uptimeSeconds": self.uptime(),
             "connections": {
-                "node": len(self.conns),
+                "node": len(self.connections),
                 "cluster": self.cluster_count(),
                 "connecting": self.n_connecting,
+                "open": len(self.connections),
                 "closing": self.n_closing,
             },
-            "messages": {outcome: self.messages.get(outcome) for outcome in outcomes},
+            "rooms": self.room_count(),
+            "messages": {outcome: self.counters.messages.get(outcome) for outcome in OUTCOMES},
             "deliveries": self.fanout.deliveries,
-            "backplane": {
-                "ready": self.backplane.ready()[0],
-                "detail": self.backplane.ready()[1],
-                **self.backplane.metrics(),
-            },
+            "backplane": {"ready": ready, "detail": detail, **self.backplane.metrics()},
         }

@@ -233,13 +233,16 @@ def _payload(obj: dict[str, object]) -> bytes:
     return _dumps(obj).encode("utf-8")
 
 
-def encode_welcome(connection_id: ConnectionId, connection_count: int, now: float) -> bytes:
+def encode_welcome(
+    connection_id: ConnectionId, connection_count: int, now: float, room: str = ""
+) -> bytes:
     return _payload(
         {
             "type": "welcome",
             "connectionId": connection_id,
             "timestamp": iso_timestamp(now),
             "connectionCount": connection_count,
+            "room": room,
         }
     )
 
@@ -295,7 +298,7 @@ def encode_pong(now: float) -> bytes:
 
 
 def encode_user_info_response(
-    connection_id: ConnectionId, connection_count: int, now: float
+    connection_id: ConnectionId, connection_count: int, now: float, room: str = ""
 ) -> bytes:
     return _payload(
         {
@@ -303,6 +306,7 @@ def encode_user_info_response(
             "connectionId": connection_id,
             "connectionCount": connection_count,
             "timestamp": iso_timestamp(now),
+            "room": room,
         }
     )
 

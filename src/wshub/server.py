@@ -10,7 +10,6 @@ import socket
 import sys
 
 from .config import Config
-from .connection import Connection
 from .node import Node
 from .supervisor import REUSE_PORT_ENV, supervise
 
@@ -30,7 +29,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
     node = Node(config, loop)
     await node.start()
     server = await loop.create_server(
-        lambda: Connection(node),
+        node.new_connection,
         config.host,
         config.port,
         backlog=4096,
@@ -50,7 +49,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
     try:
         await stop.wait()
     finally:
-        log.info("shutting down: draining %d connections", len(node.conns))
+        log.info("shutting down: draining %d connections", len(node.connections))
         server.close()
         # The promise is to exit within --drain-timeout, whatever a client or
         # the backplane does meanwhile: a drain that overruns is abandoned

@@ -100,7 +100,11 @@ def test_encoders_match_the_seed_shapes() -> None:
         "connectionId": cid,
         "timestamp": "2026-11-25T20:20:00.500Z",
         "connectionCount": 3,
+        "room": "",  # the seed's fields, and the room (decisions.md 12)
     }
+    assert json.loads(protocol.encode_welcome(cid, 3, now, "Lobby"))["room"] == "Lobby"
+    info = json.loads(protocol.encode_user_info_response(cid, 2, now, "Lobby"))
+    assert info["room"] == "Lobby" and info["connectionCount"] == 2
     assert json.loads(protocol.encode_user_joined(cid, 4, now))["totalUsers"] == 4
     assert json.loads(protocol.encode_user_left(cid, 2, now))["type"] == "user_left"
     assert json.loads(protocol.encode_ping(now)) == {"type": "ping", "timestamp": 1795638000500}
