@@ -48,18 +48,20 @@ class Server:
     def ws_url(self) -> str:
         return f"ws://{self.host}:{self.port}/websocket"
 
-    def connect(self, **kwargs: object) -> ClientConnection:
+    def connect(self, room: str | None = None, **kwargs: object) -> ClientConnection:
+        """A WebSocket to the default room, or to *room* (``/websocket/{room}``)."""
         kwargs.setdefault("open_timeout", TIMEOUT)
         kwargs.setdefault("close_timeout", TIMEOUT)
         kwargs.setdefault("legacy", True)
         # Unbounded client-side queue: with the default, a client that has not
         # read its backlog stops reading the socket and can't see a Close.
         kwargs.setdefault("max_queue", None)  # a connection held across calls, not a with-block
-        return connect(self.ws_url, **kwargs)  # type: ignore[arg-type]
+        url = self.ws_url if room is None else f"{self.ws_url}/{room}"
+        return connect(url, **kwargs)  # type: ignore[arg-type]
 
-    def client(self, **kwargs: object) -> Client:
+    def client(self, room: str | None = None, **kwargs: object) -> Client:
         """Connect and read the ``welcome``."""
-        ws = self.connect(**kwargs)
+        ws = self.connect(room, **kwargs)
         welcome = json.loads(ws.recv(timeout=TIMEOUT))
         assert welcome["type"] == "welcome", welcome
         return Client(ws, welcome["connectionId"], welcome)
