@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -88,11 +87,9 @@ class Server:
 
     def wait_for(self, predicate: Callable[[], bool], what: str) -> None:
         """Poll the server's own introspection until *predicate* holds."""
-        deadline = time.monotonic() + TIMEOUT
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}")
-            time.sleep(0.01)
+        from .waiting import wait_until
+
+        wait_until(predicate, what)
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc.poll() is None:
@@ -246,16 +243,17 @@ class RedisServer:
         )
         import redis
 
+        from .waiting import wait_until
+
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + TIMEOUT
-        while True:
+
+        def answers() -> bool:
             try:
-                client.ping()
-                break
+                return bool(client.ping())
             except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise AssertionError("redis-server did not start") from None
-                time.sleep(0.02)
+                return False
+
+        wait_until(answers, "redis-server to start", interval=0.02)
         client.close()
 
     def stop(self) -> None:

@@ -42,6 +42,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.typing import Origin
 
 from .rooms import is_room_name
 
@@ -396,7 +397,7 @@ async def _run(args: argparse.Namespace, output: Output) -> int:
         ws = await connect(
             url,
             additional_headers=headers,
-            origin=args.origin,  # type: ignore[arg-type]
+            origin=Origin(args.origin) if args.origin else None,
             open_timeout=args.timeout,
             max_size=None,
             max_queue=None,

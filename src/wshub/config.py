@@ -393,10 +393,6 @@ class Option:
     def env(self) -> str:
         return "WSHUB_" + self.attr.upper()
 
-    @property
-    def toml_key(self) -> str:
-        return self.attr.replace("_", "-")
-
 
 OPTIONS: tuple[Option, ...] = tuple(
     Option(f.name, f.default, f.metadata["help"], f.metadata["parse"], f.metadata["metavar"])

@@ -29,7 +29,7 @@ import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from websockets.extensions.permessage_deflate import PerMessageDeflate
 from websockets.frames import Frame, Opcode
@@ -41,6 +41,7 @@ from . import http
 from .errors import CloseCode, Disconnect
 from .framescan import FrameScanner
 from .ids import ConnectionId
+from .rooms import DEFAULT_ROOM
 from .session import Admit, Session, State
 from .wire import Deflate
 
@@ -156,7 +157,6 @@ class Connection(asyncio.Protocol):
         "_message_opcode",
         "_message_decoder",
         "_message_refused",
-        "_released",
         "_failed",
         "_scanner",
         "_held",
@@ -174,12 +174,12 @@ class Connection(asyncio.Protocol):
         self.owner = owner
         self.settings = settings
         self.loop = loop
-        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set on connect
+        self.transport: asyncio.Transport  # set by connection_made(), the first call
         self.peer = ""
         self.ip = ""  # the client address the per-IP limits apply to
         self.origin: str | None = None
         self.id = ConnectionId("")
-        self.room = ""  # the room it belongs to once admitted ("" the default room)
+        self.room = DEFAULT_ROOM  # the room it belongs to once admitted
         self.admitted = False  # holds a slot of the per-IP and node limits
         self.session = Session(
             loop.time(),
@@ -209,20 +209,16 @@ class Connection(asyncio.Protocol):
         self._message_opcode = _TEXT
         self._message_decoder: codecs.IncrementalDecoder | None = None
         self._message_refused = False
-        self._released = False  # admission slot given back
         self._failed = False  # we failed the connection in this batch of frames
         self._scanner = FrameScanner(settings.max_message_size)
         self._held = False  # the upgrade is granted but waits (see hold())
         self._body: tuple[int, Callable[[bytes], None]] | None = None  # see read_body()
 
-    @property
-    def state(self) -> State:
-        return self.session.state
-
     # -- asyncio callbacks ----------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        # A stream transport (uvloop's is no subclass of asyncio.Transport).
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             # A fixed kernel send buffer instead of Linux's autotuning (up to
@@ -431,14 +427,15 @@ class Connection(asyncio.Protocol):
         # Queue each Pong at its Ping's place among our replies.
         out = ws.data_to_send()
         pongs = 0
-        for frame in events:
+        for frame in cast(list[Frame], events):  # a server side receives frames only
             # Frames parsed before a failure or a Close are processed; after
             # we failed or closed the connection ourselves, the rest is dropped.
             if self._failed or self.session.state is not State.OPEN:
                 break
             opcode = frame.opcode
             if opcode is _TEXT or opcode is _BINARY or opcode is _CONT:
-                self._receive_data_frame(opcode, frame.data, frame.fin)
+                # bytes() of the bytes the library gives is that same object.
+                self._receive_data_frame(opcode, bytes(frame.data), frame.fin)
             elif opcode is _PING:
                 if pongs < len(out) and out[pongs]:
                     self.owner.on_control(self, out[pongs])

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 __all__ = [
     "HEARTBEAT_TIMEOUT",
     "RATE_LIMIT_EXCEEDED",
-    "SERVER_ERROR",
     "SHUTTING_DOWN",
     "SLOW_CONSUMER",
     "CloseCode",
@@ -59,4 +58,3 @@ HEARTBEAT_TIMEOUT = Disconnect(CloseCode.INTERNAL_ERROR, "heartbeat timeout")
 SLOW_CONSUMER = Disconnect(CloseCode.POLICY_VIOLATION, "slow consumer")
 RATE_LIMIT_EXCEEDED = Disconnect(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
 SHUTTING_DOWN = Disconnect(CloseCode.GOING_AWAY, "server shutting down")
-SERVER_ERROR = Disconnect(CloseCode.INTERNAL_ERROR, "internal error")

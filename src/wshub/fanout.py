@@ -48,20 +48,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Collection
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from .wire import Deflate, text_frame
-
-try:
-    from ._directsend import send_each as compiled_send_each
-except ImportError:  # built without a C compiler: every write through the writer
-    compiled_send_each = None
 
 __all__ = ["Audience", "DirectTarget", "Fanout", "Recipient", "SendEach", "compiled_send_each"]
 
 SendEach = Callable[[list["DirectTarget"], bytes], "list[tuple[int, int]] | None"]
 """``wshub._directsend.send_each``: the bytes to every idle target, what it
 could not send handed back as ``(index, bytes sent)``."""
+
+compiled_send_each: SendEach | None
+try:
+    from ._directsend import send_each as compiled_send_each
+except ImportError:  # built without a C compiler: every write through the writer
+    compiled_send_each = None
 
 
 class Recipient(Protocol):
@@ -73,7 +74,7 @@ class Recipient(Protocol):
     marked: bool
     # Whether it is a member of its audience's shared frames now.
     is_recipient: bool
-    audience: Audience[Recipient] | None
+    audience: Audience[Any] | None
     deflate: Deflate | None
 
     # (transport, socket fd, the recipient) when the engine may send to the
@@ -87,7 +88,8 @@ class Recipient(Protocol):
         ...
 
 
-DirectTarget = tuple[asyncio.Transport, int, Recipient]
+DirectTarget = tuple[asyncio.Transport, int, Any]
+"""(transport, socket fd, the recipient): what send_each takes."""
 
 R = TypeVar("R", bound=Recipient)
 
@@ -131,11 +133,6 @@ class Fanout(Generic[R]):
         self.deliveries = 0
         self.writes = 0
         self.direct_sends = 0  # writes that went straight to the socket
-
-    @property
-    def direct(self) -> bool:
-        """Whether recipients' sockets can be written directly (see above)."""
-        return self._send_each is not None
 
     # -- Queueing (called while routing; never writes) -----------------------
 
@@ -183,15 +180,15 @@ class Fanout(Generic[R]):
         pending = conn.pending
         if pending is None:
             conn.pending = pending = []
-            self._mark(audience, conn)  # type: ignore[arg-type]
+            self._mark(audience, conn)
         pending.append((len(audience.frames), frame))
-        self._schedule(audience)  # type: ignore[arg-type]
+        self._schedule(audience)
 
     def joined(self, audience: Audience[R], conn: R) -> None:
         """*conn* belongs to *audience* from now on: it gets no frame queued
         before. (It receives the shared frames once it is among the members
         and ``is_recipient`` is set.)"""
-        conn.audience = audience  # type: ignore[assignment]
+        conn.audience = audience
         conn.joined_at = len(audience.frames)
         if conn.joined_at:
             self._mark(audience, conn)
@@ -262,8 +259,8 @@ class Fanout(Generic[R]):
             common = frames[0] if len(frames) == 1 else b"".join(frames)
             common_deflated: dict[int, bytes] = {}
             recipients = audience.members()
-            direct: list[DirectTarget] = []
-            direct_deflated: dict[int, list[DirectTarget]] = {}
+            direct: list[tuple[asyncio.Transport, int, R]] = []
+            direct_deflated: dict[int, list[tuple[asyncio.Transport, int, R]]] = {}
             for conn in recipients:
                 if conn.marked:
                     data = self._build(audience, conn, conn.deflate, deflated)
@@ -276,11 +273,12 @@ class Fanout(Generic[R]):
                     data = common
                 else:
                     wbits = conn.deflate.wbits
-                    data = common_deflated.get(wbits)
-                    if data is None:
-                        data = common_deflated[wbits] = b"".join(
+                    compressed = common_deflated.get(wbits)
+                    if compressed is None:
+                        compressed = common_deflated[wbits] = b"".join(
                             self._deflated(audience, conn.deflate, deflated)
                         )
+                    data = compressed
                     if conn.direct is not None:
                         # One send_each call per window size, after the loop.
                         group = direct_deflated.get(wbits)
@@ -327,7 +325,9 @@ class Fanout(Generic[R]):
         audience.excluded = []
         audience.marked = []
 
-    def _send_direct(self, direct: list[DirectTarget], data: bytes, slow: list[R]) -> int:
+    def _send_direct(
+        self, direct: list[tuple[asyncio.Transport, int, R]], data: bytes, slow: list[R]
+    ) -> int:
         """*data* to every target in *direct*: straight to the socket where
         the transport is idle, the rest (or all) through the writer."""
         assert self._send_each is not None
@@ -339,7 +339,7 @@ class Fanout(Generic[R]):
         writes = len(direct)
         view = memoryview(data)
         for index, sent in left:
-            conn: R = direct[index][2]  # type: ignore[assignment]
+            conn = direct[index][2]
             # Partly sent, or not at all (closing, something queued, EAGAIN,
             # an error the transport will meet and report).
             try:

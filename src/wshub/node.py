@@ -337,7 +337,7 @@ class Node:
     def _check_liveness(self) -> None:
         now = self.loop.time()
         timeout = self.config.effective_heartbeat_timeout
-        silent = [c for c in self.connections.values() if now - c.session.last_seen > timeout]
+        silent = [c for c in self.connections.values() if c.session.silent_for(now) > timeout]
         for conn in silent:
             log_event(log, logging.INFO, "heartbeat_timeout", id=conn.id, peer=conn.peer)
             conn.close(HEARTBEAT_TIMEOUT)

@@ -20,8 +20,9 @@ from __future__ import annotations
 import enum
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from .ids import ConnectionId
 
@@ -35,9 +36,7 @@ __all__ = [
     "Relay",
     "RelayKind",
     "UserInfoRequest",
-    "encode_broadcast",
     "encode_error",
-    "encode_message",
     "encode_ping",
     "encode_pong",
     "encode_relay",
@@ -132,7 +131,8 @@ def _refuse_constant(name: str) -> object:
 
 
 _decoder = json.JSONDecoder(parse_constant=_refuse_constant)
-_scan_once = _decoder.scan_once
+# The C scanner that JSONDecoder.__init__ sets (typeshed does not declare it).
+_scan_once: Callable[[str, int], tuple[Any, int]] = vars(_decoder)["scan_once"]
 _JSON_WS: Final = " \t\n\r"
 
 
@@ -279,14 +279,6 @@ def encode_relay(kind: RelayKind, sender: ConnectionId, content: str, now: float
         f'{_RELAY_HEADS[kind]}{sender}","content":'
         f'{_escape_string(content)},"timestamp":"{iso_timestamp(now)}"}}'
     ).encode()
-
-
-def encode_message(sender: ConnectionId, content: str, now: float) -> bytes:
-    return encode_relay(RelayKind.MESSAGE, sender, content, now)
-
-
-def encode_broadcast(sender: ConnectionId, content: str, now: float) -> bytes:
-    return encode_relay(RelayKind.BROADCAST, sender, content, now)
 
 
 def encode_ping(now: float) -> bytes:

@@ -10,6 +10,7 @@ from wshub.ids import ConnectionId, NodeId
 from wshub.rooms import RoomName
 
 from ..conftest import TIMEOUT
+from ..waiting import wait_until_async
 from .test_contract import Recorder, subscribe
 
 
@@ -36,11 +37,11 @@ def test_a_silent_subscription_is_rebuilt(redis_server) -> None:
         await b.start(recorders[1])
         await subscribe(b, recorders[1], "")
         await b._pubsub.unsubscribe()  # silent: no error, just no more messages
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        while b.silent_rebuilds == 0 or not b.ready()[0]:
-            assert loop.time() - start < 3 * 0.2 + 1.0 + TIMEOUT, "never noticed"
-            await asyncio.sleep(0.05)
+        await wait_until_async(
+            lambda: b.silent_rebuilds > 0 and b.ready()[0],
+            "the silent subscription to be rebuilt",
+            3 * 0.2 + 1.0 + TIMEOUT,
+        )
         a.publish(
             Envelope(NodeId("a"), EventKind.RELAY, RoomName(""), ConnectionId("ws-1"), b"again")
         )

@@ -109,7 +109,7 @@ def test_encoders_match_the_seed_shapes() -> None:
     assert json.loads(protocol.encode_user_left(cid, 2, now))["type"] == "user_left"
     assert json.loads(protocol.encode_ping(now)) == {"type": "ping", "timestamp": 1795638000500}
     assert json.loads(protocol.encode_pong(now)) == {"type": "pong", "timestamp": 1795638000500}
-    message = protocol.encode_message(cid, "é\u0000<b>", now)
+    message = protocol.encode_relay(RelayKind.MESSAGE, cid, "é\u0000<b>", now)
     assert json.loads(message)["content"] == "é\u0000<b>"
     message.decode("utf-8")
     error = json.loads(protocol.encode_error(Refusal(ErrorCode.RATE_LIMITED, "slow")))

@@ -101,7 +101,3 @@ class ViewKeeper:
         if change.left:
             log.info("resync lost %d connections in room %r", len(change.left), room)
             self.handler.on_connections_lost(room, change.left)
-
-    def known_nodes(self) -> int:
-        """Other nodes with members in this node's rooms."""
-        return len({node for view in self.views.values() for node in view.nodes})

@@ -33,7 +33,7 @@ class MemoryBroker:
 
     def publish(self, envelope: Envelope) -> None:
         for peer in list(self.channels.get(envelope.room, {}).values()):
-            peer.loop.call_soon(peer.receive, envelope)
+            peer.deliver(envelope)
 
     def snapshot(self, room: RoomName) -> dict[NodeId, set[ConnectionId]]:
         return {
@@ -54,14 +54,19 @@ class MemoryBackplane(ViewKeeper):
         self, node_id: NodeId, broker: MemoryBroker | None = None, *, node_ttl: float = 30.0
     ) -> None:
         super().__init__(node_id, time.monotonic)
-        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
         self.broker = broker if broker is not None else MemoryBroker()
         self.node_ttl = node_ttl
         self._timer: asyncio.TimerHandle | None = None
 
+    def deliver(self, envelope: Envelope) -> None:
+        """*envelope* from the broker, on a later pass of our loop (as from Redis)."""
+        if self._loop is not None:
+            self._loop.call_soon(self.receive, envelope)
+
     async def start(self, handler: BackplaneHandler) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.clock = self.loop.time
+        self._loop = loop = asyncio.get_running_loop()
+        self.clock = loop.time
         self.handler = handler
         self.broker.presence[self.node_id] = {cid: room for room, cid in handler.local_presence()}
         self._tick()
@@ -100,7 +105,8 @@ class MemoryBackplane(ViewKeeper):
                         self.node_id, EventKind.LOST, room, ConnectionId(node), lost_payload(ids)
                     )
                 )
-        self._timer = self.loop.call_later(self.node_ttl / 3, self._tick)
+        assert self._loop is not None, "started"
+        self._timer = self._loop.call_later(self.node_ttl / 3, self._tick)
 
     async def stop(self) -> None:
         """Leave the cluster cleanly: presence withdrawn, nothing to reap."""

@@ -215,7 +215,7 @@ class RedisBackplane(ViewKeeper):
         pipe = self._redis.pipeline(transaction=True)
         pipe.srem(keys.nodes, self.node_id)
         for cid, room in mine.items():
-            pipe.hdel(keys.presence(room.decode()), cid)
+            pipe.hdel(keys.presence(_text(room)), cid)
         pipe.delete(keys.conns(self.node_id), keys.alive(self.node_id))
         await pipe.execute()
 
@@ -419,7 +419,9 @@ class RedisBackplane(ViewKeeper):
         probe_channel = self.keys.probe(self.node_id).encode()
         while not self._stopping:
             assert self._redis is not None
-            pubsub = self._pubsub = self._redis.pubsub()
+            # redis-py's PubSub is untyped.
+            pubsub: Any = self._redis.pubsub()
+            self._pubsub = pubsub
             try:
                 rooms = sorted(self._rooms)
                 waiting = set(self._unready)
@@ -491,7 +493,7 @@ class RedisBackplane(ViewKeeper):
         pipe.sadd(keys.nodes, node)
         pipe.set(keys.alive(node), "1", px=int(self.node_ttl * 1000))
         for cid, room in stale.items():
-            pipe.hdel(keys.presence(room.decode()), cid)
+            pipe.hdel(keys.presence(_text(room)), cid)
         pipe.delete(keys.conns(node))
         for room, cid in presence:
             pipe.hset(keys.conns(node), cid, room)
@@ -526,7 +528,7 @@ class RedisBackplane(ViewKeeper):
         assert self._redis is not None
         keys = self.keys
         await self._redis.set(keys.alive(self.node_id), "1", px=int(self.node_ttl * 1000))
-        nodes = [n.decode() for n in await self._redis.smembers(keys.nodes)]
+        nodes = [_text(n) for n in await self._redis.smembers(keys.nodes)]
         for node in nodes:
             if node == self.node_id:
                 continue
@@ -596,6 +598,11 @@ async def reap_node(url: str, node_id: str, *, prefix: str = "wshub") -> list[st
         return [cid for ids in by_room.values() for cid in ids]
     finally:
         await redis.aclose()
+
+
+def _text(value: bytes | str) -> str:
+    """A value read from Redis (bytes, as the client is not decoding)."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _redacted(url: str) -> str:
