@@ -68,7 +68,6 @@ class ConnectionSettings:
     """The options a connection applies by itself."""
 
     max_message_size: int
-    send_buffer_limit: int
     handshake_timeout: float
     close_timeout: float
     message_rate: float
@@ -284,13 +283,13 @@ class Connection(asyncio.Protocol):
 
     # -- Writing ----------------------------------------------------------------
 
-    def write(self, data: bytes | memoryview) -> bool:
-        """Write *data* to the socket (frames, in order); True when the send
-        buffer is over ``--send-buffer-limit`` now: a slow consumer, which the
-        caller reports. Raises what a broken transport raises."""
+    def write(self, data: bytes | memoryview) -> int:
+        """Write *data* to the socket (frames, in order); return the bytes
+        still unsent after it (the fan-out compares them with
+        ``--send-buffer-limit``). Raises what a broken transport raises."""
         transport = self.transport
         transport.write(data)
-        return transport.get_write_buffer_size() > self.settings.send_buffer_limit
+        return transport.get_write_buffer_size()
 
     def buffered(self) -> int:
         """Bytes written but not sent yet."""

@@ -82,9 +82,9 @@ class Recipient(Protocol):
     @property
     def direct(self) -> DirectTarget | None: ...
 
-    def write(self, data: bytes | memoryview) -> bool:
-        """Write *data* to the socket; True when the send buffer is over its
-        limit now (a slow consumer). May raise when the transport is broken."""
+    def write(self, data: bytes | memoryview) -> int:
+        """Write *data* to the socket; return the bytes still unsent after it.
+        May raise when the transport is broken."""
         ...
 
 
@@ -116,12 +116,14 @@ class Fanout(Generic[R]):
         self,
         loop: asyncio.AbstractEventLoop,
         *,
+        send_buffer_limit: int,
         on_slow_consumer: Callable[[R], None],
         on_send_failed: Callable[[R, BaseException], None],
         coalesce_delay: float = 0.05,
         send_each: SendEach | None = compiled_send_each,
     ) -> None:
         self._loop = loop
+        self._limit = send_buffer_limit
         self._on_slow = on_slow_consumer
         self._on_failed = on_send_failed
         self._queued: list[Audience[R]] = []
@@ -259,6 +261,7 @@ class Fanout(Generic[R]):
             common = frames[0] if len(frames) == 1 else b"".join(frames)
             common_deflated: dict[int, bytes] = {}
             recipients = audience.members()
+            limit = self._limit
             direct: list[tuple[asyncio.Transport, int, R]] = []
             direct_deflated: dict[int, list[tuple[asyncio.Transport, int, R]]] = {}
             for conn in recipients:
@@ -288,12 +291,13 @@ class Fanout(Generic[R]):
                         continue
                 # _write(), inlined: this loop runs once per recipient.
                 try:
-                    if conn.write(data):
-                        slow.append(conn)
+                    unsent = conn.write(data)
                 except Exception as exc:
                     self._on_failed(conn, exc)
                     continue
                 writes += 1
+                if unsent > limit:
+                    slow.append(conn)
             if direct:
                 writes += self._send_direct(direct, common, slow)
             for wbits, group in direct_deflated.items():
@@ -343,23 +347,23 @@ class Fanout(Generic[R]):
             # Partly sent, or not at all (closing, something queued, EAGAIN,
             # an error the transport will meet and report).
             try:
-                over = conn.write(view[sent:] if sent else data)
+                unsent = conn.write(view[sent:] if sent else data)
             except Exception as exc:
                 self._on_failed(conn, exc)
                 writes -= 1
                 continue
-            if over:
+            if unsent > self._limit:
                 slow.append(conn)
         return writes
 
     def _write(self, conn: R, data: bytes, slow: list[R]) -> int:
         """One write; a connection over its buffer limit joins *slow*."""
         try:
-            over = conn.write(data)
+            unsent = conn.write(data)
         except Exception as exc:  # a broken transport: count it, go on
             self._on_failed(conn, exc)
             return 0
-        if over:
+        if unsent > self._limit:
             slow.append(conn)
         return 1
 

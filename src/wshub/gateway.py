@@ -210,7 +210,10 @@ class Gateway:
             self.on_refused(conn, 403, "origin", f"origin {origin!r} not allowed")
             conn.respond(http.response(403, "origin not allowed\n"))
             return
-        # 3. Credentials: every connection is anonymous for now.
+        # 3. Credentials. Every connection is anonymous for now; the token of
+        # decisions.md 15 is checked here. A refused token is not an HTTP
+        # refusal: the upgrade goes on (after admission, which counts the
+        # attempt) and the connection is closed with 4401 after one error.
         # 4. Admission.
         ip = client_address(
             conn.peer, request.get_all("x-forwarded-for"), self._config.trusted_proxies

@@ -156,14 +156,7 @@ class Hub:
         if type(result) is Relay:
             outcomes["VALIDATED"] += 1
             payload = protocol.encode_relay(result.kind, conn.id, result.content, self._clock())
-            exclude = conn if result.kind is _MESSAGE else None
-            recipients = len(self.members) - (1 if exclude is not None else 0)
-            self._counters.fanout_sizes.observe(recipients)
-            if recipients:
-                self._fanout.to_all(self.audience, payload, exclude=exclude)
-            self._backplane.publish(
-                Envelope(self._node_id, EventKind.RELAY, self.room, conn.id, payload)
-            )
+            self.publish(payload, conn.id, conn if result.kind is _MESSAGE else None)
             outcomes["ROUTED"] += 1
             return
         if isinstance(result, Refusal):
@@ -179,6 +172,24 @@ class Hub:
             )
         # PONG: a sign of life, already noted by the connection.
         outcomes["ROUTED"] += 1
+
+    def publish(self, payload: bytes, sender: ConnectionId, exclude: Connection | None) -> None:
+        """A ``message`` or ``broadcast`` into the room: to every local member
+        but *exclude*, and to the room's members on the other nodes.
+
+        The one door for room traffic: a backend's publication (decisions.md
+        14) comes in here too, and the room's history (13) will give each
+        payload its offset here, at publication, before anyone gets it.
+        Local members get it in this loop pass; one sender's messages keep
+        their order everywhere (one fan-out here, one Redis connection out).
+        """
+        recipients = len(self.members) - (1 if exclude is not None else 0)
+        self._counters.fanout_sizes.observe(recipients)
+        if recipients:
+            self._fanout.to_all(self.audience, payload, exclude=exclude)
+        self._backplane.publish(
+            Envelope(self._node_id, EventKind.RELAY, self.room, sender, payload)
+        )
 
     def on_binary(self, conn: Connection, data: bytes) -> None:
         self._counters.messages.inc_label("INCOMING")

@@ -88,6 +88,7 @@ class Node:
         direct = config.direct_send == "on" and compiled_send_each is not None
         self.fanout: Fanout[Connection] = Fanout(
             loop,
+            send_buffer_limit=config.send_buffer_limit,
             on_slow_consumer=self._slow_consumer,
             on_send_failed=self._send_failed,
             send_each=compiled_send_each if direct else None,
@@ -102,7 +103,6 @@ class Node:
             )
         self.settings = ConnectionSettings(
             max_message_size=config.max_message_size,
-            send_buffer_limit=config.send_buffer_limit,
             handshake_timeout=config.handshake_timeout,
             close_timeout=config.close_timeout,
             message_rate=config.message_rate,

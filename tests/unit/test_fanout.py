@@ -35,24 +35,22 @@ class Conn:
         self.direct = None
         self.deflate = deflate
         self.transport = Transport(backlog)
-        self.limit = 1000
 
-    def write(self, data) -> bool:
+    def write(self, data) -> int:
         self.transport.write(data)
-        return self.transport.get_write_buffer_size() > self.limit
+        return self.transport.get_write_buffer_size()
 
 
 class Room:
     """An audience over a list of recipients, every one joined to it."""
 
-    def __init__(self, fanout: Fanout, conns: list[Conn], limit: int) -> None:
+    def __init__(self, fanout: Fanout, conns: list[Conn]) -> None:
         self.fanout, self.conns = fanout, conns
         self.audience = Audience(lambda: conns)
         for conn in conns:
-            self.add(conn, limit)
+            self.add(conn)
 
-    def add(self, conn: Conn, limit: int = 1000) -> None:
-        conn.limit = limit
+    def add(self, conn: Conn) -> None:
         if conn not in self.conns:
             self.conns.append(conn)
         self.fanout.joined(self.audience, conn)
@@ -100,11 +98,12 @@ def make(conns: list[Conn], limit: int = 1000, send_each=None):
     failed: list[tuple[Conn, BaseException]] = []
     fanout = Fanout(
         loop,  # type: ignore[arg-type]
+        send_buffer_limit=limit,
         on_slow_consumer=slow.append,
         on_send_failed=lambda c, e: failed.append((c, e)),
         send_each=send_each,
     )
-    room = Room(fanout, conns, limit)
+    room = Room(fanout, conns)
     return room, loop, slow, failed
 
 
@@ -176,7 +175,7 @@ def test_audiences_share_a_pass_but_not_their_frames() -> None:
     """Two rooms in one pass: one flush, each member gets its own room's frames."""
     a, b, c = Conn("a"), Conn("b"), Conn("c")
     room, loop, _, _ = make([a, b])
-    other = Room(room.fanout, [c], 1000)
+    other = Room(room.fanout, [c])
     room.to_all(b"to ab")
     other.to_all(b"to c")
     room.fanout.to_one(c, b"private c")
