@@ -19,9 +19,13 @@ import pytest
 from wshub.backplane.memory import MemoryBackplane
 from wshub.config import Config
 from wshub.connection import Connection
+from wshub.echo import EchoEndpoint
+from wshub.gateway import Gateway
+from wshub.http import Request, response
 from wshub.ids import NodeId
 from wshub.node import Node
 from wshub.rooms import RoomName
+from wshub.routes import Route
 
 from ..rawws import encode_frame
 
@@ -199,3 +203,52 @@ def test_an_upgrade_that_gives_up_while_waiting_leaves_no_trace(
     node.on_room_ready(RoomName("late"))
     run(node)
     assert a.status() == 0 and node.room_count() == 0
+
+
+def test_a_route_with_a_body_gets_it_whole_and_a_larger_one_is_413(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """What the backend API will need: a POST route bounded in size gets its
+    body however it arrives; past the bound, 413; a wrong method, 405."""
+    node = make_node(loop)
+    got: list[bytes] = []
+
+    def publish(conn: Connection, request: Request) -> None:
+        got.append(request.body)
+        conn.respond(response(200, b"{}", content_type="application/json"))
+
+    node.gateway = Gateway(
+        node.config,
+        loop.time,
+        rooms=node,
+        admission=node.admission,
+        counters=node.counters,
+        routes=[Route("/api/publish", publish, methods=("POST",), max_body=64)],
+        echo=EchoEndpoint(host=node, fanout=node.fanout),
+    )
+
+    def post(body: bytes, length: int, pieces: int = 3) -> FakeTransport:
+        transport = FakeTransport(loop)
+        conn = node.new_connection()
+        transport.protocol = conn
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        head = f"POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n"
+        data = head.encode() + body
+        step = max(1, len(data) // pieces)
+        for i in range(0, len(data), step):
+            if not transport.closing:
+                conn.data_received(data[i : i + step])
+        loop.run_until_complete(asyncio.sleep(0))
+        return transport
+
+    body = b'{"room": "lobby", "content": "' + b"x" * 30 + b'"}'
+    answer = post(body, len(body), pieces=7)
+    assert got == [body] and answer.out.startswith(b"HTTP/1.1 200 ")
+    too_big = post(b"y" * 65, 65)
+    assert too_big.out.startswith(b"HTTP/1.1 413 ") and len(got) == 1
+    transport = FakeTransport(loop)
+    conn = node.new_connection()
+    transport.protocol = conn
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    conn.data_received(b"GET /api/publish HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.out.startswith(b"HTTP/1.1 405 ") and b"Allow: POST" in transport.out
