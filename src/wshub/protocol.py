@@ -35,6 +35,7 @@ __all__ = [
     "Relay",
     "RelayKind",
     "UserInfoRequest",
+    "check_content",
     "encode_broadcast",
     "encode_error",
     "encode_message",
@@ -179,6 +180,12 @@ def _check_content(kind: RelayKind, content: str, escaped: bool) -> Relay | Refu
                 "Message content holds a lone surrogate, which is not a character",
             )
     return Relay(kind, content)
+
+
+def check_content(kind: RelayKind, content: str) -> Relay | Refusal:
+    """The checks of decisions.md 5 on *content* from any source (the backend
+    API's publications too), where it may hold lone surrogates."""
+    return _check_content(kind, content, True)
 
 
 _RELAY_KINDS: Final = {kind.value: kind for kind in RelayKind}
