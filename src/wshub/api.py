@@ -531,13 +531,19 @@ def _json_object(body: bytes) -> dict[str, object] | ApiError:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         return _invalid("the body is not UTF-8")
+    if not text.strip(" \t\r\n"):
+        return _invalid("the body is empty: a JSON object is needed")
+    if text.startswith("\ufeff"):
+        return _invalid("the body starts with a byte order mark, which JSON does not allow")
     try:
         value = _decoder.decode(text)
     except _DuplicateKey:
         return _invalid("the body names a field twice")
+    except json.JSONDecodeError as exc:
+        # Where, not what: the message quotes nothing of the body.
+        return _invalid(f"the body is not valid JSON: {exc.msg} at character {exc.pos}")
     except (ValueError, RecursionError):
-        # Bad syntax, an empty body, NaN or Infinity, nesting too deep, an
-        # integer past Python's digit limit, a byte order mark.
+        # NaN or Infinity, nesting too deep, an integer past Python's digit limit.
         return _invalid("the body is not valid JSON")
     if not isinstance(value, dict):
         return _invalid("the body must be a JSON object")

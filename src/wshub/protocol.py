@@ -278,7 +278,8 @@ _RELAY_HEADS: Final = {kind: f'{{"type":"{kind.value}","connectionId":"' for kin
 
 def encode_relay(kind: RelayKind, sender: ConnectionId, content: str, now: float) -> bytes:
     # The hot path: built by hand around the C string escaper, the same bytes
-    # as _payload() would give (the sender id needs no escaping: [a-z0-9-]).
+    # as _payload() would give (the sender needs no escaping: a connection id is
+    # [a-z0-9-], an API sender name [A-Za-z0-9._-]).
     return (
         f'{_RELAY_HEADS[kind]}{sender}","content":'
         f'{_escape_string(content)},"timestamp":"{iso_timestamp(now)}"}}'
