@@ -35,6 +35,7 @@ __all__ = [
     "Relay",
     "RelayKind",
     "UserInfoRequest",
+    "check_content",
     "encode_broadcast",
     "encode_error",
     "encode_message",
@@ -181,6 +182,12 @@ def _check_content(kind: RelayKind, content: str, escaped: bool) -> Relay | Refu
     return Relay(kind, content)
 
 
+def check_content(kind: RelayKind, content: str) -> Relay | Refusal:
+    """The checks of decisions.md 5 on *content* from any source (the backend
+    API's publications too), where it may hold lone surrogates."""
+    return _check_content(kind, content, True)
+
+
 _RELAY_KINDS: Final = {kind.value: kind for kind in RelayKind}
 
 
@@ -271,7 +278,8 @@ _RELAY_HEADS: Final = {kind: f'{{"type":"{kind.value}","connectionId":"' for kin
 
 def encode_relay(kind: RelayKind, sender: ConnectionId, content: str, now: float) -> bytes:
     # The hot path: built by hand around the C string escaper, the same bytes
-    # as _payload() would give (the sender id needs no escaping: [a-z0-9-]).
+    # as _payload() would give (the sender needs no escaping: a connection id is
+    # [a-z0-9-], an API sender name [A-Za-z0-9._-]).
     return (
         f'{_RELAY_HEADS[kind]}{sender}","content":'
         f'{_escape_string(content)},"timestamp":"{iso_timestamp(now)}"}}'
