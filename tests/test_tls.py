@@ -38,6 +38,7 @@ from wshub.reload import Reloaders
 from wshub.tls import ServerTLS, TLSError, load_certificate
 
 from .conftest import TIMEOUT, Client, Server, free_port
+from .rawws import encode_frame
 
 LOOSE = ("--ip-connect-rate", "0", "--max-connections-per-ip", "0", "--message-rate", "0")
 
@@ -678,3 +679,39 @@ def test_wshub_bench_python_engine_speaks_wss(tls_server: Server, ca: TestCA) ->
         timeout=TIMEOUT * 2,
     )
     assert native.returncode == 2 and "speaks ws:// only" in native.stderr
+
+
+def test_tls_close_from_a_client_that_stopped_reading_ends_within_the_close_timeout(
+    make_server: Callable[..., Server], files: Files, ca: TestCA
+) -> None:
+    """A TLS client that stopped reading with data still queued for it sends
+    a Close: the TLS close cannot flush, and the socket is dropped within
+    --close-timeout (asyncio's own default would hold it 30 s)."""
+    server = make_server(
+        *LOOSE, *files.flags, "--close-timeout", "1", "--send-buffer-limit", str(8 << 20)
+    )
+    raw = socket.create_connection((server.host, server.port), timeout=TIMEOUT)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled = ca.client_context().wrap_socket(raw, server_hostname="localhost")
+    stalled.sendall(
+        b"GET /websocket HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    assert stalled.recv(4096).startswith(b"HTTP/1.1 101")
+    sender, watcher = wss_client(server, ca), wss_client(server, ca)
+    sender.recv_type("user_joined")
+    pad = "x" * 900
+    for n in range(1000):  # about 1 MB for the stalled client: far more than its windows
+        sender.send({"type": "message", "content": f"{n} {pad}"})
+    for n in range(1000):
+        assert watcher.recv_type("message")["content"].startswith(f"{n} ")
+    assert metric(server, ca, "wshub_slow_consumer_closes_total") == 0
+    stalled.sendall(encode_frame(0x8, b"\x03\xe8"))  # Close 1000, and still no reading
+    start = time.monotonic()
+    server.wait_for(
+        lambda: metric(server, ca, 'wshub_closes_total{code="1000"}') == 1, "the socket dropped"
+    )
+    assert time.monotonic() - start < 1 + TIMEOUT / 2
+    assert metric(server, ca, 'wshub_connections{state="closing"}') == 0
+    stalled.close()
