@@ -135,6 +135,10 @@ def _networks(raw: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, 
     return tuple(networks)
 
 
+def _path(raw: Any) -> str:
+    return str(raw).strip()
+
+
 def _redis_url(raw: Any) -> str:
     value = str(raw).strip()
     if value and not value.startswith(("redis://", "rediss://", "unix://")):
@@ -230,6 +234,19 @@ class Config:
     # Listening
     host: str = _opt("127.0.0.1", "Address to listen on.", _host, "ADDR")
     port: int = _opt(8787, "TCP port to listen on (0 picks a free one).", _port, "PORT")
+    tls_cert: str = _opt(
+        "",
+        "PEM certificate chain (leaf first): serve wss:// and https:// on --port instead of "
+        "ws:// and http:// (TLS 1.2 or later). Needs --tls-key. Read again on SIGHUP.",
+        _path,
+        "FILE",
+    )
+    tls_key: str = _opt(
+        "",
+        "PEM private key of --tls-cert (unencrypted). Read again on SIGHUP.",
+        _path,
+        "FILE",
+    )
 
     # Heartbeat and cleanup
     heartbeat_interval: float = _opt(
@@ -556,6 +573,11 @@ def _check_together(config: Config) -> None:
             f"--workers: {config.workers} workers need --redis-url (workers share one hub "
             "through Redis; without it each would be a separate hub)"
         )
+    if bool(config.tls_cert) != bool(config.tls_key):
+        given, missing = ("--tls-cert", "--tls-key")
+        if not config.tls_cert:
+            given, missing = missing, given
+        raise ConfigError(f"{missing}: {given} needs {missing} too (TLS takes both or neither)")
     if config.message_rate > 0 and config.message_burst < 1:
         raise ConfigError("--message-burst: must be at least 1 while --message-rate is set")
     if config.api_listen and not (config.api_keys or config.api_keys_file):
