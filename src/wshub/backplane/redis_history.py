@@ -6,15 +6,17 @@ keys of a room share a Redis Cluster slot, the default room's included)::
 
     {p}:history:{r.ROOM}:meta    HASH epoch, top; PEXPIRE meta_ttl, refreshed on use
     {p}:history:{r.ROOM}:stream  STREAM of the room's entries (fields o p s k x),
-                                 MAXLEN = history size, entries older than the
-                                 TTL trimmed (MINID), PEXPIRE ttl after each append
+                                 MAXLEN = history size, PEXPIRE ttl after each
+                                 append; entries older than the TTL are left
+                                 to MAXLEN and the key's expiry, and skipped
+                                 when read (their ids are Redis' time)
 
 Theory of operation
 -------------------
 *Publishing* is one script (:data:`_PUBLISH`): take the room's epoch (creating
 it, with an empty stream, when the meta key is gone), ``HINCRBY`` the top,
 splice the offset into the payload exactly as :func:`wshub.protocol.with_offset`
-does, ``XADD`` it, trim, and ``PUBLISH`` the envelope (the caller's prefix plus
+does, ``XADD`` it (capped), and ``PUBLISH`` the envelope (the caller's prefix plus
 that payload) on the room's channel. Redis runs scripts one at a time, so the
 order of offsets is the order subscribers receive: one order per room for the
 whole cluster. Publications from one node go out in one pipeline on one
@@ -63,8 +65,6 @@ if not epoch then
 else
   top = tonumber(redis.call('HGET', KEYS[1], 'top'))
 end
-local t = redis.call('TIME')
-local fresh = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[3]) + 1
 """
 
 # KEYS: meta, stream. ARGV: new epoch, meta ttl ms, ttl ms, size, channel,
@@ -77,7 +77,6 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 local payload = string.sub(ARGV[7], 1, -2) .. ',"offset":' .. string.format('%d', offset) .. '}'
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], '*',
            'o', offset, 'p', payload, 's', ARGV[8], 'k', ARGV[9], 'x', ARGV[10])
-redis.call('XTRIM', KEYS[2], 'MINID', fresh)
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.call('PUBLISH', ARGV[5], ARGV[6] .. payload)
 return {epoch, offset}
@@ -105,6 +104,8 @@ else
   want = math.min(tonumber(ARGV[8]), tonumber(ARGV[4]))
   if want == 0 then return {epoch, top, 1} end
 end
+local t = redis.call('TIME')
+local fresh = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[3]) + 1
 local items = redis.call('XREVRANGE', KEYS[2], '+', fresh, 'COUNT', want)
 if mode == 'since' then
   if #items < want or tonumber(items[#items][2][2]) ~= top - want + 1 then
