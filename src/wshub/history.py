@@ -95,8 +95,6 @@ class Entry(NamedTuple):
     kind: RelayKind
     exclude: str | None
     """The connection a backend ``message`` was not sent to."""
-    at: float = 0.0
-    """When it was appended (set by :meth:`History.append`)."""
 
 
 class Recovery(NamedTuple):
@@ -162,7 +160,8 @@ class History:
         self._epochs = epochs
         self._rooms: dict[str, _Room] = {}
         self._idle: OrderedDict[str, float] = OrderedDict()  # room -> idle since
-        self._order: deque[tuple[_Room, int]] = deque()  # (room, offset), append order
+        # (room, offset, when appended), in append order
+        self._order: deque[tuple[_Room, int, float]] = deque()
         self._stale = 0  # records in _order whose entry is gone
         self._expired_at = float("nan")  # the last expire()'s now (nan: never)
         self.bytes = 0
@@ -233,8 +232,10 @@ class History:
         """The offset the next :meth:`append` to *name* assigns (0 when off)."""
         if not self.enabled:
             return 0
-        self.expire(now)
-        return self._room(name, now).top + 1
+        if now != self._expired_at:
+            self.expire(now)
+        room = self._rooms.get(name) or self._room(name, now)
+        return room.top + 1
 
     def append(self, name: str, entry: Entry, now: float) -> int:
         """Keep *entry*, published in room *name*; returns its offset.
@@ -244,13 +245,12 @@ class History:
         """
         if not self.enabled:
             return 0
-        self.expire(now)
+        if now != self._expired_at:
+            self.expire(now)
         room = self._rooms.get(name) or self._room(name, now)
         offset = room.top + 1
         if entry.offset != offset:
             raise ValueError(f"entry offset {entry.offset} is not the next offset {offset}")
-        if entry.at != now:
-            entry = Entry(offset, entry.payload, entry.sender, entry.kind, entry.exclude, now)
         room.top = offset
         entries = room.entries
         entries.append(entry)
@@ -259,7 +259,7 @@ class History:
         self.bytes += size
         if self._idle:
             self._idle.pop(name, None)
-        self._order.append((room, offset))
+        self._order.append((room, offset, now))
         if len(entries) > self.size:
             self._drop_oldest(room)
             self._stale += 1  # its record is still somewhere in _order
@@ -280,8 +280,8 @@ class History:
         self._stale = 0
 
     @staticmethod
-    def _live(record: tuple[_Room, int]) -> bool:
-        room, offset = record
+    def _live(record: tuple[_Room, int, float]) -> bool:
+        room, offset, _ = record
         return room.alive and bool(room.entries) and room.entries[0].offset <= offset
 
     # -- Dropping ---------------------------------------------------------------
@@ -294,18 +294,15 @@ class History:
         self._expired_at = now
         order = self._order
         deadline = now - self.ttl
-        while order:
-            room, offset = order[0]
+        # The records are in time order: the expired ones are at the front.
+        while order and order[0][2] <= deadline:
+            room, offset, _ = order.popleft()
             entries = room.entries
-            if not (room.alive and entries and entries[0].offset <= offset):  # a stale record
-                order.popleft()
+            if room.alive and entries and entries[0].offset <= offset:
+                self._drop_oldest(room)  # a live record at the front is its room's oldest
+                self._maybe_idle(room, now)
+            else:
                 self._stale -= 1
-                continue
-            if entries[0].at > deadline:
-                break
-            order.popleft()
-            self._drop_oldest(room)
-            self._maybe_idle(room, now)
         idle = self._idle
         deadline = now - self.meta_ttl
         while idle:

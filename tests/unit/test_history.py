@@ -158,6 +158,19 @@ def test_a_quiet_room_keeps_its_epoch_while_held_and_for_meta_ttl() -> None:
     assert h.recover("r", "e1", 1, None, 1101).recovered is False
 
 
+def test_a_sweep_frees_expired_entries_without_new_publications() -> None:
+    """expire(now) alone (the hub's periodic sweep) gives the bytes back."""
+    h = History(ttl=10, meta_ttl=20, epochs=epochs())
+    for i in range(50):
+        publish(h, f"r{i % 5}", B, A_ID, 0, content="z" * 500)
+    assert h.bytes > 50 * 500
+    h.expire(10)
+    assert all(h.held(r) == () for r in h.rooms()) and h.bytes == accounted(h)
+    assert h.bytes == 5 * (ROOM_OVERHEAD + 2)  # the rooms' states: idle, not yet forgotten
+    h.expire(30)
+    assert h.bytes == 0 and list(h.rooms()) == []
+
+
 def test_new_process_new_epoch() -> None:
     """Two histories (two processes) never share an epoch by default."""
     assert History().state("r", 0)[0] != History().state("r", 0)[0]
