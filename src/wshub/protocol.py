@@ -296,7 +296,7 @@ def encode_relay(
     # The hot path: built by hand around the C string escaper, the same bytes
     # as _payload() would give (the sender id needs no escaping: [a-z0-9-]).
     # Measured (bench/history_cost.py): the offset=None branch costs nothing
-    # against the function without it; with an offset, ~50 ns more.
+    # against the function without it (883 vs 887 ns); with one, ~120 ns more.
     if offset is None:
         return (
             f'{_RELAY_HEADS[kind]}{sender}","content":'

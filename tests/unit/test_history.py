@@ -409,3 +409,17 @@ def test_welcome_fields_are_additive() -> None:
     assert (w["recovered"], w["missed"]) == (True, 2)
     w = json.loads(protocol.encode_welcome(cid, 1, 0, recovered=False, missed=0))
     assert w["recovered"] is False and "epoch" not in w  # history off
+
+
+def test_history_options() -> None:
+    """The defaults of decisions.md 13/19; size 0 is off; a memory bound of 0 is refused."""
+    from wshub.config import Config, ConfigError, load_config
+
+    c = Config()
+    assert (c.history_size, c.history_ttl, c.history_memory) == (100, 120.0, 67108864)
+    assert load_config({"history_size": "0"}, {}).history_size == 0
+    env = {"WSHUB_HISTORY_TTL": "30", "WSHUB_HISTORY_MEMORY": "1048576"}
+    assert (load_config({}, env).history_ttl, load_config({}, env).history_memory) == (30, 1 << 20)
+    for flag, value in (("history_memory", "0"), ("history_ttl", "0"), ("history_size", "-1")):
+        with pytest.raises(ConfigError):
+            load_config({flag: value}, {})
