@@ -357,7 +357,8 @@ def test_flushall_changes_the_epoch(own_redis) -> None:
         await h.publish("f", "flush:room:f", b"", entry)
         await r.delete(h.keys("f")[0])
         newer, top = await h.state("f")
-        assert newer != new and top == 0 and await r.exists(h.keys("f")[1]) == 0
+        assert newer != new and top == 0 and await h.epoch("f") == newer
+        assert await r.exists(h.keys("f")[1]) == 0
         # A Redis that forgot its scripts (restart, SCRIPT FLUSH) is handled.
         await r.script_flush()
         assert (await h.publish("f", "flush:room:f", b"", entry))[1] == 1

@@ -247,6 +247,10 @@ class RedisHistory:
         reply = await self._call(room, "state", "", 0, 0)
         return reply[0].decode(), int(reply[1])
 
+    async def epoch(self, room: str) -> str:
+        """The room's epoch (set now if the room had none)."""
+        return (await self.state(room))[0]
+
     async def recover(self, room: str, epoch: str, offset: int, previous: str | None) -> Recovery:
         """As :meth:`wshub.history.History.recover`, for the whole cluster."""
         reply = await self._call(room, "since", epoch, offset, 0)
