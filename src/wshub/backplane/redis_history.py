@@ -181,6 +181,14 @@ class RedisHistory:
         is ignored): the script splices in the offset it assigns, the bytes
         :func:`~wshub.protocol.with_offset` gives.
         """
+        return await self.submit(room, channel, prefix, entry)
+
+    def submit(
+        self, room: str, channel: str, prefix: bytes, entry: Entry
+    ) -> asyncio.Future[tuple[str, int]]:
+        """:meth:`publish` without a coroutine: queue it now and return the
+        future of its ``(epoch, offset)``. For a hub's hot path (no task per
+        message); whoever drops the future must still read its exception."""
         args = [
             self._epochs(),
             self.meta_ttl_ms,
@@ -197,7 +205,7 @@ class RedisHistory:
         self._queue.append((self.keys(room), args, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="wshub-history-publisher")
-        return await future
+        return future
 
     async def _flush(self) -> None:
         # One batch at a time, in call order, on one connection: a sender's
