@@ -357,6 +357,28 @@ class Config:
         "SECONDS",
     )
 
+    # History and recovery (decisions.md 13)
+    history_size: int = _opt(
+        100,
+        "Messages and broadcasts kept per room for recovery (?since=) and ?history=; "
+        "0 turns history, offsets and recovery off.",
+        _count,
+        "N",
+    )
+    history_ttl: float = _opt(
+        120.0,
+        "Seconds a message is kept in its room's history.",
+        _duration,
+        "SECONDS",
+    )
+    history_memory: int = _opt(
+        67108864,
+        "Bytes of history this node keeps for all rooms together; past it the oldest "
+        "entries go first (a Redis history is bounded by Redis' own maxmemory).",
+        _size,
+        "BYTES",
+    )
+
     # Lifecycle
     drain_timeout: float = _opt(
         10.0,
