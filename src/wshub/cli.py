@@ -1,4 +1,4 @@
-"""The ``wshub`` command: ``serve``, ``bench``, ``client``.
+"""The ``wshub`` command: ``serve``, ``bench``, ``client``, ``publish``.
 
 ``main(argv)`` returns the exit status instead of exiting, so tests can call it.
 """
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         "serve": "run the server",
         "bench": "load-test a server of this protocol",
         "client": "talk to a server from the terminal",
+        "publish": "publish into a room through the backend API",
     }
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: wshub {{{','.join(commands)}}} [options]\n")
@@ -84,5 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         from .client import main as client_main
 
         return client_main(rest)
+    if command == "publish":
+        from .publish import main as publish_main
+
+        return publish_main(rest)
     print(f"wshub: unknown command {command!r} (try wshub --help)", file=sys.stderr)
     return 2

@@ -19,6 +19,11 @@ Exit status: 0 after a normal end, 1 when the connection cannot be opened or
 the server closes it before the client is done, 2 for a usage error, 130 on
 Ctrl-C.
 
+``wss://`` (and ``https://``) URLs verify the server's certificate against the
+system's CAs, or only against ``--ca-file``; ``--insecure`` skips the check.
+:func:`add_tls_arguments` and :func:`tls_context` give ``wshub bench`` (and
+``wshub publish``) the same two flags.
+
 Text from the server is printed with control characters and bidirectional
 overrides escaped (``\\x1b``, ``\\u202e``), so a message cannot move the
 cursor, recolour the terminal or reorder what is shown.
@@ -31,6 +36,7 @@ import asyncio
 import base64
 import json
 import os
+import ssl
 import sys
 import threading
 import time
@@ -46,7 +52,7 @@ from websockets.typing import Origin
 
 from .rooms import is_room_name
 
-__all__ = ["main", "normalize_url", "printable"]
+__all__ = ["add_tls_arguments", "main", "normalize_url", "printable", "tls_context"]
 
 HELP = """\
 commands:
@@ -93,6 +99,44 @@ def normalize_url(url: str, room: str | None = None) -> str:
             raise ValueError(f"--room with a URL whose path is {path!r}, not /websocket")
         path = "/websocket/" + room
     return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+
+
+def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--ca-file`` and ``--insecure``, for every command that connects."""
+    group = parser.add_argument_group("TLS (wss:// and https:// URLs)")
+    group.add_argument(
+        "--ca-file",
+        metavar="FILE",
+        help="trust server certificates signed by the CA certificates in this PEM file "
+        "(instead of the system's)",
+    )
+    group.add_argument(
+        "--insecure",
+        action="store_true",
+        help="do not verify the server's certificate or host name (tests only: anyone on "
+        "the path can then read and change the traffic)",
+    )
+
+
+def tls_context(ca_file: str | None, insecure: bool) -> ssl.SSLContext:
+    """The client context for ``--ca-file``/``--insecure``.
+
+    Raises:
+        ValueError: both were given, or the CA file does not load.
+    """
+    if ca_file and insecure:
+        raise ValueError("--ca-file and --insecure: choose one")
+    try:
+        context = ssl.create_default_context(cafile=ca_file or None)
+    except ssl.SSLError as exc:
+        raise ValueError(f"--ca-file: {ca_file} holds no PEM certificate ({exc})") from None
+    except OSError as exc:
+        raise ValueError(f"--ca-file: cannot read {ca_file}: {exc.strerror or exc}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -148,6 +192,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="'NAME: VALUE'",
         help="an extra HTTP header for the upgrade request (repeatable)",
     )
+    add_tls_arguments(parser)
     return parser
 
 
@@ -377,6 +422,11 @@ def _describe_failure(exc: BaseException) -> str:
         return f"the server answered {response.status_code} {response.reason_phrase}{detail}"
     if isinstance(exc, TimeoutError):
         return "timed out"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (
+            f"{printable(exc.verify_message or str(exc))}: its certificate is not trusted "
+            "(--ca-file FILE trusts a private CA; --insecure skips the check)"
+        )
     return printable(str(exc) or type(exc).__name__)
 
 
@@ -393,9 +443,19 @@ async def _run(args: argparse.Namespace, output: Output) -> int:
             output.line(f"wshub client: bad --header {header!r} (want 'Name: value')", to_err=True)
             return 2
         headers.append((name.strip(), value.strip()))
+    secure = url.startswith("wss://")
+    if (args.ca_file or args.insecure) and not secure:
+        output.line("wshub client: --ca-file and --insecure need a wss:// URL", to_err=True)
+        return 2
+    try:
+        context = tls_context(args.ca_file, args.insecure) if secure else None
+    except ValueError as exc:
+        output.line(f"wshub client: {exc}", to_err=True)
+        return 2
     try:
         ws = await connect(
             url,
+            ssl=context,
             additional_headers=headers,
             origin=Origin(args.origin) if args.origin else None,
             open_timeout=args.timeout,

@@ -20,9 +20,18 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .api import key_problem
 from .errors import WshubError
 
-__all__ = ["Config", "ConfigError", "OPTIONS", "Option", "load_config", "option_reference"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "OPTIONS",
+    "Option",
+    "load_config",
+    "option_reference",
+    "split_host_port",
+]
 
 
 class ConfigError(WshubError, ValueError):
@@ -126,6 +135,10 @@ def _networks(raw: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, 
     return tuple(networks)
 
 
+def _path(raw: Any) -> str:
+    return str(raw).strip()
+
+
 def _redis_url(raw: Any) -> str:
     value = str(raw).strip()
     if value and not value.startswith(("redis://", "rediss://", "unix://")):
@@ -142,6 +155,42 @@ def _name(raw: Any) -> str:
 
 def _name_or_empty(raw: Any) -> str:
     return "" if str(raw).strip() == "" else _name(raw)
+
+
+def _api_keys(raw: Any) -> tuple[str, ...]:
+    keys = _items(raw)
+    for key in keys:
+        problem = key_problem(key)
+        if problem is not None:
+            raise ValueError(problem)  # never the key itself: the message is printed
+    return tuple(keys)
+
+
+def _path_or_empty(raw: Any) -> str:
+    return str(raw).strip()
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[ADDR]:PORT`` for IPv6) as ``(host, port)``; ValueError if not."""
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if not host:
+            raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:8788 or [::1]:8788")
+    elif ":" in host:
+        raise ValueError("an IPv6 address goes in brackets: [::1]:8788")
+    if not sep or not host or not (port.isascii() and port.isdigit()):
+        raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:8788 or [::1]:8788")
+    if int(port) > 65535:
+        raise ValueError("expected a port between 0 and 65535")
+    return host, int(port)
+
+
+def _listen_address(raw: Any) -> str:
+    value = str(raw).strip()
+    if value:
+        split_host_port(value)
+    return value
 
 
 def _workers(raw: Any) -> int:
@@ -161,8 +210,21 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     return parse
 
 
-def _opt(default: Any, help: str, parse: Callable[[Any], Any], metavar: str = "") -> Any:
-    return field(default=default, metadata={"help": help, "parse": parse, "metavar": metavar})
+def _opt(
+    default: Any,
+    help: str,
+    parse: Callable[[Any], Any],
+    metavar: str = "",
+    *,
+    secret: bool = False,
+) -> Any:
+    """A :class:`Config` field. A *secret* one is left out of the repr and of
+    error messages, which are printed and logged."""
+    return field(
+        default=default,
+        repr=not secret,
+        metadata={"help": help, "parse": parse, "metavar": metavar, "secret": secret},
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +234,19 @@ class Config:
     # Listening
     host: str = _opt("127.0.0.1", "Address to listen on.", _host, "ADDR")
     port: int = _opt(8787, "TCP port to listen on (0 picks a free one).", _port, "PORT")
+    tls_cert: str = _opt(
+        "",
+        "PEM certificate chain (leaf first): serve wss:// and https:// on --port instead of "
+        "ws:// and http:// (TLS 1.2 or later). Needs --tls-key. Read again on SIGHUP.",
+        _path,
+        "FILE",
+    )
+    tls_key: str = _opt(
+        "",
+        "PEM private key of --tls-cert (unencrypted). Read again on SIGHUP.",
+        _path,
+        "FILE",
+    )
 
     # Heartbeat and cleanup
     heartbeat_interval: float = _opt(
@@ -289,12 +364,60 @@ class Config:
         "SECONDS",
     )
 
+    # History and recovery (decisions.md 13)
+    history_size: int = _opt(
+        100,
+        "Messages and broadcasts kept per room for recovery (?since=) and ?history=; "
+        "0 turns history, offsets and recovery off.",
+        _count,
+        "N",
+    )
+    history_ttl: float = _opt(
+        120.0,
+        "Seconds a message is kept in its room's history.",
+        _duration,
+        "SECONDS",
+    )
+    history_memory: int = _opt(
+        67108864,
+        "Bytes of history this node keeps for all rooms together; past it the oldest "
+        "entries go first (a Redis history is bounded by Redis' own maxmemory).",
+        _size,
+        "BYTES",
+    )
+
     # Lifecycle
     drain_timeout: float = _opt(
         10.0,
         "Seconds a SIGTERM/SIGINT shutdown may take before the process exits anyway.",
         _duration,
         "SECONDS",
+    )
+
+    # Backend API (docs/api.md)
+    api_keys: tuple[str, ...] = _opt(
+        (),
+        "Comma-separated keys that open the backend API under /api/ (Authorization: Bearer "
+        "KEY); several allow rotation. No key: the API is off. A flag is visible in the "
+        "process list: prefer the environment or --api-keys-file.",
+        _api_keys,
+        "KEYS",
+        secret=True,
+    )
+    api_keys_file: str = _opt(
+        "",
+        "File of API keys, one per line (blank lines and # comments ignored), read again "
+        "on SIGHUP; used together with --api-keys.",
+        _path_or_empty,
+        "FILE",
+    )
+    api_listen: str = _opt(
+        "",
+        "Serve the API on this address of its own (HOST:PORT, [ADDR]:PORT for IPv6; a "
+        "private address is best) instead of under /api/ on the public port, which then "
+        "answers 404 there.",
+        _listen_address,
+        "HOST:PORT",
     )
 
     # Wire
@@ -369,6 +492,11 @@ class Config:
     log_format: str = _opt("text", "text or json.", _choice("text", "json"), "FORMAT")
 
     @property
+    def api_listen_address(self) -> tuple[str, int] | None:
+        """``--api-listen`` as ``(host, port)``, or None to serve the API on the public port."""
+        return split_host_port(self.api_listen) if self.api_listen else None
+
+    @property
     def effective_heartbeat_timeout(self) -> float:
         if self.heartbeat_timeout is not None:
             return self.heartbeat_timeout
@@ -384,6 +512,8 @@ class Option:
     help: str
     parse: Callable[[Any], Any]
     metavar: str
+    secret: bool = False
+    """The value is a secret: never printed."""
 
     @property
     def flag(self) -> str:
@@ -395,7 +525,14 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = tuple(
-    Option(f.name, f.default, f.metadata["help"], f.metadata["parse"], f.metadata["metavar"])
+    Option(
+        f.name,
+        f.default,
+        f.metadata["help"],
+        f.metadata["parse"],
+        f.metadata["metavar"],
+        f.metadata["secret"],
+    )
     for f in dataclasses.fields(Config)
 )
 _BY_ATTR = {option.attr: option for option in OPTIONS}
@@ -405,7 +542,8 @@ def _parse(option: Option, raw: Any, source: str) -> Any:
     try:
         return option.parse(raw)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{option.flag} ({source}): invalid value {raw!r}: {exc}") from None
+        shown = "" if option.secret else f" {raw!r}"
+        raise ConfigError(f"{option.flag} ({source}): invalid value{shown}: {exc}") from None
 
 
 def read_toml(path: str) -> dict[str, Any]:
@@ -460,8 +598,29 @@ def _check_together(config: Config) -> None:
             f"--workers: {config.workers} workers need --redis-url (workers share one hub "
             "through Redis; without it each would be a separate hub)"
         )
+    if bool(config.tls_cert) != bool(config.tls_key):
+        given, missing = ("--tls-cert", "--tls-key")
+        if not config.tls_cert:
+            given, missing = missing, given
+        raise ConfigError(f"{missing}: {given} needs {missing} too (TLS takes both or neither)")
     if config.message_rate > 0 and config.message_burst < 1:
         raise ConfigError("--message-burst: must be at least 1 while --message-rate is set")
+    if config.api_listen and not (config.api_keys or config.api_keys_file):
+        raise ConfigError(
+            "--api-listen: the API is off without --api-keys or --api-keys-file, so there "
+            "would be nothing to serve there"
+        )
+    api_address = config.api_listen_address
+    if (
+        api_address is not None
+        and api_address[1] != 0
+        and api_address
+        == (
+            config.host,
+            config.port,
+        )
+    ):
+        raise ConfigError("--api-listen: must differ from --host and --port")
     if config.effective_heartbeat_timeout <= config.heartbeat_interval:
         raise ConfigError(
             "--heartbeat-timeout: must be longer than --heartbeat-interval "

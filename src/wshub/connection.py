@@ -211,7 +211,7 @@ class Connection(asyncio.Protocol):
         self._failed = False  # we failed the connection in this batch of frames
         self._scanner = FrameScanner(settings.max_message_size)
         self._held = False  # the upgrade is granted but waits (see hold())
-        self._body: tuple[int, Callable[[bytes], None]] | None = None  # see read_body()
+        self._body: tuple[http.BodyReader, Callable[[bytes], None]] | None = None  # read_body()
 
     # -- asyncio callbacks ----------------------------------------------------
 
@@ -304,22 +304,32 @@ class Connection(asyncio.Protocol):
         self.transport.write(response)
         self.transport.close()
 
-    def read_body(self, length: int, then: Callable[[bytes], None]) -> None:
-        """Read a request body of *length* bytes (bounded by the route), then
-        call *then* with it. The handshake deadline covers the body too."""
-        self._body = (length, then)
+    def read_body(
+        self, reader: http.BodyReader, then: Callable[[bytes], None], expect_continue: bool
+    ) -> None:
+        """Read a request body with *reader* (bounded by the route), then call
+        *then* with it. The handshake deadline covers the body too."""
+        self._body = (reader, then)
+        if expect_continue:
+            self.transport.write(http.CONTINUE)
         self._body_received()
 
     def _body_received(self) -> None:
         assert self._body is not None
         buffer = self._buffer
-        length, then = self._body
-        if buffer is None or len(buffer) < length:
+        reader, then = self._body
+        if buffer is None:
             return
-        self._body = None
-        body = bytes(buffer[:length])
-        del buffer[:length]
-        then(body)
+        try:
+            del buffer[: reader.feed(buffer)]
+        except http.HttpError as exc:
+            self._body = None
+            self.owner.on_refused(self, exc.status, http.refusal_reason(exc.status), exc.body)
+            self.respond(http.response(exc.status, exc.body + "\n", headers=exc.headers))
+            return
+        if reader.done:
+            self._body = None
+            then(reader.body())
 
     def hold(self) -> None:
         """The upgrade is granted but its owner is not ready yet (a room

@@ -130,11 +130,15 @@ class Gateway:
         """Answer one HTTP request: an endpoint, or the WebSocket upgrade."""
         try:
             route = self.router.match(request)
-            length = http.body_length(request, route.max_body)
+            if not route.max_body:
+                http.expect_no_body(request)
+                framing = None
+            else:
+                framing = http.body_framing(request, route.max_body)
         except http.HttpError as exc:
             self._http_error(conn, exc)
             return
-        if not length:
+        if framing is None or framing.length == 0:
             self._call(conn, route, request)
             return
 
@@ -143,7 +147,8 @@ class Gateway:
                 conn, route, http.Request(request.method, request.target, request.headers, body)
             )
 
-        conn.read_body(length, with_body)
+        reader = http.BodyReader(framing, route.max_body)
+        conn.read_body(reader, with_body, framing.expect_continue)
 
     def _call(self, conn: Connection, route: Route[Connection], request: http.Request) -> None:
         try:

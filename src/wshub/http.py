@@ -6,11 +6,15 @@ strict limits, and closes every plain HTTP connection after one response.
 
 * :func:`parse_request_head` reads one request head from a buffer, or says it
   needs more bytes, or raises :class:`HttpError` with the status to answer.
-* :func:`body_length` says how long a request's body is, within a route's
-  bound (``Content-Length`` only; no chunked bodies).
+* :func:`expect_no_body` refuses a body where the route takes none.
 * :func:`check_upgrade` validates a WebSocket upgrade and returns the
   ``Sec-WebSocket-Accept`` value.
 * :func:`response` serializes a response.
+* :func:`body_framing` decides from a request head how its body is delimited
+  (``Content-Length`` or chunked) and refuses one over a limit (413) before a
+  byte of it is read; :class:`BodyReader` then reads that body incrementally
+  from whatever bytes arrive, refusing a chunked body the moment its running
+  total would pass the limit.
 """
 
 from __future__ import annotations
@@ -24,9 +28,12 @@ from typing import Final
 __all__ = [
     "MAX_HEADERS",
     "MAX_HEAD_SIZE",
+    "BodyFraming",
+    "BodyReader",
     "HttpError",
     "Request",
-    "body_length",
+    "body_framing",
+    "expect_no_body",
     "check_upgrade",
     "parse_request_head",
     "refusal_reason",
@@ -48,7 +55,6 @@ _REASONS: Final = {
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
-    411: "Length Required",
     413: "Content Too Large",
     426: "Upgrade Required",
     429: "Too Many Requests",
@@ -141,29 +147,15 @@ def parse_request_head(buffer: bytes | bytearray) -> tuple[Request, int] | None:
     return request, end + 4
 
 
-def body_length(request: Request, max_body: int) -> int:
-    """The length of *request*'s body, which the route bounds to *max_body*
-    bytes (0: no body at all).
+def expect_no_body(request: Request) -> None:
+    """Refuse a body on a route that takes none (every route but those with
+    a ``max_body``: a body there would be taken for the next request).
 
     Raises:
-        HttpError: 400 for a body where none is expected or a malformed
-            length, 411 for a chunked body, 413 past *max_body*.
+        HttpError: 400 when *request* announces a body.
     """
-    if request.get_all("transfer-encoding"):
-        if not max_body:
-            raise HttpError(400, "a request body is not expected")
-        raise HttpError(411, "a request body needs a Content-Length")
-    raw = request.get("content-length")
-    if raw is None or raw == "0":
-        return 0
-    if not max_body:
+    if request.get_all("transfer-encoding") or request.get("content-length") not in (None, "0"):
         raise HttpError(400, "a request body is not expected")
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 12:
-        raise HttpError(400, "malformed Content-Length")
-    length = int(raw)
-    if length > max_body:
-        raise HttpError(413, f"request body too large: at most {max_body} bytes")
-    return length
 
 
 _REFUSAL_REASONS: Final = {
@@ -244,3 +236,183 @@ def switching_protocols(accept: str, extensions: str | None) -> bytes:
     if extensions:
         headers.append(("Sec-WebSocket-Extensions", extensions))
     return response(101, headers=tuple(headers))
+
+
+# -- Request bodies (RFC 9112 section 6) ----------------------------------------
+#
+# A request with a body is delimited by Content-Length or by the chunked
+# transfer coding; one with neither has no body (RFC 9112 6.3, rule 7). Every
+# doubt about where a body ends is a 400, never a guess: two parsers that
+# guess differently (a proxy and this server) are how requests are smuggled.
+# After any refusal here the caller answers and closes the connection, since
+# the unread rest of the body would be taken for the next request.
+
+CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+"""The interim answer to ``Expect: 100-continue`` (RFC 9110 10.1.1)."""
+
+_MAX_CHUNK_LINE: Final = 4096
+"""Longest line of a chunked body (a chunk size with its extensions, a trailer)."""
+_HEX: Final = frozenset(b"0123456789abcdefABCDEF")
+
+
+@dataclass(frozen=True, slots=True)
+class BodyFraming:
+    """How the body of one request is delimited, decided from its head."""
+
+    length: int | None
+    """The ``Content-Length`` (0 when the request has no body); None when chunked."""
+    expect_continue: bool
+    """The client waits for :data:`CONTINUE` before it sends the body."""
+
+    @property
+    def chunked(self) -> bool:
+        return self.length is None
+
+
+def _digits(value: str) -> bool:
+    # str.isdigit() alone accepts superscripts and other scripts' digits.
+    return value.isascii() and value.isdigit()
+
+
+def body_framing(request: Request, limit: int) -> BodyFraming:
+    """Decide from *request*'s head how its body is delimited.
+
+    Raises:
+        HttpError: 413 when ``Content-Length`` is over *limit*; 400 when the
+            framing is malformed or ambiguous (``Content-Length`` that is not
+            one decimal number, a transfer coding other than ``chunked``
+            alone, or both headers at once).
+    """
+    codings = [
+        token.strip().lower()
+        for value in request.get_all("transfer-encoding")
+        for token in value.split(",")
+    ]
+    lengths = [
+        item.strip() for value in request.get_all("content-length") for item in value.split(",")
+    ]
+    expect = [value.strip().lower() for value in request.get_all("expect")]
+    expect_continue = "100-continue" in expect
+    if codings:
+        if lengths:
+            raise HttpError(400, "both Transfer-Encoding and Content-Length")
+        if codings != ["chunked"]:
+            raise HttpError(400, "unsupported Transfer-Encoding: only chunked is accepted")
+        return BodyFraming(None, expect_continue)
+    if not lengths:
+        return BodyFraming(0, False)
+    if len(lengths) > 1 or not _digits(lengths[0]):
+        raise HttpError(400, "malformed Content-Length")
+    # A digit string past the limit's width is over it; int() would also
+    # refuse one past Python's digit limit.
+    digits = lengths[0].lstrip("0") or "0"
+    if len(digits) > len(str(limit)) or int(digits) > limit:
+        raise HttpError(413, f"request body over {limit} bytes")
+    length = int(digits)
+    return BodyFraming(length, expect_continue and length > 0)
+
+
+class BodyReader:
+    """Read one request body, framed as *framing* says, from bytes as they come.
+
+    Call :meth:`feed` with each piece of data received after the head; it
+    returns how many bytes it took (the rest belongs to the next request on
+    the connection). When :attr:`done` is true, :meth:`body` is the whole
+    body. At most *limit* bytes of body are ever held.
+    """
+
+    __slots__ = ("_body", "_chunk_left", "_limit", "_line", "_overhead", "_remaining", "_state")
+
+    # States of a chunked body: a chunk-size line, chunk data, the CRLF after
+    # the data, trailer lines, done.
+    _SIZE, _DATA, _DATA_END, _TRAILERS, _DONE = range(5)
+
+    def __init__(self, framing: BodyFraming, limit: int) -> None:
+        self._limit = limit
+        self._body = bytearray()
+        self._line = bytearray()  # a partial line of a chunked body
+        self._chunk_left = 0
+        # Bytes of chunked framing (sizes, extensions, CRLFs, trailers) taken:
+        # bounded too, or one-byte chunks with long extensions could make a
+        # body within the limit cost hundreds of megabytes to read.
+        self._overhead = 0
+        self._remaining = framing.length  # None: chunked
+        if framing.length is None:
+            self._state = self._SIZE
+        elif framing.length > limit:
+            raise HttpError(413, f"request body over {limit} bytes")
+        else:
+            self._state = self._DONE if framing.length == 0 else self._DATA
+
+    @property
+    def done(self) -> bool:
+        return self._state == self._DONE
+
+    def body(self) -> bytes:
+        if not self.done:
+            raise AssertionError("body() before the body is complete")
+        return bytes(self._body)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> int:
+        """Take the bytes of *data* that belong to this body; return how many.
+
+        Raises:
+            HttpError: 400 for a malformed chunked body, 413 when the chunks
+                announced add up to more than the limit (or their framing to
+                more than the limit again).
+        """
+        if self._state == self._DONE:
+            return 0
+        if self._remaining is not None:  # Content-Length
+            taken = min(self._remaining, len(data))
+            self._body += data[:taken]
+            self._remaining -= taken
+            if self._remaining == 0:
+                self._state = self._DONE
+            return taken
+        data = bytes(data)
+        used = 0
+        while used < len(data) and self._state != self._DONE:
+            if self._state == self._DATA:
+                taken = min(self._chunk_left, len(data) - used)
+                self._body += data[used : used + taken]
+                self._chunk_left -= taken
+                used += taken
+                if self._chunk_left == 0:
+                    self._state = self._DATA_END
+                continue
+            end = data.find(b"\n", used)
+            stop = len(data) if end == -1 else end + 1
+            self._overhead += stop - used
+            self._line += data[used:stop]
+            if len(self._line) > _MAX_CHUNK_LINE:
+                raise HttpError(400, "malformed chunked body: line too long")
+            if self._overhead > self._limit:
+                raise HttpError(413, f"chunked framing over {self._limit} bytes")
+            used = stop
+            if end == -1:
+                break
+            if not self._line.endswith(b"\r\n"):
+                raise HttpError(400, "malformed chunked body: a line not ended by CRLF")
+            line = bytes(self._line[:-2])
+            self._line.clear()
+            if self._state == self._SIZE:
+                self._chunk_size(line)
+            elif self._state == self._DATA_END:
+                if line:
+                    raise HttpError(400, "malformed chunked body: data longer than its size")
+                self._state = self._SIZE
+            elif not line:  # _TRAILERS: an empty line ends the body
+                self._state = self._DONE
+        return used
+
+    def _chunk_size(self, line: bytes) -> None:
+        # chunk-size [ chunk-ext ]: extensions are allowed and ignored.
+        size = line.partition(b";")[0].rstrip(b" \t")
+        if not size or not set(size) <= _HEX:
+            raise HttpError(400, "malformed chunked body: bad chunk size")
+        size = size.lstrip(b"0") or b"0"
+        if len(size) > 16 or len(self._body) + int(size, 16) > self._limit:
+            raise HttpError(413, f"request body over {self._limit} bytes")
+        self._chunk_left = int(size, 16)
+        self._state = self._DATA if self._chunk_left else self._TRAILERS

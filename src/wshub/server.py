@@ -1,4 +1,10 @@
-"""``serve(config)``: the one place where the listening socket is opened."""
+"""``serve(config)``: the one place where the listening socket is opened.
+
+Signals: SIGTERM and SIGINT drain and exit; SIGHUP never ends the process
+(decisions.md 19): it runs every reloader (:mod:`wshub.reload`) and logs what
+each did. With ``--tls-cert``/``--tls-key`` the same port speaks TLS only
+(``wss://`` and ``https://``); the certificate is one of the reloadables.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +14,46 @@ import os
 import signal
 import socket
 import sys
+import time
 
 from .config import Config
+from .logs import log_event
 from .node import Node
+from .reload import Reloaders
 from .supervisor import REUSE_PORT_ENV, supervise
+from .tls import ServerTLS, TLSError
 
 __all__ = ["run", "serve"]
 
 log = logging.getLogger("wshub")
 
 
-async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
+async def serve(
+    config: Config, *, stop: asyncio.Event | None = None, tls: ServerTLS | None = None
+) -> None:
     """Serve until SIGTERM or SIGINT (or *stop* is set), then drain.
 
     Draining stops accepting, closes every client with 1001 and returns within
-    ``config.drain_timeout``.
+    ``config.drain_timeout``. *tls* is the certificate loaded by :func:`run`
+    (loaded here from ``config`` when not given).
     """
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
+    reloaders = Reloaders()
+    # Before anything slow (the backplane's connection): a SIGHUP that comes
+    # early must not end the process either.
+    loop.add_signal_handler(signal.SIGHUP, _reload, reloaders)
+    if tls is None and config.tls_cert:
+        tls = ServerTLS(config.tls_cert, config.tls_key)
     node = Node(config, loop)
+    if tls is not None:
+        certificate = tls
+        reloaders.add("tls", certificate.reload)
+        node.metrics.gauge(
+            "wshub_tls_certificate_expiry_seconds",
+            "Seconds until the certificate in use expires (its notAfter); negative once expired.",
+            lambda: certificate.expiry_seconds(time.time()),
+        )
     await node.start()
     server = await loop.create_server(
         node.new_connection,
@@ -37,13 +64,25 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
         # Only workers of one supervisor share a port; a second server started
         # by mistake on a taken port must fail, not split the traffic.
         reuse_port=os.environ.get(REUSE_PORT_ENV) == "1",
+        ssl=tls.context if tls is not None else None,
+        # Connection's own deadline starts once the TLS handshake is done
+        # (asyncio calls connection_made then): a client that never sends a
+        # ClientHello, or stops halfway, is dropped by this one. A TLS close
+        # waits for the client's close_notify (and for the client to read
+        # what is still queued) no longer than a WebSocket close may take.
+        ssl_handshake_timeout=config.handshake_timeout if tls is not None else None,
+        ssl_shutdown_timeout=config.close_timeout if tls is not None else None,
     )
     for sock in server.sockets:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     addresses = ", ".join(_address(sock) for sock in server.sockets)
+    if tls is not None:
+        addresses += " (TLS)"
     log.info("listening on %s node=%s", addresses, node.node_id)
+    if tls is not None:
+        log_event(log, logging.INFO, "tls_certificate", certificate=tls.certificate.describe())
     # A line on stdout that scripts and tests can wait for.
     print(f"wshub listening on {addresses}", flush=True)
     try:
@@ -61,9 +100,22 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
             log.warning("drain overran --drain-timeout: exiting anyway")
             logging.shutdown()
             os._exit(0)
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # not the default (exit) while exiting
         log.info("stopped")
+
+
+def _reload(reloaders: Reloaders) -> None:
+    """SIGHUP: run every reloader and log what each did."""
+    if not reloaders.names:
+        log_event(log, logging.INFO, "reload", what="nothing", detail="nothing to reload")
+        return
+    for outcome in reloaders.reload_all():
+        if outcome.ok:
+            log_event(log, logging.INFO, "reload", what=outcome.name, detail=outcome.detail)
+        else:
+            log_event(log, logging.ERROR, "reload_failed", what=outcome.name, error=outcome.detail)
 
 
 def _address(sock: socket.socket) -> str:
@@ -73,6 +125,18 @@ def _address(sock: socket.socket) -> str:
 
 def run(config: Config, argv: list[str] | None = None) -> int:
     """Run :func:`serve` on uvloop when available (or supervise workers)."""
+    # Until the loop's own handler is in place, a SIGHUP must not kill us
+    # (inherited by the workers too, until they install theirs).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    tls = None
+    if config.tls_cert:
+        try:
+            # Checked here, before any worker starts: bad files are a usage
+            # error, not a worker that dies and is restarted forever.
+            tls = ServerTLS(config.tls_cert, config.tls_key)
+        except TLSError as exc:
+            print(f"wshub serve: {exc}", file=sys.stderr)
+            return 2
     if config.workers > 1:
         return supervise(config, argv or [])
     try:
@@ -82,7 +146,7 @@ def run(config: Config, argv: list[str] | None = None) -> int:
     else:
         runner = uvloop.run
     try:
-        runner(serve(config))
+        runner(serve(config, tls=tls))
     except OSError as exc:
         print(
             f"wshub: cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr

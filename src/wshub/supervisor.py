@@ -5,7 +5,9 @@ The supervisor starts each worker as ``wshub serve`` with the same options,
 spreads new connections across them; the workers form one hub through Redis.
 A worker that dies is restarted, and its connections are reaped at once (not
 after the node TTL), so every client elsewhere hears ``user_left`` for them.
-SIGTERM or SIGINT is passed on to every worker, which drains as usual.
+SIGTERM or SIGINT is passed on to every worker, which drains as usual;
+SIGHUP is passed on too, and each worker reloads what it can (a worker started
+later reads the files anew anyway). The supervisor itself holds no files.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ async def _supervise(config: Config, argv: list[str]) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     workers = [Worker(i, argv, config) for i in range(config.workers)]
+    loop.add_signal_handler(signal.SIGHUP, _pass_on_sighup, workers)
     for worker in workers:
         await worker.spawn()
     stopping = asyncio.create_task(stop.wait())
@@ -104,6 +107,13 @@ async def _supervise(config: Config, argv: list[str]) -> int:
         except TimeoutError:
             worker.proc.kill()
     return 0
+
+
+def _pass_on_sighup(workers: list[Worker]) -> None:
+    alive = [w.proc for w in workers if w.proc is not None and w.proc.returncode is None]
+    for proc in alive:
+        proc.send_signal(signal.SIGHUP)
+    log.info("SIGHUP passed on to %d workers", len(alive))
 
 
 def supervise(config: Config, argv: list[str]) -> int:

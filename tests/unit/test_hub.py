@@ -227,12 +227,13 @@ def test_a_route_with_a_body_gets_it_whole_and_a_larger_one_is_413(
         echo=EchoEndpoint(host=node, fanout=node.fanout),
     )
 
-    def post(body: bytes, length: int, pieces: int = 3) -> FakeTransport:
+    def post(body: bytes, length: int | None, pieces: int = 3) -> FakeTransport:
         transport = FakeTransport(loop)
         conn = node.new_connection()
         transport.protocol = conn
         conn.connection_made(transport)  # type: ignore[arg-type]
-        head = f"POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n"
+        framing = "Transfer-Encoding: chunked" if length is None else f"Content-Length: {length}"
+        head = f"POST /api/publish HTTP/1.1\r\nHost: x\r\n{framing}\r\n\r\n"
         data = head.encode() + body
         step = max(1, len(data) // pieces)
         for i in range(0, len(data), step):
@@ -244,8 +245,12 @@ def test_a_route_with_a_body_gets_it_whole_and_a_larger_one_is_413(
     body = b'{"room": "lobby", "content": "' + b"x" * 30 + b'"}'
     answer = post(body, len(body), pieces=7)
     assert got == [body] and answer.out.startswith(b"HTTP/1.1 200 ")
+    chunked = post(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n", None, pieces=9)
+    assert got[-1] == b"hello world" and chunked.out.startswith(b"HTTP/1.1 200 ")
     too_big = post(b"y" * 65, 65)
-    assert too_big.out.startswith(b"HTTP/1.1 413 ") and len(got) == 1
+    assert too_big.out.startswith(b"HTTP/1.1 413 ") and len(got) == 2
+    too_big = post(b"40\r\n" + b"z" * 64 + b"\r\n1\r\nz\r\n0\r\n\r\n", None)
+    assert too_big.out.startswith(b"HTTP/1.1 413 ") and len(got) == 2
     transport = FakeTransport(loop)
     conn = node.new_connection()
     transport.protocol = conn

@@ -14,6 +14,7 @@ import asyncio
 import json
 import sys
 
+from ..client import add_tls_arguments
 from .runner import SCENARIOS, Config, run
 
 __all__ = ["main", "build_parser"]
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--url",
         action="append",
         metavar="URL",
-        help="server URL (ws:// only; default ws://127.0.0.1:8787/websocket); "
+        help="server URL (ws:// or wss://; default ws://127.0.0.1:8787/websocket); "
         "repeat for several servers",
     )
     g.add_argument(
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="read the server's RSS and CPU time from /proc "
         "(CPU per delivery, memory per connection)",
     )
+    add_tls_arguments(p)  # --ca-file, --insecure: the same as wshub client's
     g = p.add_argument_group("load")
     g.add_argument(
         "-n",
@@ -335,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
             nap_us=args.nap_us,
             progress=args.progress,
             json=args.json,
+            ca_file=args.ca_file or "",
+            insecure=args.insecure,
         )
     except ValueError as e:
         print(f"wshub bench: {e}", file=sys.stderr)
@@ -350,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.engine == "native":
         from . import native
 
+        if cfg.tls is not None:
+            print("wshub bench: --engine native speaks ws:// only", file=sys.stderr)
+            return 2
         if cfg.scenario not in native.SCENARIOS:
             print(
                 f"wshub bench: --engine native runs {', '.join(native.SCENARIOS)}; "

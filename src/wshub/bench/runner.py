@@ -11,6 +11,7 @@ import asyncio
 import math
 import os
 import socket
+import ssl
 import statistics
 import sys
 import time
@@ -63,6 +64,9 @@ class Config:
     nap_us: int = 0
     progress: bool = False
     json: bool = False
+    ca_file: str = ""  # wss://: trust this CA file instead of the system's
+    insecure: bool = False  # wss://: do not verify the certificate
+    tls: ssl.SSLContext | None = field(init=False, default=None)  # set when a URL is wss://
     host: str = field(init=False, default="")
     port: int = field(init=False, default=0)
     path: str = field(init=False, default="/")
@@ -74,10 +78,17 @@ class Config:
         self.url = self.urls[0]
         for url in self.urls:
             u = urlsplit(url)
-            if u.scheme not in ("ws", ""):
-                raise ValueError(f"only ws:// URLs are supported: {url}")
+            if u.scheme not in ("ws", "wss", ""):
+                raise ValueError(f"only ws:// and wss:// URLs are supported: {url}")
             path = (u.path or "/") + (f"?{u.query}" if u.query else "")
-            self.targets.append((u.hostname or "127.0.0.1", u.port or 80, path))
+            port = u.port or (443 if u.scheme == "wss" else 80)
+            self.targets.append((u.hostname or "127.0.0.1", port, path))
+        if any(url.startswith("wss:") for url in self.urls):
+            if not all(url.startswith("wss:") for url in self.urls):
+                raise ValueError("--url: all ws:// or all wss://")
+            from ..client import tls_context
+
+            self.tls = tls_context(self.ca_file, self.insecure)
         self.host, self.port, self.path = self.targets[0]
         if self.placement not in ("round-robin", "sender-alone"):
             raise ValueError("--placement is round-robin or sender-alone")
@@ -394,7 +405,13 @@ async def open_connections(
                 sock.setblocking(False)
                 sock.bind((ips[i % len(ips)], 0))
                 await asyncio.wait_for(loop.sock_connect(sock, (host, port)), cfg.connect_timeout)
-                await loop.create_connection(lambda: proto, sock=sock)
+                await loop.create_connection(
+                    lambda: proto,
+                    sock=sock,
+                    ssl=cfg.tls,
+                    server_hostname=host if cfg.tls else None,
+                    ssl_handshake_timeout=cfg.connect_timeout if cfg.tls else None,
+                )
                 await asyncio.wait_for(proto.opened, cfg.connect_timeout)
             except (TimeoutError, OSError, ConnectionError) as e:
                 failures.append(f"{type(e).__name__}: {e}")

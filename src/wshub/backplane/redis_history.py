@@ -1,0 +1,289 @@
+"""Room history on Redis: offsets assigned cluster-wide, atomically with the
+publication, so a client recovers on any node (decisions.md 13).
+
+Keys (``{p}`` is ``--cluster-name``; ``{r.ROOM}`` is a hash tag, so the two
+keys of a room share a Redis Cluster slot, the default room's included)::
+
+    {p}:history:{r.ROOM}:meta    HASH epoch, top; PEXPIRE meta_ttl, refreshed on use
+    {p}:history:{r.ROOM}:stream  STREAM of the room's entries (fields o p s k x),
+                                 MAXLEN = history size, PEXPIRE ttl after each
+                                 append; entries older than the TTL are left
+                                 to MAXLEN and the key's expiry, and skipped
+                                 when read (their ids are Redis' time)
+
+Theory of operation
+-------------------
+*Publishing* is one script (:data:`_PUBLISH`): take the room's epoch (creating
+it, with an empty stream, when the meta key is gone), ``HINCRBY`` the top,
+splice the offset into the payload exactly as :func:`wshub.protocol.with_offset`
+does, ``XADD`` it (capped), and ``PUBLISH`` the envelope (the caller's prefix plus
+that payload) on the room's channel. Redis runs scripts one at a time, so the
+order of offsets is the order subscribers receive: one order per room for the
+whole cluster. Publications from one node go out in one pipeline on one
+connection, in the order :meth:`RedisHistory.publish` was called, so messages
+from one sender keep their order.
+
+*Epochs.* The epoch lives in the meta hash with the counter: they vanish
+together (TTL, ``FLUSHALL``, eviction under ``maxmemory``), and the next use
+sets a new random epoch, deletes any stream left over and starts the counter
+again, so a client never recovers across the gap. A hub must treat an epoch
+returned by :meth:`~RedisHistory.publish` other than the one its members were
+welcomed with as a reset (its members' offsets went backwards): see
+docs/protocol.md.
+
+*Reading* is one script (:data:`_READ`) too, so ``epoch``, ``top`` and the
+entries come from one instant. Because a room's entries are a contiguous run of
+offsets ending at ``top``, the entries after ``OFFSET`` are the last
+``top - OFFSET`` entries (``XREVRANGE ... COUNT``), and the recovery succeeds
+exactly when that many fresh entries are held. Time is Redis' own (``TIME``):
+one clock for the whole cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
+
+from ..history import Entry, Recovery, new_epoch, would_receive
+from ..protocol import RelayKind
+
+__all__ = ["RedisHistory"]
+
+# Shared by both scripts: the room's epoch and top, creating the meta (and
+# dropping any stream left from a lost epoch) when it is gone.
+_META = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local top = 0
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'top', 0)
+else
+  top = tonumber(redis.call('HGET', KEYS[1], 'top'))
+end
+"""
+
+# KEYS: meta, stream. ARGV: new epoch, meta ttl ms, ttl ms, size, channel,
+# envelope prefix, payload without offset, sender, kind, exclude ('' = none).
+_PUBLISH = (
+    _META
+    + """
+local offset = redis.call('HINCRBY', KEYS[1], 'top', 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local payload = string.sub(ARGV[7], 1, -2) .. ',"offset":' .. string.format('%d', offset) .. '}'
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], '*',
+           'o', offset, 'p', payload, 's', ARGV[8], 'k', ARGV[9], 'x', ARGV[10])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('PUBLISH', ARGV[5], ARGV[6] .. payload)
+return {epoch, offset}
+"""
+)
+
+# KEYS: meta, stream. ARGV: new epoch, meta ttl ms, ttl ms, size, mode
+# ('state', 'since' or 'recent'), client epoch, offset, count.
+# Returns {epoch, top, recovered, entry fields...} oldest first.
+_READ = (
+    _META
+    + """
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local mode = ARGV[5]
+if mode == 'state' then return {epoch, top, 0} end
+local want
+if mode == 'since' then
+  if ARGV[6] ~= epoch then return {epoch, top, 0} end
+  local offset = tonumber(ARGV[7])
+  if offset > top then return {epoch, top, 0} end
+  want = top - offset
+  if want == 0 then return {epoch, top, 1} end
+  if want > tonumber(ARGV[4]) then return {epoch, top, 0} end
+else
+  want = math.min(tonumber(ARGV[8]), tonumber(ARGV[4]))
+  if want == 0 then return {epoch, top, 1} end
+end
+local t = redis.call('TIME')
+local fresh = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[3]) + 1
+local items = redis.call('XREVRANGE', KEYS[2], '+', fresh, 'COUNT', want)
+if mode == 'since' then
+  if #items < want or tonumber(items[#items][2][2]) ~= top - want + 1 then
+    return {epoch, top, 0}
+  end
+end
+local out = {epoch, top, 1}
+for i = #items, 1, -1 do out[#out + 1] = items[i][2] end
+return out
+"""
+)
+
+_KINDS = {kind.value.encode(): kind for kind in RelayKind}
+
+_Queued = tuple[list[str], list[Any], "asyncio.Future[tuple[str, int]]"]
+
+
+class RedisHistory:
+    """The history of every room of a cluster, kept in Redis.
+
+    Offsets and epochs are the cluster's: every node reads and writes the same
+    keys. :meth:`publish` replaces the room's plain ``PUBLISH`` when history is
+    on. Errors of the connection (``RedisError``, ``OSError``) reach the
+    caller: delivery stays at most once.
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        prefix: str = "wshub",
+        size: int = 100,
+        ttl: float = 120.0,
+        meta_ttl: float = 3600.0,
+        epochs: Callable[[], str] = new_epoch,
+    ) -> None:
+        if size < 1:
+            raise ValueError("RedisHistory needs a history size of at least 1 (0 is off)")
+        self.redis = redis
+        self.prefix = prefix
+        self.size = size
+        self.ttl_ms = max(1, int(ttl * 1000))
+        self.meta_ttl_ms = max(self.ttl_ms, int(meta_ttl * 1000))
+        self._epochs = epochs
+        self._publish = redis.register_script(_PUBLISH)
+        self._read = redis.register_script(_READ)
+        self._queue: list[_Queued] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.published = 0
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> RedisHistory:
+        return cls(aioredis.from_url(url, socket_timeout=5, socket_connect_timeout=5), **kwargs)
+
+    async def aclose(self) -> None:
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        await self.redis.aclose()
+
+    def keys(self, room: str) -> list[str]:
+        base = f"{self.prefix}:history:{{r.{room}}}"
+        return [f"{base}:meta", f"{base}:stream"]
+
+    # -- Publication ------------------------------------------------------------
+
+    async def publish(
+        self, room: str, channel: str, prefix: bytes, entry: Entry
+    ) -> tuple[str, int]:
+        """Append *entry* to the room's history and publish ``prefix`` plus
+        its payload on *channel*, atomically; returns ``(epoch, offset)``.
+
+        ``entry.payload`` is the frame *without* an offset (``entry.offset``
+        is ignored): the script splices in the offset it assigns, the bytes
+        :func:`~wshub.protocol.with_offset` gives.
+        """
+        return await self.submit(room, channel, prefix, entry)
+
+    def submit(
+        self, room: str, channel: str, prefix: bytes, entry: Entry
+    ) -> asyncio.Future[tuple[str, int]]:
+        """:meth:`publish` without a coroutine: queue it now and return the
+        future of its ``(epoch, offset)``. For a hub's hot path (no task per
+        message); whoever drops the future must still read its exception."""
+        args = [
+            self._epochs(),
+            self.meta_ttl_ms,
+            self.ttl_ms,
+            self.size,
+            channel,
+            prefix,
+            entry.payload,
+            entry.sender,
+            entry.kind.value,
+            entry.exclude or "",
+        ]
+        future: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+        self._queue.append((self.keys(room), args, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="wshub-history-publisher")
+        return future
+
+    async def _flush(self) -> None:
+        # One batch at a time, in call order, on one connection: a sender's
+        # messages keep their order.
+        while self._queue:
+            batch, self._queue = self._queue, []
+            try:
+                results = await self._run(batch)
+            except Exception as exc:  # every caller hears why its publication failed
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, _, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result((result[0].decode(), int(result[1])))
+                    self.published += 1
+
+    async def _run(self, batch: Sequence[_Queued]) -> list[Any]:
+        for attempt in range(2):
+            pipe = self.redis.pipeline(transaction=False)
+            sha = self._publish.sha
+            for keys, args, _ in batch:
+                pipe.evalsha(sha, 2, *keys, *args)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
+                # A restarted Redis forgot the script; it ran for none of them.
+                self._publish.sha = await self.redis.script_load(_PUBLISH)
+                continue
+            return results
+        raise AssertionError("unreachable")
+
+    # -- Join -------------------------------------------------------------------
+
+    async def _call(self, room: str, mode: str, epoch: str, offset: int, count: int) -> list[Any]:
+        args: list[str | int] = [self._epochs(), self.meta_ttl_ms, self.ttl_ms, self.size]
+        args += [mode, epoch, offset, count]
+        reply: list[Any] = await self._read(keys=self.keys(room), args=args)
+        return reply
+
+    async def state(self, room: str) -> tuple[str, int]:
+        """The room's ``(epoch, top offset)`` for a ``welcome``."""
+        reply = await self._call(room, "state", "", 0, 0)
+        return reply[0].decode(), int(reply[1])
+
+    async def epoch(self, room: str) -> str:
+        """The room's epoch (set now if the room had none)."""
+        return (await self.state(room))[0]
+
+    async def recover(self, room: str, epoch: str, offset: int, previous: str | None) -> Recovery:
+        """As :meth:`wshub.history.History.recover`, for the whole cluster."""
+        reply = await self._call(room, "since", epoch, offset, 0)
+        recovery = _recovery(reply)
+        if previous is None:
+            return recovery
+        return recovery._replace(missed=[e for e in recovery.missed if would_receive(e, previous)])
+
+    async def recent(self, room: str, count: int) -> Recovery:
+        """As :meth:`wshub.history.History.recent`."""
+        return _recovery(await self._call(room, "recent", "", 0, max(0, count)))
+
+
+def _recovery(reply: list[Any]) -> Recovery:
+    entries = []
+    for fields in reply[3:]:
+        values = dict(zip(fields[::2], fields[1::2], strict=True))
+        exclude = values[b"x"].decode()
+        entries.append(
+            Entry(
+                int(values[b"o"]),
+                values[b"p"],
+                values[b"s"].decode(),
+                _KINDS[values[b"k"]],
+                exclude or None,
+            )
+        )
+    return Recovery(bool(int(reply[2])), entries, reply[0].decode(), int(reply[1]))

@@ -1,0 +1,146 @@
+"""The server's certificate: loaded from ``--tls-cert``/``--tls-key``, replaced
+on reload, and how long it has left.
+
+asyncio fixes the ``SSLContext`` of a listening server when it is created, so
+the listener gets one context for good, and that context's SNI hook (which
+OpenSSL calls early in every handshake, whether or not the ClientHello names
+a server) moves each new connection onto the context of the certificate
+loaded now. A reload builds a whole new context and swaps one reference:
+
+* a file that does not load changes nothing (the old certificate stays);
+* connections already open keep the session they negotiated;
+* every handshake after the swap sees the new certificate.
+
+This is what OpenSSL's maintainers advise over loading new files into a live
+context (openssl/openssl#2147: "create and configure a new SSL_CTX, and then
+switch to using that new SSL_CTX"); the switch is ``SSL_set_SSL_CTX``, which
+Python exposes as the settable ``SSLObject.context``.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+
+from cryptography import x509
+
+from .errors import WshubError
+
+__all__ = ["Certificate", "ServerTLS", "TLSError", "load_certificate", "server_context"]
+
+
+class TLSError(WshubError):
+    """The certificate or key did not load; the message names the file and why."""
+
+
+def server_context() -> ssl.SSLContext:
+    """A server context with Python's vetted defaults (ciphers, no compression,
+    no renegotiation) and nothing older than TLS 1.2."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+@dataclass(frozen=True, slots=True)
+class Certificate:
+    """One loaded certificate and key, with the context that serves them."""
+
+    context: ssl.SSLContext
+    serial: int
+    subject: str
+    not_after: float
+    """Unix seconds."""
+
+    def seconds_left(self, now: float) -> float:
+        """Seconds from *now* (Unix seconds) until it expires; negative once expired."""
+        return self.not_after - now
+
+    def describe(self) -> str:
+        return f"serial={self.serial:x} subject={self.subject} not_after={int(self.not_after)}"
+
+
+def _refuse_password(*_: object) -> bytes:
+    # Without a callback OpenSSL would prompt on the terminal for the
+    # passphrase of an encrypted key and block the server (at a reload too).
+    raise TLSError("the key is encrypted: give an unencrypted key file")
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise TLSError(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+def load_certificate(cert_file: str, key_file: str) -> Certificate:
+    """Load the pair into a new server context.
+
+    Raises:
+        TLSError: a file is missing or unreadable, is not PEM, the key is
+            encrypted or does not match the certificate.
+    """
+    pem = _read(cert_file, "--tls-cert")
+    _read(key_file, "--tls-key")
+    try:
+        leaf = x509.load_pem_x509_certificates(pem)[0]
+    except ValueError:
+        raise TLSError(f"--tls-cert: {cert_file} holds no PEM certificate") from None
+    context = server_context()
+    try:
+        context.load_cert_chain(cert_file, key_file, password=_refuse_password)
+    except TLSError as exc:
+        raise TLSError(f"--tls-key: {key_file}: {exc}") from None
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise TLSError(f"--tls-key: {key_file} is not the key of {cert_file}") from None
+        raise TLSError(f"--tls-key: {key_file} holds no usable PEM private key ({exc})") from None
+    except OSError as exc:  # a file removed since it was read
+        raise TLSError(f"--tls-cert/--tls-key: cannot load: {exc.strerror or exc}") from None
+    # OpenSSL read the files itself: if the certificate changed between our
+    # read and its own, the serial and expiry shown would be another's.
+    if _read(cert_file, "--tls-cert") != pem:
+        raise TLSError(f"--tls-cert: {cert_file} changed while it was loaded: reload again")
+    return Certificate(
+        context=context,
+        serial=leaf.serial_number,
+        subject=leaf.subject.rfc4514_string() or "-",
+        not_after=leaf.not_valid_after_utc.timestamp(),
+    )
+
+
+class ServerTLS:
+    """The listening context and the certificate it currently hands out."""
+
+    def __init__(self, cert_file: str, key_file: str) -> None:
+        """Load the files (raises :class:`TLSError` when they do not load)."""
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self.certificate = load_certificate(cert_file, key_file)
+        # The first certificate's context is the listener's; later ones are
+        # reached through the hook.
+        self.context = self.certificate.context
+        self.context.sni_callback = self._select
+
+    def _select(
+        self, ssl_object: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext
+    ) -> None:
+        # Must not raise: OpenSSL would fail the handshake and Python print
+        # the exception to stderr as unraisable.
+        current = self.certificate.context
+        if context is not current:
+            ssl_object.context = current
+
+    def reload(self) -> str:
+        """Load the files again and use them for every new handshake.
+
+        Returns what changed, for the log. Raises :class:`TLSError` (the
+        certificate in use stays) when they do not load.
+        """
+        new = load_certificate(self.cert_file, self.key_file)
+        old, self.certificate = self.certificate, new
+        return f"certificate {new.describe()} (was serial={old.serial:x})"
+
+    def expiry_seconds(self, now: float) -> float:
+        """Seconds until the certificate in use expires (*now* in Unix seconds)."""
+        return round(self.certificate.seconds_left(now), 3)

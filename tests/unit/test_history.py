@@ -1,0 +1,425 @@
+"""wshub.history: offsets, the recovery window, bounds, and the join query."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from wshub import protocol
+from wshub.history import (
+    ENTRY_OVERHEAD,
+    ROOM_OVERHEAD,
+    Entry,
+    History,
+    JoinQuery,
+    Position,
+    QueryRefusal,
+    parse_join_query,
+    would_receive,
+)
+from wshub.ids import ConnectionId
+from wshub.protocol import RelayKind
+
+M, B = RelayKind.MESSAGE, RelayKind.BROADCAST
+A_ID, B_ID, C_ID = "ws-1-aaaaaaaaa", "ws-2-bbbbbbbbb", "ws-3-ccccccccc"
+
+
+def epochs():
+    counter = itertools.count(1)
+    return lambda: f"e{next(counter)}"
+
+
+def publish(
+    h: History,
+    room: str,
+    kind: RelayKind,
+    sender: str,
+    now: float,
+    exclude: str | None = None,
+    content: str = "x",
+) -> int:
+    """What a room's hub does at publication."""
+    offset = h.next_offset(room, now)
+    payload = protocol.encode_relay(kind, ConnectionId(sender), content, now, offset)
+    return h.append(room, Entry(offset, payload, sender, kind, exclude), now)
+
+
+def offsets(entries: list[Entry]) -> list[int]:
+    return [e.offset for e in entries]
+
+
+def five(**kwargs: object) -> History:
+    """Room r: 1 A message, 2 B broadcast, 3 A broadcast, 4 B message,
+    5 server message excluding C; at t=0..4."""
+    h = History(epochs=epochs(), **kwargs)  # type: ignore[arg-type]
+    publish(h, "r", M, A_ID, 0)
+    publish(h, "r", B, B_ID, 1)
+    publish(h, "r", B, A_ID, 2)
+    publish(h, "r", M, B_ID, 3)
+    publish(h, "r", M, "server", 4, exclude=C_ID)
+    return h
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "epoch", "offset", "previous", "now", "recovered", "missed"),
+    [
+        ("from the start", {}, "e1", 0, None, 5, True, [1, 2, 3, 4, 5]),
+        ("from the middle", {}, "e1", 2, None, 5, True, [3, 4, 5]),
+        ("from the top", {}, "e1", 5, None, 5, True, []),
+        ("above the top", {}, "e1", 6, None, 5, False, []),
+        ("wrong epoch", {}, "zzz", 2, None, 5, False, []),
+        ("past the window", {"size": 3}, "e1", 1, None, 5, False, []),
+        ("window edge: OFFSET itself gone", {"size": 3}, "e1", 2, None, 5, True, [3, 4, 5]),
+        ("top with a small window", {"size": 3}, "e1", 5, None, 5, True, []),
+        ("after TTL: entries gone", {"ttl": 10}, "e1", 2, None, 12.5, False, []),
+        ("TTL: fresh part still held", {"ttl": 10}, "e1", 3, None, 12.5, True, [4, 5]),
+        ("after TTL, from the top", {"ttl": 10}, "e1", 5, None, 100, True, []),
+        ("previous A: own messages out", {}, "e1", 0, A_ID, 5, True, [2, 3, 4, 5]),
+        ("previous B: own broadcast kept", {}, "e1", 0, B_ID, 5, True, [1, 2, 3, 5]),
+        ("previous C: excluded message out", {}, "e1", 0, C_ID, 5, True, [1, 2, 3, 4]),
+        ("previous, all missed are its own", {}, "e1", 3, B_ID, 5, True, [5]),
+    ],
+)
+def test_recover(name, kwargs, epoch, offset, previous, now, recovered, missed) -> None:
+    """recover() follows decisions.md 19 'Recovery window' and 'would have received'."""
+    h = five(**kwargs)
+    result = h.recover("r", epoch, offset, previous, now)
+    assert (result.recovered, offsets(result.missed)) == (recovered, missed), name
+    assert (result.epoch, result.offset) == ("e1", 5)
+
+
+def test_entries_are_the_frames_as_first_sent() -> None:
+    """Offsets grow by one per publication; the stored payload is the frame sent."""
+    h = five()
+    sent = [json.loads(e.payload) for e in h.held("r")]
+    assert [m["offset"] for m in sent] == [1, 2, 3, 4, 5]
+    assert [m["type"] for m in sent] == ["message", "broadcast", "broadcast", "message", "message"]
+    replay = json.loads(protocol.replayed(h.held("r")[0].payload))
+    assert replay == {**sent[0], "replayed": True}
+
+
+def test_rooms_are_independent() -> None:
+    h = History(epochs=epochs())
+    assert publish(h, "a", M, A_ID, 0) == 1
+    assert publish(h, "b", M, A_ID, 0) == 1
+    assert publish(h, "a", M, A_ID, 0) == 2
+    assert h.state("a", 0) == ("e1", 2) and h.state("b", 0) == ("e2", 1)
+    assert h.recover("a", "e2", 0, None, 0).recovered is False
+
+
+def test_append_refuses_a_wrong_offset() -> None:
+    h = History()
+    payload = protocol.encode_relay(M, ConnectionId(A_ID), "x", 0, 7)
+    with pytest.raises(ValueError):
+        h.append("r", Entry(7, payload, A_ID, M, None), 0)
+
+
+@pytest.mark.parametrize(
+    ("count", "expected"), [(0, []), (2, [4, 5]), (5, [1, 2, 3, 4, 5]), (10**9, [1, 2, 3, 4, 5])]
+)
+def test_recent(count: int, expected: list[int]) -> None:
+    """?history=N gives the last N, oldest first, capped at what is held."""
+    result = five().recent("r", count, 5)
+    assert offsets(result.missed) == expected and (result.epoch, result.offset) == ("e1", 5)
+
+
+def test_recent_is_capped_at_the_history_size() -> None:
+    h = five(size=3)
+    assert offsets(h.recent("r", 100, 5).missed) == [3, 4, 5]
+    assert offsets(five(ttl=2.5).recent("r", 100, 5).missed) == [4, 5]
+
+
+def test_history_off() -> None:
+    """--history-size 0: no offsets, nothing kept, since never recovers."""
+    h = History(size=0)
+    assert not h.enabled and h.next_offset("r", 0) == 0
+    payload = protocol.encode_relay(M, ConnectionId(A_ID), "x", 0)
+    assert h.append("r", Entry(0, payload, A_ID, M, None), 0) == 0
+    assert h.held("r") == () and h.bytes == 0
+    result = h.recover("r", "e1", 0, None, 0)
+    assert (result.recovered, result.missed) == (False, [])
+    assert h.recent("r", 5, 0).missed == []
+
+
+def test_a_quiet_room_keeps_its_epoch_while_held_and_for_meta_ttl() -> None:
+    """Entries expire after ttl; the epoch and offset stay while a member holds
+    the room, and meta_ttl after it is idle; then the epoch changes."""
+    h = History(ttl=10, meta_ttl=100, epochs=epochs())
+    h.hold("r", 0)
+    publish(h, "r", M, A_ID, 0)
+    assert h.state("r", 1000) == ("e1", 1)  # held: kept, though its entry expired
+    h.release("r", 1000)
+    assert h.recover("r", "e1", 1, None, 1050) == (True, [], "e1", 1)
+    assert h.state("r", 1101) == ("e2", 0)  # forgotten: a new epoch, never a reuse
+    assert h.recover("r", "e1", 1, None, 1101).recovered is False
+
+
+def test_a_sweep_frees_expired_entries_without_new_publications() -> None:
+    """expire(now) alone (the hub's periodic sweep) gives the bytes back."""
+    h = History(ttl=10, meta_ttl=20, epochs=epochs())
+    for i in range(50):
+        publish(h, f"r{i % 5}", B, A_ID, 0, content="z" * 500)
+    assert h.bytes > 50 * 500
+    h.expire(10)
+    assert all(h.held(r) == () for r in h.rooms()) and h.bytes == accounted(h)
+    assert h.bytes == 5 * (ROOM_OVERHEAD + 2)  # the rooms' states: idle, not yet forgotten
+    h.expire(30)
+    assert h.bytes == 0 and list(h.rooms()) == []
+
+
+def test_new_process_new_epoch() -> None:
+    """Two histories (two processes) never share an epoch by default."""
+    assert History().state("r", 0)[0] != History().state("r", 0)[0]
+
+
+def test_the_memory_bound_holds_under_a_flood_into_10000_rooms() -> None:
+    """--history-memory: bytes accounted never pass the bound; the oldest go first;
+    what is still held still recovers, what is gone does not."""
+    bound = 2 * 1024 * 1024
+    h = History(memory=bound, epochs=epochs())
+    h.hold("room9999", 0)  # a room with a member: its offsets never restart
+    content = "y" * 200
+    for i in range(60_000):
+        room = f"room{i % 10_000}"
+        publish(h, room, B, A_ID, i * 0.001, content=content)
+        assert h.bytes <= bound
+    assert h.evicted > 0
+    per_entry = ENTRY_OVERHEAD + 200 + 150
+    assert h.bytes > bound - 2 * per_entry - 1000  # it fills up to the bound, not far below
+    held = sum(len(h.held(r)) for r in h.rooms())
+    assert held < 60_000
+    # The room written last still has its newest entries and recovers from
+    # just before them; from before what was dropped it does not.
+    last = h.held("room9999")
+    assert last and last[-1].offset == 6 and h.state("room9999", 60) == ("e1", 6)
+    assert h.recover("room9999", "e1", last[0].offset - 1, None, 60).recovered
+    assert len(last) < 6 and not h.recover("room9999", "e1", 0, None, 60).recovered
+    # A room without members whose entries all went was forgotten: a new
+    # epoch, so the old position can't recover across the gap.
+    assert h.state("room0", 60)[0] != "e2"
+    assert h.recover("room0", "e2", 0, None, 60).recovered is False
+
+
+def test_stale_records_stay_bounded_in_one_hot_room() -> None:
+    """A flood into one room (cap 100) keeps the global order compact."""
+    h = History(size=100)
+    for _ in range(50_000):
+        publish(h, "hot", M, A_ID, 0)
+    assert len(h.held("hot")) == 100
+    assert len(h._order) <= 100 + 1024 + 1
+
+
+def test_would_receive() -> None:
+    e = Entry(1, b"{}", A_ID, M, C_ID)
+    assert would_receive(e, None) and would_receive(e, B_ID)
+    assert not would_receive(e, A_ID) and not would_receive(e, C_ID)
+    assert would_receive(e._replace(kind=B), A_ID)
+
+
+def accounted(h: History) -> int:
+    """The bytes History says it holds, recounted from what it holds."""
+    total = 0
+    for name in h.rooms():
+        total += ROOM_OVERHEAD + len(name)
+        total += sum(
+            len(e.payload) + len(e.sender) + len(e.exclude or "") + ENTRY_OVERHEAD
+            for e in h.held(name)
+        )
+    return total
+
+
+# -- Property: never a gap ------------------------------------------------------
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("append"),
+            st.sampled_from(["a", "b", "c"]),
+            st.sampled_from([M, B]),
+            st.sampled_from([A_ID, B_ID, "server"]),
+            st.sampled_from([None, A_ID, C_ID]),
+            st.integers(0, 300),
+        ),
+        st.tuples(st.just("time"), st.floats(0, 50)),
+        st.tuples(st.just("hold"), st.sampled_from(["a", "b", "c"])),
+        st.tuples(st.just("release"), st.sampled_from(["a", "b", "c"])),
+        st.tuples(
+            st.just("recover"),
+            st.sampled_from(["a", "b", "c"]),
+            st.integers(0, 40),
+            st.sampled_from([None, A_ID, B_ID, C_ID]),
+            st.booleans(),
+        ),
+    ),
+    max_size=120,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ops=ops,
+    size=st.integers(1, 8),
+    ttl=st.floats(1, 60),
+    memory=st.integers(1500, 12000),
+)
+def test_recover_never_returns_a_gap(ops, size, ttl, memory) -> None:
+    """Whatever happened (caps, TTL, the memory bound, rooms forgotten),
+    recover() is either not recovered or exactly the entries after OFFSET that
+    the former connection would have received, in order."""
+    h = History(size=size, ttl=ttl, memory=memory, meta_ttl=30, epochs=epochs())
+    log: dict[tuple[str, str], list[Entry]] = {}  # (room, epoch) -> every entry published
+    now = 0.0
+    holds: dict[str, int] = {}
+    for op in ops:
+        if op[0] == "append":
+            _, room, kind, sender, exclude, length = op
+            offset = h.next_offset(room, now)
+            epoch = h.state(room, now)[0]
+            payload = protocol.encode_relay(kind, ConnectionId(sender), "z" * length, now, offset)
+            entry = Entry(offset, payload, sender, kind, exclude if kind is M else None)
+            assert h.append(room, entry, now) == offset
+            # Kept, or (a tiny bound, no member) the room was forgotten at once.
+            state = h.state(room, now)
+            assert state == (epoch, offset) or (state[0] != epoch and holds.get(room, 0) == 0)
+            log.setdefault((room, epoch), []).append(entry)
+            # Held rooms' states are never freed: the bound yields to them (and
+            # to the room being touched) only.
+            assert h.bytes <= max(memory, 4 * (ROOM_OVERHEAD + 1))
+            assert h._stale >= 0 and h.bytes == accounted(h)
+        elif op[0] == "time":
+            now += op[1]
+        elif op[0] == "hold":
+            h.hold(op[1], now)
+            holds[op[1]] = holds.get(op[1], 0) + 1
+        elif op[0] == "release":
+            h.release(op[1], now)
+            holds[op[1]] = max(0, holds.get(op[1], 0) - 1)
+        else:
+            _, room, offset, previous, current = op
+            epoch = h.state(room, now)[0] if current else "e0"
+            result = h.recover(room, epoch, offset, previous, now)
+            if not result.recovered:
+                continue
+            assert result.epoch == epoch
+            published = log.get((room, epoch), [])
+            expected = [e for e in published if e.offset > offset and would_receive(e, previous)]
+            assert [e.payload for e in result.missed] == [e.payload for e in expected]
+            assert offset <= result.offset == (published[-1].offset if published else 0)
+
+
+# -- Query parsing ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("", JoinQuery()),
+        ("since=abc123:0", JoinQuery(since=Position("abc123", 0))),
+        ("since=abc123%3A42", JoinQuery(since=Position("abc123", 42))),
+        ("since=e:007", JoinQuery(since=Position("e", 7))),
+        ("since=e:" + "9" * 40, JoinQuery(since=Position("e", 10**9))),
+        ("history=10", JoinQuery(history=10)),
+        ("history=0", JoinQuery(history=0)),
+        ("history=" + "9" * 5000, JoinQuery(history=10**9)),
+        ("previous=ws-1764600000000-abc123xyz", JoinQuery(previous="ws-1764600000000-abc123xyz")),
+        (
+            "token=x&since=A.b_c~d-e:5&previous=ws-1-aaaaaaaaa&other",
+            JoinQuery(since=Position("A.b_c~d-e", 5), previous="ws-1-aaaaaaaaa"),
+        ),
+        ("Since=bad&HISTORY=-1", JoinQuery()),  # names are case-sensitive: others ignored
+        ("since=e:1&history=3", JoinQuery(since=Position("e", 1), history=3)),
+    ],
+)
+def test_parse_join_query_accepts(query: str, expected: JoinQuery) -> None:
+    assert parse_join_query(query) == expected
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "since=",
+        "since=abc",
+        "since=:5",
+        "since=abc:",
+        "since=abc:-1",
+        "since=abc:1.5",
+        "since=abc:+1",
+        "since=abc: 1",
+        "since=ab%20c:1",
+        "since=a/b:1",
+        "since=" + "e" * 65 + ":1",
+        "since=abc:1&since=abc:2",
+        "history=",
+        "history=-1",
+        "history=1.0",
+        "history=ten",
+        "history=%2B1",
+        "history=1&history=2",
+        "previous=",
+        "previous=server",
+        "previous=ws-1-ABCDEFGHI",
+        "previous=ws-1-abcdefgh",
+        "previous=ws-x-abcdefghi",
+        "previous=ws-1-abcdefghij",
+        "previous=ws-1-abcdefghi%00",
+        "since=e%3G:1",
+        "since=%FF:1",
+        "x=" + "a" * 20_000,
+        "&" * 200,
+    ],
+)
+def test_parse_join_query_refuses(query: str) -> None:
+    """Values that do not parse are a 400 with a short reason, never an exception."""
+    result = parse_join_query(query)
+    assert isinstance(result, QueryRefusal) and 0 < len(result.reason) < 80
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(max_size=300))
+def test_parse_join_query_never_raises(query: str) -> None:
+    assert isinstance(parse_join_query(query), JoinQuery | QueryRefusal)
+
+
+# -- Protocol additions -------------------------------------------------------------
+
+
+def test_relay_offset_and_splices() -> None:
+    """The offset goes last; with_offset() and replayed() give the same JSON."""
+    sender = ConnectionId(A_ID)
+    plain = protocol.encode_relay(M, sender, 'é "q"', 1.5)
+    at = protocol.encode_relay(M, sender, 'é "q"', 1.5, 12)
+    assert protocol.with_offset(plain, 12) == at
+    assert json.loads(at) == {**json.loads(plain), "offset": 12}
+    assert list(json.loads(at))[-1] == "offset"
+    assert json.loads(protocol.replayed(at)) == {**json.loads(at), "replayed": True}
+
+
+def test_welcome_fields_are_additive() -> None:
+    cid = ConnectionId(A_ID)
+    assert "epoch" not in json.loads(protocol.encode_welcome(cid, 1, 0))
+    w = json.loads(protocol.encode_welcome(cid, 1, 0, epoch="e1", offset=5))
+    assert (w["epoch"], w["offset"]) == ("e1", 5) and "recovered" not in w
+    w = json.loads(
+        protocol.encode_welcome(cid, 1, 0, epoch="e1", offset=5, recovered=True, missed=2)
+    )
+    assert (w["recovered"], w["missed"]) == (True, 2)
+    w = json.loads(protocol.encode_welcome(cid, 1, 0, recovered=False, missed=0))
+    assert w["recovered"] is False and "epoch" not in w  # history off
+
+
+def test_history_options() -> None:
+    """The defaults of decisions.md 13/19; size 0 is off; a memory bound of 0 is refused."""
+    from wshub.config import Config, ConfigError, load_config
+
+    c = Config()
+    assert (c.history_size, c.history_ttl, c.history_memory) == (100, 120.0, 67108864)
+    assert load_config({"history_size": "0"}, {}).history_size == 0
+    env = {"WSHUB_HISTORY_TTL": "30", "WSHUB_HISTORY_MEMORY": "1048576"}
+    assert (load_config({}, env).history_ttl, load_config({}, env).history_memory) == (30, 1 << 20)
+    for flag, value in (("history_memory", "0"), ("history_ttl", "0"), ("history_size", "-1")):
+        with pytest.raises(ConfigError):
+            load_config({flag: value}, {})
