@@ -383,7 +383,9 @@ class TokenVerifier:
             # PyJWT refuses a secret that looks like a key (PEM, DER, a JWK) as
             # an HMAC key at each verification; refuse it once, here.
             try:
-                jwt.get_algorithm_by_name("HS256").prepare_key(self._key)
+                jwt.get_algorithm_by_name("HS256").prepare_key(
+                    secret.encode("utf-8", "surrogateescape")
+                )
             except jwt.InvalidKeyError as exc:
                 raise ValueError(f"unusable HS256 secret: {exc}") from None
         elif mode is not AuthMode.OFF:
