@@ -50,6 +50,7 @@ __all__ = [
     "AuthMode",
     "AuthRefusal",
     "Identity",
+    "PublicKey",
     "TokenOffer",
     "TokenVerifier",
     "load_public_key",

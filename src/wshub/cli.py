@@ -126,8 +126,8 @@ def _token_main(argv: list[str], environ: Mapping[str, str]) -> int:
         parser.error("--secret is required (or WSHUB_AUTH_SECRET)")
     if not 0 < len(args.sub) <= 128:
         parser.error("--sub must be 1 to 128 characters")
-    if not (args.ttl > 0 and args.ttl < 1e9):
-        parser.error("--ttl must be a positive number of seconds")
+    if not 1 <= args.ttl < 1e9:  # also refuses nan
+        parser.error("--ttl must be a positive number of seconds (1 or more)")
     import time
 
     from .auth import mint_token

@@ -289,6 +289,7 @@ def _cases() -> list[tuple[str, TokenVerifier, str, ErrorCode]]:
         ("exp negative", HS, hs(claims(exp=-5)), UNAUTH),
         ("exp NaN", HS, hs_raw(b'{"sub":"alice","exp":NaN}'), UNAUTH),
         ("exp Infinity", HS, hs_raw(b'{"sub":"alice","exp":Infinity}'), UNAUTH),
+        ("exp 1e400", HS, hs_raw(b'{"sub":"alice","exp":1e400}'), UNAUTH),
         ("nbf a string", HS, hs(claims(nbf="yesterday")), UNAUTH),
         ("iat a string", HS, hs(claims(iat="now")), UNAUTH),
         # sub
@@ -912,6 +913,7 @@ def test_cli_token_as_a_command(tmp_path: Path) -> None:
         (["token", "--secret", "s", "--sub", "a" * 129], "1 to 128"),
         (["token", "--secret", "s", "--sub", "a", "--ttl", "0"], "positive"),
         (["token", "--secret", "s", "--sub", "a", "--ttl", "nan"], "positive"),
+        (["token", "--secret", "s", "--sub", "a", "--ttl", "0.5"], "positive"),
     ],
 )
 def test_cli_token_refusals(
