@@ -458,6 +458,8 @@ class TokenVerifier:
 
     def verify(self, token: str, now: float) -> Identity | AuthRefusal:
         """The identity *token* proves at *now*, or why not. Never raises."""
+        if not isinstance(token, str):
+            return _MALFORMED  # e.g. a JSON value a caller forgot to check
         if len(token) > MAX_TOKEN_BYTES:
             return _TOO_LARGE
         if self._key is None:

@@ -346,6 +346,12 @@ def test_attack_fails_closed(verifier: TokenVerifier, token: str, code: ErrorCod
     assert token[:40] not in result.message or not token  # the token is never echoed
 
 
+@pytest.mark.parametrize("value", [None, 5, b"abc.def.ghi", ["a.b.c"], {"token": 1}])
+def test_verify_refuses_a_non_string(value: Any) -> None:
+    """A value that is not a string at all (a caller's slip) is refused, not an exception."""
+    assert refused(HS.verify(value, NOW))
+
+
 def test_size_bound_comes_before_the_signature() -> None:
     """Signed tokens: 8192 bytes pass, 8193 are refused as too large, before any parsing."""
     by_length = {
