@@ -210,6 +210,15 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     return parse
 
 
+def _text(raw: Any) -> str:
+    return str(raw).strip()
+
+
+def _secret(raw: Any) -> str:
+    # Not stripped: white space at either end of a secret is part of it.
+    return str(raw)
+
+
 def _opt(
     default: Any,
     help: str,
@@ -321,6 +330,51 @@ class Config:
         "origins, https://*.example.com wildcards, or * for any.",
         _origins,
         "ORIGINS",
+    )
+    # Signed connect tokens (decisions.md 15; docs/auth.md)
+    auth: str = _opt(
+        "off",
+        "off: anonymous connections, as the seed has them. optional: a connection without a "
+        "token is anonymous, one with a token must pass. required: every connection needs a "
+        "valid JWT; a refused one gets an error and close 4401.",
+        _choice("off", "optional", "required"),
+        "off|optional|required",
+    )
+    auth_secret: str = _opt(
+        "",
+        "HS256 secret that tokens are signed with (prefer the environment variable: a flag "
+        "shows in the process list). Not together with --auth-public-key.",
+        _secret,
+        "SECRET",
+        secret=True,
+    )
+    auth_public_key: str = _opt(
+        "",
+        "PEM file of the public key tokens are verified with; its type pins the algorithm: "
+        "RSA (2048 bits or more) RS256, EC P-256 ES256, Ed25519 EdDSA.",
+        _text,
+        "FILE",
+    )
+    auth_audience: str = _opt(
+        "",
+        "The aud a token must carry. Empty: a token that carries an aud is refused.",
+        _text,
+        "AUDIENCE",
+    )
+    auth_issuer: str = _opt("", "The iss a token must carry (empty: not checked).", _text, "ISSUER")
+    auth_query_token: str = _opt(
+        "off",
+        "on: also accept the token as ?token= in the URL (URLs end up in logs and browser "
+        "history; the subprotocol or Authorization header is better).",
+        _choice("off", "on"),
+        "off|on",
+    )
+    max_connections_per_user: int = _opt(
+        0,
+        "Open connections per token sub across the cluster; one more gets close 4429 "
+        "(0: unlimited).",
+        _count,
+        "N",
     )
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = _opt(
         (),
@@ -618,6 +672,17 @@ def _check_together(config: Config) -> None:
         )
     ):
         raise ConfigError("--api-listen: must differ from --host and --port")
+    if config.auth_secret and config.auth_public_key:
+        raise ConfigError("--auth-secret and --auth-public-key: give one of them, not both")
+    if config.auth != "off" and not (config.auth_secret or config.auth_public_key):
+        raise ConfigError(
+            f"--auth: {config.auth} needs --auth-secret (HS256) or --auth-public-key FILE"
+        )
+    if config.max_connections_per_user and config.auth == "off":
+        raise ConfigError(
+            "--max-connections-per-user: counts connections by token sub, so it needs "
+            "--auth optional or required"
+        )
     if config.effective_heartbeat_timeout <= config.heartbeat_interval:
         raise ConfigError(
             "--heartbeat-timeout: must be longer than --heartbeat-interval "
