@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Final
 
@@ -25,6 +26,7 @@ __all__ = [
     "HttpError",
     "Request",
     "check_upgrade",
+    "page_headers",
     "parse_request_head",
     "refusal_reason",
     "response",
@@ -202,6 +204,8 @@ def response(
         lines.append(f"Content-Length: {len(body)}")
         lines.append("Connection: close")
         lines.append("Cache-Control: no-store")
+        # No response of ours is meant to be sniffed into another type.
+        lines.append("X-Content-Type-Options: nosniff")
     lines.extend(f"{name}: {value}" for name, value in headers)
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     return head if head_only or status == 101 else head + body
@@ -216,3 +220,39 @@ def switching_protocols(accept: str, extensions: str | None) -> bytes:
     if extensions:
         headers.append(("Sec-WebSocket-Extensions", extensions))
     return response(101, headers=tuple(headers))
+
+
+_INLINE = re.compile(rb"<(script|style)>(.*?)</\1>", re.DOTALL)
+
+
+def page_headers(html: bytes) -> tuple[tuple[str, str], ...]:
+    """Hardening headers for the chat page (issue 19.11).
+
+    The page's inline ``<script>`` and ``<style>`` blocks are allowed by
+    their SHA-256 hashes, computed from the page itself, so an edit to the
+    page can't silently break it; nothing else may run or load. The page
+    talks only to its own server (``connect-src 'self'`` covers ``ws:``/``wss:``
+    of the same host), cannot be framed (clickjacking of the Send button),
+    and sends no referrer.
+    """
+    hashes: dict[bytes, list[str]] = {b"script": [], b"style": []}
+    for match in _INLINE.finditer(html):
+        digest = base64.b64encode(hashlib.sha256(match.group(2)).digest()).decode("ascii")
+        hashes[match.group(1)].append(f"'sha256-{digest}'")
+    csp = "; ".join(
+        [
+            "default-src 'none'",
+            "script-src " + (" ".join(hashes[b"script"]) or "'none'"),
+            "style-src " + (" ".join(hashes[b"style"]) or "'none'"),
+            "connect-src 'self'",
+            "img-src 'self' data:",
+            "base-uri 'none'",
+            "form-action 'none'",
+            "frame-ancestors 'none'",
+        ]
+    )
+    return (
+        ("Content-Security-Policy", csp),
+        ("X-Frame-Options", "DENY"),
+        ("Referrer-Policy", "no-referrer"),
+    )
