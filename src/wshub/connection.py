@@ -162,7 +162,11 @@ class Connection(asyncio.Protocol):
         # its upgrade counts toward caps per peer and per node from accept on.
         refusal = self.node.connecting(self)
         if refusal is not None:
-            self.respond(refusal)
+            # Closed at once (the few bytes fit in the kernel's buffer): a
+            # refused socket must not hold a descriptor.
+            self._buffer = None
+            transport.write(refusal)
+            transport.close()
             return
         self._timer = self.node.loop.call_later(
             self.node.config.handshake_timeout, self._handshake_expired
@@ -215,9 +219,9 @@ class Connection(asyncio.Protocol):
         """Answer a plain HTTP request and close the connection.
 
         The response is followed by a FIN, and the socket is kept until the
-        client closes its side or the handshake deadline (at least
-        ``--close-timeout`` from now) passes: then it is reset, so a client
-        that never reads its response holds nothing for long (issue 19.1).
+        client closes its side or the handshake deadline passes (at least a
+        second from now): then it is reset, so a client that never reads its
+        response holds nothing for long (issue 19.1).
         """
         self._buffer = None
         self._cancel_timer()
@@ -229,8 +233,11 @@ class Connection(asyncio.Protocol):
             transport.close()
         loop = self.node.loop
         config = self.node.config
+        # The handshake deadline (from accept) bounds the whole exchange; a
+        # response sent at the last moment still gets a second to leave.
         deadline = max(
-            self.opened_at_accept + config.handshake_timeout, loop.time() + config.close_timeout
+            self.opened_at_accept + config.handshake_timeout,
+            loop.time() + min(1.0, config.close_timeout),
         )
         self._timer = loop.call_at(deadline, self.abort)
 

@@ -16,12 +16,13 @@ import asyncio
 import ctypes
 import json
 import logging
+import resource
 import time
 from collections.abc import Callable, Iterable
 from importlib import resources
 
 from . import __version__, http, protocol
-from .admission import Admission, BadForwardedFor, client_address, is_trusted
+from .admission import Admission, BadForwardedFor, Refused, client_address, is_trusted
 from .backplane import Backplane, Envelope, EventKind
 from .backplane.memory import MemoryBackplane
 from .config import Config
@@ -66,6 +67,30 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
 
 _malloc_trim = _find_malloc_trim()
 
+_FD_RESERVE = 32
+"""File descriptors kept for the listening sockets, Redis, logs and the like."""
+
+
+def _fd_budget(config: Config) -> int:
+    """How many client sockets this process can hold: the open-files limit
+    minus a reserve. Logged at start when the limits ask for more."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 62
+    budget = max(1, soft - _FD_RESERVE)
+    if config.max_connections == 0 or config.max_connections > budget:
+        log_event(
+            log,
+            logging.WARNING,
+            "fd_limit_low",
+            nofile=soft,
+            client_sockets=budget,
+            detail="sockets past this are refused with 503 at accept; raise ulimit -n above "
+            "--max-connections (+ room for handshakes)",
+        )
+    return budget
+
+
 _FANOUT_BUCKETS = (0, 1, 2, 5, 10, 50, 100, 500, 1000, 5000, 10000, 50000)
 
 
@@ -109,6 +134,7 @@ class Node:
         self.origins = OriginPolicy(config.allowed_origins, config.server_names)
         # Refused requests are logged at most ~5/s per reason (issue 19.4).
         self._refusal_lines = LineLimiter()
+        self._fd_budget = _fd_budget(config)
         self.fanout = Fanout(
             loop,
             self.conns.values,
@@ -187,6 +213,7 @@ class Node:
             "unavailable",
             "handshake_timeout",
             "handshake_limit",
+            "fd_limit",
         ):
             self.refused.inc_label(reason, 0)
         self.closes = m.counter(
@@ -341,11 +368,18 @@ class Node:
 
     def connecting(self, conn: Connection) -> bytes | None:
         """A socket was accepted. Returns the response that refuses it at
-        once (over the pre-upgrade caps, issue 19.2), or None."""
-        refused = self.admission.begin_handshake(conn.peer)
+        once (over the pre-upgrade caps, or the file descriptor budget: issue
+        19.2), or None."""
+        admission = self.admission
+        if admission.handshakes_total + admission.open_total >= self._fd_budget:
+            # Past this, accept() would fail with EMFILE, and the event loop
+            # resets those connections without a word: refuse them ourselves.
+            reason, refused = "fd_limit", Refused(503, "server is out of file descriptors")
+        else:
+            reason, refused = "handshake_limit", admission.begin_handshake(conn.peer)
         if refused is not None:
             conn.session.transition(State.CLOSED)  # never counted: nothing to undo
-            self.refuse(conn, refused.status, "handshake_limit", refused.reason)
+            self.refuse(conn, refused.status, reason, refused.reason)
             return http.response(
                 refused.status, refused.reason + "\n", headers=(("Retry-After", "1"),)
             )
@@ -374,7 +408,7 @@ class Node:
             reason=reason,
             detail=detail,
             **fields,
-            suppressed=suppressed or None,
+            **({"suppressed": suppressed} if suppressed else {}),
         )
 
     def handle_request(self, conn: Connection, request: http.Request) -> None:

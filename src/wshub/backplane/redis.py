@@ -76,6 +76,17 @@ return ids
 
 _ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
+# Publish a batch of envelopes unless Redis gets to it after the deadline
+# (ARGV[1], Unix ms on Redis's clock): then none, and -1.
+_PUBLISH = """
+local now = redis.call('TIME')
+if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV[1]) then
+  return -1
+end
+for i = 2, #ARGV do redis.call('PUBLISH', KEYS[1], ARGV[i]) end
+return #ARGV - 1
+"""
+
 PUBLISH_QUEUE_LIMIT = 16 * 1024 * 1024
 """Bytes of envelopes waiting for Redis; past it new ones are dropped, counted."""
 PUBLISH_MAX_AGE = 1.0
@@ -135,6 +146,8 @@ class RedisBackplane(ViewKeeper):
         self._queue: list[tuple[str, Any]] = []
         self._queued_bytes = 0
         self._queued_since = 0.0  # when the oldest queued envelope was queued
+        self._publish_sha = ""
+        self._clock_offset_ms = 0.0  # Redis's clock minus ours, measured at each connect
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -297,32 +310,44 @@ class RedisBackplane(ViewKeeper):
         while self._queue:
             batch, self._queue = self._queue, []
             self._queued_bytes = 0
-            # Queued before the last pipeline stalled (a frozen Redis): too
-            # late to be worth delivering; at most once, never late.
+            # Queued before the last pipeline stalled: too late to be worth
+            # delivering (at most once, never late).
             stale = time.monotonic() - self._queued_since > PUBLISH_MAX_AGE
+            # And a batch that Redis itself only gets to late (it froze with
+            # our pipeline in its socket buffer) is dropped there: the script
+            # compares this deadline with Redis's own clock (issue 19, (a)).
+            deadline = int((time.time() + PUBLISH_MAX_AGE) * 1000 + self._clock_offset_ms)
+            commands = _group_publications(batch, stale)
+            dropped = sum(1 for op, _ in batch if op == "publish") if stale else 0
+            self.forward_failures += dropped
+            self.stale_dropped += dropped
             assert self._redis is not None
             pipe = self._redis.pipeline(transaction=False)
             conns_key = self.keys.conns(self.node_id)
             publications = 0
-            for op, arg in batch:
+            for op, arg in commands:
                 if op == "publish":
-                    if stale:
-                        self.forward_failures += 1
-                        self.stale_dropped += 1
-                        continue
-                    pipe.publish(self.keys.events, arg)
-                    publications += 1
+                    pipe.evalsha(self._publish_sha, 1, self.keys.events, deadline, *arg)
+                    publications += len(arg)
                 elif op == "sadd":
                     pipe.sadd(conns_key, arg)
                 else:
                     pipe.srem(conns_key, arg)
             try:
-                await pipe.execute()
-                self.published += publications
+                results = await pipe.execute()
             except _ERRORS as exc:
                 self.forward_failures += publications
                 self._set_down(f"publish failed: {exc}")
                 self._rebuild = True
+                continue
+            late = sum(
+                len(arg)
+                for (op, arg), result in zip(commands, results, strict=True)
+                if op == "publish" and result == -1
+            )
+            self.published += publications - late
+            self.forward_failures += late
+            self.stale_dropped += late
 
     # -- Subscribing ------------------------------------------------------------
 
@@ -377,7 +402,7 @@ class RedisBackplane(ViewKeeper):
                     channel=self.keys.events,
                     error=f"{type(exc).__name__}: {exc}",
                     head=repr(bytes(data[:64])) if isinstance(data, bytes) else type(data).__name__,
-                    suppressed=suppressed or None,
+                    **({"suppressed": suppressed} if suppressed else {}),
                 )
 
     async def _supervise(self, connected: asyncio.Future[None]) -> None:
@@ -409,6 +434,11 @@ class RedisBackplane(ViewKeeper):
             await self._redis.delete(keys.reaped(node))
             if self.on_rejoined_after_reap is not None:
                 self.on_rejoined_after_reap()
+        self._publish_sha = await self._redis.script_load(_PUBLISH)
+        before = time.time()
+        seconds, micros = await self._redis.time()
+        after = time.time()
+        self._clock_offset_ms = seconds * 1000 + micros / 1000 - (before + after) * 500
         ids = list(self.handler.local_connection_ids())
         pipe = self._redis.pipeline(transaction=True)
         pipe.sadd(keys.nodes, node)
@@ -482,6 +512,22 @@ class RedisBackplane(ViewKeeper):
                 self.silent_rebuilds += 1
                 self._set_down("subscription went silent (self-probe not heard): rebuilding")
                 self._rebuild = True
+
+
+def _group_publications(batch: list[tuple[str, Any]], stale: bool) -> list[tuple[str, Any]]:
+    """The batch as pipeline commands: each run of envelopes between presence
+    updates becomes one ("publish", [envelopes]); without the envelopes when
+    *stale*. Presence updates keep their place (SADD before its joined...)."""
+    commands: list[tuple[str, Any]] = []
+    for op, arg in batch:
+        if op != "publish":
+            commands.append((op, arg))
+        elif not stale:
+            if commands and commands[-1][0] == "publish":
+                commands[-1][1].append(arg)
+            else:
+                commands.append(("publish", [arg]))
+    return commands
 
 
 async def reap_node(url: str, node_id: str, *, prefix: str = "wshub") -> list[str]:
