@@ -489,9 +489,18 @@ def test_a_malformed_envelope_is_counted_and_skipped(
         srv.wait_for(lambda srv=srv: srv.metric("wshub_backplane_malformed_total") == 3, "3")
     b = b_srv.client()
     assert a.recv_type("user_joined")["connectionId"] == b.id
-    b.send({"type": "message", "content": "after the bad envelopes"})
-    assert a.recv_type("message")["content"] == "after the bad envelopes"
-    assert a_srv.get("/readyz")[0] == 200 and b_srv.get("/readyz")[0] == 200
+    # Traffic across the window in which a dead subscriber would be noticed
+    # (3 self-probes unheard: ~1.6 s at --node-ttl 1): every message arrives.
+    start = time.monotonic()
+    sent = 0
+    while time.monotonic() - start < 2.5:
+        b.send({"type": "message", "content": f"after {sent}"})
+        assert a.recv_type("message")["content"] == f"after {sent}"
+        sent += 1
+        time.sleep(0.05)  # spread over the window, not a wait for an event
+    for srv in (a_srv, b_srv):
+        assert srv.get("/readyz")[0] == 200
+        assert srv.metric("wshub_backplane_reconnects_total") == 0
     figure(f"6. {payload!r} x3: counted 3 on each node; cross-node message and join delivered")
     a.close()
     b.close()
@@ -751,3 +760,43 @@ def test_the_page_works_under_its_csp_in_chromium(make_server) -> None:
             ), console
         finally:
             browser.close()
+
+
+def test_the_subscriber_is_restarted_if_it_ever_ends(redis_server: RedisServer) -> None:
+    """A bug that escapes the subscriber loop (here: RuntimeError from its
+    registration, once) does not leave the node deaf: the task is restarted,
+    counted, and envelopes arrive again."""
+    import asyncio
+
+    from wshub.backplane import Envelope, EventKind
+    from wshub.backplane.redis import RedisBackplane
+    from wshub.ids import ConnectionId, NodeId
+
+    from .backplane.test_contract import Recorder
+
+    class Buggy(RedisBackplane):
+        failures = 1
+
+        async def _register(self) -> None:
+            if self.failures:
+                self.failures -= 1
+                raise RuntimeError("a bug in envelope handling")
+            await super()._register()
+
+    async def body() -> None:
+        recorders = [Recorder(), Recorder()]
+        a = RedisBackplane(redis_server.url, NodeId("a"), node_ttl=3, prefix="restart")
+        b = Buggy(redis_server.url, NodeId("b"), node_ttl=3, prefix="restart")
+        await a.start(recorders[0])
+        await b.start(recorders[1])
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while not (b.metrics()["subscriber_restarts"] == 1 and b.ready()[0]):
+            assert loop.time() - start < TIMEOUT, "subscriber never restarted"
+            await asyncio.sleep(0.02)
+        a.publish(Envelope(NodeId("a"), EventKind.RELAY, ConnectionId("ws-1"), b"heard"))
+        await recorders[1].until(lambda: recorders[1].relays() == [b"heard"])
+        await a.stop()
+        await b.stop()
+
+    asyncio.run(body())
