@@ -77,6 +77,8 @@ def parse_hop(hop: str) -> Address | None:
 def address_key(address: str, ipv4_prefix: int = 32, ipv6_prefix: int = 64) -> str:
     """What the per-IP limits count: the address's network of the given
     prefix length (an IPv4-mapped IPv6 address counts as IPv4)."""
+    if ipv4_prefix >= 32 and ":" not in address:
+        return address  # an IPv4 peer as the kernel wrote it (the common case, no parsing)
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -93,6 +95,8 @@ def address_key(address: str, ipv4_prefix: int = 32, ipv6_prefix: int = 64) -> s
 
 
 def is_trusted(address: str, proxies: Sequence[Network]) -> bool:
+    if not proxies:
+        return False
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:

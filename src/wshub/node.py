@@ -371,6 +371,7 @@ class Node:
         once (over the pre-upgrade caps, or the file descriptor budget: issue
         19.2), or None."""
         admission = self.admission
+        refused: Refused | None
         if admission.handshakes_total + admission.open_total >= self._fd_budget:
             # Past this, accept() would fail with EMFILE, and the event loop
             # resets those connections without a word: refuse them ourselves.
