@@ -104,6 +104,11 @@ class LineLimiter:
             return None
         return self._suppressed.pop(kind, 0)
 
+    def take_suppressed(self) -> dict[Hashable, int]:
+        """The counts not reported yet (for a periodic summary line), reset."""
+        suppressed, self._suppressed = self._suppressed, {}
+        return suppressed
+
 
 def log_event(logger: logging.Logger, level: int, event: str, **fields: object) -> None:
     """Log *event* with *fields*: ``event k=v ...`` as text, or keys of the

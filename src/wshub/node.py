@@ -736,6 +736,10 @@ class Node:
             self._unregister(conn)
             conn.abort()
         self.admission.purge(self.loop.time())
+        # Refusal lines dropped by the rate limit since the last line that
+        # passed: said once per sweep, so a flood that stops is still reported.
+        for reason, count in self._refusal_lines.take_suppressed().items():
+            log_event(log, logging.INFO, "refused_suppressed", reason=reason, count=count)
         # After a burst (a connection storm buffers hundreds of MB of
         # user_joined frames for a moment) glibc keeps the freed memory;
         # hand it back to the OS so RSS follows the load down.

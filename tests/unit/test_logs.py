@@ -44,6 +44,10 @@ def test_line_limiter_counts_what_it_suppressed() -> None:
     assert [limiter.allow("origin", 0.0) for _ in range(5)] == [0, 0, None, None, None]
     assert limiter.allow("other", 0.0) == 0  # one bucket per kind
     assert limiter.allow("origin", 1.0) == 3
+    limiter.allow("origin", 1.0)
+    limiter.allow("origin", 1.0)
+    assert limiter.take_suppressed() == {"origin": 2}
+    assert limiter.take_suppressed() == {}
 
 
 def test_max_field_is_a_few_hundred_characters() -> None:
