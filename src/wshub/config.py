@@ -57,6 +57,32 @@ def _optional_duration(raw: Any) -> float | None:
     return _duration(raw)
 
 
+def _optional_count(raw: Any) -> int | None:
+    if raw is None or raw == "":
+        return None
+    return _count(raw)
+
+
+def _prefix(bits: int) -> Callable[[Any], int]:
+    def parse(raw: Any) -> int:
+        value = _count(raw)
+        if not 1 <= value <= bits:
+            raise ValueError(f"expected a prefix length between 1 and {bits}")
+        return value
+
+    return parse
+
+
+def _server_names(raw: Any) -> tuple[str, ...]:
+    names = []
+    for item in _items(raw):
+        item = item.lower()
+        if "/" in item or "@" in item or item.startswith(":"):
+            raise ValueError(f"{item!r} is not a host name (host or host:port, no scheme)")
+        names.append(item)
+    return tuple(names)
+
+
 def _count(raw: Any) -> int:
     """A non-negative integer; 0 disables the limit it sets."""
     if isinstance(raw, bool):
@@ -383,6 +409,43 @@ class Config:
         _networks,
         "NETWORKS",
     )
+    # The five options below: issue 19 (per-IP keys, pre-upgrade caps, Origin).
+    ipv4_prefix: int = _opt(
+        32,
+        "Per-IP limits count IPv4 clients by this network prefix (32: each address).",
+        _prefix(32),
+        "BITS",
+    )
+    ipv6_prefix: int = _opt(
+        64,
+        "Per-IP limits count IPv6 clients by this network prefix (64: a subscriber's "
+        "usual allocation; 128: each address).",
+        _prefix(128),
+        "BITS",
+    )
+    max_handshakes: int | None = _opt(
+        None,
+        "Sockets on this node that have not finished the upgrade; past it new sockets are "
+        "answered 503 at accept (default: --max-connections; 0: unlimited).",
+        _optional_count,
+        "N",
+    )
+    max_handshakes_per_ip: int | None = _opt(
+        None,
+        "Sockets per client IP (the socket peer; trusted proxies exempt) that have not "
+        "finished the upgrade; past it 429 at accept (default: --max-connections-per-ip; "
+        "0: unlimited).",
+        _optional_count,
+        "N",
+    )
+    server_names: tuple[str, ...] = _opt(
+        (),
+        "Comma-separated host[:port] names this server is reached at. Set: the same-host "
+        "Origin rule accepts only these (a foreign Host header, as under DNS rebinding, no "
+        "longer matches). Empty: an Origin matching the Host header passes.",
+        _server_names,
+        "HOSTS",
+    )
     handshake_timeout: float = _opt(
         10.0,
         "Seconds a client has to complete the HTTP upgrade before it is dropped.",
@@ -542,6 +605,18 @@ class Config:
     def api_listen_address(self) -> tuple[str, int] | None:
         """``--api-listen`` as ``(host, port)``, or None to serve the API on the public port."""
         return split_host_port(self.api_listen) if self.api_listen else None
+
+    @property
+    def effective_max_handshakes(self) -> int:
+        if self.max_handshakes is not None:
+            return self.max_handshakes
+        return self.max_connections
+
+    @property
+    def effective_max_handshakes_per_ip(self) -> int:
+        if self.max_handshakes_per_ip is not None:
+            return self.max_handshakes_per_ip
+        return self.max_connections_per_ip
 
     @property
     def effective_heartbeat_timeout(self) -> float:

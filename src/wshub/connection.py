@@ -19,6 +19,7 @@ import asyncio
 import codecs
 import logging
 import socket
+import struct
 from typing import TYPE_CHECKING
 
 from websockets.extensions.permessage_deflate import PerMessageDeflate
@@ -50,6 +51,10 @@ _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 
 KERNEL_SEND_BUFFER = 64 * 1024
 """SO_SNDBUF for client sockets (Linux doubles it for bookkeeping)."""
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+"""SO_LINGER on, 0 s: close() then resets the connection and discards what
+the kernel still holds for a client that stopped reading (issue 19.1)."""
 
 
 class _FrameProtocol(FrameProtocol):
@@ -94,6 +99,7 @@ class Connection(asyncio.Protocol):
         "echo",
         "close_reason",
         "direct",
+        "opened_at_accept",
     )
 
     def __init__(self, node: Node) -> None:
@@ -113,6 +119,7 @@ class Connection(asyncio.Protocol):
         self.is_recipient = False
         self.direct: tuple[asyncio.Transport, int, Connection] | None = None
         self.opened_at = 0.0
+        self.opened_at_accept = 0.0
         self.close_code: int | None = None
         self.close_reason = ""
         self._buffer: bytearray | None = bytearray()
@@ -137,6 +144,7 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        self.opened_at_accept = self.node.loop.time()
         sock = transport.get_extra_info("socket")
         if sock is not None:
             # A fixed kernel send buffer instead of Linux's autotuning (up to
@@ -150,7 +158,16 @@ class Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if peer else "unknown"
         self.ip = self.peer
-        self.node.connecting(self)
+        # Pre-upgrade admission (issue 19.2): a socket that has not finished
+        # its upgrade counts toward caps per peer and per node from accept on.
+        refusal = self.node.connecting(self)
+        if refusal is not None:
+            # Closed at once (the few bytes fit in the kernel's buffer): a
+            # refused socket must not hold a descriptor.
+            self._buffer = None
+            transport.write(refusal)
+            transport.close()
+            return
         self._timer = self.node.loop.call_later(
             self.node.config.handshake_timeout, self._handshake_expired
         )
@@ -199,11 +216,30 @@ class Connection(asyncio.Protocol):
     # -- HTTP -----------------------------------------------------------------
 
     def respond(self, response: bytes) -> None:
-        """Answer a plain HTTP request and close the connection."""
+        """Answer a plain HTTP request and close the connection.
+
+        The response is followed by a FIN, and the socket is kept until the
+        client closes its side or the handshake deadline passes (at least a
+        second from now): then it is reset, so a client that never reads its
+        response holds nothing for long (issue 19.1).
+        """
         self._buffer = None
         self._cancel_timer()
-        self.transport.write(response)
-        self.transport.close()
+        transport = self.transport
+        transport.write(response)
+        if transport.can_write_eof():
+            transport.write_eof()
+        else:
+            transport.close()
+        loop = self.node.loop
+        config = self.node.config
+        # The handshake deadline (from accept) bounds the whole exchange; a
+        # response sent at the last moment still gets a second to leave.
+        deadline = max(
+            self.opened_at_accept + config.handshake_timeout,
+            loop.time() + min(1.0, config.close_timeout),
+        )
+        self._timer = loop.call_at(deadline, self.abort)
 
     def upgrade(
         self,
@@ -408,8 +444,7 @@ class Connection(asyncio.Protocol):
             elif chunk[0] & 0x0F != _PONG:  # no Pong after our Close
                 self.transport.write(chunk)
         if eof:
-            self._cancel_timer()
-            self.transport.close()
+            self._close_transport()
         elif self._timer is None and self.session.state is State.CLOSING:
             self._start_close_timer()
 
@@ -435,8 +470,29 @@ class Connection(asyncio.Protocol):
         self._start_close_timer()
 
     def abort(self) -> None:
+        """Drop the socket now, with whatever is still unsent."""
         self._cancel_timer()
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:  # already closed
+                pass
         self.transport.abort()
+
+    def _close_transport(self) -> None:
+        """The closing handshake is over: close once the buffer is sent.
+
+        ``transport.close()`` waits for the write buffer to drain, for ever if
+        the client stopped reading: the socket would stay in CLOSING with its
+        admission slot and its buffer (issue 19.1). So the abort timer runs
+        on (or starts) until the buffer is sent: a client that reads gets
+        everything, then the TCP close; one that does not is dropped within
+        ``--close-timeout``.
+        """
+        self.transport.close()
+        if self._timer is None:
+            self._start_close_timer()
 
     def _leave_fanout(self) -> None:
         data = self.node.fanout.take(self)

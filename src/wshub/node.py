@@ -16,12 +16,13 @@ import asyncio
 import ctypes
 import json
 import logging
+import resource
 import time
 from collections.abc import Callable, Iterable
 from importlib import resources
 
 from . import __version__, http, protocol
-from .admission import Admission, client_address
+from .admission import Admission, BadForwardedFor, Refused, client_address, is_trusted
 from .backplane import Backplane, Envelope, EventKind
 from .backplane.memory import MemoryBackplane
 from .config import Config
@@ -36,8 +37,8 @@ from .errors import (
 )
 from .fanout import Fanout, compiled_send_each
 from .ids import ConnectionId, NodeId, new_connection_id, new_node_id
-from .logs import log_event
-from .metrics import Metrics
+from .logs import LineLimiter, log_event
+from .metrics import Metrics, close_code_label
 from .origin import OriginPolicy
 from .protocol import ErrorCode, Refusal, Relay, RelayKind
 from .session import Session, State
@@ -65,6 +66,30 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
 
 
 _malloc_trim = _find_malloc_trim()
+
+_FD_RESERVE = 32
+"""File descriptors kept for the listening sockets, Redis, logs and the like."""
+
+
+def _fd_budget(config: Config) -> int:
+    """How many client sockets this process can hold: the open-files limit
+    minus a reserve. Logged at start when the limits ask for more."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 62
+    budget = max(1, soft - _FD_RESERVE)
+    if config.max_connections == 0 or config.max_connections > budget:
+        log_event(
+            log,
+            logging.WARNING,
+            "fd_limit_low",
+            nofile=soft,
+            client_sockets=budget,
+            detail="sockets past this are refused with 503 at accept; raise ulimit -n above "
+            "--max-connections (+ room for handshakes)",
+        )
+    return budget
+
 
 _FANOUT_BUCKETS = (0, 1, 2, 5, 10, 50, 100, 500, 1000, 5000, 10000, 50000)
 
@@ -100,8 +125,16 @@ class Node:
             max_connections=config.max_connections,
             max_connections_per_ip=config.max_connections_per_ip,
             ip_connect_rate=config.ip_connect_rate,
+            max_handshakes=config.effective_max_handshakes,
+            max_handshakes_per_ip=config.effective_max_handshakes_per_ip,
+            ipv4_prefix=config.ipv4_prefix,
+            ipv6_prefix=config.ipv6_prefix,
+            trusted_proxies=config.trusted_proxies,
         )
-        self.origins = OriginPolicy(config.allowed_origins)
+        self.origins = OriginPolicy(config.allowed_origins, config.server_names)
+        # Refused requests are logged at most ~5/s per reason (issue 19.4).
+        self._refusal_lines = LineLimiter()
+        self._fd_budget = _fd_budget(config)
         self.fanout = Fanout(
             loop,
             self.conns.values,
@@ -125,6 +158,7 @@ class Node:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._drained: asyncio.Future[None] | None = None
         self._page: bytes | None = None
+        self._page_headers: tuple[tuple[str, str], ...] = ()
         self._lag = 0.0
         self._setup_metrics()
 
@@ -178,10 +212,15 @@ class Node:
             "ip_limit",
             "unavailable",
             "handshake_timeout",
+            "handshake_limit",
+            "fd_limit",
         ):
             self.refused.inc_label(reason, 0)
         self.closes = m.counter(
-            "wshub_closes_total", "Closed WebSocket connections by close code.", label="code"
+            "wshub_closes_total",
+            "Closed WebSocket connections by close code (codes from clients outside the "
+            "known ones are counted as 3000-3999, 4000-4999 or other).",
+            label="code",
         )
         for close_code in ("1000", "1001", "1002", "1006", "1007", "1008", "1009", "1011"):
             self.closes.inc_label(close_code, 0)
@@ -244,6 +283,12 @@ class Node:
             "Envelopes that could not be "
             "forwarded to the other nodes (backplane down): dropped, at most once.",
             lambda: self.backplane.metrics()["forward_failures"],
+            kind="counter",
+        )
+        m.gauge(
+            "wshub_backplane_malformed_total",
+            "Envelopes from the backplane that could not be handled: logged and skipped.",
+            lambda: self.backplane.metrics().get("malformed", 0),
             kind="counter",
         )
         m.gauge(
@@ -321,11 +366,40 @@ class Node:
             strike_window=c.rate_limit_window,
         )
 
-    def connecting(self, conn: Connection) -> None:
+    def connecting(self, conn: Connection) -> bytes | None:
+        """A socket was accepted. Returns the response that refuses it at
+        once (over the pre-upgrade caps, or the file descriptor budget: issue
+        19.2), or None."""
+        admission = self.admission
+        refused: Refused | None
+        if admission.handshakes_total + admission.open_total >= self._fd_budget:
+            # Past this, accept() would fail with EMFILE, and the event loop
+            # resets those connections without a word: refuse them ourselves.
+            reason, refused = "fd_limit", Refused(503, "server is out of file descriptors")
+        else:
+            reason, refused = "handshake_limit", admission.begin_handshake(conn.peer)
+        if refused is not None:
+            conn.session.transition(State.CLOSED)  # never counted: nothing to undo
+            self.refuse(conn, refused.status, reason, refused.reason)
+            return http.response(
+                refused.status, refused.reason + "\n", headers=(("Retry-After", "1"),)
+            )
         self.n_connecting += 1
+        return None
 
-    def refuse(self, conn: Connection, status: int, reason: str, detail: str) -> None:
+    def _handshake_over(self, conn: Connection) -> None:
+        self.n_connecting -= 1
+        self.admission.end_handshake(conn.peer)
+
+    def refuse(
+        self, conn: Connection, status: int, reason: str, detail: str, **fields: object
+    ) -> None:
         self.refused.inc_label(reason)
+        if not log.isEnabledFor(logging.INFO):
+            return
+        suppressed = self._refusal_lines.allow(reason, self.loop.time())
+        if suppressed is None:
+            return
         log_event(
             log,
             logging.INFO,
@@ -334,6 +408,8 @@ class Node:
             status=status,
             reason=reason,
             detail=detail,
+            **fields,
+            **({"suppressed": suppressed} if suppressed else {}),
         )
 
     def handle_request(self, conn: Connection, request: http.Request) -> None:
@@ -347,11 +423,13 @@ class Node:
                 conn.echo = True
                 self._upgrade(conn, request)
             elif path == "/":
+                page = self._chat_page()
                 conn.respond(
                     http.response(
                         200,
-                        self._chat_page(),
+                        page,
                         content_type="text/html; charset=utf-8",
+                        headers=self._page_headers,
                         head_only=head,
                     )
                 )
@@ -389,27 +467,48 @@ class Node:
             return False, "draining: shutting down"
         ok, reason = self.backplane.ready()
         if not ok:
+            # A fixed public phrase (issue 19.9): the backplane logs the details.
             return False, f"backplane: {reason}"
         if self.config.max_connections and len(self.conns) >= self.config.max_connections:
             return False, "full: at --max-connections"
         return True, "ready"
 
+    def _scheme(self, conn: Connection, request: http.Request) -> str:
+        """The scheme the client used: https over TLS, or as a trusted proxy's
+        X-Forwarded-Proto says; else http (issue 19.7)."""
+        if conn.transport.get_extra_info("sslcontext") is not None:
+            return "https"
+        proto = request.get_all("x-forwarded-proto")
+        if proto and is_trusted(conn.peer, self.config.trusted_proxies):
+            # The proxy nearest to us appends last.
+            last = proto[-1].rpartition(",")[2].strip().lower()
+            if last in ("http", "https"):
+                return last
+        return "http"
+
     def _chat_page(self) -> bytes:
         if self._page is None:
             self._page = resources.files("wshub").joinpath("static/index.html").read_bytes()
+            self._page_headers = http.page_headers(self._page)
         return self._page
 
     def _upgrade(self, conn: Connection, request: http.Request) -> None:
         accept = http.check_upgrade(request)
         origin = request.get("origin")
         host = request.get("host")
-        if not self.origins.allows(origin, host):
-            self.refuse(conn, 403, "origin", f"origin {origin!r} not allowed")
+        if not self.origins.allows(origin, host, self._scheme(conn, request)):
+            # The origin as a field of its own: clipped and escaped once by log_event.
+            self.refuse(conn, 403, "origin", "origin not allowed", origin=origin, host=host)
             conn.respond(http.response(403, "origin not allowed\n"))
             return
-        ip = client_address(
-            conn.peer, request.get_all("x-forwarded-for"), self.config.trusted_proxies
-        )
+        try:
+            ip = client_address(
+                conn.peer, request.get_all("x-forwarded-for"), self.config.trusted_proxies
+            )
+        except BadForwardedFor as exc:
+            self.refuse(conn, 400, "bad_request", str(exc))
+            conn.respond(http.response(400, "malformed X-Forwarded-For\n"))
+            return
         now = self.loop.time()
         refused = self.admission.check(ip, now)
         if refused is not None:
@@ -432,7 +531,7 @@ class Node:
         connection_id = new_connection_id(protocol.unix_ms(time.time()))
         while connection_id in self.conns:  # 36^9 makes this a formality
             connection_id = new_connection_id(protocol.unix_ms(time.time()))
-        self.n_connecting -= 1
+        self._handshake_over(conn)
         conn.upgrade(
             connection_id,
             http.switching_protocols(accept, extensions_header),
@@ -472,7 +571,7 @@ class Node:
         """The socket is gone, whatever the reason; *previous* is the state
         the connection was in."""
         if previous is State.CONNECTING:
-            self.n_connecting -= 1
+            self._handshake_over(conn)
             return
         if previous is State.CLOSING:
             self.n_closing -= 1
@@ -481,7 +580,7 @@ class Node:
         else:  # dropped while open, without a closing handshake
             self._unregister(conn)
         code = conn.close_code if conn.close_code is not None else 1006
-        self.closes.inc_label(str(code))
+        self.closes.inc_label(close_code_label(code))
         self.admission.release(conn.ip)
         duration = self.loop.time() - conn.opened_at
         log_event(
@@ -637,6 +736,10 @@ class Node:
             self._unregister(conn)
             conn.abort()
         self.admission.purge(self.loop.time())
+        # Refusal lines dropped by the rate limit since the last line that
+        # passed: said once per sweep, so a flood that stops is still reported.
+        for reason, count in self._refusal_lines.take_suppressed().items():
+            log_event(log, logging.INFO, "refused_suppressed", reason=reason, count=count)
         # After a burst (a connection storm buffers hundreds of MB of
         # user_joined frames for a moment) glibc keeps the freed memory;
         # hand it back to the OS so RSS follows the load down.

@@ -16,6 +16,11 @@ a ``joined`` is published, ``SREM`` before a ``left``). Redis delivers one
 connection's publications in order, so messages from one sender reach every
 recipient in the order sent. While Redis is unreachable nothing is queued:
 envelopes are dropped and counted (delivery is at most once, never late).
+The queue is bounded in bytes (:data:`PUBLISH_QUEUE_LIMIT`): past it, under a
+slow Redis, envelopes are dropped and counted; and a batch that waited longer
+than :data:`PUBLISH_MAX_AGE` for its turn (a Redis that froze, then came
+back) is dropped and counted rather than delivered late. Presence updates in
+it still go out (they are state, and the periodic resync reconciles them).
 
 *Subscribing.* One pub/sub connection, rebuilt with jittered exponential
 backoff after any error. On every (re)connect the node re-registers its
@@ -24,7 +29,9 @@ corrects its view (:meth:`ViewKeeper.apply_snapshot`): joins and leaves missed
 during an outage are announced then, once. A subscription can also go silent
 without an error (a half-open TCP connection): every node publishes a probe to
 itself every few seconds and rebuilds the subscription when it stops hearing
-its own probes.
+its own probes. An envelope that cannot be handled (malformed, or a bug in
+handling it) is logged, counted and skipped; and the subscriber task itself is
+restarted should it ever end while the node runs (issue 19.6).
 
 *Presence.* Every ``ttl/3`` a node refreshes its lease and looks for nodes
 whose lease expired. Reaping is one Lua script: the first survivor to run it
@@ -50,7 +57,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from ..ids import ConnectionId, NodeId
-from ..logs import log_event
+from ..logs import LineLimiter, log_event
 from . import BackplaneHandler, Envelope, EventKind, decode_envelope, encode_envelope
 from .base import ViewKeeper
 
@@ -68,6 +75,22 @@ return ids
 """
 
 _ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+
+# Publish a batch of envelopes unless Redis gets to it after the deadline
+# (ARGV[1], Unix ms on Redis's clock): then none, and -1.
+_PUBLISH = """
+local now = redis.call('TIME')
+if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV[1]) then
+  return -1
+end
+for i = 2, #ARGV do redis.call('PUBLISH', KEYS[1], ARGV[i]) end
+return #ARGV - 1
+"""
+
+PUBLISH_QUEUE_LIMIT = 16 * 1024 * 1024
+"""Bytes of envelopes waiting for Redis; past it new ones are dropped, counted."""
+PUBLISH_MAX_AGE = 1.0
+"""Seconds an envelope may wait for its pipeline; older is dropped, not sent late."""
 _STOP_TIMEOUT = 3.0  # seconds for the background tasks to end once cancelled
 
 
@@ -121,6 +144,10 @@ class RedisBackplane(ViewKeeper):
         self._up = False
         self._reason = "connecting to Redis"
         self._queue: list[tuple[str, Any]] = []
+        self._queued_bytes = 0
+        self._queued_since = 0.0  # when the oldest queued envelope was queued
+        self._publish_sha = ""
+        self._clock_offset_ms = 0.0  # Redis's clock minus ours, measured at each connect
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -132,6 +159,11 @@ class RedisBackplane(ViewKeeper):
         self.forward_failures = 0
         self.reconnects = 0
         self.silent_rebuilds = 0
+        self.malformed = 0
+        self.stale_dropped = 0
+        self.overflow_dropped = 0
+        self.subscriber_restarts = 0
+        self._bad_envelope_lines = LineLimiter(rate=1.0, burst=5.0)
 
     # -- Lifecycle ------------------------------------------------------------
 
@@ -147,7 +179,7 @@ class RedisBackplane(ViewKeeper):
         self._reap_script = self._redis.register_script(_REAP)
         connected = asyncio.get_running_loop().create_future()
         self._tasks = [
-            asyncio.create_task(self._subscriber(connected), name="wshub-redis-subscriber"),
+            asyncio.create_task(self._supervise(connected), name="wshub-redis-subscriber"),
             asyncio.create_task(self._publisher(), name="wshub-redis-publisher"),
             asyncio.create_task(self._lease(), name="wshub-redis-lease"),
             asyncio.create_task(self._prober(), name="wshub-redis-probe"),
@@ -207,6 +239,9 @@ class RedisBackplane(ViewKeeper):
     # -- State ------------------------------------------------------------------
 
     def ready(self) -> tuple[bool, str]:
+        # Public (/readyz, /stats): fixed phrases only. Redis error text
+        # (addresses, auth failures, bytes from whatever answered) goes to the
+        # log (issue 19.9).
         return self._up, ("redis connected" if self._up else self._reason)
 
     def _set_up(self) -> None:
@@ -218,8 +253,10 @@ class RedisBackplane(ViewKeeper):
     def _set_down(self, reason: str) -> None:
         if self._up:
             log_event(log, logging.WARNING, "backplane_down", reason=reason)
+        else:
+            log_event(log, logging.INFO, "backplane_still_down", reason=reason)
         self._up = False
-        self._reason = f"redis unreachable: {reason}"
+        self._reason = "redis unreachable"
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -230,6 +267,10 @@ class RedisBackplane(ViewKeeper):
             "forward_failures": self.forward_failures,
             "reconnects": self.reconnects,
             "silent_rebuilds": self.silent_rebuilds,
+            "malformed": self.malformed,
+            "stale_dropped": self.stale_dropped,
+            "overflow_dropped": self.overflow_dropped,
+            "subscriber_restarts": self.subscriber_restarts,
         }
 
     # -- Publishing -------------------------------------------------------------
@@ -242,11 +283,21 @@ class RedisBackplane(ViewKeeper):
             if kind is not EventKind.PROBE:
                 self.forward_failures += 1
             return
+        data = encode_envelope(envelope)
+        if self._queued_bytes + len(data) > PUBLISH_QUEUE_LIMIT:
+            # Redis is slower than our traffic: drop (at most once) rather
+            # than grow without bound. Presence is reconciled by the resync.
+            self.forward_failures += 1
+            self.overflow_dropped += 1
+            return
+        if not self._queue:
+            self._queued_since = time.monotonic()
+        self._queued_bytes += len(data)
         if kind is EventKind.JOINED:
             self._queue.append(("sadd", envelope.connection_id))
         elif kind is EventKind.LEFT:
             self._queue.append(("srem", envelope.connection_id))
-        self._queue.append(("publish", encode_envelope(envelope)))
+        self._queue.append(("publish", data))
         self._wake.set()
 
     async def _publisher(self) -> None:
@@ -258,25 +309,45 @@ class RedisBackplane(ViewKeeper):
     async def _flush(self) -> None:
         while self._queue:
             batch, self._queue = self._queue, []
+            self._queued_bytes = 0
+            # Queued before the last pipeline stalled: too late to be worth
+            # delivering (at most once, never late).
+            stale = time.monotonic() - self._queued_since > PUBLISH_MAX_AGE
+            # And a batch that Redis itself only gets to late (it froze with
+            # our pipeline in its socket buffer) is dropped there: the script
+            # compares this deadline with Redis's own clock (issue 19, (a)).
+            deadline = int((time.time() + PUBLISH_MAX_AGE) * 1000 + self._clock_offset_ms)
+            commands = _group_publications(batch, stale)
+            dropped = sum(1 for op, _ in batch if op == "publish") if stale else 0
+            self.forward_failures += dropped
+            self.stale_dropped += dropped
             assert self._redis is not None
             pipe = self._redis.pipeline(transaction=False)
             conns_key = self.keys.conns(self.node_id)
             publications = 0
-            for op, arg in batch:
+            for op, arg in commands:
                 if op == "publish":
-                    pipe.publish(self.keys.events, arg)
-                    publications += 1
+                    pipe.evalsha(self._publish_sha, 1, self.keys.events, deadline, *arg)
+                    publications += len(arg)
                 elif op == "sadd":
                     pipe.sadd(conns_key, arg)
                 else:
                     pipe.srem(conns_key, arg)
             try:
-                await pipe.execute()
-                self.published += publications
+                results = await pipe.execute()
             except _ERRORS as exc:
                 self.forward_failures += publications
                 self._set_down(f"publish failed: {exc}")
                 self._rebuild = True
+                continue
+            late = sum(
+                len(arg)
+                for (op, arg), result in zip(commands, results, strict=True)
+                if op == "publish" and result == -1
+            )
+            self.published += publications - late
+            self.forward_failures += late
+            self.stale_dropped += late
 
     # -- Subscribing ------------------------------------------------------------
 
@@ -298,12 +369,7 @@ class RedisBackplane(ViewKeeper):
                 while not self._rebuild:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is not None and message.get("type") == "message":
-                        try:
-                            envelope = decode_envelope(message["data"])
-                        except ValueError:
-                            log.warning("ignored a malformed envelope on %s", self.keys.events)
-                            continue
-                        self.receive(envelope)
+                        self._handle(message["data"])
                 self._set_down("subscription rebuilt")
             except asyncio.CancelledError:
                 raise
@@ -319,6 +385,44 @@ class RedisBackplane(ViewKeeper):
             self.reconnects += 1
             await asyncio.sleep(next(delays))
 
+    def _handle(self, data: Any) -> None:
+        """One message from the channel. Whatever goes wrong with it (bad
+        bytes, or a bug in handling it) costs that message only: logged
+        (rate limited), counted, skipped; the subscription goes on."""
+        try:
+            self.receive(decode_envelope(data))
+        except Exception as exc:
+            self.malformed += 1
+            suppressed = self._bad_envelope_lines.allow("bad", time.monotonic())
+            if suppressed is not None:
+                log_event(
+                    log,
+                    logging.WARNING,
+                    "backplane_bad_envelope",
+                    channel=self.keys.events,
+                    error=f"{type(exc).__name__}: {exc}",
+                    head=repr(bytes(data[:64])) if isinstance(data, bytes) else type(data).__name__,
+                    **({"suppressed": suppressed} if suppressed else {}),
+                )
+
+    async def _supervise(self, connected: asyncio.Future[None]) -> None:
+        """Run the subscriber; should it ever end while the node runs (a bug:
+        it is a loop that handles its own errors), log it and start it again."""
+        delays = backoff_delays(initial=0.5)
+        while not self._stopping:
+            try:
+                await self._subscriber(connected)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("backplane subscriber failed")
+            if self._stopping:
+                return
+            self.subscriber_restarts += 1
+            self._set_down("subscriber ended unexpectedly: restarting it")
+            log_event(log, logging.ERROR, "backplane_subscriber_restart")
+            await asyncio.sleep(next(delays))
+
     async def _register(self) -> None:
         """(Re-)register this node's presence from its own registry."""
         assert self._redis is not None and self.handler is not None
@@ -330,6 +434,11 @@ class RedisBackplane(ViewKeeper):
             await self._redis.delete(keys.reaped(node))
             if self.on_rejoined_after_reap is not None:
                 self.on_rejoined_after_reap()
+        self._publish_sha = await self._redis.script_load(_PUBLISH)
+        before = time.time()
+        seconds, micros = await self._redis.time()
+        after = time.time()
+        self._clock_offset_ms = seconds * 1000 + micros / 1000 - (before + after) * 500
         ids = list(self.handler.local_connection_ids())
         pipe = self._redis.pipeline(transaction=True)
         pipe.sadd(keys.nodes, node)
@@ -403,6 +512,22 @@ class RedisBackplane(ViewKeeper):
                 self.silent_rebuilds += 1
                 self._set_down("subscription went silent (self-probe not heard): rebuilding")
                 self._rebuild = True
+
+
+def _group_publications(batch: list[tuple[str, Any]], stale: bool) -> list[tuple[str, Any]]:
+    """The batch as pipeline commands: each run of envelopes between presence
+    updates becomes one ("publish", [envelopes]); without the envelopes when
+    *stale*. Presence updates keep their place (SADD before its joined...)."""
+    commands: list[tuple[str, Any]] = []
+    for op, arg in batch:
+        if op != "publish":
+            commands.append((op, arg))
+        elif not stale:
+            if commands and commands[-1][0] == "publish":
+                commands[-1][1].append(arg)
+            else:
+                commands.append(("publish", [arg]))
+    return commands
 
 
 async def reap_node(url: str, node_id: str, *, prefix: str = "wshub") -> list[str]:
