@@ -57,6 +57,32 @@ def _optional_duration(raw: Any) -> float | None:
     return _duration(raw)
 
 
+def _optional_count(raw: Any) -> int | None:
+    if raw is None or raw == "":
+        return None
+    return _count(raw)
+
+
+def _prefix(bits: int) -> Callable[[Any], int]:
+    def parse(raw: Any) -> int:
+        value = _count(raw)
+        if not 1 <= value <= bits:
+            raise ValueError(f"expected a prefix length between 1 and {bits}")
+        return value
+
+    return parse
+
+
+def _server_names(raw: Any) -> tuple[str, ...]:
+    names = []
+    for item in _items(raw):
+        item = item.lower()
+        if "/" in item or "@" in item or item.startswith(":"):
+            raise ValueError(f"{item!r} is not a host name (host or host:port, no scheme)")
+        names.append(item)
+    return tuple(names)
+
+
 def _count(raw: Any) -> int:
     """A non-negative integer; 0 disables the limit it sets."""
     if isinstance(raw, bool):
@@ -210,6 +236,15 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     return parse
 
 
+def _text(raw: Any) -> str:
+    return str(raw).strip()
+
+
+def _secret(raw: Any) -> str:
+    # Not stripped: white space at either end of a secret is part of it.
+    return str(raw)
+
+
 def _opt(
     default: Any,
     help: str,
@@ -329,12 +364,94 @@ class Config:
         _origins,
         "ORIGINS",
     )
+    # Signed connect tokens (decisions.md 15; docs/auth.md)
+    auth: str = _opt(
+        "off",
+        "off: anonymous connections, as the seed has them. optional: a connection without a "
+        "token is anonymous, one with a token must pass. required: every connection needs a "
+        "valid JWT; a refused one gets an error and close 4401.",
+        _choice("off", "optional", "required"),
+        "off|optional|required",
+    )
+    auth_secret: str = _opt(
+        "",
+        "HS256 secret that tokens are signed with (prefer the environment variable: a flag "
+        "shows in the process list). Not together with --auth-public-key.",
+        _secret,
+        "SECRET",
+        secret=True,
+    )
+    auth_public_key: str = _opt(
+        "",
+        "PEM file of the public key tokens are verified with; its type pins the algorithm: "
+        "RSA (2048 bits or more) RS256, EC P-256 ES256, Ed25519 EdDSA.",
+        _text,
+        "FILE",
+    )
+    auth_audience: str = _opt(
+        "",
+        "The aud a token must carry. Empty: a token that carries an aud is refused.",
+        _text,
+        "AUDIENCE",
+    )
+    auth_issuer: str = _opt("", "The iss a token must carry (empty: not checked).", _text, "ISSUER")
+    auth_query_token: str = _opt(
+        "off",
+        "on: also accept the token as ?token= in the URL (URLs end up in logs and browser "
+        "history; the subprotocol or Authorization header is better).",
+        _choice("off", "on"),
+        "off|on",
+    )
+    max_connections_per_user: int = _opt(
+        0,
+        "Open connections per token sub across the cluster; one more gets close 4429 "
+        "(0: unlimited).",
+        _count,
+        "N",
+    )
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = _opt(
         (),
         "Comma-separated addresses or networks of reverse proxies whose X-Forwarded-For "
         "is believed.",
         _networks,
         "NETWORKS",
+    )
+    # The five options below: issue 19 (per-IP keys, pre-upgrade caps, Origin).
+    ipv4_prefix: int = _opt(
+        32,
+        "Per-IP limits count IPv4 clients by this network prefix (32: each address).",
+        _prefix(32),
+        "BITS",
+    )
+    ipv6_prefix: int = _opt(
+        64,
+        "Per-IP limits count IPv6 clients by this network prefix (64: a subscriber's "
+        "usual allocation; 128: each address).",
+        _prefix(128),
+        "BITS",
+    )
+    max_handshakes: int | None = _opt(
+        None,
+        "Sockets on this node that have not finished the upgrade; past it new sockets are "
+        "answered 503 at accept (default: --max-connections; 0: unlimited).",
+        _optional_count,
+        "N",
+    )
+    max_handshakes_per_ip: int | None = _opt(
+        None,
+        "Sockets per client IP (the socket peer; trusted proxies exempt) that have not "
+        "finished the upgrade; past it 429 at accept (default: --max-connections-per-ip; "
+        "0: unlimited).",
+        _optional_count,
+        "N",
+    )
+    server_names: tuple[str, ...] = _opt(
+        (),
+        "Comma-separated host[:port] names this server is reached at. Set: the same-host "
+        "Origin rule accepts only these (a foreign Host header, as under DNS rebinding, no "
+        "longer matches). Empty: an Origin matching the Host header passes.",
+        _server_names,
+        "HOSTS",
     )
     handshake_timeout: float = _opt(
         10.0,
@@ -497,6 +614,18 @@ class Config:
         return split_host_port(self.api_listen) if self.api_listen else None
 
     @property
+    def effective_max_handshakes(self) -> int:
+        if self.max_handshakes is not None:
+            return self.max_handshakes
+        return self.max_connections
+
+    @property
+    def effective_max_handshakes_per_ip(self) -> int:
+        if self.max_handshakes_per_ip is not None:
+            return self.max_handshakes_per_ip
+        return self.max_connections_per_ip
+
+    @property
     def effective_heartbeat_timeout(self) -> float:
         if self.heartbeat_timeout is not None:
             return self.heartbeat_timeout
@@ -621,6 +750,17 @@ def _check_together(config: Config) -> None:
         )
     ):
         raise ConfigError("--api-listen: must differ from --host and --port")
+    if config.auth_secret and config.auth_public_key:
+        raise ConfigError("--auth-secret and --auth-public-key: give one of them, not both")
+    if config.auth != "off" and not (config.auth_secret or config.auth_public_key):
+        raise ConfigError(
+            f"--auth: {config.auth} needs --auth-secret (HS256) or --auth-public-key FILE"
+        )
+    if config.max_connections_per_user and config.auth == "off":
+        raise ConfigError(
+            "--max-connections-per-user: counts connections by token sub, so it needs "
+            "--auth optional or required"
+        )
     if config.effective_heartbeat_timeout <= config.heartbeat_interval:
         raise ConfigError(
             "--heartbeat-timeout: must be longer than --heartbeat-interval "

@@ -27,6 +27,7 @@ import asyncio
 import codecs
 import logging
 import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -62,6 +63,10 @@ _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 KERNEL_SEND_BUFFER = 64 * 1024
 """SO_SNDBUF for client sockets (Linux doubles it for bookkeeping)."""
 
+_LINGER_RESET = struct.pack("ii", 1, 0)
+"""SO_LINGER on, 0 s: close() then resets the connection and discards what
+the kernel still holds for a client that stopped reading (issue 19.1)."""
+
 
 @dataclass(frozen=True, slots=True)
 class ConnectionSettings:
@@ -80,6 +85,11 @@ class ConnectionSettings:
 class ConnectionOwner(Protocol):
     """What a connection tells its owner. Each call is made once per event,
     in the order the events happen on the socket."""
+
+    def on_connect(self, conn: Connection) -> bytes | None:
+        """The socket was accepted: None to go on, or the HTTP response that
+        refuses it at once (the pre-upgrade caps)."""
+        ...
 
     def on_request(self, conn: Connection, request: http.Request) -> None:
         """A plain HTTP request head (before any upgrade): answer it with
@@ -162,6 +172,7 @@ class Connection(asyncio.Protocol):
         "_body",
         "close_reason",
         "direct",
+        "opened_at_accept",
     )
 
     def __init__(
@@ -197,6 +208,7 @@ class Connection(asyncio.Protocol):
         self.audience: Audience[Any] | None = None
         self.direct: tuple[asyncio.Transport, int, Connection] | None = None
         self.opened_at = 0.0
+        self.opened_at_accept = 0.0
         self.close_code: int | None = None
         self.close_reason = ""
         self._buffer: bytearray | None = bytearray()
@@ -218,6 +230,7 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (uvloop's is no subclass of asyncio.Transport).
         self.transport = cast(asyncio.Transport, transport)
+        self.opened_at_accept = self.loop.time()
         sock = transport.get_extra_info("socket")
         if sock is not None:
             # A fixed kernel send buffer instead of Linux's autotuning (up to
@@ -231,6 +244,18 @@ class Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if peer else "unknown"
         self.ip = self.peer
+        # Pre-upgrade admission (issue 19.2): a socket that has not finished
+        # its upgrade counts toward caps per peer and per node from accept on.
+        refusal = self.owner.on_connect(self)
+        if refusal is not None:
+            # Closed at once (the few bytes fit in the kernel's buffer): a
+            # refused socket must not hold a descriptor. Never counted, so
+            # nothing to undo: connection_lost() tells no one.
+            self.session.transition(State.CLOSED)
+            self._buffer = None
+            self.transport.write(refusal)
+            self.transport.close()
+            return
         self._timer = self.loop.call_later(self.settings.handshake_timeout, self._handshake_expired)
 
     def data_received(self, data: bytes) -> None:
@@ -298,11 +323,30 @@ class Connection(asyncio.Protocol):
     # -- HTTP -----------------------------------------------------------------
 
     def respond(self, response: bytes) -> None:
-        """Answer a plain HTTP request and close the connection."""
+        """Answer a plain HTTP request and close the connection.
+
+        The response is followed by a FIN, and the socket is kept until the
+        client closes its side or the handshake deadline passes (at least a
+        second from now): then it is reset, so a client that never reads its
+        response holds nothing for long (issue 19.1).
+        """
         self._buffer = None
         self._cancel_timer()
-        self.transport.write(response)
-        self.transport.close()
+        transport = self.transport
+        transport.write(response)
+        if transport.can_write_eof():
+            transport.write_eof()
+        else:
+            transport.close()
+        loop = self.loop
+        settings = self.settings
+        # The handshake deadline (from accept) bounds the whole exchange; a
+        # response sent at the last moment still gets a second to leave.
+        deadline = max(
+            self.opened_at_accept + settings.handshake_timeout,
+            loop.time() + min(1.0, settings.close_timeout),
+        )
+        self._timer = loop.call_at(deadline, self.abort)
 
     def read_body(
         self, reader: http.BodyReader, then: Callable[[bytes], None], expect_continue: bool
@@ -549,8 +593,7 @@ class Connection(asyncio.Protocol):
             elif chunk[0] & 0x0F != _PONG:  # no Pong after our Close
                 self.transport.write(chunk)
         if eof:
-            self._cancel_timer()
-            self.transport.close()
+            self._close_transport()
         elif self._timer is None and self.session.state is State.CLOSING:
             self._start_close_timer()
 
@@ -576,8 +619,29 @@ class Connection(asyncio.Protocol):
         self._start_close_timer()
 
     def abort(self) -> None:
+        """Drop the socket now, with whatever is still unsent."""
         self._cancel_timer()
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:  # already closed
+                pass
         self.transport.abort()
+
+    def _close_transport(self) -> None:
+        """The closing handshake is over: close once the buffer is sent.
+
+        ``transport.close()`` waits for the write buffer to drain, for ever if
+        the client stopped reading: the socket would stay in CLOSING with its
+        admission slot and its buffer (issue 19.1). So the abort timer runs
+        on (or starts) until the buffer is sent: a client that reads gets
+        everything, then the TCP close; one that does not is dropped within
+        ``--close-timeout``.
+        """
+        self.transport.close()
+        if self._timer is None:
+            self._start_close_timer()
 
     def _leave_fanout(self) -> None:
         self.session.transition(State.CLOSING)

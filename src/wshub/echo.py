@@ -55,6 +55,9 @@ class EchoEndpoint:
     def on_closed(self, conn: Connection, previous: State) -> None:
         self._host.member_closed(conn, previous)
 
+    def on_connect(self, conn: Connection) -> bytes | None:
+        raise AssertionError("a connection is accepted by the gateway")
+
     def on_request(self, conn: Connection, request: http.Request) -> None:
         raise AssertionError("an upgraded connection makes no HTTP request")
 

@@ -29,16 +29,19 @@ class Introspection(Protocol):
 
 
 def node_routes(node: Introspection) -> list[Route[Connection]]:
-    page: list[bytes] = []  # read once, on first use
+    page: list[tuple[bytes, tuple[tuple[str, str], ...]]] = []  # read once, on first use
 
     def chat_page(conn: Connection, request: http.Request) -> None:
         if not page:
-            page.append(resources.files("wshub").joinpath("static/index.html").read_bytes())
+            html = resources.files("wshub").joinpath("static/index.html").read_bytes()
+            page.append((html, http.page_headers(html)))
+        html, headers = page[0]
         conn.respond(
             http.response(
                 200,
-                page[0],
+                html,
                 content_type="text/html; charset=utf-8",
+                headers=headers,
                 head_only=request.method == "HEAD",
             )
         )

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Final
 
@@ -35,6 +36,7 @@ __all__ = [
     "body_framing",
     "expect_no_body",
     "check_upgrade",
+    "page_headers",
     "parse_request_head",
     "refusal_reason",
     "response",
@@ -222,6 +224,8 @@ def response(
         lines.append(f"Content-Length: {len(body)}")
         lines.append("Connection: close")
         lines.append("Cache-Control: no-store")
+        # No response of ours is meant to be sniffed into another type.
+        lines.append("X-Content-Type-Options: nosniff")
     lines.extend(f"{name}: {value}" for name, value in headers)
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     return head if head_only or status == 101 else head + body
@@ -416,3 +420,39 @@ class BodyReader:
             raise HttpError(413, f"request body over {self._limit} bytes")
         self._chunk_left = int(size, 16)
         self._state = self._DATA if self._chunk_left else self._TRAILERS
+
+
+_INLINE = re.compile(rb"<(script|style)>(.*?)</\1>", re.DOTALL)
+
+
+def page_headers(html: bytes) -> tuple[tuple[str, str], ...]:
+    """Hardening headers for the chat page (issue 19.11).
+
+    The page's inline ``<script>`` and ``<style>`` blocks are allowed by
+    their SHA-256 hashes, computed from the page itself, so an edit to the
+    page can't silently break it; nothing else may run or load. The page
+    talks only to its own server (``connect-src 'self'`` covers ``ws:``/``wss:``
+    of the same host), cannot be framed (clickjacking of the Send button),
+    and sends no referrer.
+    """
+    hashes: dict[bytes, list[str]] = {b"script": [], b"style": []}
+    for match in _INLINE.finditer(html):
+        digest = base64.b64encode(hashlib.sha256(match.group(2)).digest()).decode("ascii")
+        hashes[match.group(1)].append(f"'sha256-{digest}'")
+    csp = "; ".join(
+        [
+            "default-src 'none'",
+            "script-src " + (" ".join(hashes[b"script"]) or "'none'"),
+            "style-src " + (" ".join(hashes[b"style"]) or "'none'"),
+            "connect-src 'self'",
+            "img-src 'self' data:",
+            "base-uri 'none'",
+            "form-action 'none'",
+            "frame-ancestors 'none'",
+        ]
+    )
+    return (
+        ("Content-Security-Policy", csp),
+        ("X-Frame-Options", "DENY"),
+        ("Referrer-Policy", "no-referrer"),
+    )

@@ -208,6 +208,9 @@ class Hub:
     def on_control(self, conn: Connection, frame: bytes) -> None:
         self._fanout.raw_to_one(conn, frame)
 
+    def on_connect(self, conn: Connection) -> bytes | None:
+        raise AssertionError("a connection is accepted by the gateway")
+
     def on_request(self, conn: Connection, request: http.Request) -> None:
         raise AssertionError("an upgraded connection makes no HTTP request")
 

@@ -11,7 +11,25 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Iterable, Sequence
 
-__all__ = ["Counter", "Gauge", "Histogram", "Metrics"]
+__all__ = ["Counter", "Gauge", "Histogram", "Metrics", "close_code_label"]
+
+# Close codes a label may name one by one: RFC 6455's (1000-1015, 1004-1006
+# and 1015 included though never sent on the wire) and the application codes
+# wshub itself sends (decisions.md 19). Any other code a client sends goes
+# into a range bucket, so clients cannot create series (issue 19.3).
+_KNOWN_CLOSE_CODES = frozenset(range(1000, 1016)) | {4401, 4403, 4429}
+
+
+def close_code_label(code: int) -> str:
+    """The ``code`` label of ``wshub_closes_total`` for a close code."""
+    if code in _KNOWN_CLOSE_CODES:
+        return str(code)
+    if 3000 <= code <= 3999:
+        return "3000-3999"
+    if 4000 <= code <= 4999:
+        return "4000-4999"
+    return "other"
+
 
 Labels = tuple[tuple[str, str], ...]
 

@@ -35,6 +35,7 @@ from .gateway import Gateway, Upgrade
 from .hub import Hub
 from .ids import ConnectionId
 from .logs import log_event
+from .metrics import close_code_label
 from .nodemetrics import OUTCOMES, node_metrics
 from .rooms import DEFAULT_ROOM, RoomName
 from .session import State
@@ -84,6 +85,11 @@ class Node:
             max_connections=config.max_connections,
             max_connections_per_ip=config.max_connections_per_ip,
             ip_connect_rate=config.ip_connect_rate,
+            max_handshakes=config.effective_max_handshakes,
+            max_handshakes_per_ip=config.effective_max_handshakes_per_ip,
+            ipv4_prefix=config.ipv4_prefix,
+            ipv6_prefix=config.ipv6_prefix,
+            trusted_proxies=config.trusted_proxies,
         )
         direct = config.direct_send == "on" and compiled_send_each is not None
         self.fanout: Fanout[Connection] = Fanout(
@@ -122,7 +128,6 @@ class Node:
         )
         self.started_at = time.time()
         self.draining = False
-        self.n_connecting = 0
         self.n_closing = 0
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._drained: asyncio.Future[None] | None = None
@@ -130,7 +135,6 @@ class Node:
 
     def new_connection(self) -> Connection:
         """A connection for a socket just accepted (the server's protocol factory)."""
-        self.n_connecting += 1
         return Connection(self.gateway, self.settings, self.loop)
 
     # -- Lifecycle --------------------------------------------------------------
@@ -227,7 +231,6 @@ class Node:
 
     def connection_ended(self, conn: Connection, previous: State) -> None:
         """A connection gone before its upgrade completed."""
-        self.n_connecting -= 1
         if conn.admitted:
             self.admission.release(conn.ip)
         waiting = self._waiting.get(conn.room)
@@ -268,7 +271,6 @@ class Node:
 
     def member_opened(self, conn: Connection) -> None:
         self.counters.accepted.inc()
-        self.n_connecting -= 1
         if conn.is_recipient:
             self.connections[conn.id] = conn
 
@@ -283,7 +285,7 @@ class Node:
                 self._drained.set_result(None)
         self.connections.pop(conn.id, None)
         code = conn.close_code if conn.close_code is not None else 1006
-        self.counters.closes.inc_label(str(code))
+        self.counters.closes.inc_label(close_code_label(code))
         self.admission.release(conn.ip)
         duration = self.loop.time() - conn.opened_at
         log_event(
@@ -356,6 +358,7 @@ class Node:
                 self.connections.pop(conn.id, None)
                 conn.abort()
         self.admission.purge(self.loop.time())
+        self.gateway.report_suppressed()
         # After a burst (a connection storm buffers hundreds of MB of
         # user_joined frames for a moment) glibc keeps the freed memory;
         # hand it back to the OS so RSS follows the load down.
@@ -397,7 +400,7 @@ class Node:
 
     def connections_by_state(self) -> dict[str, float]:
         return {
-            "connecting": self.n_connecting,
+            "connecting": self.gateway.connecting,
             "open": len(self.connections),
             "closing": self.n_closing,
         }
@@ -431,7 +434,7 @@ class Node:
             "connections": {
                 "node": len(self.connections),
                 "cluster": self.cluster_count(),
-                "connecting": self.n_connecting,
+                "connecting": self.gateway.connecting,
                 "open": len(self.connections),
                 "closing": self.n_closing,
             },

@@ -30,6 +30,8 @@ _REFUSAL_REASONS = (
     "ip_limit",
     "unavailable",
     "handshake_timeout",
+    "handshake_limit",
+    "fd_limit",
     "rooms",
 )
 _CLOSE_CODES = ("1000", "1001", "1002", "1006", "1007", "1008", "1009", "1011")
@@ -63,7 +65,10 @@ class Counters:
         for reason in _REFUSAL_REASONS:
             self.refused.inc_label(reason, 0)
         self.closes: Counter = m.counter(
-            "wshub_closes_total", "Closed WebSocket connections by close code.", label="code"
+            "wshub_closes_total",
+            "Closed WebSocket connections by close code (codes from clients outside the "
+            "known ones are counted as 3000-3999, 4000-4999 or other).",
+            label="code",
         )
         for close_code in _CLOSE_CODES:
             self.closes.inc_label(close_code, 0)
@@ -176,6 +181,12 @@ def node_metrics(node: NodeFigures) -> tuple[Metrics, Counters]:
         "Envelopes that could not be "
         "forwarded to the other nodes (backplane down): dropped, at most once.",
         backplane("forward_failures"),
+        kind="counter",
+    )
+    m.gauge(
+        "wshub_backplane_malformed_total",
+        "Envelopes from the backplane that could not be handled: logged and skipped.",
+        backplane("malformed"),
         kind="counter",
     )
     m.gauge(

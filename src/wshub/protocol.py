@@ -32,6 +32,7 @@ __all__ = [
     "ErrorCode",
     "PingRequest",
     "PongReceived",
+    "RefreshRequest",
     "Refusal",
     "Relay",
     "RelayKind",
@@ -40,6 +41,7 @@ __all__ = [
     "encode_error",
     "encode_ping",
     "encode_pong",
+    "encode_refreshed",
     "encode_relay",
     "encode_user_info_response",
     "encode_user_joined",
@@ -66,6 +68,11 @@ class ErrorCode(enum.StrEnum):
     INVALID_CONTENT = "invalid_content"
     BINARY_NOT_SUPPORTED = "binary_not_supported"
     RATE_LIMITED = "rate_limited"
+    # Signed connect tokens (decisions.md 15 and 19).
+    UNAUTHORIZED = "unauthorized"
+    TOKEN_EXPIRED = "token_expired"
+    FORBIDDEN_ROOM = "forbidden_room"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
 
 
 class RelayKind(enum.StrEnum):
@@ -101,7 +108,14 @@ class UserInfoRequest:
     """``{"type":"user_info"}``: answer with ``user_info_response``."""
 
 
-Command = Relay | PingRequest | PongReceived | UserInfoRequest
+@dataclass(frozen=True, slots=True)
+class RefreshRequest:
+    """``{"type":"refresh","token":"..."}``: replace the connection's token before it expires."""
+
+    token: str
+
+
+Command = Relay | PingRequest | PongReceived | UserInfoRequest | RefreshRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,8 +207,12 @@ def check_content(kind: RelayKind, content: str) -> Relay | Refusal:
 _RELAY_KINDS: Final = {kind.value: kind for kind in RelayKind}
 
 
-def parse_client_text(text: str) -> Command | Refusal:
-    """Interpret the text of one client text message (decisions.md 4 and 5)."""
+def parse_client_text(text: str, *, refresh: bool = False) -> Command | Refusal:
+    """Interpret the text of one client text message (decisions.md 4 and 5).
+
+    *refresh*: ``{"type":"refresh"}`` is a command (``--auth`` optional or
+    required, decisions.md 15); otherwise it is an unknown type, as the seed has it.
+    """
     obj = _json_object(text)
     if obj is None:
         return _check_content(RelayKind.MESSAGE, text, False)
@@ -210,8 +228,19 @@ def parse_client_text(text: str) -> Command | Refusal:
     command = _SIMPLE_COMMANDS.get(kind)
     if command is not None:
         return command
+    if refresh and kind == "refresh":
+        return _parse_refresh(obj)
     shown = kind[:_MAX_ECHOED_TYPE].encode("utf-8", "replace").decode("utf-8")
     return Refusal(ErrorCode.UNKNOWN_TYPE, f"Unknown message type: {shown!r}")
+
+
+def _parse_refresh(obj: dict[str, object]) -> RefreshRequest | Refusal:
+    # A refused refresh is an "unauthorized" error that changes nothing
+    # (decisions.md 19), a malformed one included.
+    token = obj.get("token")
+    if not isinstance(token, str) or not token:
+        return Refusal(ErrorCode.UNAUTHORIZED, "Field 'token' must be a non-empty string")
+    return RefreshRequest(token)
 
 
 # -- Server messages ---------------------------------------------------------
@@ -357,3 +386,14 @@ def encode_user_info_response(
 
 def encode_error(refusal: Refusal) -> bytes:
     return _payload({"type": "error", "message": refusal.message, "code": refusal.code.value})
+
+
+def encode_refreshed(expires_at: float) -> bytes:
+    """``{"type":"refreshed","expiresAt":ISO}``: the new token's ``exp``.
+
+    Not :func:`iso_timestamp`: its one-second cache serves the hot path's
+    "now", and a time hours away would only evict it.
+    """
+    seconds, millis = divmod(int(expires_at * 1000), 1000)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return _payload({"type": "refreshed", "expiresAt": f"{stamp}.{millis:03d}Z"})

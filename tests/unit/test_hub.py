@@ -62,6 +62,9 @@ class FakeTransport:
 
     abort = close
 
+    def can_write_eof(self) -> bool:
+        return False  # respond() then closes at once
+
     def get_extra_info(self, name: str, default: object = None) -> object:
         return ("10.0.0.1", 40000) if name == "peername" else default
 
@@ -199,7 +202,8 @@ def test_an_upgrade_that_gives_up_while_waiting_leaves_no_trace(
     a = Client(node, "/websocket/late")
     a.transport.close()
     run(node)
-    assert node.n_connecting == 0 and node.admission.open_total == 0
+    assert node.gateway.connecting == 0 and node.admission.open_total == 0
+    assert node.admission.handshakes_total == 0
     node.on_room_ready(RoomName("late"))
     run(node)
     assert a.status() == 0 and node.room_count() == 0

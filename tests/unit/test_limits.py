@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from wshub.admission import Admission, client_address
+from wshub.admission import Admission, BadForwardedFor, address_key, client_address
 from wshub.ratelimit import KeyedBuckets, Strikes, TokenBucket
 from wshub.session import Admit, Session, State
 
@@ -79,13 +79,73 @@ NETS = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128"))
         ("10.0.0.2", ["6.6.6.6, 1.2.3.4"], "1.2.3.4"),  # client-written prefix ignored
         ("10.0.0.2", ["1.2.3.4, 10.0.0.7"], "1.2.3.4"),  # our own proxy chain skipped
         ("10.0.0.2", ["1.2.3.4", "10.0.0.7"], "1.2.3.4"),  # two header lines
-        ("10.0.0.2", ["garbage"], "10.0.0.2"),
+        ("10.0.0.2", ["garbage, 1.2.3.4"], "1.2.3.4"),  # client-written garbage ignored
         ("10.0.0.2", [], "10.0.0.2"),
         ("::1", ["2001:db8::1"], "2001:db8::1"),
+        ("10.0.0.2", ["6.6.6.6:51234"], "6.6.6.6"),  # a port some proxies append
+        ("10.0.0.2", ["[2001:db8::1]"], "2001:db8::1"),
+        ("10.0.0.2", ["[2001:db8::1]:443"], "2001:db8::1"),
     ],
 )
 def test_client_address(peer: str, xff: list[str], expected: str) -> None:
     assert client_address(peer, xff, NETS) == expected
+
+
+@pytest.mark.parametrize(
+    "xff",
+    [
+        ["garbage"],
+        ["unknown"],
+        ["1.2.3.4, unknown"],
+        ["6.6.6.6:x"],
+        ["[2001:db8::1"],
+        ["1.2.3.4, "],
+    ],
+)
+def test_client_address_refuses_a_vouched_hop_that_does_not_parse(xff: list[str]) -> None:
+    """Never the proxy's own address for everyone (issue 19.5): refused."""
+    with pytest.raises(BadForwardedFor):
+        client_address("10.0.0.2", xff, NETS)
+
+
+@pytest.mark.parametrize(
+    ("address", "v4", "v6", "key"),
+    [
+        ("203.0.113.9", 32, 64, "203.0.113.9"),
+        ("203.0.113.9", 24, 64, "203.0.113.0/24"),
+        ("2001:db8:1:2:aaaa::1", 32, 64, "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:bbbb::2", 32, 64, "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:bbbb::2", 32, 128, "2001:db8:1:2:bbbb::2"),
+        ("::ffff:203.0.113.9", 32, 64, "203.0.113.9"),
+        ("unknown", 32, 64, "unknown"),
+    ],
+)
+def test_address_key(address: str, v4: int, v6: int, key: str) -> None:
+    assert address_key(address, v4, v6) == key
+
+
+def test_pre_upgrade_caps_per_peer_and_node_trusted_proxy_exempt() -> None:
+    admission = Admission(
+        max_connections=0,
+        max_connections_per_ip=0,
+        ip_connect_rate=0,
+        max_handshakes=4,
+        max_handshakes_per_ip=2,
+        trusted_proxies=NETS,
+    )
+    assert admission.begin_handshake("2001:db8::1") is None
+    assert admission.begin_handshake("2001:db8::2") is None  # same /64
+    refused = admission.begin_handshake("2001:db8::3")
+    assert refused is not None and refused.status == 429
+    assert admission.begin_handshake("10.0.0.2") is None  # a proxy: per-IP cap exempt
+    assert admission.begin_handshake("10.0.0.2") is None
+    refused = admission.begin_handshake("198.51.100.1")
+    assert refused is not None and refused.status == 503
+    admission.end_handshake("2001:db8::1")
+    assert admission.begin_handshake("2001:db8::4") is None
+    for peer in ("2001:db8::2", "2001:db8::4", "10.0.0.2", "10.0.0.2"):
+        admission.end_handshake(peer)
+    assert admission.handshakes_total == 0 and not admission.handshakes_by_ip
 
 
 def test_admission_order_and_release() -> None:

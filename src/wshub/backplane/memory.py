@@ -148,4 +148,5 @@ class MemoryBackplane(ViewKeeper):
             "received": self.received,
             "forward_failures": 0,
             "reconnects": 0,
+            "malformed": 0,
         }

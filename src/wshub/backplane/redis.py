@@ -18,7 +18,12 @@ a ``joined`` is published, ``HDEL`` before a ``left``). Redis delivers one
 connection's publications in order, so messages from one sender reach every
 recipient in the order sent, and every recipient of a room sees one order.
 While Redis is unreachable nothing is queued: envelopes are dropped and
-counted (delivery is at most once, never late).
+counted (delivery is at most once, never late). The queue is bounded in bytes
+(:data:`PUBLISH_QUEUE_LIMIT`): past it, under a slow Redis, envelopes are
+dropped and counted; and a batch that waited longer than
+:data:`PUBLISH_MAX_AGE` for its turn (a Redis that froze, then came back) is
+dropped and counted rather than delivered late. Presence updates in it still
+go out (they are state, and the periodic resync reconciles them).
 
 *Subscribing.* One pub/sub connection carries the channels of the rooms this
 node has members in (decisions.md 12): a room's first local member subscribes
@@ -33,7 +38,10 @@ and corrects each room's view (:meth:`ViewKeeper.apply_snapshot`): joins and
 leaves missed during an outage are announced then, once. A subscription can
 also go silent without an error (a half-open TCP connection): every node
 publishes a probe to itself every few seconds and rebuilds the subscription
-when it stops hearing its own probes.
+when it stops hearing its own probes. An envelope that cannot be handled
+(malformed, or a bug in handling it) is logged, counted and skipped; and the
+subscriber task itself is restarted should it ever end while the node runs
+(issue 19.6).
 
 *Presence.* Every ``ttl/3`` a node refreshes its lease and looks for nodes
 whose lease expired. Reaping is one Lua script: the first survivor to run it
@@ -61,7 +69,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from ..ids import ConnectionId, NodeId
-from ..logs import log_event
+from ..logs import LineLimiter, log_event
 from ..rooms import RoomName
 from . import BackplaneHandler, Envelope, EventKind, decode_envelope, encode_envelope
 from .base import ViewKeeper, lost_payload
@@ -84,6 +92,23 @@ return pairs
 _SUBSCRIBE_TIMEOUT = 5.0  # seconds for Redis to acknowledge a subscription
 
 _ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+
+# Publish a batch of envelopes, given as channel and envelope pairs after the
+# deadline, unless Redis gets to it after the deadline (ARGV[1], Unix ms on
+# Redis's clock): then none, and -1.
+_PUBLISH = """
+local now = redis.call('TIME')
+if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV[1]) then
+  return -1
+end
+for i = 2, #ARGV, 2 do redis.call('PUBLISH', ARGV[i], ARGV[i + 1]) end
+return (#ARGV - 1) / 2
+"""
+
+PUBLISH_QUEUE_LIMIT = 16 * 1024 * 1024
+"""Bytes of envelopes waiting for Redis; past it new ones are dropped, counted."""
+PUBLISH_MAX_AGE = 1.0
+"""Seconds an envelope may wait for its pipeline; older is dropped, not sent late."""
 _STOP_TIMEOUT = 3.0  # seconds for the background tasks to end once cancelled
 
 
@@ -147,7 +172,12 @@ class RedisBackplane(ViewKeeper):
         self._redis: aioredis.Redis | None = None
         self._up = False
         self._reason = "connecting to Redis"
-        self._queue: list[tuple[str, str, str | bytes]] = []
+        # ("publish", (channel, envelope)), ("join" | "leave", (connection id, room)).
+        self._queue: list[tuple[str, tuple[str, Any]]] = []
+        self._queued_bytes = 0
+        self._queued_since = 0.0  # when the oldest queued envelope was queued
+        self._publish_sha = ""
+        self._clock_offset_ms = 0.0  # Redis's clock minus ours, measured at each connect
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -167,6 +197,11 @@ class RedisBackplane(ViewKeeper):
         self.forward_failures = 0
         self.reconnects = 0
         self.silent_rebuilds = 0
+        self.malformed = 0
+        self.stale_dropped = 0
+        self.overflow_dropped = 0
+        self.subscriber_restarts = 0
+        self._bad_envelope_lines = LineLimiter(rate=1.0, burst=5.0)
 
     # -- Lifecycle ------------------------------------------------------------
 
@@ -182,7 +217,7 @@ class RedisBackplane(ViewKeeper):
         self._reap_script = self._redis.register_script(_REAP)
         connected = asyncio.get_running_loop().create_future()
         self._tasks = [
-            asyncio.create_task(self._subscriber(connected), name="wshub-redis-subscriber"),
+            asyncio.create_task(self._supervise(connected), name="wshub-redis-subscriber"),
             asyncio.create_task(self._subscriptions(), name="wshub-redis-subscriptions"),
             asyncio.create_task(self._publisher(), name="wshub-redis-publisher"),
             asyncio.create_task(self._lease(), name="wshub-redis-lease"),
@@ -262,8 +297,13 @@ class RedisBackplane(ViewKeeper):
     def _set_down(self, reason: str) -> None:
         if self._up:
             log_event(log, logging.WARNING, "backplane_down", reason=reason)
+        else:
+            log_event(log, logging.INFO, "backplane_still_down", reason=reason)
         self._up = False
-        self._reason = f"redis unreachable: {reason}"
+        # Public (/readyz, /stats): a fixed phrase. Redis error text
+        # (addresses, auth failures, bytes from whatever answered) goes to the
+        # log (issue 19.9).
+        self._reason = "redis unreachable"
         # Rooms waiting for their subscription serve their local members
         # meanwhile; the reconnect's resync brings their views up to date.
         self._rooms_ready(set(self._unready))
@@ -285,6 +325,10 @@ class RedisBackplane(ViewKeeper):
             "forward_failures": self.forward_failures,
             "reconnects": self.reconnects,
             "silent_rebuilds": self.silent_rebuilds,
+            "malformed": self.malformed,
+            "stale_dropped": self.stale_dropped,
+            "overflow_dropped": self.overflow_dropped,
+            "subscriber_restarts": self.subscriber_restarts,
             "subscriptions": len(self._rooms),
         }
 
@@ -367,16 +411,23 @@ class RedisBackplane(ViewKeeper):
             if kind is not EventKind.PROBE:
                 self.forward_failures += 1
             return
+        data = encode_envelope(envelope)
+        if self._queued_bytes + len(data) > PUBLISH_QUEUE_LIMIT:
+            # Redis is slower than our traffic: drop (at most once) rather
+            # than grow without bound. Presence is reconciled by the resync.
+            self.forward_failures += 1
+            self.overflow_dropped += 1
+            return
+        if not self._queue:
+            self._queued_since = time.monotonic()
+        self._queued_bytes += len(data)
         if kind is EventKind.JOINED:
-            self._queue.append(("join", envelope.connection_id, envelope.room))
+            self._queue.append(("join", (envelope.connection_id, envelope.room)))
         elif kind is EventKind.LEFT:
-            self._queue.append(("leave", envelope.connection_id, envelope.room))
-        channel = (
-            self.keys.probe(self.node_id)
-            if kind is EventKind.PROBE
-            else self.keys.room(envelope.room)
-        )
-        self._queue.append(("publish", channel, encode_envelope(envelope)))
+            self._queue.append(("leave", (envelope.connection_id, envelope.room)))
+        keys = self.keys
+        channel = keys.probe(self.node_id) if kind is EventKind.PROBE else keys.room(envelope.room)
+        self._queue.append(("publish", (channel, data)))
         self._wake.set()
 
     async def _publisher(self) -> None:
@@ -388,29 +439,56 @@ class RedisBackplane(ViewKeeper):
     async def _flush(self) -> None:
         while self._queue:
             batch, self._queue = self._queue, []
+            self._queued_bytes = 0
+            # Queued before the last pipeline stalled: too late to be worth
+            # delivering (at most once, never late).
+            stale = time.monotonic() - self._queued_since > PUBLISH_MAX_AGE
+            # And a batch that Redis itself only gets to late (it froze with
+            # our pipeline in its socket buffer) is dropped there: the script
+            # compares this deadline with Redis's own clock (issue 19, (a)).
+            deadline = int((time.time() + PUBLISH_MAX_AGE) * 1000 + self._clock_offset_ms)
+            commands = _group_publications(batch, stale)
+            dropped = sum(1 for op, _ in batch if op == "publish") if stale else 0
+            self.forward_failures += dropped
+            self.stale_dropped += dropped
             assert self._redis is not None
             pipe = self._redis.pipeline(transaction=False)
             keys = self.keys
             conns_key = keys.conns(self.node_id)
             publications = 0
-            for op, a, b in batch:
+            for op, arg in commands:
                 if op == "publish":
-                    pipe.publish(a, b)
-                    publications += 1
+                    pairs = [item for pair in arg for item in pair]
+                    pipe.evalsha(self._publish_sha, 0, deadline, *pairs)
+                    publications += len(arg)
                 elif op == "join":
-                    room = str(b)
-                    pipe.hset(conns_key, a, room)
-                    pipe.hset(keys.presence(room), a, self.node_id)
+                    cid, room = arg
+                    pipe.hset(conns_key, cid, room)
+                    pipe.hset(keys.presence(room), cid, self.node_id)
                 else:
-                    pipe.hdel(conns_key, a)
-                    pipe.hdel(keys.presence(str(b)), a)
+                    cid, room = arg
+                    pipe.hdel(conns_key, cid)
+                    pipe.hdel(keys.presence(room), cid)
             try:
-                await pipe.execute()
-                self.published += publications
+                results = await pipe.execute()
             except _ERRORS as exc:
                 self.forward_failures += publications
                 self._set_down(f"publish failed: {exc}")
                 self._rebuild = True
+                continue
+            # One result per publish command, two per presence update.
+            late = 0
+            position = 0
+            for op, arg in commands:
+                if op == "publish":
+                    if results[position] == -1:
+                        late += len(arg)
+                    position += 1
+                else:
+                    position += 2
+            self.published += publications - late
+            self.forward_failures += late
+            self.stale_dropped += late
 
     # -- Subscribing ------------------------------------------------------------
 
@@ -463,18 +541,51 @@ class RedisBackplane(ViewKeeper):
     def _on_pubsub(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
         if kind == "message":
-            try:
-                envelope = decode_envelope(message["data"])
-            except ValueError:
-                log.warning("ignored a malformed envelope on %s", message.get("channel"))
-                return
-            self.receive(envelope)
+            self._handle(message["data"], message.get("channel"))
         elif kind == "subscribe":
             channel = message["channel"]
             name = channel.decode() if isinstance(channel, bytes) else str(channel)
             ack = self._acks.pop(name, None)
             if ack is not None and not ack.done():
                 ack.set_result(None)
+
+    def _handle(self, data: Any, channel: Any) -> None:
+        """One message from a channel. Whatever goes wrong with it (bad
+        bytes, or a bug in handling it) costs that message only: logged
+        (rate limited), counted, skipped; the subscription goes on."""
+        try:
+            self.receive(decode_envelope(data))
+        except Exception as exc:
+            self.malformed += 1
+            suppressed = self._bad_envelope_lines.allow("bad", time.monotonic())
+            if suppressed is not None:
+                log_event(
+                    log,
+                    logging.WARNING,
+                    "backplane_bad_envelope",
+                    channel=_text(channel) if isinstance(channel, bytes | str) else "?",
+                    error=f"{type(exc).__name__}: {exc}",
+                    head=repr(bytes(data[:64])) if isinstance(data, bytes) else type(data).__name__,
+                    **({"suppressed": suppressed} if suppressed else {}),
+                )
+
+    async def _supervise(self, connected: asyncio.Future[None]) -> None:
+        """Run the subscriber; should it ever end while the node runs (a bug:
+        it is a loop that handles its own errors), log it and start it again."""
+        delays = backoff_delays(initial=0.5)
+        while not self._stopping:
+            try:
+                await self._subscriber(connected)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("backplane subscriber failed")
+            if self._stopping:
+                return
+            self.subscriber_restarts += 1
+            self._set_down("subscriber ended unexpectedly: restarting it")
+            log_event(log, logging.ERROR, "backplane_subscriber_restart")
+            await asyncio.sleep(next(delays))
 
     async def _register(self) -> None:
         """(Re-)register this node's presence from its own registry."""
@@ -487,6 +598,11 @@ class RedisBackplane(ViewKeeper):
             await self._redis.delete(keys.reaped(node))
             if self.on_rejoined_after_reap is not None:
                 self.on_rejoined_after_reap()
+        self._publish_sha = await self._redis.script_load(_PUBLISH)
+        before = time.time()
+        seconds, micros = await self._redis.time()
+        after = time.time()
+        self._clock_offset_ms = seconds * 1000 + micros / 1000 - (before + after) * 500
         presence = list(self.handler.local_presence())
         stale = await self._redis.hgetall(keys.conns(node))
         pipe = self._redis.pipeline(transaction=True)
@@ -559,6 +675,25 @@ class RedisBackplane(ViewKeeper):
                 self.silent_rebuilds += 1
                 self._set_down("subscription went silent (self-probe not heard): rebuilding")
                 self._rebuild = True
+
+
+def _group_publications(
+    batch: list[tuple[str, tuple[str, Any]]], stale: bool
+) -> list[tuple[str, Any]]:
+    """The batch as pipeline commands: each run of envelopes between presence
+    updates becomes one ("publish", [(channel, envelope), ...]); without the
+    envelopes when *stale*. Presence updates keep their place (the HSET
+    before its joined...)."""
+    commands: list[tuple[str, Any]] = []
+    for op, arg in batch:
+        if op != "publish":
+            commands.append((op, arg))
+        elif not stale:
+            if commands and commands[-1][0] == "publish":
+                commands[-1][1].append(arg)
+            else:
+                commands.append(("publish", [arg]))
+    return commands
 
 
 async def reap(
