@@ -221,6 +221,31 @@ def build_parser() -> argparse.ArgumentParser:
         "with the system's cc (fanout, rate and sink; counts by frame header, costs far less "
         "CPU per frame, so the generator is not the bottleneck)",
     )
+    g = p.add_argument_group("reading and rooms (--engine native)")
+    g.add_argument(
+        "--reader",
+        choices=("peek", "full"),
+        default="peek",
+        help="peek: count a data frame when the first bytes of its payload hold the marker; "
+        "full: read every frame whole as a client would, parse its JSON, count only "
+        "message/broadcast envelopes whose content is --content-size bytes (the same "
+        "envelope is sent to raw relays, which relay it verbatim)",
+    )
+    g.add_argument(
+        "--content-size",
+        type=int,
+        dest="size",
+        metavar="BYTES",
+        help="content bytes per message (100); the same as --size",
+    )
+    g.add_argument(
+        "--rooms",
+        type=int,
+        default=0,
+        metavar="N",
+        help="fanout: spread the connections over N rooms (connection i in room r<i %% N>, "
+        "path URL_PATH/r<i %% N>), the first connection of each room its sender",
+    )
     g = p.add_argument_group("output")
     g.add_argument(
         "--progress",
@@ -335,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
             nap_us=args.nap_us,
             progress=args.progress,
             json=args.json,
+            reader=args.reader,
+            rooms=args.rooms,
         )
     except ValueError as e:
         print(f"wshub bench: {e}", file=sys.stderr)
@@ -346,6 +373,15 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "wshub bench: --connections, --inflight, --duration must be positive", file=sys.stderr
         )
+        return 2
+    if args.engine != "native" and (args.reader != "peek" or args.rooms):
+        print("wshub bench: --reader full and --rooms need --engine native", file=sys.stderr)
+        return 2
+    if args.rooms < 0 or (args.rooms and cfg.scenario != "fanout"):
+        print("wshub bench: --rooms N (N > 0) is for the fanout scenario", file=sys.stderr)
+        return 2
+    if args.reader == "full" and cfg.size < 48:
+        print("wshub bench: --reader full needs --content-size of at least 48", file=sys.stderr)
         return 2
     if args.engine == "native":
         from . import native

@@ -63,6 +63,9 @@ class Config:
     nap_us: int = 0
     progress: bool = False
     json: bool = False
+    # the native engine's reading client and rooms (native.py; the Python engine refuses them)
+    reader: str = "peek"  # or "full": every frame read whole, its JSON type parsed
+    rooms: int = 0  # fanout: connection i in room r<i % rooms>, path PATH/r<i % rooms>
     host: str = field(init=False, default="")
     port: int = field(init=False, default=0)
     path: str = field(init=False, default="/")
