@@ -372,3 +372,12 @@ def test_cli_refuses_what_it_cannot_do(capsys):
     assert "fanout" in capsys.readouterr().err
     assert bench_main(["fanout", "--engine", "native", "--reader", "full", "--size", "20"]) == 2
     assert "at least 48" in capsys.readouterr().err
+
+
+def test_a_run_without_connections_says_why(frame_server):  # noqa: F811
+    srv = frame_server(mode="refuse")
+    cfg = Config(
+        scenario="fanout", url=srv.url, protocol="raw", connections=4, rooms=2, reader="full"
+    )
+    with pytest.raises(RuntimeError, match="4 of 4 connections failed.*HTTP/1.1 403 Forbidden"):
+        native.run(cfg)

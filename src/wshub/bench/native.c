@@ -1844,11 +1844,17 @@ static int first_open(void) {
 }
 
 static void fail_run(const char *why) {
-    /* native.py raises this as RuntimeError */
+    /* native.py raises this as RuntimeError; it says why the connections failed */
+    char msg[900];
+    if (G.nfail)
+        snprintf(msg, sizeof msg, "%s (%d of %d connections failed, first: %s)", why, G.nfail, cfg.n,
+                 G.first_failure);
+    else
+        snprintf(msg, sizeof msg, "%s", why);
     progress_done();
     obj_begin();
     jkey("error");
-    jstr_raw(why);
+    jstr_raw(msg);
     printf("}\n");
     fflush(stdout);
 }
