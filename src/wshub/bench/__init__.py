@@ -64,10 +64,16 @@ examples:
   wshub bench idle -n 10000 --server-pid PID
   wshub bench fanout --engine native --url ws://127.0.0.1:8787/websocket --server-pid PID
 
---engine native (fanout, rate, sink) is a C program compiled with the system's cc
-on first use (cached in ~/.cache/wshub): same scenarios, same results, a fraction
-of the CPU per frame. It answers server Pings and counts a data frame when the
-first bytes of its payload hold the marker.
+--engine native (fanout, rate, chat, sink) is a C program compiled with the system's
+cc on first use (cached in ~/.cache/wshub): same scenarios, same results, a fraction
+of the CPU per frame. It answers server Pings. --reader peek (the default) counts a
+data frame when the first bytes of its payload hold the marker; --reader full reads
+every frame whole, parses its JSON and counts only message/broadcast envelopes whose
+content is --content-size bytes, as a real client would (bench/run.py uses it).
+--rooms N (fanout) spreads the connections over N rooms, PATH/r0 .. PATH/r<N-1>, one
+sender and one closed loop per room.
+
+  wshub bench fanout --engine native --reader full --rooms 100 --url ws://127.0.0.1:8787/websocket
 
 Against wshub, raise its limits for a benchmark (the defaults rate-limit the
 sender and cap connections per IP): wshub serve --message-rate 0
@@ -218,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("python", "native"),
         default="python",
         help="python: asyncio/uvloop (every scenario); native: a C program built on first use "
-        "with the system's cc (fanout, rate and sink; counts by frame header, costs far less "
+        "with the system's cc (fanout, rate, chat and sink; see --reader; costs far less "
         "CPU per frame, so the generator is not the bottleneck)",
     )
     g = p.add_argument_group("reading and rooms (--engine native)")

@@ -1,5 +1,9 @@
 /*
- * native.c: the native engine of `wshub bench` (scenarios fanout, rate and sink).
+ * native.c: the native engine of `wshub bench` (scenarios fanout, rate, chat and sink).
+ *
+ * Two readers: --reader peek (below) and --reader full, which reads every data
+ * message whole and parses its JSON as a client would (see json_envelope and
+ * full_message); --rooms N gives fanout one closed loop per room.
  *
  * One thread, one level-triggered epoll set, one 256 KiB read buffer shared by
  * every connection. Receiving walks frame headers only: of each data frame it
