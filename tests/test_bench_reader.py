@@ -260,6 +260,10 @@ def test_full_reader_fanout_against_wshub(make_server, capsys):
     assert res["read_wrong_size"] == res["read_invalid"] == 0
     assert res["read_other_type"] == 20 + 19 * 20 // 2
     assert res["server_cpu_us_per_delivery"] > 0
+    # the server's CPU from the scheduler as well, every thread, in ns: the server
+    # runs flat out here, so the two clocks agree within their tick-size error
+    assert res["server_cpu_sched_us_per_delivery"] > 0 and 0 < res["server_cpu_sched"] <= 1.5
+    assert abs(res["server_cpu_sched"] - res["server_cpu"]) <= 0.25, res
 
 
 # --------------------------------------------------------------------- rooms
