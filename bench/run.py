@@ -1312,6 +1312,12 @@ def render(data: dict, chart_file: Path = CHART) -> str:
         ".venv/bin/python bench/run.py --quick    # one short run of everything, to try it\n"
         ".venv/bin/python bench/run.py --render-only   # this page again from bench/results/benchmarks.json\n```\n"
     )
+    flags = [f"--runs {a['runs']}", f"--duration {a['duration']:g}", f"--warmup {a['warmup']:g}"]
+    flags += [f"--servers {','.join(data['servers'])}", f"--scenarios {','.join(data['scenarios'])}"]
+    flags += [f"--{k.replace('_', '-')}" for k in ("no_ceiling", "no_cluster", "no_profile") if a.get(k)]
+    if "reader" in a:
+        flags.append(f"--reader {a['reader']}")
+    add(f"This page's run: `.venv/bin/python bench/run.py {' '.join(flags)}`.\n")
     add(
         "It installs what it needs that is missing (`npm ci` in `bench/servers`; matplotlib and py-spy into the "
         "venv, as benchmark tools, not project dependencies). Each server is started fresh for each scenario, "
@@ -1346,7 +1352,7 @@ def render(data: dict, chart_file: Path = CHART) -> str:
         "with its full protocol (validation, JSON envelopes with ids and timestamps, `welcome`, `user_joined`/"
         "`user_left` to everyone, heartbeat, per-connection buffer limit); the generator speaks `--protocol wshub` "
         "to it. The comparison servers are the minimal relays in `bench/servers/` (`ws_relay.js`: `client.send()` "
-        "per recipient; `uws_relay.js`: one topic, `ws.publish()`), driven with `--protocol raw`. The generator "
+        "per recipient; `uws_relay.js`: one topic per URL path, `ws.subscribe()`/`ws.publish()`), driven with `--protocol raw`. The generator "
         "commands, per scenario:\n"
     )
     add("```sh")
