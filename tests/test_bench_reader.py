@@ -19,7 +19,7 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
@@ -317,7 +317,7 @@ class RoomRelay:
 
 
 @pytest.fixture
-def room_relay() -> Iterator[type[RoomRelay]]:
+def room_relay() -> Iterator[Callable[..., RoomRelay]]:
     made: list[RoomRelay] = []
 
     def make(**kw: bool) -> RoomRelay:
@@ -325,7 +325,7 @@ def room_relay() -> Iterator[type[RoomRelay]]:
         made.append(r)
         return r
 
-    yield make  # type: ignore[misc]
+    yield make
     for r in made:
         r.close()
 
