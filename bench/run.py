@@ -123,14 +123,20 @@ SERVERS = {
 # A variant is run only through the scenarios where it can differ.
 ONLY = {"wshub-transport": ("fanout", "latency", "chat")}
 
-SCENARIOS = ["fanout", "latency", "chat", "idle", "idle-2k"]
+SCENARIOS = ["fanout", "latency", "chat", "rooms", "idle", "idle-2k"]
 SCENARIO_TEXT = {
     "fanout": "fan-out: 1000 connections, one sender, closed loop, 32 in flight",
+    "rooms": "rooms: 1000 connections in 100 rooms of 10 (/websocket/r0../websocket/r99), "
+    "one sender per room, closed loop, 32 in flight each",
     "latency": "latency: 1000 connections, one sender at 50 msg/s",
     "chat": "chat: 100 connections × 10 msg/s each (99,000 deliveries/s offered)",
     "idle": "idle: 10,000 connections held",
     "idle-2k": "idle: 2,000 connections held",
 }
+
+# --reader full: a run whose generator used this much of its core or more may show
+# the generator's ceiling, not the server's; it is flagged wherever it is shown
+GENERATOR_BOUND = 0.9
 
 _children: list[subprocess.Popen] = []
 
@@ -244,12 +250,16 @@ def scenario_args(scen: str, a) -> tuple[list[str], float]:
         "--engine",
         getattr(a, "engine", "python"),
     ]  # results from before the native engine: python
-    if scen == "fanout":
+    full = getattr(a, "reader", "peek") == "full"  # results from before --reader: peek
+    if full:  # the reading client: native, every frame read whole, --content-size
+        eng += ["--reader", "full", "--content-size", str(getattr(a, "content_size", 100))]
+    if scen in ("fanout", "rooms"):
         return [
             "fanout",
             *eng,
             "-n",
             "1000",
+            *(["--rooms", "100"] if scen == "rooms" else []),
             "--inflight",
             "32",
             "--warmup",
@@ -273,6 +283,7 @@ def scenario_args(scen: str, a) -> tuple[list[str], float]:
     if scen == "chat":
         return [
             "chat",
+            *(eng if full else []),  # the Python engine unless the reading client
             "-n",
             "100",
             "--rate",
@@ -514,16 +525,20 @@ def short(rec: dict) -> str:
     if "error" in r:
         return f"ERROR {r['error'][:200]}"
     s = rec["scenario"]
-    if s == "fanout":
+    bound = " GENERATOR-BOUND" if (r.get("generator_cpu") or 0) >= GENERATOR_BOUND else ""
+    if s in ("fanout", "rooms"):
         return (
             f"{r.get('deliveries_per_s', 0):,.0f}/s  {r.get('server_cpu_us_per_delivery')} µs/delivery  "
-            f"server cpu {r.get('server_cpu')}  gen cpu {r.get('generator_cpu')}  p99 {r.get('latency_ms_p99')} ms"
+            f"server cpu {r.get('server_cpu')}  gen cpu {r.get('generator_cpu')}{bound}  "
+            f"p99 {r.get('latency_ms_p99')} ms  read: counted {r.get('read_counted')} other "
+            f"{r.get('read_other_type')} wrong size {r.get('read_wrong_size')} misrouted "
+            f"{r.get('read_misrouted')} invalid {r.get('read_invalid')}"
         )
     if s in ("latency", "chat"):
         return (
             f"{r.get('deliveries_per_s', 0):,.0f}/s of {r.get('offered_deliveries_per_s', 0):,.0f}  "
             f"p50 {r.get('latency_ms_p50')} p99 {r.get('latency_ms_p99')} max {r.get('latency_ms_max')} ms  "
-            f"fell behind: {r.get('fell_behind')}"
+            f"fell behind: {r.get('fell_behind')}  gen cpu {r.get('generator_cpu')}{bound}"
         )
     return (
         f"{r.get('rss_per_connection_kib')} KiB/conn  held {r.get('connections_held')}  "
@@ -676,10 +691,12 @@ def profile(a) -> dict:
     ]
     for tag, name, build, proto, scen in cases:
         port = free_port()
+        # the reading client's profiles beside the header-peeking generator's
+        suffix = "-reader" if getattr(a, "reader", "peek") == "full" else ""
         dest = PROFILES / (
-            f"fanout-{tag}-{name}.collapsed.txt"
+            f"fanout-{tag}-{name}{suffix}.collapsed.txt"
             if scen == "fanout"
-            else "connect-storm-wshub.collapsed.txt"
+            else f"connect-storm-wshub{suffix}.collapsed.txt"
         )
         rec = {"server": name, "scenario": scen}
         try:
@@ -882,7 +899,26 @@ def summarize(data: dict) -> dict:
             cell["runs_deliveries"] = [r.get("deliveries_per_s") for r in rs]
             cell["runs_p99"] = [r.get("latency_ms_p99") for r in rs]
             cell["fell_behind_runs"] = sum(1 for r in rs if r.get("fell_behind"))
-            if scen == "fanout":
+            for k in (
+                "generator_cpu_user",
+                "generator_cpu_sys",
+                "generator_cpu_us_per_delivery",
+                "server_cpu_sched",
+                "server_cpu_sched_us_per_delivery",
+            ):
+                cell[k] = med([r.get(k) for r in rs])
+            cell["runs_server_cpu_us"] = [r.get("server_cpu_us_per_delivery") for r in rs]
+            cell["runs_server_sched_us"] = [r.get("server_cpu_sched_us_per_delivery") for r in rs]
+            cell["runs_generator_cpu"] = [r.get("generator_cpu") for r in rs]
+            cell["generator_bound_runs"] = sum(
+                1 for r in rs if (r.get("generator_cpu") or 0) >= GENERATOR_BOUND
+            )
+            if scen in ("fanout", "rooms") and full_reader(data):
+                # no flood ceiling for the reading client: a run is at the generator's
+                # limit when the generator used (nearly) its whole core
+                cell["at_ceiling_runs"] = cell["generator_bound_runs"]
+                cell["at_ceiling"] = cell["generator_bound_runs"] * 2 > len(rs)
+            elif scen == "fanout":
                 at = []
                 for r in rs:
                     d, g, s = (
@@ -985,134 +1021,23 @@ def goal_lines(summ: dict) -> list[str]:
     return lines
 
 
+def full_reader(data: dict) -> bool:
+    """Whether a run used the reading client (--reader full; older results: peek)."""
+    return data["args"].get("reader", "peek") == "full"
+
+
 def _engine(a: dict) -> str:
     """The generator engine of a run (results saved before --engine existed: python)."""
     return a.get("engine", "python")
 
 
-def render(data: dict, chart_file: Path = CHART) -> str:
-    a = data["args"]
-    m = data["machine"]
-    q = data["quiet"]
-    summ = summarize(data)
+def figure_tables(data: dict, summ: dict) -> list[str]:
+    """The figures, ratios and goals of issue 4 for a run of the header-peeking generator."""
     c = summ["cells"]
     names = data["servers"]
     label = {k: v[0] for k, v in SERVERS.items()}
     L: list[str] = []
     add = L.append
-    add("# Benchmarks: wshub against Node `ws` and uWebSockets.js\n")
-    add(
-        f"Measured {data['started']} (UTC) by `bench/run.py`; generated from `bench/results/benchmarks.json`. "
-        "Every figure is the **median of "
-        f"{a['runs']} runs**; the runs interleave the servers in a rotated order. This machine is shared and noisy: "
-        "read the ratios, not the absolute figures.\n"
-    )
-    add("## The command\n")
-    add(
-        "```sh\n.venv/bin/python bench/run.py            # about 20 minutes on 2 cores; rewrites this page\n"
-        ".venv/bin/python bench/run.py --quick    # one short run of everything, to try it\n"
-        ".venv/bin/python bench/run.py --render-only   # this page again from bench/results/benchmarks.json\n```\n"
-    )
-    add(
-        "It installs what it needs that is missing (`npm ci` in `bench/servers`; matplotlib and py-spy into the "
-        "venv, as benchmark tools, not project dependencies). Each server is started fresh for each scenario, "
-        f"pinned to core {a['server_core']} (`taskset -c {a['server_core']}`); the load generator "
-        f"(`python -m wshub.bench`, the same for all) is pinned to core {a['client_core']}. "
-        + (
-            f"**The generator's engine**: `--engine native` (a C program, `src/wshub/bench/native.c`, built with "
-            f"the system's `cc` on first use: epoll, one 256 KiB read buffer, it walks frame headers and looks only "
-            f"at the first bytes of each frame's payload, so its cost per frame hardly depends on the frame's size: no byte is scanned) "
-            f"for the ceiling, fan-out, latency and the cluster runs; the Python engine (asyncio + uvloop) for chat "
-            f"and idle, which the native engine does not have. See `docs/benchmarks-native-generator.md` for what "
-            f"the native engine changes. "
-            if _engine(a) == "native"
-            else "The generator's engine: Python (asyncio + uvloop) throughout. "
-        )
-        + "wshub runs as\n"
-    )
-    add(
-        "```sh\nwshub serve --host 127.0.0.1 --port PORT --ip-connect-rate 0 --max-connections-per-ip 0 \\\n"
-        "    --message-rate 0 --max-connections 20000 --log-level warning\n```\n"
-    )
-    add(
-        "with its full protocol (validation, JSON envelopes with ids and timestamps, `welcome`, `user_joined`/"
-        "`user_left` to everyone, heartbeat, per-connection buffer limit); the generator speaks `--protocol wshub` "
-        "to it. The comparison servers are the minimal relays in `bench/servers/` (`ws_relay.js`: `client.send()` "
-        "per recipient; `uws_relay.js`: one topic, `ws.publish()`), driven with `--protocol raw`. The generator "
-        "commands, per scenario:\n"
-    )
-    add("```sh")
-    for s in SCENARIOS:
-        args, _ = scenario_args(s, argparse.Namespace(**a))
-        add(f"# {SCENARIO_TEXT[s]}")
-        add(
-            f"python -m wshub.bench {' '.join(args)} --protocol wshub|raw --url ws://127.0.0.1:PORT/websocket --server-pid PID"
-        )
-    add("```\n")
-    add("## The machine\n")
-    add(
-        f"{m['nproc']} cores (`{m['cpu']}`), Linux {m['kernel']}; Python {m['python']}, uvloop {m['uvloop']}, "
-        f"websockets {m['websockets']} (wshub's frame parser), redis-py {m['redis_py']}; Node {m['node']}, "
-        f"ws {m['ws']}, uwebsockets {m['uwebsockets']}; {m['redis_server']}; wshub {m['wshub']} at commit "
-        f"`{m['wshub_commit']}`; {m['py_spy']}"
-        + (
-            f"; the native generator built with `{m['cc']}`"
-            if m.get("cc") and _engine(a) == "native"
-            else ""
-        )
-        + ".\n"
-    )
-    pa = [x.get("pressure_before", {}).get("some", {}).get("avg10") for x in data["runs"]]
-    pa = [v for v in pa if v is not None]
-    la = [x.get("load_before", [None])[0] for x in data["runs"]]
-    la = [v for v in la if v is not None]
-    ps = q.get("pressure_at_start", {}).get("some", {})
-    add(
-        f"**Load and CPU pressure.** The run waited {q['waited_s']} s for the 1-minute load average to fall below "
-        f"{a['wait_load']} (it was {q['load_at_first_check'][0]:.2f} at the first check, "
-        f"{q['load_at_start'][0]:.2f} at the start). `/proc/pressure/cpu` at the start: some avg10 "
-        f"{ps.get('avg10', '–')} %, avg60 {ps.get('avg60', '–')} %, avg300 {ps.get('avg300', '–')} %. "
-        + (
-            f"Before each measurement (some avg10): median {statistics.median(pa):.1f} %, range {min(pa):.1f}–{max(pa):.1f} %; "
-            f"1-minute load average median {statistics.median(la):.2f}, range {min(la):.2f}–{max(la):.2f}. "
-            if pa and la
-            else ""
-        )
-        + "Every run's figures, with the pressure and load before and after it, are in `bench/results/benchmarks.json`.\n"
-    )
-
-    # ceiling
-    add("## The generator's own ceiling\n")
-    add(
-        f"`bench/ceiling_server.py` (core {a['server_core']}) floods pre-built frames, 32 per write, round-robin over "
-        f"1000 connections; `wshub bench sink --engine {_engine(a)}` (core 1) only counts them. As fast as the flood server could: "
-        f"{fmt(summ['flood_counted'])} frames/s counted (runs {' / '.join(fmt(v) for v in summ['flood_runs'])}) at "
-        f"generator CPU {fmt(summ['ceiling_gen_cpu'])}; offered 2M/s: {fmt(summ['ceiling_2m'])} counted at generator "
-        f"CPU {fmt(summ['ceiling_2m_gen_cpu'])}. On this shared machine the flood server (one Python process) "
-        "rarely outruns the generator, so the ceiling is stated as what the generator counts per second of its own "
-        f"CPU: **{fmt(summ['ceiling'])} frames per CPU-second** (median of "
-        f"{' / '.join(fmt(v) for v in summ['ceiling_runs'])}), i.e. "
-        f"{fmt(1e6 / summ['ceiling'] if summ['ceiling'] else None)} µs of generator CPU per frame when reads are large.\n"
-    )
-    add(
-        (
-            "With the native engine the reads hold about 32 frames both in the flood (the flood server's batch) and "
-            "in fan-out (a recipient never has more than the 32 messages in flight to read), so this figure is also "
-            "what the generator can count in fan-out; its cost is almost all the kernel's (one `recv` and the ACK it "
-            "sends per read), see `docs/benchmarks-native-generator.md`. "
-            if _engine(a) == "native"
-            else "In the fan-out scenario the reads are smaller than in the flood (fewer frames per `recv`), so the "
-            "generator saturates earlier than that. "
-        )
-        + "A fan-out run counts as **at the generator's ceiling** when it "
-        "reached 0.8 × the figure above, or when the generator used ≥ 0.75 of its core and more CPU than the "
-        "server (the server had room left; the generator did not). Such a figure is a lower bound of the server, "
-        "and **a comparison counts only where both servers stay below the ceiling**; where one does not, compare "
-        "the server CPU per delivery instead (CPU time used ÷ deliveries, which depends much less on who was the "
-        "bottleneck or on the noise).\n"
-    )
-
-    # figures
     add("## Figures (medians)\n")
     add(
         "| server | fan-out deliveries/s | the runs | server CPU µs/delivery | server / generator CPU | at ceiling? "
@@ -1186,6 +1111,330 @@ def render(data: dict, chart_file: Path = CHART) -> str:
     add("| --- | --- | --- |")
     L.extend(goal_lines(summ))
     add("")
+    return L
+
+def reader_ceiling_text(data: dict) -> list[str]:
+    return [
+        "## The generator's own limit\n",
+        "The reading client has no flood ceiling to measure against (a flood of pre-built frames says little "
+        "about a reader whose cost grows with every byte it parses). Instead every run records the generator's "
+        "own CPU over the measured window (user + system time of its process, as a fraction of its core, "
+        "`generator_cpu`, `generator_cpu_user`, `generator_cpu_sys`), and a run where it reached "
+        f"**≥ {GENERATOR_BOUND:.0%} of its core is flagged as generator-bound**: its figure may be the "
+        "generator's limit and not the server's. Such a run counts as at the generator's ceiling in the goals "
+        "below; where the server used its whole core and the generator did not, the figure is the server's.\n",
+    ]
+
+
+def figure_tables_full(data: dict, summ: dict) -> list[str]:
+    """The figures, ratios and goals of issue 18 for a run of the reading client."""
+    c = summ["cells"]
+    names = data["servers"]
+    label = {k: v[0] for k, v in SERVERS.items()}
+    g = lambda s, k, f: (c.get((s, k)) or {}).get(f)  # noqa: E731
+    L: list[str] = []
+    add = L.append
+
+    def gen(cell: dict) -> str:
+        if not cell or cell.get("generator_cpu") is None:
+            return "–"
+        bound = cell.get("generator_bound_runs", 0)
+        return (
+            f"{fmt(cell.get('generator_cpu'))} ({fmt(cell.get('generator_cpu_user'))} user + "
+            f"{fmt(cell.get('generator_cpu_sys'))} sys)"
+            + (f" **bound in {bound} of {cell['n']}**" if bound else "")
+        )
+
+    add("## Figures (medians): the reading client\n")
+    add(
+        "| server | fan-out deliveries/s | the runs | server CPU µs/delivery (runs) "
+        "| the same, scheduler's clock (runs) | server CPU | generator CPU "
+        "| rooms deliveries/s (runs) | rooms server CPU µs/delivery | rooms generator CPU "
+        "| p99 at 50 msg/s (p50 / p90 / max) | chat 100 × 10/s | chat p99 (p50) |"
+    )
+    add("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for s in names:
+        f, r, l, ch = (c.get((s, k), {}) for k in ("fanout", "rooms", "latency", "chat"))
+        chat_state = "–"
+        if ch and ch.get("deliveries_per_s"):
+            chat_state = (
+                f"fell behind ({ch['fell_behind_runs']} of {ch['n']} runs)"
+                if ch["fell_behind_runs"]
+                else "sustained"
+            ) + f", {fmt(ch.get('deliveries_per_s'))}/s"
+        rooms = (
+            f"{fmt(r.get('deliveries_per_s'))} ({' / '.join(fmt(v) for v in r.get('runs_deliveries', []))})"
+            if r and r.get("deliveries_per_s")
+            else ("failed (see Errors)" if r and r.get("errors") else "–")
+        )
+        add(
+            f"| {label[s]} | {fmt(f.get('deliveries_per_s'))} | {' / '.join(fmt(v) for v in f.get('runs_deliveries', []))} "
+            f"| {fmt(f.get('server_cpu_us_per_delivery'), '', 3)} ({' / '.join(fmt(v, '', 3) for v in f.get('runs_server_cpu_us', []))}) "
+            f"| {fmt(f.get('server_cpu_sched_us_per_delivery'), '', 3)} ({' / '.join(fmt(v, '', 3) for v in f.get('runs_server_sched_us', []))}) "
+            f"| {fmt(f.get('server_cpu'))} | {gen(f)} "
+            f"| {rooms} | {fmt(r.get('server_cpu_us_per_delivery'), '', 3)} | {gen(r)} "
+            f"| {fmt(l.get('latency_ms_p99'), ' ms')} ({fmt(l.get('latency_ms_p50'))} / {fmt(l.get('latency_ms_p90'))} / {fmt(l.get('latency_ms_max'))}) "
+            f"| {chat_state} | {fmt(ch.get('latency_ms_p99'), ' ms')} ({fmt(ch.get('latency_ms_p50'))}) |"
+        )
+    errs = collections.Counter(
+        f"{s} {k}: {e[:200].strip()}".replace("\n", " ")
+        for (s, k), cell in c.items()
+        for e in cell["errors"]
+    )
+    if errs:
+        add(
+            "\nErrors: "
+            + "; ".join(f"{e} ({n} of the runs)" if n > 1 else e for e, n in errs.items())
+            + "\n"
+        )
+    add("")
+    others = [s for s in names if s != "wshub"]
+    add("### Ratios (medians)\n")
+    add("| | " + " | ".join(f"wshub / {label[o]}" for o in others) + " |")
+    add("| --- |" + " --- |" * len(others))
+    rows = [
+        ("fan-out deliveries/s", "fanout", "deliveries_per_s"),
+        ("fan-out server CPU per delivery", "fanout", "server_cpu_us_per_delivery"),
+        ("the same, scheduler's clock", "fanout", "server_cpu_sched_us_per_delivery"),
+        ("latency server CPU per delivery (scheduler's clock)", "latency", "server_cpu_sched_us_per_delivery"),
+        ("chat server CPU per delivery (scheduler's clock)", "chat", "server_cpu_sched_us_per_delivery"),
+        ("rooms deliveries/s", "rooms", "deliveries_per_s"),
+        ("rooms server CPU per delivery", "rooms", "server_cpu_us_per_delivery"),
+        ("p99 at 50 msg/s", "latency", "latency_ms_p99"),
+        ("p50 at 50 msg/s", "latency", "latency_ms_p50"),
+        ("chat p99", "chat", "latency_ms_p99"),
+        ("chat deliveries/s", "chat", "deliveries_per_s"),
+    ]
+    for title, scen, key in rows:
+        add(
+            f"| {title} | "
+            + " | ".join(ratio(g("wshub", scen, key), g(o, scen, key)) for o in others)
+            + " |"
+        )
+    add("")
+    add("### The goals of issue 18 (and of issue 12 item 4), against uWebSockets.js\n")
+    add("| goal | measured | |")
+    add("| --- | --- | --- |")
+
+    def goal(title: str, scen: str, key: str, limit: float, higher: bool, unit: str = "") -> None:
+        exact = key.replace("server_cpu_us", "server_cpu_sched_us")
+        if exact != key and g("wshub", scen, exact) and g("uws", scen, exact):
+            key = exact  # the scheduler's clock where both runs have it (utime/stime: ticks)
+            title += " (scheduler's clock)"
+        w, u = g("wshub", scen, key), g("uws", scen, key)
+        if w is None or u is None:
+            why = "; ".join(e[:160].strip().replace("\n", " ") for e in (g("wshub", scen, "errors") or [])[:1])
+            add(f"| {title} | wshub {fmt(w, unit)}, uWebSockets.js {fmt(u, unit)} | **not measured**"
+                + (f" ({why})" if why else "") + " |")
+            return
+        r = w / u if u else None
+        ok = r is not None and (r >= limit if higher else r <= limit)
+        bound = [x for x in ("wshub", "uws") if g(x, scen, "generator_bound_runs")]
+        note = (
+            f" (generator-bound runs: {', '.join(bound)}: a lower bound there)" if bound else ""
+        )
+        if key == "deliveries_per_s":
+            sc = [g(x, scen, "server_cpu") for x in ("wshub", "uws")]
+            if any(v is not None and v < 0.85 for v in sc):
+                note += (
+                    f" (server CPU {fmt(sc[0])} / {fmt(sc[1])} of a core: not both server-bound, "
+                    "so compare the CPU per delivery)"
+                )
+        add(
+            f"| {title} | {ratio(w, u)} ({fmt(w, unit)} vs {fmt(u, unit)}) | "
+            + ("**met**" if ok else "**not met**")
+            + note
+            + " |"
+        )
+
+    goal("fan-out ≥ 1.0 × uWebSockets.js", "fanout", "deliveries_per_s", 1.0, True)
+    goal("fan-out server CPU per delivery ≤ 1.0 ×", "fanout", "server_cpu_us_per_delivery", 1.0, False, " µs")
+    goal("p99 at 50 msg/s ≤ 1.0 ×", "latency", "latency_ms_p99", 1.0, False, " ms")
+    goal("chat p99 ≤ 1.2 ×", "chat", "latency_ms_p99", 1.2, False, " ms")
+    goal("rooms ≥ 1.0 × uWebSockets.js", "rooms", "deliveries_per_s", 1.0, True)
+    goal("rooms server CPU per delivery ≤ 1.0 ×", "rooms", "server_cpu_us_per_delivery", 1.0, False, " µs")
+    goal("stretch: fan-out ≥ 1.2 ×", "fanout", "deliveries_per_s", 1.2, True)
+    add("")
+    return L
+
+
+OLDER = BENCH / "results" / "benchmarks-peek-1126.json"
+
+
+def older_figures() -> list[str]:
+    """The last full run of the header-peeking generator, labelled as such."""
+    if not OLDER.exists():
+        return []
+    old = json.loads(OLDER.read_text())
+    L = [
+        "## Earlier figures: the header-peeking generator (`--reader peek`)\n",
+        f"Measured {old['started']} (UTC) at commit `{old['machine'].get('wshub_commit')}`, "
+        f"`{OLDER.relative_to(ROOT)}`: **the generator looked at the first bytes of each frame only** "
+        "(`--engine native`, no `--reader`; chat and idle with the Python engine), the raw relays were sent "
+        "bare content (no envelope), and its ceiling (3.5M frames per CPU-second) was reached in most fan-out "
+        "runs. These figures are kept for the record; they are not comparable with the reading client's above.\n",
+    ]
+    for line in figure_tables(old, summarize(old)):
+        L.append("#" + line if line.startswith("## ") or line.startswith("### ") else line)
+    return L
+
+
+def render(data: dict, chart_file: Path = CHART) -> str:
+    a = data["args"]
+    m = data["machine"]
+    q = data["quiet"]
+    summ = summarize(data)
+    c = summ["cells"]
+    g = lambda s, k, f: (c.get((s, k)) or {}).get(f)  # noqa: E731
+    L: list[str] = []
+    add = L.append
+    add("# Benchmarks: wshub against Node `ws` and uWebSockets.js\n")
+    if full_reader(data):
+        add(
+            f"**Generator: the reading client** (`wshub bench --engine native --reader full --content-size "
+            f"{a.get('content_size', 100)}`) produced every figure of this run, down to the goals of issue 18. "
+            "It reads every frame whole and parses its JSON as a client would, and counts only `message`/"
+            "`broadcast` envelopes whose content is the size it sent; it reports its own CPU, and a run where it "
+            f"used ≥ {GENERATOR_BOUND:.0%} of its core is flagged (its figure may be the generator's limit). "
+            "The figures of the header-peeking generator (`--reader peek`, which looks at the first bytes of "
+            "each frame only, 2026-11-26) follow under **Earlier figures**, labelled; they are not comparable "
+            "with these.\n"
+        )
+    add(
+        f"Measured {data['started']} (UTC) by `bench/run.py`; generated from `bench/results/benchmarks.json`. "
+        "Every figure is the **median of "
+        f"{a['runs']} runs**; the runs interleave the servers in a rotated order. This machine is shared and noisy: "
+        "read the ratios, not the absolute figures.\n"
+    )
+    add("## The command\n")
+    add(
+        "```sh\n.venv/bin/python bench/run.py            # about 20 minutes on 2 cores; rewrites this page\n"
+        ".venv/bin/python bench/run.py --quick    # one short run of everything, to try it\n"
+        ".venv/bin/python bench/run.py --render-only   # this page again from bench/results/benchmarks.json\n```\n"
+    )
+    flags = [f"--runs {a['runs']}", f"--duration {a['duration']:g}", f"--warmup {a['warmup']:g}"]
+    flags += [f"--servers {','.join(data['servers'])}", f"--scenarios {','.join(data['scenarios'])}"]
+    flags += [f"--{k.replace('_', '-')}" for k in ("no_ceiling", "no_cluster", "no_profile") if a.get(k)]
+    if "reader" in a:
+        flags.append(f"--reader {a['reader']}")
+    add(f"This page's run: `.venv/bin/python bench/run.py {' '.join(flags)}`.\n")
+    add(
+        "It installs what it needs that is missing (`npm ci` in `bench/servers`; matplotlib and py-spy into the "
+        "venv, as benchmark tools, not project dependencies). Each server is started fresh for each scenario, "
+        f"pinned to core {a['server_core']} (`taskset -c {a['server_core']}`); the load generator "
+        f"(`python -m wshub.bench`, the same for all) is pinned to core {a['client_core']}. "
+        + (
+            f"**The generator's engine**: `--engine native` (a C program, `src/wshub/bench/native.c`, built with "
+            f"the system's `cc` on first use: epoll, one 256 KiB read buffer, it walks frame headers and looks only "
+            f"at the first bytes of each frame's payload, so its cost per frame hardly depends on the frame's size: no byte is scanned) "
+            f"for the ceiling, fan-out, latency and the cluster runs; the Python engine (asyncio + uvloop) for chat "
+            f"and idle, which the native engine does not have. See `docs/benchmarks-native-generator.md` for what "
+            f"the native engine changes. "
+            if _engine(a) == "native" and not full_reader(data)
+            else "**The generator**: `--engine native --reader full` (the C program `src/wshub/bench/native.c`, "
+            "built with the system's `cc` on first use: epoll, one 256 KiB read buffer; every data message is "
+            "read whole, across reads and fragments, and parsed as JSON: every string byte checked, escapes "
+            "decoded, UTF-8 validated, every value walked; it counts a `message` or `broadcast` whose content "
+            "has the size sent, and with `--rooms` only when the content names its room's sender) for fan-out, "
+            "rooms, latency and chat. It sends `{\"type\":\"message\",\"content\":\"...\"}` to every "
+            "server, so the raw relays relay that envelope and the reader parses JSON from every server alike. "
+            "See `docs/benchmarks-native-generator.md`. "
+            if full_reader(data)
+            else "The generator's engine: Python (asyncio + uvloop) throughout. "
+        )
+        + "wshub runs as\n"
+    )
+    add(
+        "```sh\nwshub serve --host 127.0.0.1 --port PORT --ip-connect-rate 0 --max-connections-per-ip 0 \\\n"
+        "    --message-rate 0 --max-connections 20000 --log-level warning\n```\n"
+    )
+    add(
+        "with its full protocol (validation, JSON envelopes with ids and timestamps, `welcome`, `user_joined`/"
+        "`user_left` to everyone, heartbeat, per-connection buffer limit); the generator speaks `--protocol wshub` "
+        "to it. The comparison servers are the minimal relays in `bench/servers/` (`ws_relay.js`: `client.send()` "
+        "per recipient; `uws_relay.js`: one topic per URL path, `ws.subscribe()`/`ws.publish()`), driven with `--protocol raw`. The generator "
+        "commands, per scenario:\n"
+    )
+    add("```sh")
+    for s in [x for x in SCENARIOS if x in data.get("scenarios", SCENARIOS)]:
+        args, _ = scenario_args(s, argparse.Namespace(**a))
+        add(f"# {SCENARIO_TEXT[s]}")
+        add(
+            f"python -m wshub.bench {' '.join(args)} --protocol wshub|raw --url ws://127.0.0.1:PORT/websocket --server-pid PID"
+        )
+    add("```\n")
+    add("## The machine\n")
+    add(
+        f"{m['nproc']} cores (`{m['cpu']}`), Linux {m['kernel']}; Python {m['python']}, uvloop {m['uvloop']}, "
+        f"websockets {m['websockets']} (wshub's frame parser), redis-py {m['redis_py']}; Node {m['node']}, "
+        f"ws {m['ws']}, uwebsockets {m['uwebsockets']}; {m['redis_server']}; wshub {m['wshub']} at commit "
+        f"`{m['wshub_commit']}`; {m['py_spy']}"
+        + (
+            f"; the native generator built with `{m['cc']}`"
+            if m.get("cc") and _engine(a) == "native"
+            else ""
+        )
+        + ".\n"
+    )
+    pa = [x.get("pressure_before", {}).get("some", {}).get("avg10") for x in data["runs"]]
+    pa = [v for v in pa if v is not None]
+    la = [x.get("load_before", [None])[0] for x in data["runs"]]
+    la = [v for v in la if v is not None]
+    ps = q.get("pressure_at_start", {}).get("some", {})
+    add(
+        f"**Load and CPU pressure.** The run waited {q['waited_s']} s for the 1-minute load average to fall below "
+        f"{a['wait_load']} (it was {q['load_at_first_check'][0]:.2f} at the first check, "
+        f"{q['load_at_start'][0]:.2f} at the start). `/proc/pressure/cpu` at the start: some avg10 "
+        f"{ps.get('avg10', '–')} %, avg60 {ps.get('avg60', '–')} %, avg300 {ps.get('avg300', '–')} %. "
+        + (
+            f"Before each measurement (some avg10): median {statistics.median(pa):.1f} %, range {min(pa):.1f}–{max(pa):.1f} %; "
+            f"1-minute load average median {statistics.median(la):.2f}, range {min(la):.2f}–{max(la):.2f}. "
+            if pa and la
+            else ""
+        )
+        + "Every run's figures, with the pressure and load before and after it, are in `bench/results/benchmarks.json`.\n"
+    )
+
+    # ceiling
+    if full_reader(data) and not data.get("ceiling"):
+        L.extend(reader_ceiling_text(data))
+    else:
+        add("## The generator's own ceiling\n")
+        add(
+            f"`bench/ceiling_server.py` (core {a['server_core']}) floods pre-built frames, 32 per write, round-robin over "
+            f"1000 connections; `wshub bench sink --engine {_engine(a)}` (core 1) only counts them. As fast as the flood server could: "
+            f"{fmt(summ['flood_counted'])} frames/s counted (runs {' / '.join(fmt(v) for v in summ['flood_runs'])}) at "
+            f"generator CPU {fmt(summ['ceiling_gen_cpu'])}; offered 2M/s: {fmt(summ['ceiling_2m'])} counted at generator "
+            f"CPU {fmt(summ['ceiling_2m_gen_cpu'])}. On this shared machine the flood server (one Python process) "
+            "rarely outruns the generator, so the ceiling is stated as what the generator counts per second of its own "
+            f"CPU: **{fmt(summ['ceiling'])} frames per CPU-second** (median of "
+            f"{' / '.join(fmt(v) for v in summ['ceiling_runs'])}), i.e. "
+            f"{fmt(1e6 / summ['ceiling'] if summ['ceiling'] else None)} µs of generator CPU per frame when reads are large.\n"
+        )
+        add(
+            (
+                "With the native engine the reads hold about 32 frames both in the flood (the flood server's batch) and "
+                "in fan-out (a recipient never has more than the 32 messages in flight to read), so this figure is also "
+                "what the generator can count in fan-out; its cost is almost all the kernel's (one `recv` and the ACK it "
+                "sends per read), see `docs/benchmarks-native-generator.md`. "
+                if _engine(a) == "native"
+                else "In the fan-out scenario the reads are smaller than in the flood (fewer frames per `recv`), so the "
+                "generator saturates earlier than that. "
+            )
+            + "A fan-out run counts as **at the generator's ceiling** when it "
+            "reached 0.8 × the figure above, or when the generator used ≥ 0.75 of its core and more CPU than the "
+            "server (the server had room left; the generator did not). Such a figure is a lower bound of the server, "
+            "and **a comparison counts only where both servers stay below the ceiling**; where one does not, compare "
+            "the server CPU per delivery instead (CPU time used ÷ deliveries, which depends much less on who was the "
+            "bottleneck or on the noise).\n"
+        )
+
+    # figures
+    if full_reader(data):
+        L.extend(figure_tables_full(data, summ))
+        L.extend(older_figures())
+    else:
+        L.extend(figure_tables(data, summ))
     if chart_file.exists():
         add(f"![deliveries per second and p99 latency per scenario]({chart_file.name})\n")
 
@@ -1486,6 +1735,17 @@ def main() -> int:
         help="generator engine for the ceiling, fanout, latency and cluster runs (native); "
         "chat and idle always use the Python engine",
     )
+    ap.add_argument(
+        "--reader",
+        choices=("full", "peek"),
+        default="full",
+        help="full (default): the reading client (native engine, every frame read and its JSON "
+        "parsed; chat natively too; no flood ceiling, generator-bound runs flagged); peek: the "
+        "header-peeking generator of the earlier runs",
+    )
+    ap.add_argument(
+        "--content-size", type=int, default=100, help="content bytes per message (100)"
+    )
     ap.add_argument("--no-ceiling", action="store_true")
     ap.add_argument("--no-cluster", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
@@ -1533,7 +1793,7 @@ def main() -> int:
         data["machine"] = machine()
         log(json.dumps(data["machine"]))
         t0 = time.monotonic()
-        if not a.no_ceiling:
+        if not a.no_ceiling and a.reader == "peek":  # the flood ceiling is the peek reader's
             data["ceiling"] = measure_ceiling(a, a.runs)
         for r in range(a.runs):
             order = names[r % len(names) :] + names[: r % len(names)]

@@ -71,7 +71,7 @@ def test_clear_error_without_a_compiler(monkeypatch):
 
 
 def test_scenarios_it_does_not_run_are_refused(capsys):
-    assert bench_main(["chat", "--engine", "native"]) == 2
+    assert bench_main(["idle", "--engine", "native"]) == 2
     assert "--engine python" in capsys.readouterr().err
 
 

@@ -1,6 +1,8 @@
-// Minimal relay on uWebSockets.js (npm `uwebsockets@3.0.6`): every client
-// subscribes to one topic and each message is published to it; publishing from a
-// socket skips that socket, so it reaches every other client.
+// Minimal relay on uWebSockets.js (npm `uwebsockets@3.0.6`): one topic per URL
+// path, so /websocket is one room and /websocket/r7 another (issue 12's rooms);
+// every client subscribes to its path's topic and each message is published to
+// it. Publishing from a socket skips that socket, so it reaches every other
+// client of the room.
 // Usage: node uws_relay.js PORT
 'use strict';
 const uWS = require('uwebsockets');
@@ -12,11 +14,21 @@ uWS.App()
     compression: uWS.DISABLED,
     maxPayloadLength: 64 * 1024,
     idleTimeout: 0, // no idle timeout, like the other minimal relays
+    upgrade: (res, req, context) => {
+      // the path is only readable here: keep it on the socket as its topic
+      res.upgrade(
+        { topic: req.getUrl() },
+        req.getHeader('sec-websocket-key'),
+        req.getHeader('sec-websocket-protocol'),
+        req.getHeader('sec-websocket-extensions'),
+        context,
+      );
+    },
     open: (ws) => {
-      ws.subscribe('all');
+      ws.subscribe(ws.getUserData().topic);
     },
     message: (ws, message, isBinary) => {
-      ws.publish('all', message, isBinary);
+      ws.publish(ws.getUserData().topic, message, isBinary);
     },
   })
   .listen('127.0.0.1', port, (token) => {

@@ -65,10 +65,16 @@ examples:
   wshub bench idle -n 10000 --server-pid PID
   wshub bench fanout --engine native --url ws://127.0.0.1:8787/websocket --server-pid PID
 
---engine native (fanout, rate, sink) is a C program compiled with the system's cc
-on first use (cached in ~/.cache/wshub): same scenarios, same results, a fraction
-of the CPU per frame. It answers server Pings and counts a data frame when the
-first bytes of its payload hold the marker.
+--engine native (fanout, rate, chat, sink) is a C program compiled with the system's
+cc on first use (cached in ~/.cache/wshub): same scenarios, same results, a fraction
+of the CPU per frame. It answers server Pings. --reader peek (the default) counts a
+data frame when the first bytes of its payload hold the marker; --reader full reads
+every frame whole, parses its JSON and counts only message/broadcast envelopes whose
+content is --content-size bytes, as a real client would (bench/run.py uses it).
+--rooms N (fanout) spreads the connections over N rooms, PATH/r0 .. PATH/r<N-1>, one
+sender and one closed loop per room.
+
+  wshub bench fanout --engine native --reader full --rooms 100 --url ws://127.0.0.1:8787/websocket
 
 Against wshub, raise its limits for a benchmark (the defaults rate-limit the
 sender and cap connections per IP): wshub serve --message-rate 0
@@ -220,8 +226,33 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("python", "native"),
         default="python",
         help="python: asyncio/uvloop (every scenario); native: a C program built on first use "
-        "with the system's cc (fanout, rate and sink; counts by frame header, costs far less "
+        "with the system's cc (fanout, rate, chat and sink; see --reader; costs far less "
         "CPU per frame, so the generator is not the bottleneck)",
+    )
+    g = p.add_argument_group("reading and rooms (--engine native)")
+    g.add_argument(
+        "--reader",
+        choices=("peek", "full"),
+        default="peek",
+        help="peek: count a data frame when the first bytes of its payload hold the marker; "
+        "full: read every frame whole as a client would, parse its JSON, count only "
+        "message/broadcast envelopes whose content is --content-size bytes (the same "
+        "envelope is sent to raw relays, which relay it verbatim)",
+    )
+    g.add_argument(
+        "--content-size",
+        type=int,
+        dest="size",
+        metavar="BYTES",
+        help="content bytes per message (100); the same as --size",
+    )
+    g.add_argument(
+        "--rooms",
+        type=int,
+        default=0,
+        metavar="N",
+        help="fanout: spread the connections over N rooms (connection i in room r<i %% N>, "
+        "path URL_PATH/r<i %% N>), the first connection of each room its sender",
     )
     g = p.add_argument_group("output")
     g.add_argument(
@@ -339,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
             json=args.json,
             ca_file=args.ca_file or "",
             insecure=args.insecure,
+            reader=args.reader,
+            rooms=args.rooms,
         )
     except ValueError as e:
         print(f"wshub bench: {e}", file=sys.stderr)
@@ -350,6 +383,15 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "wshub bench: --connections, --inflight, --duration must be positive", file=sys.stderr
         )
+        return 2
+    if args.engine != "native" and (args.reader != "peek" or args.rooms):
+        print("wshub bench: --reader full and --rooms need --engine native", file=sys.stderr)
+        return 2
+    if args.rooms < 0 or (args.rooms and cfg.scenario != "fanout"):
+        print("wshub bench: --rooms N (N > 0) is for the fanout scenario", file=sys.stderr)
+        return 2
+    if args.reader == "full" and cfg.size < 48:
+        print("wshub bench: --reader full needs --content-size of at least 48", file=sys.stderr)
         return 2
     if args.engine == "native":
         from . import native

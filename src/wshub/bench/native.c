@@ -1,5 +1,9 @@
 /*
- * native.c: the native engine of `wshub bench` (scenarios fanout, rate and sink).
+ * native.c: the native engine of `wshub bench` (scenarios fanout, rate, chat and sink).
+ *
+ * Two readers: --reader peek (below) and --reader full, which reads every data
+ * message whole and parses its JSON as a client would (see json_envelope and
+ * full_message); --rooms N gives fanout one closed loop per room.
  *
  * One thread, one level-triggered epoll set, one 256 KiB read buffer shared by
  * every connection. Receiving walks frame headers only: of each data frame it
@@ -26,6 +30,7 @@
 #define _GNU_SOURCE
 #endif
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <netdb.h>
@@ -41,6 +46,7 @@
 #include <sys/epoll.h>
 #include <sys/random.h>
 #include <sys/resource.h>
+#include <sys/time.h>
 #include <sys/socket.h>
 #include <sys/types.h>
 #include <time.h>
@@ -259,7 +265,8 @@ typedef struct {
     struct sockaddr_in addr;
 } target_t;
 
-enum { SC_FANOUT, SC_RATE, SC_SINK };
+enum { SC_FANOUT, SC_RATE, SC_SINK, SC_CHAT };
+#define MSG_MAX (64u << 20) /* --reader full: a longer message is dropped, counted as invalid */
 
 static struct {
     int scenario;
@@ -282,6 +289,8 @@ static struct {
     int nap_us;
     int progress;
     size_t read_size; /* tests: read at most this many bytes at a time */
+    int full;         /* --reader full: every data message read whole and parsed as JSON */
+    int rooms;        /* --rooms N: connection i in room r<i % N>, path PATH/r<i % N> (0: none) */
 } cfg = {
     .scenario = SC_FANOUT,
     .n = 1000,
@@ -337,7 +346,39 @@ typedef struct {
     char *out; /* bytes the socket did not take yet */
     size_t out_len, out_off, out_cap;
     uint8_t win[WIN];
+    /* --reader full: the message being assembled (a frame not whole in one read,
+     * or a fragmented message) */
+    int room;
+    uint8_t in_msg;  /* a fragmented message is in progress */
+    uint8_t msg_op;  /* its opcode (1 text, 2 binary) */
+    uint8_t cfin;    /* the frame being collected is final */
+    uint8_t cmasked; /* ... and masked (a server must not, but it is read anyway) */
+    uint8_t *msg;
+    size_t msg_len, msg_cap;
+    uint64_t collect; /* payload bytes of the current frame still to collect */
+    uint64_t cpos;    /* bytes of the current frame collected so far (for the mask) */
+    uint8_t dropped;  /* the message is over MSG_MAX: read past, counted invalid */
 } conn_t;
+
+/* fanout: one closed loop per room (one room without --rooms) */
+typedef struct {
+    int sender;
+    int *members; /* recipients of the room (connection indexes) */
+    int nmembers;
+    int64_t sent, offset, min_count, at_min, last_min, last_move;
+    int wake;
+} room_t;
+
+/* --reader full: what was read over the whole run */
+static struct {
+    int64_t messages;   /* data messages read whole */
+    int64_t counted;    /* of which counted: message/broadcast with the content size sent */
+    int64_t other_type; /* valid envelopes of any other type (welcome, user_joined, ...) */
+    int64_t wrong_size; /* message/broadcast whose content is not the size sent */
+    int64_t misrouted;  /* --rooms: a message from another room's sender */
+    int64_t invalid;    /* not a JSON object with a string type, or binary */
+    int64_t bytes;      /* payload bytes read */
+} RD;
 
 static struct {
     int ep;
@@ -387,6 +428,12 @@ static struct {
     /* frame building */
     uint8_t *fbuf;
     size_t fcap;
+    /* rooms (fanout) */
+    room_t *room;
+    int nrooms;
+    /* chat/rate: the senders, round-robin */
+    int *senders;
+    int nsenders;
     /* WSHUB_NATIVE_STATS=1: reads, bytes and passes of the measured window on stderr */
     int64_t st_reads, st_bytes, st_waits, st_events;
 } G;
@@ -427,6 +474,9 @@ static void close_fd(conn_t *c) {
     c->hs = NULL;
     free(c->out);
     c->out = NULL;
+    free(c->msg);
+    c->msg = NULL;
+    c->msg_len = c->msg_cap = 0;
     c->out_len = c->out_off = c->out_cap = 0;
     c->want_out = 0;
 }
@@ -527,14 +577,17 @@ static void message_frame(size_t *len, int sender, int64_t seq) {
     }
     size_t p = 0;
     static const char pre[] = "{\"type\":\"message\",\"content\":\"";
-    if (!cfg.raw) {
+    /* --reader full sends the envelope to a raw relay too: it relays it verbatim,
+     * and the reader counts what carries type message, from every server alike */
+    int envelope = !cfg.raw || cfg.full;
+    if (envelope) {
         memcpy(payload_buf, pre, sizeof pre - 1);
         p = sizeof pre - 1;
     }
     memcpy(payload_buf + p, head, (size_t)hn);
     memset(payload_buf + p + hn, 'x', cn - (size_t)hn);
     p += cn;
-    if (!cfg.raw) {
+    if (envelope) {
         payload_buf[p++] = '"';
         payload_buf[p++] = '}';
     }
@@ -643,12 +696,333 @@ static size_t header_len(uint8_t b1) {
     return 2 + (n == 126 ? 2 : n == 127 ? 8 : 0) + (b1 & 0x80 ? 4 : 0);
 }
 
+/* ------------------------------------------------------------------ --reader full: JSON */
+
+/* The reading client of --reader full parses every data message as a client's
+ * JSON.parse would: the whole object, every byte of every string checked
+ * (escapes, control characters, UTF-8), every value skipped by the grammar, and
+ * it keeps what a client acts on: the type and the content. */
+
+typedef struct {
+    const uint8_t *type;
+    size_t type_len;
+    const uint8_t *content; /* raw bytes between the quotes */
+    size_t content_raw;
+    size_t content_len; /* decoded length in UTF-8 bytes */
+    int has_type, has_content;
+} envelope_t;
+
+static const uint8_t *json_ws(const uint8_t *q, const uint8_t *e) {
+    while (q < e && (*q == ' ' || *q == '\t' || *q == '\n' || *q == '\r'))
+        q++;
+    return q;
+}
+
+static int hexval(uint8_t ch) {
+    if (ch >= '0' && ch <= '9')
+        return ch - '0';
+    ch |= 0x20;
+    return ch >= 'a' && ch <= 'f' ? ch - 'a' + 10 : -1;
+}
+
+static long hex4(const uint8_t *q, const uint8_t *e) {
+    if (e - q < 4)
+        return -1;
+    long v = 0;
+    for (int i = 0; i < 4; i++) {
+        int h = hexval(q[i]);
+        if (h < 0)
+            return -1;
+        v = v << 4 | h;
+    }
+    return v;
+}
+
+/* a string at *pq (on its opening quote); *pq moves past the closing quote.
+ * Returns the decoded length in UTF-8 bytes, or -1 when it is not a valid string. */
+static long json_string(const uint8_t **pq, const uint8_t *e) {
+    const uint8_t *q = *pq + 1;
+    long n = 0;
+    for (;;) {
+        const uint8_t *s = q;
+        while (q < e && *q >= 0x20 && *q < 0x80 && *q != '"' && *q != '\\')
+            q++;
+        n += q - s;
+        if (q >= e)
+            return -1;
+        uint8_t ch = *q;
+        if (ch == '"') {
+            *pq = q + 1;
+            return n;
+        }
+        if (ch < 0x20)
+            return -1;
+        if (ch == '\\') {
+            if (q + 1 >= e)
+                return -1;
+            uint8_t x = q[1];
+            if (x == 'u') {
+                long cp = hex4(q + 2, e);
+                if (cp < 0)
+                    return -1;
+                q += 6;
+                if (cp >= 0xD800 && cp < 0xDC00 && e - q >= 6 && q[0] == '\\' && q[1] == 'u') {
+                    long lo = hex4(q + 2, e);
+                    if (lo >= 0xDC00 && lo < 0xE000) {
+                        q += 6;
+                        n += 4;
+                        continue;
+                    }
+                }
+                n += cp < 0x80 ? 1 : cp < 0x800 ? 2 : 3;
+                continue;
+            }
+            if (!strchr("\"\\/bfnrt", x) || !x)
+                return -1;
+            q += 2;
+            n += 1;
+            continue;
+        }
+        /* UTF-8: a well-formed sequence, no overlong form, no surrogate */
+        int k = ch >= 0xF0 ? 4 : ch >= 0xE0 ? 3 : ch >= 0xC2 ? 2 : 0;
+        if (!k || ch > 0xF4 || e - q < k)
+            return -1;
+        for (int i = 1; i < k; i++)
+            if ((q[i] & 0xC0) != 0x80)
+                return -1;
+        if ((ch == 0xE0 && q[1] < 0xA0) || (ch == 0xED && q[1] >= 0xA0) || (ch == 0xF0 && q[1] < 0x90) ||
+            (ch == 0xF4 && q[1] >= 0x90))
+            return -1;
+        q += k;
+        n += k;
+    }
+}
+
+static const uint8_t *json_value(const uint8_t *q, const uint8_t *e, int depth);
+
+static const uint8_t *json_number(const uint8_t *q, const uint8_t *e) {
+    if (q < e && *q == '-')
+        q++;
+    if (q >= e)
+        return NULL;
+    if (*q == '0')
+        q++;
+    else if (*q >= '1' && *q <= '9')
+        while (q < e && *q >= '0' && *q <= '9')
+            q++;
+    else
+        return NULL;
+    if (q < e && *q == '.') {
+        const uint8_t *d = ++q;
+        while (q < e && *q >= '0' && *q <= '9')
+            q++;
+        if (q == d)
+            return NULL;
+    }
+    if (q < e && (*q == 'e' || *q == 'E')) {
+        q++;
+        if (q < e && (*q == '+' || *q == '-'))
+            q++;
+        const uint8_t *d = q;
+        while (q < e && *q >= '0' && *q <= '9')
+            q++;
+        if (q == d)
+            return NULL;
+    }
+    return q;
+}
+
+/* the members of an object (q just past its '{'); env, when given, gets type and content */
+static const uint8_t *json_members(const uint8_t *q, const uint8_t *e, int depth, envelope_t *env) {
+    q = json_ws(q, e);
+    if (q < e && *q == '}')
+        return q + 1;
+    for (;;) {
+        if (q >= e || *q != '"')
+            return NULL;
+        const uint8_t *k = q + 1;
+        if (json_string(&q, e) < 0)
+            return NULL;
+        size_t klen = (size_t)(q - k - 1);
+        q = json_ws(q, e);
+        if (q >= e || *q != ':')
+            return NULL;
+        q = json_ws(q + 1, e);
+        if (env && q < e && *q == '"' && ((klen == 4 && !memcmp(k, "type", 4)) || (klen == 7 && !memcmp(k, "content", 7)))) {
+            const uint8_t *v = q + 1;
+            long n = json_string(&q, e);
+            if (n < 0)
+                return NULL;
+            if (klen == 4) {
+                env->type = v;
+                env->type_len = (size_t)(q - v - 1);
+                env->has_type = 1;
+            } else {
+                env->content = v;
+                env->content_raw = (size_t)(q - v - 1);
+                env->content_len = (size_t)n;
+                env->has_content = 1;
+            }
+        } else {
+            if (env && klen == 4 && !memcmp(k, "type", 4))
+                env->has_type = 0; /* the last of duplicate keys counts */
+            q = json_value(q, e, depth + 1);
+            if (!q)
+                return NULL;
+        }
+        q = json_ws(q, e);
+        if (q >= e)
+            return NULL;
+        if (*q == '}')
+            return q + 1;
+        if (*q != ',')
+            return NULL;
+        q = json_ws(q + 1, e);
+    }
+}
+
+static const uint8_t *json_value(const uint8_t *q, const uint8_t *e, int depth) {
+    if (q >= e || depth > 64)
+        return NULL;
+    switch (*q) {
+    case '"':
+        return json_string(&q, e) < 0 ? NULL : q;
+    case '{':
+        return json_members(q + 1, e, depth, NULL);
+    case '[': {
+        q = json_ws(q + 1, e);
+        if (q < e && *q == ']')
+            return q + 1;
+        for (;;) {
+            q = json_value(q, e, depth + 1);
+            if (!q)
+                return NULL;
+            q = json_ws(q, e);
+            if (q >= e)
+                return NULL;
+            if (*q == ']')
+                return q + 1;
+            if (*q != ',')
+                return NULL;
+            q = json_ws(q + 1, e);
+        }
+    }
+    case 't':
+        return e - q >= 4 && !memcmp(q, "true", 4) ? q + 4 : NULL;
+    case 'f':
+        return e - q >= 5 && !memcmp(q, "false", 5) ? q + 5 : NULL;
+    case 'n':
+        return e - q >= 4 && !memcmp(q, "null", 4) ? q + 4 : NULL;
+    default:
+        return json_number(q, e);
+    }
+}
+
+/* the whole payload as one JSON object: 0, with env filled, or -1 */
+static int json_envelope(const uint8_t *p, size_t n, envelope_t *env) {
+    const uint8_t *e = p + n, *q = json_ws(p, e);
+    memset(env, 0, sizeof *env);
+    if (q >= e || *q != '{')
+        return -1;
+    q = json_members(q + 1, e, 0, env);
+    if (!q || json_ws(q, e) != e)
+        return -1;
+    return 0;
+}
+
+static int room_of(int i) { return cfg.rooms > 0 ? i % cfg.rooms : 0; }
+
+/* "~#<ns> s<seq> c<sender> ": the sender's connection index, or -1 */
+static long content_sender(const uint8_t *p, size_t len) {
+    const uint8_t *e = p + len, *q = memchr(p, ' ', len);
+    if (!q || e - q < 3 || q[1] != 's')
+        return -1;
+    q = memchr(q + 1, ' ', (size_t)(e - q - 1));
+    if (!q || e - q < 3 || q[1] != 'c')
+        return -1;
+    long v = 0;
+    const uint8_t *d = q += 2;
+    while (q < e && *q >= '0' && *q <= '9' && q - d < 9)
+        v = v * 10 + (*q++ - '0');
+    return q == d ? -1 : v;
+}
+
+static void stamp(conn_t *c, int64_t ts);
+static int64_t stamp_at(const uint8_t *p, size_t len, long m);
+
+/* One whole data message (op 1 or 2) read by --reader full: 1 when it counts. */
+static int full_message(conn_t *c, int op, const uint8_t *p, size_t n) {
+    RD.messages++;
+    RD.bytes += (int64_t)n;
+    envelope_t env;
+    if (op != 1 || json_envelope(p, n, &env) < 0 || !env.has_type) {
+        RD.invalid++;
+        return 0;
+    }
+    int relay = (env.type_len == 7 && !memcmp(env.type, "message", 7)) ||
+                (env.type_len == 9 && !memcmp(env.type, "broadcast", 9));
+    if (!relay) {
+        RD.other_type++;
+        return 0;
+    }
+    if (!env.has_content || env.content_len != (size_t)cfg.size) {
+        RD.wrong_size++;
+        return 0;
+    }
+    if (cfg.rooms > 0) {
+        long s = content_sender(env.content, env.content_raw);
+        if (s < 0 || s >= cfg.n || room_of((int)s) != c->room) {
+            RD.misrouted++;
+            return 0;
+        }
+    }
+    RD.counted++;
+    if (G.stamping && env.content_raw >= 2 && env.content[0] == '~' && env.content[1] == '#')
+        stamp(c, stamp_at(env.content, env.content_raw, 0));
+    return 1;
+}
+
 /* Walk the frames of one read; returns the messages counted. */
+/* --reader full: the frame collected into c->msg is complete */
+static int collected(conn_t *c) {
+    if (!c->cfin)
+        return 0;
+    c->in_msg = 0;
+    size_t n = c->msg_len;
+    c->msg_len = 0;
+    if (c->dropped) {
+        RD.messages++;
+        RD.invalid++;
+        c->dropped = 0;
+        return 0;
+    }
+    return full_message(c, c->msg_op, c->msg, n);
+}
+
 static int64_t feed(conn_t *c, const uint8_t *p, size_t n) {
     const uint8_t *end = p + n;
     int64_t counted = 0;
     while (p < end) {
         size_t avail = (size_t)(end - p);
+        if (c->collect) {
+            size_t k = c->collect < avail ? (size_t)c->collect : avail;
+            if (!c->dropped) {
+                uint8_t *d = c->msg + c->msg_len;
+                if (c->cmasked)
+                    for (size_t i = 0; i < k; i++)
+                        d[i] = p[i] ^ c->mkey[(c->cpos + i) & 3];
+                else
+                    memcpy(d, p, k);
+                c->msg_len += k;
+            }
+            c->cpos += k;
+            c->collect -= k;
+            p += k;
+            if (c->collect)
+                return counted;
+            counted += collected(c);
+            continue;
+        }
         if (c->skip) {
             if (c->skip >= avail) {
                 c->skip -= avail;
@@ -712,6 +1086,52 @@ static int64_t feed(conn_t *c, const uint8_t *p, size_t n) {
             for (int i = 0; i < 8; i++)
                 plen = plen << 8 | h[2 + i];
             o = 10;
+        }
+        avail = (size_t)(end - p);
+        if (cfg.full && op <= 2) {
+            if (op == 0 ? !c->in_msg : c->in_msg) {
+                /* a continuation out of place, or a new message inside one: not a
+                 * message a client could read; what was assembled is dropped */
+                RD.invalid++;
+                c->in_msg = 0;
+                c->msg_len = 0;
+                c->dropped = 0;
+            } else if (fin && op != 0 && !masked && avail >= plen) {
+                counted += full_message(c, op, p, (size_t)plen); /* whole in this read */
+                p += plen;
+                continue;
+            } else {
+                if (op != 0) {
+                    c->in_msg = 1;
+                    c->msg_op = (uint8_t)op;
+                    c->msg_len = 0;
+                    c->dropped = 0;
+                }
+                c->cfin = (uint8_t)fin;
+                c->cmasked = (uint8_t)masked;
+                if (masked)
+                    memcpy(c->mkey, h + o, 4);
+                c->cpos = 0;
+                if (!c->dropped && c->msg_len + plen > MSG_MAX)
+                    c->dropped = 1;
+                if (!c->dropped && c->msg_len + plen > c->msg_cap) {
+                    c->msg_cap = (size_t)(c->msg_len + plen) * 2;
+                    if (c->msg_cap < 4096)
+                        c->msg_cap = 4096;
+                    c->msg = xrealloc(c->msg, c->msg_cap);
+                }
+                c->collect = plen;
+                if (!plen)
+                    counted += collected(c);
+                continue;
+            }
+            if (plen <= avail)
+                p += plen;
+            else {
+                c->skip = plen - avail;
+                return counted;
+            }
+            continue;
         }
         size_t want;
         if (op == 1 || op == 2)
@@ -781,11 +1201,20 @@ static void conn_connected(conn_t *c) {
     ep_set(c, EPOLLIN, EPOLL_CTL_MOD);
     c->want_out = 0;
     target_t *t = &cfg.t[c->target];
+    char path[2100];
+    if (cfg.rooms > 0) { /* PATH/r<room>, before any query string */
+        size_t base = strcspn(t->path, "?");
+        while (base > 0 && t->path[base - 1] == '/')
+            base--;
+        snprintf(path, sizeof path, "%.*s/r%d%s", (int)base, t->path, c->room, t->path + strcspn(t->path, "?"));
+    } else {
+        snprintf(path, sizeof path, "%s", t->path);
+    }
     char req[4096];
     int n = snprintf(req, sizeof req,
                      "GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                      "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n",
-                     t->path, t->host, t->port, c->key);
+                     path, t->host, t->port, c->key);
     conn_write(c, req, (size_t)n);
 }
 
@@ -801,6 +1230,7 @@ static void start_attempt(int i) {
     random_bytes(k, sizeof k);
     base64(k, sizeof k, c->key);
     c->target = target_of(i);
+    c->room = room_of(i);
     c->deadline = now_ns() + (int64_t)(cfg.connect_timeout * 1e9);
     G.att[G.natt++] = i;
     c->state = C_CONNECTING;
@@ -935,6 +1365,8 @@ static void conn_lost(conn_t *c, int err) {
         if (cfg.scenario == SC_FANOUT && !c->excluded) {
             /* a dead recipient must not hold the window */
             c->excluded = 1;
+            if (G.room)
+                G.room[c->room].wake = 1;
             G.wake = 1;
         }
     }
@@ -982,9 +1414,12 @@ static void on_readable(conn_t *c) {
 static void fanout_counted(conn_t *c, int64_t k) {
     int64_t old = c->count;
     c->count = old + k;
-    if (old == G.min_count && !c->excluded) {
-        if (--G.at_min <= 0)
-            G.wake = 1;
+    if (!G.room || c->excluded)
+        return;
+    room_t *r = &G.room[c->room];
+    if (old == r->min_count && --r->at_min <= 0) {
+        r->wake = 1;
+        G.wake = 1;
     }
 }
 
@@ -1130,6 +1565,41 @@ static double server_cpu_s(void) {
     return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
 }
 
+/* The server's CPU time from the scheduler (/proc/PID/task/TID/schedstat, the time
+ * on a CPU in ns, every thread): exact, where utime/stime are sampled at the
+ * tick and miss a server that runs in bursts shorter than one when the machine
+ * is busy. -1: unknown. */
+static double server_sched_s(void) {
+    if (cfg.server_pid <= 0)
+        return -1;
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/task", cfg.server_pid);
+    DIR *d = opendir(path);
+    if (!d)
+        return -1;
+    double total = 0;
+    int found = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (e->d_name[0] < '0' || e->d_name[0] > '9')
+            continue;
+        char f[128], buf[128];
+        snprintf(f, sizeof f, "/proc/%d/task/%.20s/schedstat", cfg.server_pid, e->d_name);
+        int fd = open(f, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+            continue;
+        ssize_t r = read(fd, buf, sizeof buf - 1);
+        close(fd);
+        if (r <= 0)
+            continue;
+        buf[r] = 0;
+        total += strtod(buf, NULL) / 1e9;
+        found = 1;
+    }
+    closedir(d);
+    return found ? total : -1;
+}
+
 static const char *fmt_rate(double v, char *b, size_t n) {
     if (v >= 1e6)
         snprintf(b, n, "%.2fM", v / 1e6);
@@ -1169,12 +1639,24 @@ static void tick_loop(double seconds) {
 static struct {
     int64_t t0, n0;
     double cpu0, scpu0;
+    double user0, sys0;
+    int64_t rd_msgs0, rd_bytes0;
     /* results */
     double t;
     int64_t n;
     double cpu;
+    double user, sys; /* of the generator: getrusage, every thread of the process */
+    int64_t rd_msgs, rd_bytes;
     double scpu; /* -1: unknown */
+    double sched0, sched; /* the same from the scheduler (-1: unknown) */
 } W;
+
+static void rusage_s(double *user, double *sys) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    *user = (double)ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6;
+    *sys = (double)ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6;
+}
 
 static int64_t st0[4];
 
@@ -1186,7 +1668,11 @@ static void win_start(void) {
     W.t0 = now_ns();
     W.n0 = total();
     W.cpu0 = cpu_s();
+    rusage_s(&W.user0, &W.sys0);
+    W.rd_msgs0 = RD.messages;
+    W.rd_bytes0 = RD.bytes;
     W.scpu0 = server_cpu_s();
+    W.sched0 = server_sched_s();
     G.measuring = 1;
 }
 
@@ -1195,8 +1681,15 @@ static void win_stop(void) {
     W.t = (double)(now_ns() - W.t0) / 1e9;
     W.n = total() - W.n0;
     W.cpu = cpu_s() - W.cpu0;
+    rusage_s(&W.user, &W.sys);
+    W.user -= W.user0;
+    W.sys -= W.sys0;
+    W.rd_msgs = RD.messages - W.rd_msgs0;
+    W.rd_bytes = RD.bytes - W.rd_bytes0;
     double s1 = server_cpu_s();
     W.scpu = W.scpu0 >= 0 && s1 >= 0 ? s1 - W.scpu0 : -1;
+    double q1 = server_sched_s();
+    W.sched = W.sched0 >= 0 && q1 >= 0 ? q1 - W.sched0 : -1;
     const char *st = getenv("WSHUB_NATIVE_STATS");
     if (st && *st && *st != '0') {
         double r = (double)(G.st_reads - st0[0]), w = (double)(G.st_waits - st0[2]);
@@ -1294,14 +1787,31 @@ static void window_report(void) {
     jfloat("measured_s", W.t, 3);
     jint("deliveries", (long long)W.n);
     jfloat("deliveries_per_s", W.t > 0 ? (double)W.n / W.t : 0.0, 1);
-    if (W.t > 0)
+    if (W.t > 0) {
+        /* the generator's own CPU, as a fraction of one core: near 1.0 means the
+         * figure may be the generator's ceiling, not the server's */
         jfloat("generator_cpu", W.cpu / W.t, 3);
-    else
+        jfloat("generator_cpu_user", W.user / W.t, 3);
+        jfloat("generator_cpu_sys", W.sys / W.t, 3);
+        if (W.n)
+            jfloat("generator_cpu_us_per_delivery", W.cpu / (double)W.n * 1e6, 3);
+    } else {
         jnull("generator_cpu");
+    }
+    if (cfg.full && W.t > 0) {
+        jfloat("messages_read_per_s", (double)W.rd_msgs / W.t, 1);
+        if (W.rd_msgs)
+            jfloat("bytes_read_per_message", (double)W.rd_bytes / (double)W.rd_msgs, 1);
+    }
     if (W.scpu >= 0) {
         jfloat("server_cpu", W.scpu / W.t, 3);
         if (W.n)
             jfloat("server_cpu_us_per_delivery", W.scpu / (double)W.n * 1e6, 3);
+    }
+    if (W.sched >= 0 && W.t > 0) {
+        jfloat("server_cpu_sched", W.sched / W.t, 3);
+        if (W.n)
+            jfloat("server_cpu_sched_us_per_delivery", W.sched / (double)W.n * 1e6, 3);
     }
 }
 
@@ -1383,19 +1893,26 @@ static int first_open(void) {
 }
 
 static void fail_run(const char *why) {
-    /* native.py raises this as RuntimeError */
+    /* native.py raises this as RuntimeError; it says why the connections failed */
+    char msg[900];
+    if (G.nfail)
+        snprintf(msg, sizeof msg, "%s (%d of %d connections failed, first: %s)", why, G.nfail, cfg.n,
+                 G.first_failure);
+    else
+        snprintf(msg, sizeof msg, "%s", why);
     progress_done();
     obj_begin();
     jkey("error");
-    jstr_raw(why);
+    jstr_raw(msg);
     printf("}\n");
     fflush(stdout);
 }
 
-static int64_t slowest(void) {
+/* the slowest recipient of a room (INT64_MAX: none left) */
+static int64_t slowest(room_t *r) {
     int64_t m = INT64_MAX, k = 0;
-    for (int i = 0; i < cfg.n; i++) {
-        conn_t *c = &G.c[i];
+    for (int i = 0; i < r->nmembers; i++) {
+        conn_t *c = &G.c[r->members[i]];
         if (c->excluded)
             continue;
         if (c->count < m) {
@@ -1405,41 +1922,58 @@ static int64_t slowest(void) {
             k++;
         }
     }
-    G.at_min = k;
-    G.min_count = m;
+    r->at_min = k;
+    r->min_count = m;
     return m;
 }
 
-/* the closed loop: keep --inflight messages ahead of the slowest recipient */
-static void release(void) {
-    if (!G.sending)
+/* the closed loop of a room: keep --inflight messages ahead of its slowest recipient */
+static void release_room(room_t *r) {
+    r->wake = 0;
+    if (!G.sending || r->sender < 0)
         return;
-    int64_t m = slowest();
+    int64_t m = slowest(r);
     if (m == INT64_MAX)
         return; /* no recipient left */
-    if (m != G.last_min) {
-        G.last_min = m;
-        G.last_move = now_ns();
+    if (m != r->last_min) {
+        r->last_min = m;
+        r->last_move = now_ns();
     }
-    int64_t room = cfg.inflight - (G.sent - G.offset - m);
-    if (room > 0) {
+    int64_t space = cfg.inflight - (r->sent - r->offset - m);
+    if (space > 0) {
         size_t len = 0;
-        for (int64_t j = 0; j < room; j++)
-            message_frame(&len, 0, G.sent + j);
-        conn_write(&G.c[G.sender], G.fbuf, len);
-        G.sent += room;
+        for (int64_t j = 0; j < space; j++)
+            message_frame(&len, r->sender, r->sent + j);
+        conn_write(&G.c[r->sender], G.fbuf, len);
+        r->sent += space;
     }
+}
+
+static void release(void) {
+    for (int i = 0; i < G.nrooms; i++)
+        if (G.room[i].wake)
+            release_room(&G.room[i]);
 }
 
 static void watchdog(void) {
     /* a message lost by the server (e.g. a rate limit) would stall the window */
-    if (G.sending && now_ns() - G.last_move > 2 * NS) {
-        int64_t m = slowest();
-        G.stalls++;
-        G.offset = G.sent - (m == INT64_MAX ? 0 : m);
-        G.last_move = now_ns();
-        release();
+    for (int i = 0; G.sending && i < G.nrooms; i++) {
+        room_t *r = &G.room[i];
+        if (r->sender >= 0 && now_ns() - r->last_move > 2 * NS) {
+            int64_t m = slowest(r);
+            G.stalls++;
+            r->offset = r->sent - (m == INT64_MAX ? 0 : m);
+            r->last_move = now_ns();
+            release_room(r);
+        }
     }
+}
+
+static int64_t sent_total(void) {
+    int64_t s = 0;
+    for (int i = 0; i < G.nrooms; i++)
+        s += G.room[i].sent;
+    return s;
 }
 
 static void start_keepalive(void) {
@@ -1453,40 +1987,67 @@ static int scenario_fanout(void) {
         fail_run("fan-out needs at least 2 open connections");
         return 1;
     }
-    G.sender = first_open();
-    int recipients = 0;
+    /* one closed loop per room: its first open connection sends, the others receive */
+    G.nrooms = cfg.rooms > 0 ? cfg.rooms : 1;
+    G.room = calloc((size_t)G.nrooms, sizeof *G.room);
+    if (!G.room)
+        die("out of memory");
+    for (int r = 0; r < G.nrooms; r++) {
+        G.room[r].sender = -1;
+        G.room[r].members = xrealloc(NULL, (size_t)(cfg.n / G.nrooms + 1) * sizeof(int));
+        G.room[r].min_count = G.room[r].last_min = -1;
+        G.room[r].last_move = now_ns();
+    }
+    int recipients = 0, senders = 0;
     for (int i = 0; i < cfg.n; i++) {
         conn_t *c = &G.c[i];
-        c->recipient = c->t_open && i != G.sender;
-        /* the sender, failed and already closed connections are never the slowest */
-        c->excluded = !c->recipient || c->state != C_OPEN;
-        recipients += c->recipient;
+        room_t *r = &G.room[c->room];
+        if (!c->t_open) {
+            c->excluded = 1;
+            continue;
+        }
+        if (r->sender < 0) {
+            r->sender = i;
+            senders++;
+            c->excluded = 1; /* the sender is never the slowest */
+            continue;
+        }
+        c->recipient = 1;
+        /* already closed connections are never the slowest */
+        c->excluded = c->state != C_OPEN;
+        r->members[r->nmembers++] = i;
+        recipients++;
     }
-    G.min_count = -1;
-    G.last_min = -1;
-    G.last_move = now_ns();
+    for (int r = 0; r < G.nrooms; r++)
+        if (G.room[r].sender >= 0 && !G.room[r].nmembers)
+            G.room[r].sender = -1, senders--; /* a room of one: nobody to send to */
+    G.sender = first_open();
     run_until(now_ns() + NS / 2); /* let join notifications drain */
     start_keepalive();
     G.fanout_on = 1;
     G.sending = 1;
     if (cfg.nap_us > 0)
         G.nap_next = now_ns() + 1000000;
-    release();
+    for (int r = 0; r < G.nrooms; r++)
+        release_room(&G.room[r]);
     tick_loop(cfg.warmup);
-    int64_t sent0 = G.sent;
+    int64_t sent0 = sent_total();
     win_start();
     tick_loop(cfg.duration);
     win_stop();
-    int64_t sent_in = G.sent - sent0;
+    int64_t sent_in = sent_total() - sent0;
     G.sending = 0;
     G.fanout_on = 0;
-    G.min_count = -1;
     G.nap_next = 0;
     G.ka_next = 0;
     progress_done();
     obj_begin();
     conn_info();
     jint("inflight", cfg.inflight);
+    if (cfg.rooms > 0) {
+        jint("rooms", cfg.rooms);
+        jint("senders", senders);
+    }
     jint("recipients", recipients);
     window_report();
     double ms = rnd(W.t, 3);
@@ -1511,29 +2072,46 @@ static void rate_tick(void) {
         if (late > G.late_ns)
             G.late_ns = late;
     }
+    /* message k from sender k % nsenders (runner._scheduled_sender); the frames
+     * of one sender in a row leave in one write */
     size_t len = 0;
-    for (; rate_k < due; rate_k++)
-        message_frame(&len, G.sender, rate_k);
+    int from = -1;
+    for (; rate_k < due; rate_k++) {
+        int s = G.senders[rate_k % G.nsenders];
+        if (s != from && len) {
+            conn_write(&G.c[from], G.fbuf, len);
+            len = 0;
+        }
+        from = s;
+        message_frame(&len, s, rate_k);
+    }
     if (len)
-        conn_write(&G.c[G.sender], G.fbuf, len);
+        conn_write(&G.c[from], G.fbuf, len);
     rate_sent = rate_k;
     G.rate_next = G.rate_t0 + (int64_t)((double)rate_k * G.interval_ns);
 }
 
+/* rate: one sender at --rate; chat: every connection at --rate (runner._rate_like) */
 static int scenario_rate(void) {
     int n = cfg.n;
+    int chat = cfg.scenario == SC_CHAT;
     open_connections(probe_spacing(n, cfg.probes));
     if (G.nopen < 2) {
         fail_run("needs at least 2 open connections");
         return 1;
     }
     G.sender = first_open();
+    G.senders = xrealloc(NULL, (size_t)n * sizeof(int));
+    for (int i = 0; i < n; i++)
+        if (G.c[i].t_open && (chat || i == G.sender))
+            G.senders[G.nsenders++] = i;
+    double total_rate = chat ? cfg.rate * n : cfg.rate;
     int64_t recips = G.nopen - 1; /* every message goes to everyone but its sender */
     run_until(now_ns() + NS / 2);
     start_keepalive();
     G.rate_t0 = now_ns();
     G.rate_stop = G.rate_t0 + (int64_t)((cfg.warmup + cfg.duration) * 1e9);
-    G.interval_ns = 1e9 / cfg.rate;
+    G.interval_ns = 1e9 / total_rate;
     G.rate_next = G.rate_t0;
     G.rate_on = 1;
     rate_tick();
@@ -1545,20 +2123,20 @@ static int scenario_rate(void) {
     int64_t sent_in = rate_sent - sent0;
     int64_t expected_total = rate_sent * recips;
     int64_t backlog = expected_total - total();
-    double offered = cfg.rate * (double)recips;
+    double offered = total_rate * (double)recips;
     run_until(G.rate_stop); /* the sender's end */
     G.rate_on = 0;
     run_until(now_ns() + NS / 5); /* stragglers: do not tear the server down mid-burst */
     G.ka_next = 0;
     progress_done();
     obj_begin();
-    jkey("rate_msgs_per_s");
+    jkey(chat ? "rate_per_connection" : "rate_msgs_per_s");
     if (cfg.rate < 1e15 && cfg.rate == (double)(int64_t)cfg.rate)
         printf("%lld.0", (long long)cfg.rate);
     else
         printf("%.17g", cfg.rate);
     conn_info();
-    jint("senders", 1);
+    jint("senders", G.nsenders);
     window_report();
     double ms = rnd(W.t, 3);
     jfloat("messages_sent_per_s", ms > 0 ? (double)sent_in / ms : 0.0, 1);
@@ -1655,8 +2233,10 @@ int main(int argc, char **argv) {
                 cfg.scenario = SC_RATE;
             else if (!strcmp(s, "sink"))
                 cfg.scenario = SC_SINK;
+            else if (!strcmp(s, "chat"))
+                cfg.scenario = SC_CHAT;
             else
-                die("unknown scenario %s (fanout, rate or sink)", s);
+                die("unknown scenario %s (fanout, rate, chat or sink)", s);
         } else if (!strcmp(a, "--protocol")) {
             cfg.raw = !strcmp(arg(argc, argv, &i), "raw");
         } else if (!strcmp(a, "--target")) {
@@ -1696,6 +2276,13 @@ int main(int argc, char **argv) {
             cfg.nap_us = atoi(arg(argc, argv, &i));
         } else if (!strcmp(a, "--progress")) {
             cfg.progress = atoi(arg(argc, argv, &i));
+        } else if (!strcmp(a, "--reader")) {
+            const char *r = arg(argc, argv, &i);
+            if (strcmp(r, "full") && strcmp(r, "peek"))
+                die("--reader is full or peek, not %s", r);
+            cfg.full = !strcmp(r, "full");
+        } else if (!strcmp(a, "--rooms")) {
+            cfg.rooms = atoi(arg(argc, argv, &i));
         } else if (!strcmp(a, "--read-size")) {
             long v = atol(arg(argc, argv, &i));
             cfg.read_size = v > 0 && v < RDBUF ? (size_t)v : RDBUF;
@@ -1707,8 +2294,12 @@ int main(int argc, char **argv) {
         die("no --target");
     if (cfg.n < 1 || cfg.inflight < 1 || cfg.duration <= 0 || cfg.warmup < 0 || cfg.concurrency < 1)
         die("bad -n, --inflight, --duration, --warmup or --connect-concurrency");
-    if (cfg.scenario == SC_RATE && cfg.rate <= 0)
+    if ((cfg.scenario == SC_RATE || cfg.scenario == SC_CHAT) && cfg.rate <= 0)
         die("--rate must be positive");
+    if (cfg.rooms < 0 || (cfg.rooms > 0 && cfg.scenario != SC_FANOUT))
+        die("--rooms N (N > 0) is for the fanout scenario");
+    if (cfg.full && cfg.size < 48)
+        die("--reader full needs --content-size of at least 48 (the send time, sequence and sender fit)");
     if (cfg.source_ips <= 0)
         cfg.source_ips = cfg.n / 200 + (cfg.n % 200 != 0);
     if (cfg.source_ips < 1)
@@ -1740,7 +2331,7 @@ int main(int argc, char **argv) {
     }
     G.min_count = -1;
     G.show = cfg.progress || isatty(2);
-    G.label = cfg.scenario == SC_FANOUT ? "fanout" : cfg.scenario == SC_RATE ? "rate" : "sink";
+    G.label = cfg.scenario == SC_FANOUT ? "fanout" : cfg.scenario == SC_RATE ? "rate" : cfg.scenario == SC_CHAT ? "chat" : "sink";
 
     /* the result object is written as the scenario goes; the connection
      * figures come first, so stdout is buffered until the end */
@@ -1750,7 +2341,7 @@ int main(int argc, char **argv) {
     int rc;
     if (cfg.scenario == SC_FANOUT)
         rc = scenario_fanout();
-    else if (cfg.scenario == SC_RATE)
+    else if (cfg.scenario == SC_RATE || cfg.scenario == SC_CHAT)
         rc = scenario_rate();
     else
         rc = scenario_sink();
@@ -1759,6 +2350,19 @@ int main(int argc, char **argv) {
     if (rc) {
         fflush(stdout);
         return 1;
+    }
+    /* what the reader read over the whole run (the window's share is above) */
+    jkey("reader");
+    jstr_raw(cfg.full ? "full" : "peek");
+    if (cfg.full) {
+        jint("content_size", cfg.size);
+        jint("read_messages", RD.messages);
+        jint("read_counted", RD.counted);
+        jint("read_other_type", RD.other_type);
+        jint("read_wrong_size", RD.wrong_size);
+        jint("read_misrouted", RD.misrouted);
+        jint("read_invalid", RD.invalid);
+        jint("read_bytes", RD.bytes);
     }
     jint("closed_early", G.closed_early);
     jfloat("wall_s", (double)(now_ns() - wall_mark) / 1e9, 2);

@@ -1,4 +1,4 @@
-"""The native engine of ``wshub bench`` (``--engine native``): fanout, rate and sink in C.
+"""The native engine of ``wshub bench`` (``--engine native``): fanout, rate, chat and sink in C.
 
 ``native.c`` (shipped next to this file) is compiled on first use with
 ``cc -O2 -Wall -Wextra -Werror`` into a cache directory (``$XDG_CACHE_HOME/wshub``
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .runner import Config
 
-SCENARIOS = ("fanout", "rate", "sink")
+SCENARIOS = ("fanout", "rate", "chat", "sink")
 CFLAGS = ["-O2", "-Wall", "-Wextra", "-Werror"]
 SOURCE = "native.c"
 
@@ -131,6 +131,9 @@ def command(cfg: Config, read_size: int | None = None) -> list[str]:
     ]
     if cfg.server_pid:
         args += ["--server-pid", str(cfg.server_pid)]
+    args += ["--reader", cfg.reader]
+    if cfg.rooms:
+        args += ["--rooms", str(cfg.rooms)]
     if read_size:
         args += ["--read-size", str(read_size)]  # tests: at most this many bytes per read
     return args

@@ -67,6 +67,9 @@ class Config:
     ca_file: str = ""  # wss://: trust this CA file instead of the system's
     insecure: bool = False  # wss://: do not verify the certificate
     tls: ssl.SSLContext | None = field(init=False, default=None)  # set when a URL is wss://
+    # the native engine's reading client and rooms (native.py; the Python engine refuses them)
+    reader: str = "peek"  # or "full": every frame read whole, its JSON type parsed
+    rooms: int = 0  # fanout: connection i in room r<i % rooms>, path PATH/r<i % rooms>
     host: str = field(init=False, default="")
     port: int = field(init=False, default=0)
     path: str = field(init=False, default="/")
