@@ -48,6 +48,12 @@ def _optional_duration(raw: Any) -> float | None:
     return _duration(raw)
 
 
+def _optional_count(raw: Any) -> int | None:
+    if raw is None or raw == "":
+        return None
+    return _count(raw)
+
+
 def _count(raw: Any) -> int:
     """A non-negative integer; 0 disables the limit it sets."""
     if isinstance(raw, bool):
@@ -275,6 +281,21 @@ class Config:
         _size,
         "BYTES",
     )
+    send_buffer_total: int = _opt(
+        268435456,
+        "Outgoing bytes buffered for all clients of this node together; past it, the "
+        "clients holding the most are closed with 1008 'slow consumer' until it is under "
+        "again (0: no node-wide bound).",
+        _count,
+        "BYTES",
+    )
+    max_message_frames: int | None = _opt(
+        None,
+        "Most frames one incoming message may have; more closes with 1009 (default: "
+        "--max-message-size / 16, at least 1024; 0: no limit).",
+        _optional_count,
+        "FRAMES",
+    )
     close_timeout: float = _opt(
         5.0,
         "Seconds to wait for the client's side of a closing handshake before dropping the socket.",
@@ -360,6 +381,15 @@ class Config:
         "LEVEL",
     )
     log_format: str = _opt("text", "text or json.", _choice("text", "json"), "FORMAT")
+
+    @property
+    def effective_max_message_frames(self) -> float:
+        if self.max_message_frames is None:
+            # A 64 KiB message in 4096 frames: 16 bytes a frame on average,
+            # far below what any client library sends (Autobahn's smallest
+            # fragments are 64 bytes), and 100,000 empty ones are refused.
+            return max(1024, self.max_message_size // 16)
+        return self.max_message_frames or math.inf
 
     @property
     def effective_heartbeat_timeout(self) -> float:
