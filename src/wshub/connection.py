@@ -34,6 +34,7 @@ import asyncio
 import codecs
 import logging
 import socket
+from collections import deque
 from typing import TYPE_CHECKING
 
 from websockets.extensions.permessage_deflate import PerMessageDeflate
@@ -85,6 +86,54 @@ class _FrameProtocol(FrameProtocol):
         if frame.opcode is _CLOSE and self.current_size is not None:
             self.current_size = None
         super().recv_frame(frame)
+
+
+UPGRADES_PER_PASS = 256
+"""WebSocket upgrades handled in one loop pass. In a storm of thousands of
+connections the loop would otherwise upgrade all that arrived while the last
+pass ran, and every newcomer's user_joined would land in one fan-out pass
+whose cost grows with the square of its newcomers (each is built the joins
+after its own): 5,000 at once held the loop 6.6 s (decisions.md 18). The
+rest wait for a later pass, in arrival order (their handshake deadline still
+runs). Plain requests (/healthz, /stats, ...) never wait."""
+
+
+class _UpgradesPerPass:
+    """Counts the upgrades handled in this loop pass; queues those over the
+    cap for the next passes."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.waiting: deque[Connection] = deque()
+        self.scheduled = False
+
+    def admit(self, conn: Connection) -> bool:
+        self._schedule(conn.node.loop)
+        if self.count < UPGRADES_PER_PASS and not self.waiting:
+            self.count += 1
+            return True
+        conn.transport.pause_reading()
+        self.waiting.append(conn)
+        return False
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self.scheduled:
+            self.scheduled = True
+            loop.call_soon(self._next_pass, loop)
+
+    def _next_pass(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.scheduled = False
+        self.count = 0
+        waiting = self.waiting
+        while waiting and self.count < UPGRADES_PER_PASS:
+            conn = waiting.popleft()
+            if conn._request_again():
+                self.count += 1
+        if self.count or waiting:
+            self._schedule(loop)
+
+
+_upgrades = _UpgradesPerPass()
 
 
 class Connection(asyncio.Protocol):
@@ -212,8 +261,24 @@ class Connection(asyncio.Protocol):
         if parsed is None:
             return
         request, length = parsed
+        if request.get("upgrade") is not None and not _upgrades.admit(self):
+            return  # handled in a later loop pass (see UPGRADES_PER_PASS)
         del buffer[:length]
         self.node.handle_request(self, request)
+
+    def _request_again(self) -> bool:
+        """Our upgrade waited for a later loop pass: handle it now (False if
+        the connection is gone meanwhile)."""
+        buffer = self._buffer
+        if buffer is None or self.transport.is_closing():
+            return False
+        self.transport.resume_reading()
+        parsed = http.parse_request_head(buffer)  # it parsed before
+        assert parsed is not None
+        request, length = parsed
+        del buffer[:length]
+        self.node.handle_request(self, request)
+        return True
 
     def eof_received(self) -> bool | None:
         if self.ws is not None and self.session.state is not State.CLOSED:

@@ -68,6 +68,13 @@ if TYPE_CHECKING:
 __all__ = ["Fanout", "Recipient", "compiled_send_each"]
 
 
+PASS_FRAMES = 256
+"""A pass that holds this many shared frames goes at the end of the loop
+pass, without waiting for the coalescing delay: a presence storm then makes
+many passes of bounded cost (each recipient's write, and each newcomer's own
+share of the joins after it) instead of one pass as long as the storm."""
+
+
 class Recipient(Protocol):
     """What the engine needs of a connection (see :class:`Connection`)."""
 
@@ -184,7 +191,7 @@ class Fanout:
     def _schedule(self, urgent: bool = True) -> None:
         if self._scheduled:
             return
-        if urgent:
+        if urgent or len(self.frames) >= PASS_FRAMES:
             self._scheduled = True
             if self._timer is not None:
                 self._timer.cancel()
