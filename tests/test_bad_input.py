@@ -836,17 +836,19 @@ def test_closed_socket_mid_frame_is_harmless(guard: Guard) -> None:
 
 def test_fragment_assembly_memory_is_proportional_to_the_bytes(make_server) -> None:
     """Memory held for an unfinished fragmented message should be proportional
-    to its bytes, not to its fragment count: 8 clients each holding 65,000
-    bytes in one-byte fragments (under the 64 KiB limit, never finished) may
-    cost at most 4x those bytes, and give it back when they leave."""
+    to its bytes, not to its fragment count: 8 clients each holding 64,000
+    bytes in 4,000 fragments of 16 bytes (under the 64 KiB and 4096-frame
+    limits, never finished) may cost at most 4x those bytes, and give it back
+    when they leave. (65,000 one-byte fragments were the case before
+    --max-message-frames; they now close 1009.)"""
     srv = make_server("--ip-connect-rate", "0", "--max-connections-per-ip", "0")
     clients = 8
-    held = 65_000
+    held = 64_000
     raws = []
     watcher = srv.client()
     watcher.roundtrip()
     start = rss_kib(srv.proc.pid)
-    blob = fragments(held, b"a", b"a")[:-7]  # all but the final fragment: never finished
+    blob = fragments(held // 16, b"a" * 16, b"a")[:-7]  # all but the final fragment
     for _ in range(clients):
         raw, _ = open_raw(srv)
         raw.send(blob)
@@ -862,7 +864,7 @@ def test_fragment_assembly_memory_is_proportional_to_the_bytes(make_server) -> N
     after = rss_kib(srv.proc.pid) - start
     watcher.close()
     print(
-        f"\n[figure] unfinished message of {held} one-byte fragments: "
+        f"\n[figure] unfinished message of {held} bytes in 16-byte fragments: "
         f"{per_client / 1024:.0f} KiB of server memory per client ({per_client / held:.0f}x); "
         f"RSS {after:+d} KiB after the {clients} clients left"
     )
