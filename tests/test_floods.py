@@ -698,7 +698,9 @@ STORM_FIGURES: dict[tuple[int, bool], tuple[float, float]] = {}
 
 @pytest.mark.timeout(300)
 @pytest.mark.xfail(
-    strict=True,
+    # Not strict: on an idle machine the pass may stay under the bound; on the
+    # shared 2-core CI VM it does not. Remove the mark once the pass is sliced.
+    strict=False,
     reason="not met yet (issue 11, left open): during a storm of 5,000 slow readers a "
     "fan-out pass to every connection costs one send() each, 0.1-0.35 s on the 2-core CI "
     "VM, and is not time-sliced; endpoints answered in 0.5-2.5 s",
