@@ -319,7 +319,8 @@ class Connection(asyncio.Protocol):
         pong = self.pong
         if pong is not None:
             self.pong = None
-            self._send_pong(pong)
+            if self.session.state is State.OPEN:  # never after our Close
+                self._send_pong(pong)
 
     # -- HTTP -----------------------------------------------------------------
 
@@ -595,6 +596,7 @@ class Connection(asyncio.Protocol):
             return
         self.close_code = disconnect.code
         self.close_reason = disconnect.reason
+        self.pong = None  # no Pong after our Close
         ws.send_close(disconnect.code, disconnect.reason)
         self._leave_fanout()
         for chunk in ws.data_to_send():
