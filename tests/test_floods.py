@@ -79,7 +79,7 @@ class Chat(threading.Thread):
 
     def _await(self, receiver, name: str, prefix: str, content: str) -> None:  # noqa: ANN001
         while True:
-            message = receiver.recv(timeout=4 * TIMEOUT)
+            message = receiver.recv(timeout=12 * TIMEOUT)  # an upper bound; p99 is asserted
             kind = message["type"]
             if kind == "message" and message["connectionId"] in self.w.ids:
                 if message["content"] == content:
@@ -530,7 +530,7 @@ def _storm(host: str, port: int, n: int, stop, out) -> None:  # noqa: ANN001
         results = await asyncio.gather(
             *[
                 ws_connect(
-                    host, port, count_only=True, timeout=60, local_addr=(f"127.0.0.{1 + i % 4}", 0)
+                    host, port, count_only=True, timeout=150, local_addr=(f"127.0.0.{1 + i % 4}", 0)
                 )
                 for i in range(n)
             ],
@@ -638,7 +638,7 @@ def test_join_storm(make_server, bystanders, n: int, broadcast: bool) -> None:
         "--sweep-interval",
         "1",
         "--handshake-timeout",
-        "30",
+        "120",
         *budget,
     )
     chat = bystanders(srv)
@@ -649,7 +649,7 @@ def test_join_storm(make_server, bystanders, n: int, broadcast: bool) -> None:
     storm = Storm(srv, n)
     if caster is not None:
         caster.start()
-    opened = storm.opened(timeout=120)
+    opened = storm.opened(timeout=200)
     # Hold the storm a few seconds while the announcements go out.
     held_from = time.monotonic()
     wait_until(lambda: time.monotonic() - held_from > 3.0 and chat.rounds > 10, "rounds", 60)
