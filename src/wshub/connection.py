@@ -9,8 +9,23 @@ This module assembles fragmented messages, checks UTF-8, and hands complete
 messages to the :class:`~wshub.node.Node`, which owns every protocol decision.
 
 Outgoing data never goes through the library: the fan-out writes pre-built
-frames straight to the transport. The library's own output (Pong replies,
-Close frames) is queued through the same fan-out, so order holds.
+frames straight to the transport. The library's Close frames go out behind
+what the fan-out queued for the client, so order holds.
+
+Floods (decisions.md 18):
+
+* Pongs never pile up. A Pong is written at once only while nothing is
+  waiting in the transport's buffer; otherwise it waits in one slot per
+  connection, where the next Ping's Pong replaces it (RFC 6455 5.5.3 lets an
+  endpoint answer only the latest Ping), and it goes out when the buffer has
+  drained (``resume_writing``, with a high-water mark of 0). A client that
+  pings and never reads thus holds at most one Pong of ours.
+* Every frame a client sends, control frames included, is charged to its
+  frame budget (:meth:`Session.admit`): a flood of Pings, Pongs or Closes is
+  refused and closed with 1008 like a flood of messages. A Close ends the
+  connection anyway, so it is charged but never refused.
+* A message is bounded in frames as well as bytes (``--max-message-frames``):
+  a flood of empty continuation frames closes with 1009.
 """
 
 from __future__ import annotations
@@ -20,6 +35,7 @@ import codecs
 import logging
 import socket
 import struct
+from collections import deque
 from typing import TYPE_CHECKING
 
 from websockets.extensions.permessage_deflate import PerMessageDeflate
@@ -55,6 +71,12 @@ KERNEL_SEND_BUFFER = 64 * 1024
 _LINGER_RESET = struct.pack("ii", 1, 0)
 """SO_LINGER on, 0 s: close() then resets the connection and discards what
 the kernel still holds for a client that stopped reading (issue 19.1)."""
+READ_SLICE = 256 * 1024
+"""Bytes one connection may have parsed before it waits a loop pass. libuv
+reads a readable socket up to 32 times per pass: a client flooding frames
+the library parses (Pings: ~15 us each) held the loop 1-2 s at a time, and
+every other client waited (decisions.md 18). ~30 ms of Pings, ~1,000 common
+messages: a normal client never reaches it within a pass."""
 
 
 class _FrameProtocol(FrameProtocol):
@@ -68,6 +90,54 @@ class _FrameProtocol(FrameProtocol):
         if frame.opcode is _CLOSE and self.current_size is not None:
             self.current_size = None
         super().recv_frame(frame)
+
+
+UPGRADES_PER_PASS = 256
+"""WebSocket upgrades handled in one loop pass. In a storm of thousands of
+connections the loop would otherwise upgrade all that arrived while the last
+pass ran, and every newcomer's user_joined would land in one fan-out pass
+whose cost grows with the square of its newcomers (each is built the joins
+after its own): 5,000 at once held the loop 6.6 s (decisions.md 18). The
+rest wait for a later pass, in arrival order (their handshake deadline still
+runs). Plain requests (/healthz, /stats, ...) never wait."""
+
+
+class _UpgradesPerPass:
+    """Counts the upgrades handled in this loop pass; queues those over the
+    cap for the next passes."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.waiting: deque[Connection] = deque()
+        self.scheduled = False
+
+    def admit(self, conn: Connection) -> bool:
+        self._schedule(conn.node.loop)
+        if self.count < UPGRADES_PER_PASS and not self.waiting:
+            self.count += 1
+            return True
+        conn.transport.pause_reading()
+        self.waiting.append(conn)
+        return False
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self.scheduled:
+            self.scheduled = True
+            loop.call_soon(self._next_pass, loop)
+
+    def _next_pass(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.scheduled = False
+        self.count = 0
+        waiting = self.waiting
+        while waiting and self.count < UPGRADES_PER_PASS:
+            conn = waiting.popleft()
+            if conn._request_again():
+                self.count += 1
+        if self.count or waiting:
+            self._schedule(loop)
+
+
+_upgrades = _UpgradesPerPass()
 
 
 class Connection(asyncio.Protocol):
@@ -93,6 +163,12 @@ class Connection(asyncio.Protocol):
         "_message_opcode",
         "_message_decoder",
         "_message_refused",
+        "_message_frames",
+        "_after_close",
+        "_read_slice",
+        "_max_frames",
+        "pong",
+        "buffered",
         "_released",
         "_failed",
         "_scanner",
@@ -117,6 +193,8 @@ class Connection(asyncio.Protocol):
         self.joined_at = 0
         self.marked = False
         self.is_recipient = False
+        self.buffered = 0  # unsent bytes in the transport, as the fan-out last saw them
+        self.pong: bytes | None = None  # the latest Pong, waiting for the buffer to drain
         self.direct: tuple[asyncio.Transport, int, Connection] | None = None
         self.opened_at = 0.0
         self.opened_at_accept = 0.0
@@ -131,6 +209,10 @@ class Connection(asyncio.Protocol):
         self._message_opcode = _TEXT
         self._message_decoder: codecs.IncrementalDecoder | None = None
         self._message_refused = False
+        self._message_frames = 0  # frames of the fragmented message so far
+        self._after_close = 0  # bytes received since the connection began to close
+        self._read_slice = READ_SLICE  # bytes it may still read in this loop pass
+        self._max_frames = node.config.effective_max_message_frames
         self._released = False  # admission slot given back
         self._failed = False  # we failed the connection in this batch of frames
         self._scanner = FrameScanner(node.config.max_message_size)
@@ -155,6 +237,9 @@ class Connection(asyncio.Protocol):
                 # The fan-out may send to this socket itself while the
                 # transport is idle (wshub.fanout, "Direct sends").
                 self.direct = (self.transport, sock.fileno(), self)
+        # resume_writing() then means "the buffer is empty": the moment a
+        # waiting Pong can go (the fan-out ignores pause_writing()).
+        transport.set_write_buffer_limits(high=0)  # type: ignore[attr-defined]
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if peer else "unknown"
         self.ip = self.peer
@@ -175,6 +260,9 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.ws is not None:
             self._receive_frames(data)
+            self._read_slice -= len(data)
+            if self._read_slice <= 0:
+                self._yield_reading()
             return
         buffer = self._buffer
         if buffer is None:  # an HTTP response is on its way out: ignore the rest
@@ -189,8 +277,24 @@ class Connection(asyncio.Protocol):
         if parsed is None:
             return
         request, length = parsed
+        if request.get("upgrade") is not None and not _upgrades.admit(self):
+            return  # handled in a later loop pass (see UPGRADES_PER_PASS)
         del buffer[:length]
         self.node.handle_request(self, request)
+
+    def _request_again(self) -> bool:
+        """Our upgrade waited for a later loop pass: handle it now (False if
+        the connection is gone meanwhile)."""
+        buffer = self._buffer
+        if buffer is None or self.transport.is_closing():
+            return False
+        self.transport.resume_reading()
+        parsed = http.parse_request_head(buffer)  # it parsed before
+        assert parsed is not None
+        request, length = parsed
+        del buffer[:length]
+        self.node.handle_request(self, request)
+        return True
 
     def eof_received(self) -> bool | None:
         if self.ws is not None and self.session.state is not State.CLOSED:
@@ -201,17 +305,38 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
         self.direct = None  # the descriptor is closed (and it held a cycle)
+        self.pong = None
+        self.node.fanout.forget(self)
         previous = self.session.state
         if previous is not State.CLOSED:
             self.session.transition(State.CLOSED)
             self.node.closed(self, previous)
+
+    def _yield_reading(self) -> None:
+        """This connection had its share of the pass: read it again after
+        everyone else had theirs."""
+        transport = self.transport
+        if transport.is_closing():
+            return
+        self._read_slice = READ_SLICE
+        transport.pause_reading()
+        self.node.loop.call_soon(self._resume_reading)
+
+    def _resume_reading(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def pause_writing(self) -> None:
         # The fan-out checks buffer sizes itself after each write.
         pass
 
     def resume_writing(self) -> None:
-        pass
+        # The buffer drained: the Pong that waited (the latest one) may go.
+        pong = self.pong
+        if pong is not None:
+            self.pong = None
+            if self.session.state is State.OPEN:  # never after our Close
+                self._send_pong(pong)
 
     # -- HTTP -----------------------------------------------------------------
 
@@ -290,8 +415,18 @@ class Connection(asyncio.Protocol):
         (see :mod:`wshub.framescan`)."""
         ws = self.ws
         assert ws is not None
-        if self.session.state is State.CLOSED or ws.state is FrameState.CLOSED:
+        state = self.session.state
+        if state is State.CLOSED or ws.state is FrameState.CLOSED:
             return
+        if state is State.CLOSING:
+            # Our Close is out: a client answers it with little more than
+            # what was in flight (at most a message). One that keeps sending
+            # (a flood we just closed with 1008) would have every frame
+            # parsed until --close-timeout: drop it instead.
+            self._after_close += len(data)
+            if self._after_close > self.node.config.max_message_size + 65536:
+                self.abort()
+                return
         self.session.alive(self.node.loop.time())
         for opcode, chunk in self._scanner.scan(data, self._fast_path_open):
             if opcode is None:
@@ -322,10 +457,12 @@ class Connection(asyncio.Protocol):
         ws.receive_data(data)
         events = ws.events_received()
         # The library answered every Ping of this batch already: its output
-        # starts with one Pong per Ping, in order (then a Close, if any).
-        # Queue each Pong at its Ping's place among our replies.
+        # is one Pong per Ping, in order (then a Close, if any). A Pong whose
+        # Ping was refused is dropped; the others go to _send_pong, which
+        # keeps only the latest one while the client is not reading.
         out = ws.data_to_send()
         pongs = 0
+        node = self.node
         for frame in events:
             # Frames parsed before a failure or a Close are processed; after
             # we failed or closed the connection ourselves, the rest is dropped.
@@ -334,17 +471,36 @@ class Connection(asyncio.Protocol):
             opcode = frame.opcode
             if opcode is _TEXT or opcode is _BINARY or opcode is _CONT:
                 self._receive_data_frame(opcode, frame.data, frame.fin)
-            elif opcode is _PING:
-                if pongs < len(out) and out[pongs]:
-                    self.node.fanout.raw_to_one(self, out[pongs])
-                    pongs += 1
+                continue
+            # A control frame: charged like a data frame (decisions.md 18).
+            verdict = Admit.ACCEPT if self.echo else self.session.admit(node.loop.time())
+            if opcode is _PING:
+                pong = out[pongs] if pongs < len(out) else b""
+                pongs += 1
+                if verdict is Admit.ACCEPT:
+                    if pong:
+                        self._send_pong(pong)
+                    continue
             elif opcode is _CLOSE:
+                # Charged, never refused: it ends the connection anyway.
                 rcvd = ws.close_rcvd
                 if self.close_code is None and rcvd is not None:
                     self.close_code = rcvd.code
                     self.close_reason = "client: " + rcvd.reason[:64]
-            # Pong: a sign of life, noted above.
+                continue
+            elif verdict is Admit.ACCEPT:
+                continue  # a Pong: a sign of life, noted already
+            node.rate_limited(self, disconnect=verdict is Admit.DISCONNECT)
         self._drain_library_output(out[pongs:] + ws.data_to_send())
+
+    def _send_pong(self, pong: bytes) -> None:
+        """Write *pong* now if nothing waits in the buffer; else let it wait
+        in the slot, replacing an older one (RFC 6455 5.5.3)."""
+        transport = self.transport
+        if self.pong is None and not transport.get_write_buffer_size():
+            transport.write(pong)
+        else:
+            self.pong = pong
 
     def _receive_data_frame(self, opcode: Opcode, data: bytes, fin: bool) -> None:
         node = self.node
@@ -358,6 +514,7 @@ class Connection(asyncio.Protocol):
             if verdict is Admit.REFUSE:
                 self._message_refused = True
             if not fin:
+                self._message_frames = 1
                 self._message = bytearray(data)
                 if opcode is _TEXT:
                     self._message_decoder = _utf8_decoder()
@@ -369,6 +526,14 @@ class Connection(asyncio.Protocol):
             parts = self._message
             assert parts is not None  # the library refuses a stray continuation
             parts += data
+            frames = self._message_frames = self._message_frames + 1
+            if frames > self._max_frames:
+                # Bytes alone do not bound the work: empty continuations
+                # cost a parse each and add nothing (decisions.md 18).
+                self._message = None
+                self._message_decoder = None
+                self._fail(CloseCode.MESSAGE_TOO_BIG, "message has too many frames")
+                return
             if self._message_opcode is _TEXT and not self._check_utf8(data, final=fin):
                 return
             if not fin:
@@ -422,13 +587,16 @@ class Connection(asyncio.Protocol):
             ws.fail(code, reason)
 
     def _drain_library_output(self, out: list[bytes]) -> None:
-        """Send what the frame library produced: Pongs, Close frames, EOF."""
+        """Send what the frame library produced: Close frames, EOF (its Pongs
+        were taken by _feed_library)."""
         ws = self.ws
         assert ws is not None
         if ws.state is FrameState.OPEN:
             for chunk in out:  # only Pong frames while open
-                self.node.fanout.raw_to_one(self, chunk)
+                if chunk:
+                    self._send_pong(chunk)
             return
+        self.pong = None  # no Pong after a Close
         # Closing or closed: the client sent a Close, or the library failed
         # the connection (1002, 1007, 1009). What was queued for this client
         # in this pass goes first, then the Close frame; then no more data.
@@ -462,6 +630,7 @@ class Connection(asyncio.Protocol):
             return
         self.close_code = disconnect.code
         self.close_reason = disconnect.reason
+        self.pong = None  # no Pong after our Close
         ws.send_close(disconnect.code, disconnect.reason)
         self._leave_fanout()
         for chunk in ws.data_to_send():

@@ -35,12 +35,24 @@ cost per ``send()`` drops too (see src/wshub/_directsend.c).
 Backpressure: after its write, a connection whose transport buffer holds more
 than ``send_buffer_limit`` bytes is a slow consumer and is closed with 1008
 (the close frame queued behind what is buffered). No one ever waits for it.
+
+The node as a whole (``send_buffer_total``, decisions.md 18): the size the
+fan-out reads after each write anyway is kept on the connection
+(``conn.buffered``) and summed in :attr:`Fanout.buffered_total`, which costs
+nothing for a client that keeps up (its size is 0, as it was). The sum only
+sees a buffer drain at the connection's next write, so it is high, never
+low; when it passes the bound, :meth:`Fanout._enforce_budget` counts again
+exactly, over the connections known to hold bytes, and if the node really is
+over: first drops the sockets of connections already closing that still hold
+bytes (they will not get them in time anyway), then closes with 1008 the open
+ones holding the most, until it is under.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable
+from time import perf_counter
 from typing import TYPE_CHECKING, Protocol
 
 from .wire import Deflate, text_frame
@@ -56,6 +68,13 @@ if TYPE_CHECKING:
 __all__ = ["Fanout", "Recipient", "compiled_send_each"]
 
 
+PASS_FRAMES = 256
+"""A pass that holds this many shared frames goes at the end of the loop
+pass, without waiting for the coalescing delay: a presence storm then makes
+many passes of bounded cost (each recipient's write, and each newcomer's own
+share of the joins after it) instead of one pass as long as the storm."""
+
+
 class Recipient(Protocol):
     """What the engine needs of a connection (see :class:`Connection`)."""
 
@@ -65,6 +84,7 @@ class Recipient(Protocol):
     deflate: Deflate | None
     transport: asyncio.Transport
     is_recipient: bool
+    buffered: int  # unsent bytes in the transport when the fan-out last looked
     # (transport, socket fd, the connection) when the fan-out may send to the
     # socket directly; None when it must always go through the transport.
     direct: tuple[asyncio.Transport, int, Connection] | None
@@ -77,6 +97,7 @@ class Fanout:
         recipients: Callable[[], Iterable[Connection]],
         *,
         send_buffer_limit: int,
+        send_buffer_total: int = 0,
         on_slow_consumer: Callable[[Connection], None],
         on_send_failed: Callable[[Connection, BaseException], None],
         coalesce_delay: float = 0.05,
@@ -85,6 +106,10 @@ class Fanout:
         self._loop = loop
         self._recipients = recipients
         self._limit = send_buffer_limit
+        self._total_limit = send_buffer_total or float("inf")
+        # Connections seen with unsent bytes, and the sum of what was seen.
+        self.held: set[Connection] = set()
+        self.buffered_total = 0
         self._on_slow = on_slow_consumer
         self._on_failed = on_send_failed
         # This pass: shared frames, their JSON payloads (None for control
@@ -102,6 +127,8 @@ class Fanout:
         self.writes = 0
         self.direct_sends = 0  # writes that went straight to the socket
         self.passes = 0
+        self.budget_drops = 0  # closing connections dropped over send_buffer_total
+        self.pass_seconds_max = 0.0  # the longest flush, for /metrics
 
     @property
     def direct(self) -> bool:
@@ -164,7 +191,7 @@ class Fanout:
     def _schedule(self, urgent: bool = True) -> None:
         if self._scheduled:
             return
-        if urgent:
+        if urgent or len(self.frames) >= PASS_FRAMES:
             self._scheduled = True
             if self._timer is not None:
                 self._timer.cancel()
@@ -201,6 +228,7 @@ class Fanout:
         marked = self.marked
         if not frames and not marked:
             return
+        started = perf_counter()
         self.passes += 1
         slow: list[Connection] = []
         writes = 0
@@ -244,8 +272,11 @@ class Fanout:
                     self._on_failed(conn, exc)
                     continue
                 writes += 1
-                if transport.get_write_buffer_size() > limit:
-                    slow.append(conn)
+                size = transport.get_write_buffer_size()
+                if size or conn.buffered:
+                    self._seen(conn, size)
+                    if size > limit:
+                        slow.append(conn)
             if direct:
                 writes += self._send_direct(direct, common, slow)
             for wbits, group in direct_deflated.items():
@@ -278,6 +309,58 @@ class Fanout:
         self.marked = []
         for conn in slow:
             self._on_slow(conn)
+        if self.buffered_total > self._total_limit:
+            self._enforce_budget()
+        elapsed = perf_counter() - started
+        if elapsed > self.pass_seconds_max:
+            self.pass_seconds_max = elapsed
+
+    # -- The node-wide bound ----------------------------------------------------
+
+    def _seen(self, conn: Connection, size: int) -> None:
+        """The fan-out read *conn*'s unsent bytes: keep the sum up to date."""
+        self.buffered_total += size - conn.buffered
+        conn.buffered = size
+        if size:
+            self.held.add(conn)
+        else:
+            self.held.discard(conn)
+
+    def forget(self, conn: Connection) -> None:
+        """*conn*'s socket is gone, and its buffer with it."""
+        if conn.buffered:
+            self.buffered_total -= conn.buffered
+            conn.buffered = 0
+            self.held.discard(conn)
+
+    def _enforce_budget(self) -> None:
+        total = 0
+        for conn in list(self.held):
+            size = conn.transport.get_write_buffer_size()
+            conn.buffered = size
+            if size:
+                total += size
+            else:
+                self.held.discard(conn)
+        self.buffered_total = total
+        budget = self._total_limit
+        if total <= budget:
+            return
+        biggest = sorted(self.held, key=lambda conn: conn.buffered, reverse=True)
+        for conn in biggest:  # closing already: drop the socket and its bytes
+            if total <= budget:
+                return
+            if not conn.is_recipient:
+                total -= conn.buffered
+                self.forget(conn)
+                self.budget_drops += 1
+                conn.abort()
+        for conn in biggest:  # then the open ones holding the most: 1008
+            if total <= budget:
+                break
+            if conn.is_recipient:
+                total -= conn.buffered  # on their way out, like the above
+                self._on_slow(conn)
 
     def _send_direct(
         self,
@@ -304,8 +387,11 @@ class Fanout:
                 self._on_failed(conn, exc)
                 writes -= 1
                 continue
-            if transport.get_write_buffer_size() > self._limit:
-                slow.append(conn)
+            size = transport.get_write_buffer_size()
+            if size or conn.buffered:
+                self._seen(conn, size)
+                if size > self._limit:
+                    slow.append(conn)
         return writes
 
     def _write(self, conn: Connection, data: bytes, slow: list[Connection]) -> int:
@@ -316,8 +402,11 @@ class Fanout:
         except Exception as exc:  # a broken transport: count it, go on
             self._on_failed(conn, exc)
             return 0
-        if transport.get_write_buffer_size() > self._limit:
-            slow.append(conn)
+        size = transport.get_write_buffer_size()
+        if size or conn.buffered:
+            self._seen(conn, size)
+            if size > self._limit:
+                slow.append(conn)
         return 1
 
     def _deflated(self, deflate: Deflate, cache: dict[int, list[bytes]]) -> list[bytes]:

@@ -139,6 +139,7 @@ class Node:
             loop,
             self.conns.values,
             send_buffer_limit=config.send_buffer_limit,
+            send_buffer_total=config.send_buffer_total,  # decisions.md 18
             on_slow_consumer=self._slow_consumer,
             on_send_failed=self._send_failed,
             send_each=compiled_send_each if config.direct_send == "on" else None,
@@ -256,6 +257,25 @@ class Node:
             "from one C call for many clients (--direct-send), not through the transport.",
             lambda: self.fanout.direct_sends,
             kind="counter",
+        )
+        # Floods and storms (decisions.md 18).
+        m.gauge(
+            "wshub_send_buffered_bytes",
+            "Unsent bytes in client buffers, as the fan-out last saw them (an upper "
+            "bound; --send-buffer-total caps it).",
+            lambda: self.fanout.buffered_total,
+        )
+        m.gauge(
+            "wshub_send_buffer_total_drops_total",
+            "Closing connections whose socket was dropped, unsent bytes and all, to bring "
+            "the node under --send-buffer-total.",
+            lambda: self.fanout.budget_drops,
+            kind="counter",
+        )
+        m.gauge(
+            "wshub_fanout_pass_seconds_max",
+            "The longest fan-out pass since start (one pass holds the event loop).",
+            lambda: round(self.fanout.pass_seconds_max, 6),
         )
         m.gauge(
             "wshub_event_loop_lag_seconds",

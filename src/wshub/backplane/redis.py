@@ -94,6 +94,38 @@ PUBLISH_MAX_AGE = 1.0
 _STOP_TIMEOUT = 3.0  # seconds for the background tasks to end once cancelled
 
 
+async def _within(coro: Any, timeout: float) -> Any:
+    """Await *coro* for at most *timeout* seconds, then abandon it.
+
+    Not ``asyncio.wait_for``: on Python 3.11 it swallows a cancellation that
+    lands in the same loop pass as its inner await completing (CPython
+    gh-86296, fixed by the 3.12 rewrite), and redis-py awaits every command it
+    writes through ``wait_for(..., socket_timeout)``
+    (``Connection.send_packed_command``). The write of a command usually
+    completes at once, so a cancel sent to a task inside redis-py on shutdown
+    can vanish there; the task then goes on (its read, redis-py's retries with
+    backoff), and a ``wait_for`` around it, which waits for its cancelled
+    inner task to finish, waits for all that: the node that idled after
+    SIGTERM with Redis dying at the same moment. ``asyncio.wait`` never waits
+    for a cancelled task and never absorbs our own cancellation."""
+    task = asyncio.ensure_future(coro)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        task.add_done_callback(_retrieve)
+        raise TimeoutError(f"abandoned after {timeout} s")
+    return task.result()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # an abandoned task's error is expected: not "never retrieved"
+
+
 def backoff_delays(
     initial: float = 0.1,
     factor: float = 2.0,
@@ -197,11 +229,11 @@ class RedisBackplane(ViewKeeper):
         redis = self._redis
         if redis is not None and self._up:
             try:
-                await asyncio.wait_for(self._flush(), 2.0)
+                await _within(self._flush(), 2.0)
                 pipe = redis.pipeline(transaction=True)
                 pipe.srem(self.keys.nodes, self.node_id)
                 pipe.delete(self.keys.conns(self.node_id), self.keys.alive(self.node_id))
-                await asyncio.wait_for(pipe.execute(), 2.0)
+                await _within(pipe.execute(), 2.0)
             except _ERRORS as exc:
                 log.warning("could not withdraw presence from redis: %s", exc)
         await self._close_connections()
@@ -225,7 +257,7 @@ class RedisBackplane(ViewKeeper):
         for closable in (self._pubsub, self._redis):
             if closable is not None:
                 try:
-                    await asyncio.wait_for(closable.aclose(), 2.0)
+                    await _within(closable.aclose(), 2.0)
                 except (*_ERRORS, RuntimeError):
                     pass
 
@@ -366,7 +398,9 @@ class RedisBackplane(ViewKeeper):
                 if not connected.done():
                     connected.set_result(None)
                 delays = backoff_delays()
-                while not self._rebuild:
+                # _stopping too: a cancel swallowed inside redis-py (see
+                # _within) must still end this loop within a second.
+                while not self._rebuild and not self._stopping:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is not None and message.get("type") == "message":
                         self._handle(message["data"])
@@ -377,8 +411,8 @@ class RedisBackplane(ViewKeeper):
                 self._set_down(str(exc) or type(exc).__name__)
             finally:
                 try:
-                    await asyncio.wait_for(pubsub.aclose(), 1.0)
-                except (*_ERRORS, asyncio.CancelledError):
+                    await _within(pubsub.aclose(), 1.0)
+                except _ERRORS:
                     pass
             if self._stopping:
                 return
