@@ -474,6 +474,21 @@ class Config:
         _size,
         "BYTES",
     )
+    send_buffer_total: int = _opt(
+        268435456,
+        "Outgoing bytes buffered for all clients of this node together; past it, the "
+        "clients holding the most are closed with 1008 'slow consumer' until it is under "
+        "again (0: no node-wide bound).",
+        _count,
+        "BYTES",
+    )
+    max_message_frames: int | None = _opt(
+        None,
+        "Most frames one incoming message may have; more closes with 1009 (default: "
+        "--max-message-size / 16, at least 1024; 0: no limit).",
+        _optional_count,
+        "FRAMES",
+    )
     close_timeout: float = _opt(
         5.0,
         "Seconds to wait for the client's side of a closing handshake before dropping the socket.",
@@ -624,6 +639,15 @@ class Config:
         if self.max_handshakes_per_ip is not None:
             return self.max_handshakes_per_ip
         return self.max_connections_per_ip
+
+    @property
+    def effective_max_message_frames(self) -> float:
+        if self.max_message_frames is None:
+            # A 64 KiB message in 4096 frames: 16 bytes a frame on average,
+            # far below what any client library sends (Autobahn's smallest
+            # fragments are 64 bytes), and 100,000 empty ones are refused.
+            return max(1024, self.max_message_size // 16)
+        return self.max_message_frames or math.inf
 
     @property
     def effective_heartbeat_timeout(self) -> float:

@@ -16,9 +16,23 @@ HTTP, then the room's hub (or the echo endpoint) once the upgrade is granted.
 One writer per socket: only :meth:`Connection.write` and the methods of this
 class write to the transport. The fan-out hands its bytes to ``write()``
 (or, for an idle plain socket, sends them from one C call while the transport
-has nothing queued: see :mod:`wshub.fanout`). The library's own output (Pong
-replies) is queued through the owner, so order holds; a Close frame goes out
-after what was promised to the client, which the owner hands back.
+has nothing queued: see :mod:`wshub.fanout`). The library's Close frames go
+out behind what was promised to the client, which the owner hands back.
+
+Floods (decisions.md 18):
+
+* Pongs never pile up. A Pong is written at once only while nothing is
+  waiting in the transport's buffer; otherwise it waits in one slot per
+  connection, where the next Ping's Pong replaces it (RFC 6455 5.5.3 lets an
+  endpoint answer only the latest Ping), and it goes out when the buffer has
+  drained (``resume_writing``, with a high-water mark of 0). A client that
+  pings and never reads thus holds at most one Pong of ours.
+* Every frame a client sends, control frames included, is charged to its
+  frame budget (:meth:`Session.admit`): a flood of Pings, Pongs or Closes is
+  refused and closed with 1008 like a flood of messages. A Close ends the
+  connection anyway, so it is charged but never refused.
+* A message is bounded in frames as well as bytes (``--max-message-frames``):
+  a flood of empty continuation frames closes with 1009.
 """
 
 from __future__ import annotations
@@ -28,6 +42,7 @@ import codecs
 import logging
 import socket
 import struct
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -63,6 +78,13 @@ _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 KERNEL_SEND_BUFFER = 64 * 1024
 """SO_SNDBUF for client sockets (Linux doubles it for bookkeeping)."""
 
+READ_SLICE = 256 * 1024
+"""Bytes one connection may have parsed before it waits a loop pass. libuv
+reads a readable socket up to 32 times per pass: a client flooding frames
+the library parses (Pings: ~15 us each) held the loop 1-2 s at a time, and
+every other client waited (decisions.md 18). ~30 ms of Pings, ~1,000 common
+messages: a normal client never reaches it within a pass."""
+
 _LINGER_RESET = struct.pack("ii", 1, 0)
 """SO_LINGER on, 0 s: close() then resets the connection and discards what
 the kernel still holds for a client that stopped reading (issue 19.1)."""
@@ -73,6 +95,7 @@ class ConnectionSettings:
     """The options a connection applies by itself."""
 
     max_message_size: int
+    max_message_frames: float  # frames of one incoming message (inf: no limit)
     handshake_timeout: float
     close_timeout: float
     message_rate: float
@@ -112,10 +135,6 @@ class ConnectionOwner(Protocol):
         """A data message over the rate limit (dropped); *disconnect*: too
         many of them, close the connection."""
 
-    def on_control(self, conn: Connection, frame: bytes) -> None:
-        """A frame of the protocol's own (a Pong) to queue, in order with
-        what the owner sends."""
-
     def on_closing(self, conn: Connection) -> bytes:
         """The connection stops receiving frames (a Close frame is about to
         go out): return what was queued for it, which goes out first."""
@@ -136,6 +155,54 @@ class _FrameProtocol(FrameProtocol):
         if frame.opcode is _CLOSE and self.current_size is not None:
             self.current_size = None
         super().recv_frame(frame)
+
+
+UPGRADES_PER_PASS = 256
+"""WebSocket upgrades handled in one loop pass. In a storm of thousands of
+connections the loop would otherwise upgrade all that arrived while the last
+pass ran, and every newcomer's user_joined would land in one fan-out pass
+whose cost grows with the square of its newcomers (each is built the joins
+after its own): 5,000 at once held the loop 6.6 s (decisions.md 18). The
+rest wait for a later pass, in arrival order (their handshake deadline still
+runs). Plain requests (/healthz, /stats, ...) never wait."""
+
+
+class _UpgradesPerPass:
+    """Counts the upgrades handled in this loop pass; queues those over the
+    cap for the next passes."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.waiting: deque[Connection] = deque()
+        self.scheduled = False
+
+    def admit(self, conn: Connection) -> bool:
+        self._schedule(conn.loop)
+        if self.count < UPGRADES_PER_PASS and not self.waiting:
+            self.count += 1
+            return True
+        conn.transport.pause_reading()
+        self.waiting.append(conn)
+        return False
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self.scheduled:
+            self.scheduled = True
+            loop.call_soon(self._next_pass, loop)
+
+    def _next_pass(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.scheduled = False
+        self.count = 0
+        waiting = self.waiting
+        while waiting and self.count < UPGRADES_PER_PASS:
+            conn = waiting.popleft()
+            if conn._request_again():
+                self.count += 1
+        if self.count or waiting:
+            self._schedule(loop)
+
+
+_upgrades = _UpgradesPerPass()
 
 
 class Connection(asyncio.Protocol):
@@ -166,6 +233,11 @@ class Connection(asyncio.Protocol):
         "_message_opcode",
         "_message_decoder",
         "_message_refused",
+        "_message_frames",
+        "_after_close",
+        "_read_slice",
+        "pong",
+        "buffered",
         "_failed",
         "_scanner",
         "_held",
@@ -205,6 +277,8 @@ class Connection(asyncio.Protocol):
         self.joined_at = 0
         self.marked = False
         self.is_recipient = False
+        self.buffered = 0  # unsent bytes in the transport, as the fan-out last saw them
+        self.pong: bytes | None = None  # the latest Pong, waiting for the buffer to drain
         self.audience: Audience[Any] | None = None
         self.direct: tuple[asyncio.Transport, int, Connection] | None = None
         self.opened_at = 0.0
@@ -220,6 +294,9 @@ class Connection(asyncio.Protocol):
         self._message_opcode = _TEXT
         self._message_decoder: codecs.IncrementalDecoder | None = None
         self._message_refused = False
+        self._message_frames = 0  # frames of the fragmented message so far
+        self._after_close = 0  # bytes received since the connection began to close
+        self._read_slice = READ_SLICE  # bytes it may still read in this loop pass
         self._failed = False  # we failed the connection in this batch of frames
         self._scanner = FrameScanner(settings.max_message_size)
         self._held = False  # the upgrade is granted but waits (see hold())
@@ -241,6 +318,9 @@ class Connection(asyncio.Protocol):
                 # The fan-out may send to this socket itself while the
                 # transport is idle (wshub.fanout, "Direct sends").
                 self.direct = (self.transport, sock.fileno(), self)
+        # resume_writing() then means "the buffer is empty": the moment a
+        # waiting Pong can go (the fan-out ignores pause_writing()).
+        self.transport.set_write_buffer_limits(high=0)
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if peer else "unknown"
         self.ip = self.peer
@@ -261,6 +341,9 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.ws is not None:
             self._receive_frames(data)
+            self._read_slice -= len(data)
+            if self._read_slice <= 0:
+                self._yield_reading()
             return
         buffer = self._buffer
         if buffer is None:  # an HTTP response is on its way out: ignore the rest
@@ -282,8 +365,24 @@ class Connection(asyncio.Protocol):
         if parsed is None:
             return
         request, length = parsed
+        if request.get("upgrade") is not None and not _upgrades.admit(self):
+            return  # handled in a later loop pass (see UPGRADES_PER_PASS)
         del buffer[:length]
         self.owner.on_request(self, request)
+
+    def _request_again(self) -> bool:
+        """Our upgrade waited for a later loop pass: handle it now (False if
+        the connection is gone meanwhile)."""
+        buffer = self._buffer
+        if buffer is None or self.transport.is_closing():
+            return False
+        self.transport.resume_reading()
+        parsed = http.parse_request_head(buffer)  # it parsed before
+        assert parsed is not None
+        request, length = parsed
+        del buffer[:length]
+        self.owner.on_request(self, request)
+        return True
 
     def eof_received(self) -> bool | None:
         if self.ws is not None and self.session.state is not State.CLOSED:
@@ -294,17 +393,37 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
         self.direct = None  # the descriptor is closed (and it held a cycle)
+        self.pong = None
         previous = self.session.state
         if previous is not State.CLOSED:
             self.session.transition(State.CLOSED)
             self.owner.on_closed(self, previous)
+
+    def _yield_reading(self) -> None:
+        """This connection had its share of the pass: read it again after
+        everyone else had theirs."""
+        transport = self.transport
+        if transport.is_closing():
+            return
+        self._read_slice = READ_SLICE
+        transport.pause_reading()
+        self.loop.call_soon(self._resume_reading)
+
+    def _resume_reading(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def pause_writing(self) -> None:
         # The fan-out checks buffer sizes itself after each write.
         pass
 
     def resume_writing(self) -> None:
-        pass
+        # The buffer drained: the Pong that waited (the latest one) may go.
+        pong = self.pong
+        if pong is not None:
+            self.pong = None
+            if self.session.state is State.OPEN:  # never after our Close
+                self._send_pong(pong)
 
     # -- Writing ----------------------------------------------------------------
 
@@ -316,7 +435,7 @@ class Connection(asyncio.Protocol):
         transport.write(data)
         return transport.get_write_buffer_size()
 
-    def buffered(self) -> int:
+    def unsent(self) -> int:
         """Bytes written but not sent yet."""
         return self.transport.get_write_buffer_size()
 
@@ -444,8 +563,18 @@ class Connection(asyncio.Protocol):
         (see :mod:`wshub.framescan`)."""
         ws = self.ws
         assert ws is not None
-        if self.session.state is State.CLOSED or ws.state is FrameState.CLOSED:
+        state = self.session.state
+        if state is State.CLOSED or ws.state is FrameState.CLOSED:
             return
+        if state is State.CLOSING:
+            # Our Close is out: a client answers it with little more than
+            # what was in flight (at most a message). One that keeps sending
+            # (a flood we just closed with 1008) would have every frame
+            # parsed until --close-timeout: drop it instead.
+            self._after_close += len(data)
+            if self._after_close > self.settings.max_message_size + 65536:
+                self.abort()
+                return
         self.session.alive(self.loop.time())
         for opcode, chunk in self._scanner.scan(data, self._fast_path_open):
             if opcode is None:
@@ -476,8 +605,9 @@ class Connection(asyncio.Protocol):
         ws.receive_data(data)
         events = ws.events_received()
         # The library answered every Ping of this batch already: its output
-        # starts with one Pong per Ping, in order (then a Close, if any).
-        # Queue each Pong at its Ping's place among our replies.
+        # is one Pong per Ping, in order (then a Close, if any). A Pong whose
+        # Ping was refused is dropped; the others go to _send_pong, which
+        # keeps only the latest one while the client is not reading.
         out = ws.data_to_send()
         pongs = 0
         for frame in cast(list[Frame], events):  # a server side receives frames only
@@ -489,17 +619,36 @@ class Connection(asyncio.Protocol):
             if opcode is _TEXT or opcode is _BINARY or opcode is _CONT:
                 # bytes() of the bytes the library gives is that same object.
                 self._receive_data_frame(opcode, bytes(frame.data), frame.fin)
-            elif opcode is _PING:
-                if pongs < len(out) and out[pongs]:
-                    self.owner.on_control(self, out[pongs])
-                    pongs += 1
+                continue
+            # A control frame: charged like a data frame (decisions.md 18).
+            verdict = self.session.admit(self.loop.time())
+            if opcode is _PING:
+                pong = out[pongs] if pongs < len(out) else b""
+                pongs += 1
+                if verdict is Admit.ACCEPT:
+                    if pong:
+                        self._send_pong(pong)
+                    continue
             elif opcode is _CLOSE:
+                # Charged, never refused: it ends the connection anyway.
                 rcvd = ws.close_rcvd
                 if self.close_code is None and rcvd is not None:
                     self.close_code = rcvd.code
                     self.close_reason = "client: " + rcvd.reason[:64]
-            # Pong: a sign of life, noted above.
+                continue
+            elif verdict is Admit.ACCEPT:
+                continue  # a Pong: a sign of life, noted already
+            self.owner.on_rate_limited(self, disconnect=verdict is Admit.DISCONNECT)
         self._drain_library_output(out[pongs:] + ws.data_to_send())
+
+    def _send_pong(self, pong: bytes) -> None:
+        """Write *pong* now if nothing waits in the buffer; else let it wait
+        in the slot, replacing an older one (RFC 6455 5.5.3)."""
+        transport = self.transport
+        if self.pong is None and not transport.get_write_buffer_size():
+            transport.write(pong)
+        else:
+            self.pong = pong
 
     def _receive_data_frame(self, opcode: Opcode, data: bytes, fin: bool) -> None:
         owner = self.owner
@@ -513,6 +662,7 @@ class Connection(asyncio.Protocol):
             if verdict is Admit.REFUSE:
                 self._message_refused = True
             if not fin:
+                self._message_frames = 1
                 self._message = bytearray(data)
                 if opcode is _TEXT:
                     self._message_decoder = _utf8_decoder()
@@ -524,6 +674,14 @@ class Connection(asyncio.Protocol):
             parts = self._message
             assert parts is not None  # the library refuses a stray continuation
             parts += data
+            frames = self._message_frames = self._message_frames + 1
+            if frames > self.settings.max_message_frames:
+                # Bytes alone do not bound the work: empty continuations
+                # cost a parse each and add nothing (decisions.md 18).
+                self._message = None
+                self._message_decoder = None
+                self._fail(CloseCode.MESSAGE_TOO_BIG, "message has too many frames")
+                return
             if self._message_opcode is _TEXT and not self._check_utf8(data, final=fin):
                 return
             if not fin:
@@ -571,13 +729,16 @@ class Connection(asyncio.Protocol):
             ws.fail(code, reason)
 
     def _drain_library_output(self, out: list[bytes]) -> None:
-        """Send what the frame library produced: Pongs, Close frames, EOF."""
+        """Send what the frame library produced: Close frames, EOF (its Pongs
+        were taken by _feed_library)."""
         ws = self.ws
         assert ws is not None
         if ws.state is FrameState.OPEN:
             for chunk in out:  # only Pong frames while open
-                self.owner.on_control(self, chunk)
+                if chunk:
+                    self._send_pong(chunk)
             return
+        self.pong = None  # no Pong after a Close
         # Closing or closed: the client sent a Close, or the library failed
         # the connection (1002, 1007, 1009). What was queued for this client
         # in this pass goes first, then the Close frame; then no more data.
@@ -611,6 +772,7 @@ class Connection(asyncio.Protocol):
             return
         self.close_code = disconnect.code
         self.close_reason = disconnect.reason
+        self.pong = None  # no Pong after our Close
         ws.send_close(disconnect.code, disconnect.reason)
         self._leave_fanout()
         for chunk in ws.data_to_send():

@@ -41,9 +41,6 @@ class EchoEndpoint:
         frame = wire_frame(opcode, message) if deflate is None else deflate.frame(opcode, message)
         self._fanout.raw_to_one(conn, frame)
 
-    def on_control(self, conn: Connection, frame: bytes) -> None:
-        self._fanout.raw_to_one(conn, frame)
-
     def on_rate_limited(self, conn: Connection, *, disconnect: bool) -> None:
         raise AssertionError("/echo is not rate limited")
 
@@ -53,6 +50,7 @@ class EchoEndpoint:
         return data
 
     def on_closed(self, conn: Connection, previous: State) -> None:
+        self._fanout.forget(conn)
         self._host.member_closed(conn, previous)
 
     def on_connect(self, conn: Connection) -> bytes | None:

@@ -42,12 +42,24 @@ transport stays the owner of the socket; see src/wshub/_directsend.c).
 Backpressure: after its write, a connection whose transport buffer holds more
 than ``send_buffer_limit`` bytes is a slow consumer and is closed with 1008
 (the close frame queued behind what is buffered). No one ever waits for it.
+
+The node as a whole (``send_buffer_total``, decisions.md 18): the size the
+fan-out reads after each write anyway is kept on the connection
+(``conn.buffered``) and summed in :attr:`Fanout.buffered_total`, which costs
+nothing for a client that keeps up (its size is 0, as it was). The sum only
+sees a buffer drain at the connection's next write, so it is high, never
+low; when it passes the bound, :meth:`Fanout._enforce_budget` counts again
+exactly, over the connections known to hold bytes, and if the node really is
+over: first drops the sockets of connections already closing that still hold
+bytes (they will not get them in time anyway), then closes with 1008 the open
+ones holding the most, until it is under.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Collection
+from time import perf_counter
 from typing import Any, Generic, Protocol, TypeVar
 
 from .wire import Deflate, text_frame
@@ -57,6 +69,12 @@ __all__ = ["Audience", "DirectTarget", "Fanout", "Recipient", "SendEach", "compi
 SendEach = Callable[[list["DirectTarget"], bytes], "list[tuple[int, int]] | None"]
 """``wshub._directsend.send_each``: the bytes to every idle target, what it
 could not send handed back as ``(index, bytes sent)``."""
+
+PASS_FRAMES = 256
+"""A pass that holds this many shared frames goes at the end of the loop
+pass, without waiting for the coalescing delay: a presence storm then makes
+many passes of bounded cost (each recipient's write, and each newcomer's own
+share of the joins after it) instead of one pass as long as the storm."""
 
 compiled_send_each: SendEach | None
 try:
@@ -76,6 +94,7 @@ class Recipient(Protocol):
     is_recipient: bool
     audience: Audience[Any] | None
     deflate: Deflate | None
+    buffered: int  # unsent bytes in the transport when the fan-out last looked
 
     # (transport, socket fd, the recipient) when the engine may send to the
     # socket directly; None when everything must go through write().
@@ -86,6 +105,13 @@ class Recipient(Protocol):
         """Write *data* to the socket; return the bytes still unsent after it.
         May raise when the transport is broken."""
         ...
+
+    def unsent(self) -> int:
+        """The bytes written and not sent yet."""
+        ...
+
+    def abort(self) -> None:
+        """Drop the socket now, with whatever is still unsent."""
 
 
 DirectTarget = tuple[asyncio.Transport, int, Any]
@@ -117,6 +143,7 @@ class Fanout(Generic[R]):
         loop: asyncio.AbstractEventLoop,
         *,
         send_buffer_limit: int,
+        send_buffer_total: int = 0,
         on_slow_consumer: Callable[[R], None],
         on_send_failed: Callable[[R, BaseException], None],
         coalesce_delay: float = 0.05,
@@ -124,6 +151,10 @@ class Fanout(Generic[R]):
     ) -> None:
         self._loop = loop
         self._limit = send_buffer_limit
+        self._total_limit = send_buffer_total or float("inf")
+        # Connections seen with unsent bytes, and the sum of what was seen.
+        self.held: set[R] = set()
+        self.buffered_total = 0
         self._on_slow = on_slow_consumer
         self._on_failed = on_send_failed
         self._queued: list[Audience[R]] = []
@@ -135,6 +166,8 @@ class Fanout(Generic[R]):
         self.deliveries = 0
         self.writes = 0
         self.direct_sends = 0  # writes that went straight to the socket
+        self.budget_drops = 0  # closing connections dropped over send_buffer_total
+        self.pass_seconds_max = 0.0  # the longest flush, for /metrics
 
     # -- Queueing (called while routing; never writes) -----------------------
 
@@ -206,7 +239,7 @@ class Fanout(Generic[R]):
             self._queued.append(audience)
         if self._scheduled:
             return
-        if urgent:
+        if urgent or len(audience.frames) >= PASS_FRAMES:
             self._scheduled = True
             if self._timer is not None:
                 self._timer.cancel()
@@ -243,12 +276,20 @@ class Fanout(Generic[R]):
             self._timer.cancel()
             self._timer = None
         queued, self._queued = self._queued, []
+        if not queued:
+            return
+        started = perf_counter()
         slow: list[R] = []
         for audience in queued:
             audience.queued = False
             self._flush_audience(audience, slow)
         for conn in slow:
             self._on_slow(conn)
+        if self.buffered_total > self._total_limit:
+            self._enforce_budget()
+        elapsed = perf_counter() - started
+        if elapsed > self.pass_seconds_max:
+            self.pass_seconds_max = elapsed
 
     def _flush_audience(self, audience: Audience[R], slow: list[R]) -> None:
         frames = audience.frames
@@ -296,8 +337,10 @@ class Fanout(Generic[R]):
                     self._on_failed(conn, exc)
                     continue
                 writes += 1
-                if unsent > limit:
-                    slow.append(conn)
+                if unsent or conn.buffered:
+                    self._seen(conn, unsent)
+                    if unsent > limit:
+                        slow.append(conn)
             if direct:
                 writes += self._send_direct(direct, common, slow)
             for wbits, group in direct_deflated.items():
@@ -352,8 +395,10 @@ class Fanout(Generic[R]):
                 self._on_failed(conn, exc)
                 writes -= 1
                 continue
-            if unsent > self._limit:
-                slow.append(conn)
+            if unsent or conn.buffered:
+                self._seen(conn, unsent)
+                if unsent > self._limit:
+                    slow.append(conn)
         return writes
 
     def _write(self, conn: R, data: bytes, slow: list[R]) -> int:
@@ -363,9 +408,58 @@ class Fanout(Generic[R]):
         except Exception as exc:  # a broken transport: count it, go on
             self._on_failed(conn, exc)
             return 0
-        if unsent > self._limit:
-            slow.append(conn)
+        if unsent or conn.buffered:
+            self._seen(conn, unsent)
+            if unsent > self._limit:
+                slow.append(conn)
         return 1
+
+    # -- The node-wide bound ----------------------------------------------------
+
+    def _seen(self, conn: R, size: int) -> None:
+        """The fan-out read *conn*'s unsent bytes: keep the sum up to date."""
+        self.buffered_total += size - conn.buffered
+        conn.buffered = size
+        if size:
+            self.held.add(conn)
+        else:
+            self.held.discard(conn)
+
+    def forget(self, conn: R) -> None:
+        """*conn*'s socket is gone, and its buffer with it."""
+        if conn.buffered:
+            self.buffered_total -= conn.buffered
+            conn.buffered = 0
+            self.held.discard(conn)
+
+    def _enforce_budget(self) -> None:
+        total = 0
+        for conn in list(self.held):
+            size = conn.unsent()
+            conn.buffered = size
+            if size:
+                total += size
+            else:
+                self.held.discard(conn)
+        self.buffered_total = total
+        budget = self._total_limit
+        if total <= budget:
+            return
+        biggest = sorted(self.held, key=lambda conn: conn.buffered, reverse=True)
+        for conn in biggest:  # closing already: drop the socket and its bytes
+            if total <= budget:
+                return
+            if not conn.is_recipient:
+                total -= conn.buffered
+                self.forget(conn)
+                self.budget_drops += 1
+                conn.abort()
+        for conn in biggest:  # then the open ones holding the most: 1008
+            if total <= budget:
+                break
+            if conn.is_recipient:
+                total -= conn.buffered  # on their way out, like the above
+                self._on_slow(conn)
 
     def _deflated(
         self, audience: Audience[R], deflate: Deflate, cache: dict[int, list[bytes]]

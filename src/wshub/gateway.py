@@ -262,9 +262,6 @@ class Gateway:
     def on_rate_limited(self, conn: Connection, *, disconnect: bool) -> None:
         raise AssertionError("no frames before the upgrade")
 
-    def on_control(self, conn: Connection, frame: bytes) -> None:
-        raise AssertionError("no frames before the upgrade")
-
     def on_closing(self, conn: Connection) -> bytes:
         raise AssertionError("no closing handshake before the upgrade")
 

@@ -129,6 +129,7 @@ class Hub:
         return data
 
     def on_closed(self, conn: Connection, previous: State) -> None:
+        self._fanout.forget(conn)  # its socket's buffer is gone with it
         if previous is State.OPEN:  # dropped without a closing handshake
             self.remove(conn)
         self._host.member_closed(conn, previous)
@@ -204,9 +205,6 @@ class Hub:
             conn.close(RATE_LIMIT_EXCEEDED)
             return
         self._refuse(conn, _RATE_REFUSAL)
-
-    def on_control(self, conn: Connection, frame: bytes) -> None:
-        self._fanout.raw_to_one(conn, frame)
 
     def on_connect(self, conn: Connection) -> bytes | None:
         raise AssertionError("a connection is accepted by the gateway")

@@ -95,6 +95,7 @@ class Node:
         self.fanout: Fanout[Connection] = Fanout(
             loop,
             send_buffer_limit=config.send_buffer_limit,
+            send_buffer_total=config.send_buffer_total,  # decisions.md 18
             on_slow_consumer=self._slow_consumer,
             on_send_failed=self._send_failed,
             send_each=compiled_send_each if direct else None,
@@ -109,6 +110,7 @@ class Node:
             )
         self.settings = ConnectionSettings(
             max_message_size=config.max_message_size,
+            max_message_frames=config.effective_max_message_frames,
             handshake_timeout=config.handshake_timeout,
             close_timeout=config.close_timeout,
             message_rate=config.message_rate,
@@ -373,7 +375,7 @@ class Node:
             "slow_consumer",
             id=conn.id,
             peer=conn.peer,
-            buffered=conn.buffered(),
+            buffered=conn.unsent(),
         )
         conn.close(SLOW_CONSUMER)
 
@@ -417,6 +419,9 @@ class Node:
             "deliveries": fanout.deliveries,
             "writes": fanout.writes,
             "direct_sends": fanout.direct_sends,
+            "buffered_total": fanout.buffered_total,
+            "budget_drops": fanout.budget_drops,
+            "pass_seconds_max": round(fanout.pass_seconds_max, 6),
         }
 
     def backplane_figures(self) -> dict[str, float]:

@@ -101,7 +101,8 @@ class NodeFigures(Protocol):
     def uptime(self) -> float: ...
 
     def fanout_figures(self) -> dict[str, float]:
-        """deliveries, writes and direct_sends of the fan-out."""
+        """deliveries, writes, direct_sends, buffered_total, budget_drops and
+        pass_seconds_max of the fan-out."""
         ...
 
     def backplane_figures(self) -> dict[str, float]: ...
@@ -154,6 +155,25 @@ def node_metrics(node: NodeFigures) -> tuple[Metrics, Counters]:
         "from one C call for many clients (--direct-send), not through the transport.",
         fanout("direct_sends"),
         kind="counter",
+    )
+    # Floods and storms (decisions.md 18).
+    m.gauge(
+        "wshub_send_buffered_bytes",
+        "Unsent bytes in client buffers, as the fan-out last saw them (an upper "
+        "bound; --send-buffer-total caps it).",
+        fanout("buffered_total"),
+    )
+    m.gauge(
+        "wshub_send_buffer_total_drops_total",
+        "Closing connections whose socket was dropped, unsent bytes and all, to bring "
+        "the node under --send-buffer-total.",
+        fanout("budget_drops"),
+        kind="counter",
+    )
+    m.gauge(
+        "wshub_fanout_pass_seconds_max",
+        "The longest fan-out pass since start (one pass holds the event loop).",
+        fanout("pass_seconds_max"),
     )
     m.gauge(
         "wshub_event_loop_lag_seconds",

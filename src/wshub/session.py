@@ -37,7 +37,7 @@ TRANSITIONS: Final[dict[State, frozenset[State]]] = {
 
 
 class Admit(enum.Enum):
-    """What to do with one incoming data frame, rate-wise."""
+    """What to do with one incoming frame (data or control), rate-wise."""
 
     ACCEPT = "accept"
     REFUSE = "refuse"  # drop it and answer error rate_limited
@@ -77,7 +77,9 @@ class Session:
         return now - self.last_seen
 
     def admit(self, now: float) -> Admit:
-        """Charge one data frame against the rate limit."""
+        """Charge one frame against the rate limit: the first frame of a
+        message (data) or a Ping, Pong or Close (control); continuation
+        frames are bounded by the message limits instead."""
         if self.bucket.take(now):
             return Admit.ACCEPT
         if self.strikes is None:

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import time
+
+import pytest
+from websockets.exceptions import ConnectionClosed
 
 from wshub.backplane import Envelope, EventKind
 from wshub.backplane.redis import RedisBackplane, backoff_delays
 from wshub.ids import ConnectionId, NodeId
 from wshub.rooms import RoomName
 
-from ..conftest import TIMEOUT
+from ..conftest import TIMEOUT, start_server
 from ..waiting import wait_until_async
 from .test_contract import Recorder, subscribe
 
@@ -78,3 +83,65 @@ def test_stop_ends_even_when_a_redis_await_swallows_the_cancellation(redis_serve
         assert all(task.done() for task in bp._tasks)
 
     asyncio.run(body())
+
+
+def test_within_abandons_an_await_that_swallowed_its_cancellation() -> None:
+    """What Python 3.11's wait_for does to its caller (CPython gh-86296), an
+    await inside redis-py may do to ours: the cancel vanishes and the await
+    goes on. asyncio.wait_for around it then waits for it to finish; the
+    backplane's _within gives up at its deadline."""
+    from wshub.backplane.redis import _within
+
+    async def swallows_once() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            pass  # as if it had been lost in a wait_for race
+        await asyncio.sleep(1.0)  # redis-py goes on: a read, a retry
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        try:
+            await _within(swallows_once(), 0.1)
+        except TimeoutError:
+            pass
+        else:
+            raise AssertionError("no TimeoutError")
+        assert loop.time() - start < 0.5
+        start = loop.time()
+        try:  # the contrast, so the test proves what it says
+            await asyncio.wait_for(swallows_once(), 0.1)
+        except TimeoutError:
+            pass
+        assert loop.time() - start >= 1.0
+
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
+def test_sigterm_while_redis_dies_exits_within_the_drain_timeout(own_redis, how: str) -> None:
+    """Redis killed (or frozen: alive, silent) and SIGTERM in the same instant:
+    the node closes its clients with 1001 and exits within --drain-timeout,
+    without the fallback exit (no "drain overran")."""
+    drain = 3.0
+    srv = start_server("--redis-url", own_redis.url, "--drain-timeout", str(drain))
+    client = srv.client()
+    client.roundtrip()
+    assert own_redis.proc is not None
+    start = time.monotonic()
+    own_redis.proc.send_signal(getattr(signal, how))
+    srv.proc.send_signal(signal.SIGTERM)
+    try:
+        code = srv.proc.wait(timeout=drain + 5)
+    finally:
+        if how == "SIGSTOP":
+            own_redis.proc.send_signal(signal.SIGCONT)
+    elapsed = time.monotonic() - start
+    srv.stop()
+    assert code == 0
+    assert elapsed < drain, f"exited after {elapsed:.2f} s"
+    assert not [line for line in srv.stderr_lines if "overran" in line or "Traceback" in line]
+    with pytest.raises(ConnectionClosed) as closed:
+        client.ws.recv(timeout=TIMEOUT)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001

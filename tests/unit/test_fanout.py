@@ -35,10 +35,19 @@ class Conn:
         self.direct = None
         self.deflate = deflate
         self.transport = Transport(backlog)
+        self.buffered = 0
+        self.aborted = False
 
     def write(self, data) -> int:
         self.transport.write(data)
         return self.transport.get_write_buffer_size()
+
+    def unsent(self) -> int:
+        return self.transport.get_write_buffer_size()
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.transport.backlog = 0
 
 
 class Room:
@@ -92,13 +101,14 @@ class Loop:
             callback()
 
 
-def make(conns: list[Conn], limit: int = 1000, send_each=None):
+def make(conns: list[Conn], limit: int = 1000, send_each=None, total: int = 0):
     loop = Loop()
     slow: list[Conn] = []
     failed: list[tuple[Conn, BaseException]] = []
     fanout = Fanout(
         loop,  # type: ignore[arg-type]
         send_buffer_limit=limit,
+        send_buffer_total=total,
         on_slow_consumer=slow.append,
         on_send_failed=lambda c, e: failed.append((c, e)),
         send_each=send_each,
@@ -321,3 +331,71 @@ def test_what_a_direct_send_left_goes_through_the_writer() -> None:
     assert [conn for conn, _ in failed] == [c]
     assert d.transport.writes == []  # sent directly
     assert room.fanout.writes == 3 and room.fanout.direct_sends == 1
+
+
+# -- the node-wide bound (send_buffer_total, decisions.md 18) -----------------
+
+
+def test_the_node_budget_closes_the_connections_holding_the_most() -> None:
+    """Each under its own limit, together over the node's: the biggest go, in
+    order, until the rest fit; a client that keeps up is never touched."""
+    conns = [Conn("a", backlog=300), Conn("b", backlog=500), Conn("c", backlog=400), Conn("d")]
+    room, loop, slow, _ = make(conns, limit=1000, total=600)
+    room.to_all(b'{"n":1}')
+    loop.run()
+    assert [c.name for c in slow] == ["b", "c"]  # 1200 - 500 - 400 = 300 <= 600
+    assert room.fanout.buffered_total == 1200  # what they hold until they are gone
+    assert room.fanout.held == {conns[0], conns[1], conns[2]}
+
+
+def test_the_budget_is_the_nodes_across_rooms() -> None:
+    """Two rooms, each under the bound alone: together over it, the biggest
+    holder goes, whichever room it is in."""
+    a, b = Conn("a", backlog=400), Conn("b", backlog=500)
+    room, loop, slow, _ = make([a], limit=1000, total=600)
+    other = Room(room.fanout, [b])
+    room.to_all(b'{"n":1}')
+    other.to_all(b'{"n":2}')
+    loop.run()
+    assert slow == [b] and room.fanout.buffered_total == 900
+
+
+def test_connections_already_closing_are_dropped_first_when_still_over() -> None:
+    conns = [Conn("a", backlog=300), Conn("b", backlog=500), Conn("c", backlog=400)]
+    room, loop, slow, _ = make(conns, limit=1000, total=800)
+    room.to_all(b'{"n":1}')
+    loop.run()
+    assert [c.name for c in slow] == ["b"]  # 1200 - 500 = 700 <= 800
+    for conn in slow:
+        conn.is_recipient = False  # what the node does when it closes them
+    room.to_all(b'{"n":2}')
+    loop.run()
+    # the node was still over (a, b and c hold 1200): b (the biggest of those
+    # closing) is dropped, which is enough; nobody else is closed
+    assert [c.name for c in conns if c.aborted] == ["b"]
+    assert [c.name for c in slow] == ["b"]
+    assert room.fanout.buffered_total == 700 and room.fanout.budget_drops == 1
+
+
+def test_a_stale_sum_is_counted_again_before_anyone_is_closed() -> None:
+    """The sum sees a buffer drain only at the next write: over the bound on
+    paper, the fan-out counts again and closes no one if the node is under."""
+    a, b = Conn("a", backlog=600), Conn("b", backlog=600)
+    room, loop, slow, _ = make([a, b], limit=1000, total=1000)
+    room.fanout.raw_to_one(a, b"x")
+    loop.run()
+    a.transport.backlog = 0  # drained meanwhile, unseen
+    room.fanout.raw_to_one(b, b"y")
+    loop.run()
+    assert slow == [] and room.fanout.buffered_total == 600 and room.fanout.held == {b}
+    room.fanout.forget(b)  # its socket is gone
+    assert room.fanout.buffered_total == 0 and room.fanout.held == set()
+
+
+def test_clients_that_keep_up_cost_no_bookkeeping() -> None:
+    conns = [Conn(str(i)) for i in range(10)]
+    room, loop, _, _ = make(conns, limit=1000, total=100)
+    for n in range(3):
+        room.to_all(b'{"n":%d}' % n)
+        loop.run()
+    assert room.fanout.buffered_total == 0 and room.fanout.held == set()

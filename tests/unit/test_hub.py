@@ -62,6 +62,15 @@ class FakeTransport:
 
     abort = close
 
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
     def can_write_eof(self) -> bool:
         return False  # respond() then closes at once
 

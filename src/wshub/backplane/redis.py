@@ -112,6 +112,38 @@ PUBLISH_MAX_AGE = 1.0
 _STOP_TIMEOUT = 3.0  # seconds for the background tasks to end once cancelled
 
 
+async def _within(coro: Any, timeout: float) -> Any:
+    """Await *coro* for at most *timeout* seconds, then abandon it.
+
+    Not ``asyncio.wait_for``: on Python 3.11 it swallows a cancellation that
+    lands in the same loop pass as its inner await completing (CPython
+    gh-86296, fixed by the 3.12 rewrite), and redis-py awaits every command it
+    writes through ``wait_for(..., socket_timeout)``
+    (``Connection.send_packed_command``). The write of a command usually
+    completes at once, so a cancel sent to a task inside redis-py on shutdown
+    can vanish there; the task then goes on (its read, redis-py's retries with
+    backoff), and a ``wait_for`` around it, which waits for its cancelled
+    inner task to finish, waits for all that: the node that idled after
+    SIGTERM with Redis dying at the same moment. ``asyncio.wait`` never waits
+    for a cancelled task and never absorbs our own cancellation."""
+    task = asyncio.ensure_future(coro)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        task.add_done_callback(_retrieve)
+        raise TimeoutError(f"abandoned after {timeout} s")
+    return task.result()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # an abandoned task's error is expected: not "never retrieved"
+
+
 def backoff_delays(
     initial: float = 0.1,
     factor: float = 2.0,
@@ -236,8 +268,8 @@ class RedisBackplane(ViewKeeper):
         redis = self._redis
         if redis is not None and self._up:
             try:
-                await asyncio.wait_for(self._flush(), 2.0)
-                await asyncio.wait_for(self._withdraw(), 2.0)
+                await _within(self._flush(), 2.0)
+                await _within(self._withdraw(), 2.0)
             except _ERRORS as exc:
                 log.warning("could not withdraw presence from redis: %s", exc)
         await self._close_connections()
@@ -272,7 +304,7 @@ class RedisBackplane(ViewKeeper):
         for closable in (self._pubsub, self._redis):
             if closable is not None:
                 try:
-                    await asyncio.wait_for(closable.aclose(), 2.0)
+                    await _within(closable.aclose(), 2.0)
                 except (*_ERRORS, RuntimeError):
                     pass
 
@@ -382,7 +414,7 @@ class RedisBackplane(ViewKeeper):
         channels = [self.keys.room(r) for r in rooms]
         acks = [self._acks.setdefault(ch, loop.create_future()) for ch in channels]
         await pubsub.subscribe(*channels)
-        await asyncio.wait_for(asyncio.gather(*acks), _SUBSCRIBE_TIMEOUT)
+        await _within(asyncio.gather(*acks), _SUBSCRIBE_TIMEOUT)
         await self._read_rooms(rooms, initial=True)
         self._rooms_ready(set(rooms))
 
@@ -513,7 +545,9 @@ class RedisBackplane(ViewKeeper):
                 if not connected.done():
                     connected.set_result(None)
                 delays = backoff_delays()
-                while not self._rebuild:
+                # _stopping too: a cancel swallowed inside redis-py (see
+                # _within) must still end this loop within a second.
+                while not self._rebuild and not self._stopping:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is not None:
                         self._on_pubsub(message)
@@ -530,8 +564,8 @@ class RedisBackplane(ViewKeeper):
                         ack.exception()  # retrieved: the waiter, if any, sees it too
                 self._acks.clear()
                 try:
-                    await asyncio.wait_for(pubsub.aclose(), 1.0)
-                except (*_ERRORS, asyncio.CancelledError):
+                    await _within(pubsub.aclose(), 1.0)
+                except _ERRORS:
                     pass
             if self._stopping:
                 return
