@@ -213,7 +213,7 @@ export class WshubClient {
     }
     if (this._openedAt && Date.now() - this._openedAt >= o.resetAfter) this._attempt = 0;
     this._openedAt = 0;
-    if (code === 4401) this._token = null; // refused or expired: getToken() next time
+    if (code === 4401 && o.getToken) this._token = null; // refused or expired: ask again
     const again = !this._stopped && !stopsOn(code);
     this.state = again ? "waiting" : "stopped";
     this._emit("close", { code, reason, reconnect: again });
