@@ -143,14 +143,16 @@ class Stub:
         self.loop = asyncio.new_event_loop()
         started = threading.Event()
         self._server: WsServer | None = None
+        numbers: dict[ServerConnection, int] = {}
 
         def record(conn: ServerConnection, request: Request) -> None:
             self.paths.append(request.path)
+            numbers[conn] = len(self.paths)
             offered = request.headers.get_all("Sec-WebSocket-Protocol")
             self.offers.append([p.strip() for h in offered for p in h.split(",")])
 
         async def run_one(ws: ServerConnection) -> None:
-            n = len(self.paths)
+            n = numbers.pop(ws)
             try:
                 await handler(ws, n)
             except Exception as exc:  # a failed check inside the stub fails the test
@@ -211,7 +213,9 @@ def page(browser: Browser, page_server: PageServer) -> Iterator[Page]:  # noqa: 
 
 
 @pytest.fixture
-def stubs() -> Iterator[Callable[[Handler], Stub]]:
+def stubs() -> Iterator[Stubs]:
+    """Stub servers, closed after the test. Ask for this fixture before `page`,
+    so that the page (whose clients keep reconnecting) is closed first."""
     made: list[Stub] = []
 
     def make(handler: Handler) -> Stub:
@@ -414,7 +418,7 @@ STOPS = (1000, 4400, 4401, 4403, 4429, 4499)
 RECONNECTS = (1001, 1008, 1011, 1012, 4000, 4399, 4500)
 
 
-def test_close_codes_stop_or_reconnect(page: Page, stubs: Stubs) -> None:
+def test_close_codes_stop_or_reconnect(stubs: Stubs, page: Page) -> None:
     """1000 and 4400-4499 stop the client; every other code reconnects.
     Each client's URL names the code its first connection is closed with.
     (One client at a time: Chromium delays a page's WebSocket handshakes while
@@ -463,7 +467,7 @@ def test_close_codes_stop_or_reconnect(page: Page, stubs: Stubs) -> None:
         assert events(page, str(code), "reconnecting") == []
 
 
-def test_backoff_has_full_jitter(page: Page, stubs: Stubs) -> None:
+def test_backoff_has_full_jitter(stubs: Stubs, page: Page) -> None:
     """100 reconnect delays, each after a connection the stub closes at once
     (1011, too short-lived to reset the backoff): each delay within
     [0, min(cap, base * 2^attempt)), spread over the whole range (not "half plus
@@ -498,7 +502,7 @@ def test_backoff_has_full_jitter(page: Page, stubs: Stubs) -> None:
     assert fn == [500, 4000, 16000, 20000, 20000]
 
 
-def test_recovery_parameters_and_duplicates(page: Page, stubs: Stubs) -> None:
+def test_recovery_parameters_and_duplicates(stubs: Stubs, page: Page) -> None:
     """The stub plays decisions.md 13: the first connection asks for history,
     each reconnect carries since=EPOCH:OFFSET and previous=OLD_ID from what the
     client saw last; replays overlap live traffic and repeat offsets, and the
@@ -586,7 +590,7 @@ def test_recovery_parameters_and_duplicates(page: Page, stubs: Stubs) -> None:
 
 
 def test_token_by_subprotocol_and_refresh(
-    page: Page, page_server: PageServer, stubs: Stubs
+    stubs: Stubs, page: Page, page_server: PageServer
 ) -> None:
     """The token goes as the subprotocols ["wshub", "bearer." + token]; the client
     refreshes it before exp by the server's clock (the stub's runs 3 s ahead),
@@ -644,7 +648,7 @@ def test_token_by_subprotocol_and_refresh(
     assert seen["reconnect_exp"] >= seen["last_exp"]
 
 
-def test_static_token_and_room(page: Page, stubs: Stubs) -> None:
+def test_static_token_and_room(stubs: Stubs, page: Page) -> None:
     """A fixed `token` is offered as is; `room` adds /ROOM to the path, and a
     room name the server would refuse is refused at once, before any connection."""
 
