@@ -648,20 +648,32 @@ def test_token_by_subprotocol_and_refresh(
     assert seen["reconnect_exp"] >= seen["last_exp"]
 
 
-def test_static_token_and_room(stubs: Stubs, page: Page) -> None:
+def test_static_token_room_and_pings(stubs: Stubs, page: Page) -> None:
     """A fixed `token` is offered as is; `room` adds /ROOM to the path, and a
-    room name the server would refuse is refused at once, before any connection."""
+    room name the server would refuse is refused at once. The server's JSON ping
+    is answered with a pong, unless `answerPings: false`."""
+    answers: list[Any] = []
 
     async def handler(ws: ServerConnection, n: int) -> None:
         await ws.send(welcome(n, room="lobby"))
+        await ws.send(json.dumps({"type": "ping", "timestamp": int(time.time() * 1000)}))
+        answers.append(json.loads(await ws.recv()))
+        if answers[-1] == {"type": "ping"}:
+            await ws.send(json.dumps({"type": "pong", "timestamp": 1}))
         await ws.wait_closed()
 
     stub = stubs(handler)
     token = mint("bob", 3600)
     make(page, "a", stub.url, token=token, room="lobby")
-    wait_events(page, "a", "welcome")
+    wait_events(page, "a", "ping")
+    page.wait_for_function("() => clients.a.c.state === 'open'")
     assert stub.offers == [["wshub", "bearer." + token]]
     assert urlsplit(stub.paths[0]).path == "/websocket/lobby"
+    make(page, "quiet", stub.url, answerPings=False)
+    wait_events(page, "quiet", "ping")
+    assert call(page, "quiet", "ping") >= 0  # the first frame it sent is its own ping
+    assert sorted(answers, key=str) == [{"type": "ping"}, {"type": "pong"}]
+    assert stub.offers[1] == []  # no token: no subprotocol
     refused = page.evaluate(
         "() => { try { new lib.WshubClient('ws://x/websocket', { room: 'a b' }); }"
         " catch (e) { return e.name; } }"

@@ -42,6 +42,7 @@ export class WshubClient {
       resetAfter: 5000,
       connectTimeout: 10000,
       idleTimeout: 0,
+      answerPings: true,
       ...options,
     });
     if (o.room != null && !ROOM.test(o.room)) throw new TypeError("wshub: bad room name");
@@ -240,6 +241,9 @@ export class WshubClient {
       if (m.offset <= this._last) return; // a duplicate: already emitted
       this._last = this.offset = m.offset;
     }
+    // A sign of life some proxies and older servers look for; the browser answers the
+    // protocol-level Ping on its own.
+    if (type === "ping" && this.options.answerPings) this._send({ type: "pong" });
     if (type === "refreshed" && this._next) {
       this._token = this._next;
       this._plan();
