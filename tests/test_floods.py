@@ -77,11 +77,16 @@ class Chat(threading.Thread):
         self.left: dict[str, dict[str, int]] = {"a": {}, "b": {}}
         self.broadcasts: dict[str, list[str]] = {"a": [], "b": []}
 
-    def _await(  # noqa: ANN001
-        self, receiver, name: str, prefix: str, content: str, timeout: float = 12 * TIMEOUT
+    def _await(
+        self,
+        receiver,  # noqa: ANN001
+        name: str,
+        prefix: str,
+        content: str,
+        timeout: float = 12 * TIMEOUT,  # an upper bound; p99 is asserted
     ) -> None:
         while True:
-            message = receiver.recv(timeout=timeout)  # an upper bound; p99 is asserted
+            message = receiver.recv(timeout=timeout)
             kind = message["type"]
             if kind == "message" and message["connectionId"] in self.w.ids:
                 if message["content"] == content:
@@ -123,8 +128,8 @@ class Chat(threading.Thread):
         while not predicate():
             assert time.monotonic() < deadline, f"timed out waiting for {what}"
             for name, client in (("a", self.w.a), ("b", self.w.b)):
-                # Read what has come, then look again: a long recv timeout
-                # here would wait for a silence the heartbeat never leaves.
+                # Read what is there, a short wait each: what is awaited may be
+                # queued at either watcher, and a long wait on one held the other.
                 try:
                     self._await(client, name, "", "\0never", timeout=0.2)
                 except TimeoutError:
