@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -48,18 +47,20 @@ class Server:
     def ws_url(self) -> str:
         return f"ws://{self.host}:{self.port}/websocket"
 
-    def connect(self, **kwargs: object) -> ClientConnection:
+    def connect(self, room: str | None = None, **kwargs: object) -> ClientConnection:
+        """A WebSocket to the default room, or to *room* (``/websocket/{room}``)."""
         kwargs.setdefault("open_timeout", TIMEOUT)
         kwargs.setdefault("close_timeout", TIMEOUT)
         kwargs.setdefault("legacy", True)
         # Unbounded client-side queue: with the default, a client that has not
         # read its backlog stops reading the socket and can't see a Close.
         kwargs.setdefault("max_queue", None)  # a connection held across calls, not a with-block
-        return connect(self.ws_url, **kwargs)  # type: ignore[arg-type]
+        url = self.ws_url if room is None else f"{self.ws_url}/{room}"
+        return connect(url, **kwargs)  # type: ignore[arg-type]
 
-    def client(self, **kwargs: object) -> Client:
+    def client(self, room: str | None = None, **kwargs: object) -> Client:
         """Connect and read the ``welcome``."""
-        ws = self.connect(**kwargs)
+        ws = self.connect(room, **kwargs)
         welcome = json.loads(ws.recv(timeout=TIMEOUT))
         assert welcome["type"] == "welcome", welcome
         return Client(ws, welcome["connectionId"], welcome)
@@ -86,11 +87,9 @@ class Server:
 
     def wait_for(self, predicate: Callable[[], bool], what: str) -> None:
         """Poll the server's own introspection until *predicate* holds."""
-        deadline = time.monotonic() + TIMEOUT
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}")
-            time.sleep(0.01)
+        from .waiting import wait_until
+
+        wait_until(predicate, what)
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc.poll() is None:
@@ -244,16 +243,17 @@ class RedisServer:
         )
         import redis
 
+        from .waiting import wait_until
+
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + TIMEOUT
-        while True:
+
+        def answers() -> bool:
             try:
-                client.ping()
-                break
+                return bool(client.ping())
             except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise AssertionError("redis-server did not start") from None
-                time.sleep(0.02)
+                return False
+
+        wait_until(answers, "redis-server to start", interval=0.02)
         client.close()
 
     def stop(self) -> None:

@@ -19,7 +19,6 @@ import json
 import os
 import socket
 import struct
-import time
 import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -48,18 +47,6 @@ def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     rank = max(0, min(len(ordered) - 1, int(round(p / 100 * len(ordered) + 0.5)) - 1))
     return ordered[rank]
-
-
-def wait_until(
-    predicate: Callable[[], bool], what: str, timeout: float, interval: float = 0.01
-) -> float:
-    """Poll *predicate* until it holds; return the seconds it took."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what}")
-        time.sleep(interval)
-    return time.monotonic() - start
 
 
 # -- the "nothing lost" probe -------------------------------------------------

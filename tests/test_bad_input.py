@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from .conftest import TIMEOUT, Server, start_server
-from .loadtools import Watchers, fd_count, rss_kib, wait_until
+from .loadtools import Watchers, fd_count, rss_kib
 from .rawws import RawClient, encode_frame
+from .waiting import wait_until
 
 HANDSHAKE_TIMEOUT = 2.0
 MEM_TOLERANCE_KIB = 4096

@@ -175,6 +175,13 @@ def test_normalize_url() -> None:
     assert normalize_url("http://h:1") == "ws://h:1/websocket"
     assert normalize_url("https://h/chat?x=1") == "wss://h/chat?x=1"
     assert normalize_url("ws://h:1/websocket") == "ws://h:1/websocket"
+    assert normalize_url("h:1", "Lobby") == "ws://h:1/websocket/Lobby"
+    assert normalize_url("ws://h:1/websocket?x=1", "a.b") == "ws://h:1/websocket/a.b?x=1"
+    for bad in ("", "a b", "x" * 65, "%41"):
+        with pytest.raises(ValueError):
+            normalize_url("h:1", bad)
+    with pytest.raises(ValueError):
+        normalize_url("ws://h:1/chat", "lobby")
 
 
 def test_printable_escapes_terminal_controls() -> None:
@@ -186,6 +193,24 @@ def test_printable_escapes_terminal_controls() -> None:
 
 
 # -- Scripted mode ----------------------------------------------------------------
+
+
+def test_room_option_joins_the_room(make_server: Callable[..., Server]) -> None:
+    """--room NAME talks in room NAME: a member there gets the message, the
+    welcome says the room, a client in the default room gets nothing; a bad
+    name is a usage error."""
+    server = make_server(*LOOSE)
+    member, outsider = server.client("lobby"), server.client()
+    result = run_script(server.http_url, ["hello lobby"], "--room", "lobby", "--json")
+    assert result.returncode == 0, result.stderr
+    welcome = json.loads(result.stdout.splitlines()[0])
+    assert welcome["type"] == "welcome" and welcome["room"] == "lobby"
+    assert member.recv_type("message")["content"] == "hello lobby"
+    outsider.roundtrip()  # its next frame is its own pong: nothing else came
+    bad = run_script(server.http_url, [], "--room", "no spaces")
+    assert bad.returncode == 2 and "room name" in bad.stderr
+    member.close()
+    outsider.close()
 
 
 def test_scripted_json(make_server: Callable[..., Server]) -> None:

@@ -60,7 +60,8 @@ def test_chat_page(server: Server) -> None:
 
 def test_unknown_path_is_404(server: Server) -> None:
     assert server.get("/nothing-here")[0] == 404
-    assert server.get("/websocket/extra")[0] == 404
+    assert server.get("/websocketx")[0] == 404
+    assert server.get("/websocket/extra")[0] == 426  # room "extra": see test_rooms.py
 
 
 def test_websocket_without_upgrade_is_426(server: Server) -> None:

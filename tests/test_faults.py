@@ -27,10 +27,10 @@ from .loadtools import (
     raise_nofile,
     rss_kib,
     run_async,
-    wait_until,
     ws_connect,
 )
 from .rawws import RawClient
+from .waiting import wait_until, wait_until_async
 
 OPEN = ("--ip-connect-rate", "0", "--max-connections-per-ip", "0", "--message-rate", "0")
 
@@ -105,10 +105,10 @@ def test_stalled_reader_under_full_rate_broadcast(make_server, direct_send: str)
         sender = await ws_connect(srv.host, srv.port)
         # Warm-up, then the baseline phase.
         await _paced_phase(sender, latencies, 0, 1000, rate, pad)
-        await wait_for_async(lambda: len(order) >= 1000, "warm-up delivered")
+        await wait_until_async(lambda: len(order) >= 1000, "warm-up delivered")
         base_rss = rss_kib(srv.proc.pid)
         await _paced_phase(sender, latencies, 1000, phase, rate, pad)
-        await wait_for_async(lambda: len(order) >= 1000 + phase, "phase A delivered")
+        await wait_until_async(lambda: len(order) >= 1000 + phase, "phase A delivered")
         # The stalled client: a socket that never reads, with a small window.
         loop = asyncio.get_running_loop()
         stalled = await loop.run_in_executor(
@@ -117,7 +117,7 @@ def test_stalled_reader_under_full_rate_broadcast(make_server, direct_send: str)
         assert stalled[1] == 101
         t_stall = time.monotonic()
         await _paced_phase(sender, latencies, 1000 + phase, phase, rate, pad)
-        await wait_for_async(lambda: len(order) >= 1000 + 2 * phase, "phase B delivered")
+        await wait_until_async(lambda: len(order) >= 1000 + 2 * phase, "phase B delivered")
         slow_closed = await loop.run_in_executor(
             None,
             lambda: wait_until(
@@ -157,14 +157,6 @@ def test_stalled_reader_under_full_rate_broadcast(make_server, direct_send: str)
     # "Does not move much": a server that waited for the stalled client would
     # add its whole backlog (seconds) to everyone's latency.
     assert p99_b < max(3 * p99_a, p99_a + 0.05), (p99_a, p99_b)
-
-
-async def wait_for_async(predicate, what: str, timeout: float = TIMEOUT) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 # -- a client frozen with SIGSTOP ---------------------------------------------------
@@ -410,7 +402,7 @@ def test_reconnect_storm_after_restart(make_server) -> None:
         reconnected: list[float] = []
         codes: list[int] = []
         lives = [asyncio.create_task(client_life(i, reconnected, codes)) for i in range(n)]
-        await wait_for_async(lambda: len(connected) == n, "all connected", 60)
+        await wait_until_async(lambda: len(connected) == n, "all connected", 60)
         loop = asyncio.get_running_loop()
         stats = await loop.run_in_executor(None, first.stats)
         assert stats["connections"]["node"] == n

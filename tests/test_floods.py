@@ -37,10 +37,10 @@ from .loadtools import (
     raise_nofile,
     rss_kib,
     run_async,
-    wait_until,
     ws_connect,
 )
 from .rawws import Closed, RawClient, encode_frame
+from .waiting import wait_until
 
 # Per-IP limits off, so that no limit of section 8 hides a problem; the frame
 # budget at its default unless a test says otherwise.

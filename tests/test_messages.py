@@ -32,7 +32,8 @@ def test_welcome_comes_first_with_id_and_count(server: Server) -> None:
         parsed = datetime.strptime(a.welcome["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ")
         assert abs(parsed.replace(tzinfo=UTC).timestamp() - datetime.now(UTC).timestamp()) < 60
         assert a.welcome["connectionCount"] == server.stats()["connections"]["node"]
-        assert set(a.welcome) == {"type", "connectionId", "timestamp", "connectionCount"}
+        assert set(a.welcome) == {"type", "connectionId", "timestamp", "connectionCount", "room"}
+        assert a.welcome["room"] == ""  # the default room
     finally:
         a.close()
 

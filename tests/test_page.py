@@ -341,3 +341,41 @@ if __name__ == "__main__":
         sys.exit("usage: python -m tests.test_page --screenshot PATH")
     take_screenshot(sys.argv[2])
     print(f"wrote {sys.argv[2]}")
+
+
+def test_pages_in_rooms_talk_only_within_their_room(
+    make_server: Callable[..., Server], open_page
+) -> None:
+    """/?room=NAME joins room NAME: two pages in it chat, a page in the
+    default room sees none of it, and the header names the room."""
+    server = make_server(*LOOSE)
+    lobby = open_page(server)
+    a = open_page(server.http_url + "/?room=blue")
+    expect(a.locator("#room")).to_have_text("blue")
+    expect(a.locator("#count")).to_have_text("1")
+    b = open_page(server.http_url + "/?room=blue")
+    expect(b.locator("#count")).to_have_text("2")
+    expect(feed_item(a, "join", my_id(b))).to_have_count(1)
+    send(a, "only for blue")
+    expect(feed_item(b, "message", "only for blue")).to_have_count(1)
+    expect(lobby.locator("#room")).to_have_text("(default)")
+    expect(lobby.locator("#count")).to_have_text("1")
+    lobby.get_by_role("button", name="User info").click()
+    expect(feed_item(lobby, "info")).to_have_count(1)  # its own reply came; nothing else
+    assert feed_item(lobby, "message").count() == 0 and feed_item(lobby, "join").count() == 0
+
+
+def test_a_page_with_an_invalid_room_name_says_so(
+    make_server: Callable[..., Server], browser: Browser
+) -> None:
+    """A name the server would refuse is not tried: the page says why."""
+    server = make_server(*LOOSE)
+    context = browser.new_context()
+    context.set_default_timeout(MS)
+    try:
+        page = context.new_page()
+        page.goto(server.http_url + "/?room=no%20spaces")
+        expect(page.locator("#state")).to_have_text("invalid room name")
+        expect(feed_item(page, "system", "not valid")).to_have_count(1)
+    finally:
+        context.close()

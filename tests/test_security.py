@@ -26,8 +26,9 @@ import pytest
 import redis
 
 from .conftest import TIMEOUT, RedisServer, Server
-from .loadtools import fd_count, wait_until
+from .loadtools import fd_count
 from .rawws import RawClient, encode_frame
+from .waiting import wait_until
 
 CLOSE_TIMEOUT = 2.0
 OPEN = ("--ip-connect-rate", "0", "--max-connections-per-ip", "0", "--message-rate", "0")
@@ -494,10 +495,14 @@ def test_a_malformed_envelope_is_counted_and_skipped(
     name = f"sec{os.getpid()}{abs(hash(payload)) % 10000}"
     a_srv, b_srv = two_nodes(make_server, redis_server, name)
     a = a_srv.client()
-    b_srv.wait_for(lambda: counts(b_srv)["cluster"] == 1, "a seen on B")
+    # Both nodes in the default room (its channel is {name}:room:), B's
+    # member counting A's (a room's presence is read when a node joins it).
+    watcher = b_srv.client()
+    assert watcher.welcome["connectionCount"] == 2
+    assert a.recv_type("user_joined")["connectionId"] == watcher.id
     r = redis.Redis(port=redis_server.port)
     for _ in range(3):
-        r.publish(f"{name}:events", payload)
+        r.publish(f"{name}:room:", payload)
     r.close()
     for srv in (a_srv, b_srv):
         srv.wait_for(lambda srv=srv: srv.metric("wshub_backplane_malformed_total") == 3, "3")
@@ -518,6 +523,7 @@ def test_a_malformed_envelope_is_counted_and_skipped(
     figure(f"6. {payload!r} x3: counted 3 on each node; cross-node message and join delivered")
     a.close()
     b.close()
+    watcher.close()
 
 
 # -- 7. same-host Origin: Host, scheme, server names ---------------------------------------
@@ -657,8 +663,8 @@ def test_a_frozen_redis_delivers_nothing_late(make_server, own_redis: RedisServe
     # A TTL longer than the freeze: nobody is reaped, only delivery is at stake.
     a_srv, b_srv = two_nodes(make_server, own_redis, name, ttl="12")
     a = a_srv.client()
-    b_srv.wait_for(lambda: counts(b_srv)["cluster"] == 1, "a seen on B")
-    b = b_srv.client()
+    b = b_srv.client()  # its welcome counts a: the room's presence is read at join
+    assert b.welcome["connectionCount"] == 2
     a.recv_type("user_joined")
     os.kill(own_redis.proc.pid, signal.SIGSTOP)
     try:
@@ -785,8 +791,9 @@ def test_the_subscriber_is_restarted_if_it_ever_ends(redis_server: RedisServer) 
     from wshub.backplane import Envelope, EventKind
     from wshub.backplane.redis import RedisBackplane
     from wshub.ids import ConnectionId, NodeId
+    from wshub.rooms import DEFAULT_ROOM
 
-    from .backplane.test_contract import Recorder
+    from .backplane.test_contract import Recorder, subscribe
 
     class Buggy(RedisBackplane):
         failures = 1
@@ -808,7 +815,10 @@ def test_the_subscriber_is_restarted_if_it_ever_ends(redis_server: RedisServer) 
         while not (b.metrics()["subscriber_restarts"] == 1 and b.ready()[0]):
             assert loop.time() - start < TIMEOUT, "subscriber never restarted"
             await asyncio.sleep(0.02)
-        a.publish(Envelope(NodeId("a"), EventKind.RELAY, ConnectionId("ws-1"), b"heard"))
+        await subscribe(b, recorders[1], DEFAULT_ROOM)
+        a.publish(
+            Envelope(NodeId("a"), EventKind.RELAY, DEFAULT_ROOM, ConnectionId("ws-1"), b"heard")
+        )
         await recorders[1].until(lambda: recorders[1].relays() == [b"heard"])
         await a.stop()
         await b.stop()

@@ -48,6 +48,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.typing import Origin
+
+from .rooms import is_room_name
 
 __all__ = ["add_tls_arguments", "main", "normalize_url", "printable", "tls_context"]
 
@@ -76,14 +79,25 @@ def printable(text: str) -> str:
     return "\n    ".join(line.translate(_ESCAPES) for line in lines)
 
 
-def normalize_url(url: str) -> str:
+def normalize_url(url: str, room: str | None = None) -> str:
     """Accept ``host:port``, ``http(s)://`` and ``ws(s)://`` URLs; a URL
-    without a path gets the protocol's ``/websocket``."""
+    without a path gets the protocol's ``/websocket``, or ``/websocket/ROOM``
+    with *room*.
+
+    Raises:
+        ValueError: *room* is not a room name, or the URL names another path.
+    """
     if "://" not in url:
         url = "ws://" + url
     parts = urlsplit(url)
     scheme = {"http": "ws", "https": "wss"}.get(parts.scheme.lower(), parts.scheme.lower())
     path = parts.path or "/websocket"
+    if room is not None:
+        if not is_room_name(room):
+            raise ValueError(f"--room {room!r}: a room name is 1-64 of A-Z a-z 0-9 . _ ~ -")
+        if path.rstrip("/") != "/websocket":
+            raise ValueError(f"--room with a URL whose path is {path!r}, not /websocket")
+        path = "/websocket/" + room
     return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
 
 
@@ -138,6 +152,12 @@ def _parser() -> argparse.ArgumentParser:
         "url",
         help="ws://HOST:PORT/websocket (wss://, http:// and HOST:PORT "
         "work too; a URL without a path gets /websocket)",
+    )
+    parser.add_argument(
+        "--room",
+        metavar="NAME",
+        help="join room NAME (the URL's path becomes /websocket/NAME); without it, "
+        "the room the URL names (/websocket: the default room)",
     )
     parser.add_argument(
         "--json", action="store_true", help="print every received message as one JSON line"
@@ -292,8 +312,10 @@ class Session:
         style = self.output.style
         at = _clock(m.get("timestamp"))
         if kind == "welcome":
+            room = m.get("room")
+            where = f" in room {printable(str(room))}" if room else ""
             return style(
-                f"welcome: you are {printable(str(m.get('connectionId')))} "
+                f"welcome: you are {printable(str(m.get('connectionId')))}{where} "
                 f"({m.get('connectionCount')} online)",
                 "1",
             )
@@ -409,7 +431,11 @@ def _describe_failure(exc: BaseException) -> str:
 
 
 async def _run(args: argparse.Namespace, output: Output) -> int:
-    url = normalize_url(args.url)
+    try:
+        url = normalize_url(args.url, args.room)
+    except ValueError as exc:
+        output.line(f"wshub client: {exc}", to_err=True)
+        return 2
     headers = []
     for header in args.header:
         name, sep, value = header.partition(":")
@@ -431,7 +457,7 @@ async def _run(args: argparse.Namespace, output: Output) -> int:
             url,
             ssl=context,
             additional_headers=headers,
-            origin=args.origin,  # type: ignore[arg-type]
+            origin=Origin(args.origin) if args.origin else None,
             open_timeout=args.timeout,
             max_size=None,
             max_queue=None,

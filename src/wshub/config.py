@@ -350,6 +350,13 @@ class Config:
         _count,
         "N",
     )
+    max_rooms: int = _opt(
+        10000,
+        "Rooms with members on this node, the default room not counted; a connection "
+        "that would open one more gets 503 (0: unlimited).",
+        _count,
+        "N",
+    )
     allowed_origins: tuple[str, ...] = _opt(
         (),
         "Comma-separated browser origins allowed besides the server's own host: exact "
@@ -668,10 +675,6 @@ class Option:
     @property
     def env(self) -> str:
         return "WSHUB_" + self.attr.upper()
-
-    @property
-    def toml_key(self) -> str:
-        return self.attr.replace("_", "-")
 
 
 OPTIONS: tuple[Option, ...] = tuple(

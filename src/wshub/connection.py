@@ -6,11 +6,18 @@ library's sans-I/O :class:`~websockets.protocol.Protocol`, which parses frames
 and enforces RFC 6455 (masking, reserved bits, opcodes, control frame rules,
 the message size limit, permessage-deflate decoding, the close handshake).
 This module assembles fragmented messages, checks UTF-8, and hands complete
-messages to the :class:`~wshub.node.Node`, which owns every protocol decision.
+messages to its owner.
 
-Outgoing data never goes through the library: the fan-out writes pre-built
-frames straight to the transport. The library's Close frames go out behind
-what the fan-out queued for the client, so order holds.
+What this module may not know: who else is connected, rooms, the protocol's
+JSON, metrics, the backplane. It talks to its owner only through
+:class:`ConnectionOwner`, defined here: the node while the request is plain
+HTTP, then the room's hub (or the echo endpoint) once the upgrade is granted.
+
+One writer per socket: only :meth:`Connection.write` and the methods of this
+class write to the transport. The fan-out hands its bytes to ``write()``
+(or, for an idle plain socket, sends them from one C call while the transport
+has nothing queued: see :mod:`wshub.fanout`). The library's Close frames go
+out behind what was promised to the client, which the owner hands back.
 
 Floods (decisions.md 18):
 
@@ -36,7 +43,9 @@ import logging
 import socket
 import struct
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from websockets.extensions.permessage_deflate import PerMessageDeflate
 from websockets.frames import Frame, Opcode
@@ -48,13 +57,14 @@ from . import http
 from .errors import CloseCode, Disconnect
 from .framescan import FrameScanner
 from .ids import ConnectionId
-from .session import Admit, State
+from .rooms import DEFAULT_ROOM
+from .session import Admit, Session, State
 from .wire import Deflate
 
 if TYPE_CHECKING:
-    from .node import Node
+    from .fanout import Audience
 
-__all__ = ["Connection"]
+__all__ = ["Connection", "ConnectionOwner", "ConnectionSettings"]
 
 # The library logs every closed connection at INFO on the server side; wshub
 # writes its own lines, so keep the library's for warnings and errors.
@@ -68,15 +78,70 @@ _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 KERNEL_SEND_BUFFER = 64 * 1024
 """SO_SNDBUF for client sockets (Linux doubles it for bookkeeping)."""
 
-_LINGER_RESET = struct.pack("ii", 1, 0)
-"""SO_LINGER on, 0 s: close() then resets the connection and discards what
-the kernel still holds for a client that stopped reading (issue 19.1)."""
 READ_SLICE = 256 * 1024
 """Bytes one connection may have parsed before it waits a loop pass. libuv
 reads a readable socket up to 32 times per pass: a client flooding frames
 the library parses (Pings: ~15 us each) held the loop 1-2 s at a time, and
 every other client waited (decisions.md 18). ~30 ms of Pings, ~1,000 common
 messages: a normal client never reaches it within a pass."""
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+"""SO_LINGER on, 0 s: close() then resets the connection and discards what
+the kernel still holds for a client that stopped reading (issue 19.1)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionSettings:
+    """The options a connection applies by itself."""
+
+    max_message_size: int
+    max_message_frames: float  # frames of one incoming message (inf: no limit)
+    handshake_timeout: float
+    close_timeout: float
+    message_rate: float
+    message_burst: int
+    rate_limit_refusals: int
+    rate_limit_window: float
+    direct_send: bool  # the fan-out may send to plain sockets itself
+
+
+class ConnectionOwner(Protocol):
+    """What a connection tells its owner. Each call is made once per event,
+    in the order the events happen on the socket."""
+
+    def on_connect(self, conn: Connection) -> bytes | None:
+        """The socket was accepted: None to go on, or the HTTP response that
+        refuses it at once (the pre-upgrade caps)."""
+        ...
+
+    def on_request(self, conn: Connection, request: http.Request) -> None:
+        """A plain HTTP request head (before any upgrade): answer it with
+        :meth:`Connection.respond`, or grant the upgrade."""
+
+    def on_refused(self, conn: Connection, status: int, reason: str, detail: str) -> None:
+        """The connection refused something itself (a malformed request head,
+        the handshake deadline): count it, log it."""
+
+    def on_open(self, conn: Connection) -> None:
+        """The upgrade response is written: the connection is OPEN."""
+
+    def on_text(self, conn: Connection, text: str) -> None:
+        """A whole text message that passed the rate limit."""
+
+    def on_binary(self, conn: Connection, data: bytes) -> None:
+        """A whole binary message that passed the rate limit."""
+
+    def on_rate_limited(self, conn: Connection, *, disconnect: bool) -> None:
+        """A data message over the rate limit (dropped); *disconnect*: too
+        many of them, close the connection."""
+
+    def on_closing(self, conn: Connection) -> bytes:
+        """The connection stops receiving frames (a Close frame is about to
+        go out): return what was queued for it, which goes out first."""
+        ...
+
+    def on_closed(self, conn: Connection, previous: State) -> None:
+        """The socket is gone; *previous* is the state it was in."""
 
 
 class _FrameProtocol(FrameProtocol):
@@ -112,7 +177,7 @@ class _UpgradesPerPass:
         self.scheduled = False
 
     def admit(self, conn: Connection) -> bool:
-        self._schedule(conn.node.loop)
+        self._schedule(conn.loop)
         if self.count < UPGRADES_PER_PASS and not self.waiting:
             self.count += 1
             return True
@@ -142,7 +207,9 @@ _upgrades = _UpgradesPerPass()
 
 class Connection(asyncio.Protocol):
     __slots__ = (
-        "node",
+        "owner",
+        "settings",
+        "loop",
         "transport",
         "peer",
         "ip",
@@ -155,6 +222,9 @@ class Connection(asyncio.Protocol):
         "joined_at",
         "marked",
         "is_recipient",
+        "audience",
+        "room",
+        "admitted",
         "opened_at",
         "close_code",
         "_buffer",
@@ -166,26 +236,40 @@ class Connection(asyncio.Protocol):
         "_message_frames",
         "_after_close",
         "_read_slice",
-        "_max_frames",
         "pong",
         "buffered",
-        "_released",
         "_failed",
         "_scanner",
-        "echo",
+        "_held",
+        "_body",
         "close_reason",
         "direct",
         "opened_at_accept",
     )
 
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+    def __init__(
+        self,
+        owner: ConnectionOwner,
+        settings: ConnectionSettings,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.owner = owner
+        self.settings = settings
+        self.loop = loop
+        self.transport: asyncio.Transport  # set by connection_made(), the first call
         self.peer = ""
         self.ip = ""  # the client address the per-IP limits apply to
         self.origin: str | None = None
         self.id = ConnectionId("")
-        self.session = node.new_session()
+        self.room = DEFAULT_ROOM  # the room it belongs to once admitted
+        self.admitted = False  # holds a slot of the per-IP and node limits
+        self.session = Session(
+            loop.time(),
+            message_rate=settings.message_rate,
+            message_burst=settings.message_burst,
+            strike_limit=settings.rate_limit_refusals,
+            strike_window=settings.rate_limit_window,
+        )
         self.ws: FrameProtocol | None = None
         self.deflate: Deflate | None = None
         # Fan-out bookkeeping (see wshub.fanout).
@@ -195,6 +279,7 @@ class Connection(asyncio.Protocol):
         self.is_recipient = False
         self.buffered = 0  # unsent bytes in the transport, as the fan-out last saw them
         self.pong: bytes | None = None  # the latest Pong, waiting for the buffer to drain
+        self.audience: Audience[Any] | None = None
         self.direct: tuple[asyncio.Transport, int, Connection] | None = None
         self.opened_at = 0.0
         self.opened_at_accept = 0.0
@@ -212,50 +297,46 @@ class Connection(asyncio.Protocol):
         self._message_frames = 0  # frames of the fragmented message so far
         self._after_close = 0  # bytes received since the connection began to close
         self._read_slice = READ_SLICE  # bytes it may still read in this loop pass
-        self._max_frames = node.config.effective_max_message_frames
-        self._released = False  # admission slot given back
         self._failed = False  # we failed the connection in this batch of frames
-        self._scanner = FrameScanner(node.config.max_message_size)
-        self.echo = False  # a conformance-test connection on /echo, outside the hub
-
-    @property
-    def state(self) -> State:
-        return self.session.state
+        self._scanner = FrameScanner(settings.max_message_size)
+        self._held = False  # the upgrade is granted but waits (see hold())
+        self._body: tuple[http.BodyReader, Callable[[bytes], None]] | None = None  # read_body()
 
     # -- asyncio callbacks ----------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
-        self.opened_at_accept = self.node.loop.time()
+        # A stream transport (uvloop's is no subclass of asyncio.Transport).
+        self.transport = cast(asyncio.Transport, transport)
+        self.opened_at_accept = self.loop.time()
         sock = transport.get_extra_info("socket")
         if sock is not None:
             # A fixed kernel send buffer instead of Linux's autotuning (up to
             # 4 MiB per socket): what a client that never reads can pin is then
             # this plus --send-buffer-limit, and the limit is reached quickly.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, KERNEL_SEND_BUFFER)
-            if self.node.fanout.direct and transport.get_extra_info("sslcontext") is None:
+            if self.settings.direct_send and transport.get_extra_info("sslcontext") is None:
                 # The fan-out may send to this socket itself while the
                 # transport is idle (wshub.fanout, "Direct sends").
                 self.direct = (self.transport, sock.fileno(), self)
         # resume_writing() then means "the buffer is empty": the moment a
         # waiting Pong can go (the fan-out ignores pause_writing()).
-        transport.set_write_buffer_limits(high=0)  # type: ignore[attr-defined]
+        self.transport.set_write_buffer_limits(high=0)
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if peer else "unknown"
         self.ip = self.peer
         # Pre-upgrade admission (issue 19.2): a socket that has not finished
         # its upgrade counts toward caps per peer and per node from accept on.
-        refusal = self.node.connecting(self)
+        refusal = self.owner.on_connect(self)
         if refusal is not None:
             # Closed at once (the few bytes fit in the kernel's buffer): a
-            # refused socket must not hold a descriptor.
+            # refused socket must not hold a descriptor. Never counted, so
+            # nothing to undo: connection_lost() tells no one.
+            self.session.transition(State.CLOSED)
             self._buffer = None
-            transport.write(refusal)
-            transport.close()
+            self.transport.write(refusal)
+            self.transport.close()
             return
-        self._timer = self.node.loop.call_later(
-            self.node.config.handshake_timeout, self._handshake_expired
-        )
+        self._timer = self.loop.call_later(self.settings.handshake_timeout, self._handshake_expired)
 
     def data_received(self, data: bytes) -> None:
         if self.ws is not None:
@@ -268,10 +349,17 @@ class Connection(asyncio.Protocol):
         if buffer is None:  # an HTTP response is on its way out: ignore the rest
             return
         buffer += data
+        if self._body is not None:
+            self._body_received()
+            return
+        if self._held:  # the client spoke first: keep it for after the upgrade
+            if len(buffer) > http.MAX_HEAD_SIZE:
+                self.abort()
+            return
         try:
             parsed = http.parse_request_head(buffer)
         except http.HttpError as exc:
-            self.node.refuse(self, exc.status, http.refusal_reason(exc.status), exc.body)
+            self.owner.on_refused(self, exc.status, http.refusal_reason(exc.status), exc.body)
             self.respond(http.response(exc.status, exc.body, headers=exc.headers))
             return
         if parsed is None:
@@ -280,7 +368,7 @@ class Connection(asyncio.Protocol):
         if request.get("upgrade") is not None and not _upgrades.admit(self):
             return  # handled in a later loop pass (see UPGRADES_PER_PASS)
         del buffer[:length]
-        self.node.handle_request(self, request)
+        self.owner.on_request(self, request)
 
     def _request_again(self) -> bool:
         """Our upgrade waited for a later loop pass: handle it now (False if
@@ -293,7 +381,7 @@ class Connection(asyncio.Protocol):
         assert parsed is not None
         request, length = parsed
         del buffer[:length]
-        self.node.handle_request(self, request)
+        self.owner.on_request(self, request)
         return True
 
     def eof_received(self) -> bool | None:
@@ -306,11 +394,10 @@ class Connection(asyncio.Protocol):
         self._cancel_timer()
         self.direct = None  # the descriptor is closed (and it held a cycle)
         self.pong = None
-        self.node.fanout.forget(self)
         previous = self.session.state
         if previous is not State.CLOSED:
             self.session.transition(State.CLOSED)
-            self.node.closed(self, previous)
+            self.owner.on_closed(self, previous)
 
     def _yield_reading(self) -> None:
         """This connection had its share of the pass: read it again after
@@ -320,7 +407,7 @@ class Connection(asyncio.Protocol):
             return
         self._read_slice = READ_SLICE
         transport.pause_reading()
-        self.node.loop.call_soon(self._resume_reading)
+        self.loop.call_soon(self._resume_reading)
 
     def _resume_reading(self) -> None:
         if not self.transport.is_closing():
@@ -337,6 +424,20 @@ class Connection(asyncio.Protocol):
             self.pong = None
             if self.session.state is State.OPEN:  # never after our Close
                 self._send_pong(pong)
+
+    # -- Writing ----------------------------------------------------------------
+
+    def write(self, data: bytes | memoryview) -> int:
+        """Write *data* to the socket (frames, in order); return the bytes
+        still unsent after it (the fan-out compares them with
+        ``--send-buffer-limit``). Raises what a broken transport raises."""
+        transport = self.transport
+        transport.write(data)
+        return transport.get_write_buffer_size()
+
+    def unsent(self) -> int:
+        """Bytes written but not sent yet."""
+        return self.transport.get_write_buffer_size()
 
     # -- HTTP -----------------------------------------------------------------
 
@@ -356,28 +457,75 @@ class Connection(asyncio.Protocol):
             transport.write_eof()
         else:
             transport.close()
-        loop = self.node.loop
-        config = self.node.config
+        loop = self.loop
+        settings = self.settings
         # The handshake deadline (from accept) bounds the whole exchange; a
         # response sent at the last moment still gets a second to leave.
         deadline = max(
-            self.opened_at_accept + config.handshake_timeout,
-            loop.time() + min(1.0, config.close_timeout),
+            self.opened_at_accept + settings.handshake_timeout,
+            loop.time() + min(1.0, settings.close_timeout),
         )
         self._timer = loop.call_at(deadline, self.abort)
 
+    def read_body(
+        self, reader: http.BodyReader, then: Callable[[bytes], None], expect_continue: bool
+    ) -> None:
+        """Read a request body with *reader* (bounded by the route), then call
+        *then* with it. The handshake deadline covers the body too."""
+        self._body = (reader, then)
+        if expect_continue:
+            self.transport.write(http.CONTINUE)
+        self._body_received()
+
+    def _body_received(self) -> None:
+        assert self._body is not None
+        buffer = self._buffer
+        reader, then = self._body
+        if buffer is None:
+            return
+        try:
+            del buffer[: reader.feed(buffer)]
+        except http.HttpError as exc:
+            self._body = None
+            self.owner.on_refused(self, exc.status, http.refusal_reason(exc.status), exc.body)
+            self.respond(http.response(exc.status, exc.body + "\n", headers=exc.headers))
+            return
+        if reader.done:
+            self._body = None
+            then(reader.body())
+
+    def hold(self) -> None:
+        """The upgrade is granted but its owner is not ready yet (a room
+        whose cluster state is being read): keep the connection CONNECTING,
+        what the client sends buffered, until :meth:`upgrade`."""
+        self._held = True
+
     def upgrade(
         self,
+        owner: ConnectionOwner,
         connection_id: ConnectionId,
         response: bytes,
         extension: PerMessageDeflate | None,
         deflate: Deflate | None,
         now: float,
+        *,
+        rate_limited: bool = True,
     ) -> None:
-        """Switch to WebSocket: called by the node once it admitted us."""
+        """Switch to WebSocket, with *owner* from now on (the room's hub).
+
+        Without *rate_limited* (the conformance-test endpoint) every data
+        frame is accepted."""
+        if self.session.state is not State.CONNECTING or self.transport.is_closing():
+            return  # gone while held
         self._cancel_timer()
+        self._held = False
+        self.owner = owner
         self.id = connection_id
-        limit = self.node.config.max_message_size
+        if not rate_limited:
+            self.session = Session(
+                now, message_rate=0, message_burst=1, strike_limit=0, strike_window=1.0
+            )
+        limit = self.settings.max_message_size
         ws = _FrameProtocol(
             Side.SERVER,
             state=FrameState.OPEN,
@@ -398,14 +546,14 @@ class Connection(asyncio.Protocol):
         self.transport.write(response)
         leftover = bytes(self._buffer or b"")
         self._buffer = None
-        self.node.opened(self)
+        owner.on_open(self)
         if leftover:
             self._receive_frames(leftover)
 
     def _handshake_expired(self) -> None:
         self._timer = None
         if self.ws is None and not self.transport.is_closing():
-            self.node.refuse(self, 408, "handshake_timeout", "handshake deadline passed")
+            self.owner.on_refused(self, 408, "handshake_timeout", "handshake deadline passed")
             self.transport.abort()
 
     # -- Frames in --------------------------------------------------------------
@@ -424,10 +572,10 @@ class Connection(asyncio.Protocol):
             # (a flood we just closed with 1008) would have every frame
             # parsed until --close-timeout: drop it instead.
             self._after_close += len(data)
-            if self._after_close > self.node.config.max_message_size + 65536:
+            if self._after_close > self.settings.max_message_size + 65536:
                 self.abort()
                 return
-        self.session.alive(self.node.loop.time())
+        self.session.alive(self.loop.time())
         for opcode, chunk in self._scanner.scan(data, self._fast_path_open):
             if opcode is None:
                 self._feed_library(chunk)
@@ -462,18 +610,18 @@ class Connection(asyncio.Protocol):
         # keeps only the latest one while the client is not reading.
         out = ws.data_to_send()
         pongs = 0
-        node = self.node
-        for frame in events:
+        for frame in cast(list[Frame], events):  # a server side receives frames only
             # Frames parsed before a failure or a Close are processed; after
             # we failed or closed the connection ourselves, the rest is dropped.
             if self._failed or self.session.state is not State.OPEN:
                 break
             opcode = frame.opcode
             if opcode is _TEXT or opcode is _BINARY or opcode is _CONT:
-                self._receive_data_frame(opcode, frame.data, frame.fin)
+                # bytes() of the bytes the library gives is that same object.
+                self._receive_data_frame(opcode, bytes(frame.data), frame.fin)
                 continue
             # A control frame: charged like a data frame (decisions.md 18).
-            verdict = Admit.ACCEPT if self.echo else self.session.admit(node.loop.time())
+            verdict = self.session.admit(self.loop.time())
             if opcode is _PING:
                 pong = out[pongs] if pongs < len(out) else b""
                 pongs += 1
@@ -490,7 +638,7 @@ class Connection(asyncio.Protocol):
                 continue
             elif verdict is Admit.ACCEPT:
                 continue  # a Pong: a sign of life, noted already
-            node.rate_limited(self, disconnect=verdict is Admit.DISCONNECT)
+            self.owner.on_rate_limited(self, disconnect=verdict is Admit.DISCONNECT)
         self._drain_library_output(out[pongs:] + ws.data_to_send())
 
     def _send_pong(self, pong: bytes) -> None:
@@ -503,13 +651,13 @@ class Connection(asyncio.Protocol):
             self.pong = pong
 
     def _receive_data_frame(self, opcode: Opcode, data: bytes, fin: bool) -> None:
-        node = self.node
+        owner = self.owner
         if opcode is not _CONT:
             self._message_opcode = opcode
             self._message_refused = False
-            verdict = Admit.ACCEPT if self.echo else self.session.admit(node.loop.time())
+            verdict = self.session.admit(self.loop.time())
             if verdict is Admit.DISCONNECT:
-                node.rate_limited(self, disconnect=True)
+                owner.on_rate_limited(self, disconnect=True)
                 return
             if verdict is Admit.REFUSE:
                 self._message_refused = True
@@ -527,7 +675,7 @@ class Connection(asyncio.Protocol):
             assert parts is not None  # the library refuses a stray continuation
             parts += data
             frames = self._message_frames = self._message_frames + 1
-            if frames > self._max_frames:
+            if frames > self.settings.max_message_frames:
                 # Bytes alone do not bound the work: empty continuations
                 # cost a parse each and add nothing (decisions.md 18).
                 self._message = None
@@ -541,27 +689,21 @@ class Connection(asyncio.Protocol):
             message = bytes(parts)
             self._message = None
             self._message_decoder = None
-        if len(message) > node.config.max_message_size:
+        if len(message) > self.settings.max_message_size:
             self._fail(CloseCode.MESSAGE_TOO_BIG, "message too big")
             return
         if self._message_refused:
-            node.rate_limited(self, disconnect=False)
+            owner.on_rate_limited(self, disconnect=False)
             return
         if self._message_opcode is _BINARY:
-            if self.echo:
-                node.on_echo(self, False, message)
-            else:
-                node.on_binary(self)
+            owner.on_binary(self, message)
             return
         try:
             text = message.decode("utf-8")
         except UnicodeDecodeError:
             self._fail(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message")
             return
-        if self.echo:
-            node.on_echo(self, True, message)
-        else:
-            node.on_text(self, text)
+        owner.on_text(self, text)
 
     def _check_utf8(self, data: bytes, *, final: bool) -> bool:
         """Validate a fragment as it arrives, to fail fast (RFC 6455 8.1)."""
@@ -664,15 +806,14 @@ class Connection(asyncio.Protocol):
             self._start_close_timer()
 
     def _leave_fanout(self) -> None:
-        data = self.node.fanout.take(self)
+        self.session.transition(State.CLOSING)
+        data = self.owner.on_closing(self)
         if data:
             self.transport.write(data)
-        self.session.transition(State.CLOSING)
-        self.node.closing(self)
 
     def _start_close_timer(self) -> None:
         self._cancel_timer()
-        self._timer = self.node.loop.call_later(self.node.config.close_timeout, self.abort)
+        self._timer = self.loop.call_later(self.settings.close_timeout, self.abort)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

@@ -22,7 +22,6 @@ __all__ = [
     "FORBIDDEN_ROOM",
     "HEARTBEAT_TIMEOUT",
     "RATE_LIMIT_EXCEEDED",
-    "SERVER_ERROR",
     "SHUTTING_DOWN",
     "SLOW_CONSUMER",
     "TOKEN_EXPIRED",
@@ -68,7 +67,6 @@ HEARTBEAT_TIMEOUT = Disconnect(CloseCode.INTERNAL_ERROR, "heartbeat timeout")
 SLOW_CONSUMER = Disconnect(CloseCode.POLICY_VIOLATION, "slow consumer")
 RATE_LIMIT_EXCEEDED = Disconnect(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
 SHUTTING_DOWN = Disconnect(CloseCode.GOING_AWAY, "server shutting down")
-SERVER_ERROR = Disconnect(CloseCode.INTERNAL_ERROR, "internal error")
 UNAUTHORIZED = Disconnect(CloseCode.UNAUTHORIZED, "unauthorized")
 TOKEN_EXPIRED = Disconnect(CloseCode.UNAUTHORIZED, "token expired")
 FORBIDDEN_ROOM = Disconnect(CloseCode.FORBIDDEN_ROOM, "forbidden room")

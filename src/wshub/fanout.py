@@ -7,19 +7,21 @@ Sending one frame with one ``send()`` per recipient costs about 10 µs of CPU
 per delivery on a small VM, whatever the language. So nothing is written when
 a message is routed. Instead, during one pass of the event loop:
 
-* a frame for every open connection (``message``, ``broadcast``,
-  ``user_joined``, ``user_left``, the heartbeat) is framed once and appended to
-  :attr:`Fanout.frames`, with at most one connection excluded (the sender of a
-  ``message``, the newcomer of a ``user_joined``);
+* a frame for every member of an :class:`Audience` (one room's connections:
+  ``message``, ``broadcast``, ``user_joined``, ``user_left``, the heartbeat)
+  is framed once and appended to the audience's :attr:`Audience.frames`, with
+  at most one connection excluded (the sender of a ``message``, the newcomer
+  of a ``user_joined``);
 * a frame for one connection (``welcome``, ``pong``, ``error``, ...) is kept on
   that connection with its position among the shared frames, so per-connection
   order is exactly the order in which frames were queued.
 
 At the end of the pass (:meth:`Fanout.flush`, scheduled with ``call_soon``)
-the shared frames are joined into one ``bytes`` object, and every connection
-that has nothing special going on gets that same object in one
-``transport.write``. Only the few "marked" connections (with private frames,
-an exclusion, or that joined mid-pass) get bytes of their own. With k messages
+each audience that got frames is written in turn: its shared frames are
+joined into one ``bytes`` object, and every member that has nothing special
+going on gets that same object in one write. Only the few "marked"
+connections (with private frames, an exclusion, or that joined mid-pass) get
+bytes of their own. With k messages
 in a pass, a recipient costs one write for k deliveries.
 
 Direct sends: a recipient that gets the common bytes unchanged (or their
@@ -27,10 +29,15 @@ compressed copy for its window size) and has a plain TCP socket
 (``conn.direct``) is not written in the Python loop. The loop collects them,
 and one call of the C extension ``wshub._directsend`` per set of bytes sends
 them to each socket whose transport is idle (not closing, nothing queued).
-Whatever it could not send goes through ``transport.write`` as before. This
+Whatever it could not send goes through the connection's own writer. This
 takes the interpreter and event-loop work (~1.3 µs) off each delivery of a
 message to many clients, and with the sends back to back the kernel's own
 cost per ``send()`` drops too (see src/wshub/_directsend.c).
+
+One writer per socket: the engine never touches a transport. It hands
+bytes to the recipient's :meth:`Recipient.write`, and the only other path to a
+socket is the C call above, which sends only while the transport is idle (the
+transport stays the owner of the socket; see src/wshub/_directsend.c).
 
 Backpressure: after its write, a connection whose transport buffer holds more
 than ``send_buffer_limit`` bytes is a slow consumer and is closed with 1008
@@ -51,22 +58,17 @@ ones holding the most, until it is under.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection
 from time import perf_counter
-from typing import TYPE_CHECKING, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from .wire import Deflate, text_frame
 
-try:
-    from ._directsend import send_each as compiled_send_each
-except ImportError:  # built without a C compiler: every write through the transport
-    compiled_send_each = None
+__all__ = ["Audience", "DirectTarget", "Fanout", "Recipient", "SendEach", "compiled_send_each"]
 
-if TYPE_CHECKING:
-    from .connection import Connection
-
-__all__ = ["Fanout", "Recipient", "compiled_send_each"]
-
+SendEach = Callable[[list["DirectTarget"], bytes], "list[tuple[int, int]] | None"]
+"""``wshub._directsend.send_each``: the bytes to every idle target, what it
+could not send handed back as ``(index, bytes sent)``."""
 
 PASS_FRAMES = 256
 """A pass that holds this many shared frames goes at the end of the loop
@@ -74,50 +76,88 @@ pass, without waiting for the coalescing delay: a presence storm then makes
 many passes of bounded cost (each recipient's write, and each newcomer's own
 share of the joins after it) instead of one pass as long as the storm."""
 
+compiled_send_each: SendEach | None
+try:
+    from ._directsend import send_each as compiled_send_each
+except ImportError:  # built without a C compiler: every write through the writer
+    compiled_send_each = None
+
 
 class Recipient(Protocol):
-    """What the engine needs of a connection (see :class:`Connection`)."""
+    """What the engine needs of a connection (see :class:`~wshub.connection.Connection`)."""
 
+    # Bookkeeping of the current pass, owned by the engine.
     pending: list[tuple[int, bytes]] | None
     joined_at: int
     marked: bool
-    deflate: Deflate | None
-    transport: asyncio.Transport
+    # Whether it is a member of its audience's shared frames now.
     is_recipient: bool
+    audience: Audience[Any] | None
+    deflate: Deflate | None
     buffered: int  # unsent bytes in the transport when the fan-out last looked
-    # (transport, socket fd, the connection) when the fan-out may send to the
-    # socket directly; None when it must always go through the transport.
-    direct: tuple[asyncio.Transport, int, Connection] | None
+
+    # (transport, socket fd, the recipient) when the engine may send to the
+    # socket directly; None when everything must go through write().
+    @property
+    def direct(self) -> DirectTarget | None: ...
+
+    def write(self, data: bytes | memoryview) -> int:
+        """Write *data* to the socket; return the bytes still unsent after it.
+        May raise when the transport is broken."""
+        ...
+
+    def unsent(self) -> int:
+        """The bytes written and not sent yet."""
+        ...
+
+    def abort(self) -> None:
+        """Drop the socket now, with whatever is still unsent."""
 
 
-class Fanout:
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        recipients: Callable[[], Iterable[Connection]],
-        *,
-        send_buffer_limit: int,
-        send_buffer_total: int = 0,
-        on_slow_consumer: Callable[[Connection], None],
-        on_send_failed: Callable[[Connection, BaseException], None],
-        coalesce_delay: float = 0.05,
-        send_each: Callable[..., list[tuple[int, int]] | None] | None = compiled_send_each,
-    ) -> None:
-        self._loop = loop
-        self._recipients = recipients
-        self._limit = send_buffer_limit
-        self._total_limit = send_buffer_total or float("inf")
-        # Connections seen with unsent bytes, and the sum of what was seen.
-        self.held: set[Connection] = set()
-        self.buffered_total = 0
-        self._on_slow = on_slow_consumer
-        self._on_failed = on_send_failed
+DirectTarget = tuple[asyncio.Transport, int, Any]
+"""(transport, socket fd, the recipient): what send_each takes."""
+
+R = TypeVar("R", bound=Recipient)
+
+
+class Audience(Generic[R]):
+    """One set of recipients that share frames (a room's members), and the
+    frames queued for them in this pass."""
+
+    __slots__ = ("members", "frames", "payloads", "excluded", "marked", "queued")
+
+    def __init__(self, members: Callable[[], Collection[R]]) -> None:
+        self.members = members
         # This pass: shared frames, their JSON payloads (None for control
         # frames, which are never compressed) and who is excluded from each.
         self.frames: list[bytes] = []
         self.payloads: list[bytes | None] = []
-        self.excluded: list[Connection | None] = []
-        self.marked: list[Connection] = []
+        self.excluded: list[R | None] = []
+        self.marked: list[R] = []
+        self.queued = False  # in the engine's list of audiences to write
+
+
+class Fanout(Generic[R]):
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        send_buffer_limit: int,
+        send_buffer_total: int = 0,
+        on_slow_consumer: Callable[[R], None],
+        on_send_failed: Callable[[R, BaseException], None],
+        coalesce_delay: float = 0.05,
+        send_each: SendEach | None = compiled_send_each,
+    ) -> None:
+        self._loop = loop
+        self._limit = send_buffer_limit
+        self._total_limit = send_buffer_total or float("inf")
+        # Connections seen with unsent bytes, and the sum of what was seen.
+        self.held: set[R] = set()
+        self.buffered_total = 0
+        self._on_slow = on_slow_consumer
+        self._on_failed = on_send_failed
+        self._queued: list[Audience[R]] = []
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._coalesce_delay = coalesce_delay
@@ -126,21 +166,20 @@ class Fanout:
         self.deliveries = 0
         self.writes = 0
         self.direct_sends = 0  # writes that went straight to the socket
-        self.passes = 0
         self.budget_drops = 0  # closing connections dropped over send_buffer_total
         self.pass_seconds_max = 0.0  # the longest flush, for /metrics
-
-    @property
-    def direct(self) -> bool:
-        """Whether recipients' sockets can be written directly (see above)."""
-        return self._send_each is not None
 
     # -- Queueing (called while routing; never writes) -----------------------
 
     def to_all(
-        self, payload: bytes, exclude: Connection | None = None, *, urgent: bool = True
+        self,
+        audience: Audience[R],
+        payload: bytes,
+        exclude: R | None = None,
+        *,
+        urgent: bool = True,
     ) -> None:
-        """Queue a text message for every open connection but *exclude*.
+        """Queue a text message for every member of *audience* but *exclude*.
 
         A message that is not *urgent* (presence events, the heartbeat) may
         wait up to ``coalesce_delay`` for company: when a thousand clients
@@ -148,50 +187,59 @@ class Fanout:
         one write per recipient. Anything urgent queued meanwhile takes it
         along, in order.
         """
-        self.frames.append(text_frame(payload))
-        self.payloads.append(payload)
-        self.excluded.append(exclude)
+        audience.frames.append(text_frame(payload))
+        audience.payloads.append(payload)
+        audience.excluded.append(exclude)
         if exclude is not None:
-            self._mark(exclude)
-        self._schedule(urgent)
+            self._mark(audience, exclude)
+        self._schedule(audience, urgent)
 
-    def control_to_all(self, frame: bytes, *, urgent: bool = True) -> None:
-        """Queue a ready-made control frame (a Ping) for every connection."""
-        self.frames.append(frame)
-        self.payloads.append(None)
-        self.excluded.append(None)
-        self._schedule(urgent)
+    def control_to_all(self, audience: Audience[R], frame: bytes, *, urgent: bool = True) -> None:
+        """Queue a ready-made control frame (a Ping) for every member."""
+        audience.frames.append(frame)
+        audience.payloads.append(None)
+        audience.excluded.append(None)
+        self._schedule(audience, urgent)
 
-    def to_one(self, conn: Connection, payload: bytes) -> None:
+    def to_one(self, conn: R, payload: bytes) -> None:
         """Queue a text message for *conn* only."""
         deflate = conn.deflate
         frame = text_frame(payload) if deflate is None else deflate.text_frame(payload)
         self.raw_to_one(conn, frame)
 
-    def raw_to_one(self, conn: Connection, frame: bytes) -> None:
-        """Queue ready-made frame bytes for *conn* only."""
+    def raw_to_one(self, conn: R, frame: bytes) -> None:
+        """Queue ready-made frame bytes for *conn* only, in order with what
+        its audience gets."""
+        audience = conn.audience
+        assert audience is not None, "joined() first"
         pending = conn.pending
         if pending is None:
             conn.pending = pending = []
-            self._mark(conn)
-        pending.append((len(self.frames), frame))
-        self._schedule()
+            self._mark(audience, conn)
+        pending.append((len(audience.frames), frame))
+        self._schedule(audience)
 
-    def joined(self, conn: Connection) -> None:
-        """*conn* became a recipient now: it gets no frame queued before."""
-        conn.joined_at = len(self.frames)
+    def joined(self, audience: Audience[R], conn: R) -> None:
+        """*conn* belongs to *audience* from now on: it gets no frame queued
+        before. (It receives the shared frames once it is among the members
+        and ``is_recipient`` is set.)"""
+        conn.audience = audience
+        conn.joined_at = len(audience.frames)
         if conn.joined_at:
-            self._mark(conn)
+            self._mark(audience, conn)
 
-    def _mark(self, conn: Connection) -> None:
+    def _mark(self, audience: Audience[R], conn: R) -> None:
         if not conn.marked:
             conn.marked = True
-            self.marked.append(conn)
+            audience.marked.append(conn)
 
-    def _schedule(self, urgent: bool = True) -> None:
+    def _schedule(self, audience: Audience[R], urgent: bool = True) -> None:
+        if not audience.queued:
+            audience.queued = True
+            self._queued.append(audience)
         if self._scheduled:
             return
-        if urgent or len(self.frames) >= PASS_FRAMES:
+        if urgent or len(audience.frames) >= PASS_FRAMES:
             self._scheduled = True
             if self._timer is not None:
                 self._timer.cancel()
@@ -202,20 +250,23 @@ class Fanout:
 
     # -- Writing --------------------------------------------------------------
 
-    def take(self, conn: Connection) -> bytes:
+    def take(self, conn: R) -> bytes:
         """Everything queued for *conn* in this pass, removed from the pass.
 
         For a connection that is about to close: what it was promised goes
         out before its Close frame. Call it before the connection stops being
         a recipient.
         """
+        audience = conn.audience
+        if audience is None:
+            return b""
         if conn.is_recipient:
-            data = self._build(conn, conn.deflate, {})
+            data = self._build(audience, conn, conn.deflate, {})
         else:
             data = b"".join(frame for _, frame in conn.pending or ())
         conn.pending = None
-        conn.joined_at = len(self.frames)  # nothing more from this pass
-        self._mark(conn)  # so that flush resets it
+        conn.joined_at = len(audience.frames)  # nothing more from this pass
+        self._mark(audience, conn)  # so that flush resets it
         return data
 
     def flush(self) -> None:
@@ -224,25 +275,39 @@ class Fanout:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        frames = self.frames
-        marked = self.marked
-        if not frames and not marked:
+        queued, self._queued = self._queued, []
+        if not queued:
             return
         started = perf_counter()
-        self.passes += 1
-        slow: list[Connection] = []
+        slow: list[R] = []
+        for audience in queued:
+            audience.queued = False
+            self._flush_audience(audience, slow)
+        for conn in slow:
+            self._on_slow(conn)
+        if self.buffered_total > self._total_limit:
+            self._enforce_budget()
+        elapsed = perf_counter() - started
+        if elapsed > self.pass_seconds_max:
+            self.pass_seconds_max = elapsed
+
+    def _flush_audience(self, audience: Audience[R], slow: list[R]) -> None:
+        frames = audience.frames
+        marked = audience.marked
+        if not frames and not marked:
+            return
         writes = 0
         deflated: dict[int, list[bytes]] = {}
         if frames:
             common = frames[0] if len(frames) == 1 else b"".join(frames)
             common_deflated: dict[int, bytes] = {}
-            recipients = self._recipients()
+            recipients = audience.members()
             limit = self._limit
-            direct: list[tuple[asyncio.Transport, int, Connection]] = []
-            direct_deflated: dict[int, list[tuple[asyncio.Transport, int, Connection]]] = {}
+            direct: list[tuple[asyncio.Transport, int, R]] = []
+            direct_deflated: dict[int, list[tuple[asyncio.Transport, int, R]]] = {}
             for conn in recipients:
                 if conn.marked:
-                    data = self._build(conn, conn.deflate, deflated)
+                    data = self._build(audience, conn, conn.deflate, deflated)
                     if not data:
                         continue
                 elif conn.deflate is None:
@@ -252,11 +317,12 @@ class Fanout:
                     data = common
                 else:
                     wbits = conn.deflate.wbits
-                    data = common_deflated.get(wbits)
-                    if data is None:
-                        data = common_deflated[wbits] = b"".join(
-                            self._deflated(conn.deflate, deflated)
+                    compressed = common_deflated.get(wbits)
+                    if compressed is None:
+                        compressed = common_deflated[wbits] = b"".join(
+                            self._deflated(audience, conn.deflate, deflated)
                         )
+                    data = compressed
                     if conn.direct is not None:
                         # One send_each call per window size, after the loop.
                         group = direct_deflated.get(wbits)
@@ -265,33 +331,31 @@ class Fanout:
                         group.append(conn.direct)
                         continue
                 # _write(), inlined: this loop runs once per recipient.
-                transport = conn.transport
                 try:
-                    transport.write(data)
+                    unsent = conn.write(data)
                 except Exception as exc:
                     self._on_failed(conn, exc)
                     continue
                 writes += 1
-                size = transport.get_write_buffer_size()
-                if size or conn.buffered:
-                    self._seen(conn, size)
-                    if size > limit:
+                if unsent or conn.buffered:
+                    self._seen(conn, unsent)
+                    if unsent > limit:
                         slow.append(conn)
             if direct:
                 writes += self._send_direct(direct, common, slow)
             for wbits, group in direct_deflated.items():
                 writes += self._send_direct(group, common_deflated[wbits], slow)
-            skipped = sum(1 for conn in self.excluded if conn is not None)
+            skipped = sum(1 for conn in audience.excluded if conn is not None)
             skipped += sum(conn.joined_at for conn in marked if conn.is_recipient)
-            self.deliveries += len(frames) * len(recipients) - skipped  # type: ignore[arg-type]
-        # Connections that are not recipients of shared frames (on /echo)
-        # but have frames of their own; and, in a pass without shared frames,
-        # every connection with frames of its own.
+            self.deliveries += len(frames) * len(recipients) - skipped
+        # Connections that are not recipients of shared frames (on /echo, or
+        # closing) but have frames of their own; and, in a pass without shared
+        # frames, every connection with frames of its own.
         for conn in marked:
             if frames and conn.is_recipient:
                 continue  # written above
             if conn.is_recipient:
-                data = self._build(conn, conn.deflate, deflated)
+                data = self._build(audience, conn, conn.deflate, deflated)
             elif conn.pending:
                 data = b"".join(frame for _, frame in conn.pending)
             else:
@@ -303,21 +367,56 @@ class Fanout:
             conn.pending = None
             conn.joined_at = 0
         self.writes += writes
-        self.frames = []
-        self.payloads = []
-        self.excluded = []
-        self.marked = []
-        for conn in slow:
-            self._on_slow(conn)
-        if self.buffered_total > self._total_limit:
-            self._enforce_budget()
-        elapsed = perf_counter() - started
-        if elapsed > self.pass_seconds_max:
-            self.pass_seconds_max = elapsed
+        audience.frames = []
+        audience.payloads = []
+        audience.excluded = []
+        audience.marked = []
+
+    def _send_direct(
+        self, direct: list[tuple[asyncio.Transport, int, R]], data: bytes, slow: list[R]
+    ) -> int:
+        """*data* to every target in *direct*: straight to the socket where
+        the transport is idle, the rest (or all) through the writer."""
+        assert self._send_each is not None
+        left = self._send_each(direct, data)
+        if left is None:
+            self.direct_sends += len(direct)
+            return len(direct)
+        self.direct_sends += len(direct) - len(left)
+        writes = len(direct)
+        view = memoryview(data)
+        for index, sent in left:
+            conn = direct[index][2]
+            # Partly sent, or not at all (closing, something queued, EAGAIN,
+            # an error the transport will meet and report).
+            try:
+                unsent = conn.write(view[sent:] if sent else data)
+            except Exception as exc:
+                self._on_failed(conn, exc)
+                writes -= 1
+                continue
+            if unsent or conn.buffered:
+                self._seen(conn, unsent)
+                if unsent > self._limit:
+                    slow.append(conn)
+        return writes
+
+    def _write(self, conn: R, data: bytes, slow: list[R]) -> int:
+        """One write; a connection over its buffer limit joins *slow*."""
+        try:
+            unsent = conn.write(data)
+        except Exception as exc:  # a broken transport: count it, go on
+            self._on_failed(conn, exc)
+            return 0
+        if unsent or conn.buffered:
+            self._seen(conn, unsent)
+            if unsent > self._limit:
+                slow.append(conn)
+        return 1
 
     # -- The node-wide bound ----------------------------------------------------
 
-    def _seen(self, conn: Connection, size: int) -> None:
+    def _seen(self, conn: R, size: int) -> None:
         """The fan-out read *conn*'s unsent bytes: keep the sum up to date."""
         self.buffered_total += size - conn.buffered
         conn.buffered = size
@@ -326,7 +425,7 @@ class Fanout:
         else:
             self.held.discard(conn)
 
-    def forget(self, conn: Connection) -> None:
+    def forget(self, conn: R) -> None:
         """*conn*'s socket is gone, and its buffer with it."""
         if conn.buffered:
             self.buffered_total -= conn.buffered
@@ -336,7 +435,7 @@ class Fanout:
     def _enforce_budget(self) -> None:
         total = 0
         for conn in list(self.held):
-            size = conn.transport.get_write_buffer_size()
+            size = conn.unsent()
             conn.buffered = size
             if size:
                 total += size
@@ -362,71 +461,30 @@ class Fanout:
                 total -= conn.buffered  # on their way out, like the above
                 self._on_slow(conn)
 
-    def _send_direct(
-        self,
-        direct: list[tuple[asyncio.Transport, int, Connection]],
-        data: bytes,
-        slow: list[Connection],
-    ) -> int:
-        """*data* to every socket in *direct*: straight to the socket where
-        the transport is idle, the rest (or all) through the transport."""
-        left = self._send_each(direct, data)  # type: ignore[misc]
-        if left is None:
-            self.direct_sends += len(direct)
-            return len(direct)
-        self.direct_sends += len(direct) - len(left)
-        writes = len(direct)
-        view = memoryview(data)
-        for index, sent in left:
-            transport, _, conn = direct[index]
-            try:
-                # Partly sent, or not at all (closing, something queued,
-                # EAGAIN, an error the transport will meet and report).
-                transport.write(view[sent:] if sent else data)
-            except Exception as exc:
-                self._on_failed(conn, exc)
-                writes -= 1
-                continue
-            size = transport.get_write_buffer_size()
-            if size or conn.buffered:
-                self._seen(conn, size)
-                if size > self._limit:
-                    slow.append(conn)
-        return writes
-
-    def _write(self, conn: Connection, data: bytes, slow: list[Connection]) -> int:
-        """One write; a connection over its buffer limit joins *slow*."""
-        transport = conn.transport
-        try:
-            transport.write(data)
-        except Exception as exc:  # a broken transport: count it, go on
-            self._on_failed(conn, exc)
-            return 0
-        size = transport.get_write_buffer_size()
-        if size or conn.buffered:
-            self._seen(conn, size)
-            if size > self._limit:
-                slow.append(conn)
-        return 1
-
-    def _deflated(self, deflate: Deflate, cache: dict[int, list[bytes]]) -> list[bytes]:
+    def _deflated(
+        self, audience: Audience[R], deflate: Deflate, cache: dict[int, list[bytes]]
+    ) -> list[bytes]:
         """This pass's shared frames, compressed once per window size."""
         frames = cache.get(deflate.wbits)
         if frames is None:
             frames = [
                 frame if payload is None else deflate.text_frame(payload)
-                for frame, payload in zip(self.frames, self.payloads, strict=True)
+                for frame, payload in zip(audience.frames, audience.payloads, strict=True)
             ]
             cache[deflate.wbits] = frames
         return frames
 
     def _build(
-        self, conn: Connection, deflate: Deflate | None, cache: dict[int, list[bytes]]
+        self,
+        audience: Audience[R],
+        conn: R,
+        deflate: Deflate | None,
+        cache: dict[int, list[bytes]],
     ) -> bytes:
         """The bytes for a marked connection: its share of the shared frames,
         minus exclusions, with its private frames at their positions."""
-        frames = self.frames if deflate is None else self._deflated(deflate, cache)
-        excluded = self.excluded
+        frames = audience.frames if deflate is None else self._deflated(audience, deflate, cache)
+        excluded = audience.excluded
         pending = conn.pending or ()
         out: list[bytes] = []
         index = conn.joined_at

@@ -31,7 +31,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from websockets.frames import apply_mask
+try:  # what websockets.frames uses: the C version when it is built
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover
+    from websockets.utils import apply_mask
 
 __all__ = ["FrameScanner"]
 

@@ -1,11 +1,12 @@
 """HTTP/1.1 at the edge, without sockets: request heads in, responses out.
 
-wshub answers only ``GET`` requests for a handful of paths and the WebSocket
+wshub answers a handful of endpoints (:mod:`wshub.routes`) and the WebSocket
 upgrade (RFC 6455 section 4.2), so it parses request heads itself, within
 strict limits, and closes every plain HTTP connection after one response.
 
 * :func:`parse_request_head` reads one request head from a buffer, or says it
   needs more bytes, or raises :class:`HttpError` with the status to answer.
+* :func:`expect_no_body` refuses a body where the route takes none.
 * :func:`check_upgrade` validates a WebSocket upgrade and returns the
   ``Sec-WebSocket-Accept`` value.
 * :func:`response` serializes a response.
@@ -33,6 +34,7 @@ __all__ = [
     "HttpError",
     "Request",
     "body_framing",
+    "expect_no_body",
     "check_upgrade",
     "page_headers",
     "parse_request_head",
@@ -84,6 +86,7 @@ class Request:
     method: str
     target: str
     headers: tuple[tuple[str, str], ...]  # names lower-cased, in order
+    body: bytes = b""
 
     @property
     def path(self) -> str:
@@ -108,7 +111,7 @@ def parse_request_head(buffer: bytes | bytearray) -> tuple[Request, int] | None:
 
     Raises:
         HttpError: the request is malformed (400), too large (431), or not
-            one wshub serves (405, 505).
+            HTTP/1.1 (505).
     """
     end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD_SIZE + 4)
     if end == -1:
@@ -141,17 +144,25 @@ def parse_request_head(buffer: bytes | bytearray) -> tuple[Request, int] | None:
             raise HttpError(400, "control character in header field")
         headers.append((name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1")))
     request = Request(method.decode("ascii"), target.decode("ascii"), tuple(headers))
-    if method not in (b"GET", b"HEAD"):
-        raise HttpError(405, "only GET is served", (("Allow", "GET, HEAD"),))
     if request.get("host") is None:
         raise HttpError(400, "missing Host header")
+    return request, end + 4
+
+
+def expect_no_body(request: Request) -> None:
+    """Refuse a body on a route that takes none (every route but those with
+    a ``max_body``: a body there would be taken for the next request).
+
+    Raises:
+        HttpError: 400 when *request* announces a body.
+    """
     if request.get_all("transfer-encoding") or request.get("content-length") not in (None, "0"):
         raise HttpError(400, "a request body is not expected")
-    return request, end + 4
 
 
 _REFUSAL_REASONS: Final = {
     405: "method",
+    413: "too_large",
     426: "upgrade_required",
     431: "too_large",
     505: "http_version",

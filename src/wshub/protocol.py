@@ -20,8 +20,9 @@ from __future__ import annotations
 import enum
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from .ids import ConnectionId
 
@@ -37,9 +38,7 @@ __all__ = [
     "RelayKind",
     "UserInfoRequest",
     "check_content",
-    "encode_broadcast",
     "encode_error",
-    "encode_message",
     "encode_ping",
     "encode_pong",
     "encode_refreshed",
@@ -149,7 +148,8 @@ def _refuse_constant(name: str) -> object:
 
 
 _decoder = json.JSONDecoder(parse_constant=_refuse_constant)
-_scan_once = _decoder.scan_once
+# The C scanner that JSONDecoder.__init__ sets (typeshed does not declare it).
+_scan_once: Callable[[str, int], tuple[Any, int]] = vars(_decoder)["scan_once"]
 _JSON_WS: Final = " \t\n\r"
 
 
@@ -275,20 +275,23 @@ def encode_welcome(
     connection_id: ConnectionId,
     connection_count: int,
     now: float,
+    room: str = "",
     *,
     epoch: str | None = None,
     offset: int | None = None,
     recovered: bool | None = None,
     missed: int | None = None,
 ) -> bytes:
-    """``welcome``; with history on it names the room's ``epoch`` and last
-    ``offset``, and after a ``since`` request whether it was ``recovered`` and
-    how many frames were ``missed`` (decisions.md 13 and 19)."""
+    """``welcome``, naming the *room* (``""``: the default room); with
+    history on it names the room's ``epoch`` and last ``offset``, and after a
+    ``since`` request whether it was ``recovered`` and how many frames were
+    ``missed`` (decisions.md 13 and 19)."""
     welcome: dict[str, object] = {
         "type": "welcome",
         "connectionId": connection_id,
         "timestamp": iso_timestamp(now),
         "connectionCount": connection_count,
+        "room": room,
     }
     if epoch is not None:
         welcome["epoch"] = epoch
@@ -359,14 +362,6 @@ def replayed(payload: bytes) -> bytes:
     return payload[:-1] + b',"replayed":true}'
 
 
-def encode_message(sender: ConnectionId, content: str, now: float) -> bytes:
-    return encode_relay(RelayKind.MESSAGE, sender, content, now)
-
-
-def encode_broadcast(sender: ConnectionId, content: str, now: float) -> bytes:
-    return encode_relay(RelayKind.BROADCAST, sender, content, now)
-
-
 def encode_ping(now: float) -> bytes:
     return _payload({"type": "ping", "timestamp": unix_ms(now)})
 
@@ -376,7 +371,7 @@ def encode_pong(now: float) -> bytes:
 
 
 def encode_user_info_response(
-    connection_id: ConnectionId, connection_count: int, now: float
+    connection_id: ConnectionId, connection_count: int, now: float, room: str = ""
 ) -> bytes:
     return _payload(
         {
@@ -384,6 +379,7 @@ def encode_user_info_response(
             "connectionId": connection_id,
             "connectionCount": connection_count,
             "timestamp": iso_timestamp(now),
+            "room": room,
         }
     )
 

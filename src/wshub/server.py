@@ -17,7 +17,6 @@ import sys
 import time
 
 from .config import Config
-from .connection import Connection
 from .logs import log_event
 from .node import Node
 from .reload import Reloaders
@@ -57,7 +56,7 @@ async def serve(
         )
     await node.start()
     server = await loop.create_server(
-        lambda: Connection(node),
+        node.new_connection,
         config.host,
         config.port,
         backlog=4096,
@@ -89,7 +88,7 @@ async def serve(
     try:
         await stop.wait()
     finally:
-        log.info("shutting down: draining %d connections", len(node.conns))
+        log.info("shutting down: draining %d connections", len(node.connections))
         server.close()
         # The promise is to exit within --drain-timeout, whatever a client or
         # the backplane does meanwhile: a drain that overruns is abandoned

@@ -68,16 +68,15 @@ async def _supervise(config: Config, argv: list[str]) -> int:
         await worker.spawn()
     stopping = asyncio.create_task(stop.wait())
     while not stop.is_set():
-        waits = {asyncio.create_task(w.proc.wait()): w for w in workers if w.proc}  # type: ignore[union-attr]
+        waits = {asyncio.create_task(w.proc.wait()): w for w in workers if w.proc}
         done, _ = await asyncio.wait([*waits, stopping], return_when=asyncio.FIRST_COMPLETED)
         for task in waits:
             if task not in done:
                 task.cancel()
         if stop.is_set():
             break
-        for task in done:
-            worker = waits.get(task)  # type: ignore[call-overload]
-            if worker is None:
+        for task, worker in waits.items():
+            if task not in done:
                 continue
             log.warning(
                 "worker %d (node %s) exited with %s: restarting",

@@ -12,9 +12,11 @@ from websockets.exceptions import ConnectionClosed
 from wshub.backplane import Envelope, EventKind
 from wshub.backplane.redis import RedisBackplane, backoff_delays
 from wshub.ids import ConnectionId, NodeId
+from wshub.rooms import RoomName
 
 from ..conftest import TIMEOUT, start_server
-from .test_contract import Recorder
+from ..waiting import wait_until_async
+from .test_contract import Recorder, subscribe
 
 
 def test_backoff_is_jittered_exponential_and_capped() -> None:
@@ -38,13 +40,16 @@ def test_a_silent_subscription_is_rebuilt(redis_server) -> None:
         )
         await a.start(recorders[0])
         await b.start(recorders[1])
+        await subscribe(b, recorders[1], "")
         await b._pubsub.unsubscribe()  # silent: no error, just no more messages
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        while b.silent_rebuilds == 0 or not b.ready()[0]:
-            assert loop.time() - start < 3 * 0.2 + 1.0 + TIMEOUT, "never noticed"
-            await asyncio.sleep(0.05)
-        a.publish(Envelope(NodeId("a"), EventKind.RELAY, ConnectionId("ws-1"), b"again"))
+        await wait_until_async(
+            lambda: b.silent_rebuilds > 0 and b.ready()[0],
+            "the silent subscription to be rebuilt",
+            3 * 0.2 + 1.0 + TIMEOUT,
+        )
+        a.publish(
+            Envelope(NodeId("a"), EventKind.RELAY, RoomName(""), ConnectionId("ws-1"), b"again")
+        )
         await recorders[1].until(lambda: recorders[1].relays() == [b"again"])
         await a.stop()
         await b.stop()

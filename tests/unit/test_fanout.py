@@ -1,12 +1,12 @@
 """wshub.fanout: order, exclusions and one write per connection per pass.
 
-The engine's seam is the transport: these tests give it recording transports
-and a loop whose call_soon they run by hand.
+The engine's seam is the recipient's writer: these tests give it recipients
+that record their writes, and a loop whose call_soon they run by hand.
 """
 
 from __future__ import annotations
 
-from wshub.fanout import Fanout
+from wshub.fanout import Audience, Fanout
 from wshub.wire import Deflate, text_frame
 
 
@@ -23,21 +23,49 @@ class Transport:
 
 
 class Conn:
+    """A recipient whose writer records what it is given."""
+
     def __init__(self, name: str, deflate: Deflate | None = None, backlog: int = 0) -> None:
         self.name = name
         self.pending = None
         self.joined_at = 0
         self.marked = False
         self.is_recipient = True
+        self.audience = None
         self.direct = None
         self.deflate = deflate
         self.transport = Transport(backlog)
         self.buffered = 0
         self.aborted = False
 
+    def write(self, data) -> int:
+        self.transport.write(data)
+        return self.transport.get_write_buffer_size()
+
+    def unsent(self) -> int:
+        return self.transport.get_write_buffer_size()
+
     def abort(self) -> None:
         self.aborted = True
         self.transport.backlog = 0
+
+
+class Room:
+    """An audience over a list of recipients, every one joined to it."""
+
+    def __init__(self, fanout: Fanout, conns: list[Conn]) -> None:
+        self.fanout, self.conns = fanout, conns
+        self.audience = Audience(lambda: conns)
+        for conn in conns:
+            self.add(conn)
+
+    def add(self, conn: Conn) -> None:
+        if conn not in self.conns:
+            self.conns.append(conn)
+        self.fanout.joined(self.audience, conn)
+
+    def to_all(self, payload: bytes, exclude: Conn | None = None, *, urgent: bool = True) -> None:
+        self.fanout.to_all(self.audience, payload, exclude, urgent=urgent)
 
 
 class Handle:
@@ -73,40 +101,42 @@ class Loop:
             callback()
 
 
-def make(conns: list[Conn], limit: int = 1000, total: int = 0):
+def make(conns: list[Conn], limit: int = 1000, send_each=None, total: int = 0):
     loop = Loop()
     slow: list[Conn] = []
+    failed: list[tuple[Conn, BaseException]] = []
     fanout = Fanout(
-        loop,
-        lambda: conns,
-        send_buffer_limit=limit,  # type: ignore[arg-type]
+        loop,  # type: ignore[arg-type]
+        send_buffer_limit=limit,
         send_buffer_total=total,
         on_slow_consumer=slow.append,
-        on_send_failed=lambda c, e: None,
+        on_send_failed=lambda c, e: failed.append((c, e)),
+        send_each=send_each,
     )
-    return fanout, loop, slow
+    room = Room(fanout, conns)
+    return room, loop, slow, failed
 
 
 def test_one_write_per_connection_per_pass() -> None:
     a, b = Conn("a"), Conn("b")
-    fanout, loop, _ = make([a, b])
+    room, loop, _, _ = make([a, b])
     for i in range(5):
-        fanout.to_all(f"m{i}".encode())
+        room.to_all(f"m{i}".encode())
     assert len(loop.callbacks) == 1  # scheduled once
     loop.run()
     expected = b"".join(text_frame(f"m{i}".encode()) for i in range(5))
     assert a.transport.writes == [expected] and b.transport.writes == [expected]
     assert a.transport.writes[0] is b.transport.writes[0]  # the same bytes object
-    assert fanout.deliveries == 10 and fanout.writes == 2
+    assert room.fanout.deliveries == 10 and room.fanout.writes == 2
 
 
 def test_exclusion_and_private_frames_keep_order() -> None:
     a, b = Conn("a"), Conn("b")
-    fanout, loop, _ = make([a, b])
-    fanout.to_all(b"1")
-    fanout.to_one(a, b"private")
-    fanout.to_all(b"2", exclude=a)
-    fanout.to_all(b"3")
+    room, loop, _, _ = make([a, b])
+    room.to_all(b"1")
+    room.fanout.to_one(a, b"private")
+    room.to_all(b"2", exclude=a)
+    room.to_all(b"3")
     loop.run()
     assert a.transport.writes == [text_frame(b"1") + text_frame(b"private") + text_frame(b"3")]
     assert b.transport.writes == [text_frame(b"1") + text_frame(b"2") + text_frame(b"3")]
@@ -115,15 +145,13 @@ def test_exclusion_and_private_frames_keep_order() -> None:
 
 def test_newcomer_gets_nothing_queued_before_it() -> None:
     a = Conn("a")
-    conns = [a]
-    fanout, loop, _ = make(conns)
-    fanout.to_all(b"before")
+    room, loop, _, _ = make([a])
+    room.to_all(b"before")
     b = Conn("b")
-    conns.append(b)
-    fanout.joined(b)
-    fanout.to_one(b, b"welcome")
-    fanout.to_all(b"joined", exclude=b)
-    fanout.to_all(b"after")
+    room.add(b)
+    room.fanout.to_one(b, b"welcome")
+    room.to_all(b"joined", exclude=b)
+    room.to_all(b"after")
     loop.run()
     assert b.transport.writes == [text_frame(b"welcome") + text_frame(b"after")]
     assert a.transport.writes == [
@@ -133,14 +161,13 @@ def test_newcomer_gets_nothing_queued_before_it() -> None:
 
 def test_take_hands_over_what_was_promised() -> None:
     a, b = Conn("a"), Conn("b")
-    conns = [a, b]
-    fanout, loop, _ = make(conns)
-    fanout.to_all(b"1")
-    fanout.to_one(a, b"err")
-    assert fanout.take(a) == text_frame(b"1") + text_frame(b"err")
-    conns.remove(a)
+    room, loop, _, _ = make([a, b])
+    room.to_all(b"1")
+    room.fanout.to_one(a, b"err")
+    assert room.fanout.take(a) == text_frame(b"1") + text_frame(b"err")
+    room.conns.remove(a)
     a.is_recipient = False
-    fanout.to_all(b"2")
+    room.to_all(b"2")
     loop.run()
     assert a.transport.writes == []
     assert b.transport.writes == [text_frame(b"1") + text_frame(b"2")]
@@ -148,16 +175,34 @@ def test_take_hands_over_what_was_promised() -> None:
 
 def test_private_only_pass_writes_only_to_them() -> None:
     a, b = Conn("a"), Conn("b")
-    fanout, loop, _ = make([a, b])
-    fanout.to_one(a, b"pong")
+    room, loop, _, _ = make([a, b])
+    room.fanout.to_one(a, b"pong")
     loop.run()
     assert a.transport.writes == [text_frame(b"pong")] and b.transport.writes == []
 
 
+def test_audiences_share_a_pass_but_not_their_frames() -> None:
+    """Two rooms in one pass: one flush, each member gets its own room's frames."""
+    a, b, c = Conn("a"), Conn("b"), Conn("c")
+    room, loop, _, _ = make([a, b])
+    other = Room(room.fanout, [c])
+    room.to_all(b"to ab")
+    other.to_all(b"to c")
+    room.fanout.to_one(c, b"private c")
+    room.to_all(b"again ab")
+    assert len(loop.callbacks) == 1
+    loop.run()
+    assert (
+        a.transport.writes == b.transport.writes == [text_frame(b"to ab") + text_frame(b"again ab")]
+    )
+    assert c.transport.writes == [text_frame(b"to c") + text_frame(b"private c")]
+    assert room.fanout.deliveries == 5 and room.fanout.writes == 3
+
+
 def test_slow_consumers_are_reported_after_the_pass() -> None:
     a, b = Conn("a", backlog=5000), Conn("b")
-    fanout, loop, slow = make([a, b], limit=1000)
-    fanout.to_all(b"x")
+    room, loop, slow, _ = make([a, b], limit=1000)
+    room.to_all(b"x")
     loop.run()
     assert slow == [a]
     assert b.transport.writes == [text_frame(b"x")]
@@ -168,9 +213,9 @@ def test_deflate_compresses_once_per_window() -> None:
 
     d = Deflate(15)
     a, b, c = Conn("a", d), Conn("b", d), Conn("c")
-    fanout, loop, _ = make([a, b, c])
+    room, loop, _, _ = make([a, b, c])
     big = b"y" * 1000
-    fanout.to_all(big)
+    room.to_all(big)
     loop.run()
     assert a.transport.writes[0] is b.transport.writes[0]
     frame = a.transport.writes[0]
@@ -182,41 +227,34 @@ def test_deflate_compresses_once_per_window() -> None:
 
 def test_presence_waits_for_company_and_rides_along_with_urgent_frames() -> None:
     a, b = Conn("a"), Conn("b")
-    fanout, loop, _ = make([a, b])
-    fanout.to_all(b"joined-1", urgent=False)
-    fanout.to_all(b"joined-2", urgent=False)
+    room, loop, _, _ = make([a, b])
+    room.to_all(b"joined-1", urgent=False)
+    room.to_all(b"joined-2", urgent=False)
     assert loop.callbacks == [] and len(loop.timers) == 1  # one timer, no flush yet
     loop.fire_timers()
     assert a.transport.writes == [text_frame(b"joined-1") + text_frame(b"joined-2")]
-    fanout.to_all(b"joined-3", urgent=False)
-    fanout.to_all(b"message")  # urgent: flushes at once, the join first
+    room.to_all(b"joined-3", urgent=False)
+    room.to_all(b"message")  # urgent: flushes at once, the join first
     loop.run()
     assert b.transport.writes[-1] == text_frame(b"joined-3") + text_frame(b"message")
     loop.fire_timers()  # the join's timer was cancelled: nothing more
     assert len(b.transport.writes) == 2
 
 
-def test_a_broken_transport_is_reported_and_the_others_still_get_theirs() -> None:
-    class Broken(Transport):
-        def write(self, data: bytes) -> None:
-            raise RuntimeError("transport is closed")
+class Broken(Transport):
+    def write(self, data: bytes) -> None:
+        raise RuntimeError("transport is closed")
 
+
+def test_a_broken_transport_is_reported_and_the_others_still_get_theirs() -> None:
     a, b, c = Conn("a"), Conn("b"), Conn("c")
     b.transport = Broken()
-    loop = Loop()
-    failed: list[tuple[Conn, BaseException]] = []
-    fanout = Fanout(
-        loop,
-        lambda: [a, b, c],
-        send_buffer_limit=1000,  # type: ignore[arg-type]
-        on_slow_consumer=lambda c: None,
-        on_send_failed=lambda conn, exc: failed.append((conn, exc)),
-    )
-    fanout.to_all(b"x")
+    room, loop, _, failed = make([a, b, c])
+    room.to_all(b"x")
     loop.run()
     assert [conn for conn, _ in failed] == [b] and isinstance(failed[0][1], RuntimeError)
     assert a.transport.writes == c.transport.writes == [text_frame(b"x")]
-    assert fanout.writes == 2
+    assert room.fanout.writes == 2
 
 
 class DirectSends:
@@ -241,23 +279,15 @@ def direct_conn(name: str, transport: Transport | None = None, backlog: int = 0)
     return conn
 
 
-def test_direct_recipients_go_in_one_call_the_others_through_their_transports() -> None:
+def test_direct_recipients_go_in_one_call_the_others_through_their_writers() -> None:
     a, b, c, d = direct_conn("a"), direct_conn("b"), Conn("c"), direct_conn("d")
     e = direct_conn("e")
     e.deflate = Deflate(15)
     sends = DirectSends()
-    loop = Loop()
-    fanout = Fanout(
-        loop,
-        lambda: [a, b, c, d, e],
-        send_buffer_limit=1000,  # type: ignore[arg-type]
-        on_slow_consumer=lambda c: None,
-        on_send_failed=lambda c, e: None,
-        send_each=sends,
-    )
-    fanout.to_all(b"1")
-    fanout.to_one(b, b"private")
-    fanout.to_all(b"2")
+    room, loop, _, _ = make([a, b, c, d, e], send_each=sends)
+    room.to_all(b"1")
+    room.fanout.to_one(b, b"private")
+    room.to_all(b"2")
     loop.run()
     common = text_frame(b"1") + text_frame(b"2")
     # One call for the common bytes, in recipient order; one for the
@@ -265,9 +295,10 @@ def test_direct_recipients_go_in_one_call_the_others_through_their_transports() 
     assert sends.calls == [(["a", "d"], common), (["e"], common)]
     assert a.transport.writes == d.transport.writes == e.transport.writes == []
     # A marked connection gets bytes of its own, one without a socket the
-    # common bytes: through their transports, as before.
+    # common bytes: through their writers, as before.
     assert b.transport.writes == [text_frame(b"1") + text_frame(b"private") + text_frame(b"2")]
     assert c.transport.writes == [common]
+    fanout = room.fanout
     assert fanout.writes == 5 and fanout.direct_sends == 3 and fanout.deliveries == 10
 
 
@@ -276,16 +307,8 @@ def test_compressed_direct_recipients_get_their_window_sizes_copy() -> None:
     a, b, c = direct_conn("a"), direct_conn("b"), direct_conn("c")
     b.deflate, c.deflate = Deflate(15), Deflate(9)
     sends = DirectSends()
-    loop = Loop()
-    fanout = Fanout(
-        loop,
-        lambda: [a, b, c],
-        send_buffer_limit=1 << 20,  # type: ignore[arg-type]
-        on_slow_consumer=lambda c: None,
-        on_send_failed=lambda c, e: None,
-        send_each=sends,
-    )
-    fanout.to_all(big)
+    room, loop, _, _ = make([a, b, c], limit=1 << 20, send_each=sends)
+    room.to_all(big)
     loop.run()
     assert sends.calls == [
         (["a"], text_frame(big)),
@@ -294,34 +317,20 @@ def test_compressed_direct_recipients_get_their_window_sizes_copy() -> None:
     ]
 
 
-def test_what_a_direct_send_left_goes_through_the_transport() -> None:
-    class Broken(Transport):
-        def write(self, data: bytes) -> None:
-            raise RuntimeError("transport is closed")
-
+def test_what_a_direct_send_left_goes_through_the_writer() -> None:
     a, b = direct_conn("a"), direct_conn("b", backlog=5000)
     c, d = direct_conn("c", transport=Broken()), direct_conn("d")
     sends = DirectSends(left=[(0, 3), (1, 0), (2, 0)])
-    loop = Loop()
-    slow: list[Conn] = []
-    failed: list[Conn] = []
-    fanout = Fanout(
-        loop,
-        lambda: [a, b, c, d],
-        send_buffer_limit=1000,  # type: ignore[arg-type]
-        on_slow_consumer=slow.append,
-        on_send_failed=lambda conn, exc: failed.append(conn),
-        send_each=sends,
-    )
-    fanout.to_all(b"hello world")
+    room, loop, slow, failed = make([a, b, c, d], send_each=sends)
+    room.to_all(b"hello world")
     loop.run()
     frame = text_frame(b"hello world")
     assert [bytes(data) for data in a.transport.writes] == [frame[3:]]  # the rest of a partial send
     assert b.transport.writes == [frame]  # nothing went out: all of it
     assert slow == [b]  # over its limit after that write
-    assert failed == [c]
+    assert [conn for conn, _ in failed] == [c]
     assert d.transport.writes == []  # sent directly
-    assert fanout.writes == 3 and fanout.direct_sends == 1
+    assert room.fanout.writes == 3 and room.fanout.direct_sends == 1
 
 
 # -- the node-wide bound (send_buffer_total, decisions.md 18) -----------------
@@ -331,50 +340,62 @@ def test_the_node_budget_closes_the_connections_holding_the_most() -> None:
     """Each under its own limit, together over the node's: the biggest go, in
     order, until the rest fit; a client that keeps up is never touched."""
     conns = [Conn("a", backlog=300), Conn("b", backlog=500), Conn("c", backlog=400), Conn("d")]
-    fanout, loop, slow = make(conns, limit=1000, total=600)
-    fanout.to_all(b'{"n":1}')
+    room, loop, slow, _ = make(conns, limit=1000, total=600)
+    room.to_all(b'{"n":1}')
     loop.run()
     assert [c.name for c in slow] == ["b", "c"]  # 1200 - 500 - 400 = 300 <= 600
-    assert fanout.buffered_total == 1200  # what they hold until they are gone
-    assert fanout.held == {conns[0], conns[1], conns[2]}
+    assert room.fanout.buffered_total == 1200  # what they hold until they are gone
+    assert room.fanout.held == {conns[0], conns[1], conns[2]}
+
+
+def test_the_budget_is_the_nodes_across_rooms() -> None:
+    """Two rooms, each under the bound alone: together over it, the biggest
+    holder goes, whichever room it is in."""
+    a, b = Conn("a", backlog=400), Conn("b", backlog=500)
+    room, loop, slow, _ = make([a], limit=1000, total=600)
+    other = Room(room.fanout, [b])
+    room.to_all(b'{"n":1}')
+    other.to_all(b'{"n":2}')
+    loop.run()
+    assert slow == [b] and room.fanout.buffered_total == 900
 
 
 def test_connections_already_closing_are_dropped_first_when_still_over() -> None:
     conns = [Conn("a", backlog=300), Conn("b", backlog=500), Conn("c", backlog=400)]
-    fanout, loop, slow = make(conns, limit=1000, total=800)
-    fanout.to_all(b'{"n":1}')
+    room, loop, slow, _ = make(conns, limit=1000, total=800)
+    room.to_all(b'{"n":1}')
     loop.run()
     assert [c.name for c in slow] == ["b"]  # 1200 - 500 = 700 <= 800
     for conn in slow:
         conn.is_recipient = False  # what the node does when it closes them
-    fanout.to_all(b'{"n":2}')
+    room.to_all(b'{"n":2}')
     loop.run()
     # the node was still over (a, b and c hold 1200): b (the biggest of those
     # closing) is dropped, which is enough; nobody else is closed
     assert [c.name for c in conns if c.aborted] == ["b"]
     assert [c.name for c in slow] == ["b"]
-    assert fanout.buffered_total == 700 and fanout.budget_drops == 1
+    assert room.fanout.buffered_total == 700 and room.fanout.budget_drops == 1
 
 
 def test_a_stale_sum_is_counted_again_before_anyone_is_closed() -> None:
     """The sum sees a buffer drain only at the next write: over the bound on
     paper, the fan-out counts again and closes no one if the node is under."""
     a, b = Conn("a", backlog=600), Conn("b", backlog=600)
-    fanout, loop, slow = make([a, b], limit=1000, total=1000)
-    fanout.raw_to_one(a, b"x")
+    room, loop, slow, _ = make([a, b], limit=1000, total=1000)
+    room.fanout.raw_to_one(a, b"x")
     loop.run()
     a.transport.backlog = 0  # drained meanwhile, unseen
-    fanout.raw_to_one(b, b"y")
+    room.fanout.raw_to_one(b, b"y")
     loop.run()
-    assert slow == [] and fanout.buffered_total == 600 and fanout.held == {b}
-    fanout.forget(b)  # its socket is gone
-    assert fanout.buffered_total == 0 and fanout.held == set()
+    assert slow == [] and room.fanout.buffered_total == 600 and room.fanout.held == {b}
+    room.fanout.forget(b)  # its socket is gone
+    assert room.fanout.buffered_total == 0 and room.fanout.held == set()
 
 
 def test_clients_that_keep_up_cost_no_bookkeeping() -> None:
     conns = [Conn(str(i)) for i in range(10)]
-    fanout, loop, _ = make(conns, limit=1000, total=100)
+    room, loop, _, _ = make(conns, limit=1000, total=100)
     for n in range(3):
-        fanout.to_all(b'{"n":%d}' % n)
+        room.to_all(b'{"n":%d}' % n)
         loop.run()
-    assert fanout.buffered_total == 0 and fanout.held == set()
+    assert room.fanout.buffered_total == 0 and room.fanout.held == set()

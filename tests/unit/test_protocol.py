@@ -100,12 +100,16 @@ def test_encoders_match_the_seed_shapes() -> None:
         "connectionId": cid,
         "timestamp": "2026-11-25T20:20:00.500Z",
         "connectionCount": 3,
+        "room": "",  # the seed's fields, and the room (decisions.md 12)
     }
+    assert json.loads(protocol.encode_welcome(cid, 3, now, "Lobby"))["room"] == "Lobby"
+    info = json.loads(protocol.encode_user_info_response(cid, 2, now, "Lobby"))
+    assert info["room"] == "Lobby" and info["connectionCount"] == 2
     assert json.loads(protocol.encode_user_joined(cid, 4, now))["totalUsers"] == 4
     assert json.loads(protocol.encode_user_left(cid, 2, now))["type"] == "user_left"
     assert json.loads(protocol.encode_ping(now)) == {"type": "ping", "timestamp": 1795638000500}
     assert json.loads(protocol.encode_pong(now)) == {"type": "pong", "timestamp": 1795638000500}
-    message = protocol.encode_message(cid, "é\u0000<b>", now)
+    message = protocol.encode_relay(RelayKind.MESSAGE, cid, "é\u0000<b>", now)
     assert json.loads(message)["content"] == "é\u0000<b>"
     message.decode("utf-8")
     error = json.loads(protocol.encode_error(Refusal(ErrorCode.RATE_LIMITED, "slow")))

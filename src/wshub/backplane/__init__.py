@@ -1,11 +1,14 @@
 """The seam between one node and the rest of the cluster.
 
 A node delivers to its own connections itself and tells the backplane, which
-carries the event to every *other* node (a node never handles its own
-envelopes twice). The backplane also keeps a view of who is connected
+carries the event to every *other* node with members in the same room (a node
+never handles its own envelopes twice). Each room is a channel: a node
+subscribes to a room while it has members there (decisions.md 12), so the
+traffic of a room costs nothing on the nodes it does not live on. For each
+room it is subscribed to, the backplane keeps a view of who is connected
 elsewhere (:class:`~wshub.backplane.presence.PresenceView`), so counts are
 cluster-wide without a round trip on the hot path, and it notices nodes that
-died without saying goodbye.
+died without saying goodbye and announces their departures room by room.
 
 Implementations: :class:`~wshub.backplane.memory.MemoryBackplane` (the
 embedded default; several can share one in-process broker) and
@@ -20,6 +23,7 @@ from collections.abc import Iterable
 from typing import NamedTuple, Protocol
 
 from ..ids import ConnectionId, NodeId
+from ..rooms import RoomName
 
 __all__ = [
     "Backplane",
@@ -32,10 +36,10 @@ __all__ = [
 
 
 class EventKind(enum.StrEnum):
-    RELAY = "relay"  # a message or broadcast: deliver payload to every local connection
+    RELAY = "relay"  # a message or broadcast: deliver payload to the room's local members
     JOINED = "joined"  # a connection opened on the sending node
     LEFT = "left"  # a connection closed on the sending node
-    LOST = "lost"  # a dead node's connections were reaped (payload: their ids)
+    LOST = "lost"  # a dead node's connections in the room were reaped (payload: their ids)
     PROBE = "probe"  # a node checking that its own subscription still hears
 
 
@@ -46,21 +50,24 @@ class Envelope(NamedTuple):
 
     node_id: NodeId
     kind: EventKind
+    room: RoomName
     connection_id: ConnectionId  # for LOST: the dead node's id
     payload: bytes
 
 
 def encode_envelope(envelope: Envelope) -> bytes:
-    head = f"{envelope.node_id}|{envelope.kind.value}|{envelope.connection_id}|"
+    # Neither ids nor room names can hold "|" (rooms.py, ids.py).
+    head = f"{envelope.node_id}|{envelope.kind.value}|{envelope.room}|{envelope.connection_id}|"
     return head.encode("utf-8") + envelope.payload
 
 
 def decode_envelope(data: bytes) -> Envelope:
     """Raises ValueError on anything that is not an envelope."""
-    node, kind, conn, payload = data.split(b"|", 3)
+    node, kind, room, conn, payload = data.split(b"|", 4)
     return Envelope(
         NodeId(node.decode("utf-8")),
         EventKind(kind.decode("utf-8")),
+        RoomName(room.decode("utf-8")),
         ConnectionId(conn.decode("utf-8")),
         payload,
     )
@@ -70,19 +77,24 @@ class BackplaneHandler(Protocol):
     """What a node offers its backplane."""
 
     def on_envelope(self, envelope: Envelope) -> None:
-        """An event from another node (RELAY, or a JOINED/LEFT that changed
-        the view): deliver ``payload`` to every local connection."""
+        """An event from another node in a room this node subscribed to (RELAY,
+        or a JOINED/LEFT that changed the view): deliver ``payload`` to the
+        room's local members."""
 
-    def on_connections_found(self, connection_ids: Iterable[ConnectionId]) -> None:
-        """Connections learned from a resync, whose join event was lost:
-        announce ``user_joined`` for each."""
+    def on_connections_found(self, room: RoomName, connection_ids: Iterable[ConnectionId]) -> None:
+        """Connections in *room* learned from a resync, whose join event was
+        lost: announce ``user_joined`` for each."""
 
-    def on_connections_lost(self, connection_ids: Iterable[ConnectionId]) -> None:
-        """Connections gone without their own ``left`` event (their node died,
-        or the event was lost): announce ``user_left`` for each."""
+    def on_connections_lost(self, room: RoomName, connection_ids: Iterable[ConnectionId]) -> None:
+        """Connections in *room* gone without their own ``left`` event (their
+        node died, or the event was lost): announce ``user_left`` for each."""
 
-    def local_connection_ids(self) -> Iterable[ConnectionId]:
-        """This node's open connections, to (re-)register presence."""
+    def on_room_ready(self, room: RoomName) -> None:
+        """The subscription to *room* asked for by :meth:`Backplane.subscribe`
+        works and its view holds the room's presence elsewhere."""
+
+    def local_presence(self) -> Iterable[tuple[RoomName, ConnectionId]]:
+        """This node's open connections and their rooms, to (re-)register presence."""
 
 
 class Backplane(Protocol):
@@ -94,10 +106,21 @@ class Backplane(Protocol):
         """Say goodbye: flush what is queued and withdraw this node's presence."""
 
     def publish(self, envelope: Envelope) -> None:
-        """Send to every other node; never blocks, never raises."""
+        """Send to the other nodes subscribed to the envelope's room; never
+        blocks, never raises. JOINED and LEFT also update this node's presence."""
 
-    def remote_count(self) -> int:
-        """Connections open on the other nodes, as last known."""
+    def subscribe(self, room: RoomName) -> bool:
+        """Receive *room*'s traffic from now on. True when the subscription
+        and the room's view are ready at once; otherwise the handler's
+        :meth:`~BackplaneHandler.on_room_ready` follows (also when the link is
+        down: the node then serves its own members until it is back)."""
+        ...
+
+    def unsubscribe(self, room: RoomName) -> None:
+        """Stop receiving *room*'s traffic (its last local member left)."""
+
+    def remote_count(self, room: RoomName) -> int:
+        """Connections open in *room* on the other nodes, as last known."""
 
     def ready(self) -> tuple[bool, str]:
         """Whether the cluster link works, and why not."""

@@ -6,28 +6,45 @@ import logging
 from collections.abc import Callable, Iterable
 
 from ..ids import ConnectionId, NodeId
+from ..rooms import RoomName
 from . import BackplaneHandler, Envelope, EventKind
 from .presence import PresenceView
 
-__all__ = ["ViewKeeper"]
+__all__ = ["ViewKeeper", "lost_payload", "parse_lost"]
 
 log = logging.getLogger("wshub.backplane")
 
 
+def lost_payload(ids: Iterable[ConnectionId]) -> bytes:
+    return "\n".join(ids).encode()
+
+
+def parse_lost(payload: bytes) -> list[ConnectionId]:
+    return [ConnectionId(i) for i in payload.decode().split("\n") if i]
+
+
 class ViewKeeper:
-    """Applies envelopes and snapshots to the :class:`PresenceView` and tells
-    the node about each change once."""
+    """Applies envelopes and snapshots to one :class:`PresenceView` per room
+    this node is subscribed to, and tells the node about each change once."""
 
     def __init__(self, node_id: NodeId, clock: Callable[[], float]) -> None:
         self.node_id = node_id
         self.clock = clock
-        self.view = PresenceView()
+        self.views: dict[RoomName, PresenceView] = {}
         self.handler: BackplaneHandler | None = None
         self.received = 0
         self.last_probe_heard = 0.0
 
-    def remote_count(self) -> int:
-        return self.view.count()
+    def remote_count(self, room: RoomName) -> int:
+        view = self.views.get(room)
+        return 0 if view is None else view.count()
+
+    def open_view(self, room: RoomName) -> None:
+        if room not in self.views:
+            self.views[room] = PresenceView()
+
+    def close_view(self, room: RoomName) -> None:
+        self.views.pop(room, None)
 
     def receive(self, envelope: Envelope) -> None:
         handler = self.handler
@@ -39,32 +56,48 @@ class ViewKeeper:
                 self.last_probe_heard = self.clock()
             return  # our own events were handled locally
         self.received += 1
+        view = self.views.get(envelope.room)
+        if view is None:
+            return  # a room we left while this was on its way
         if kind is EventKind.RELAY:
             handler.on_envelope(envelope)
         elif kind is EventKind.JOINED:
-            if self.view.joined(envelope.node_id, envelope.connection_id, self.clock()):
+            if view.joined(envelope.node_id, envelope.connection_id, self.clock()):
                 handler.on_envelope(envelope)
         elif kind is EventKind.LEFT:
-            if self.view.left(envelope.node_id, envelope.connection_id, self.clock()):
+            if view.left(envelope.node_id, envelope.connection_id, self.clock()):
                 handler.on_envelope(envelope)
         elif kind is EventKind.LOST:
-            ids = [ConnectionId(i) for i in envelope.payload.decode().split("\n") if i]
-            self.apply_lost(NodeId(envelope.connection_id), ids)
+            dead = NodeId(envelope.connection_id)
+            self.apply_lost(envelope.room, dead, parse_lost(envelope.payload))
 
-    def apply_lost(self, dead: NodeId, ids: Iterable[ConnectionId]) -> None:
-        gone = self.view.lost(dead, ids, self.clock())
+    def apply_lost(self, room: RoomName, dead: NodeId, ids: Iterable[ConnectionId]) -> None:
+        view = self.views.get(room)
+        if view is None:
+            return
+        gone = view.lost(dead, ids, self.clock())
         if gone and self.handler is not None:
-            log.warning("node %s lost: %d connections announced as gone", dead, len(gone))
-            self.handler.on_connections_lost(gone)
+            log.warning(
+                "node %s lost: %d connections in room %r announced as gone", dead, len(gone), room
+            )
+            self.handler.on_connections_lost(room, gone)
 
-    def apply_snapshot(self, snapshot: dict[NodeId, set[ConnectionId]]) -> None:
+    def apply_snapshot(
+        self, room: RoomName, snapshot: dict[NodeId, set[ConnectionId]], *, initial: bool = False
+    ) -> None:
+        """Correct *room*'s view from the shared store. The *initial* snapshot
+        of a new subscription fills the view silently: no one here was told
+        anything about the room yet."""
+        view = self.views.get(room)
+        if view is None:
+            return
         snapshot.pop(self.node_id, None)
-        change = self.view.resync(snapshot, self.clock())
-        if self.handler is None:
+        change = view.resync(snapshot, self.clock())
+        if self.handler is None or initial:
             return
         if change.joined:
-            log.info("resync found %d connections", len(change.joined))
-            self.handler.on_connections_found(change.joined)
+            log.info("resync found %d connections in room %r", len(change.joined), room)
+            self.handler.on_connections_found(room, change.joined)
         if change.left:
-            log.info("resync lost %d connections", len(change.left))
-            self.handler.on_connections_lost(change.left)
+            log.info("resync lost %d connections in room %r", len(change.left), room)
+            self.handler.on_connections_lost(room, change.left)

@@ -3,19 +3,22 @@
 A single node uses a :class:`MemoryBackplane` with a broker of its own and has
 no peers. Several nodes can share one :class:`MemoryBroker` (the backplane
 contract tests do): the broker then plays Redis's part, with the same
-semantics: envelopes reach every subscriber on a later loop pass, presence
-lives in per-node sets under a lease, and a node that stops refreshing its
-lease is reaped by exactly one survivor.
+semantics: envelopes reach the room's other subscribers on a later loop pass,
+presence lives per node under a lease, and a node that stops refreshing its
+lease is reaped by exactly one survivor, which announces its departures in
+each of its rooms.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import defaultdict
 
 from ..ids import ConnectionId, NodeId
+from ..rooms import RoomName
 from . import BackplaneHandler, Envelope, EventKind
-from .base import ViewKeeper
+from .base import ViewKeeper, lost_payload
 
 __all__ = ["MemoryBackplane", "MemoryBroker"]
 
@@ -24,20 +27,26 @@ class MemoryBroker:
     """Shared state of in-process nodes: what Redis holds for a cluster."""
 
     def __init__(self) -> None:
-        self.subscribers: dict[NodeId, MemoryBackplane] = {}
-        self.presence: dict[NodeId, set[ConnectionId]] = {}
+        self.channels: dict[RoomName, dict[NodeId, MemoryBackplane]] = defaultdict(dict)
+        self.presence: dict[NodeId, dict[ConnectionId, RoomName]] = {}
         self.alive_until: dict[NodeId, float] = {}
 
     def publish(self, envelope: Envelope) -> None:
-        for peer in list(self.subscribers.values()):
-            peer.loop.call_soon(peer.receive, envelope)
+        for peer in list(self.channels.get(envelope.room, {}).values()):
+            peer.deliver(envelope)
 
-    def claim(self, node: NodeId, now: float) -> list[ConnectionId] | None:
+    def snapshot(self, room: RoomName) -> dict[NodeId, set[ConnectionId]]:
+        return {
+            node: {cid for cid, where in conns.items() if where == room}
+            for node, conns in self.presence.items()
+        }
+
+    def claim(self, node: NodeId, now: float) -> dict[ConnectionId, RoomName] | None:
         """Reap *node* if its lease expired; only the first caller gets its ids."""
         if node not in self.alive_until or self.alive_until[node] > now:
             return None
         del self.alive_until[node]
-        return sorted(self.presence.pop(node, set()))
+        return self.presence.pop(node, {})
 
 
 class MemoryBackplane(ViewKeeper):
@@ -45,19 +54,36 @@ class MemoryBackplane(ViewKeeper):
         self, node_id: NodeId, broker: MemoryBroker | None = None, *, node_ttl: float = 30.0
     ) -> None:
         super().__init__(node_id, time.monotonic)
-        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
         self.broker = broker if broker is not None else MemoryBroker()
         self.node_ttl = node_ttl
         self._timer: asyncio.TimerHandle | None = None
 
+    def deliver(self, envelope: Envelope) -> None:
+        """*envelope* from the broker, on a later pass of our loop (as from Redis)."""
+        if self._loop is not None:
+            self._loop.call_soon(self.receive, envelope)
+
     async def start(self, handler: BackplaneHandler) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.clock = self.loop.time
+        self._loop = loop = asyncio.get_running_loop()
+        self.clock = loop.time
         self.handler = handler
-        self.broker.subscribers[self.node_id] = self
-        self.broker.presence[self.node_id] = set(handler.local_connection_ids())
-        self.apply_snapshot({n: set(ids) for n, ids in self.broker.presence.items()})
+        self.broker.presence[self.node_id] = {cid: room for room, cid in handler.local_presence()}
         self._tick()
+
+    def subscribe(self, room: RoomName) -> bool:
+        self.open_view(room)
+        self.broker.channels[room][self.node_id] = self
+        self.apply_snapshot(room, self.broker.snapshot(room), initial=True)
+        return True
+
+    def unsubscribe(self, room: RoomName) -> None:
+        self.close_view(room)
+        channel = self.broker.channels.get(room)
+        if channel is not None:
+            channel.pop(self.node_id, None)
+            if not channel:
+                del self.broker.channels[room]
 
     def _tick(self) -> None:
         """Refresh our lease and reap nodes whose lease expired, every ttl/3."""
@@ -66,15 +92,21 @@ class MemoryBackplane(ViewKeeper):
         for node in list(self.broker.alive_until):
             if node == self.node_id:
                 continue
-            ids = self.broker.claim(node, now)
-            if ids is not None:
-                self.apply_lost(node, ids)
+            claimed = self.broker.claim(node, now)
+            if claimed is None:
+                continue
+            by_room: dict[RoomName, list[ConnectionId]] = defaultdict(list)
+            for cid, room in claimed.items():
+                by_room[room].append(cid)
+            for room, ids in by_room.items():
+                self.apply_lost(room, node, ids)
                 self.broker.publish(
                     Envelope(
-                        self.node_id, EventKind.LOST, ConnectionId(node), "\n".join(ids).encode()
+                        self.node_id, EventKind.LOST, room, ConnectionId(node), lost_payload(ids)
                     )
                 )
-        self._timer = self.loop.call_later(self.node_ttl / 3, self._tick)
+        assert self._loop is not None, "started"
+        self._timer = self._loop.call_later(self.node_ttl / 3, self._tick)
 
     async def stop(self) -> None:
         """Leave the cluster cleanly: presence withdrawn, nothing to reap."""
@@ -90,15 +122,20 @@ class MemoryBackplane(ViewKeeper):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.broker.subscribers.pop(self.node_id, None)
+        for room in list(self.views):
+            self.unsubscribe(room)
         self.handler = None
 
     def publish(self, envelope: Envelope) -> None:
-        if envelope.kind is EventKind.JOINED:
-            self.broker.presence.setdefault(self.node_id, set()).add(envelope.connection_id)
-        elif envelope.kind is EventKind.LEFT:
-            self.broker.presence.get(self.node_id, set()).discard(envelope.connection_id)
-        if len(self.broker.subscribers) > 1 or envelope.kind is EventKind.PROBE:
+        kind = envelope.kind
+        if kind is EventKind.JOINED:
+            presence = self.broker.presence.setdefault(self.node_id, {})
+            presence[envelope.connection_id] = envelope.room
+        elif kind is EventKind.LEFT:
+            self.broker.presence.get(self.node_id, {}).pop(envelope.connection_id, None)
+        channel = self.broker.channels.get(envelope.room)
+        # Micro-optimization: a lone node (the embedded default) has no one to tell.
+        if channel is not None and (len(channel) > 1 or self.node_id not in channel):
             self.broker.publish(envelope)
 
     def ready(self) -> tuple[bool, str]:
@@ -107,8 +144,9 @@ class MemoryBackplane(ViewKeeper):
     def metrics(self) -> dict[str, float]:
         return {
             "up": 1,
-            "nodes": len(self.view.nodes) + 1,
+            "nodes": len(self.broker.alive_until) or 1,
             "received": self.received,
             "forward_failures": 0,
             "reconnects": 0,
+            "malformed": 0,
         }

@@ -1,47 +1,58 @@
-"""The cluster backplane on Redis (or Valkey): pub/sub plus leased presence.
+"""The cluster backplane on Redis (or Valkey): a channel per room, leased presence.
 
 Keys (``{p}`` is ``--cluster-name``, default ``wshub``)::
 
-    {p}:events             pub/sub channel: every envelope of every node
+    {p}:room:{room}        pub/sub channel: the envelopes of one room ("" the default room)
+    {p}:probe:{id}         pub/sub channel: a node's probes to itself
     {p}:nodes              SET of node ids that registered presence
     {p}:node:{id}:alive    lease, expires after --node-ttl unless refreshed
-    {p}:node:{id}:conns    SET of the node's open connection ids
+    {p}:node:{id}:conns    HASH connection id -> room, the node's open connections
+    {p}:presence:{room}    HASH connection id -> node id, the room's connections
     {p}:node:{id}:reaped   marker left by the survivor that reaped the node
 
 Theory of operation
 -------------------
 *Publishing.* Envelopes queued during one loop pass go out in one pipeline on
-one connection, in order, together with the presence updates (``SADD`` before
-a ``joined`` is published, ``SREM`` before a ``left``). Redis delivers one
+one connection, in order, together with the presence updates (``HSET`` before
+a ``joined`` is published, ``HDEL`` before a ``left``). Redis delivers one
 connection's publications in order, so messages from one sender reach every
-recipient in the order sent. While Redis is unreachable nothing is queued:
-envelopes are dropped and counted (delivery is at most once, never late).
-The queue is bounded in bytes (:data:`PUBLISH_QUEUE_LIMIT`): past it, under a
-slow Redis, envelopes are dropped and counted; and a batch that waited longer
-than :data:`PUBLISH_MAX_AGE` for its turn (a Redis that froze, then came
-back) is dropped and counted rather than delivered late. Presence updates in
-it still go out (they are state, and the periodic resync reconciles them).
+recipient in the order sent, and every recipient of a room sees one order.
+While Redis is unreachable nothing is queued: envelopes are dropped and
+counted (delivery is at most once, never late). The queue is bounded in bytes
+(:data:`PUBLISH_QUEUE_LIMIT`): past it, under a slow Redis, envelopes are
+dropped and counted; and a batch that waited longer than
+:data:`PUBLISH_MAX_AGE` for its turn (a Redis that froze, then came back) is
+dropped and counted rather than delivered late. Presence updates in it still
+go out (they are state, and the periodic resync reconciles them).
 
-*Subscribing.* One pub/sub connection, rebuilt with jittered exponential
-backoff after any error. On every (re)connect the node re-registers its
-presence from its own registry, then reads every other node's presence and
-corrects its view (:meth:`ViewKeeper.apply_snapshot`): joins and leaves missed
-during an outage are announced then, once. A subscription can also go silent
-without an error (a half-open TCP connection): every node publishes a probe to
-itself every few seconds and rebuilds the subscription when it stops hearing
-its own probes. An envelope that cannot be handled (malformed, or a bug in
-handling it) is logged, counted and skipped; and the subscriber task itself is
-restarted should it ever end while the node runs (issue 19.6).
+*Subscribing.* One pub/sub connection carries the channels of the rooms this
+node has members in (decisions.md 12): a room's first local member subscribes
+it, and the node drops it a short grace after the last one left. A new
+subscription is ready once Redis acknowledged it and the room's presence was
+read (``HGETALL {p}:presence:{room}``): publications after the
+acknowledgement arrive as events, those before are in the snapshot, and the
+view takes each connection once. The connection is rebuilt with jittered
+exponential backoff after any error; on every (re)connect the node
+re-registers its presence from its own registry, subscribes every room again
+and corrects each room's view (:meth:`ViewKeeper.apply_snapshot`): joins and
+leaves missed during an outage are announced then, once. A subscription can
+also go silent without an error (a half-open TCP connection): every node
+publishes a probe to itself every few seconds and rebuilds the subscription
+when it stops hearing its own probes. An envelope that cannot be handled
+(malformed, or a bug in handling it) is logged, counted and skipped; and the
+subscriber task itself is restarted should it ever end while the node runs
+(issue 19.6).
 
 *Presence.* Every ``ttl/3`` a node refreshes its lease and looks for nodes
 whose lease expired. Reaping is one Lua script: the first survivor to run it
-removes the dead node from ``{p}:nodes`` and takes its connection ids; every
-other survivor gets nothing. The winner publishes a ``lost`` envelope and each
-node announces ``user_left`` for those ids to its own clients, so each is
-announced exactly once per client. A node that comes back after being reaped
-(an outage longer than the TTL) finds the marker and closes its clients with
-1012 so they reconnect as new connections, since their departure was already
-announced.
+removes the dead node from ``{p}:nodes``, takes its connections and their rooms
+and removes them from the rooms' presence; every other survivor gets nothing.
+The winner publishes one ``lost`` envelope on each of the dead node's rooms,
+and each node with members there announces ``user_left`` for those ids to
+them: exactly once per client, in that room only. A node that comes back after
+being reaped (an outage longer than the TTL) finds the marker and closes its
+clients with 1012 so they reconnect as new connections, since their departure
+was already announced.
 """
 
 from __future__ import annotations
@@ -50,7 +61,8 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -58,33 +70,39 @@ from redis.exceptions import RedisError
 
 from ..ids import ConnectionId, NodeId
 from ..logs import LineLimiter, log_event
+from ..rooms import RoomName
 from . import BackplaneHandler, Envelope, EventKind, decode_envelope, encode_envelope
-from .base import ViewKeeper
+from .base import ViewKeeper, lost_payload
 
 __all__ = ["RedisBackplane", "backoff_delays", "reap_node"]
 
 log = logging.getLogger("wshub.backplane")
 
+# KEYS: nodes, alive, conns, reaped; ARGV: node, marker TTL, presence key
+# prefix. Returns the dead node's HGETALL (id, room, id, room, ...) or false.
 _REAP = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return false end
 if redis.call('SREM', KEYS[1], ARGV[1]) == 0 then return false end
-local ids = redis.call('SMEMBERS', KEYS[3])
+local pairs = redis.call('HGETALL', KEYS[3])
+for i = 1, #pairs, 2 do redis.call('HDEL', ARGV[3] .. pairs[i + 1], pairs[i]) end
 redis.call('DEL', KEYS[3])
 redis.call('SET', KEYS[4], '1', 'EX', ARGV[2])
-return ids
+return pairs
 """
+_SUBSCRIBE_TIMEOUT = 5.0  # seconds for Redis to acknowledge a subscription
 
 _ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
-# Publish a batch of envelopes unless Redis gets to it after the deadline
-# (ARGV[1], Unix ms on Redis's clock): then none, and -1.
+# Publish a batch of envelopes, given as channel and envelope pairs after the
+# deadline, unless Redis gets to it after the deadline (ARGV[1], Unix ms on
+# Redis's clock): then none, and -1.
 _PUBLISH = """
 local now = redis.call('TIME')
 if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV[1]) then
   return -1
 end
-for i = 2, #ARGV do redis.call('PUBLISH', KEYS[1], ARGV[i]) end
-return #ARGV - 1
+for i = 2, #ARGV, 2 do redis.call('PUBLISH', ARGV[i], ARGV[i + 1]) end
+return (#ARGV - 1) / 2
 """
 
 PUBLISH_QUEUE_LIMIT = 16 * 1024 * 1024
@@ -131,7 +149,7 @@ def backoff_delays(
     factor: float = 2.0,
     cap: float = 5.0,
     rand: Callable[[], float] = random.random,
-) -> Any:
+) -> Iterator[float]:
     """Reconnect delays: exponential with full jitter, capped (pure)."""
     delay = initial
     while True:
@@ -141,9 +159,20 @@ def backoff_delays(
 
 class Keys:
     def __init__(self, prefix: str) -> None:
-        self.events = f"{prefix}:events"
         self.nodes = f"{prefix}:nodes"
         self.prefix = prefix
+        self.presence_prefix = f"{prefix}:presence:"
+        self.room_prefix = f"{prefix}:room:"
+
+    def room(self, room: str) -> str:
+        """The pub/sub channel of *room*."""
+        return self.room_prefix + room
+
+    def presence(self, room: str) -> str:
+        return self.presence_prefix + room
+
+    def probe(self, node: str) -> str:
+        return f"{self.prefix}:probe:{node}"
 
     def alive(self, node: str) -> str:
         return f"{self.prefix}:node:{node}:alive"
@@ -175,7 +204,8 @@ class RedisBackplane(ViewKeeper):
         self._redis: aioredis.Redis | None = None
         self._up = False
         self._reason = "connecting to Redis"
-        self._queue: list[tuple[str, Any]] = []
+        # ("publish", (channel, envelope)), ("join" | "leave", (connection id, room)).
+        self._queue: list[tuple[str, tuple[str, Any]]] = []
         self._queued_bytes = 0
         self._queued_since = 0.0  # when the oldest queued envelope was queued
         self._publish_sha = ""
@@ -186,6 +216,14 @@ class RedisBackplane(ViewKeeper):
         self._rebuild = False
         self._reap_script: Any = None
         self._pubsub: Any = None
+        # Rooms subscribed (or being subscribed), and those whose subscription
+        # is not acknowledged and read yet (the handler hears on_room_ready).
+        self._rooms: set[RoomName] = set()
+        self._unready: set[RoomName] = set()
+        self._changes: list[tuple[bool, RoomName]] = []  # (subscribe?, room) to send
+        self._changed = asyncio.Event()
+        self._acks: dict[str, asyncio.Future[None]] = {}
+        self._nodes = 1
         # Figures for /metrics.
         self.published = 0
         self.forward_failures = 0
@@ -212,6 +250,7 @@ class RedisBackplane(ViewKeeper):
         connected = asyncio.get_running_loop().create_future()
         self._tasks = [
             asyncio.create_task(self._supervise(connected), name="wshub-redis-subscriber"),
+            asyncio.create_task(self._subscriptions(), name="wshub-redis-subscriptions"),
             asyncio.create_task(self._publisher(), name="wshub-redis-publisher"),
             asyncio.create_task(self._lease(), name="wshub-redis-lease"),
             asyncio.create_task(self._prober(), name="wshub-redis-probe"),
@@ -230,14 +269,22 @@ class RedisBackplane(ViewKeeper):
         if redis is not None and self._up:
             try:
                 await _within(self._flush(), 2.0)
-                pipe = redis.pipeline(transaction=True)
-                pipe.srem(self.keys.nodes, self.node_id)
-                pipe.delete(self.keys.conns(self.node_id), self.keys.alive(self.node_id))
-                await _within(pipe.execute(), 2.0)
+                await _within(self._withdraw(), 2.0)
             except _ERRORS as exc:
                 log.warning("could not withdraw presence from redis: %s", exc)
         await self._close_connections()
         self.handler = None
+
+    async def _withdraw(self) -> None:
+        assert self._redis is not None
+        keys = self.keys
+        mine = await self._redis.hgetall(keys.conns(self.node_id))
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.srem(keys.nodes, self.node_id)
+        for cid, room in mine.items():
+            pipe.hdel(keys.presence(_text(room)), cid)
+        pipe.delete(keys.conns(self.node_id), keys.alive(self.node_id))
+        await pipe.execute()
 
     async def _close_connections(self) -> None:
         for task in self._tasks:
@@ -271,9 +318,6 @@ class RedisBackplane(ViewKeeper):
     # -- State ------------------------------------------------------------------
 
     def ready(self) -> tuple[bool, str]:
-        # Public (/readyz, /stats): fixed phrases only. Redis error text
-        # (addresses, auth failures, bytes from whatever answered) goes to the
-        # log (issue 19.9).
         return self._up, ("redis connected" if self._up else self._reason)
 
     def _set_up(self) -> None:
@@ -288,12 +332,26 @@ class RedisBackplane(ViewKeeper):
         else:
             log_event(log, logging.INFO, "backplane_still_down", reason=reason)
         self._up = False
+        # Public (/readyz, /stats): a fixed phrase. Redis error text
+        # (addresses, auth failures, bytes from whatever answered) goes to the
+        # log (issue 19.9).
         self._reason = "redis unreachable"
+        # Rooms waiting for their subscription serve their local members
+        # meanwhile; the reconnect's resync brings their views up to date.
+        self._rooms_ready(set(self._unready))
+
+    def _rooms_ready(self, rooms: set[RoomName]) -> None:
+        rooms &= self._unready
+        self._unready -= rooms
+        handler = self.handler
+        if handler is not None:
+            for room in rooms:
+                handler.on_room_ready(room)
 
     def metrics(self) -> dict[str, float]:
         return {
             "up": 1 if self._up else 0,
-            "nodes": len(self.view.nodes) + 1,
+            "nodes": self._nodes,
             "received": self.received,
             "published": self.published,
             "forward_failures": self.forward_failures,
@@ -303,7 +361,77 @@ class RedisBackplane(ViewKeeper):
             "stale_dropped": self.stale_dropped,
             "overflow_dropped": self.overflow_dropped,
             "subscriber_restarts": self.subscriber_restarts,
+            "subscriptions": len(self._rooms),
         }
+
+    # -- Rooms ------------------------------------------------------------------
+
+    def subscribe(self, room: RoomName) -> bool:
+        self.open_view(room)
+        self._rooms.add(room)
+        if not self._up:
+            return True  # served locally; the reconnect subscribes it with the rest
+        self._unready.add(room)
+        self._changes.append((True, room))
+        self._changed.set()
+        return False
+
+    def unsubscribe(self, room: RoomName) -> None:
+        self.close_view(room)
+        self._rooms.discard(room)
+        self._unready.discard(room)
+        if self._up:
+            self._changes.append((False, room))
+            self._changed.set()
+
+    async def _subscriptions(self) -> None:
+        """Send the subscription changes of the pub/sub connection, then read
+        the presence of each room that was subscribed."""
+        while not self._stopping:
+            await self._changed.wait()
+            self._changed.clear()
+            changes, self._changes = self._changes, []
+            pubsub = self._pubsub
+            if not self._up or pubsub is None:
+                continue  # the (re)connect subscribes every room in _rooms
+            # The last word on each room wins (a room left and entered again).
+            final = {room: subscribe for subscribe, room in changes}
+            joining = sorted(r for r, sub in final.items() if sub and r in self._rooms)
+            leaving = sorted(r for r, sub in final.items() if not sub and r not in self._rooms)
+            try:
+                if leaving:
+                    await pubsub.unsubscribe(*(self.keys.room(r) for r in leaving))
+                if joining:
+                    await self._subscribe_rooms(pubsub, joining)
+            except asyncio.CancelledError:
+                raise
+            except (*_ERRORS, RuntimeError) as exc:
+                self._set_down(f"subscribe failed: {exc}")
+                self._rebuild = True
+
+    async def _subscribe_rooms(self, pubsub: Any, rooms: list[RoomName]) -> None:
+        loop = asyncio.get_running_loop()
+        channels = [self.keys.room(r) for r in rooms]
+        acks = [self._acks.setdefault(ch, loop.create_future()) for ch in channels]
+        await pubsub.subscribe(*channels)
+        await _within(asyncio.gather(*acks), _SUBSCRIBE_TIMEOUT)
+        await self._read_rooms(rooms, initial=True)
+        self._rooms_ready(set(rooms))
+
+    async def _read_rooms(self, rooms: list[RoomName], *, initial: bool) -> None:
+        """Correct the views of *rooms* from their presence in Redis."""
+        assert self._redis is not None
+        if not rooms:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for room in rooms:
+            pipe.hgetall(self.keys.presence(room))
+        results = await pipe.execute()
+        for room, found in zip(rooms, results, strict=True):
+            snapshot: dict[NodeId, set[ConnectionId]] = defaultdict(set)
+            for cid, node in found.items():
+                snapshot[NodeId(node.decode())].add(ConnectionId(cid.decode()))
+            self.apply_snapshot(room, snapshot, initial=initial)
 
     # -- Publishing -------------------------------------------------------------
 
@@ -326,10 +454,12 @@ class RedisBackplane(ViewKeeper):
             self._queued_since = time.monotonic()
         self._queued_bytes += len(data)
         if kind is EventKind.JOINED:
-            self._queue.append(("sadd", envelope.connection_id))
+            self._queue.append(("join", (envelope.connection_id, envelope.room)))
         elif kind is EventKind.LEFT:
-            self._queue.append(("srem", envelope.connection_id))
-        self._queue.append(("publish", data))
+            self._queue.append(("leave", (envelope.connection_id, envelope.room)))
+        keys = self.keys
+        channel = keys.probe(self.node_id) if kind is EventKind.PROBE else keys.room(envelope.room)
+        self._queue.append(("publish", (channel, data)))
         self._wake.set()
 
     async def _publisher(self) -> None:
@@ -355,16 +485,22 @@ class RedisBackplane(ViewKeeper):
             self.stale_dropped += dropped
             assert self._redis is not None
             pipe = self._redis.pipeline(transaction=False)
-            conns_key = self.keys.conns(self.node_id)
+            keys = self.keys
+            conns_key = keys.conns(self.node_id)
             publications = 0
             for op, arg in commands:
                 if op == "publish":
-                    pipe.evalsha(self._publish_sha, 1, self.keys.events, deadline, *arg)
+                    pairs = [item for pair in arg for item in pair]
+                    pipe.evalsha(self._publish_sha, 0, deadline, *pairs)
                     publications += len(arg)
-                elif op == "sadd":
-                    pipe.sadd(conns_key, arg)
+                elif op == "join":
+                    cid, room = arg
+                    pipe.hset(conns_key, cid, room)
+                    pipe.hset(keys.presence(room), cid, self.node_id)
                 else:
-                    pipe.srem(conns_key, arg)
+                    cid, room = arg
+                    pipe.hdel(conns_key, cid)
+                    pipe.hdel(keys.presence(room), cid)
             try:
                 results = await pipe.execute()
             except _ERRORS as exc:
@@ -372,11 +508,16 @@ class RedisBackplane(ViewKeeper):
                 self._set_down(f"publish failed: {exc}")
                 self._rebuild = True
                 continue
-            late = sum(
-                len(arg)
-                for (op, arg), result in zip(commands, results, strict=True)
-                if op == "publish" and result == -1
-            )
+            # One result per publish command, two per presence update.
+            late = 0
+            position = 0
+            for op, arg in commands:
+                if op == "publish":
+                    if results[position] == -1:
+                        late += len(arg)
+                    position += 1
+                else:
+                    position += 2
             self.published += publications - late
             self.forward_failures += late
             self.stale_dropped += late
@@ -385,16 +526,22 @@ class RedisBackplane(ViewKeeper):
 
     async def _subscriber(self, connected: asyncio.Future[None]) -> None:
         delays = backoff_delays()
+        probe_channel = self.keys.probe(self.node_id).encode()
         while not self._stopping:
             assert self._redis is not None
-            pubsub = self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            # redis-py's PubSub is untyped.
+            pubsub: Any = self._redis.pubsub()
+            self._pubsub = pubsub
             try:
-                await pubsub.subscribe(self.keys.events)
+                rooms = sorted(self._rooms)
+                waiting = set(self._unready)
+                await pubsub.subscribe(probe_channel, *(self.keys.room(r) for r in rooms))
                 await self._register()
-                await self._resync()
+                await self._resync(rooms)
                 self._rebuild = False
                 self.last_probe_heard = self.clock()
                 self._set_up()
+                self._rooms_ready(waiting)
                 if not connected.done():
                     connected.set_result(None)
                 delays = backoff_delays()
@@ -402,14 +549,20 @@ class RedisBackplane(ViewKeeper):
                 # _within) must still end this loop within a second.
                 while not self._rebuild and not self._stopping:
                     message = await pubsub.get_message(timeout=1.0)
-                    if message is not None and message.get("type") == "message":
-                        self._handle(message["data"])
+                    if message is not None:
+                        self._on_pubsub(message)
                 self._set_down("subscription rebuilt")
             except asyncio.CancelledError:
                 raise
             except _ERRORS as exc:
                 self._set_down(str(exc) or type(exc).__name__)
             finally:
+                self._pubsub = None
+                for ack in self._acks.values():
+                    if not ack.done():
+                        ack.set_exception(ConnectionError("subscription connection closed"))
+                        ack.exception()  # retrieved: the waiter, if any, sees it too
+                self._acks.clear()
                 try:
                     await _within(pubsub.aclose(), 1.0)
                 except _ERRORS:
@@ -419,8 +572,19 @@ class RedisBackplane(ViewKeeper):
             self.reconnects += 1
             await asyncio.sleep(next(delays))
 
-    def _handle(self, data: Any) -> None:
-        """One message from the channel. Whatever goes wrong with it (bad
+    def _on_pubsub(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "message":
+            self._handle(message["data"], message.get("channel"))
+        elif kind == "subscribe":
+            channel = message["channel"]
+            name = channel.decode() if isinstance(channel, bytes) else str(channel)
+            ack = self._acks.pop(name, None)
+            if ack is not None and not ack.done():
+                ack.set_result(None)
+
+    def _handle(self, data: Any, channel: Any) -> None:
+        """One message from a channel. Whatever goes wrong with it (bad
         bytes, or a bug in handling it) costs that message only: logged
         (rate limited), counted, skipped; the subscription goes on."""
         try:
@@ -433,7 +597,7 @@ class RedisBackplane(ViewKeeper):
                     log,
                     logging.WARNING,
                     "backplane_bad_envelope",
-                    channel=self.keys.events,
+                    channel=_text(channel) if isinstance(channel, bytes | str) else "?",
                     error=f"{type(exc).__name__}: {exc}",
                     head=repr(bytes(data[:64])) if isinstance(data, bytes) else type(data).__name__,
                     **({"suppressed": suppressed} if suppressed else {}),
@@ -473,28 +637,24 @@ class RedisBackplane(ViewKeeper):
         seconds, micros = await self._redis.time()
         after = time.time()
         self._clock_offset_ms = seconds * 1000 + micros / 1000 - (before + after) * 500
-        ids = list(self.handler.local_connection_ids())
+        presence = list(self.handler.local_presence())
+        stale = await self._redis.hgetall(keys.conns(node))
         pipe = self._redis.pipeline(transaction=True)
         pipe.sadd(keys.nodes, node)
         pipe.set(keys.alive(node), "1", px=int(self.node_ttl * 1000))
+        for cid, room in stale.items():
+            pipe.hdel(keys.presence(_text(room)), cid)
         pipe.delete(keys.conns(node))
-        if ids:
-            pipe.sadd(keys.conns(node), *ids)
+        for room, cid in presence:
+            pipe.hset(keys.conns(node), cid, room)
+            pipe.hset(keys.presence(room), cid, node)
         await pipe.execute()
 
-    async def _resync(self) -> None:
+    async def _resync(self, rooms: list[RoomName] | None = None) -> None:
+        """Correct every subscribed room's view, and count the nodes."""
         assert self._redis is not None
-        nodes = [n.decode() for n in await self._redis.smembers(self.keys.nodes)]
-        others = [n for n in nodes if n != self.node_id]
-        pipe = self._redis.pipeline(transaction=False)
-        for node in others:
-            pipe.smembers(self.keys.conns(node))
-        results = await pipe.execute() if others else []
-        snapshot = {
-            NodeId(node): {ConnectionId(i.decode()) for i in ids}
-            for node, ids in zip(others, results, strict=True)
-        }
-        self.apply_snapshot(snapshot)
+        self._nodes = max(1, await self._redis.scard(self.keys.nodes))
+        await self._read_rooms(sorted(self._rooms) if rooms is None else rooms, initial=False)
 
     # -- Leases, reaping and probes ---------------------------------------------
 
@@ -518,22 +678,23 @@ class RedisBackplane(ViewKeeper):
         assert self._redis is not None
         keys = self.keys
         await self._redis.set(keys.alive(self.node_id), "1", px=int(self.node_ttl * 1000))
-        nodes = [n.decode() for n in await self._redis.smembers(keys.nodes)]
+        nodes = [_text(n) for n in await self._redis.smembers(keys.nodes)]
         for node in nodes:
             if node == self.node_id:
                 continue
-            ids = await self._reap_script(
-                keys=[keys.nodes, keys.alive(node), keys.conns(node), keys.reaped(node)],
-                args=[node, int(max(60, self.node_ttl * 10))],
-            )
-            if ids is None:
+            by_room = await reap(self._reap_script, keys, node, int(max(60, self.node_ttl * 10)))
+            if by_room is None:
                 continue
-            dead = [ConnectionId(i.decode()) for i in ids]
-            log.warning("reaped node %s: %d connections", node, len(dead))
-            self.apply_lost(NodeId(node), dead)
-            self.publish(
-                Envelope(self.node_id, EventKind.LOST, ConnectionId(node), "\n".join(dead).encode())
+            log.warning(
+                "reaped node %s: %d connections", node, sum(len(i) for i in by_room.values())
             )
+            for room, dead in by_room.items():
+                self.apply_lost(room, NodeId(node), dead)
+                self.publish(
+                    Envelope(
+                        self.node_id, EventKind.LOST, room, ConnectionId(node), lost_payload(dead)
+                    )
+                )
 
     async def _prober(self) -> None:
         """Publish to ourselves; a subscription that stops hearing is rebuilt."""
@@ -541,17 +702,22 @@ class RedisBackplane(ViewKeeper):
             await asyncio.sleep(self.probe_interval)
             if not self._up:
                 continue
-            self.publish(Envelope(self.node_id, EventKind.PROBE, ConnectionId(""), b""))
+            self.publish(
+                Envelope(self.node_id, EventKind.PROBE, RoomName(""), ConnectionId(""), b"")
+            )
             if self.clock() - self.last_probe_heard > 3 * self.probe_interval + 1.0:
                 self.silent_rebuilds += 1
                 self._set_down("subscription went silent (self-probe not heard): rebuilding")
                 self._rebuild = True
 
 
-def _group_publications(batch: list[tuple[str, Any]], stale: bool) -> list[tuple[str, Any]]:
+def _group_publications(
+    batch: list[tuple[str, tuple[str, Any]]], stale: bool
+) -> list[tuple[str, Any]]:
     """The batch as pipeline commands: each run of envelopes between presence
-    updates becomes one ("publish", [envelopes]); without the envelopes when
-    *stale*. Presence updates keep their place (SADD before its joined...)."""
+    updates becomes one ("publish", [(channel, envelope), ...]); without the
+    envelopes when *stale*. Presence updates keep their place (the HSET
+    before its joined...)."""
     commands: list[tuple[str, Any]] = []
     for op, arg in batch:
         if op != "publish":
@@ -564,30 +730,48 @@ def _group_publications(batch: list[tuple[str, Any]], stale: bool) -> list[tuple
     return commands
 
 
+async def reap(
+    script: Any, keys: Keys, node: str, marker_ttl: int
+) -> dict[RoomName, list[ConnectionId]] | None:
+    """Reap *node* if its lease expired and no one else did: its connections
+    by room, or None."""
+    pairs = await script(
+        keys=[keys.nodes, keys.alive(node), keys.conns(node), keys.reaped(node)],
+        args=[node, marker_ttl, keys.presence_prefix],
+    )
+    if pairs is None:
+        return None
+    by_room: dict[RoomName, list[ConnectionId]] = defaultdict(list)
+    for cid, room in zip(pairs[::2], pairs[1::2], strict=True):
+        by_room[RoomName(room.decode())].append(ConnectionId(cid.decode()))
+    return by_room
+
+
 async def reap_node(url: str, node_id: str, *, prefix: str = "wshub") -> list[str]:
     """Reap *node_id* now (a supervisor whose worker died): expire its lease,
-    take its connections and tell the survivors. Returns the reaped ids."""
+    take its connections and tell the survivors, room by room. Returns the
+    reaped ids."""
     keys = Keys(prefix)
     redis = aioredis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
     try:
         await redis.delete(keys.alive(node_id))
-        ids = await redis.register_script(_REAP)(
-            keys=[keys.nodes, keys.alive(node_id), keys.conns(node_id), keys.reaped(node_id)],
-            args=[node_id, 60],
-        )
-        if ids is None:
+        by_room = await reap(redis.register_script(_REAP), keys, node_id, 60)
+        if by_room is None:
             return []
-        dead = [i.decode() for i in ids]
-        envelope = Envelope(
-            NodeId(f"supervisor-{node_id}"),
-            EventKind.LOST,
-            ConnectionId(node_id),
-            "\n".join(dead).encode(),
-        )
-        await redis.publish(keys.events, encode_envelope(envelope))
-        return dead
+        sender = NodeId(f"supervisor-{node_id}")
+        for room, dead in by_room.items():
+            envelope = Envelope(
+                sender, EventKind.LOST, room, ConnectionId(node_id), lost_payload(dead)
+            )
+            await redis.publish(keys.room(room), encode_envelope(envelope))
+        return [cid for ids in by_room.values() for cid in ids]
     finally:
         await redis.aclose()
+
+
+def _text(value: bytes | str) -> str:
+    """A value read from Redis (bytes, as the client is not decoding)."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _redacted(url: str) -> str:

@@ -1,0 +1,31 @@
+"""The backplane a node's configuration asks for."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..config import Config
+from ..ids import NodeId, new_node_id
+from . import Backplane
+from .memory import MemoryBackplane
+
+__all__ = ["make_backplane"]
+
+
+def make_backplane(config: Config, *, on_rejoined: Callable[[], None]) -> Backplane:
+    """Redis with ``--redis-url``, else the embedded in-memory backplane.
+
+    *on_rejoined* is called when the node comes back to a cluster that reaped
+    it during an outage (its clients were announced gone)."""
+    node_id = NodeId(config.node_id) if config.node_id else new_node_id()
+    if config.redis_url:
+        from .redis import RedisBackplane  # the redis package only when asked for
+
+        return RedisBackplane(
+            config.redis_url,
+            node_id,
+            node_ttl=config.node_ttl,
+            prefix=config.cluster_name,
+            on_rejoined_after_reap=on_rejoined,
+        )
+    return MemoryBackplane(node_id, node_ttl=config.node_ttl)

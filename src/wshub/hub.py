@@ -1,0 +1,263 @@
+"""One room's hub: its members, their presence, and the routing of their
+messages (decisions.md 3-6, scoped to the room by section 12).
+
+What this module may not know: sockets, HTTP, other rooms, timers, how the
+backplane carries envelopes. A :class:`Hub` is the
+:class:`~wshub.connection.ConnectionOwner` of its members once they are
+upgraded; it decides who gets what, queues it on the fan-out, and hands the
+same payload to the backplane for the room's members on other nodes. What
+concerns the whole node (admission slots, close counts, the drain) it tells its
+:class:`HubHost`.
+
+Time: ``clock()`` gives the Unix time clients see in timestamps; liveness and
+rate limits use the loop's monotonic time in the connection.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from . import http, protocol
+from .backplane import Backplane, Envelope, EventKind
+from .connection import Connection
+from .errors import RATE_LIMIT_EXCEEDED
+from .fanout import Audience, Fanout
+from .ids import ConnectionId, NodeId
+from .logs import log_event
+from .nodemetrics import Counters
+from .protocol import ErrorCode, Refusal, Relay, RelayKind
+from .rooms import RoomName
+from .session import State
+from .wire import ping_frame, text_frame
+
+__all__ = ["Hub", "HubHost"]
+
+log = logging.getLogger("wshub")
+
+_BINARY_REFUSAL = Refusal(
+    ErrorCode.BINARY_NOT_SUPPORTED, "Binary frames are not supported: send JSON or text"
+)
+_RATE_REFUSAL = Refusal(ErrorCode.RATE_LIMITED, "Too many messages: slow down")
+_PROTOCOL_PING_FRAME = ping_frame(b"wshub")
+_MESSAGE = RelayKind.MESSAGE  # Micro-optimization: an enum member lookup costs ~170 ns
+
+
+class HubHost(Protocol):
+    """What a hub tells the node it belongs to."""
+
+    def member_opened(self, conn: Connection) -> None:
+        """*conn* is upgraded (and, in a room, a member)."""
+
+    def member_closing(self, conn: Connection) -> None:
+        """*conn* left the room and its closing handshake started."""
+
+    def member_closed(self, conn: Connection, previous: State) -> None:
+        """*conn*'s socket is gone (it was in state *previous*)."""
+
+    def member_refused(self, conn: Connection, status: int, reason: str, detail: str) -> None:
+        """*conn* refused something itself."""
+
+    def room_emptied(self, hub: Hub) -> None:
+        """The room's last member on this node left."""
+
+
+class Hub:
+    """The members of one room on this node, and its routing."""
+
+    def __init__(
+        self,
+        room: RoomName,
+        *,
+        host: HubHost,
+        fanout: Fanout[Connection],
+        backplane: Backplane,
+        counters: Counters,
+        node_id: NodeId,
+        clock: Callable[[], float],
+    ) -> None:
+        self.room = room
+        self.members: dict[ConnectionId, Connection] = {}
+        self.audience: Audience[Connection] = Audience(self.members.values)
+        self._host = host
+        self._fanout = fanout
+        self._backplane = backplane
+        self._counters = counters
+        self._outcomes = counters.outcomes
+        self._node_id = node_id
+        self._clock = clock
+
+    def count(self) -> int:
+        """The room's connections across the cluster, as this node knows them."""
+        return len(self.members) + self._backplane.remote_count(self.room)
+
+    # -- Members ----------------------------------------------------------------
+
+    def on_open(self, conn: Connection) -> None:
+        """*conn* completed its upgrade: welcome it, then tell the room."""
+        self.members[conn.id] = conn
+        conn.is_recipient = True
+        self._host.member_opened(conn)
+        self._fanout.joined(self.audience, conn)
+        now = self._clock()
+        total = self.count()
+        # The welcome goes out at once, straight after the 101 response: the
+        # newcomer has nothing queued before it. Its user_joined may wait a
+        # little for other joins, so a connection storm costs few writes.
+        conn.write(text_frame(protocol.encode_welcome(conn.id, total, now, self.room)))
+        joined = protocol.encode_user_joined(conn.id, total, now)
+        self._fanout.to_all(self.audience, joined, exclude=conn, urgent=False)
+        self._backplane.publish(
+            Envelope(self._node_id, EventKind.JOINED, self.room, conn.id, joined)
+        )
+        log_event(
+            log,
+            logging.INFO,
+            "open",
+            id=conn.id,
+            room=self.room,
+            peer=conn.peer,
+            ip=conn.ip,
+            origin=conn.origin,
+        )
+
+    def on_closing(self, conn: Connection) -> bytes:
+        data = self._fanout.take(conn)
+        self._host.member_closing(conn)
+        self.remove(conn)
+        return data
+
+    def on_closed(self, conn: Connection, previous: State) -> None:
+        self._fanout.forget(conn)  # its socket's buffer is gone with it
+        if previous is State.OPEN:  # dropped without a closing handshake
+            self.remove(conn)
+        self._host.member_closed(conn, previous)
+
+    def remove(self, conn: Connection) -> None:
+        """Remove *conn* and announce its ``user_left`` to the room, once."""
+        if self.members.pop(conn.id, None) is None:
+            return
+        conn.is_recipient = False
+        left = protocol.encode_user_left(conn.id, self.count(), self._clock())
+        if self.members:
+            self._fanout.to_all(self.audience, left, urgent=False)
+        self._backplane.publish(Envelope(self._node_id, EventKind.LEFT, self.room, conn.id, left))
+        if not self.members:
+            self._host.room_emptied(self)
+
+    # -- Messages from members ------------------------------------------------------
+
+    def on_text(self, conn: Connection, text: str) -> None:
+        # The hot path of every relayed message: counters as plain dict
+        # updates, the relay case tested first.
+        outcomes = self._outcomes
+        outcomes["INCOMING"] += 1
+        result = protocol.parse_client_text(text)
+        if type(result) is Relay:
+            outcomes["VALIDATED"] += 1
+            payload = protocol.encode_relay(result.kind, conn.id, result.content, self._clock())
+            self.publish(payload, conn.id, conn if result.kind is _MESSAGE else None)
+            outcomes["ROUTED"] += 1
+            return
+        if isinstance(result, Refusal):
+            self._refuse(conn, result)
+            return
+        outcomes["VALIDATED"] += 1
+        if result is protocol.PING:
+            self._fanout.to_one(conn, protocol.encode_pong(self._clock()))
+        elif result is protocol.USER_INFO:
+            self._fanout.to_one(
+                conn,
+                protocol.encode_user_info_response(conn.id, self.count(), self._clock(), self.room),
+            )
+        # PONG: a sign of life, already noted by the connection.
+        outcomes["ROUTED"] += 1
+
+    def publish(self, payload: bytes, sender: ConnectionId, exclude: Connection | None) -> None:
+        """A ``message`` or ``broadcast`` into the room: to every local member
+        but *exclude*, and to the room's members on the other nodes.
+
+        The one door for room traffic: a backend's publication (decisions.md
+        14) comes in here too, and the room's history (13) will give each
+        payload its offset here, at publication, before anyone gets it.
+        Local members get it in this loop pass; one sender's messages keep
+        their order everywhere (one fan-out here, one Redis connection out).
+        """
+        recipients = len(self.members) - (1 if exclude is not None else 0)
+        self._counters.fanout_sizes.observe(recipients)
+        if recipients:
+            self._fanout.to_all(self.audience, payload, exclude=exclude)
+        self._backplane.publish(
+            Envelope(self._node_id, EventKind.RELAY, self.room, sender, payload)
+        )
+
+    def on_binary(self, conn: Connection, data: bytes) -> None:
+        self._counters.messages.inc_label("INCOMING")
+        self._refuse(conn, _BINARY_REFUSAL)
+
+    def on_rate_limited(self, conn: Connection, *, disconnect: bool) -> None:
+        self._counters.messages.inc_label("INCOMING")
+        self._counters.rate_refusals.inc()
+        if disconnect:
+            self._counters.messages.inc_label("FAILED")
+            log_event(log, logging.INFO, "rate_limit_close", id=conn.id, ip=conn.ip)
+            conn.close(RATE_LIMIT_EXCEEDED)
+            return
+        self._refuse(conn, _RATE_REFUSAL)
+
+    def on_connect(self, conn: Connection) -> bytes | None:
+        raise AssertionError("a connection is accepted by the gateway")
+
+    def on_request(self, conn: Connection, request: http.Request) -> None:
+        raise AssertionError("an upgraded connection makes no HTTP request")
+
+    def on_refused(self, conn: Connection, status: int, reason: str, detail: str) -> None:
+        self._host.member_refused(conn, status, reason, detail)
+
+    def _refuse(self, conn: Connection, refusal: Refusal) -> None:
+        self._counters.messages.inc_label("FAILED")
+        self._counters.errors.inc_label(refusal.code.value)
+        self._fanout.to_one(conn, protocol.encode_error(refusal))
+
+    # -- Messages from other nodes ----------------------------------------------------
+
+    def on_envelope(self, envelope: Envelope) -> None:
+        """A relay, or a join or leave that changed the room's view."""
+        if self.members:
+            # Relays are urgent; presence from other nodes may wait for company.
+            urgent = envelope.kind is EventKind.RELAY
+            self._fanout.to_all(self.audience, envelope.payload, urgent=urgent)
+        if envelope.kind is EventKind.RELAY:
+            self._counters.fanout_sizes.observe(len(self.members))
+
+    def announce_left(self, connection_ids: Iterable[ConnectionId]) -> None:
+        """Members elsewhere gone without their own ``left`` event (their node
+        died): the view already dropped them."""
+        self._announce(connection_ids, protocol.encode_user_left)
+
+    def announce_joined(self, connection_ids: Iterable[ConnectionId]) -> None:
+        """Members elsewhere whose ``joined`` event was lost (an outage)."""
+        self._announce(connection_ids, protocol.encode_user_joined)
+
+    def _announce(
+        self,
+        connection_ids: Iterable[ConnectionId],
+        encode: Callable[[ConnectionId, int, float], bytes],
+    ) -> None:
+        if not self.members:
+            return
+        now = self._clock()
+        total = self.count()
+        for connection_id in connection_ids:
+            self._fanout.to_all(self.audience, encode(connection_id, total, now), urgent=False)
+
+    # -- Timers -----------------------------------------------------------------------
+
+    def heartbeat(self) -> None:
+        """The JSON ping for browsers' scripts, and a protocol Ping frame,
+        which browsers answer on their own (decisions.md 6)."""
+        if not self.members:
+            return
+        self._fanout.to_all(self.audience, protocol.encode_ping(self._clock()), urgent=False)
+        self._fanout.control_to_all(self.audience, _PROTOCOL_PING_FRAME, urgent=False)
