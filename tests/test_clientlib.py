@@ -680,3 +680,30 @@ def test_static_token_room_and_pings(stubs: Stubs, page: Page) -> None:
     )
     assert refused == "TypeError"
     assert re.match(r"^ws://", page.evaluate("() => new lib.WshubClient('/websocket').url"))
+
+
+# -- Against the real server: what it serves now ------------------------------------
+
+
+def test_served_at_wshub_js(make_server: Callable[..., Server]) -> None:
+    """GET /wshub.js serves the module: JavaScript, the same bytes as the file."""
+    server = make_server()
+    status, headers, body = server.get("/wshub.js")
+    assert status == 200 and headers["Content-Type"].startswith("text/javascript")
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert body == MODULE.read_bytes()
+
+
+def test_room_option(page: Page, page_server: PageServer, make_server) -> None:
+    """room: NAME joins /websocket/NAME on a real server: the welcome names it, other
+    rooms' traffic never arrives."""
+    server = make_server("--allowed-origins", page_server.origin)
+    make(page, "a", server.ws_url, room="lobby")
+    (w,) = wait_events(page, "a", "welcome")
+    assert w["room"] == "lobby"
+    make(page, "b", server.ws_url, room="other")
+    wait_events(page, "b", "welcome")
+    call(page, "b", "broadcast", "not for lobby")
+    wait_events(page, "b", "broadcast")
+    assert call(page, "a", "ping") >= 0
+    assert events(page, "a", "broadcast") == [] and events(page, "a", "user_joined") == []

@@ -1,7 +1,8 @@
 """The node's plain HTTP endpoints, as rows of the route table.
 
 ``/`` (the chat page), ``/healthz``, ``/readyz``, ``/metrics`` and ``/stats``
-(decisions.md 1). The WebSocket endpoints are the gateway's own
+(decisions.md 1), and ``/wshub.js``, the browser client library
+(decisions.md 17). The WebSocket endpoints are the gateway's own
 (:mod:`wshub.gateway`); the backend API (decisions.md 14) adds its rows here.
 """
 
@@ -46,6 +47,22 @@ def node_routes(node: Introspection) -> list[Route[Connection]]:
             )
         )
 
+    library: list[bytes] = []  # read once, on first use
+
+    def client_library(conn: Connection, request: http.Request) -> None:
+        # An ES module: browsers refuse to run one served as anything but JavaScript.
+        if not library:
+            library.append(resources.files("wshub").joinpath("static/wshub.js").read_bytes())
+        conn.respond(
+            http.response(
+                200,
+                library[0],
+                content_type="text/javascript; charset=utf-8",
+                headers=(("X-Content-Type-Options", "nosniff"),),
+                head_only=request.method == "HEAD",
+            )
+        )
+
     def healthz(conn: Connection, request: http.Request) -> None:
         conn.respond(http.response(200, "ok\n", head_only=request.method == "HEAD"))
 
@@ -77,6 +94,7 @@ def node_routes(node: Introspection) -> list[Route[Connection]]:
 
     return [
         Route("/", chat_page),
+        Route("/wshub.js", client_library),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics),
