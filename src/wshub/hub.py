@@ -221,12 +221,13 @@ class Hub:
                 self.publish(payload, conn.id, conn if kind is _MESSAGE else None)
             else:
                 # Encoded with its offset at once: cheaper than a splice later.
-                offset = history.next_offset(self.room, self._monotonic())
+                mono = self._monotonic()
+                offset = history.next_offset(self.room, mono)
                 payload = protocol.encode_relay(
                     kind, conn.id, result.content, self._clock(), offset
                 )
                 exclude = conn if kind is _MESSAGE else None
-                self.publish(payload, conn.id, exclude, kind=kind, offset=offset)
+                self.publish(payload, conn.id, exclude, kind=kind, offset=offset, now=mono)
             outcomes["ROUTED"] += 1
             return
         if isinstance(result, Refusal):
@@ -251,6 +252,7 @@ class Hub:
         *,
         kind: RelayKind | None = None,
         offset: int | None = None,
+        now: float | None = None,
     ) -> None:
         """A ``message`` or ``broadcast`` into the room: to every local member
         but *exclude*, and to the room's members on the other nodes.
@@ -264,11 +266,13 @@ class Hub:
         With history on, the payload gets the room's next offset (spliced in
         unless the caller encoded it with *offset* from ``next_offset``) and
         is kept with its *kind* (a ``message`` when *exclude* is given and no
-        kind is) for ``?since=`` and ``?history=``.
+        kind is) for ``?since=`` and ``?history=``; *now* is the monotonic
+        time *offset* was taken at.
         """
         history = self._history
         if history is not None:
-            now = self._monotonic()
+            if now is None:
+                now = self._monotonic()
             if offset is None:
                 offset = history.next_offset(self.room, now)
                 payload = protocol.with_offset(payload, offset)
