@@ -607,7 +607,7 @@ def assert_relayed(guard: Guard, frame: str, kind: str, content: str) -> None:
     assert len(replies) == (1 if kind == "broadcast" else 0)
     assert [(m["type"], m["content"]) for m in relayed] == [(kind, content)] * 2
     for m in relayed:
-        assert set(m) == {"type", "connectionId", "content", "timestamp"}
+        assert set(m) == {"type", "connectionId", "content", "timestamp", "offset"}
 
 
 DEEP = 30_000  # 60 KB: under the 64 KiB message limit, far past the parser's depth

@@ -32,7 +32,8 @@ def test_welcome_comes_first_with_id_and_count(server: Server) -> None:
         parsed = datetime.strptime(a.welcome["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ")
         assert abs(parsed.replace(tzinfo=UTC).timestamp() - datetime.now(UTC).timestamp()) < 60
         assert a.welcome["connectionCount"] == server.stats()["connections"]["node"]
-        assert set(a.welcome) == {"type", "connectionId", "timestamp", "connectionCount", "room"}
+        fields = {"type", "connectionId", "timestamp", "connectionCount", "room"}
+        assert set(a.welcome) == fields | {"epoch", "offset"}  # history on (decisions.md 13)
         assert a.welcome["room"] == ""  # the default room
     finally:
         a.close()
@@ -74,7 +75,7 @@ def test_message_goes_to_others_broadcast_to_all(server: Server) -> None:
         a.send({"type": "message", "content": "hello"})
         got = b.recv_type("message")
         assert got["content"] == "hello" and got["connectionId"] == a.id
-        assert set(got) == {"type", "connectionId", "content", "timestamp"}
+        assert set(got) == {"type", "connectionId", "content", "timestamp", "offset"}
         assert ISO.match(got["timestamp"])
         a.send({"type": "broadcast", "content": "to everyone"})
         for client in (a, b):

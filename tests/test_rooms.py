@@ -77,10 +77,11 @@ def test_rooms_keep_their_traffic_and_counts_apart(server: Server) -> None:
 
 
 def test_names_are_taken_as_they_are(server: Server) -> None:
-    """Lobby and lobby are two rooms; a query string is ignored; every
-    character of the alphabet is allowed, up to 64 of them."""
+    """Lobby and lobby are two rooms; a query string (but since, history and
+    previous: test_recovery.py) is ignored; every character of the alphabet is
+    allowed, up to 64 of them."""
     upper = server.client("Lobby")
-    lower = server.client("lobby?since=ignored")
+    lower = server.client("lobby?other=ignored")
     assert lower.welcome["room"] == "lobby" and lower.welcome["connectionCount"] == 1
     upper.send({"type": "user_info"})
     assert upper.recv_type("user_info_response")["connectionCount"] == 1

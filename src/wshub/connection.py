@@ -56,6 +56,7 @@ from websockets.protocol import State as FrameState
 from . import http
 from .errors import CloseCode, Disconnect
 from .framescan import FrameScanner
+from .history import JoinQuery
 from .ids import ConnectionId
 from .rooms import DEFAULT_ROOM
 from .session import Admit, Session, State
@@ -245,6 +246,7 @@ class Connection(asyncio.Protocol):
         "close_reason",
         "direct",
         "opened_at_accept",
+        "join",
     )
 
     def __init__(
@@ -262,6 +264,7 @@ class Connection(asyncio.Protocol):
         self.origin: str | None = None
         self.id = ConnectionId("")
         self.room = DEFAULT_ROOM  # the room it belongs to once admitted
+        self.join: JoinQuery | None = None  # ?since= / ?history= / ?previous= (decisions.md 13)
         self.admitted = False  # holds a slot of the per-IP and node limits
         self.session = Session(
             loop.time(),

@@ -34,6 +34,7 @@ from . import http, protocol
 from .admission import Admission, BadForwardedFor, Refused, client_address, is_trusted
 from .config import Config
 from .connection import Connection, ConnectionOwner
+from .history import QueryRefusal, parse_join_query
 from .ids import ConnectionId, new_connection_id
 from .logs import LineLimiter, log_event
 from .nodemetrics import Counters
@@ -273,6 +274,15 @@ class Gateway:
             # Before the upgrade check: a bad name is 400 with or without
             # upgrade headers (decisions.md 19).
             raise http.HttpError(400, "invalid room name: 1-64 characters of A-Z a-z 0-9 . _ ~ -")
+        # since / history / previous (decisions.md 13): a value that does not
+        # parse is a 400 before the upgrade, with or without history on.
+        query = request.target.partition("?")[2]
+        if query:
+            join = parse_join_query(query)
+            if isinstance(join, QueryRefusal):
+                raise http.HttpError(400, join.reason)
+            if join.since is not None or join.history is not None:
+                conn.join = join
         self._upgrade(conn, request, room)
 
     def _echo(self, conn: Connection, request: http.Request) -> None:

@@ -24,6 +24,7 @@ from .backplane import Backplane, Envelope, EventKind
 from .connection import Connection
 from .errors import RATE_LIMIT_EXCEEDED
 from .fanout import Audience, Fanout
+from .history import Entry, History, Recovery
 from .ids import ConnectionId, NodeId
 from .logs import log_event
 from .nodemetrics import Counters
@@ -76,6 +77,8 @@ class Hub:
         counters: Counters,
         node_id: NodeId,
         clock: Callable[[], float],
+        history: History | None = None,
+        monotonic: Callable[[], float] | None = None,
     ) -> None:
         self.room = room
         self.members: dict[ConnectionId, Connection] = {}
@@ -87,6 +90,10 @@ class Hub:
         self._outcomes = counters.outcomes
         self._node_id = node_id
         self._clock = clock
+        # The node's history (decisions.md 13), None when off: then no frame
+        # carries an offset and nothing on the hot path changes.
+        self._history = history if history is not None and history.enabled else None
+        self._monotonic = monotonic or clock
 
     def count(self) -> int:
         """The room's connections across the cluster, as this node knows them."""
@@ -105,7 +112,56 @@ class Hub:
         # The welcome goes out at once, straight after the 101 response: the
         # newcomer has nothing queued before it. Its user_joined may wait a
         # little for other joins, so a connection storm costs few writes.
-        conn.write(text_frame(protocol.encode_welcome(conn.id, total, now, self.room)))
+        history = self._history
+        if history is None:
+            # History off (decisions.md 19): no offset promised; a since is
+            # answered recovered:false, missed:0.
+            asked = conn.join is not None and conn.join.since is not None
+            welcome = protocol.encode_welcome(
+                conn.id,
+                total,
+                now,
+                self.room,
+                recovered=False if asked else None,
+                missed=0 if asked else None,
+            )
+            conn.write(text_frame(welcome))
+        else:
+            # Welcome and replay in one step of the loop, after the join (the
+            # fan-out queues nothing for it from before): every offset after
+            # the welcome's arrives exactly once, replayed or live.
+            mono = self._monotonic()
+            history.hold(self.room, mono)
+            join = conn.join
+            since = None if join is None else join.since
+            if since is not None:
+                assert join is not None
+                recovery = history.recover(
+                    self.room, since.epoch, since.offset, join.previous, mono
+                )
+                recovered: bool | None = recovery.recovered
+                missed: int | None = len(recovery.missed)
+            else:
+                recovered = missed = None
+                if join is not None and join.history:
+                    recovery = history.recent(self.room, join.history, mono)
+                else:
+                    epoch, top = history.state(self.room, mono)
+                    recovery = Recovery(True, [], epoch, top)
+            welcome = protocol.encode_welcome(
+                conn.id,
+                total,
+                now,
+                self.room,
+                epoch=recovery.epoch,
+                offset=recovery.offset,
+                recovered=recovered,
+                missed=missed,
+            )
+            conn.write(text_frame(welcome))
+            for entry in recovery.missed:
+                conn.write(text_frame(protocol.replayed(entry.payload)))
+        conn.join = None
         joined = protocol.encode_user_joined(conn.id, total, now)
         self._fanout.to_all(self.audience, joined, exclude=conn, urgent=False)
         self._backplane.publish(
@@ -139,6 +195,8 @@ class Hub:
         if self.members.pop(conn.id, None) is None:
             return
         conn.is_recipient = False
+        if self._history is not None:
+            self._history.release(self.room, self._monotonic())
         left = protocol.encode_user_left(conn.id, self.count(), self._clock())
         if self.members:
             self._fanout.to_all(self.audience, left, urgent=False)
@@ -156,8 +214,20 @@ class Hub:
         result = protocol.parse_client_text(text)
         if type(result) is Relay:
             outcomes["VALIDATED"] += 1
-            payload = protocol.encode_relay(result.kind, conn.id, result.content, self._clock())
-            self.publish(payload, conn.id, conn if result.kind is _MESSAGE else None)
+            kind = result.kind
+            history = self._history
+            if history is None:
+                payload = protocol.encode_relay(kind, conn.id, result.content, self._clock())
+                self.publish(payload, conn.id, conn if kind is _MESSAGE else None)
+            else:
+                # Encoded with its offset at once: cheaper than a splice later.
+                mono = self._monotonic()
+                offset = history.next_offset(self.room, mono)
+                payload = protocol.encode_relay(
+                    kind, conn.id, result.content, self._clock(), offset
+                )
+                exclude = conn if kind is _MESSAGE else None
+                self.publish(payload, conn.id, exclude, kind=kind, offset=offset, now=mono)
             outcomes["ROUTED"] += 1
             return
         if isinstance(result, Refusal):
@@ -174,7 +244,16 @@ class Hub:
         # PONG: a sign of life, already noted by the connection.
         outcomes["ROUTED"] += 1
 
-    def publish(self, payload: bytes, sender: ConnectionId, exclude: Connection | None) -> None:
+    def publish(
+        self,
+        payload: bytes,
+        sender: ConnectionId,
+        exclude: Connection | None,
+        *,
+        kind: RelayKind | None = None,
+        offset: int | None = None,
+        now: float | None = None,
+    ) -> None:
         """A ``message`` or ``broadcast`` into the room: to every local member
         but *exclude*, and to the room's members on the other nodes.
 
@@ -183,7 +262,24 @@ class Hub:
         payload its offset here, at publication, before anyone gets it.
         Local members get it in this loop pass; one sender's messages keep
         their order everywhere (one fan-out here, one Redis connection out).
+
+        With history on, the payload gets the room's next offset (spliced in
+        unless the caller encoded it with *offset* from ``next_offset``) and
+        is kept with its *kind* (a ``message`` when *exclude* is given and no
+        kind is) for ``?since=`` and ``?history=``; *now* is the monotonic
+        time *offset* was taken at.
         """
+        history = self._history
+        if history is not None:
+            if now is None:
+                now = self._monotonic()
+            if offset is None:
+                offset = history.next_offset(self.room, now)
+                payload = protocol.with_offset(payload, offset)
+            if kind is None:
+                kind = _MESSAGE if exclude is not None else RelayKind.BROADCAST
+            excluded = None if exclude is None or exclude.id == sender else exclude.id
+            history.append(self.room, Entry(offset, payload, sender, kind, excluded), now)
         recipients = len(self.members) - (1 if exclude is not None else 0)
         self._counters.fanout_sizes.observe(recipients)
         if recipients:

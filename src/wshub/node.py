@@ -32,6 +32,7 @@ from .endpoints import node_routes
 from .errors import HEARTBEAT_TIMEOUT, SHUTTING_DOWN, SLOW_CONSUMER, CloseCode, Disconnect
 from .fanout import Fanout, compiled_send_each
 from .gateway import Gateway, Upgrade
+from .history import History
 from .hub import Hub
 from .ids import ConnectionId
 from .logs import log_event
@@ -76,6 +77,13 @@ class Node:
         self.node_id = self.backplane.node_id
         self.metrics, self.counters = node_metrics(self)
         self.rooms: dict[RoomName, Hub] = {}
+        # The memory history of every room (decisions.md 13). A cluster keeps
+        # none until the Redis history is wired: history off (decisions.md 19).
+        self.history = History(
+            size=0 if config.redis_url else config.history_size,
+            ttl=config.history_ttl,
+            memory=config.history_memory,
+        )
         self._occupied: set[RoomName] = set()  # rooms with members (or joining)
         self._emptied_at: dict[RoomName, float] = {}
         # Upgrades waiting for their room's backplane subscription.
@@ -205,6 +213,8 @@ class Node:
                 counters=self.counters,
                 node_id=self.node_id,
                 clock=time.time,
+                history=self.history,
+                monotonic=self.loop.time,
             )
             if not self.backplane.subscribe(room):
                 self._waiting[room] = []
@@ -360,6 +370,7 @@ class Node:
                 self.connections.pop(conn.id, None)
                 conn.abort()
         self.admission.purge(self.loop.time())
+        self.history.expire(self.loop.time())
         self.gateway.report_suppressed()
         # After a burst (a connection storm buffers hundreds of MB of
         # user_joined frames for a moment) glibc keeps the freed memory;
