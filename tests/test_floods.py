@@ -629,16 +629,7 @@ BEFORE = os.environ.get("WSHUB_FLOODS_BEFORE") == "1"
     ("n", "broadcast"),
     [
         (5_000, False),
-        pytest.param(
-            10_000,
-            False,
-            marks=pytest.mark.xfail(
-                strict=False,
-                reason="left open (issue 11): under the full suite's load a bystander's "
-                "message once waited > 20 s (40 s in another run) during this storm; "
-                "passes alone (RSS +42 MiB, p99 6 ms)",
-            ),
-        ),
+        (10_000, False),
         (5_000, True),
     ],
     ids=["5000", "10000", "5000-with-broadcast-flood"],
