@@ -165,6 +165,12 @@ class Sampler(threading.Thread):
         self.failures: list[str] = []
 
     def run(self) -> None:
+        try:
+            self._sample()
+        except AssertionError as exc:  # the server is gone (its test failed first)
+            self.failures.append(repr(exc))
+
+    def _sample(self) -> None:
         paths = ("/healthz", "/readyz", "/stats", "/metrics")
         while not self.stop.is_set():
             self.peak_rss = max(self.peak_rss, rss_kib(self.server.proc.pid))
