@@ -140,6 +140,7 @@ class Gateway:
         counters: Counters,
         routes: Sequence[Route[Connection]],
         echo: ConnectionOwner,
+        websockets: bool = True,
     ) -> None:
         self._config = config
         self._now = monotonic
@@ -151,11 +152,14 @@ class Gateway:
         self._admission = admission
         self._counters = counters
         self._origins = OriginPolicy(config.allowed_origins, config.server_names)
-        socket_routes: list[Route[Connection]] = [
-            Route("/websocket", self._websocket),
-            Route("/websocket/", self._websocket, prefix=True),
-        ]
-        if config.echo_endpoint == "on":
+        # Without *websockets* (the --api-listen address) only *routes* are served.
+        socket_routes: list[Route[Connection]] = []
+        if websockets:
+            socket_routes += [
+                Route("/websocket", self._websocket),
+                Route("/websocket/", self._websocket, prefix=True),
+            ]
+        if websockets and config.echo_endpoint == "on":
             socket_routes.append(Route("/echo", self._echo))
         self.router: Router[Connection] = Router([*socket_routes, *routes])
         self._echo_owner = echo
@@ -189,7 +193,9 @@ class Gateway:
         """Answer one HTTP request: an endpoint, or the WebSocket upgrade."""
         try:
             route = self.router.match(request)
-            if not route.max_body:
+            if route.reads_body:
+                framing = None
+            elif not route.max_body:
                 http.expect_no_body(request)
                 framing = None
             else:

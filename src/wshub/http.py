@@ -53,6 +53,7 @@ _REASONS: Final = {
     101: "Switching Protocols",
     200: "OK",
     400: "Bad Request",
+    401: "Unauthorized",
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
@@ -214,15 +215,17 @@ def response(
     content_type: str = "text/plain; charset=utf-8",
     headers: tuple[tuple[str, str], ...] = (),
     head_only: bool = False,
+    keep_alive: bool = False,
 ) -> bytes:
-    """A complete HTTP/1.1 response that closes the connection after it."""
+    """A complete HTTP/1.1 response that closes the connection after it (or,
+    with *keep_alive*, says the connection stays for the next request)."""
     if isinstance(body, str):
         body = body.encode("utf-8")
     lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}"]
     if status != 101:
         lines.append(f"Content-Type: {content_type}")
         lines.append(f"Content-Length: {len(body)}")
-        lines.append("Connection: close")
+        lines.append("Connection: keep-alive" if keep_alive else "Connection: close")
         lines.append("Cache-Control: no-store")
         # No response of ours is meant to be sniffed into another type.
         lines.append("X-Content-Type-Options: nosniff")

@@ -253,9 +253,14 @@ class Hub:
         kind: RelayKind | None = None,
         offset: int | None = None,
         now: float | None = None,
+        excluded_id: ConnectionId | None = None,
     ) -> None:
         """A ``message`` or ``broadcast`` into the room: to every local member
         but *exclude*, and to the room's members on the other nodes.
+
+        *excluded_id* names a connection to skip that may live on another
+        node (a backend's ``message`` with ``exclude``): the envelope carries
+        it, and the node where it lives leaves it out.
 
         The one door for room traffic: a backend's publication (decisions.md
         14) comes in here too, and the room's history (13) will give each
@@ -279,14 +284,37 @@ class Hub:
             if kind is None:
                 kind = _MESSAGE if exclude is not None else RelayKind.BROADCAST
             excluded = None if exclude is None or exclude.id == sender else exclude.id
+            if excluded is None and excluded_id is not None:
+                excluded = excluded_id
             history.append(self.room, Entry(offset, payload, sender, kind, excluded), now)
         recipients = len(self.members) - (1 if exclude is not None else 0)
         self._counters.fanout_sizes.observe(recipients)
         if recipients:
             self._fanout.to_all(self.audience, payload, exclude=exclude)
         self._backplane.publish(
-            Envelope(self._node_id, EventKind.RELAY, self.room, sender, payload)
+            Envelope(self._node_id, EventKind.RELAY, self.room, excluded_id or sender, payload)
         )
+
+    def publish_backend(
+        self, kind: RelayKind, sender: ConnectionId, content: str, exclude: ConnectionId | None
+    ) -> tuple[int | None, str | None]:
+        """A backend's publication (decisions.md 14), through :meth:`publish`
+        like a member's message: it gets the room's next offset and enters
+        its history. Returns ``(offset, epoch)``, both None with history off."""
+        member = None if exclude is None else self.members.get(exclude)
+        history = self._history
+        if history is None:
+            payload = protocol.encode_relay(kind, sender, content, self._clock())
+            self.publish(payload, sender, member, kind=kind, excluded_id=exclude)
+            return None, None
+        mono = self._monotonic()
+        offset = history.next_offset(self.room, mono)
+        payload = protocol.encode_relay(kind, sender, content, self._clock(), offset)
+        self.publish(
+            payload, sender, member, kind=kind, offset=offset, now=mono, excluded_id=exclude
+        )
+        epoch, _ = history.state(self.room, mono)
+        return offset, epoch
 
     def on_binary(self, conn: Connection, data: bytes) -> None:
         self._counters.messages.inc_label("INCOMING")
@@ -323,7 +351,10 @@ class Hub:
         if self.members:
             # Relays are urgent; presence from other nodes may wait for company.
             urgent = envelope.kind is EventKind.RELAY
-            self._fanout.to_all(self.audience, envelope.payload, urgent=urgent)
+            # A relay's connection id is its sender, or the connection a
+            # backend's message skips: skipped when it is a member here.
+            skip = self.members.get(envelope.connection_id) if urgent else None
+            self._fanout.to_all(self.audience, envelope.payload, exclude=skip, urgent=urgent)
         if envelope.kind is EventKind.RELAY:
             self._counters.fanout_sizes.observe(len(self.members))
 
