@@ -226,6 +226,8 @@ class ApiService:
         head_only: bool = False,
         close: bool = False,
     ) -> None:
+        if conn.transport.is_closing():
+            return  # the client left while the cluster was asked
         close = close or self._must_close(conn, request)
         response = http.response(
             status,

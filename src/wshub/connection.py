@@ -629,6 +629,13 @@ class Connection(asyncio.Protocol):
 
     def _handshake_expired(self) -> None:
         self._timer = None
+        if self._in_request and self._body is None and not self._held and self._buffer is not None:
+            # The request came whole and its answer is on its way (an API
+            # call asking the cluster): the wait is ours, not the client's.
+            self._timer = self.loop.call_later(
+                self.settings.handshake_timeout, self._handshake_expired
+            )
+            return
         if self.ws is None and not self.transport.is_closing():
             self.owner.on_refused(self, 408, "handshake_timeout", "handshake deadline passed")
             self.transport.abort()
