@@ -453,19 +453,28 @@ def test_connection_close_is_honoured(api_server: Server) -> None:
         assert closed_by_server(sock)
 
 
-def test_idle_and_trickling_connections_are_dropped(make_server) -> None:
+@pytest.mark.parametrize("slow_part", ["head", "body"])
+def test_idle_and_trickling_connections_are_dropped(make_server, slow_part: str) -> None:
     """The handshake deadline runs from each answer to the next request
-    whole: an idle kept-alive connection is closed, and a request sent a byte
-    at a time (Slowloris) is dropped, while the server serves others."""
+    whole: an idle kept-alive connection is closed, and a request whose head
+    or body is sent a byte at a time (Slowloris) is dropped, while the server
+    serves others."""
     srv = make_server("--api-keys", KEY, "--handshake-timeout", "1", *LIMITS)
     request = f"GET /api/rooms HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {KEY}\r\n\r\n".encode()
+    slow = request
+    if slow_part == "body":
+        body = json.dumps({"content": "x" * 200}).encode()
+        slow = publish_request(body)
     with raw(srv) as idle, raw(srv) as trickle:
         for sock in (idle, trickle):
             sock.sendall(request)
             assert read_response(sock, bytearray())[0] == 200
+        if slow_part == "body":  # the head at once, then the body byte by byte
+            trickle.sendall(slow[: len(slow) - 200])
+            slow = slow[len(slow) - 200 :]
         start = time.monotonic()
         dropped = False
-        for byte in request[:-1]:
+        for byte in slow[:-1]:
             try:
                 trickle.sendall(bytes([byte]))
             except OSError:

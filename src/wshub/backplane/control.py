@@ -174,7 +174,8 @@ class RedisControl:
             answer = {}
         reply = json.dumps({"id": request_id, "node": self.node_id, "answer": answer})
         prefix = self._questions
-        await self._redis.publish(f"{prefix}:{asker}", reply)
+        # Bounded: a stalled Redis must not stop this node hearing questions.
+        await asyncio.wait_for(self._redis.publish(f"{prefix}:{asker}", reply), self.timeout)
 
     async def ask(self, query: Query) -> list[Answer]:
         if not self._listening.is_set():
@@ -188,7 +189,11 @@ class RedisControl:
         try:
             question = json.dumps({"id": request_id, "from": self.node_id, "query": query})
             try:
-                heard = int(await self._redis.publish(self._questions, question))
+                heard = int(
+                    await asyncio.wait_for(
+                        self._redis.publish(self._questions, question), self.timeout
+                    )
+                )
             except Exception as exc:
                 raise ControlError(f"the cluster is not reachable (Redis): {exc!r}") from exc
             while len(answers) < heard:
