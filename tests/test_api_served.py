@@ -649,3 +649,31 @@ def test_arbitrary_bodies_and_headers_never_break_the_api(
         assert set(json.loads(answer)) == {"error"}
     check = httpx.get(api_server.http_url + "/api/rooms", headers=AUTH, timeout=TIMEOUT)
     assert check.status_code == 200
+
+
+def test_wshub_publish_against_the_real_server(api_server: Server) -> None:
+    import subprocess
+    import sys
+
+    member = api_server.client("cli")
+    done = subprocess.run(
+        [sys.executable, "-m", "wshub", "publish", f"127.0.0.1:{api_server.port}", "from the cli"]
+        + ["--room", "cli", "--sender", "deploy-bot"],
+        env={**os.environ, "WSHUB_API_KEY": KEY},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 3,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["room"] == "cli"
+    got = member.recv_type("broadcast")
+    assert got["content"] == "from the cli" and got["connectionId"] == "deploy-bot"
+    refused = subprocess.run(
+        [sys.executable, "-m", "wshub", "publish", f"127.0.0.1:{api_server.port}", " "],
+        env={**os.environ, "WSHUB_API_KEY": KEY},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 3,
+    )
+    assert refused.returncode == 1 and "empty_content" in refused.stderr
+    member.close()
