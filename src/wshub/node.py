@@ -23,9 +23,11 @@ from collections.abc import Callable, Iterable
 
 from . import __version__
 from .admission import Admission
+from .auth import TokenVerifier
 from .backplane import Backplane, Envelope
 from .backplane.factory import make_backplane
 from .config import Config
+from .connectauth import ConnectAuth
 from .connection import Connection, ConnectionSettings
 from .echo import EchoEndpoint
 from .endpoints import node_routes
@@ -127,6 +129,12 @@ class Node:
             rate_limit_window=config.rate_limit_window,
             direct_send=direct,
         )
+        # --auth optional|required (decisions.md 15); the CLI checked the key at start.
+        self.auth: ConnectAuth | None = None
+        if config.auth != "off":
+            self.auth = ConnectAuth(
+                config, TokenVerifier.from_config(config), host=self, loop=loop, clock=time.time
+            )
         self.gateway = Gateway(
             config,
             loop.time,
@@ -135,6 +143,7 @@ class Node:
             counters=self.counters,
             routes=node_routes(self),
             echo=EchoEndpoint(host=self, fanout=self.fanout),
+            auth=self.auth,
         )
         self.started_at = time.time()
         self.draining = False
@@ -215,6 +224,7 @@ class Node:
                 clock=time.time,
                 history=self.history,
                 monotonic=self.loop.time,
+                auth=self.auth,
             )
             if not self.backplane.subscribe(room):
                 self._waiting[room] = []

@@ -835,6 +835,15 @@ def test_auth_options_defaults_and_place() -> None:
         ({"auth": "required", "auth_secret": "s", "auth_public_key": "k.pem"}, "not both"),
         ({"auth_secret": "s", "auth_public_key": "k.pem"}, "not both"),
         ({"max_connections_per_user": "3"}, "needs --auth"),
+        (
+            {
+                "auth": "required",
+                "auth_secret": "s",
+                "max_connections_per_user": "3",
+                "redis_url": "redis://127.0.0.1:6379",
+            },
+            "not supported with --redis-url",
+        ),
         ({"auth": "sometimes"}, "expected one of off, optional, required"),
         ({"auth": "required", "auth_secret": "s", "auth_query_token": "yes"}, "off, on"),
         ({"auth": "required", "auth_secret": "s", "max_connections_per_user": "-1"}, ">= 0"),
@@ -935,7 +944,10 @@ def test_cli_token_refusals(
     assert message in capsys.readouterr().err
 
 
-def test_serve_with_auth_refuses_to_start_until_wired(capsys: pytest.CaptureFixture[str]) -> None:
-    """A server that would ignore --auth must not start: everyone would be let in."""
-    assert main(["serve", "--auth", "required", "--auth-secret", SECRET, "--port", "0"]) == 2
-    assert "not wired" in capsys.readouterr().err
+def test_serve_with_a_bad_key_refuses_to_start(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The key file is read and checked before anything listens: exit 2, naming the option."""
+    missing = str(tmp_path / "missing.pem")
+    assert main(["serve", "--auth", "required", "--auth-public-key", missing, "--port", "0"]) == 2
+    assert "--auth-public-key" in capsys.readouterr().err
