@@ -209,14 +209,6 @@ def test_per_user_limit(make_server: Callable[..., Server]) -> None:
     other.close()
 
 
-def test_per_user_limit_refused_in_a_cluster(make_server: Callable[..., Server]) -> None:
-    with pytest.raises(AssertionError, match="not supported with --redis-url"):
-        make_server(
-            "--auth", "required", *AUTH, "--max-connections-per-user", "2",
-            "--redis-url", "redis://127.0.0.1:1",
-        )  # fmt: skip
-
-
 def test_exp_closes_and_refresh_keeps_it(make_server: Callable[..., Server]) -> None:
     srv = make_server("--auth", "required", *AUTH, *NO_LIMITS)
     short = srv.client(**bearer(token("alice", ttl=2)))

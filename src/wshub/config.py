@@ -404,8 +404,8 @@ class Config:
     )
     max_connections_per_user: int = _opt(
         0,
-        "Open connections per token sub; one more gets close 4429 (0: unlimited). "
-        "Single node only: refused with --redis-url until the count is cluster-wide.",
+        "Open connections per token sub across the cluster; one more gets close 4429 "
+        "(0: unlimited).",
         _count,
         "N",
     )
@@ -784,14 +784,6 @@ def _check_together(config: Config) -> None:
         raise ConfigError(
             "--max-connections-per-user: counts connections by token sub, so it needs "
             "--auth optional or required"
-        )
-    if config.max_connections_per_user and config.redis_url:
-        # Counted per node it would let a user open N connections on every
-        # node; the cluster-wide count (decisions.md 15) is not built yet.
-        raise ConfigError(
-            "--max-connections-per-user: not supported with --redis-url yet (the per-user "
-            "count must be cluster-wide, and only a per-node count exists); use it on a "
-            "single node"
         )
     if config.effective_heartbeat_timeout <= config.heartbeat_interval:
         raise ConfigError(

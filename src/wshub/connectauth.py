@@ -29,6 +29,7 @@ from .ids import ConnectionId
 from .logs import log_event
 from .protocol import ErrorCode, Refusal
 from .session import State
+from .usercount import ClusterUserCount
 from .wire import text_frame
 
 __all__ = ["ConnectAuth", "RefusedOwner", "Rejection"]
@@ -110,8 +111,13 @@ class ConnectAuth:
         host: _Host,
         loop: asyncio.AbstractEventLoop,
         clock: Callable[[], float],
+        users: ClusterUserCount | None = None,
     ) -> None:
         self._verifier = verifier
+        # With --redis-url the per-user count is the cluster's: taken before
+        # the 101 (reserve()), not when the hub admits the member (joined()).
+        self.users = users
+        self._reserved: dict[Connection, str] = {}
         self._query_token = config.auth_query_token == "on"
         self._max_per_user = config.max_connections_per_user
         self._host = host
@@ -152,9 +158,33 @@ class ConnectAuth:
 
     # -- Members ----------------------------------------------------------------------
 
+    def reserve(self, conn: Connection, then: Callable[[Rejection | None], None]) -> None:
+        """Count *conn*'s user across the cluster (it has an identity), then
+        call *then* with None (counted until :meth:`release`) or the 4429
+        rejection. Only with :attr:`users`."""
+        users = self.users
+        assert users is not None and conn.identity is not None
+        user = conn.identity.user_id
+
+        def counted(ok: bool) -> None:
+            if ok:
+                self._reserved[conn] = user
+            then(None if ok else Rejection(_TOO_MANY, TOO_MANY_CONNECTIONS))
+
+        users.acquire(user, counted)
+
+    def release(self, conn: Connection) -> None:
+        """*conn*'s cluster count is given back (once; nothing if it had none)."""
+        user = self._reserved.pop(conn, None)
+        if user is not None and self.users is not None:
+            self.users.release(user)
+
     def joined(self, conn: Connection, identity: Identity) -> Rejection | None:
         """*conn* is becoming a member as *identity*: counted, and closed when
         its token expires; or a rejection when the user has too many."""
+        if self.users is not None:  # counted by reserve() before its upgrade
+            self._schedule(conn, identity)
+            return None
         user = identity.user_id
         count = self._per_user.get(user, 0)
         if self._max_per_user and count >= self._max_per_user:
@@ -168,6 +198,9 @@ class ConnectAuth:
         timer = self._timers.pop(conn.id, None)
         if timer is not None:
             timer.cancel()
+        if self.users is not None:
+            self.release(conn)
+            return
         user = identity.user_id
         count = self._per_user.get(user, 0) - 1
         if count > 0:

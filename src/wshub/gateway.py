@@ -255,6 +255,8 @@ class Gateway:
     def on_closed(self, conn: Connection, previous: State) -> None:
         self._handshake_over(conn)
         self._rooms.connection_ended(conn, previous)
+        if self._auth is not None and self._auth.users is not None:
+            self._auth.release(conn)  # counted, then gone before it was a member
 
     def on_open(self, conn: Connection) -> None:
         raise AssertionError("the gateway hands a connection over before it opens")
@@ -353,6 +355,24 @@ class Gateway:
             return
         # 5. The room.
         conn.room = room
+        if self._auth is not None and self._auth.users is not None and conn.identity is not None:
+            # --max-connections-per-user across the cluster: Redis answers first.
+            conn.hold()
+            self._auth.reserve(conn, lambda rejection: self._counted(upgrade, room, rejection))
+            return
+        if not self._rooms.enter(room, upgrade):
+            self._refuse(conn, 503, "rooms", "this node is at its room limit (--max-rooms)")
+
+    def _counted(self, upgrade: Upgrade, room: RoomName, rejection: Rejection | None) -> None:
+        """The cluster's per-user count answered for a held upgrade."""
+        conn = upgrade.conn
+        assert self._auth is not None
+        if conn.session.state is not State.CONNECTING or conn.transport.is_closing():
+            self._auth.release(conn)  # gone while Redis answered
+            return
+        if rejection is not None:  # one error, then 4429, never a member
+            upgrade.complete(self._auth.refused_owner(rejection), self._now(), rate_limited=False)
+            return
         if not self._rooms.enter(room, upgrade):
             self._refuse(conn, 503, "rooms", "this node is at its room limit (--max-rooms)")
 

@@ -42,6 +42,7 @@ from .metrics import close_code_label
 from .nodemetrics import OUTCOMES, node_metrics
 from .rooms import DEFAULT_ROOM, RoomName
 from .session import State
+from .usercount import ClusterUserCount
 
 __all__ = ["Node"]
 
@@ -131,9 +132,23 @@ class Node:
         )
         # --auth optional|required (decisions.md 15); the CLI checked the key at start.
         self.auth: ConnectAuth | None = None
+        self.user_count: ClusterUserCount | None = None
         if config.auth != "off":
+            if config.redis_url and config.max_connections_per_user:
+                self.user_count = ClusterUserCount(
+                    config.redis_url,
+                    self.node_id,
+                    limit=config.max_connections_per_user,
+                    node_ttl=config.node_ttl,
+                    prefix=config.cluster_name,
+                )
             self.auth = ConnectAuth(
-                config, TokenVerifier.from_config(config), host=self, loop=loop, clock=time.time
+                config,
+                TokenVerifier.from_config(config),
+                host=self,
+                loop=loop,
+                clock=time.time,
+                users=self.user_count,
             )
         self.gateway = Gateway(
             config,
@@ -160,6 +175,8 @@ class Node:
 
     async def start(self) -> None:
         await self.backplane.start(self)
+        if self.user_count is not None:
+            await self.user_count.start()
         self._every("heartbeat", self.config.heartbeat_interval, self._heartbeat)
         # Check often enough that a dead client is closed within a few percent
         # of the timeout, without walking all connections more than once a second.
@@ -202,6 +219,8 @@ class Node:
                 pass
         for handle in self._timers.values():
             handle.cancel()
+        if self.user_count is not None:
+            await self.user_count.stop()
         await self.backplane.stop()
 
     # -- Rooms (the gateway's RoomDirectory) -----------------------------------------

@@ -835,15 +835,6 @@ def test_auth_options_defaults_and_place() -> None:
         ({"auth": "required", "auth_secret": "s", "auth_public_key": "k.pem"}, "not both"),
         ({"auth_secret": "s", "auth_public_key": "k.pem"}, "not both"),
         ({"max_connections_per_user": "3"}, "needs --auth"),
-        (
-            {
-                "auth": "required",
-                "auth_secret": "s",
-                "max_connections_per_user": "3",
-                "redis_url": "redis://127.0.0.1:6379",
-            },
-            "not supported with --redis-url",
-        ),
         ({"auth": "sometimes"}, "expected one of off, optional, required"),
         ({"auth": "required", "auth_secret": "s", "auth_query_token": "yes"}, "off, on"),
         ({"auth": "required", "auth_secret": "s", "max_connections_per_user": "-1"}, ">= 0"),
@@ -852,6 +843,20 @@ def test_auth_options_defaults_and_place() -> None:
 def test_auth_config_refusals(flags: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(flags, {})
+
+
+def test_per_user_limit_is_allowed_in_a_cluster() -> None:
+    """Counted on Redis across the nodes (tests/test_auth_cluster.py)."""
+    config = load_config(
+        {
+            "auth": "required",
+            "auth_secret": "s",
+            "max_connections_per_user": "3",
+            "redis_url": "redis://127.0.0.1:6379",
+        },
+        {},
+    )
+    assert (config.max_connections_per_user, config.redis_url) == (3, "redis://127.0.0.1:6379")
 
 
 def test_auth_config_from_env_keeps_secret_out_of_repr() -> None:
