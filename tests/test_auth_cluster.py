@@ -134,6 +134,16 @@ def test_a_stopped_node_gives_its_users_slots_back(make_server, redis_server) ->
     assert admitted(a_srv)
 
 
+def test_any_sub_is_one_user_on_redis(make_server, redis_server) -> None:
+    """A sub with Redis and Lua metacharacters, newlines and non-ASCII is one
+    user, counted as itself; a sub that differs only in case is another."""
+    a_srv, b_srv = nodes(make_server, redis_server, 2, limit=1)
+    odd = "é:*{x}\n' -- ]]" + "z" * 100
+    a_srv.client(**bearer(token(odd)))
+    too_many(b_srv, odd)
+    assert admitted(b_srv, odd.upper())
+
+
 def test_refused_tokens_take_no_slot(make_server, redis_server) -> None:
     """Forged, expired or out-of-limit attempts never count toward the user."""
     (srv,) = nodes(make_server, redis_server, 1, limit=1)

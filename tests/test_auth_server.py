@@ -53,6 +53,13 @@ def hs256_by_hand(key: bytes, claims: dict[str, Any], alg: str = "HS256") -> str
     return f"{head}.{body}.{b64(signature)}"
 
 
+def swap_payload(signed: str, sub: str) -> str:
+    """*signed* with its payload replaced by one naming *sub*, the old signature kept."""
+    head, body, signature = signed.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    return f"{head}.{b64(json.dumps({**claims, 'sub': sub}).encode())}.{signature}"
+
+
 def bearer(value: str) -> dict[str, object]:
     return {"subprotocols": ["wshub", "bearer." + value]}
 
@@ -125,6 +132,9 @@ def test_good_token_gives_user_id_everywhere(make_server: Callable[..., Server])
         ("sub_not_string", lambda: token(sub=12), "unauthorized"),
         ("sub_129_chars", lambda: token(sub="a" * 129), "unauthorized"),
         ("other_secret", lambda: jwt.encode(EVE_CLAIMS, "x" * 40), "unauthorized"),
+        ("truncated", lambda: token()[:-5], "unauthorized"),
+        ("swapped_payload", lambda: swap_payload(token("alice"), "admin"), "unauthorized"),
+        ("empty", lambda: "", "unauthorized"),
     ],
 )
 def test_attacks_fail_closed_and_count_nowhere(
@@ -143,6 +153,23 @@ def test_attacks_fail_closed_and_count_nowhere(
     assert (error["code"], close) == (code, 4401)
     nothing_seen(observer)
     assert srv.stats()["connections"]["node"] == 1
+
+
+def test_two_different_tokens_are_refused_not_one_picked(
+    make_server: Callable[..., Server],
+) -> None:
+    """A good token in one place and another in the other: refused, whichever
+    is good (a proxy checking one while the server trusts the other is a bypass)."""
+    srv = make_server("--auth", "optional", *AUTH, *NO_LIMITS)
+    good, forged = token("alice"), jwt.encode(EVE_CLAIMS, "x" * 40)
+    for subprotocol, header in ((good, forged), (forged, good), (good, token("bob"))):
+        error, close, _ = refused(
+            srv, **bearer(subprotocol), additional_headers={"Authorization": f"Bearer {header}"}
+        )
+        assert (error["code"], close) == ("unauthorized", 4401)
+    same = srv.client(**bearer(good), additional_headers={"Authorization": f"Bearer {good}"})
+    assert same.welcome["userId"] == "alice"
+    assert srv.stats()["connections"]["node"] == 1 and srv.stats()["rooms"] <= 1
 
 
 def test_20kib_token_is_refused_before_any_upgrade(make_server: Callable[..., Server]) -> None:
