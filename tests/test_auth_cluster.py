@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 import pytest
+import redis
 from websockets.exceptions import ConnectionClosed
 
 from .conftest import TIMEOUT, Client, RedisServer, Server
@@ -155,3 +156,31 @@ def test_refused_tokens_take_no_slot(make_server, redis_server) -> None:
         too_many(srv)
     first.close()
     wait_until(lambda: admitted(srv), "alice's only slot to come back")
+
+
+def test_redis_outage_falls_back_to_the_node_count_and_heals(make_server, own_redis) -> None:
+    """Redis stopped: a node judges by its own count (the limit still holds on
+    it, and nothing fails); Redis restarted empty: the node writes its counts
+    back, so the other node refuses the user again."""
+    a_srv, b_srv = nodes(make_server, own_redis, 2, limit=1)
+    name = a_srv.args[a_srv.args.index("--cluster-name") + 1]
+    own_redis.stop()
+    a_srv.wait_for(lambda: a_srv.get("/readyz")[0] == 503, "the node to see Redis gone")
+    alice = a_srv.client(**bearer(token("alice")))
+    too_many(a_srv)
+    own_redis.start()  # empty: the restart lost every key
+    client = redis.Redis(port=own_redis.port)
+    try:
+
+        def written_back() -> bool:
+            return any(
+                client.hget(key, "alice") == b"1"
+                for key in client.scan_iter(f"{name}:node:*:users")
+            )
+
+        wait_until(written_back, "A's count written back to Redis", TIMEOUT * 3)
+        a_srv.wait_for(lambda: a_srv.get("/readyz")[0] == 200, "A back on Redis")
+    finally:
+        client.close()
+    too_many(b_srv)
+    alice.roundtrip()

@@ -72,6 +72,30 @@ return 1
 _ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
 
+async def _bounded(coro: Any, timeout: float) -> Any:
+    """Await *coro* for at most *timeout* seconds. Not ``asyncio.wait_for``,
+    for the reasons in :func:`wshub.backplane.redis._within` (Python 3.11
+    can swallow a cancellation inside redis-py); and the abandoned call's
+    error is always retrieved, so that a Redis dying at shutdown logs no
+    "exception was never retrieved"."""
+    task = asyncio.ensure_future(coro)
+    task.add_done_callback(_retrieve)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        raise TimeoutError(f"abandoned after {timeout} s")
+    return task.result()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 class ClusterUserCount:
     """This node's share of every user's connections, checked against the
     whole cluster's on Redis."""
@@ -98,7 +122,12 @@ class ClusterUserCount:
         self._timeout = max(1.0, node_ttl / 6)
         self._redis: aioredis.Redis | None = None
         self._scripts: dict[str, Any] = {}
-        self._in_flight = 0  # acquires sent and not answered: a rewrite waits for none
+        # Calls sent and not answered, and calls started so far: a rewrite is
+        # sent when none is in flight, and sent again at once if one started
+        # while it was (Redis may have run that one first, and the rewrite
+        # would have erased it).
+        self._in_flight = 0
+        self._started = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._down = False  # Redis unreachable: said once per outage in the log
         self._stopping = False
@@ -131,11 +160,11 @@ class ClusterUserCount:
         if redis is None:
             return
         try:
-            await asyncio.wait_for(redis.delete(self._users_key), self._timeout)
+            await _bounded(redis.delete(self._users_key), self._timeout)
         except _ERRORS:
             pass  # it expires on its own, and this node's lease is gone
         try:
-            await asyncio.wait_for(redis.aclose(), 2.0)
+            await _bounded(redis.aclose(), 2.0)
         except (*_ERRORS, RuntimeError):
             pass
 
@@ -158,8 +187,9 @@ class ClusterUserCount:
 
     async def _acquire(self, user: str, done: Callable[[bool], None]) -> None:
         self._in_flight += 1
+        self._started += 1
         try:
-            reply = await asyncio.wait_for(
+            reply = await _bounded(
                 self._scripts["acquire"](
                     keys=[self._nodes_key, self._users_key],
                     args=[self._node_id, user, self.limit, self._node_prefix, self._keep_ms],
@@ -179,29 +209,38 @@ class ClusterUserCount:
         done(counted)
 
     async def _release_remote(self, user: str) -> None:
+        self._in_flight += 1
+        self._started += 1
         try:
-            await asyncio.wait_for(
+            await _bounded(
                 self._scripts["release"](keys=[self._users_key], args=[user]), self._timeout
             )
         except _ERRORS as exc:
             self._set_down(exc)  # the next rewrite puts the mirror right
+        finally:
+            self._in_flight -= 1
 
     async def _keep_mirror(self) -> None:
         interval = self._node_ttl / 3
+        again = False
         while not self._stopping:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(0.01 if again else interval)
+            again = False
             if self._in_flight:
-                continue  # its increment is on Redis and not here yet: next time
+                continue  # its change is on Redis and not here yet: next time
+            started = self._started
             args: list[object] = [self._keep_ms]
             for user, count in self.local.items():
                 args += [user, count]
             try:
-                await asyncio.wait_for(
+                await _bounded(
                     self._scripts["rewrite"](keys=[self._users_key], args=args), self._timeout
                 )
                 self._up()
             except _ERRORS as exc:
                 self._set_down(exc)
+                continue
+            again = self._started != started
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
