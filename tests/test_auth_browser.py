@@ -58,7 +58,7 @@ def test_browser_token_user_id_and_refresh_on_a_real_server(
     the welcome carries the user id, and the library's refresh before ``exp``
     keeps the connection open past the first token's expiry."""
     srv = auth_server(make_server, page_server)
-    ttl = 4.0
+    ttl = 8.0  # wshub.js refreshes a quarter of the lifetime before exp: 2 s of margin
     started = time.time()
     make(page, "a", srv.ws_url, tokenUrl=f"{page_server.origin}/token?sub=alice&ttl={ttl}")
     (welcome,) = wait_events(page, "a", "welcome")
@@ -66,7 +66,9 @@ def test_browser_token_user_id_and_refresh_on_a_real_server(
     assert events(page, "a", "open") == [{"protocol": "wshub"}]
     wait_events(page, "a", "refreshed", timeout=MS + ttl * 1000)
     # Past the first token's exp: still the same connection, never closed.
-    page.wait_for_function(f"() => Date.now() / 1000 > {started + ttl + 0.5}")
+    page.wait_for_function(
+        f"() => Date.now() / 1000 > {started + ttl + 0.5}", timeout=MS + ttl * 1000
+    )
     assert events(page, "a", "close") == [] and len(events(page, "a", "welcome")) == 1
     assert srv.stats()["connections"]["node"] == 1
 

@@ -118,11 +118,15 @@ def test_a_killed_node_stops_counting_within_the_node_ttl(make_server, redis_ser
     b_srv.proc.kill()
     killed = time.monotonic()
     b_srv.proc.wait()
-    assert doomed.ws  # its socket is gone with the process; no goodbye reached Redis
+    # No goodbye reached Redis: its count is still there until its lease expires.
+    with pytest.raises(ConnectionClosed):
+        doomed.recv()  # its socket went with the process
     took = wait_until(
         lambda: admitted(a_srv), "the killed node's connection to stop counting", TIMEOUT + ttl
     )
-    assert time.monotonic() - killed < ttl + 1.5, took
+    # Within the TTL, plus room for a busy machine (a reaping survivor alone
+    # would take up to ttl + ttl/3, and this bound still catches "never").
+    assert time.monotonic() - killed < ttl + TIMEOUT / 2, took
     too_many(a_srv)  # and the limit is back in force: 2 open on A now
     keep.roundtrip()
 
