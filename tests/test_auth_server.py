@@ -238,8 +238,8 @@ def test_per_user_limit(make_server: Callable[..., Server]) -> None:
 
 def test_exp_closes_and_refresh_keeps_it(make_server: Callable[..., Server]) -> None:
     srv = make_server("--auth", "required", *AUTH, *NO_LIMITS)
-    short = srv.client(**bearer(token("alice", ttl=2)))
-    kept = srv.client(**bearer(token("bob", ttl=2)))
+    short = srv.client(**bearer(token("alice", ttl=3)))
+    kept = srv.client(**bearer(token("bob", ttl=3)))
     new = token("bob", ttl=30)
     new_exp = jwt.decode(new, options={"verify_signature": False})["exp"]
     kept.send({"type": "refresh", "token": new})
@@ -258,7 +258,7 @@ def test_exp_closes_and_refresh_keeps_it(make_server: Callable[..., Server]) -> 
 
 def test_refresh_for_another_sub_is_refused(make_server: Callable[..., Server]) -> None:
     srv = make_server("--auth", "required", *AUTH, *NO_LIMITS)
-    alice = srv.client(**bearer(token("alice", ttl=2)))
+    alice = srv.client(**bearer(token("alice", ttl=3)))
     alice.send({"type": "refresh", "token": token("mallory", ttl=60)})
     assert alice.recv_type("error")["code"] == "unauthorized"
     with pytest.raises(ConnectionClosed) as closed:
