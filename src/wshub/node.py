@@ -25,10 +25,12 @@ from . import __version__
 from .admission import Admission
 from .api import ApiKeys
 from .apiserve import ApiService
+from .auth import TokenVerifier
 from .backplane import Backplane, Envelope
 from .backplane.control import Control, LocalControl
 from .backplane.factory import make_backplane
 from .config import Config
+from .connectauth import ConnectAuth
 from .connection import Connection, ConnectionSettings
 from .echo import EchoEndpoint
 from .endpoints import node_routes
@@ -44,6 +46,7 @@ from .nodemetrics import OUTCOMES, node_metrics
 from .rooms import DEFAULT_ROOM, RoomName
 from .routes import Route
 from .session import State
+from .usercount import ClusterUserCount
 
 __all__ = ["Node"]
 
@@ -151,6 +154,26 @@ class Node:
         if api_keys is not None:
             self.api = ApiService(api_keys, self, _control(config, self.node_id))
             api_routes = self.api.routes()
+        # --auth optional|required (decisions.md 15); the CLI checked the key at start.
+        self.auth: ConnectAuth | None = None
+        self.user_count: ClusterUserCount | None = None
+        if config.auth != "off":
+            if config.redis_url and config.max_connections_per_user:
+                self.user_count = ClusterUserCount(
+                    config.redis_url,
+                    self.node_id,
+                    limit=config.max_connections_per_user,
+                    node_ttl=config.node_ttl,
+                    prefix=config.cluster_name,
+                )
+            self.auth = ConnectAuth(
+                config,
+                TokenVerifier.from_config(config),
+                host=self,
+                loop=loop,
+                clock=time.time,
+                users=self.user_count,
+            )
         echo = EchoEndpoint(host=self, fanout=self.fanout)
         self.gateway = Gateway(
             config,
@@ -160,6 +183,7 @@ class Node:
             counters=self.counters,
             routes=node_routes(self) + ([] if config.api_listen else api_routes),
             echo=echo,
+            auth=self.auth,
         )
         self.api_gateway: Gateway | None = None
         if config.api_listen and api_routes:
@@ -195,6 +219,8 @@ class Node:
         await self.backplane.start(self)
         if self.api is not None:
             await self.api.start()
+        if self.user_count is not None:
+            await self.user_count.start()
         self._every("heartbeat", self.config.heartbeat_interval, self._heartbeat)
         # Check often enough that a dead client is closed within a few percent
         # of the timeout, without walking all connections more than once a second.
@@ -239,6 +265,8 @@ class Node:
             handle.cancel()
         if self.api is not None:
             await self.api.stop()
+        if self.user_count is not None:
+            await self.user_count.stop()
         await self.backplane.stop()
 
     # -- Rooms (the gateway's RoomDirectory) -----------------------------------------
@@ -274,6 +302,7 @@ class Node:
             clock=time.time,
             history=self.history,
             monotonic=self.loop.time,
+            auth=self.auth,
         )
 
     def backend_hub(self, room: RoomName) -> Hub:
