@@ -33,7 +33,7 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Iterable
-from typing import Any, Protocol, cast
+from typing import Protocol, cast
 
 from . import api, http
 from .api import ApiError, ApiErrorCode, ApiKeys
@@ -69,10 +69,8 @@ class ApiNode(Protocol):
 
 
 def _user_id(conn: Connection) -> str | None:
-    # The verified token's subject once tokens are wired (decisions.md 15:
-    # ``conn.identity``); every connection is anonymous until then.
-    identity: Any = getattr(conn, "identity", None)
-    return None if identity is None else cast(str | None, identity.user_id)
+    """The verified token's subject (decisions.md 15); None for an anonymous connection."""
+    return None if conn.identity is None else conn.identity.user_id
 
 
 def _announces_body(request: http.Request) -> bool:
