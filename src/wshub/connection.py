@@ -63,6 +63,7 @@ from .session import Admit, Session, State
 from .wire import Deflate
 
 if TYPE_CHECKING:
+    from .auth import Identity
     from .fanout import Audience
 
 __all__ = ["Connection", "ConnectionOwner", "ConnectionSettings"]
@@ -247,6 +248,7 @@ class Connection(asyncio.Protocol):
         "direct",
         "opened_at_accept",
         "join",
+        "identity",
     )
 
     def __init__(
@@ -266,6 +268,7 @@ class Connection(asyncio.Protocol):
         self.room = DEFAULT_ROOM  # the room it belongs to once admitted
         self.join: JoinQuery | None = None  # ?since= / ?history= / ?previous= (decisions.md 13)
         self.admitted = False  # holds a slot of the per-IP and node limits
+        self.identity: Identity | None = None  # its verified token (None: anonymous)
         self.session = Session(
             loop.time(),
             message_rate=settings.message_rate,

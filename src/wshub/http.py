@@ -231,7 +231,9 @@ def response(
     return head if head_only or status == 101 else head + body
 
 
-def switching_protocols(accept: str, extensions: str | None) -> bytes:
+def switching_protocols(
+    accept: str, extensions: str | None, *, subprotocol: str | None = None
+) -> bytes:
     headers = [
         ("Upgrade", "websocket"),
         ("Connection", "Upgrade"),
@@ -239,6 +241,8 @@ def switching_protocols(accept: str, extensions: str | None) -> bytes:
     ]
     if extensions:
         headers.append(("Sec-WebSocket-Extensions", extensions))
+    if subprotocol:
+        headers.append(("Sec-WebSocket-Protocol", subprotocol))
     return response(101, headers=tuple(headers))
 
 

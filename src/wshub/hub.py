@@ -21,6 +21,7 @@ from typing import Protocol
 
 from . import http, protocol
 from .backplane import Backplane, Envelope, EventKind
+from .connectauth import ConnectAuth
 from .connection import Connection
 from .errors import RATE_LIMIT_EXCEEDED
 from .fanout import Audience, Fanout
@@ -28,7 +29,7 @@ from .history import Entry, History, Recovery
 from .ids import ConnectionId, NodeId
 from .logs import log_event
 from .nodemetrics import Counters
-from .protocol import ErrorCode, Refusal, Relay, RelayKind
+from .protocol import ErrorCode, RefreshRequest, Refusal, Relay, RelayKind
 from .rooms import RoomName
 from .session import State
 from .wire import ping_frame, text_frame
@@ -79,8 +80,10 @@ class Hub:
         clock: Callable[[], float],
         history: History | None = None,
         monotonic: Callable[[], float] | None = None,
+        auth: ConnectAuth | None = None,
     ) -> None:
         self.room = room
+        self._auth = auth  # None: --auth off
         self.members: dict[ConnectionId, Connection] = {}
         self.audience: Audience[Connection] = Audience(self.members.values)
         self._host = host
@@ -103,6 +106,17 @@ class Hub:
 
     def on_open(self, conn: Connection) -> None:
         """*conn* completed its upgrade: welcome it, then tell the room."""
+        identity = conn.identity
+        user_id = None
+        if identity is not None and self._auth is not None:
+            rejection = self._auth.joined(conn, identity)
+            if rejection is not None:  # over --max-connections-per-user: never a member
+                conn.write(text_frame(protocol.encode_error(rejection.refusal)))
+                conn.close(rejection.disconnect)
+                if not self.members:  # it may have been the room's first: not a room
+                    self._host.room_emptied(self)
+                return
+            user_id = identity.user_id
         self.members[conn.id] = conn
         conn.is_recipient = True
         self._host.member_opened(conn)
@@ -124,6 +138,7 @@ class Hub:
                 self.room,
                 recovered=False if asked else None,
                 missed=0 if asked else None,
+                user_id=user_id,
             )
             conn.write(text_frame(welcome))
         else:
@@ -157,12 +172,13 @@ class Hub:
                 offset=recovery.offset,
                 recovered=recovered,
                 missed=missed,
+                user_id=user_id,
             )
             conn.write(text_frame(welcome))
             for entry in recovery.missed:
                 conn.write(text_frame(protocol.replayed(entry.payload)))
         conn.join = None
-        joined = protocol.encode_user_joined(conn.id, total, now)
+        joined = protocol.encode_user_joined(conn.id, total, now, user_id=user_id)
         self._fanout.to_all(self.audience, joined, exclude=conn, urgent=False)
         self._backplane.publish(
             Envelope(self._node_id, EventKind.JOINED, self.room, conn.id, joined)
@@ -197,7 +213,12 @@ class Hub:
         conn.is_recipient = False
         if self._history is not None:
             self._history.release(self.room, self._monotonic())
-        left = protocol.encode_user_left(conn.id, self.count(), self._clock())
+        identity = conn.identity
+        user_id = None
+        if identity is not None and self._auth is not None:
+            self._auth.left(conn, identity)
+            user_id = identity.user_id
+        left = protocol.encode_user_left(conn.id, self.count(), self._clock(), user_id=user_id)
         if self.members:
             self._fanout.to_all(self.audience, left, urgent=False)
         self._backplane.publish(Envelope(self._node_id, EventKind.LEFT, self.room, conn.id, left))
@@ -211,21 +232,35 @@ class Hub:
         # updates, the relay case tested first.
         outcomes = self._outcomes
         outcomes["INCOMING"] += 1
-        result = protocol.parse_client_text(text)
+        identity = conn.identity
+        if identity is None:
+            result = protocol.parse_client_text(text)
+        else:
+            result = protocol.parse_client_text(text, refresh=True)
         if type(result) is Relay:
             outcomes["VALIDATED"] += 1
             kind = result.kind
             history = self._history
             if history is None:
-                payload = protocol.encode_relay(kind, conn.id, result.content, self._clock())
+                if identity is None:
+                    payload = protocol.encode_relay(kind, conn.id, result.content, self._clock())
+                else:
+                    payload = protocol.encode_relay_from_user(
+                        kind, conn.id, identity.user_id, result.content, self._clock()
+                    )
                 self.publish(payload, conn.id, conn if kind is _MESSAGE else None)
             else:
                 # Encoded with its offset at once: cheaper than a splice later.
                 mono = self._monotonic()
                 offset = history.next_offset(self.room, mono)
-                payload = protocol.encode_relay(
-                    kind, conn.id, result.content, self._clock(), offset
-                )
+                if identity is None:
+                    payload = protocol.encode_relay(
+                        kind, conn.id, result.content, self._clock(), offset
+                    )
+                else:
+                    payload = protocol.encode_relay_from_user(
+                        kind, conn.id, identity.user_id, result.content, self._clock(), offset
+                    )
                 exclude = conn if kind is _MESSAGE else None
                 self.publish(payload, conn.id, exclude, kind=kind, offset=offset, now=mono)
             outcomes["ROUTED"] += 1
@@ -241,6 +276,8 @@ class Hub:
                 conn,
                 protocol.encode_user_info_response(conn.id, self.count(), self._clock(), self.room),
             )
+        elif type(result) is RefreshRequest and self._auth is not None:
+            self._fanout.to_one(conn, self._auth.refresh(conn, result.token, self.room))
         # PONG: a sign of life, already noted by the connection.
         outcomes["ROUTED"] += 1
 

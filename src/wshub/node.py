@@ -23,9 +23,11 @@ from collections.abc import Callable, Iterable
 
 from . import __version__
 from .admission import Admission
+from .auth import TokenVerifier
 from .backplane import Backplane, Envelope
 from .backplane.factory import make_backplane
 from .config import Config
+from .connectauth import ConnectAuth
 from .connection import Connection, ConnectionSettings
 from .echo import EchoEndpoint
 from .endpoints import node_routes
@@ -40,6 +42,7 @@ from .metrics import close_code_label
 from .nodemetrics import OUTCOMES, node_metrics
 from .rooms import DEFAULT_ROOM, RoomName
 from .session import State
+from .usercount import ClusterUserCount
 
 __all__ = ["Node"]
 
@@ -127,6 +130,26 @@ class Node:
             rate_limit_window=config.rate_limit_window,
             direct_send=direct,
         )
+        # --auth optional|required (decisions.md 15); the CLI checked the key at start.
+        self.auth: ConnectAuth | None = None
+        self.user_count: ClusterUserCount | None = None
+        if config.auth != "off":
+            if config.redis_url and config.max_connections_per_user:
+                self.user_count = ClusterUserCount(
+                    config.redis_url,
+                    self.node_id,
+                    limit=config.max_connections_per_user,
+                    node_ttl=config.node_ttl,
+                    prefix=config.cluster_name,
+                )
+            self.auth = ConnectAuth(
+                config,
+                TokenVerifier.from_config(config),
+                host=self,
+                loop=loop,
+                clock=time.time,
+                users=self.user_count,
+            )
         self.gateway = Gateway(
             config,
             loop.time,
@@ -135,6 +158,7 @@ class Node:
             counters=self.counters,
             routes=node_routes(self),
             echo=EchoEndpoint(host=self, fanout=self.fanout),
+            auth=self.auth,
         )
         self.started_at = time.time()
         self.draining = False
@@ -151,6 +175,8 @@ class Node:
 
     async def start(self) -> None:
         await self.backplane.start(self)
+        if self.user_count is not None:
+            await self.user_count.start()
         self._every("heartbeat", self.config.heartbeat_interval, self._heartbeat)
         # Check often enough that a dead client is closed within a few percent
         # of the timeout, without walking all connections more than once a second.
@@ -193,6 +219,8 @@ class Node:
                 pass
         for handle in self._timers.values():
             handle.cancel()
+        if self.user_count is not None:
+            await self.user_count.stop()
         await self.backplane.stop()
 
     # -- Rooms (the gateway's RoomDirectory) -----------------------------------------
@@ -215,6 +243,7 @@ class Node:
                 clock=time.time,
                 history=self.history,
                 monotonic=self.loop.time,
+                auth=self.auth,
             )
             if not self.backplane.subscribe(room):
                 self._waiting[room] = []
