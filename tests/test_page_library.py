@@ -5,7 +5,8 @@ script) admitted by its hash alone; recovered/missed shown after a reconnect; th
 and token fields; ``?token=`` offered as the bearer subprotocol, never in a URL; user
 ids on messages; a stop on 4401/4403/4429 that waits for the user. Against real
 servers where the branch can show it, and against a stub that serves the real page and
-plays decisions.md 15 where tokens are not wired on this branch (branch authwire).
+plays decisions.md 15 for what a real server would not do on cue (a token expiring
+at a given moment, 4403 then 4429 in a row).
 
 Every wait is Playwright's ``expect`` or a bounded poll; nothing sleeps.
 """
@@ -38,7 +39,7 @@ from wshub import http
 from wshub.page import build_page
 
 from .conftest import TIMEOUT, Server, start_server
-from .test_clientlib import iso, pick_wshub
+from .test_clientlib import SECRET, iso, mint, pick_wshub
 from .test_clientlib_servers import DropProxy, proxies  # noqa: F401  (proxies: a fixture)
 from .test_page import LOOSE, MS, browser, feed_item, free_port, my_id, open_page, send  # noqa: F401  (fixtures)
 from .waiting import wait_until
@@ -356,5 +357,46 @@ def test_tokens_user_ids_and_refusals_on_the_page(token_stub: PageStub, browser:
         wait_until(lambda: len(token_stub.paths) == 3, "three connections")
         expect(state).to_have_attribute("data-state", "closed")
         assert len(token_stub.paths) == 3
+    finally:
+        context.close()
+
+
+# -- tokens, against a real server (--auth required) ------------------------------------------
+
+
+def test_the_page_with_tokens_on_a_real_server(
+    make_server: Callable[..., Server], open_page, browser: Browser
+) -> None:
+    """wshub serve --auth required: /?token= pages are welcomed as their token's user
+    and name each other by user id; an expired token stops the page with 4401 (no
+    retry, the settings opened) until a valid token typed in the field and Join."""
+    server = make_server(*LOOSE, "--auth", "required", "--auth-secret", SECRET)
+    alice = open_page(f"{server.http_url}/?token={mint('alice', 60)}")
+    assert "token" not in urlsplit(alice.url).query
+    expect(alice.locator("#user")).to_have_text("alice")
+    bob = open_page(f"{server.http_url}/?token={mint('bob', 60)}")
+    expect(bob.locator("#user")).to_have_text("bob")
+    joined = feed_item(alice, "join").locator(".who")
+    expect(joined).to_have_text("bob")
+    expect(joined).to_have_attribute("title", f"bob ({my_id(bob)})")
+    send(bob, "hi from bob")
+    expect(feed_item(alice, "message", "hi from bob").locator(".who")).to_have_text("bob")
+    send(alice, "to all", kind="broadcast")
+    expect(feed_item(bob, "broadcast", "to all").locator(".who")).to_have_text("alice")
+
+    context = browser.new_context()
+    context.set_default_timeout(MS)
+    try:
+        late = context.new_page()
+        late.goto(f"{server.http_url}/?token={mint('carol', -10)}")
+        expect(late.locator("#state")).to_have_text("closed (4401 token expired)")
+        expect(feed_item(late, "error", "expired")).to_have_count(1)
+        expect(late.locator("#settings")).to_have_attribute("open", "")
+        assert server.stats()["connections"]["node"] == 2  # the refused one is not counted
+        late.get_by_label("Token", exact=True).fill(mint("carol", 60))
+        late.get_by_role("button", name="Join").click()
+        expect(late.locator("#state")).to_have_attribute("data-state", "open")
+        expect(late.locator("#user")).to_have_text("carol")
+        expect(feed_item(alice, "join", "carol")).to_have_count(1)
     finally:
         context.close()
