@@ -403,3 +403,21 @@ def test_library_is_under_5_kib_minified_and_gzipped(page: Page) -> None:
         minified,
     )
     assert answers == [2000, True, False, "function"]
+
+
+def test_a_fixed_token_that_cannot_be_sent_stops_instead_of_connecting_without_it(
+    page: Page, page_server: PageServer
+) -> None:
+    """A fixed token with a space cannot be a subprotocol (the browser throws): the
+    client stops (reconnect: false) rather than connect anonymously; nothing reached the
+    server (a real one, --auth off, which would have taken an anonymous connection)."""
+    server = start_server("--allowed-origins", page_server.origin, *OPEN)
+    try:
+        make(page, "a", server.ws_url, token="not a token")
+        (closed,) = wait_events(page, "a", "close")
+        assert closed["code"] == 1006 and closed["reconnect"] is False
+        assert state(page, "a") == "stopped"
+        assert events(page, "a", "reconnecting") == [] and events(page, "a", "welcome") == []
+        assert server.stats()["connections"]["node"] == 0
+    finally:
+        server.stop()
