@@ -434,13 +434,14 @@ class BodyReader:
         self._state = self._DATA if self._chunk_left else self._TRAILERS
 
 
-_INLINE = re.compile(rb"<(script|style)>(.*?)</\1>", re.DOTALL)
+# A bare <script> or <style>, or a module script (the page's, which carries wshub.js).
+_INLINE = re.compile(rb'<(script|style)(?: type="module")?>(.*?)</\1>', re.DOTALL)
 
 
 def page_headers(html: bytes) -> tuple[tuple[str, str], ...]:
     """Hardening headers for the chat page (issue 19.11).
 
-    The page's inline ``<script>`` and ``<style>`` blocks are allowed by
+    The page's inline ``<script>`` (also ``type="module"``) and ``<style>`` blocks are allowed by
     their SHA-256 hashes, computed from the page itself, so an edit to the
     page can't silently break it; nothing else may run or load. The page
     talks only to its own server (``connect-src 'self'`` covers ``ws:``/``wss:``
