@@ -15,6 +15,7 @@ With ``-s`` every test prints its figures on ``[figure]`` lines
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import json
 import multiprocessing
 import os
@@ -32,7 +33,6 @@ import pytest
 from .conftest import TIMEOUT, Server
 from .loadtools import (
     AsyncWs,
-    Watchers,
     percentile,
     raise_nofile,
     rss_kib,
@@ -55,40 +55,39 @@ def figure(text: str) -> None:
 # -- bystanders ------------------------------------------------------------------
 
 
-class Chat(threading.Thread):
-    """Two clients taking turns: a sends ``a<i>`` and waits for b to get it,
-    then b sends ``b<i>`` and waits for a. Anything else a watcher receives is
-    recorded (presence by id, broadcasts in order); a message of the other
-    watcher that is not the one awaited (lost, duplicated, reordered) is an
-    anomaly."""
+class _ChatState:
+    """What the bystanders heard, kept in their own process (see :class:`Chat`)."""
 
-    def __init__(self, server: Server, pace: float = 0.0) -> None:
-        super().__init__(daemon=True)
-        self.w = Watchers(server)
-        # Seconds between rounds: under the default frame budget (20/s) a
-        # bystander must not flood either.
-        self.pace = pace
-        self.stop = threading.Event()
+    def __init__(self, ids: set[str]) -> None:
+        self.ids = ids
         self.latencies: list[float] = []
         self.anomalies: list[str] = []
-        self.rounds = 0
-        self.error: BaseException | None = None
         self.joined: dict[str, dict[str, int]] = {"a": {}, "b": {}}
         self.left: dict[str, dict[str, int]] = {"a": {}, "b": {}}
         self.broadcasts: dict[str, list[str]] = {"a": [], "b": []}
+        self.relayed: list[dict] = []  # messages of someone else
 
-    def _await(
+    def snapshot(self) -> dict:
+        return {
+            "joined": self.joined,
+            "left": self.left,
+            "broadcasts": self.broadcasts,
+            "relayed": self.relayed,
+        }
+
+    def await_content(
         self,
-        receiver,  # noqa: ANN001
+        receiver,  # noqa: ANN001 - a websockets sync ClientConnection
         name: str,
-        prefix: str,
         content: str,
-        timeout: float = 12 * TIMEOUT,  # an upper bound; p99 is asserted
+        timeout: float,
     ) -> None:
+        """Read *receiver* until the other watcher's *content* comes; record
+        everything else it hears on the way."""
         while True:
-            message = receiver.recv(timeout=timeout)
+            message = json.loads(receiver.recv(timeout=timeout))
             kind = message["type"]
-            if kind == "message" and message["connectionId"] in self.w.ids:
+            if kind == "message" and message["connectionId"] in self.ids:
                 if message["content"] == content:
                     return
                 self.anomalies.append(f"{name} got {message['content']!r}, awaiting {content!r}")
@@ -101,55 +100,163 @@ class Chat(threading.Thread):
             elif kind == "broadcast":
                 self.broadcasts[name].append(message["content"])
             elif kind == "message":
-                self.w.relayed.append(message)  # from someone else
+                self.relayed.append(message)
 
-    def run(self) -> None:
-        try:
-            while not self.stop.is_set():
-                i = self.rounds
-                for sender, receiver, name, prefix in (
-                    (self.w.a, self.w.b, "b", "a"),
-                    (self.w.b, self.w.a, "a", "b"),
-                ):
-                    content = f"{prefix}{i}"
-                    start = time.monotonic()
-                    sender.send({"type": "message", "content": content})
-                    self._await(receiver, name, prefix, content)
-                    self.latencies.append(time.monotonic() - start)
-                self.rounds += 1
-                if self.pace:
-                    self.stop.wait(self.pace)
-        except BaseException as exc:  # reported by finish()
-            self.error = exc
 
-    def drain_until(self, predicate: Callable[[], bool], what: str, timeout: float) -> None:
-        """After finish(): keep reading presence until *predicate* holds."""
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            for name, client in (("a", self.w.a), ("b", self.w.b)):
-                # Read what is there, a short wait each: what is awaited may be
-                # queued at either watcher, and a long wait on one held the other.
-                try:
-                    self._await(client, name, "", "\0never", timeout=0.2)
-                except TimeoutError:
-                    pass
+def _chat(ws_url: str, pace: float, rounds, stop, pipe) -> None:  # noqa: ANN001
+    """The bystanders' process (see :class:`Chat`): connect, chat until
+    *stop*, report, then keep reading and answer snapshot requests until told
+    to close."""
+    from websockets.sync.client import connect
+
+    def open_client():  # noqa: ANN202
+        ws = connect(
+            ws_url, open_timeout=TIMEOUT, close_timeout=TIMEOUT, max_queue=None, legacy=True
+        )
+        welcome = json.loads(ws.recv(timeout=TIMEOUT))
+        assert welcome["type"] == "welcome", welcome
+        return ws, welcome["connectionId"]
+
+    a, a_id = open_client()
+    b, b_id = open_client()
+    while True:  # b's arrival is heard by a: both are in the room
+        message = json.loads(a.recv(timeout=TIMEOUT))
+        if message["type"] == "user_joined" and message["connectionId"] == b_id:
+            break
+    state = _ChatState({a_id, b_id})
+    pipe.send(("ready", sorted(state.ids)))
+    error: str | None = None
+    upper = 12 * TIMEOUT  # an upper bound for one message; p99 is asserted
+    start = time.monotonic()
+    try:
+        while not stop.is_set():
+            # A round that takes this long is a stall worth seeing: the stacks
+            # of this process go to stderr (pytest shows them with the failure).
+            faulthandler.dump_traceback_later(4 * TIMEOUT)
+            for sender, receiver, name, prefix in ((a, b, "b", "a"), (b, a, "a", "b")):
+                content = f"{prefix}{rounds.value}"
+                start = time.monotonic()
+                sender.send(json.dumps({"type": "message", "content": content}))
+                state.await_content(receiver, name, content, upper)
+                state.latencies.append(time.monotonic() - start)
+            faulthandler.cancel_dump_traceback_later()
+            with rounds.get_lock():
+                rounds.value += 1
+            if pace:
+                stop.wait(pace)
+        # One more exchange after the attack: still in order, nothing extra.
+        a.send(json.dumps({"type": "message", "content": "a-final"}))
+        state.await_content(b, "b", "a-final", upper)
+    except BaseException as exc:  # reported to the test
+        error = f"{exc!r} in round {rounds.value} after {time.monotonic() - start:.1f} s"
+    pipe.send(("finished", state.latencies, state.anomalies, error))
+    # Keep reading (presence may still be coming) until the test is done.
+    while True:
+        if pipe.poll():
+            request = pipe.recv()
+            if request == "close":
+                break
+            pipe.send(state.snapshot())
+        for name, client in (("a", a), ("b", b)):
+            try:
+                state.await_content(client, name, "\0never", timeout=0.05)
+            except TimeoutError:
+                pass
+            except Exception as exc:  # the server closed us: the test asserts on it
+                error = repr(exc)
+                pipe.send(("error", error))
+                pipe.recv()
+                return
+    a.close()
+    b.close()
+
+
+class Chat:
+    """Two clients taking turns: a sends ``a<i>`` and waits for b to get it,
+    then b sends ``b<i>`` and waits for a. Anything else a watcher receives is
+    recorded (presence by id, broadcasts in order); a message of the other
+    watcher that is not the one awaited (lost, duplicated, reordered) is an
+    anomaly.
+
+    They run in a process of their own, as real clients on another machine
+    would: in the test's process their readers shared one interpreter (and
+    its lock) with the sampler, the broadcaster and the test, and under a
+    busy machine fell so far behind a storm's presence frames that the server
+    rightly closed one with ``1008 slow consumer`` (its buffer over 1 MiB).
+    """
+
+    def __init__(self, server: Server, pace: float = 0.0) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._rounds = ctx.Value("i", 0)
+        self.stop = ctx.Event()
+        self._pipe, self._child_end = ctx.Pipe()
+        self.proc = ctx.Process(
+            target=_chat,
+            args=(server.ws_url, pace, self._rounds, self.stop, self._child_end),
+            daemon=True,
+        )
+        self.latencies: list[float] = []
+        self.joined: dict[str, dict[str, int]] = {"a": {}, "b": {}}
+        self.left: dict[str, dict[str, int]] = {"a": {}, "b": {}}
+        self.broadcasts: dict[str, list[str]] = {"a": [], "b": []}
+        self.relayed: list[dict] = []
+        self.ids: set[str] = set()
+
+    @property
+    def rounds(self) -> int:
+        return int(self._rounds.value)
+
+    def start(self) -> None:
+        self.proc.start()
+        self._child_end.close()  # so that the child's end is seen if it dies
+        assert self._pipe.poll(12 * TIMEOUT), "the bystanders did not connect"
+        kind, ids = self._pipe.recv()
+        assert kind == "ready", kind
+        self.ids = set(ids)
+
+    def _refresh(self) -> None:
+        self._pipe.send("snapshot")
+        assert self._pipe.poll(12 * TIMEOUT), "the bystanders hung"
+        reply = self._pipe.recv()
+        assert isinstance(reply, dict), f"bystanders failed: {reply}"
+        self.joined = reply["joined"]
+        self.left = reply["left"]
+        self.broadcasts = reply["broadcasts"]
+        self.relayed = reply["relayed"]
 
     def finish(self, min_rounds: int = 5) -> float:
         """Stop, check nothing was lost; return the p99 round trip."""
         self.stop.set()
-        self.join(8 * TIMEOUT)
-        assert not self.is_alive(), "the bystanders hung"
-        assert self.error is None, f"bystanders failed: {self.error!r}"
-        assert self.anomalies == [], self.anomalies[:5]
+        assert self._pipe.poll(20 * TIMEOUT), (
+            f"the bystanders hung (round {self.rounds}, exit code {self.proc.exitcode})"
+        )
+        kind, self.latencies, anomalies, error = self._pipe.recv()
+        assert kind == "finished", kind
+        assert error is None, f"bystanders failed: {error}"
+        assert anomalies == [], anomalies[:5]
         assert self.rounds >= min_rounds, f"only {self.rounds} rounds"
-        # One more exchange after the attack: still in order, nothing extra.
-        self.w.a.send({"type": "message", "content": "a-final"})
-        self._await(self.w.b, "b", "a", "a-final")
+        self._refresh()
         return percentile(self.latencies, 99)
 
+    def drain_until(self, predicate: Callable[[], bool], what: str, timeout: float) -> None:
+        """After finish(): let them read presence until *predicate* holds."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.1)
+            self._refresh()
+
     def close(self) -> None:
-        self.w.close()
+        if self.proc.is_alive():
+            self.stop.set()
+            try:
+                self._pipe.send("close")
+            except OSError:
+                pass
+            self.proc.join(4 * TIMEOUT)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(TIMEOUT)
 
 
 class Sampler(threading.Thread):
@@ -209,8 +316,6 @@ def bystanders() -> Iterator[Callable[[Server], Chat]]:
 
     yield start
     for chat in chats:
-        chat.stop.set()
-        chat.join(TIMEOUT)
         chat.close()
 
 
@@ -419,7 +524,7 @@ def test_pings_between_fragments(make_server, bystanders) -> None:
     )
     assert code == 1008
     # "hello world" came once to each bystander, nothing of the bad one did.
-    relayed = [(m["connectionId"], m["content"]) for m in chat.w.relayed]
+    relayed = [(m["connectionId"], m["content"]) for m in chat.relayed]
     assert relayed == [(good_id, "hello world")] * 2, relayed
 
 
@@ -472,7 +577,7 @@ def test_empty_continuation_flood_closes_1009(make_server, bystanders) -> None:
         f"{elapsed * 1000:.0f} ms; bystander p99 {p99 * 1000:.1f} ms"
     )
     assert code == 1009 and texts == []
-    assert chat.w.relayed == [] and chat.broadcasts == {"a": [], "b": []}
+    assert chat.relayed == [] and chat.broadcasts == {"a": [], "b": []}
 
 
 def test_a_message_within_the_frame_limit_is_delivered(make_server) -> None:
@@ -676,7 +781,14 @@ def test_join_storm(make_server, bystanders, n: int, broadcast: bool) -> None:
     if caster is not None:
         caster.join(60)
         assert not caster.is_alive()
-    p99 = chat.finish()
+    try:
+        p99 = chat.finish()
+    finally:
+        slow_lines = [line for line in srv.stderr_lines if "slow_consumer" in line]
+        figure(
+            f"{len(slow_lines)} slow_consumer log lines (bystanders {sorted(chat.ids)}): "
+            + "".join(slow_lines[:3])
+        )
     sampler.finish()
     wait_until(lambda: _node_count(srv) == 2 + (caster is not None), "the storm gone", 120, 0.2)
     expect = set(opened.ids)
