@@ -26,7 +26,7 @@ from .admission import Admission
 from .backplane import Backplane, Envelope
 from .backplane.factory import make_backplane
 from .config import Config
-from .connection import Connection, ConnectionSettings
+from .connection import Connection, ConnectionSettings, pace_upgrades
 from .echo import EchoEndpoint
 from .endpoints import node_routes
 from .errors import HEARTBEAT_TIMEOUT, SHUTTING_DOWN, SLOW_CONSUMER, CloseCode, Disconnect
@@ -108,6 +108,7 @@ class Node:
             on_send_failed=self._send_failed,
             send_each=compiled_send_each if direct else None,
         )
+        pace_upgrades(lambda: self.fanout.behind)  # decisions.md 18: passes time-sliced
         if config.direct_send == "on" and compiled_send_each is None:
             log_event(
                 log,

@@ -30,6 +30,7 @@ class Conn:
         self.pending = None
         self.joined_at = 0
         self.marked = False
+        self.sealed = None
         self.is_recipient = True
         self.audience = None
         self.direct = None
