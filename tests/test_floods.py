@@ -268,6 +268,7 @@ class Sampler(threading.Thread):
         self.endpoints = endpoints
         self.stop = threading.Event()
         self.peak_rss = rss_kib(server.proc.pid)
+        self.peak_at = time.monotonic()
         self.slowest: dict[str, float] = {}
         self.failures: list[str] = []
 
@@ -280,7 +281,7 @@ class Sampler(threading.Thread):
     def _sample(self) -> None:
         paths = ("/healthz", "/readyz", "/stats", "/metrics")
         while not self.stop.is_set():
-            self.peak_rss = max(self.peak_rss, rss_kib(self.server.proc.pid))
+            self._rss()
             if not self.endpoints:
                 time.sleep(0.05)
                 continue
@@ -295,8 +296,13 @@ class Sampler(threading.Thread):
                     self.failures.append(f"{path}: {exc!r}")
                 took = time.monotonic() - start
                 self.slowest[path] = max(self.slowest.get(path, 0.0), took)
-                self.peak_rss = max(self.peak_rss, rss_kib(self.server.proc.pid))
+                self._rss()
             time.sleep(0.05)
+
+    def _rss(self) -> None:
+        rss = rss_kib(self.server.proc.pid)
+        if rss > self.peak_rss:
+            self.peak_rss, self.peak_at = rss, time.monotonic()
 
     def finish(self) -> None:
         self.stop.set()
@@ -771,12 +777,14 @@ def test_join_storm(make_server, bystanders, n: int, broadcast: bool) -> None:
     sampler.start()
     caster = Broadcaster(srv, 500) if broadcast else None
     storm = Storm(srv, n)
+    started = time.monotonic()
     if caster is not None:
         caster.start()
     opened = storm.opened(timeout=200)
     # Hold the storm a few seconds while the announcements go out.
     held_from = time.monotonic()
     wait_until(lambda: time.monotonic() - held_from > 3.0 and chat.rounds > 10, "rounds", 60)
+    ended = time.monotonic()
     lost = storm.end()
     if caster is not None:
         caster.join(60)
@@ -801,7 +809,9 @@ def test_join_storm(make_server, bystanders, n: int, broadcast: bool) -> None:
     figure(
         f"storm of {n:,}{' with a broadcast flood' if broadcast else ''}: "
         f"{opened.welcomed:,} welcomed in {opened.seconds:.1f} s; "
-        f"RSS peak +{growth / 1024:.0f} MiB (bound {bound / 1024:.0f} MiB); "
+        f"RSS peak +{growth / 1024:.0f} MiB (bound {bound / 1024:.0f} MiB) "
+        f"{sampler.peak_at - started:.1f} s after the storm began "
+        f"(all welcomed at {held_from - started:.1f} s, ended at {ended - started:.1f} s); "
         f"endpoints slowest {max(sampler.slowest.values()) * 1000:.0f} ms "
         f"({', '.join(f'{k} {v * 1000:.0f}' for k, v in sampler.slowest.items())}); "
         f"bystander p99 {p99 * 1000:.0f} ms over {len(chat.latencies)} round trips; "

@@ -246,6 +246,7 @@ class Connection(asyncio.Protocol):
         "joined_at",
         "marked",
         "sealed",
+        "gone",
         "is_recipient",
         "audience",
         "room",
@@ -304,6 +305,7 @@ class Connection(asyncio.Protocol):
         self.joined_at = 0
         self.marked = False
         self.sealed: tuple[list[tuple[int, bytes]] | None, int] | None = None  # the fan-out's
+        self.gone = False  # the peer ended the TCP stream without a closing handshake
         self.is_recipient = False
         self.buffered = 0  # unsent bytes in the transport, as the fan-out last saw them
         self.pong: bytes | None = None  # the latest Pong, waiting for the buffer to drain
@@ -414,6 +416,10 @@ class Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         if self.ws is not None and self.session.state is not State.CLOSED:
+            if self.ws.state is FrameState.OPEN:
+                # No Close came first: nobody will read what was queued for
+                # it (the fan-out builds it nothing, see Fanout.take).
+                self.gone = True
             self.ws.receive_eof()
             self._drain_library_output(self.ws.data_to_send())
         return None  # let the transport close itself

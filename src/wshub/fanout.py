@@ -119,6 +119,9 @@ class Recipient(Protocol):
     # (pending, joined_at) moved here when its audience's frames were sealed
     # into a batch not written to it yet; None otherwise.
     sealed: tuple[list[tuple[int, bytes]] | None, int] | None
+    # The peer ended the stream without a closing handshake: take() builds
+    # it nothing.
+    gone: bool
     # Whether it is a member of its audience's shared frames now.
     is_recipient: bool
     audience: Audience[Any] | None
@@ -340,6 +343,15 @@ class Fanout(Generic[R]):
         """
         audience = conn.audience
         if audience is None:
+            return b""
+        if conn.gone:
+            # Nobody will read it. Built anyway, each of the thousands of
+            # connections a storm ends in one loop pass got its own copy of
+            # the user_left frames queued before it: +1 GB for 5,000.
+            conn.sealed = None
+            conn.pending = None
+            conn.joined_at = len(audience.frames)
+            self._mark(audience, conn)
             return b""
         earlier = b""
         batch = audience.batch

@@ -31,6 +31,7 @@ class Conn:
         self.joined_at = 0
         self.marked = False
         self.sealed = None
+        self.gone = False
         self.is_recipient = True
         self.audience = None
         self.direct = None

@@ -175,3 +175,21 @@ def test_a_pass_within_its_slice_is_one_loop_pass() -> None:
     loop.run()
     assert not loop.callbacks and fanout.slices == 0
     assert all(c.transport.writes == [text_frame(b"m1")] for c in conns)
+
+
+def test_a_connection_whose_peer_is_gone_is_built_nothing() -> None:
+    room, loop, conns = make(2 * CHUNK + 5)
+    gone, taken = conns[-1], conns[-2]
+    room.to_all(b"m1")
+    loop.run()  # gone and taken are not reached yet
+    room.to_all(b"m2")
+    gone.gone = True
+    assert room.fanout.take(gone) == b""
+    assert room.fanout.take(taken) == text_frame(b"m1") + text_frame(b"m2")
+    for conn in (gone, taken):
+        room.conns.remove(conn)
+        conn.is_recipient = False
+    while loop.callbacks:
+        loop.run()
+    assert gone.transport.writes == [] and taken.transport.writes == []
+    assert received(conns[0]) == text_frame(b"m1") + text_frame(b"m2")
