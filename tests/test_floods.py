@@ -128,6 +128,8 @@ def _chat(ws_url: str, pace: float, rounds, stop, pipe) -> None:  # noqa: ANN001
     error: str | None = None
     upper = 12 * TIMEOUT  # an upper bound for one message; p99 is asserted
     start = time.monotonic()
+    ports = [ws.socket.getsockname()[1] for ws in (a, b)]
+    threading.Thread(target=_socket_watch, args=(ports, rounds, stop), daemon=True).start()
     try:
         while not stop.is_set():
             # A round that takes this long is a stall worth seeing: the stacks
@@ -169,6 +171,28 @@ def _chat(ws_url: str, pace: float, rounds, stop, pipe) -> None:  # noqa: ANN001
                 return
     a.close()
     b.close()
+
+
+def _socket_watch(ports: list[int], rounds, stop) -> None:  # noqa: ANN001
+    """In the bystanders' process: when a round has not ended for 3 TIMEOUTs,
+    print the kernel's view of their sockets (both ends: queues, window,
+    retransmissions) once, to stderr, where pytest shows it with the failure."""
+    last, since = -1, time.monotonic()
+    while not stop.is_set():
+        if rounds.value != last:
+            last, since = rounds.value, time.monotonic()
+        elif time.monotonic() - since > 3 * TIMEOUT:
+            filters = " or ".join(f"sport = :{p} or dport = :{p}" for p in ports)
+            out = subprocess.run(
+                ["ss", "-tnmi", filters], capture_output=True, text=True, check=False
+            )
+            print(
+                f"[stall] round {last} for {time.monotonic() - since:.0f} s:\n{out.stdout}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        stop.wait(0.5)
 
 
 class Chat:
