@@ -99,6 +99,14 @@ in the next loop pass). Measured in wall time, so a pass preempted by a busy
 machine stops sooner: the loop is held well under the ~50 ms of decisions.md
 18 even then."""
 
+BATCH_FRAMES = PASS_FRAMES
+"""Shared frames one pass writes at most; more wait for the next loop pass.
+When a storm's 10,000 clients left at once, their user_left frames (1.1 MB)
+went to each remaining member in one write: more than --send-buffer-limit at
+once, so a bystander that read everything was closed 1008 slow consumer.
+256 frames of presence are ~28 KB; a client that reads drains them between
+two passes."""
+
 CHUNK = 256
 """Recipients written between two looks at the clock (about 0.1-1 ms)."""
 
@@ -179,6 +187,7 @@ class _Batch(Generic[R]):
         "payloads",
         "excluded",
         "marked",
+        "cut_short",
         "skipped",
         "common",
         "common_deflated",
@@ -187,23 +196,30 @@ class _Batch(Generic[R]):
         "index",
     )
 
-    def __init__(self, audience: Audience[R]) -> None:
-        self.frames = audience.frames
-        self.payloads = audience.payloads
-        self.excluded = audience.excluded
-        self.marked = audience.marked
-        audience.frames = []
-        audience.payloads = []
-        audience.excluded = []
-        audience.marked = []
-        skipped = sum(1 for conn in self.excluded if conn is not None)
-        for conn in self.marked:
-            if conn.is_recipient:
-                skipped += conn.joined_at
-            conn.sealed = (conn.pending, conn.joined_at)
-            conn.marked = False
-            conn.pending = None
-            conn.joined_at = 0
+    def __init__(self, audience: Audience[R], most: int) -> None:
+        """Seal *audience*'s frames, at most *most* of them (the rest stay
+        queued, for the next batch)."""
+        n = len(audience.frames)
+        self.cut_short = n > most
+        if not self.cut_short:
+            self.frames = audience.frames
+            self.payloads = audience.payloads
+            self.excluded = audience.excluded
+            self.marked = audience.marked
+            audience.frames = []
+            audience.payloads = []
+            audience.excluded = []
+            audience.marked = []
+            skipped = sum(1 for conn in self.excluded if conn is not None)
+            for conn in self.marked:
+                if conn.is_recipient:
+                    skipped += conn.joined_at
+                conn.sealed = (conn.pending, conn.joined_at)
+                conn.marked = False
+                conn.pending = None
+                conn.joined_at = 0
+        else:
+            skipped = self._seal_first(audience, most)
         self.skipped = skipped  # deliveries the members do not get (exclusions, joins)
         frames = self.frames
         self.common = frames[0] if len(frames) == 1 else b"".join(frames)
@@ -212,6 +228,36 @@ class _Batch(Generic[R]):
         # After a slice ran out: the members not written yet, and their index.
         self.rest: list[R] | None = None
         self.index: dict[R, int] | None = None
+
+    def _seal_first(self, audience: Audience[R], cut: int) -> int:
+        """Seal the first *cut* frames only; every marked connection's state
+        is split at the cut (private frames and join point moved back by it
+        for what stays queued). Returns the deliveries skipped in the batch."""
+        self.frames = audience.frames[:cut]
+        self.payloads = audience.payloads[:cut]
+        self.excluded = audience.excluded[:cut]
+        audience.frames = audience.frames[cut:]
+        audience.payloads = audience.payloads[cut:]
+        audience.excluded = audience.excluded[cut:]
+        self.marked = audience.marked
+        still_excluded = {conn for conn in audience.excluded if conn is not None}
+        audience.marked = []
+        skipped = sum(1 for conn in self.excluded if conn is not None)
+        for conn in self.marked:
+            pending = conn.pending or []
+            joined_at = conn.joined_at
+            now = [(position, frame) for position, frame in pending if position <= cut]
+            later = [(position - cut, frame) for position, frame in pending if position > cut]
+            if conn.is_recipient:
+                skipped += min(joined_at, cut)
+            conn.sealed = (now, min(joined_at, cut))
+            conn.marked = False
+            conn.pending = later or None
+            conn.joined_at = max(0, joined_at - cut)
+            if later or conn.joined_at or conn in still_excluded:
+                conn.marked = True
+                audience.marked.append(conn)
+        return skipped
 
 
 class Fanout(Generic[R]):
@@ -451,10 +497,14 @@ class Fanout(Generic[R]):
             if batch is None:
                 if not audience.frames and not audience.marked:
                     return True
-                batch = audience.batch = _Batch(audience)
+                batch = audience.batch = _Batch(audience, BATCH_FRAMES)
             if not self._write_batch(audience, batch, slow, deadline):
                 return False
             audience.batch = None
+            if batch.cut_short:
+                # The rest in the next loop pass: a client that reads gets
+                # time to, before its next share (see BATCH_FRAMES).
+                return False
 
     def _write_batch(
         self, audience: Audience[R], batch: _Batch[R], slow: list[R], deadline: float

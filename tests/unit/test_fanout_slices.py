@@ -7,7 +7,7 @@ a second, so each loop pass writes exactly one chunk of recipients.
 
 from __future__ import annotations
 
-from wshub.fanout import CHUNK, Fanout
+from wshub.fanout import BATCH_FRAMES, CHUNK, Fanout
 from wshub.wire import Deflate, text_frame
 
 from .test_fanout import Conn, Loop, Room
@@ -193,3 +193,46 @@ def test_a_connection_whose_peer_is_gone_is_built_nothing() -> None:
         loop.run()
     assert gone.transport.writes == [] and taken.transport.writes == []
     assert received(conns[0]) == text_frame(b"m1") + text_frame(b"m2")
+
+
+def test_more_than_a_batch_of_frames_goes_over_several_loop_passes_in_order() -> None:
+    """10,000 clients leaving at once queued 1.1 MB of user_left for each member:
+    in one write, more than --send-buffer-limit, and a bystander that read
+    everything was closed 1008. At most BATCH_FRAMES go per loop pass."""
+    loop = Loop()
+    a, b, c = Conn("a"), Conn("b"), Conn("c")
+    fanout = Fanout(
+        loop,  # type: ignore[arg-type]
+        send_buffer_limit=1 << 20,
+        on_slow_consumer=lambda conn: None,
+        on_send_failed=lambda conn, e: None,
+        send_each=None,
+    )
+    room = Room(fanout, [a, b])
+    total = 2 * BATCH_FRAMES + 10
+    expected: dict[str, list[bytes]] = {"a": [], "b": [], "c": []}
+    for i in range(total):
+        payload = f"m{i}".encode()
+        if i == BATCH_FRAMES + 5:
+            room.add(c)  # a newcomer after the first cut gets what follows only
+            room.fanout.to_one(c, b"welcome")
+            expected["c"].append(text_frame(b"welcome"))
+        if i == BATCH_FRAMES - 1 or i == BATCH_FRAMES + 1:
+            fanout.to_one(a, f"private{i}".encode())  # on both sides of the cut
+            expected["a"].append(text_frame(f"private{i}".encode()))
+        exclude = b if i in (3, BATCH_FRAMES + 2) else None
+        room.to_all(payload, exclude=exclude)
+        for conn in (a, b, c):
+            if conn is not exclude and (conn is not c or i >= BATCH_FRAMES + 5):
+                expected[conn.name].append(text_frame(payload))
+    loop.run()
+    assert len(a.transport.writes) == 1 and len(a.transport.writes[0]) < 8 * BATCH_FRAMES + 64
+    assert c.transport.writes == []  # joined after the first batch's frames
+    passes = 1
+    while loop.callbacks:
+        loop.run()
+        passes += 1
+    assert passes == 3
+    for conn in (a, b, c):
+        assert received(conn) == b"".join(expected[conn.name]), conn.name
+        assert conn.sealed is None and not conn.marked and conn.pending is None
