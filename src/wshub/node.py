@@ -31,7 +31,7 @@ from .backplane.control import Control, LocalControl
 from .backplane.factory import make_backplane
 from .config import Config
 from .connectauth import ConnectAuth
-from .connection import Connection, ConnectionSettings
+from .connection import Connection, ConnectionSettings, pace_upgrades
 from .echo import EchoEndpoint
 from .endpoints import node_routes
 from .errors import HEARTBEAT_TIMEOUT, SHUTTING_DOWN, SLOW_CONSUMER, CloseCode, Disconnect
@@ -126,6 +126,7 @@ class Node:
             on_send_failed=self._send_failed,
             send_each=compiled_send_each if direct else None,
         )
+        pace_upgrades(lambda: self.fanout.behind)  # decisions.md 18: passes time-sliced
         if config.direct_send == "on" and compiled_send_each is None:
             log_event(
                 log,
@@ -518,6 +519,8 @@ class Node:
             "buffered_total": fanout.buffered_total,
             "budget_drops": fanout.budget_drops,
             "pass_seconds_max": round(fanout.pass_seconds_max, 6),
+            "pass_cpu_seconds_max": round(fanout.pass_cpu_seconds_max, 6),
+            "pass_slices": fanout.slices,
         }
 
     def backplane_figures(self) -> dict[str, float]:
