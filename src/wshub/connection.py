@@ -146,7 +146,59 @@ class ConnectionOwner(Protocol):
 
 
 class _FrameProtocol(FrameProtocol):
-    """The library's sans-I/O protocol, with one correction."""
+    """The library's sans-I/O protocol, with one correction, set up on first use.
+
+    Most connections never give the library a byte: the common data frame is
+    read by :mod:`wshub.framescan`. Yet its ``__init__`` builds ~1.1 KiB per
+    connection (a parser generator suspended inside a second one, a stream
+    reader, three lists, a UUID for its logs: docs/memory.md). So this one
+    keeps only what the fast path reads (``state``, ``current_size``) and runs
+    the library's ``__init__`` the first time anything else is looked up
+    (``__getattr__`` is only called for a missing attribute), keeping what was
+    set before (``extensions``). :meth:`dormant` goes back to that state once
+    the library holds nothing between frames, so a client that pings now and
+    then does not keep it either.
+    """
+
+    def __init__(
+        self,
+        side: Side,
+        *,
+        state: FrameState,
+        max_size: int | None,
+        logger: logging.Logger | logging.LoggerAdapter[Any],
+    ) -> None:
+        self._lazy = (side, max_size, logger)
+        self._state = state  # what the library's ``state`` property reads
+        self.current_size: int | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        lazy = self.__dict__.pop("_lazy", None)
+        if lazy is None:
+            raise AttributeError(name)
+        side, max_size, logger = lazy
+        preset = dict(self.__dict__)
+        FrameProtocol.__init__(self, side, state=preset["_state"], max_size=max_size, logger=logger)
+        self.__dict__.update(preset)
+        return getattr(self, name)
+
+    def dormant(self) -> _FrameProtocol | None:
+        """A fresh, unset-up protocol equal to this one, if the library holds
+        nothing between frames now (open, no partial frame or message, nothing
+        to send, no error); else None."""
+        d = self.__dict__
+        if "_lazy" in d or self.state is not FrameState.OPEN or self.current_size is not None:
+            return None
+        if self.reader.buffer or self.events or self.writes or self.parser_exc is not None:
+            return None
+        if self.close_rcvd is not None or self.close_sent is not None or self.eof_sent:
+            return None
+        fresh = _FrameProtocol(
+            self.side, state=self.state, max_size=self.max_message_size, logger=self.logger
+        )
+        if self.extensions:  # permessage-deflate keeps its inflate context
+            fresh.extensions = self.extensions
+        return fresh
 
     def recv_frame(self, frame: Frame) -> None:
         # RFC 6455 5.4 lets control frames arrive between the fragments of a
@@ -273,7 +325,7 @@ class Connection(asyncio.Protocol):
             strike_limit=settings.rate_limit_refusals,
             strike_window=settings.rate_limit_window,
         )
-        self.ws: FrameProtocol | None = None
+        self.ws: _FrameProtocol | None = None
         self.deflate: Deflate | None = None
         # Fan-out bookkeeping (see wshub.fanout).
         self.pending: list[tuple[int, bytes]] | None = None
@@ -586,6 +638,12 @@ class Connection(asyncio.Protocol):
             self._receive_data_frame(_TEXT if opcode == 1 else _BINARY, chunk, True)
             if self._failed:  # the library queued our Close frame: send it
                 self._drain_library_output(ws.data_to_send())
+        if self._scanner.owes == 0 and not self._scanner.head and not self._failed:
+            # a control frame or a fragment set the library up: let it go
+            # again when it holds nothing between frames (see _FrameProtocol)
+            fresh = ws.dormant() if self.session.state is State.OPEN else None
+            if fresh is not None:
+                self.ws = fresh
 
     def _fast_path_open(self) -> bool:
         ws = self.ws
