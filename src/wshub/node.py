@@ -218,6 +218,7 @@ class Node:
             )
             if not self.backplane.subscribe(room):
                 self._waiting[room] = []
+        upgrade.conn.room = hub.room  # one string per room, not one per member
         waiting = self._waiting.get(room)
         if waiting is None:
             upgrade.complete(hub, self.loop.time())
