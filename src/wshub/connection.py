@@ -149,6 +149,22 @@ class ConnectionOwner(Protocol):
 class _FrameProtocol(FrameProtocol):
     """The library's sans-I/O protocol, with one correction."""
 
+    def holds_nothing(self) -> bool:
+        """Open, between frames and messages, nothing to send, no error: the
+        same as a protocol just made (see :class:`_IdleLibrary`)."""
+        return (
+            self.state is FrameState.OPEN
+            and self.current_size is None
+            and not self.extensions
+            and not self.reader.buffer
+            and not self.events
+            and not self.writes
+            and self.parser_exc is None
+            and self.close_rcvd is None
+            and self.close_sent is None
+            and not self.eof_sent
+        )
+
     def recv_frame(self, frame: Frame) -> None:
         # RFC 6455 5.4 lets control frames arrive between the fragments of a
         # message, and a Close ends the connection: the unfinished message is
@@ -157,6 +173,28 @@ class _FrameProtocol(FrameProtocol):
         if frame.opcode is _CLOSE and self.current_size is not None:
             self.current_size = None
         super().recv_frame(frame)
+
+
+class _IdleLibrary:
+    """What :attr:`Connection.ws` holds while the library is not needed.
+
+    Most connections never give the library a byte: the common data frame is
+    read by :mod:`wshub.framescan`. Yet a library protocol costs ~1.4 KiB (a
+    parser generator suspended inside a second one, a stream reader, three
+    lists, a UUID for its logs, its attributes: docs/memory.md). So an
+    uncompressed connection holds this one shared object, which answers the
+    two questions the fast path asks, until a frame needs the library
+    (:meth:`Connection._library`), and again once the library holds nothing
+    between frames (a client that pings now and then does not keep one). With
+    permessage-deflate the library is kept: its inflate context lives there.
+    """
+
+    __slots__ = ()
+    state = FrameState.OPEN
+    current_size = None
+
+
+_IDLE_LIBRARY = _IdleLibrary()
 
 
 UPGRADES_PER_PASS = 256
@@ -307,7 +345,7 @@ class Connection(asyncio.Protocol):
             strike_limit=settings.rate_limit_refusals,
             strike_window=settings.rate_limit_window,
         )
-        self.ws: FrameProtocol | None = None
+        self.ws: _FrameProtocol | _IdleLibrary | None = None
         self.deflate: Deflate | None = None
         # Fan-out bookkeeping (see wshub.fanout).
         self.pending: list[tuple[int, bytes]] | None = None
@@ -445,12 +483,13 @@ class Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         if self.ws is not None and self.session.state is not State.CLOSED:
-            if self.ws.state is FrameState.OPEN:
+            ws = self._library()
+            if ws.state is FrameState.OPEN:
                 # No Close came first: nobody will read what was queued for
                 # it (the fan-out builds it nothing, see Fanout.take).
                 self.gone = True
-            self.ws.receive_eof()
-            self._drain_library_output(self.ws.data_to_send())
+            ws.receive_eof()
+            self._drain_library_output(ws.data_to_send())
         return None  # let the transport close itself
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -636,20 +675,22 @@ class Connection(asyncio.Protocol):
             self.session = Session(
                 now, message_rate=0, message_burst=1, strike_limit=0, strike_window=1.0
             )
-        limit = self.settings.max_message_size
-        ws = _FrameProtocol(
-            Side.SERVER,
-            state=FrameState.OPEN,
-            # The exact limit is checked on each whole message below. The
-            # library gets some slack because with permessage-deflate it
-            # checks the compressed size of a frame too, and incompressible
-            # data grows a little when deflated.
-            max_size=limit + (limit // 1000 + 64 if extension is not None else 0),
-            logger=_frames_logger,
-        )
         if extension is not None:
+            limit = self.settings.max_message_size
+            ws = _FrameProtocol(
+                Side.SERVER,
+                state=FrameState.OPEN,
+                # The exact limit is checked on each whole message below. The
+                # library gets some slack because with permessage-deflate it
+                # checks the compressed size of a frame too, and incompressible
+                # data grows a little when deflated.
+                max_size=limit + limit // 1000 + 64,
+                logger=_frames_logger,
+            )
             ws.extensions = [extension]
-        self.ws = ws
+            self.ws = ws
+        else:
+            self.ws = _IDLE_LIBRARY  # the library is set up when a frame needs it
         self.deflate = deflate
         self.opened_at = now
         self.session.transition(State.OPEN)
@@ -700,7 +741,17 @@ class Connection(asyncio.Protocol):
                 continue
             self._receive_data_frame(_TEXT if opcode == 1 else _BINARY, chunk, True)
             if self._failed:  # the library queued our Close frame: send it
-                self._drain_library_output(ws.data_to_send())
+                self._drain_library_output(self._library().data_to_send())
+        ws = self.ws
+        if (
+            isinstance(ws, _FrameProtocol)
+            and not self._failed
+            and self.session.state is State.OPEN
+            and not self._scanner.owes
+            and not self._scanner.head
+            and ws.holds_nothing()
+        ):
+            self.ws = _IDLE_LIBRARY  # a control frame set it up: let it go again
 
     def _fast_path_open(self) -> bool:
         ws = self.ws
@@ -712,12 +763,25 @@ class Connection(asyncio.Protocol):
             and ws.current_size is None  # not inside a fragmented message
         )
 
+    def _library(self) -> _FrameProtocol:
+        """The connection's library protocol, set up now if it is not yet."""
+        ws = self.ws
+        assert ws is not None
+        if not isinstance(ws, _FrameProtocol):
+            ws = self.ws = _FrameProtocol(
+                Side.SERVER,
+                state=FrameState.OPEN,
+                # the exact limit is checked on each whole message
+                max_size=self.settings.max_message_size,
+                logger=_frames_logger,
+            )
+        return ws
+
     def _feed_library(self, data: bytes) -> None:
         # *data* is one frame, or a part of one: the scanner feeds the library
         # frame by frame, so what one step allocates stays bounded (a read of
         # 1-byte fragments would otherwise make ~40,000 Frame objects at once).
-        ws = self.ws
-        assert ws is not None
+        ws = self._library()
         if self.session.state is State.CLOSED or ws.state is FrameState.CLOSED:
             return
         ws.receive_data(data)
@@ -838,8 +902,7 @@ class Connection(asyncio.Protocol):
 
     def _fail(self, code: CloseCode, reason: str) -> None:
         """Fail the connection (RFC 6455 7.1.7): Close frame, then TCP close."""
-        ws = self.ws
-        assert ws is not None
+        ws = self._library()
         self._failed = True
         if ws.state is FrameState.OPEN:
             self.close_code = code
@@ -849,8 +912,7 @@ class Connection(asyncio.Protocol):
     def _drain_library_output(self, out: list[bytes]) -> None:
         """Send what the frame library produced: Close frames, EOF (its Pongs
         were taken by _feed_library)."""
-        ws = self.ws
-        assert ws is not None
+        ws = self._library()
         if ws.state is FrameState.OPEN:
             for chunk in out:  # only Pong frames while open
                 if chunk:
@@ -891,6 +953,7 @@ class Connection(asyncio.Protocol):
         self.close_code = disconnect.code
         self.close_reason = disconnect.reason
         self.pong = None  # no Pong after our Close
+        ws = self._library()
         ws.send_close(disconnect.code, disconnect.reason)
         self._leave_fanout()
         for chunk in ws.data_to_send():

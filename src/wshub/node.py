@@ -283,6 +283,7 @@ class Node:
             hub = self.rooms[room] = self._new_hub(room)
             if not self.backplane.subscribe(room):
                 self._waiting[room] = []
+        upgrade.conn.room = hub.room  # one string per room, not one per member
         waiting = self._waiting.get(room)
         if waiting is None:
             upgrade.complete(hub, self.loop.time())

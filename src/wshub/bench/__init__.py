@@ -41,8 +41,15 @@ scenarios:
   chat    Everyone talks: N connections (100), each sending --rate messages/s (10)
           to all the others (N x rate x (N-1) deliveries/s offered). Reports
           whether the server sustained it or fell behind, and latency.
-  idle    N connections (10000) opened and held for --duration seconds; with
-          --server-pid, the server's resident memory per connection.
+  idle    N connections (10000) opened and held for --duration seconds (with
+          --rooms R, connection i in room r<i % R>), then one message in every
+          room from one member of each. Reports how many were welcomed, the time
+          to open them, with --server-pid the server's RSS per connection, the
+          broadcast's p50/p99/max from send to receipt over every member, and
+          the server's loop lag: wshub's wshub_event_loop_lag_seconds from
+          /metrics, and for any server the round trip of a Ping on one more
+          connection (PATH/loopwatch). The open-files limit is raised to the
+          hard limit by the benchmark (it says when the hard limit is too low).
   sink    Only count what the server sends on its own (for bench/ceiling_server.py:
           the generator's own ceiling).
 
@@ -63,6 +70,7 @@ examples:
   wshub bench rate --url ws://127.0.0.1:8801/websocket --url ws://127.0.0.1:8802/websocket \\
       --placement sender-alone
   wshub bench idle -n 10000 --server-pid PID
+  wshub bench idle -n 10000 --rooms 1000 --duration 60 --server-pid PID
   wshub bench fanout --engine native --url ws://127.0.0.1:8787/websocket --server-pid PID
 
 --engine native (fanout, rate, chat, sink) is a C program compiled with the system's
@@ -251,8 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="N",
-        help="fanout: spread the connections over N rooms (connection i in room r<i %% N>, "
-        "path URL_PATH/r<i %% N>), the first connection of each room its sender",
+        help="fanout (native) and idle: spread the connections over N rooms (connection i in "
+        "room r<i %% N>, path URL_PATH/r<i %% N>), the first connection of each room its sender",
     )
     g = p.add_argument_group("output")
     g.add_argument(
@@ -384,11 +392,18 @@ def main(argv: list[str] | None = None) -> int:
             "wshub bench: --connections, --inflight, --duration must be positive", file=sys.stderr
         )
         return 2
-    if args.engine != "native" and (args.reader != "peek" or args.rooms):
-        print("wshub bench: --reader full and --rooms need --engine native", file=sys.stderr)
+    if args.engine != "native" and (
+        args.reader != "peek" or (args.rooms and cfg.scenario != "idle")
+    ):
+        print(
+            "wshub bench: --reader full, and --rooms for fanout, need --engine native",
+            file=sys.stderr,
+        )
         return 2
-    if args.rooms < 0 or (args.rooms and cfg.scenario != "fanout"):
-        print("wshub bench: --rooms N (N > 0) is for the fanout scenario", file=sys.stderr)
+    if args.rooms < 0 or (args.rooms and cfg.scenario not in ("fanout", "idle")):
+        print(
+            "wshub bench: --rooms N (N > 0) is for the fanout and idle scenarios", file=sys.stderr
+        )
         return 2
     if args.reader == "full" and cfg.size < 48:
         print("wshub bench: --reader full needs --content-size of at least 48", file=sys.stderr)

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from .framing import (
     OP_CLOSE,
+    OP_PING,
     OP_PONG,
     OP_TEXT,
     check_handshake_response,
@@ -102,6 +103,12 @@ class Config:
             self.source_ips = min(254, max(1, math.ceil(self.connections / 200)))
 
 
+def room_path(path: str, room: int) -> str:
+    """PATH/r<room>, the query string kept (as the native engine builds it)."""
+    base, sep, query = path.partition("?")
+    return f"{base.rstrip('/')}/r{room}{sep}{query}"
+
+
 def source_addresses(k: int) -> list[str]:
     return [f"127.0.0.{i}" for i in range(1, k + 1)]
 
@@ -166,6 +173,7 @@ class Hub:
         self._wake_pending = False
         self.closed_early = 0
         self.errors: list[str] = []
+        self.conn_class: type[Conn] | None = None  # a scenario's own connection class
 
     def total(self) -> int:
         return sum(self.counts) - self.excluded * BIG
@@ -223,6 +231,9 @@ class Conn(asyncio.BaseProtocol):
         self.transport = transport
         self.t_start = _now()
         host, port, path = self.hub.cfg.targets[self.target]
+        rooms = self.hub.cfg.rooms
+        if rooms:
+            path = room_path(path, self.idx % rooms)
         transport.write(handshake_request(host, port, path, self.key))
 
     def data_received(self, data: bytes) -> None:
@@ -400,8 +411,14 @@ async def open_connections(
             probe = probe_every > 0 and i % probe_every == 0
             t = target_of(cfg, i)
             host, port, _ = cfg.targets[t]
-            proto = (ProbeConn if probe else BufConn)(hub, i, t)
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            cls = hub.conn_class or (ProbeConn if probe else BufConn)
+            proto = cls(hub, i, t)
+            try:
+                # out of descriptors (EMFILE) is a failed connection, not a failed run
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            except OSError as e:
+                failures.append(f"{type(e).__name__}: {e}")
+                return
             try:
                 sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -850,21 +867,230 @@ async def scenario_chat(hub: Hub, server: ServerProbe, progress: Progress) -> di
     }
 
 
+WELCOME = b'"type":"welcome"'
+
+
+class IdleConn(BufConn):
+    """A held connection of the idle scenario: it notes its welcome (wshub) and,
+    while the broadcast is measured, the send time of every message it receives."""
+
+    def __init__(self, hub: Hub, idx: int, target: int = 0) -> None:
+        super().__init__(hub, idx, target)
+        self.welcomed = hub.cfg.protocol != "wshub"  # raw relays send no welcome
+        self.early = b""  # what came before the welcome (it may span reads)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.is_open:
+            if not self.welcomed or self.hub.measuring:
+                self._seen(bytes(_SHARED[:nbytes]))
+            BufConn.buffer_updated(self, nbytes)
+            return
+        self._handshake(bytes(self._hsbuf[:nbytes]))
+
+    def data_received(self, data: bytes) -> None:
+        # only reached with the handshake's leftover bytes
+        Conn.data_received(self, data)
+        if self.is_open:
+            self._seen(data)
+
+    def _seen(self, data: bytes) -> None:
+        if not self.welcomed:
+            self.early = (self.early + data)[-4096:]
+            if WELCOME in self.early:
+                self.welcomed = True
+                self.early = b""
+        if self.hub.measuring:
+            now = _now()
+            i = data.find(MARK)
+            while i >= 0:
+                j = data.find(b" ", i)
+                if j < 0:
+                    break
+                try:
+                    self.lats.append(now - int(data[i + 2 : j]))
+                except ValueError:
+                    pass
+                i = data.find(MARK, j)
+
+
+class LoopWatch:
+    """The server's event-loop lag while the scenario runs, two ways.
+
+    Inside (wshub only): its ``wshub_event_loop_lag_seconds`` gauge, read from
+    /metrics every ``period`` seconds. Outside (any server): the round trip of a
+    Ping on one extra connection (its own room), every ``period`` seconds; a Pong
+    comes back late when the server's loop is busy.
+    """
+
+    def __init__(self, hub: Hub, period: float = 0.25) -> None:
+        self.hub = hub
+        self.period = period
+        self.phase = "open"
+        self.lag: dict[str, list[float]] = {}
+        self.rtt: dict[str, list[float]] = {}
+        self.metrics_error = ""
+        self.ping_error = ""
+        self.tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        if self.hub.cfg.protocol == "wshub":
+            self.tasks.append(asyncio.ensure_future(self._scrape()))
+        self.tasks.append(asyncio.ensure_future(self._ping()))
+
+    async def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def _scrape(self) -> None:
+        host, port, _ = self.hub.cfg.targets[0]
+        request = f"GET /metrics HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
+        while True:
+            try:
+                reader, writer = await asyncio.open_connection(host, port, ssl=self.hub.cfg.tls)
+                writer.write(request.encode())
+                body = await asyncio.wait_for(reader.read(-1), 30.0)
+                writer.close()
+                for line in body.split(b"\n"):
+                    if line.startswith(b"wshub_event_loop_lag_seconds "):
+                        self.lag.setdefault(self.phase, []).append(float(line.split()[1]))
+                        break
+                else:
+                    self.metrics_error = "no wshub_event_loop_lag_seconds in /metrics"
+            except (OSError, TimeoutError, ValueError) as e:
+                self.metrics_error = f"/metrics: {type(e).__name__}: {e}"
+            await asyncio.sleep(self.period)
+
+    async def _ping(self) -> None:
+        hub = self.hub
+        host, port, path = hub.cfg.targets[0]
+        conn = _PingConn(hub, path.partition("?")[0].rstrip("/") + "/loopwatch", self)
+        try:
+            await hub.loop.create_connection(
+                lambda: conn,
+                host,
+                port,
+                ssl=hub.cfg.tls,
+                server_hostname=host if hub.cfg.tls else None,
+            )
+            await asyncio.wait_for(conn.opened, hub.cfg.connect_timeout)
+        except (OSError, TimeoutError, ConnectionError) as e:
+            self.ping_error = f"{type(e).__name__}: {e}"
+            return
+        try:
+            while True:
+                conn.ping()
+                await asyncio.sleep(self.period)
+        finally:
+            if conn.transport is not None:
+                conn.transport.abort()
+
+    def report(self) -> dict:
+        out: dict = {}
+        for phase, vals in self.lag.items():
+            s = sorted(vals)
+            out[f"event_loop_lag_ms_{phase}_max"] = round(s[-1] * 1e3, 2)
+            out[f"event_loop_lag_ms_{phase}_median"] = round(statistics.median(s) * 1e3, 2)
+        for phase, vals in self.rtt.items():
+            s = sorted(vals)
+            out[f"ping_rtt_ms_{phase}_max"] = round(s[-1], 2)
+            out[f"ping_rtt_ms_{phase}_p50"] = round(pct(s, 50), 2)
+        if self.hub.cfg.protocol == "wshub" and not self.lag:
+            out["event_loop_lag"] = self.metrics_error or "no sample"
+        if self.ping_error:
+            out["ping_rtt"] = self.ping_error
+        return out
+
+
+class _PingConn(Conn):
+    """LoopWatch's connection: a Ping carrying its send time, the Pong parsed."""
+
+    def __init__(self, hub: Hub, path: str, watch: LoopWatch) -> None:
+        super().__init__(hub, -1, 0)
+        self.path = path
+        self.watch = watch
+        self.buf = b""
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        host, port, _ = self.hub.cfg.targets[0]
+        transport.write(handshake_request(host, port, self.path, self.key))
+
+    def ping(self) -> None:
+        self.write(encode_frame(OP_PING, b"%019d" % _now(), mask_key=b"\x09\x08\x07\x06"))
+
+    def data_received(self, data: bytes) -> None:
+        if not self.is_open:
+            self._handshake(data)
+            return
+        # server frames are unmasked; this connection gets little else than Pongs
+        buf = self.buf + data
+        pos = 0
+        while len(buf) - pos >= 2:
+            n = buf[pos + 1] & 0x7F
+            head = 2 + (2 if n == 126 else 8 if n == 127 else 0)
+            if len(buf) - pos < head:
+                break
+            if n == 126:
+                n = int.from_bytes(buf[pos + 2 : pos + 4], "big")
+            elif n == 127:
+                n = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+            if len(buf) - pos < head + n:
+                break
+            if buf[pos] & 0x0F == OP_PONG and n == 19:
+                try:
+                    sent = int(buf[pos + head : pos + head + n])
+                    self.watch.rtt.setdefault(self.watch.phase, []).append((_now() - sent) / 1e6)
+                except ValueError:
+                    pass
+            pos += head + n
+        self.buf = buf[pos:]
+
+    def connection_lost(self, exc) -> None:
+        self.is_open = False
+        if not self.opened.done():
+            self.opened.set_exception(ConnectionError(f"closed during handshake: {exc}"))
+        self.transport = None
+
+
 async def scenario_idle(hub: Hub, server: ServerProbe, progress: Progress) -> dict:
+    """Open and hold N connections (with --rooms, in N rooms), then one message in
+    every room from one member of each: open time, RSS per connection, the
+    broadcast's latency over every member, the server's loop lag all along."""
     cfg = hub.cfg
     rss0 = server.rss_kib()
-    conn_info = await open_connections(hub, cfg.connections, 0, progress)
+    watch = LoopWatch(hub)
+    watch.start()
+    hub.conn_class = IdleConn
+    try:
+        conn_info = await open_connections(hub, cfg.connections, 0, progress)
+        watch.phase = "hold"
+        res = await _idle_hold(hub, server, progress, rss0)
+        watch.phase = "broadcast"
+        res.update(await _idle_broadcast(hub, progress))
+    finally:
+        await watch.stop()
+    res.update(watch.report())
+    progress.done()
+    return {**conn_info, **res}
+
+
+async def _idle_hold(hub: Hub, server: ServerProbe, progress: Progress, rss0: int | None) -> dict:
+    cfg = hub.cfg
     ka = start_keepalive(hub)
-    # wait until the server has stopped talking (join notifications), bounded
+    conns = cast_idle(hub.conns)
+    # wait until every connection is welcomed and the server has stopped
+    # talking (join notifications), bounded by --settle
     t_end = time.perf_counter() + cfg.settle
     last = -1
     quiet = 0
     while time.perf_counter() < t_end and quiet < 2:
         await asyncio.sleep(0.5)
-        rx = sum(c.rx for c in hub.conns)
-        quiet = quiet + 1 if rx == last else 0
+        rx = sum(c.rx for c in conns)
+        welcomed = sum(1 for c in conns if c.welcomed)
+        quiet = quiet + 1 if rx == last and welcomed == len(conns) else 0
         last = rx
-        progress.show(f"settling  conns={len(hub.conns)}  rx={rx} bytes")
+        progress.show(f"settling  conns={len(conns)}  welcomed={welcomed}  rx={rx} bytes")
     samples = []
     end = time.perf_counter() + cfg.duration
     while True:
@@ -872,13 +1098,18 @@ async def scenario_idle(hub: Hub, server: ServerProbe, progress: Progress) -> di
         if r is not None:
             samples.append(r)
         left = end - time.perf_counter()
-        open_n = sum(1 for c in hub.conns if c.transport is not None)
+        open_n = sum(1 for c in conns if c.transport is not None)
         progress.show(f"holding {max(0.0, left):5.1f}s left  conns={open_n}  server RSS={r} KiB")
         if left <= 0:
             break
         await asyncio.sleep(min(1.0, left))
-    open_n = sum(1 for c in hub.conns if c.transport is not None)
-    res = {"connections_held": open_n, "closed_early": hub.closed_early}
+    open_n = sum(1 for c in conns if c.transport is not None)
+    res: dict = {
+        "rooms": cfg.rooms,
+        "connections_welcomed": sum(1 for c in conns if c.welcomed),
+        "connections_held": open_n,
+        "closed_early": hub.closed_early,
+    }
     if rss0 is not None and samples:
         rss1 = statistics.median(samples)
         res["server_rss_before_kib"] = rss0
@@ -887,8 +1118,72 @@ async def scenario_idle(hub: Hub, server: ServerProbe, progress: Progress) -> di
             res["rss_per_connection_kib"] = round((rss1 - rss0) / open_n, 2)
     if ka:
         ka.cancel()
-    progress.done()
-    return {**conn_info, **res}
+    return res
+
+
+def cast_idle(conns: list[Conn]) -> list[IdleConn]:
+    return [c for c in conns if isinstance(c, IdleConn)]
+
+
+async def _idle_broadcast(hub: Hub, progress: Progress) -> dict:
+    """One message in every room, from its first open member; every other open
+    member should receive it (a message skips its sender, on wshub and on the
+    raw relays alike)."""
+    cfg = hub.cfg
+    rooms = max(1, cfg.rooms)
+    senders: dict[int, Conn] = {}
+    expected = 0
+    for c in hub.conns:
+        if c.transport is None:
+            continue
+        r = c.idx % rooms
+        if r in senders:
+            expected += 1
+        else:
+            senders[r] = c
+    if not expected:
+        return {"broadcast_rooms": len(senders), "broadcast_expected": 0}
+    enc = Encoder(cfg.protocol, cfg.size)
+    counts = hub.counts
+    base = sum(counts)
+    hub.measuring = True
+    t0 = time.perf_counter()
+    for r, c in senders.items():
+        c.write(enc.frame(c.idx, r))
+    deadline = t0 + max(cfg.settle, 5.0)
+    got = 0
+    while time.perf_counter() < deadline:
+        got = sum(counts) - base
+        if got >= expected:
+            break
+        progress.show(f"broadcast  received={got}/{expected}")
+        await asyncio.sleep(0.05)
+    elapsed = time.perf_counter() - t0
+    # a grace period: what arrives now is more than the rooms should deliver
+    # (rooms that leak into each other); and wshub's lag probe, which fires once
+    # a second, reports the second that spanned the burst
+    await asyncio.sleep(2.0)
+    got = sum(counts) - base
+    hub.measuring = False
+    s = sorted(hub.latencies())
+    ms = lambda v: round(v / 1e6, 3)  # noqa: E731
+    out = {
+        "broadcast_rooms": len(senders),
+        "broadcast_expected": expected,
+        "broadcast_received": got,
+        "broadcast_missing": max(0, expected - got),
+        "broadcast_extra": max(0, got - expected),
+        "broadcast_s": round(elapsed, 3),
+    }
+    if s:
+        out.update(
+            {
+                "broadcast_ms_p50": ms(pct(s, 50)),
+                "broadcast_ms_p99": ms(pct(s, 99)),
+                "broadcast_ms_max": ms(s[-1]),
+            }
+        )
+    return out
 
 
 async def scenario_sink(hub: Hub, server: ServerProbe, progress: Progress) -> dict:
@@ -916,8 +1211,39 @@ SCENARIOS = {
 }
 
 
+FD_RESERVE = 64
+"""Descriptors the generator keeps for itself (stdio, the event loop, probes)."""
+
+
+def raise_file_limit(wanted: int) -> dict:
+    """Raise RLIMIT_NOFILE's soft limit to the hard limit: the benchmark opens
+    its own connections, the user should not have to ``ulimit -n`` first. Says
+    when even the hard limit is too low for ``wanted`` sockets (raising the hard
+    limit needs CAP_SYS_RESOURCE, which a container often lacks)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    out: dict = {"nofile_soft": soft, "nofile_hard": hard}
+    if hard != resource.RLIM_INFINITY and hard < wanted + FD_RESERVE:
+        out["nofile_too_low"] = (
+            f"the hard open-files limit ({hard}) is below {wanted} connections + "
+            f"{FD_RESERVE}: fewer than {hard} can open; raise it "
+            "(ulimit -Hn, LimitNOFILE=, docker --ulimit nofile=) as root"
+        )
+    return out
+
+
 async def run(cfg: Config) -> dict:
+    limits = raise_file_limit(cfg.connections)
     hub = Hub(cfg)
+    if "nofile_too_low" in limits:
+        hub.errors.append(limits["nofile_too_low"])
     server = ServerProbe(cfg.server_pid)
     interactive = cfg.progress or sys.stderr.isatty()
     progress = Progress(interactive, cfg.scenario)
@@ -934,6 +1260,7 @@ async def run(cfg: Config) -> dict:
         **({"urls": cfg.urls, "placement": cfg.placement} if len(cfg.urls) > 1 else {}),
         "size": cfg.size,
         **res,
+        **limits,
         "closed_early": hub.closed_early,
         "wall_s": round(time.perf_counter() - t0, 2),
     }
