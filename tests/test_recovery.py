@@ -3,8 +3,8 @@
 Every ``message`` and ``broadcast`` carries the room's next ``offset``; the
 ``welcome`` names the room's ``epoch`` and last offset; ``?since=EPOCH:OFFSET``
 replays what was missed (``replayed: true``) between the welcome and live
-traffic, or says ``recovered: false``; ``?history=N`` replays the last N. A
-cluster node keeps no history yet: history off.
+traffic, or says ``recovered: false``; ``?history=N`` replays the last N. The
+same cases on Redis, across nodes: test_cluster_recovery.py.
 """
 
 from __future__ import annotations
@@ -301,10 +301,11 @@ def test_history_off(make_server: Callable[..., Server]) -> None:
     assert_history_off(make_server(*OPEN, "--history-size", "0"))
 
 
-def test_cluster_node_keeps_no_history_yet(
+def test_cluster_node_with_history_off(
     make_server: Callable[..., Server], redis_server: RedisServer
 ) -> None:
-    assert_history_off(make_server(*OPEN, "--redis-url", redis_server.url))
+    srv = make_server(*OPEN, "--redis-url", redis_server.url, "--history-size", "0")
+    assert_history_off(srv)
 
 
 def test_replay_is_valid_json_frames(node: Server) -> None:

@@ -20,6 +20,7 @@ import ctypes
 import logging
 import time
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .admission import Admission
@@ -34,12 +35,16 @@ from .fanout import Fanout, compiled_send_each
 from .gateway import Gateway, Upgrade
 from .history import History
 from .hub import Hub
-from .ids import ConnectionId
+from .ids import ConnectionId, NodeId
 from .logs import log_event
 from .metrics import close_code_label
 from .nodemetrics import OUTCOMES, node_metrics
 from .rooms import DEFAULT_ROOM, RoomName
 from .session import State
+
+if TYPE_CHECKING:
+    from .clusterhistory import ClusterHistory
+    from .history import Recovery
 
 __all__ = ["Node"]
 
@@ -63,6 +68,21 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
 _malloc_trim = _find_malloc_trim()
 
 
+def _cluster_history(config: Config, node_id: NodeId) -> ClusterHistory:
+    # The redis package only when asked for (as in backplane/factory.py).
+    from .backplane.redis import Keys
+    from .backplane.redis_history import RedisHistory
+    from .clusterhistory import ClusterHistory
+
+    history = RedisHistory.from_url(
+        config.redis_url,
+        prefix=config.cluster_name,
+        size=config.history_size,
+        ttl=config.history_ttl,
+    )
+    return ClusterHistory(history, node_id, Keys(config.cluster_name).room)
+
+
 class Node:
     def __init__(
         self,
@@ -77,13 +97,16 @@ class Node:
         self.node_id = self.backplane.node_id
         self.metrics, self.counters = node_metrics(self)
         self.rooms: dict[RoomName, Hub] = {}
-        # The memory history of every room (decisions.md 13). A cluster keeps
-        # none until the Redis history is wired: history off (decisions.md 19).
+        # The history of every room (decisions.md 13): in memory on one node,
+        # in Redis for a cluster (then the memory one is off).
         self.history = History(
             size=0 if config.redis_url else config.history_size,
             ttl=config.history_ttl,
             memory=config.history_memory,
         )
+        self.cluster_history: ClusterHistory | None = None
+        if config.redis_url and config.history_size > 0:
+            self.cluster_history = _cluster_history(config, self.node_id)
         self._occupied: set[RoomName] = set()  # rooms with members (or joining)
         self._emptied_at: dict[RoomName, float] = {}
         # Upgrades waiting for their room's backplane subscription.
@@ -194,6 +217,8 @@ class Node:
         for handle in self._timers.values():
             handle.cancel()
         await self.backplane.stop()
+        if self.cluster_history is not None:
+            await self.cluster_history.aclose()
 
     # -- Rooms (the gateway's RoomDirectory) -----------------------------------------
 
@@ -215,12 +240,13 @@ class Node:
                 clock=time.time,
                 history=self.history,
                 monotonic=self.loop.time,
+                shared=self.cluster_history,
             )
             if not self.backplane.subscribe(room):
                 self._waiting[room] = []
         waiting = self._waiting.get(room)
         if waiting is None:
-            upgrade.complete(hub, self.loop.time())
+            self._complete(hub, upgrade, self.loop.time())
         else:
             # The welcome's counts need the room's presence elsewhere: wait for it.
             upgrade.conn.hold()
@@ -234,9 +260,29 @@ class Node:
             return
         now = self.loop.time()
         for upgrade in waiting:
-            upgrade.complete(hub, now)
+            self._complete(hub, upgrade, now)
         if not hub.members:  # everyone left while waiting
             self.room_emptied(hub)
+
+    def _complete(self, hub: Hub, upgrade: Upgrade, now: float) -> None:
+        """Give *upgrade* to *hub*; on Redis with history on, once the room's
+        history answered the join (its since, history, or just its place)."""
+        shared = self.cluster_history
+        if shared is None:
+            upgrade.complete(hub, now)
+            return
+        upgrade.conn.hold()
+        connection_id = upgrade.connection_id
+        hub.begin_join(connection_id)
+
+        def done(recovery: Recovery | None) -> None:
+            hub.prepare_join(connection_id, recovery)
+            upgrade.complete(hub, self.loop.time())
+            hub.end_join(connection_id)
+            if not hub.members:  # the client went away meanwhile
+                self.room_emptied(hub)
+
+        shared.join(hub.room, connection_id, upgrade.conn.join, done)
 
     def is_live(self, connection_id: ConnectionId) -> bool:
         return connection_id in self.connections
@@ -257,7 +303,7 @@ class Node:
         return count
 
     def room_emptied(self, hub: Hub) -> None:
-        if self._waiting.get(hub.room):
+        if self._waiting.get(hub.room) or hub.joining:
             return  # still joining
         self._occupied.discard(hub.room)
         self._emptied_at[hub.room] = self.loop.time()

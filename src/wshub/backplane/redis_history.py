@@ -84,11 +84,16 @@ return {epoch, offset}
 )
 
 # KEYS: meta, stream. ARGV: new epoch, meta ttl ms, ttl ms, size, mode
-# ('state', 'since' or 'recent'), client epoch, offset, count.
-# Returns {epoch, top, recovered, entry fields...} oldest first.
+# ('state', 'since' or 'recent'), client epoch, offset, count, marker channel
+# ('' = none), marker message. Returns {epoch, top, recovered, entry
+# fields...} oldest first. The marker is published after the read: once a
+# subscriber hears it, it has heard every publication the read saw (Redis
+# writes to a subscriber's socket in the order it runs commands), whatever
+# the order in which the reply and the subscription reach the node.
 _READ = (
     _META
     + """
+local function read()
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 local mode = ARGV[5]
 if mode == 'state' then return {epoch, top, 0} end
@@ -114,6 +119,10 @@ if mode == 'since' then
 end
 local out = {epoch, top, 1}
 for i = #items, 1, -1 do out[#out + 1] = items[i][2] end
+return out
+end
+local out = read()
+if ARGV[9] ~= '' then redis.call('PUBLISH', ARGV[9], ARGV[10]) end
 return out
 """
 )
@@ -244,32 +253,53 @@ class RedisHistory:
 
     # -- Join -------------------------------------------------------------------
 
-    async def _call(self, room: str, mode: str, epoch: str, offset: int, count: int) -> list[Any]:
-        args: list[str | int] = [self._epochs(), self.meta_ttl_ms, self.ttl_ms, self.size]
+    async def _call(
+        self,
+        room: str,
+        mode: str,
+        epoch: str,
+        offset: int,
+        count: int,
+        marker: tuple[str, bytes] | None = None,
+    ) -> list[Any]:
+        args: list[str | int | bytes] = [self._epochs(), self.meta_ttl_ms, self.ttl_ms, self.size]
         args += [mode, epoch, offset, count]
+        args += [marker[0], marker[1]] if marker is not None else ["", ""]
         reply: list[Any] = await self._read(keys=self.keys(room), args=args)
         return reply
 
-    async def state(self, room: str) -> tuple[str, int]:
-        """The room's ``(epoch, top offset)`` for a ``welcome``."""
-        reply = await self._call(room, "state", "", 0, 0)
+    async def state(self, room: str, *, marker: tuple[str, bytes] | None = None) -> tuple[str, int]:
+        """The room's ``(epoch, top offset)`` for a ``welcome``. *marker* is
+        ``(channel, message)`` to publish right after the read (see
+        :data:`_READ`); :meth:`recover` and :meth:`recent` take one too."""
+        reply = await self._call(room, "state", "", 0, 0, marker)
         return reply[0].decode(), int(reply[1])
 
     async def epoch(self, room: str) -> str:
         """The room's epoch (set now if the room had none)."""
         return (await self.state(room))[0]
 
-    async def recover(self, room: str, epoch: str, offset: int, previous: str | None) -> Recovery:
+    async def recover(
+        self,
+        room: str,
+        epoch: str,
+        offset: int,
+        previous: str | None,
+        *,
+        marker: tuple[str, bytes] | None = None,
+    ) -> Recovery:
         """As :meth:`wshub.history.History.recover`, for the whole cluster."""
-        reply = await self._call(room, "since", epoch, offset, 0)
+        reply = await self._call(room, "since", epoch, offset, 0, marker)
         recovery = _recovery(reply)
         if previous is None:
             return recovery
         return recovery._replace(missed=[e for e in recovery.missed if would_receive(e, previous)])
 
-    async def recent(self, room: str, count: int) -> Recovery:
+    async def recent(
+        self, room: str, count: int, *, marker: tuple[str, bytes] | None = None
+    ) -> Recovery:
         """As :meth:`wshub.history.History.recent`."""
-        return _recovery(await self._call(room, "recent", "", 0, max(0, count)))
+        return _recovery(await self._call(room, "recent", "", 0, max(0, count), marker))
 
 
 def _recovery(reply: list[Any]) -> Recovery:
