@@ -309,7 +309,7 @@ def test_the_node_it_was_on_goes_away(own_engine: Callable[..., Engine], sig: in
         assert client.welcome["epoch"] != epoch and client.welcome["offset"] == 0
 
 
-def test_after_redis_was_emptied(make_server: Callable[..., Server], own_redis: RedisServer) -> None:
+def test_after_redis_was_emptied(own_redis: RedisServer) -> None:
     """FLUSHALL: every room's history is gone. A member still connected is
     closed with 1012 as soon as the room's offsets restart under it (it
     reconnects and learns it has a gap); a since of the old epoch is
@@ -390,3 +390,45 @@ def test_welcome_frames_are_json(engine: Engine) -> None:
     room, _, reader = seeded(engine, 1)
     client = engine.node(0).client(f"{room}?since={reader.welcome['epoch']}:0")
     assert json.loads(client.ws.recv(timeout=TIMEOUT))["replayed"] is True
+
+
+def test_a_redis_restart_asks_members_to_reconnect(own_redis: RedisServer) -> None:
+    """Redis restarted (empty, no persistence) mid-conversation: while it is
+    down the node serves its own members (without offsets, none can be
+    assigned); once it is back the room's history is a new epoch, so the
+    members that hold positions in the old one are closed with 1012, and
+    reconnecting with since tells them recovered:false; then all is one
+    order again."""
+    eng = make_engine("redis", own_redis)
+    try:
+        room, sender, reader = seeded(eng, 2)
+        neighbour = eng.node(0).client(room)
+        sender.recv_type("user_joined")
+        epoch = reader.welcome["epoch"]
+        own_redis.stop()
+        srv = eng.node(0)
+        srv.wait_for(lambda: srv.get("/readyz")[0] == 503, "readyz 503")
+        sender.send({"type": "broadcast", "content": "during"})
+        during = neighbour.recv_type("broadcast")
+        assert during["content"] == "during" and "offset" not in during
+        own_redis.start()
+        for node in eng.nodes:
+            node.wait_for(lambda node=node: node.get("/readyz")[0] == 200, "readyz 200")
+
+        def closed(client: Client) -> int | None:
+            try:
+                while True:
+                    client.recv(timeout=TIMEOUT)
+            except Exception:
+                return client.ws.close_code
+
+        sender.send({"type": "broadcast", "content": "after"})
+        codes = [closed(c) for c in (sender, neighbour, reader)]
+        assert codes == [1012] * 3, "".join(eng.node(0).stderr_lines + eng.node(1).stderr_lines)
+        client, frames = join(eng.node(1), room, f"since={epoch}:3")
+        assert client.welcome["recovered"] is False and client.welcome["epoch"] != epoch
+        other = eng.node(0).client(room)
+        other.send({"type": "broadcast", "content": "new"})
+        assert relays(client, 1)[0]["offset"] == client.welcome["offset"] + 1
+    finally:
+        eng.stop()

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from .backplane import Envelope, EventKind, encode_envelope
 from .backplane.redis_history import RedisHistory
 from .history import Entry, JoinQuery, Recovery
 from .ids import ConnectionId, NodeId
-from .logs import log_event
+from .logs import LineLimiter, log_event
 from .protocol import RelayKind
 from .rooms import RoomName
 
@@ -53,6 +54,32 @@ class ClusterHistory:
         # Figures for /metrics.
         self.publish_failures = 0
         self.join_failures = 0
+        self._lines = LineLimiter(rate=1.0, burst=5.0)
+
+    def figures(self) -> dict[str, float]:
+        return {
+            "history_published": self.history.published,
+            "history_publish_failures": self.publish_failures,
+            "history_join_failures": self.join_failures,
+        }
+
+    def failed(self, what: str, room: str, exc: BaseException | None) -> None:
+        """A publication or a join read Redis did not answer: counted, and
+        logged (at most a line a second)."""
+        if what == "publish":
+            self.publish_failures += 1
+        else:
+            self.join_failures += 1
+        suppressed = self._lines.allow(what, time.monotonic())
+        if suppressed is not None:
+            log_event(
+                log,
+                logging.WARNING,
+                f"history_{what}_failed",
+                room=room,
+                error=repr(exc),
+                **({"suppressed": suppressed} if suppressed else {}),
+            )
 
     @property
     def size(self) -> int:
@@ -125,8 +152,7 @@ class ClusterHistory:
                     recovery = Recovery(True, [], epoch, top)
                 await mark
         except Exception as exc:  # Redis down or slow: the join goes on without history
-            self.join_failures += 1
-            log_event(log, logging.WARNING, "history_read_failed", room=room, error=repr(exc))
+            self.failed("join", room, exc)
             self._marks.pop(connection_id, None)
             done(None)
             return

@@ -401,6 +401,10 @@ class Hub:
             # Redis unreachable: serve this node's members at once, without an
             # offset (none can be assigned), rather than late or never.
             self._deliver(payload, exclude)
+            # The backplane counts what it could not forward.
+            self._backplane.publish(
+                Envelope(self._node_id, EventKind.RELAY, self.room, sender, payload)
+            )
             return
         if kind is None:
             kind = _MESSAGE if exclude is not None else RelayKind.BROADCAST
@@ -411,7 +415,8 @@ class Hub:
 
     def _published(self, shared: ClusterHistory, future: asyncio.Future[tuple[str, int]]) -> None:
         if future.cancelled() or future.exception() is not None:
-            shared.publish_failures += 1  # at most once: lost, counted
+            # At most once: lost, counted.
+            shared.failed("publish", self.room, None if future.cancelled() else future.exception())
             return
         stream = self._stream
         assert stream is not None

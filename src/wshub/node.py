@@ -482,7 +482,10 @@ class Node:
         }
 
     def backplane_figures(self) -> dict[str, float]:
-        return self.backplane.metrics()
+        figures = self.backplane.metrics()
+        if self.cluster_history is not None:
+            figures.update(self.cluster_history.figures())
+        return figures
 
     def metrics_text(self) -> str:
         return self.metrics.render()

@@ -215,5 +215,25 @@ def node_metrics(node: NodeFigures) -> tuple[Metrics, Counters]:
         backplane("reconnects"),
         kind="counter",
     )
+
+    def on_redis(key: str) -> Callable[[], float]:
+        return lambda: node.backplane_figures().get(key, 0.0)
+
+    m.gauge(
+        "wshub_history_redis_published_total",
+        "Publications recorded by the room history script in Redis (0 without Redis).",
+        on_redis("history_published"),
+        kind="counter",
+    )
+    m.gauge(
+        "wshub_history_redis_failures_total",
+        "Publications (lost, at most once) and join reads (served without history) "
+        "that Redis did not answer.",
+        lambda: (
+            node.backplane_figures().get("history_publish_failures", 0.0)
+            + node.backplane_figures().get("history_join_failures", 0.0)
+        ),
+        kind="counter",
+    )
     m.gauge("wshub_uptime_seconds", "Seconds since this node started.", node.uptime)
     return m, counters

@@ -46,6 +46,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
 from ..history import Entry, Recovery, new_epoch, would_receive
@@ -127,6 +128,10 @@ return out
 """
 )
 
+IDLE_CHECK = 0.2
+"""Seconds idle after which the connection is checked before use."""
+_CONNECTION_ERRORS = (ConnectionError, OSError, RedisConnectionError)
+
 _KINDS = {kind.value.encode(): kind for kind in RelayKind}
 
 _Queued = tuple[list[str], list[Any], "asyncio.Future[tuple[str, int]]"]
@@ -163,6 +168,7 @@ class RedisHistory:
         self._read = redis.register_script(_READ)
         self._queue: list[_Queued] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._last_used = float("-inf")
         self.published = 0
 
     @classmethod
@@ -237,7 +243,26 @@ class RedisHistory:
                     future.set_result((result[0].decode(), int(result[1])))
                     self.published += 1
 
+    async def _fresh(self) -> None:
+        """A connection idle for a while is checked with a PING first (and
+        made again once if it died, say Redis restarted meanwhile), so that
+        the publication does not fail on it: a publication is never resent,
+        as it may have run."""
+        now = asyncio.get_running_loop().time()
+        if now - self._last_used > IDLE_CHECK:
+            try:
+                await self.redis.ping()
+            except _CONNECTION_ERRORS:
+                await self._reconnect()
+                await self.redis.ping()
+        self._last_used = now
+
+    async def _reconnect(self) -> None:
+        # Every idle connection of the pool went with the one found dead.
+        await self.redis.connection_pool.disconnect(inuse_connections=False)
+
     async def _run(self, batch: Sequence[_Queued]) -> list[Any]:
+        await self._fresh()
         for attempt in range(2):
             pipe = self.redis.pipeline(transaction=False)
             sha = self._publish.sha
@@ -265,7 +290,13 @@ class RedisHistory:
         args: list[str | int | bytes] = [self._epochs(), self.meta_ttl_ms, self.ttl_ms, self.size]
         args += [mode, epoch, offset, count]
         args += [marker[0], marker[1]] if marker is not None else ["", ""]
-        reply: list[Any] = await self._read(keys=self.keys(room), args=args)
+        await self._fresh()
+        try:
+            reply: list[Any] = await self._read(keys=self.keys(room), args=args)
+        except _CONNECTION_ERRORS:
+            # A read may run twice (a second marker is harmless): try once more.
+            await self._reconnect()
+            reply = await self._read(keys=self.keys(room), args=args)
         return reply
 
     async def state(self, room: str, *, marker: tuple[str, bytes] | None = None) -> tuple[str, int]:
