@@ -175,10 +175,13 @@ def test_seam_while_another_client_keeps_sending(make_server: Callable[..., Serv
     watcher = node.client(room)
     sender.recv_type("user_joined")
     stop = threading.Event()
+    joined = threading.Event()  # the traffic goes on only once `first` is in
     sent = [0]
 
     def keep_sending() -> None:
         while not stop.is_set() and sent[0] < 3000:
+            if sent[0] == 20:
+                joined.wait(TIMEOUT)
             sender.send({"type": "broadcast", "content": "x"})
             sent[0] += 1
 
@@ -187,6 +190,7 @@ def test_seam_while_another_client_keeps_sending(make_server: Callable[..., Serv
     try:
         wait_until(lambda: sent[0] >= 20, "some traffic before the drop")
         first = node.client(room)
+        joined.set()
         seen: list[int] = []
         while len(seen) < 10:
             seen.append(first.recv_type("broadcast")["offset"])

@@ -279,6 +279,8 @@ class Node:
             hub.prepare_join(connection_id, recovery)
             upgrade.complete(hub, self.loop.time())
             hub.end_join(connection_id)
+            if self.draining and connection_id in self.connections:
+                self.connections[connection_id].close(SHUTTING_DOWN)  # joined too late
             if not hub.members:  # the client went away meanwhile
                 self.room_emptied(hub)
 

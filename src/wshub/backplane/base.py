@@ -53,7 +53,8 @@ class ViewKeeper:
         kind = envelope.kind
         if kind is EventKind.RECORDED:
             # One order per room: every node, this one too, delivers it as heard.
-            self.received += 1
+            if envelope.node_id != self.node_id:
+                self.received += 1
             if envelope.room in self.views:
                 handler.on_envelope(envelope)
             return
