@@ -10,8 +10,10 @@ For each setup it starts a fresh ``wshub serve`` (pinned to core 0 when
 twice: ``rate`` (1,000 connections, one sender at 50 msg/s: latency from the
 send to each recipient, every recipient on the sender's node, so on Redis
 with history on each frame makes the round trip to Redis that history off
-skips) and ``fanout`` (1,000 connections, closed loop: deliveries/s and
-server CPU per delivery). Prints one Markdown table.
+skips), ``fanout`` (1,000 connections, closed loop: deliveries/s and
+server CPU per delivery), and the sender's own round trip (a broadcast until
+its sender gets its copy, one at a time, 10 other members). Prints one
+Markdown table.
 """
 
 from __future__ import annotations
@@ -79,6 +81,33 @@ def bench(scenario: str, port: int, pid: int, duration: float) -> dict[str, obje
     return result
 
 
+def echo_round_trip(port: int, count: int) -> dict[str, float]:
+    """The sender's own round trip: one client broadcasts and waits for its
+    own copy, *count* times, with 10 other members in the room (sequential:
+    the latency of one frame, not a throughput)."""
+    from websockets.sync.client import connect
+
+    url = f"ws://127.0.0.1:{port}/websocket/echo"
+    others = [connect(url, max_queue=None) for _ in range(10)]
+    times = []
+    with connect(url) as ws:
+        ws.recv(timeout=10)  # welcome
+        for i in range(count + 100):
+            start = time.perf_counter()
+            ws.send(json.dumps({"type": "broadcast", "content": str(i)}))
+            while json.loads(ws.recv(timeout=10))["type"] != "broadcast":
+                pass
+            if i >= 100:  # warm-up left out
+                times.append((time.perf_counter() - start) * 1000)
+    for other in others:
+        other.close()
+    times.sort()
+    return {
+        "echo_ms_p50": times[len(times) // 2],
+        "echo_ms_p99": times[int(len(times) * 0.99)],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -96,10 +125,13 @@ def main() -> None:
     try:
         for name, args in setups * options.runs:
             row: dict[str, object] = {"setup": name}
-            for scenario in ("rate", "fanout"):
+            for scenario in ("echo", "rate", "fanout"):
                 node, port = start_node([*args, "--cluster-name", f"b{len(rows)}{scenario}"])
                 try:
-                    row[scenario] = bench(scenario, port, node.pid, duration)
+                    if scenario == "echo":
+                        row[scenario] = echo_round_trip(port, 500 if options.quick else 2000)
+                    else:
+                        row[scenario] = bench(scenario, port, node.pid, duration)
                 finally:
                     node.terminate()
                     node.wait(30)
@@ -110,15 +142,17 @@ def main() -> None:
         redis.wait(30)
     print(f"load average at the end: {os.getloadavg()[0]:.1f}\n")
     print(
-        "| setup | 50 msg/s: p50 ms | p99 ms | CPU µs/delivery "
+        "| setup | sender's round trip: p50 ms | p99 ms "
+        "| 50 msg/s: p50 ms | p99 ms | CPU µs/delivery "
         "| fan-out: deliveries/s | CPU µs/delivery | p99 ms |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        rate, fanout = row["rate"], row["fanout"]
-        assert isinstance(rate, dict) and isinstance(fanout, dict)
+        echo, rate, fanout = row["echo"], row["rate"], row["fanout"]
+        assert isinstance(echo, dict) and isinstance(rate, dict) and isinstance(fanout, dict)
         print(
-            f"| {row['setup']} | {_get(rate, 'latency_ms_p50')} | {_get(rate, 'latency_ms_p99')} "
+            f"| {row['setup']} | {_get(echo, 'echo_ms_p50')} | {_get(echo, 'echo_ms_p99')} "
+            f"| {_get(rate, 'latency_ms_p50')} | {_get(rate, 'latency_ms_p99')} "
             f"| {_get(rate, 'server_cpu_us_per_delivery')} "
             f"| {_get(fanout, 'deliveries_per_s')} | {_get(fanout, 'server_cpu_us_per_delivery')} "
             f"| {_get(fanout, 'latency_ms_p99')} |"

@@ -483,6 +483,15 @@ class Node:
             "pass_seconds_max": round(fanout.pass_seconds_max, 6),
         }
 
+    def history_figures(self) -> dict[str, float]:
+        history = self.history
+        return {
+            "bytes": history.bytes,
+            "entries": history.entries,
+            "rooms": history.room_count,
+            "evicted": history.evicted,
+        }
+
     def backplane_figures(self) -> dict[str, float]:
         figures = self.backplane.metrics()
         if self.cluster_history is not None:
