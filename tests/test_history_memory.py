@@ -69,9 +69,10 @@ def test_history_memory_holds_under_a_flood_into_10000_rooms(
     assert entries * (len(CONTENT) + 240) <= BOUND
     # Resident memory: the sweep hands freed memory back (malloc_trim), so
     # once the clients are gone the process holds the history's bound plus
-    # what any Python server holds after 10,000 connections came and went.
-    # Measured on CPython 3.11: ~+20 MB over the idle process (the history
-    # bound is 4 MiB); without the bound the same flood keeps ~60 MB.
+    # what it holds after 10,000 connections came and went. Measured (CPython
+    # 3.11, this flood, bench figures in docs/reliability.md): +15 MiB with
+    # history off, +16 MiB at this 4 MiB bound, +58 MiB at the default 64 MiB
+    # bound (46 MiB accounted, nothing evicted): the bound is what moves it.
     srv.wait_for(lambda: srv.stats()["connections"]["open"] == 0, "the flood's clients gone")
     after = rss_bytes(srv.proc.pid)
     print(
@@ -79,4 +80,4 @@ def test_history_memory_holds_under_a_flood_into_10000_rooms(
         f"history {accounted / 2**20:.2f} MiB accounted, {entries:.0f} entries, "
         f"{evicted:.0f} evicted"
     )
-    assert after - before <= BOUND + 40 * 2**20
+    assert after - before <= BOUND + 32 * 2**20
