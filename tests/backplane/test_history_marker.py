@@ -59,3 +59,31 @@ def test_the_mark_follows_every_publication_the_read_saw(redis_server, mode: str
         await h.aclose()
 
     asyncio.run(body())
+
+
+def test_publications_redis_gets_to_late_are_not_run(own_redis) -> None:
+    """Redis frozen (SIGSTOP) past MAX_AGE with publications waiting: they
+    fail as stale and take no offset; the next one follows on."""
+    import os
+    import signal
+
+    from wshub.backplane.redis_history import MAX_AGE, StalePublication
+
+    async def body() -> None:
+        h = RedisHistory.from_url(own_redis.url, prefix="late", size=50, ttl=30)
+        entry = Entry(0, b'{"type":"broadcast"}', A_ID, RelayKind.BROADCAST, None)
+        assert (await h.publish("k", "late:room:k", b"", entry))[1] == 1
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        try:
+            first = h.submit("k", "late:room:k", b"", entry)  # in Redis' socket buffer
+            await asyncio.sleep(0.05)
+            queued = [h.submit("k", "late:room:k", b"", entry) for _ in range(5)]  # behind it
+            await asyncio.sleep(MAX_AGE + 0.5)  # the freeze itself
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+        outcomes = await asyncio.gather(first, *queued, return_exceptions=True)
+        assert all(isinstance(o, StalePublication) for o in outcomes), outcomes
+        assert (await h.publish("k", "late:room:k", b"", entry))[1] == 2
+        await h.aclose()
+
+    asyncio.run(body())

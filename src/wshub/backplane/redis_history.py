@@ -42,6 +42,7 @@ one clock for the whole cluster.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -52,7 +53,7 @@ from redis.exceptions import NoScriptError
 from ..history import Entry, Recovery, new_epoch, would_receive
 from ..protocol import RelayKind
 
-__all__ = ["RedisHistory"]
+__all__ = ["RedisHistory", "StalePublication"]
 
 # Shared by both scripts: the room's epoch and top, creating the meta (and
 # dropping any stream left from a lost epoch) when it is gone.
@@ -68,10 +69,22 @@ else
 end
 """
 
+# A publication Redis only gets to after its deadline (ARGV[11], Unix ms on
+# Redis' clock: it froze with our pipeline in its socket buffer) is not run:
+# no offset taken, nothing recorded or published (at most once, never late).
+_DEADLINE = """
+local clock = redis.call('TIME')
+if tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000) > tonumber(ARGV[11]) then
+  return {'', -1}
+end
+"""
+
 # KEYS: meta, stream. ARGV: new epoch, meta ttl ms, ttl ms, size, channel,
-# envelope prefix, payload without offset, sender, kind, exclude ('' = none).
+# envelope prefix, payload without offset, sender, kind, exclude ('' = none),
+# deadline. Returns {epoch, offset}, or {'', -1} past the deadline.
 _PUBLISH = (
-    _META
+    _DEADLINE
+    + _META
     + """
 local offset = redis.call('HINCRBY', KEYS[1], 'top', 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -134,7 +147,20 @@ _CONNECTION_ERRORS = (ConnectionError, OSError, RedisConnectionError)
 
 _KINDS = {kind.value.encode(): kind for kind in RelayKind}
 
-_Queued = tuple[list[str], list[Any], "asyncio.Future[tuple[str, int]]"]
+MAX_AGE = 1.0
+"""Seconds a publication may wait for Redis (on our side, then on Redis'
+clock); older is dropped, never delivered late (as the backplane's
+``PUBLISH_MAX_AGE``)."""
+QUEUE_LIMIT = 16 * 1024 * 1024
+"""Bytes of publications waiting for Redis; past it new ones fail at once."""
+
+
+class StalePublication(Exception):
+    """Redis did not take the publication in time: dropped, not recorded."""
+
+
+# keys, arguments, the caller's future, when it was queued (loop time)
+_Queued = tuple[list[str], list[Any], "asyncio.Future[tuple[str, int]]", float]
 
 
 class RedisHistory:
@@ -167,6 +193,8 @@ class RedisHistory:
         self._publish = redis.register_script(_PUBLISH)
         self._read = redis.register_script(_READ)
         self._queue: list[_Queued] = []
+        self._queued_bytes = 0
+        self._clock_offset_ms: float | None = None  # Redis' clock minus ours
         self._flusher: asyncio.Task[None] | None = None
         self._last_used = float("-inf")
         self.published = 0
@@ -216,8 +244,14 @@ class RedisHistory:
             entry.kind.value,
             entry.exclude or "",
         ]
-        future: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
-        self._queue.append((self.keys(room), args, future))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[str, int]] = loop.create_future()
+        size = len(entry.payload) + len(prefix)
+        if self._queued_bytes + size > QUEUE_LIMIT:
+            future.set_exception(StalePublication("too much waiting for Redis"))
+            return future
+        self._queued_bytes += size
+        self._queue.append((self.keys(room), args, future, loop.time()))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="wshub-history-publisher")
         return future
@@ -225,20 +259,32 @@ class RedisHistory:
     async def _flush(self) -> None:
         # One batch at a time, in call order, on one connection: a sender's
         # messages keep their order.
+        loop = asyncio.get_running_loop()
         while self._queue:
             batch, self._queue = self._queue, []
+            self._queued_bytes = 0
+            # A batch that waited behind a stalled pipeline longer than
+            # MAX_AGE goes as a whole, like the backplane's: what was sent
+            # during a stall is dropped together, not let through in part.
+            if loop.time() - batch[0][3] > MAX_AGE:
+                for _, _, future, _ in batch:
+                    if not future.done():
+                        future.set_exception(StalePublication("waited too long for Redis"))
+                continue
             try:
                 results = await self._run(batch)
             except Exception as exc:  # every caller hears why its publication failed
-                for _, _, future in batch:
+                for _, _, future, _ in batch:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            for (_, _, future), result in zip(batch, results, strict=True):
+            for (_, _, future, _), result in zip(batch, results, strict=True):
                 if future.done():
                     continue
                 if isinstance(result, Exception):
                     future.set_exception(result)
+                elif int(result[1]) < 0:
+                    future.set_exception(StalePublication("Redis got to it too late"))
                 else:
                     future.set_result((result[0].decode(), int(result[1])))
                     self.published += 1
@@ -255,19 +301,27 @@ class RedisHistory:
             except _CONNECTION_ERRORS:
                 await self._reconnect()
                 await self.redis.ping()
+        if self._clock_offset_ms is None:
+            before = time.time()
+            seconds, micros = await self.redis.time()
+            after = time.time()
+            self._clock_offset_ms = seconds * 1000 + micros / 1000 - (before + after) * 500
         self._last_used = now
 
     async def _reconnect(self) -> None:
         # Every idle connection of the pool went with the one found dead.
         await self.redis.connection_pool.disconnect(inuse_connections=False)
+        self._clock_offset_ms = None  # maybe another Redis now: measured again
 
     async def _run(self, batch: Sequence[_Queued]) -> list[Any]:
         await self._fresh()
+        assert self._clock_offset_ms is not None
+        deadline = int((time.time() + MAX_AGE) * 1000 + self._clock_offset_ms)
         for attempt in range(2):
             pipe = self.redis.pipeline(transaction=False)
             sha = self._publish.sha
-            for keys, args, _ in batch:
-                pipe.evalsha(sha, 2, *keys, *args)
+            for keys, args, _, _ in batch:
+                pipe.evalsha(sha, 2, *keys, *args, deadline)
             results: list[Any] = await pipe.execute(raise_on_error=False)
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
                 # A restarted Redis forgot the script; it ran for none of them.
