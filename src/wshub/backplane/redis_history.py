@@ -261,6 +261,17 @@ class RedisHistory:
         # messages keep their order.
         loop = asyncio.get_running_loop()
         while self._queue:
+            try:
+                # Before the batch is taken: a check that stalls (a frozen
+                # Redis) leaves what queued meanwhile to the age check below.
+                await self._fresh()
+            except Exception as exc:
+                batch, self._queue = self._queue, []
+                self._queued_bytes = 0
+                for _, _, future, _ in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
             batch, self._queue = self._queue, []
             self._queued_bytes = 0
             # A batch that waited behind a stalled pipeline longer than
@@ -314,8 +325,7 @@ class RedisHistory:
         self._clock_offset_ms = None  # maybe another Redis now: measured again
 
     async def _run(self, batch: Sequence[_Queued]) -> list[Any]:
-        await self._fresh()
-        assert self._clock_offset_ms is not None
+        assert self._clock_offset_ms is not None, "measured by _fresh()"
         deadline = int((time.time() + MAX_AGE) * 1000 + self._clock_offset_ms)
         for attempt in range(2):
             pipe = self.redis.pipeline(transaction=False)
