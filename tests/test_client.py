@@ -39,13 +39,14 @@ def run_script(url: str, lines: list[str], *args: str) -> subprocess.CompletedPr
 class Piped:
     """The client with stdin held open, its output read line by line."""
 
-    def __init__(self, url: str, *args: str) -> None:
+    def __init__(self, url: str, *args: str, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
             [*CLIENT, url, *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env=env,
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.stderr: list[str] = []

@@ -74,14 +74,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wshub serve: {exc}", file=sys.stderr)
             return 2
         if config.auth != "off":
-            # Until the token check is wired into the upgrade pipeline, a server
-            # started with --auth would let everyone in: refuse to start instead.
-            print(
-                f"wshub serve: --auth {config.auth} is not wired into the server yet "
-                "(docs/auth.md); only --auth off runs",
-                file=sys.stderr,
-            )
-            return 2
+            from .auth import TokenVerifier
+
+            try:  # the key file read and checked before anything listens
+                TokenVerifier.from_config(config)
+            except ConfigError as exc:
+                print(f"wshub serve: {exc}", file=sys.stderr)
+                return 2
         from .logs import setup_logging
         from .server import run
 

@@ -19,6 +19,13 @@ Exit status: 0 after a normal end, 1 when the connection cannot be opened or
 the server closes it before the client is done, 2 for a usage error, 130 on
 Ctrl-C.
 
+``--token TOKEN`` (or ``WSHUB_TOKEN`` in the environment, which the process
+list does not show) presents a connect token the way a browser does, as the
+subprotocols ``wshub`` and ``bearer.TOKEN`` (decisions.md 15); frames then
+show each sender's ``userId``, ``/refresh TOKEN`` sends a later token, and a
+close with 4401, 4403 or 4429 says that retrying with the same token will not
+help.
+
 Offsets (decisions.md 13): each ``message`` and ``broadcast`` is shown with
 its room offset (``#42``), replayed ones marked; the ``welcome`` line names the
 room's history position. With ``--recover``, a connection the server closed
@@ -56,7 +63,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
-from websockets.typing import Origin
+from websockets.typing import Origin, Subprotocol
 
 from .rooms import is_room_name
 
@@ -69,6 +76,7 @@ commands:
   /info             ask the server who you are and how many are online
   /ping             measure the round trip to the server
   /raw FRAME        send FRAME as it is (e.g. a JSON protocol message)
+  /refresh TOKEN    hand the server a later token before this one expires
   //TEXT            send a message that starts with a slash
   /quit             close the connection and exit (also /q, Ctrl-D)"""
 
@@ -198,6 +206,13 @@ def _parser() -> argparse.ArgumentParser:
         "again with ?since= and ?previous= so that what was missed is replayed",
     )
     parser.add_argument("--origin", metavar="ORIGIN", help="send this Origin header")
+    parser.add_argument(
+        "--token",
+        metavar="TOKEN",
+        default=os.environ.get("WSHUB_TOKEN") or None,
+        help="a connect token (JWT) for a server run with --auth, sent as the subprotocol "
+        "bearer.TOKEN (default: $WSHUB_TOKEN, which stays out of the process list)",
+    )
     parser.add_argument(
         "-H",
         "--header",
@@ -335,9 +350,11 @@ class Session:
         if text is not None:
             self.output.line(text)
 
-    def who(self, connection_id: object) -> str:
+    def who(self, connection_id: object, user_id: object = None) -> str:
         if connection_id == self.me:
             return "you"
+        if isinstance(user_id, str):  # an authenticated sender (decisions.md 15)
+            return f"{printable(user_id)} ({printable(str(connection_id))})"
         return printable(str(connection_id))
 
     def describe(self, m: Any, kind: object) -> str | None:
@@ -349,6 +366,8 @@ class Session:
         if kind == "welcome":
             room = m.get("room")
             where = f" in room {printable(str(room))}" if room else ""
+            user = m.get("userId")
+            who = f" ({printable(user)})" if isinstance(user, str) else ""
             history = ""
             if "epoch" in m:
                 history = f", history {printable(str(m['epoch']))} at #{m.get('offset')}"
@@ -359,24 +378,28 @@ class Session:
                     else ", NOT recovered: messages may be missing"
                 )
             return style(
-                f"welcome: you are {printable(str(m.get('connectionId')))}{where} "
+                f"welcome: you are {printable(str(m.get('connectionId')))}{who}{where} "
                 f"({m.get('connectionCount')} online{history})",
                 "1",
             )
         if kind == "user_joined":
             return style(
-                f"{at} {self.who(m.get('connectionId'))} joined ({m.get('totalUsers')} online)", "2"
+                f"{at} {self.who(m.get('connectionId'), m.get('userId'))} joined "
+                f"({m.get('totalUsers')} online)",
+                "2",
             )
         if kind == "user_left":
             return style(
-                f"{at} {self.who(m.get('connectionId'))} left ({m.get('totalUsers')} online)", "2"
+                f"{at} {self.who(m.get('connectionId'), m.get('userId'))} left "
+                f"({m.get('totalUsers')} online)",
+                "2",
             )
         if kind in ("message", "broadcast"):
             tag = " [broadcast]" if kind == "broadcast" else ""
             if m.get("replayed") is True:
                 tag += " [replayed]"
             offset = f"#{m['offset']} " if "offset" in m else ""
-            sender = style(self.who(m.get("connectionId")), "1")
+            sender = style(self.who(m.get("connectionId"), m.get("userId")), "1")
             return f"{at} {offset}{sender}{tag}: {printable(str(m.get('content')))}"
         if kind == "user_info_response":
             return (
@@ -386,6 +409,8 @@ class Session:
         if kind == "error":
             code = f" ({printable(str(m['code']))})" if "code" in m else ""
             return style(f"{at} error{code}: {printable(str(m.get('message')))}", "31")
+        if kind == "refreshed":
+            return f"{at} token refreshed: valid until {printable(str(m.get('expiresAt')))}"
         if kind in ("ping", "pong"):
             return None
         return "? " + printable(json.dumps(m, ensure_ascii=False))
@@ -423,6 +448,11 @@ class Session:
             await self.ping("user")
         elif name == "raw":
             await self.ws.send(rest)
+        elif name == "refresh":
+            if rest.strip():
+                await self.ws.send(json.dumps({"type": "refresh", "token": rest.strip()}))
+            else:
+                self.output.line("usage: /refresh TOKEN", to_err=True)
         elif name == "help":
             self.output.line(HELP)
         else:
@@ -499,12 +529,20 @@ async def _run(args: argparse.Namespace, output: Output) -> int:
     except ValueError as exc:
         output.line(f"wshub client: {exc}", to_err=True)
         return 2
+    subprotocols = None
+    if args.token is not None:
+        token = args.token.strip()
+        if not token or any(c in token for c in ", \t\r\n"):
+            output.line("wshub client: --token: empty, or not one token", to_err=True)
+            return 2
+        subprotocols = [Subprotocol("wshub"), Subprotocol("bearer." + token)]
 
     async def open_connection(query: str | None) -> ClientConnection:
         target = url if query is None else f"{url}{'&' if '?' in url else '?'}{query}"
         return await connect(
             target,
             ssl=context,
+            subprotocols=subprotocols,
             additional_headers=headers,
             origin=Origin(args.origin) if args.origin else None,
             open_timeout=args.timeout,
@@ -634,8 +672,17 @@ async def _reconnect(
 def _closed_by_server(ws: ClientConnection, output: Output) -> int:
     code = ws.close_code if ws.close_code is not None else 1006
     reason = f" {printable(ws.close_reason)}" if ws.close_reason else ""
-    output.line(f"wshub client: connection closed by the server: {code}{reason}", to_err=True)
+    # 4400-4499: not without new credentials (decisions.md 19).
+    hint = CREDENTIAL_HINTS.get(code, "")
+    output.line(f"wshub client: connection closed by the server: {code}{reason}{hint}", to_err=True)
     return 1
+
+
+CREDENTIAL_HINTS = {
+    4401: " (the token was refused or expired: get a new one, --token)",
+    4403: " (this token does not open this room)",
+    4429: " (too many connections for this user: close one first)",
+}
 
 
 def main(argv: list[str]) -> int:

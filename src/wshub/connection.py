@@ -63,6 +63,7 @@ from .session import Admit, Session, State
 from .wire import Deflate
 
 if TYPE_CHECKING:
+    from .auth import Identity
     from .fanout import Audience
 
 __all__ = ["Connection", "ConnectionOwner", "ConnectionSettings"]
@@ -205,6 +206,9 @@ class _UpgradesPerPass:
 
 _upgrades = _UpgradesPerPass()
 
+KEEP_ALIVE_UNSENT = 256 * 1024
+"""Bytes of answers a kept-alive HTTP client may leave unread before it is dropped."""
+
 
 class Connection(asyncio.Protocol):
     __slots__ = (
@@ -247,6 +251,10 @@ class Connection(asyncio.Protocol):
         "direct",
         "opened_at_accept",
         "join",
+        "_in_request",
+        "requests_served",
+        "_refused_body",
+        "identity",
     )
 
     def __init__(
@@ -266,6 +274,7 @@ class Connection(asyncio.Protocol):
         self.room = DEFAULT_ROOM  # the room it belongs to once admitted
         self.join: JoinQuery | None = None  # ?since= / ?history= / ?previous= (decisions.md 13)
         self.admitted = False  # holds a slot of the per-IP and node limits
+        self.identity: Identity | None = None  # its verified token (None: anonymous)
         self.session = Session(
             loop.time(),
             message_rate=settings.message_rate,
@@ -304,6 +313,11 @@ class Connection(asyncio.Protocol):
         self._scanner = FrameScanner(settings.max_message_size)
         self._held = False  # the upgrade is granted but waits (see hold())
         self._body: tuple[http.BodyReader, Callable[[bytes], None]] | None = None  # read_body()
+        # A request is being answered (an API call may wait for the cluster):
+        # what the client pipelines behind it waits in the buffer.
+        self._in_request = False
+        self.requests_served = 0  # answered on this connection with keep-alive
+        self._refused_body: Callable[[http.HttpError], bytes] | None = None
 
     # -- asyncio callbacks ----------------------------------------------------
 
@@ -359,6 +373,19 @@ class Connection(asyncio.Protocol):
             if len(buffer) > http.MAX_HEAD_SIZE:
                 self.abort()
             return
+        if self._in_request:
+            # Pipelined behind a request still being answered: stop reading
+            # past a head's worth, so a pipeline costs bounded memory.
+            if len(buffer) > http.MAX_HEAD_SIZE:
+                self.transport.pause_reading()
+            return
+        self._next_request()
+
+    def _next_request(self) -> None:
+        """Parse and hand over the request at the start of the buffer, if whole."""
+        buffer = self._buffer
+        if buffer is None or self._in_request:
+            return
         try:
             parsed = http.parse_request_head(buffer)
         except http.HttpError as exc:
@@ -371,6 +398,7 @@ class Connection(asyncio.Protocol):
         if request.get("upgrade") is not None and not _upgrades.admit(self):
             return  # handled in a later loop pass (see UPGRADES_PER_PASS)
         del buffer[:length]
+        self._in_request = True
         self.owner.on_request(self, request)
 
     def _request_again(self) -> bool:
@@ -384,6 +412,7 @@ class Connection(asyncio.Protocol):
         assert parsed is not None
         request, length = parsed
         del buffer[:length]
+        self._in_request = True
         self.owner.on_request(self, request)
         return True
 
@@ -470,12 +499,56 @@ class Connection(asyncio.Protocol):
         )
         self._timer = loop.call_at(deadline, self.abort)
 
+    def respond_keep_alive(self, response: bytes) -> None:
+        """Answer a plain HTTP request and keep the connection for the next
+        one (HTTP/1.1 keep-alive; *response* says ``Connection: keep-alive``).
+
+        The next request, head and body, must be whole within the handshake
+        deadline from now: that bounds both the idle time and a client that
+        sends its request a byte at a time. A client that does not read its
+        answers is dropped once they pass :data:`KEEP_ALIVE_UNSENT` bytes.
+        """
+        if self._buffer is None or self.transport.is_closing():
+            return  # gone (or answered and closed) meanwhile
+        self._in_request = False
+        self.requests_served += 1
+        transport = self.transport
+        transport.write(response)
+        if transport.get_write_buffer_size() > KEEP_ALIVE_UNSENT:
+            self.abort()
+            return
+        self._cancel_timer()
+        self._timer = self.loop.call_later(self.settings.handshake_timeout, self._idle_expired)
+        transport.resume_reading()
+        if self._buffer:
+            # On a later pass: a pipeline of many requests is served request
+            # by request between other clients' work, not in one deep call.
+            self.loop.call_soon(self._next_request)
+
+    def _idle_expired(self) -> None:
+        """A kept-alive connection's deadline for its next request passed."""
+        self._timer = None
+        if self.ws is not None or self.transport.is_closing():
+            return
+        if self._buffer or self._body is not None or self._in_request:
+            self._handshake_expired()  # a request begun and not finished: as slow as Slowloris
+        else:
+            self.transport.close()  # idle: a quiet close, nothing to report
+
     def read_body(
-        self, reader: http.BodyReader, then: Callable[[bytes], None], expect_continue: bool
+        self,
+        reader: http.BodyReader,
+        then: Callable[[bytes], None],
+        expect_continue: bool,
+        *,
+        refused: Callable[[http.HttpError], bytes] | None = None,
     ) -> None:
         """Read a request body with *reader* (bounded by the route), then call
-        *then* with it. The handshake deadline covers the body too."""
+        *then* with it. The handshake deadline covers the body too. A body
+        refused (too large, malformed) is answered, and the connection closed,
+        with ``refused(error)`` when given, else plain text."""
         self._body = (reader, then)
+        self._refused_body = refused
         if expect_continue:
             self.transport.write(http.CONTINUE)
         self._body_received()
@@ -491,7 +564,11 @@ class Connection(asyncio.Protocol):
         except http.HttpError as exc:
             self._body = None
             self.owner.on_refused(self, exc.status, http.refusal_reason(exc.status), exc.body)
-            self.respond(http.response(exc.status, exc.body + "\n", headers=exc.headers))
+            refused = self._refused_body
+            if refused is not None:
+                self.respond(refused(exc))
+            else:
+                self.respond(http.response(exc.status, exc.body + "\n", headers=exc.headers))
             return
         if reader.done:
             self._body = None
@@ -555,6 +632,13 @@ class Connection(asyncio.Protocol):
 
     def _handshake_expired(self) -> None:
         self._timer = None
+        if self._in_request and self._body is None and not self._held and self._buffer is not None:
+            # The request came whole and its answer is on its way (an API
+            # call asking the cluster): the wait is ours, not the client's.
+            self._timer = self.loop.call_later(
+                self.settings.handshake_timeout, self._handshake_expired
+            )
+            return
         if self.ws is None and not self.transport.is_closing():
             self.owner.on_refused(self, 408, "handshake_timeout", "handshake deadline passed")
             self.transport.abort()

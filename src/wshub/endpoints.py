@@ -14,6 +14,7 @@ from typing import Protocol
 
 from . import http
 from .connection import Connection
+from .page import build_page
 from .routes import Route
 
 __all__ = ["Introspection", "node_routes"]
@@ -34,7 +35,10 @@ def node_routes(node: Introspection) -> list[Route[Connection]]:
 
     def chat_page(conn: Connection, request: http.Request) -> None:
         if not page:
-            html = resources.files("wshub").joinpath("static/index.html").read_bytes()
+            static = resources.files("wshub").joinpath("static")
+            html = build_page(
+                static.joinpath("index.html").read_bytes(), static.joinpath("wshub.js").read_bytes()
+            )
             page.append((html, http.page_headers(html)))
         html, headers = page[0]
         conn.respond(

@@ -6,11 +6,13 @@ pipeline, each step free to refuse before the next runs:
 
 1. the upgrade headers (426, 400, 405) and the room's name (400);
 2. the origin (403, decisions.md 7);
-3. the credentials: the place where tokens will be checked (decisions.md 15).
-   Today every connection is anonymous. A refused token will still complete
-   the upgrade and close with 4401, so it sits after the checks that answer
-   with an HTTP status and before anything is counted;
-4. admission: per-IP and node limits (429, 503, decisions.md 8);
+3. admission: per-IP and node limits (429, 503, decisions.md 8);
+4. the credentials: the token of decisions.md 15 (:mod:`wshub.connectauth`),
+   after admission so a refused token's attempt counts toward the per-IP
+   limits and a flood of forgeries is rate limited before it costs a
+   signature check. A refused token is no HTTP refusal: the upgrade completes,
+   then one ``error`` and a close (4401, or 4403 for a room the token does not
+   open), with no room entered, no welcome, no presence and no count;
 5. the room: one more room past ``--max-rooms`` is 503 (decisions.md 12);
 
 then the 101 response, and the connection belongs to its room's hub. When the
@@ -33,6 +35,7 @@ from websockets.extensions.permessage_deflate import PerMessageDeflate
 from . import http, protocol
 from .admission import Admission, BadForwardedFor, Refused, client_address, is_trusted
 from .config import Config
+from .connectauth import ConnectAuth, Rejection
 from .connection import Connection, ConnectionOwner
 from .history import QueryRefusal, parse_join_query
 from .ids import ConnectionId, new_connection_id
@@ -140,8 +143,11 @@ class Gateway:
         counters: Counters,
         routes: Sequence[Route[Connection]],
         echo: ConnectionOwner,
+        websockets: bool = True,
+        auth: ConnectAuth | None = None,
     ) -> None:
         self._config = config
+        self._auth = auth  # None: --auth off, every connection anonymous
         self._now = monotonic
         self.connecting = 0  # sockets accepted and not upgraded (nor gone) yet
         # Refused requests are logged at most ~5/s per reason (issue 19.4).
@@ -151,11 +157,14 @@ class Gateway:
         self._admission = admission
         self._counters = counters
         self._origins = OriginPolicy(config.allowed_origins, config.server_names)
-        socket_routes: list[Route[Connection]] = [
-            Route("/websocket", self._websocket),
-            Route("/websocket/", self._websocket, prefix=True),
-        ]
-        if config.echo_endpoint == "on":
+        # Without *websockets* (the --api-listen address) only *routes* are served.
+        socket_routes: list[Route[Connection]] = []
+        if websockets:
+            socket_routes += [
+                Route("/websocket", self._websocket),
+                Route("/websocket/", self._websocket, prefix=True),
+            ]
+        if websockets and config.echo_endpoint == "on":
             socket_routes.append(Route("/echo", self._echo))
         self.router: Router[Connection] = Router([*socket_routes, *routes])
         self._echo_owner = echo
@@ -189,7 +198,9 @@ class Gateway:
         """Answer one HTTP request: an endpoint, or the WebSocket upgrade."""
         try:
             route = self.router.match(request)
-            if not route.max_body:
+            if route.reads_body:
+                framing = None
+            elif not route.max_body:
                 http.expect_no_body(request)
                 framing = None
             else:
@@ -250,6 +261,8 @@ class Gateway:
     def on_closed(self, conn: Connection, previous: State) -> None:
         self._handshake_over(conn)
         self._rooms.connection_ended(conn, previous)
+        if self._auth is not None and self._auth.users is not None:
+            self._auth.release(conn)  # counted, then gone before it was a member
 
     def on_open(self, conn: Connection) -> None:
         raise AssertionError("the gateway hands a connection over before it opens")
@@ -298,11 +311,7 @@ class Gateway:
             self.on_refused(conn, 403, "origin", "origin not allowed", origin=origin, host=host)
             conn.respond(http.response(403, "origin not allowed\n"))
             return
-        # 3. Credentials. Every connection is anonymous for now; the token of
-        # decisions.md 15 is checked here. A refused token is not an HTTP
-        # refusal: the upgrade goes on (after admission, which counts the
-        # attempt) and the connection is closed with 4401 after one error.
-        # 4. Admission.
+        # 3. Admission (credentials come after it: see the module's docstring).
         try:
             ip = client_address(
                 conn.peer, request.get_all("x-forwarded-for"), self._config.trusted_proxies
@@ -320,6 +329,15 @@ class Gateway:
         conn.ip = ip
         conn.origin = origin
         conn.admitted = True
+        # 4. Credentials.
+        verdict: Rejection | None = None
+        subprotocol = None
+        if self._auth is not None:
+            credentials, subprotocol = self._auth.credentials(request, room)
+            if isinstance(credentials, Rejection):
+                verdict = credentials
+            else:
+                conn.identity = credentials
         extension = deflate = None
         extensions_header = None
         if self._config.compression == "on":
@@ -332,13 +350,35 @@ class Gateway:
         connection_id = new_connection_id(protocol.unix_ms(time.time()))
         while self._rooms.is_live(connection_id):  # 36^9 makes this a formality
             connection_id = new_connection_id(protocol.unix_ms(time.time()))
-        response = http.switching_protocols(accept, extensions_header)
+        response = http.switching_protocols(accept, extensions_header, subprotocol=subprotocol)
         upgrade = Upgrade(conn, connection_id, response, extension, deflate, self._handshake_over)
+        if verdict is not None and self._auth is not None:
+            # Outside every room, so a forged token creates none.
+            upgrade.complete(self._auth.refused_owner(verdict), now, rate_limited=False)
+            return
         if room is None:  # /echo: outside every room, and not rate limited
             upgrade.complete(self._echo_owner, now, rate_limited=False)
             return
         # 5. The room.
         conn.room = room
+        if self._auth is not None and self._auth.users is not None and conn.identity is not None:
+            # --max-connections-per-user across the cluster: Redis answers first.
+            conn.hold()
+            self._auth.reserve(conn, lambda rejection: self._counted(upgrade, room, rejection))
+            return
+        if not self._rooms.enter(room, upgrade):
+            self._refuse(conn, 503, "rooms", "this node is at its room limit (--max-rooms)")
+
+    def _counted(self, upgrade: Upgrade, room: RoomName, rejection: Rejection | None) -> None:
+        """The cluster's per-user count answered for a held upgrade."""
+        conn = upgrade.conn
+        assert self._auth is not None
+        if conn.session.state is not State.CONNECTING or conn.transport.is_closing():
+            self._auth.release(conn)  # gone while Redis answered
+            return
+        if rejection is not None:  # one error, then 4429, never a member
+            upgrade.complete(self._auth.refused_owner(rejection), self._now(), rate_limited=False)
+            return
         if not self._rooms.enter(room, upgrade):
             self._refuse(conn, 503, "rooms", "this node is at its room limit (--max-rooms)")
 

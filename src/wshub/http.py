@@ -53,6 +53,7 @@ _REASONS: Final = {
     101: "Switching Protocols",
     200: "OK",
     400: "Bad Request",
+    401: "Unauthorized",
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
@@ -69,6 +70,11 @@ _REASONS: Final = {
 _TOKEN_CHARS: Final = frozenset(
     b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 )
+# The byte-by-byte checks of a head as one regex scan each: a kept-alive API
+# client sends a head per request, and a Python loop per byte cost more than
+# the rest of the request's handling.
+_BAD_TARGET: Final = re.compile(rb"[^\x21-\x7e]")
+_BAD_VALUE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class HttpError(Exception):
@@ -128,7 +134,7 @@ def parse_request_head(buffer: bytes | bytearray) -> tuple[Request, int] | None:
     method, target, version = parts
     if not method or not set(method) <= _TOKEN_CHARS:
         raise HttpError(400, "malformed request method")
-    if not target.startswith(b"/") or any(c < 0x21 or c > 0x7E for c in target):
+    if not target.startswith(b"/") or _BAD_TARGET.search(target):
         raise HttpError(400, "malformed request target")
     if version != b"HTTP/1.1":
         if version == b"HTTP/1.0":
@@ -140,7 +146,7 @@ def parse_request_head(buffer: bytes | bytearray) -> tuple[Request, int] | None:
         if not sep or not name or not set(name) <= _TOKEN_CHARS:
             # Also refuses obsolete line folding (a line starting with white space).
             raise HttpError(400, "malformed header field")
-        if any(c < 0x20 and c != 0x09 or c == 0x7F for c in value):
+        if _BAD_VALUE.search(value):
             raise HttpError(400, "control character in header field")
         headers.append((name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1")))
     request = Request(method.decode("ascii"), target.decode("ascii"), tuple(headers))
@@ -214,15 +220,17 @@ def response(
     content_type: str = "text/plain; charset=utf-8",
     headers: tuple[tuple[str, str], ...] = (),
     head_only: bool = False,
+    keep_alive: bool = False,
 ) -> bytes:
-    """A complete HTTP/1.1 response that closes the connection after it."""
+    """A complete HTTP/1.1 response that closes the connection after it (or,
+    with *keep_alive*, says the connection stays for the next request)."""
     if isinstance(body, str):
         body = body.encode("utf-8")
     lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}"]
     if status != 101:
         lines.append(f"Content-Type: {content_type}")
         lines.append(f"Content-Length: {len(body)}")
-        lines.append("Connection: close")
+        lines.append("Connection: keep-alive" if keep_alive else "Connection: close")
         lines.append("Cache-Control: no-store")
         # No response of ours is meant to be sniffed into another type.
         lines.append("X-Content-Type-Options: nosniff")
@@ -231,7 +239,9 @@ def response(
     return head if head_only or status == 101 else head + body
 
 
-def switching_protocols(accept: str, extensions: str | None) -> bytes:
+def switching_protocols(
+    accept: str, extensions: str | None, *, subprotocol: str | None = None
+) -> bytes:
     headers = [
         ("Upgrade", "websocket"),
         ("Connection", "Upgrade"),
@@ -239,6 +249,8 @@ def switching_protocols(accept: str, extensions: str | None) -> bytes:
     ]
     if extensions:
         headers.append(("Sec-WebSocket-Extensions", extensions))
+    if subprotocol:
+        headers.append(("Sec-WebSocket-Protocol", subprotocol))
     return response(101, headers=tuple(headers))
 
 
@@ -422,13 +434,14 @@ class BodyReader:
         self._state = self._DATA if self._chunk_left else self._TRAILERS
 
 
-_INLINE = re.compile(rb"<(script|style)>(.*?)</\1>", re.DOTALL)
+# A bare <script> or <style>, or a module script (the page's, which carries wshub.js).
+_INLINE = re.compile(rb'<(script|style)(?: type="module")?>(.*?)</\1>', re.DOTALL)
 
 
 def page_headers(html: bytes) -> tuple[tuple[str, str], ...]:
     """Hardening headers for the chat page (issue 19.11).
 
-    The page's inline ``<script>`` and ``<style>`` blocks are allowed by
+    The page's inline ``<script>`` (also ``type="module"``) and ``<style>`` blocks are allowed by
     their SHA-256 hashes, computed from the page itself, so an edit to the
     page can't silently break it; nothing else may run or load. The page
     talks only to its own server (``connect-src 'self'`` covers ``ws:``/``wss:``

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from . import http, protocol
 from .backplane import Backplane, Envelope, EventKind
+from .connectauth import ConnectAuth
 from .connection import Connection
 from .errors import RATE_LIMIT_EXCEEDED, CloseCode, Disconnect
 from .fanout import Audience, Fanout
@@ -29,7 +30,7 @@ from .history import Entry, History, Recovery
 from .ids import ConnectionId, NodeId
 from .logs import log_event
 from .nodemetrics import Counters
-from .protocol import ErrorCode, Refusal, Relay, RelayKind
+from .protocol import ErrorCode, RefreshRequest, Refusal, Relay, RelayKind
 from .rooms import RoomName
 from .roomstream import Continuity, Recorded, RoomStream, offset_of
 from .session import State
@@ -91,8 +92,10 @@ class Hub:
         history: History | None = None,
         monotonic: Callable[[], float] | None = None,
         shared: ClusterHistory | None = None,
+        auth: ConnectAuth | None = None,
     ) -> None:
         self.room = room
+        self._auth = auth  # None: --auth off
         self.members: dict[ConnectionId, Connection] = {}
         self.audience: Audience[Connection] = Audience(self.members.values)
         self._host = host
@@ -120,6 +123,17 @@ class Hub:
 
     def on_open(self, conn: Connection) -> None:
         """*conn* completed its upgrade: welcome it, then tell the room."""
+        identity = conn.identity
+        user_id = None
+        if identity is not None and self._auth is not None:
+            rejection = self._auth.joined(conn, identity)
+            if rejection is not None:  # over --max-connections-per-user: never a member
+                conn.write(text_frame(protocol.encode_error(rejection.refusal)))
+                conn.close(rejection.disconnect)
+                if not self.members:  # it may have been the room's first: not a room
+                    self._host.room_emptied(self)
+                return
+            user_id = identity.user_id
         self.members[conn.id] = conn
         conn.is_recipient = True
         self._host.member_opened(conn)
@@ -132,7 +146,7 @@ class Hub:
         history = self._history
         prepared = self._prepared.pop(conn.id, None) if self._shared is not None else None
         if prepared is not None and prepared[0] is not None:
-            self._welcome_from_redis(conn, total, now, prepared[0], prepared[1])
+            self._welcome_from_redis(conn, total, now, prepared[0], prepared[1], user_id)
         elif history is None:
             # History off (decisions.md 19): no offset promised; a since is
             # answered recovered:false, missed:0. (On Redis too, for a join
@@ -145,6 +159,7 @@ class Hub:
                 self.room,
                 recovered=False if asked else None,
                 missed=0 if asked else None,
+                user_id=user_id,
             )
             conn.write(text_frame(welcome))
         else:
@@ -178,6 +193,7 @@ class Hub:
                 offset=recovery.offset,
                 recovered=recovered,
                 missed=missed,
+                user_id=user_id,
             )
             conn.write(text_frame(welcome))
             for entry in recovery.missed:
@@ -185,7 +201,7 @@ class Hub:
         conn.join = None
         if prepared is not None and prepared[1] is None:
             conn.close(_HISTORY_MOVED_ON)  # too much came in during its join: start over
-        joined = protocol.encode_user_joined(conn.id, total, now)
+        joined = protocol.encode_user_joined(conn.id, total, now, user_id=user_id)
         self._fanout.to_all(self.audience, joined, exclude=conn, urgent=False)
         self._backplane.publish(
             Envelope(self._node_id, EventKind.JOINED, self.room, conn.id, joined)
@@ -208,6 +224,7 @@ class Hub:
         now: float,
         recovery: Recovery,
         after: list[Recorded] | None,
+        user_id: str | None,
     ) -> None:
         # The read and its mark are both in: every offset up to the read's
         # top is in the replay (or before the client's position), those above
@@ -222,6 +239,7 @@ class Hub:
             offset=recovery.offset,
             recovered=recovery.recovered if asked else None,
             missed=len(recovery.missed) if asked else None,
+            user_id=user_id,
         )
         conn.write(text_frame(welcome))
         for entry in recovery.missed:
@@ -230,6 +248,11 @@ class Hub:
             conn.write(text_frame(frame.payload))
 
     # -- Joins on Redis (the node runs the reads: clusterhistory.py) ----------------
+
+    @property
+    def history_in_redis(self) -> bool:
+        """Whether the room's offsets come from Redis (a cluster with history on)."""
+        return self._shared is not None
 
     @property
     def joining(self) -> int:
@@ -294,7 +317,12 @@ class Hub:
         conn.is_recipient = False
         if self._history is not None:
             self._history.release(self.room, self._monotonic())
-        left = protocol.encode_user_left(conn.id, self.count(), self._clock())
+        identity = conn.identity
+        user_id = None
+        if identity is not None and self._auth is not None:
+            self._auth.left(conn, identity)
+            user_id = identity.user_id
+        left = protocol.encode_user_left(conn.id, self.count(), self._clock(), user_id=user_id)
         if self.members:
             self._fanout.to_all(self.audience, left, urgent=False)
         self._backplane.publish(Envelope(self._node_id, EventKind.LEFT, self.room, conn.id, left))
@@ -308,21 +336,35 @@ class Hub:
         # updates, the relay case tested first.
         outcomes = self._outcomes
         outcomes["INCOMING"] += 1
-        result = protocol.parse_client_text(text)
+        identity = conn.identity
+        if identity is None:
+            result = protocol.parse_client_text(text)
+        else:
+            result = protocol.parse_client_text(text, refresh=True)
         if type(result) is Relay:
             outcomes["VALIDATED"] += 1
             kind = result.kind
             history = self._history
             if history is None:
-                payload = protocol.encode_relay(kind, conn.id, result.content, self._clock())
+                if identity is None:
+                    payload = protocol.encode_relay(kind, conn.id, result.content, self._clock())
+                else:
+                    payload = protocol.encode_relay_from_user(
+                        kind, conn.id, identity.user_id, result.content, self._clock()
+                    )
                 self.publish(payload, conn.id, conn if kind is _MESSAGE else None)
             else:
                 # Encoded with its offset at once: cheaper than a splice later.
                 mono = self._monotonic()
                 offset = history.next_offset(self.room, mono)
-                payload = protocol.encode_relay(
-                    kind, conn.id, result.content, self._clock(), offset
-                )
+                if identity is None:
+                    payload = protocol.encode_relay(
+                        kind, conn.id, result.content, self._clock(), offset
+                    )
+                else:
+                    payload = protocol.encode_relay_from_user(
+                        kind, conn.id, identity.user_id, result.content, self._clock(), offset
+                    )
                 exclude = conn if kind is _MESSAGE else None
                 self.publish(payload, conn.id, exclude, kind=kind, offset=offset, now=mono)
             outcomes["ROUTED"] += 1
@@ -338,6 +380,8 @@ class Hub:
                 conn,
                 protocol.encode_user_info_response(conn.id, self.count(), self._clock(), self.room),
             )
+        elif type(result) is RefreshRequest and self._auth is not None:
+            self._fanout.to_one(conn, self._auth.refresh(conn, result.token, self.room))
         # PONG: a sign of life, already noted by the connection.
         outcomes["ROUTED"] += 1
 
@@ -350,9 +394,14 @@ class Hub:
         kind: RelayKind | None = None,
         offset: int | None = None,
         now: float | None = None,
+        excluded_id: ConnectionId | None = None,
     ) -> None:
         """A ``message`` or ``broadcast`` into the room: to every local member
         but *exclude*, and to the room's members on the other nodes.
+
+        *excluded_id* names a connection to skip that may live on another
+        node (a backend's ``message`` with ``exclude``): the envelope carries
+        it, and the node where it lives leaves it out.
 
         The one door for room traffic: a backend's publication (decisions.md
         14) comes in here too, and the room's history (13) will give each
@@ -368,7 +417,7 @@ class Hub:
         """
         shared = self._shared
         if shared is not None:
-            self._publish_shared(shared, payload, sender, exclude, kind)
+            self._publish_shared(shared, payload, sender, exclude, kind, excluded_id)
             return
         history = self._history
         if history is not None:
@@ -380,13 +429,15 @@ class Hub:
             if kind is None:
                 kind = _MESSAGE if exclude is not None else RelayKind.BROADCAST
             excluded = None if exclude is None or exclude.id == sender else exclude.id
+            if excluded is None and excluded_id is not None:
+                excluded = excluded_id
             history.append(self.room, Entry(offset, payload, sender, kind, excluded), now)
         recipients = len(self.members) - (1 if exclude is not None else 0)
         self._counters.fanout_sizes.observe(recipients)
         if recipients:
             self._fanout.to_all(self.audience, payload, exclude=exclude)
         self._backplane.publish(
-            Envelope(self._node_id, EventKind.RELAY, self.room, sender, payload)
+            Envelope(self._node_id, EventKind.RELAY, self.room, excluded_id or sender, payload)
         )
 
     def _publish_shared(
@@ -396,7 +447,9 @@ class Hub:
         sender: ConnectionId,
         exclude: Connection | None,
         kind: RelayKind | None,
-    ) -> None:
+        excluded_id: ConnectionId | None = None,
+    ) -> asyncio.Future[tuple[str, int]] | None:
+        """Through the room's script (None: Redis unreachable, served here)."""
         if not self._backplane.ready()[0]:
             # Redis unreachable: serve this node's members at once, without an
             # offset (none can be assigned), rather than late or never.
@@ -405,13 +458,14 @@ class Hub:
             self._backplane.publish(
                 Envelope(self._node_id, EventKind.RELAY, self.room, sender, payload)
             )
-            return
+            return None
         if kind is None:
             kind = _MESSAGE if exclude is not None else RelayKind.BROADCAST
-        future = shared.publish(
-            self.room, payload, sender, kind, None if exclude is None else exclude.id
-        )
+        # The connection it skips, here or on another node (a backend's exclude).
+        skip = exclude.id if exclude is not None else excluded_id
+        future = shared.publish(self.room, payload, sender, kind, skip)
         future.add_done_callback(partial(self._published, shared))
+        return future
 
     def _published(self, shared: ClusterHistory, future: asyncio.Future[tuple[str, int]]) -> None:
         if future.cancelled() or future.exception() is not None:
@@ -447,6 +501,46 @@ class Hub:
                 return
         members = self.members
         self._deliver(payload, None if excluded is None else members.get(excluded))
+
+    def publish_backend(
+        self, kind: RelayKind, sender: ConnectionId, content: str, exclude: ConnectionId | None
+    ) -> tuple[int | None, str | None]:
+        """A backend's publication (decisions.md 14), through :meth:`publish`
+        like a member's message: it gets the room's next offset and enters
+        its history. Returns ``(offset, epoch)``, both None with history off."""
+        member = None if exclude is None else self.members.get(exclude)
+        history = self._history
+        if history is None and self._shared is not None:
+            # On Redis the offset comes later, from the room's script:
+            # publish_backend_recorded() gives it to whoever waits for it.
+            self.publish_backend_recorded(kind, sender, content, exclude)
+            return None, None
+        if history is None:
+            payload = protocol.encode_relay(kind, sender, content, self._clock())
+            self.publish(payload, sender, member, kind=kind, excluded_id=exclude)
+            return None, None
+        mono = self._monotonic()
+        offset = history.next_offset(self.room, mono)
+        payload = protocol.encode_relay(kind, sender, content, self._clock(), offset)
+        self.publish(
+            payload, sender, member, kind=kind, offset=offset, now=mono, excluded_id=exclude
+        )
+        epoch, _ = history.state(self.room, mono)
+        return offset, epoch
+
+    def publish_backend_recorded(
+        self, kind: RelayKind, sender: ConnectionId, content: str, exclude: ConnectionId | None
+    ) -> asyncio.Future[tuple[str, int]] | None:
+        """A backend's publication with history on Redis: the future of its
+        ``(epoch, offset)`` from the room's script; None when this node has
+        no Redis history (use :meth:`publish_backend`) or Redis is
+        unreachable (it was served to this node's members only)."""
+        shared = self._shared
+        if shared is None:
+            return None
+        member = None if exclude is None else self.members.get(exclude)
+        payload = protocol.encode_relay(kind, sender, content, self._clock())
+        return self._publish_shared(shared, payload, sender, member, kind, exclude)
 
     def on_binary(self, conn: Connection, data: bytes) -> None:
         self._counters.messages.inc_label("INCOMING")
@@ -491,7 +585,10 @@ class Hub:
         if self.members:
             # Relays are urgent; presence from other nodes may wait for company.
             urgent = envelope.kind is EventKind.RELAY
-            self._fanout.to_all(self.audience, envelope.payload, urgent=urgent)
+            # A relay's connection id is its sender, or the connection a
+            # backend's message skips: skipped when it is a member here.
+            skip = self.members.get(envelope.connection_id) if urgent else None
+            self._fanout.to_all(self.audience, envelope.payload, exclude=skip, urgent=urgent)
         if envelope.kind is EventKind.RELAY:
             self._counters.fanout_sizes.observe(len(self.members))
 

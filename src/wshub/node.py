@@ -24,9 +24,14 @@ from typing import TYPE_CHECKING
 
 from . import __version__
 from .admission import Admission
+from .api import ApiKeys
+from .apiserve import ApiService
+from .auth import TokenVerifier
 from .backplane import Backplane, Envelope
+from .backplane.control import Control, LocalControl
 from .backplane.factory import make_backplane
 from .config import Config
+from .connectauth import ConnectAuth
 from .connection import Connection, ConnectionSettings
 from .echo import EchoEndpoint
 from .endpoints import node_routes
@@ -40,7 +45,9 @@ from .logs import log_event
 from .metrics import close_code_label
 from .nodemetrics import OUTCOMES, node_metrics
 from .rooms import DEFAULT_ROOM, RoomName
+from .routes import Route
 from .session import State
+from .usercount import ClusterUserCount
 
 if TYPE_CHECKING:
     from .clusterhistory import ClusterHistory
@@ -49,6 +56,16 @@ if TYPE_CHECKING:
 __all__ = ["Node"]
 
 log = logging.getLogger("wshub")
+
+
+def _control(config: Config, node_id: NodeId) -> Control:
+    """How the API asks every node: over Redis in a cluster, else this node alone."""
+    if config.redis_url:
+        from .backplane.control import RedisControl
+
+        return RedisControl(config.redis_url, node_id, prefix=config.cluster_name)
+    return LocalControl(node_id)
+
 
 _REJOIN = Disconnect(CloseCode.SERVICE_RESTART, "cluster rejoin: please reconnect")
 
@@ -90,6 +107,7 @@ class Node:
         loop: asyncio.AbstractEventLoop,
         *,
         backplane: Backplane | None = None,
+        api_keys: ApiKeys | None = None,
     ) -> None:
         self.config = config
         self.loop = loop
@@ -150,15 +168,58 @@ class Node:
             rate_limit_window=config.rate_limit_window,
             direct_send=direct,
         )
+        # The backend API (decisions.md 14): served when a key is configured,
+        # under /api/ here or on its own address (--api-listen).
+        self.api: ApiService | None = None
+        api_routes: list[Route[Connection]] = []
+        if api_keys is None and (config.api_keys or config.api_keys_file):
+            api_keys = ApiKeys(config.api_keys, config.api_keys_file)
+        if api_keys is not None:
+            self.api = ApiService(api_keys, self, _control(config, self.node_id))
+            api_routes = self.api.routes()
+        # --auth optional|required (decisions.md 15); the CLI checked the key at start.
+        self.auth: ConnectAuth | None = None
+        self.user_count: ClusterUserCount | None = None
+        if config.auth != "off":
+            if config.redis_url and config.max_connections_per_user:
+                self.user_count = ClusterUserCount(
+                    config.redis_url,
+                    self.node_id,
+                    limit=config.max_connections_per_user,
+                    node_ttl=config.node_ttl,
+                    prefix=config.cluster_name,
+                )
+            self.auth = ConnectAuth(
+                config,
+                TokenVerifier.from_config(config),
+                host=self,
+                loop=loop,
+                clock=time.time,
+                users=self.user_count,
+            )
+        echo = EchoEndpoint(host=self, fanout=self.fanout)
         self.gateway = Gateway(
             config,
             loop.time,
             rooms=self,
             admission=self.admission,
             counters=self.counters,
-            routes=node_routes(self),
-            echo=EchoEndpoint(host=self, fanout=self.fanout),
+            routes=node_routes(self) + ([] if config.api_listen else api_routes),
+            echo=echo,
+            auth=self.auth,
         )
+        self.api_gateway: Gateway | None = None
+        if config.api_listen and api_routes:
+            self.api_gateway = Gateway(
+                config,
+                loop.time,
+                rooms=self,
+                admission=self.admission,
+                counters=self.counters,
+                routes=api_routes,
+                echo=echo,
+                websockets=False,
+            )
         self.started_at = time.time()
         self.draining = False
         self.n_closing = 0
@@ -170,10 +231,19 @@ class Node:
         """A connection for a socket just accepted (the server's protocol factory)."""
         return Connection(self.gateway, self.settings, self.loop)
 
+    def new_api_connection(self) -> Connection:
+        """A connection accepted on the --api-listen address."""
+        assert self.api_gateway is not None
+        return Connection(self.api_gateway, self.settings, self.loop)
+
     # -- Lifecycle --------------------------------------------------------------
 
     async def start(self) -> None:
         await self.backplane.start(self)
+        if self.api is not None:
+            await self.api.start()
+        if self.user_count is not None:
+            await self.user_count.start()
         self._every("heartbeat", self.config.heartbeat_interval, self._heartbeat)
         # Check often enough that a dead client is closed within a few percent
         # of the timeout, without walking all connections more than once a second.
@@ -216,6 +286,10 @@ class Node:
                 pass
         for handle in self._timers.values():
             handle.cancel()
+        if self.api is not None:
+            await self.api.stop()
+        if self.user_count is not None:
+            await self.user_count.stop()
         await self.backplane.stop()
         if self.cluster_history is not None:
             await self.cluster_history.aclose()
@@ -230,18 +304,7 @@ class Node:
                 return False
             self._occupied.add(room)
         if hub is None:
-            hub = self.rooms[room] = Hub(
-                room,
-                host=self,
-                fanout=self.fanout,
-                backplane=self.backplane,
-                counters=self.counters,
-                node_id=self.node_id,
-                clock=time.time,
-                history=self.history,
-                monotonic=self.loop.time,
-                shared=self.cluster_history,
-            )
+            hub = self.rooms[room] = self._new_hub(room)
             if not self.backplane.subscribe(room):
                 self._waiting[room] = []
         waiting = self._waiting.get(room)
@@ -252,6 +315,28 @@ class Node:
             upgrade.conn.hold()
             waiting.append(upgrade)
         return True
+
+    def _new_hub(self, room: RoomName) -> Hub:
+        return Hub(
+            room,
+            host=self,
+            fanout=self.fanout,
+            backplane=self.backplane,
+            counters=self.counters,
+            node_id=self.node_id,
+            clock=time.time,
+            history=self.history,
+            monotonic=self.loop.time,
+            auth=self.auth,
+            shared=self.cluster_history,
+        )
+
+    def backend_hub(self, room: RoomName) -> Hub:
+        """The hub a backend's publication goes through: the room's, or for a
+        room without members here one made for it and not kept (it has no one
+        to deliver to here, and publishes to the room's channel all the same)."""
+        hub = self.rooms.get(room)
+        return hub if hub is not None else self._new_hub(room)
 
     def on_room_ready(self, room: RoomName) -> None:
         hub = self.rooms.get(room)

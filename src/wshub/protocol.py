@@ -281,6 +281,7 @@ def encode_welcome(
     offset: int | None = None,
     recovered: bool | None = None,
     missed: int | None = None,
+    user_id: str | None = None,
 ) -> bytes:
     """``welcome``, naming the *room* (``""``: the default room); with
     history on it names the room's ``epoch`` and last ``offset``, and after a
@@ -301,29 +302,37 @@ def encode_welcome(
         welcome["recovered"] = recovered
     if missed is not None:
         welcome["missed"] = missed
+    if user_id is not None:
+        welcome["userId"] = user_id
     return _payload(welcome)
 
 
-def encode_user_joined(connection_id: ConnectionId, total_users: int, now: float) -> bytes:
-    return _payload(
-        {
-            "type": "user_joined",
-            "connectionId": connection_id,
-            "timestamp": iso_timestamp(now),
-            "totalUsers": total_users,
-        }
-    )
+def encode_user_joined(
+    connection_id: ConnectionId, total_users: int, now: float, *, user_id: str | None = None
+) -> bytes:
+    event: dict[str, object] = {
+        "type": "user_joined",
+        "connectionId": connection_id,
+        "timestamp": iso_timestamp(now),
+        "totalUsers": total_users,
+    }
+    if user_id is not None:  # an authenticated member (decisions.md 15)
+        event["userId"] = user_id
+    return _payload(event)
 
 
-def encode_user_left(connection_id: ConnectionId, total_users: int, now: float) -> bytes:
-    return _payload(
-        {
-            "type": "user_left",
-            "connectionId": connection_id,
-            "timestamp": iso_timestamp(now),
-            "totalUsers": total_users,
-        }
-    )
+def encode_user_left(
+    connection_id: ConnectionId, total_users: int, now: float, *, user_id: str | None = None
+) -> bytes:
+    event: dict[str, object] = {
+        "type": "user_left",
+        "connectionId": connection_id,
+        "timestamp": iso_timestamp(now),
+        "totalUsers": total_users,
+    }
+    if user_id is not None:
+        event["userId"] = user_id
+    return _payload(event)
 
 
 _RELAY_HEADS: Final = {kind: f'{{"type":"{kind.value}","connectionId":"' for kind in RelayKind}
@@ -346,6 +355,27 @@ def encode_relay(
         f'{_RELAY_HEADS[kind]}{sender}","content":'
         f'{_escape_string(content)},"timestamp":"{iso_timestamp(now)}","offset":{offset}}}'
     ).encode()
+
+
+def encode_relay_from_user(
+    kind: RelayKind,
+    sender: ConnectionId,
+    user_id: str,
+    content: str,
+    now: float,
+    offset: int | None = None,
+) -> bytes:
+    """A relay from an authenticated sender: ``userId`` after ``connectionId``
+    (decisions.md 15), ``offset`` last as in :func:`encode_relay`. Its own
+    function so the anonymous hot path above has no extra branch; the sub is
+    escaped, unlike the connection id."""
+    head = (
+        f'{_RELAY_HEADS[kind]}{sender}","userId":{_escape_string(user_id)},"content":'
+        f'{_escape_string(content)},"timestamp":"{iso_timestamp(now)}"'
+    )
+    if offset is None:
+        return f"{head}}}".encode()
+    return f'{head},"offset":{offset}}}'.encode()
 
 
 def with_offset(payload: bytes, offset: int) -> bytes:

@@ -28,9 +28,13 @@ class Route(Generic[E]):
     endpoint: Callable[[E, Request], None]
     """Called with the connection and the request (its body read)."""
     methods: tuple[str, ...] = ("GET", "HEAD")
+    """The methods accepted; ``()``: every method (the endpoint decides)."""
     prefix: bool = False
     max_body: int = 0
     """Largest request body accepted; 0: no body."""
+    reads_body: bool = False
+    """The endpoint decides about the body itself and reads it
+    (``Connection.read_body``): for answers of its own, like the API's JSON errors."""
 
 
 class Router(Generic[E]):
@@ -54,7 +58,7 @@ class Router(Generic[E]):
             route = next((r for r in self._prefixes if path.startswith(r.path)), None)
         if route is None:
             raise HttpError(404, "not found")
-        if request.method not in route.methods:
+        if route.methods and request.method not in route.methods:
             allow = ", ".join(route.methods)
             raise HttpError(405, f"method {request.method} not allowed here", (("Allow", allow),))
         return route

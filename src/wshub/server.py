@@ -16,6 +16,7 @@ import socket
 import sys
 import time
 
+from .api import ApiKeys, ApiKeysError
 from .config import Config
 from .logs import log_event
 from .node import Node
@@ -29,7 +30,11 @@ log = logging.getLogger("wshub")
 
 
 async def serve(
-    config: Config, *, stop: asyncio.Event | None = None, tls: ServerTLS | None = None
+    config: Config,
+    *,
+    stop: asyncio.Event | None = None,
+    tls: ServerTLS | None = None,
+    api_keys: ApiKeys | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT (or *stop* is set), then drain.
 
@@ -45,7 +50,9 @@ async def serve(
     loop.add_signal_handler(signal.SIGHUP, _reload, reloaders)
     if tls is None and config.tls_cert:
         tls = ServerTLS(config.tls_cert, config.tls_key)
-    node = Node(config, loop)
+    node = Node(config, loop, api_keys=api_keys)
+    if node.api is not None and config.api_keys_file:
+        reloaders.add("api_keys", node.api.reload)
     if tls is not None:
         certificate = tls
         reloaders.add("tls", certificate.reload)
@@ -73,13 +80,31 @@ async def serve(
         ssl_handshake_timeout=config.handshake_timeout if tls is not None else None,
         ssl_shutdown_timeout=config.close_timeout if tls is not None else None,
     )
-    for sock in server.sockets:
+    servers = [server]
+    api_address = config.api_listen_address
+    if api_address is not None and node.api_gateway is not None:
+        # The API on its own (private) address; the public port has no /api/.
+        api_server = await loop.create_server(
+            node.new_api_connection,
+            api_address[0],
+            api_address[1],
+            backlog=1024,
+            reuse_address=True,
+            reuse_port=os.environ.get(REUSE_PORT_ENV) == "1",
+            ssl=tls.context if tls is not None else None,
+            ssl_handshake_timeout=config.handshake_timeout if tls is not None else None,
+            ssl_shutdown_timeout=config.close_timeout if tls is not None else None,
+        )
+        servers.append(api_server)
+    for sock in (sock for each in servers for sock in each.sockets):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     addresses = ", ".join(_address(sock) for sock in server.sockets)
     if tls is not None:
         addresses += " (TLS)"
+    if len(servers) > 1:
+        addresses += ", API on " + ", ".join(_address(sock) for sock in servers[1].sockets)
     log.info("listening on %s node=%s", addresses, node.node_id)
     if tls is not None:
         log_event(log, logging.INFO, "tls_certificate", certificate=tls.certificate.describe())
@@ -89,7 +114,8 @@ async def serve(
         await stop.wait()
     finally:
         log.info("shutting down: draining %d connections", len(node.connections))
-        server.close()
+        for each in servers:
+            each.close()
         # The promise is to exit within --drain-timeout, whatever a client or
         # the backplane does meanwhile: a drain that overruns is abandoned
         # (shielded, so an inner await that ignores cancellation can't hold us).
@@ -137,6 +163,14 @@ def run(config: Config, argv: list[str] | None = None) -> int:
         except TLSError as exc:
             print(f"wshub serve: {exc}", file=sys.stderr)
             return 2
+    api_keys = None
+    if config.api_keys or config.api_keys_file:
+        try:
+            # Like the certificate: a bad key or keys file is a usage error.
+            api_keys = ApiKeys(config.api_keys, config.api_keys_file)
+        except ApiKeysError as exc:
+            print(f"wshub serve: {exc}", file=sys.stderr)
+            return 2
     if config.workers > 1:
         return supervise(config, argv or [])
     try:
@@ -146,7 +180,7 @@ def run(config: Config, argv: list[str] | None = None) -> int:
     else:
         runner = uvloop.run
     try:
-        runner(serve(config, tls=tls))
+        runner(serve(config, tls=tls, api_keys=api_keys))
     except OSError as exc:
         print(
             f"wshub: cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr

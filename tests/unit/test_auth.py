@@ -845,6 +845,20 @@ def test_auth_config_refusals(flags: dict[str, str], message: str) -> None:
         load_config(flags, {})
 
 
+def test_per_user_limit_is_allowed_in_a_cluster() -> None:
+    """Counted on Redis across the nodes (tests/test_auth_cluster.py)."""
+    config = load_config(
+        {
+            "auth": "required",
+            "auth_secret": "s",
+            "max_connections_per_user": "3",
+            "redis_url": "redis://127.0.0.1:6379",
+        },
+        {},
+    )
+    assert (config.max_connections_per_user, config.redis_url) == (3, "redis://127.0.0.1:6379")
+
+
 def test_auth_config_from_env_keeps_secret_out_of_repr() -> None:
     """WSHUB_AUTH_* work; the secret is kept as given and never shown in repr()."""
     config = load_config(
@@ -935,7 +949,10 @@ def test_cli_token_refusals(
     assert message in capsys.readouterr().err
 
 
-def test_serve_with_auth_refuses_to_start_until_wired(capsys: pytest.CaptureFixture[str]) -> None:
-    """A server that would ignore --auth must not start: everyone would be let in."""
-    assert main(["serve", "--auth", "required", "--auth-secret", SECRET, "--port", "0"]) == 2
-    assert "not wired" in capsys.readouterr().err
+def test_serve_with_a_bad_key_refuses_to_start(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The key file is read and checked before anything listens: exit 2, naming the option."""
+    missing = str(tmp_path / "missing.pem")
+    assert main(["serve", "--auth", "required", "--auth-public-key", missing, "--port", "0"]) == 2
+    assert "--auth-public-key" in capsys.readouterr().err

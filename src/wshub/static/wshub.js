@@ -176,7 +176,10 @@ export class WshubClient {
     try {
       ws = this._ws = new WebSocket(u, this._token ? ["wshub", "bearer." + this._token] : []);
     } catch (e) {
-      this._token = null; // e.g. a token that cannot be a subprotocol: ask for another
+      // e.g. a token that cannot be a subprotocol: ask getToken() for another; a fixed
+      // token stops here rather than be dropped (that would connect without it).
+      if (o.getToken) this._token = null;
+      else this._stopped = true;
       return this._dropped(1006, String(e));
     }
     this._timer = setTimeout(() => this._abandon(ws, "connect timeout"), o.connectTimeout);
