@@ -19,6 +19,7 @@ Markdown table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -88,9 +89,11 @@ def echo_round_trip(port: int, count: int) -> dict[str, float]:
     from websockets.sync.client import connect
 
     url = f"ws://127.0.0.1:{port}/websocket/echo"
-    others = [connect(url, max_queue=None) for _ in range(10)]
     times = []
-    with connect(url) as ws:
+    with contextlib.ExitStack() as others:
+        for _ in range(10):
+            others.enter_context(connect(url, max_queue=None))
+        ws = others.enter_context(connect(url))
         ws.recv(timeout=10)  # welcome
         for i in range(count + 100):
             start = time.perf_counter()
@@ -99,8 +102,6 @@ def echo_round_trip(port: int, count: int) -> dict[str, float]:
                 pass
             if i >= 100:  # warm-up left out
                 times.append((time.perf_counter() - start) * 1000)
-    for other in others:
-        other.close()
     times.sort()
     return {
         "echo_ms_p50": times[len(times) // 2],
