@@ -184,6 +184,14 @@ def _bearer_credentials(values: Sequence[str]) -> list[str]:
     return tokens
 
 
+def answered_subprotocol(protocols: Sequence[str]) -> str | None:
+    """``wshub`` when the client offered it, else None: answered with ``--auth off``
+    too, so that a browser offering a token to a server that ignores tokens still
+    completes its handshake (a browser fails one where it offered subprotocols and
+    none was answered)."""
+    return SUBPROTOCOL if SUBPROTOCOL in _offered_subprotocols(protocols) else None
+
+
 def token_offer(
     protocols: Sequence[str],
     authorizations: Sequence[str],
@@ -213,7 +221,7 @@ def token_offer(
         tokens += [
             value for name, value in parse_qsl(query, keep_blank_values=True) if name == "token"
         ]
-    subprotocol = SUBPROTOCOL if SUBPROTOCOL in offered else None
+    subprotocol = answered_subprotocol(protocols)
     if not tokens:
         return TokenOffer(None, subprotocol)
     first = tokens[0]

@@ -169,6 +169,18 @@ rest wait for a later pass, in arrival order (their handshake deadline still
 runs). Plain requests (/healthz, /stats, ...) never wait."""
 
 
+UPGRADES_PER_PASS_BEHIND = 16
+"""The cap while the fan-out is behind (a pass did not fit in its time slice
+and goes on in the next loop passes): the frames queued meanwhile wait for
+that pass to end, and each newcomer among them is built the joins after its
+own, so upgrading at full pace while sliced grew one pass to thousands of
+newcomers (hundreds of MB, a second of loop). Never zero: upgrades go on."""
+
+
+def _never() -> bool:
+    return False
+
+
 class _UpgradesPerPass:
     """Counts the upgrades handled in this loop pass; queues those over the
     cap for the next passes."""
@@ -177,10 +189,14 @@ class _UpgradesPerPass:
         self.count = 0
         self.waiting: deque[Connection] = deque()
         self.scheduled = False
+        self.behind: Callable[[], bool] = _never  # the node's fan-out, see pace_upgrades()
+
+    def cap(self) -> int:
+        return UPGRADES_PER_PASS_BEHIND if self.behind() else UPGRADES_PER_PASS
 
     def admit(self, conn: Connection) -> bool:
         self._schedule(conn.loop)
-        if self.count < UPGRADES_PER_PASS and not self.waiting:
+        if self.count < self.cap() and not self.waiting:
             self.count += 1
             return True
         conn.transport.pause_reading()
@@ -196,7 +212,8 @@ class _UpgradesPerPass:
         self.scheduled = False
         self.count = 0
         waiting = self.waiting
-        while waiting and self.count < UPGRADES_PER_PASS:
+        cap = self.cap()
+        while waiting and self.count < cap:
             conn = waiting.popleft()
             if conn._request_again():
                 self.count += 1
@@ -208,6 +225,12 @@ _upgrades = _UpgradesPerPass()
 
 KEEP_ALIVE_UNSENT = 256 * 1024
 """Bytes of answers a kept-alive HTTP client may leave unread before it is dropped."""
+
+
+def pace_upgrades(behind: Callable[[], bool]) -> None:
+    """Upgrade fewer per loop pass while *behind()* (the node's fan-out has a
+    pass in progress over several loop passes): see UPGRADES_PER_PASS_BEHIND."""
+    _upgrades.behind = behind
 
 
 class Connection(asyncio.Protocol):
@@ -226,6 +249,8 @@ class Connection(asyncio.Protocol):
         "pending",
         "joined_at",
         "marked",
+        "sealed",
+        "gone",
         "is_recipient",
         "audience",
         "room",
@@ -288,6 +313,8 @@ class Connection(asyncio.Protocol):
         self.pending: list[tuple[int, bytes]] | None = None
         self.joined_at = 0
         self.marked = False
+        self.sealed: tuple[list[tuple[int, bytes]] | None, int] | None = None  # the fan-out's
+        self.gone = False  # the peer ended the TCP stream without a closing handshake
         self.is_recipient = False
         self.buffered = 0  # unsent bytes in the transport, as the fan-out last saw them
         self.pong: bytes | None = None  # the latest Pong, waiting for the buffer to drain
@@ -418,6 +445,10 @@ class Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         if self.ws is not None and self.session.state is not State.CLOSED:
+            if self.ws.state is FrameState.OPEN:
+                # No Close came first: nobody will read what was queued for
+                # it (the fan-out builds it nothing, see Fanout.take).
+                self.gone = True
             self.ws.receive_eof()
             self._drain_library_output(self.ws.data_to_send())
         return None  # let the transport close itself

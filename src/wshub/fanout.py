@@ -43,6 +43,22 @@ Backpressure: after its write, a connection whose transport buffer holds more
 than ``send_buffer_limit`` bytes is a slow consumer and is closed with 1008
 (the close frame queued behind what is buffered). No one ever waits for it.
 
+Time slices (decisions.md 18: no pass holds the loop more than ~50 ms): a
+pass to thousands of slow readers costs a write each (1-4 µs under load), so
+one message to 10,000 of them held the loop 0.1-0.6 s. Each pass therefore
+starts by *sealing* the audience's frames into a :class:`_Batch` (the
+frames, and the per-connection state of the marked ones moved to
+``conn.sealed``), and writes its members in chunks, looking at the clock
+after each chunk only. Past ``slice_seconds`` the members not written yet are
+kept (a list, and an index for :meth:`Fanout.take`) and the pass goes on in
+the next loop pass, first. What is queued meanwhile waits in the audience's
+live frames, which are sealed only once the batch before them is written to
+everyone: each recipient gets batch after batch, in the order queued. A
+connection closing in between gets its unwritten share from :meth:`take`;
+one gone in between is skipped. A pass that fits in its slice (every pass of
+the fan-out benchmark) does exactly what it did before, plus one clock read
+per chunk.
+
 The node as a whole (``send_buffer_total``, decisions.md 18): the size the
 fan-out reads after each write anyway is kept on the connection
 (``conn.buffered``) and summed in :attr:`Fanout.buffered_total`, which costs
@@ -58,8 +74,9 @@ ones holding the most, until it is under.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection
-from time import perf_counter
+from collections.abc import Callable, Collection, Iterator
+from itertools import islice
+from time import perf_counter, thread_time
 from typing import Any, Generic, Protocol, TypeVar
 
 from .wire import Deflate, text_frame
@@ -76,6 +93,23 @@ pass, without waiting for the coalescing delay: a presence storm then makes
 many passes of bounded cost (each recipient's write, and each newcomer's own
 share of the joins after it) instead of one pass as long as the storm."""
 
+SLICE_SECONDS = 0.01
+"""How long one pass may write before it yields to the loop (the rest goes on
+in the next loop pass). Measured in wall time, so a pass preempted by a busy
+machine stops sooner: the loop is held well under the ~50 ms of decisions.md
+18 even then."""
+
+BATCH_FRAMES = PASS_FRAMES
+"""Shared frames one pass writes at most; more wait for the next loop pass.
+When a storm's 10,000 clients left at once, their user_left frames (1.1 MB)
+went to each remaining member in one write: more than --send-buffer-limit at
+once, so a bystander that read everything was closed 1008 slow consumer.
+256 frames of presence are ~28 KB; a client that reads drains them between
+two passes."""
+
+CHUNK = 256
+"""Recipients written between two looks at the clock (about 0.1-1 ms)."""
+
 compiled_send_each: SendEach | None
 try:
     from ._directsend import send_each as compiled_send_each
@@ -90,6 +124,12 @@ class Recipient(Protocol):
     pending: list[tuple[int, bytes]] | None
     joined_at: int
     marked: bool
+    # (pending, joined_at) moved here when its audience's frames were sealed
+    # into a batch not written to it yet; None otherwise.
+    sealed: tuple[list[tuple[int, bytes]] | None, int] | None
+    # The peer ended the stream without a closing handshake: take() builds
+    # it nothing.
+    gone: bool
     # Whether it is a member of its audience's shared frames now.
     is_recipient: bool
     audience: Audience[Any] | None
@@ -124,7 +164,7 @@ class Audience(Generic[R]):
     """One set of recipients that share frames (a room's members), and the
     frames queued for them in this pass."""
 
-    __slots__ = ("members", "frames", "payloads", "excluded", "marked", "queued")
+    __slots__ = ("members", "frames", "payloads", "excluded", "marked", "queued", "batch")
 
     def __init__(self, members: Callable[[], Collection[R]]) -> None:
         self.members = members
@@ -135,6 +175,89 @@ class Audience(Generic[R]):
         self.excluded: list[R | None] = []
         self.marked: list[R] = []
         self.queued = False  # in the engine's list of audiences to write
+        # Frames sealed for a pass that did not fit in one slice, being written.
+        self.batch: _Batch[R] | None = None
+
+
+class _Batch(Generic[R]):
+    """One audience's frames sealed for one pass (see "Time slices" above)."""
+
+    __slots__ = (
+        "frames",
+        "payloads",
+        "excluded",
+        "marked",
+        "cut_short",
+        "skipped",
+        "common",
+        "common_deflated",
+        "deflated",
+        "rest",
+        "index",
+    )
+
+    def __init__(self, audience: Audience[R], most: int) -> None:
+        """Seal *audience*'s frames, at most *most* of them (the rest stay
+        queued, for the next batch)."""
+        n = len(audience.frames)
+        self.cut_short = n > most
+        if not self.cut_short:
+            self.frames = audience.frames
+            self.payloads = audience.payloads
+            self.excluded = audience.excluded
+            self.marked = audience.marked
+            audience.frames = []
+            audience.payloads = []
+            audience.excluded = []
+            audience.marked = []
+            skipped = sum(1 for conn in self.excluded if conn is not None)
+            for conn in self.marked:
+                if conn.is_recipient:
+                    skipped += conn.joined_at
+                conn.sealed = (conn.pending, conn.joined_at)
+                conn.marked = False
+                conn.pending = None
+                conn.joined_at = 0
+        else:
+            skipped = self._seal_first(audience, most)
+        self.skipped = skipped  # deliveries the members do not get (exclusions, joins)
+        frames = self.frames
+        self.common = frames[0] if len(frames) == 1 else b"".join(frames)
+        self.common_deflated: dict[int, bytes] = {}
+        self.deflated: dict[int, list[bytes]] = {}
+        # After a slice ran out: the members not written yet, and their index.
+        self.rest: list[R] | None = None
+        self.index: dict[R, int] | None = None
+
+    def _seal_first(self, audience: Audience[R], cut: int) -> int:
+        """Seal the first *cut* frames only; every marked connection's state
+        is split at the cut (private frames and join point moved back by it
+        for what stays queued). Returns the deliveries skipped in the batch."""
+        self.frames = audience.frames[:cut]
+        self.payloads = audience.payloads[:cut]
+        self.excluded = audience.excluded[:cut]
+        audience.frames = audience.frames[cut:]
+        audience.payloads = audience.payloads[cut:]
+        audience.excluded = audience.excluded[cut:]
+        self.marked = audience.marked
+        still_excluded = {conn for conn in audience.excluded if conn is not None}
+        audience.marked = []
+        skipped = sum(1 for conn in self.excluded if conn is not None)
+        for conn in self.marked:
+            pending = conn.pending or []
+            joined_at = conn.joined_at
+            now = [(position, frame) for position, frame in pending if position <= cut]
+            later = [(position - cut, frame) for position, frame in pending if position > cut]
+            if conn.is_recipient:
+                skipped += min(joined_at, cut)
+            conn.sealed = (now, min(joined_at, cut))
+            conn.marked = False
+            conn.pending = later or None
+            conn.joined_at = max(0, joined_at - cut)
+            if later or conn.joined_at or conn in still_excluded:
+                conn.marked = True
+                audience.marked.append(conn)
+        return skipped
 
 
 class Fanout(Generic[R]):
@@ -148,6 +271,9 @@ class Fanout(Generic[R]):
         on_send_failed: Callable[[R, BaseException], None],
         coalesce_delay: float = 0.05,
         send_each: SendEach | None = compiled_send_each,
+        slice_seconds: float = SLICE_SECONDS,
+        clock: Callable[[], float] = perf_counter,
+        cpu_clock: Callable[[], float] = thread_time,
     ) -> None:
         self._loop = loop
         self._limit = send_buffer_limit
@@ -162,12 +288,20 @@ class Fanout(Generic[R]):
         self._timer: asyncio.TimerHandle | None = None
         self._coalesce_delay = coalesce_delay
         self._send_each = send_each
+        self._slice = slice_seconds
+        self._clock = clock
+        self._cpu_clock = cpu_clock
         # Figures for /metrics.
         self.deliveries = 0
         self.writes = 0
         self.direct_sends = 0  # writes that went straight to the socket
         self.budget_drops = 0  # closing connections dropped over send_buffer_total
-        self.pass_seconds_max = 0.0  # the longest flush, for /metrics
+        self.pass_seconds_max = 0.0  # the longest flush (one slice), for /metrics
+        # Its CPU time: the wall time above also counts the moments a busy
+        # machine did not run the process at all.
+        self.pass_cpu_seconds_max = 0.0
+        self.slices = 0  # passes that ran out of their slice and went on later
+        self.behind = False  # a pass is in progress over several loop passes
 
     # -- Queueing (called while routing; never writes) -----------------------
 
@@ -251,7 +385,8 @@ class Fanout(Generic[R]):
     # -- Writing --------------------------------------------------------------
 
     def take(self, conn: R) -> bytes:
-        """Everything queued for *conn* in this pass, removed from the pass.
+        """Everything queued for *conn* and not written yet, removed from the
+        pass (its share of a batch still being written, then of this pass).
 
         For a connection that is about to close: what it was promised goes
         out before its Close frame. Call it before the connection stops being
@@ -260,117 +395,236 @@ class Fanout(Generic[R]):
         audience = conn.audience
         if audience is None:
             return b""
+        if conn.gone:
+            # Nobody will read it. Built anyway, each of the thousands of
+            # connections a storm ends in one loop pass got its own copy of
+            # the user_left frames queued before it: +1 GB for 5,000.
+            conn.sealed = None
+            conn.pending = None
+            conn.joined_at = len(audience.frames)
+            self._mark(audience, conn)
+            return b""
+        earlier = b""
+        batch = audience.batch
+        if batch is not None:
+            earlier = self._unwritten(batch, conn)
         if conn.is_recipient:
-            data = self._build(audience, conn, conn.deflate, {})
+            data = self._share(
+                audience.frames,
+                audience.payloads,
+                audience.excluded,
+                conn,
+                conn.pending,
+                conn.joined_at,
+                {},
+            )
         else:
             data = b"".join(frame for _, frame in conn.pending or ())
         conn.pending = None
         conn.joined_at = len(audience.frames)  # nothing more from this pass
         self._mark(audience, conn)  # so that flush resets it
-        return data
+        return earlier + data if earlier else data
+
+    def _unwritten(self, batch: _Batch[R], conn: R) -> bytes:
+        """*conn*'s share of *batch* if it was not written yet (and it no
+        longer will be: the batch skips connections that are not recipients)."""
+        state = conn.sealed
+        conn.sealed = None
+        index = batch.index
+        if index is not None and conn in index and conn.is_recipient:
+            if state is not None:
+                pending, joined_at = state
+                return self._share(
+                    batch.frames,
+                    batch.payloads,
+                    batch.excluded,
+                    conn,
+                    pending,
+                    joined_at,
+                    batch.deflated,
+                )
+            deflate = conn.deflate
+            if deflate is None:
+                return batch.common
+            return self._common_deflated(batch, deflate)
+        if state is not None and state[0]:
+            return b"".join(frame for _, frame in state[0])
+        return b""
 
     def flush(self) -> None:
-        """Write this pass's frames: one write per connection."""
+        """Write this pass's frames: one write per connection, for at most
+        ``slice_seconds``; what is left goes on in the next loop pass."""
         self._scheduled = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         queued, self._queued = self._queued, []
+        self.behind = False
         if not queued:
             return
-        started = perf_counter()
+        clock = self._clock
+        cpu_started = self._cpu_clock()
+        started = clock()
+        deadline = started + self._slice
         slow: list[R] = []
-        for audience in queued:
+        for i, audience in enumerate(queued):
+            if (i and clock() >= deadline) or not self._flush_audience(audience, slow, deadline):
+                # Out of time: this audience and those after it go first in
+                # the next loop pass (the ones queued meanwhile after them).
+                self._queued = queued[i:] + self._queued
+                self.slices += 1
+                self.behind = True
+                self._scheduled = True
+                self._loop.call_soon(self.flush)
+                break
             audience.queued = False
-            self._flush_audience(audience, slow)
         for conn in slow:
             self._on_slow(conn)
         if self.buffered_total > self._total_limit:
             self._enforce_budget()
-        elapsed = perf_counter() - started
+        elapsed = clock() - started
         if elapsed > self.pass_seconds_max:
             self.pass_seconds_max = elapsed
+        cpu = self._cpu_clock() - cpu_started
+        if cpu > self.pass_cpu_seconds_max:
+            self.pass_cpu_seconds_max = cpu
 
-    def _flush_audience(self, audience: Audience[R], slow: list[R]) -> None:
-        frames = audience.frames
-        marked = audience.marked
-        if not frames and not marked:
-            return
+    def _flush_audience(self, audience: Audience[R], slow: list[R], deadline: float) -> bool:
+        """Write *audience*'s batch in progress, then what was queued after
+        it; False when the slice ran out first."""
+        while True:
+            batch = audience.batch
+            if batch is None:
+                if not audience.frames and not audience.marked:
+                    return True
+                batch = audience.batch = _Batch(audience, BATCH_FRAMES)
+            if not self._write_batch(audience, batch, slow, deadline):
+                return False
+            audience.batch = None
+            if batch.cut_short:
+                # The rest in the next loop pass: a client that reads gets
+                # time to, before its next share (see BATCH_FRAMES).
+                return False
+
+    def _write_batch(
+        self, audience: Audience[R], batch: _Batch[R], slow: list[R], deadline: float
+    ) -> bool:
+        frames = batch.frames
         writes = 0
-        deflated: dict[int, list[bytes]] = {}
         if frames:
-            common = frames[0] if len(frames) == 1 else b"".join(frames)
-            common_deflated: dict[int, bytes] = {}
-            recipients = audience.members()
-            limit = self._limit
-            direct: list[tuple[asyncio.Transport, int, R]] = []
-            direct_deflated: dict[int, list[tuple[asyncio.Transport, int, R]]] = {}
-            for conn in recipients:
-                if conn.marked:
-                    data = self._build(audience, conn, conn.deflate, deflated)
-                    if not data:
-                        continue
-                elif conn.deflate is None:
-                    if conn.direct is not None:
-                        direct.append(conn.direct)
-                        continue
-                    data = common
-                else:
-                    wbits = conn.deflate.wbits
-                    compressed = common_deflated.get(wbits)
-                    if compressed is None:
-                        compressed = common_deflated[wbits] = b"".join(
-                            self._deflated(audience, conn.deflate, deflated)
-                        )
-                    data = compressed
-                    if conn.direct is not None:
-                        # One send_each call per window size, after the loop.
-                        group = direct_deflated.get(wbits)
-                        if group is None:
-                            group = direct_deflated[wbits] = []
-                        group.append(conn.direct)
-                        continue
-                # _write(), inlined: this loop runs once per recipient.
-                try:
-                    unsent = conn.write(data)
-                except Exception as exc:
-                    self._on_failed(conn, exc)
-                    continue
-                writes += 1
-                if unsent or conn.buffered:
-                    self._seen(conn, unsent)
-                    if unsent > limit:
-                        slow.append(conn)
-            if direct:
-                writes += self._send_direct(direct, common, slow)
-            for wbits, group in direct_deflated.items():
-                writes += self._send_direct(group, common_deflated[wbits], slow)
-            skipped = sum(1 for conn in audience.excluded if conn is not None)
-            skipped += sum(conn.joined_at for conn in marked if conn.is_recipient)
-            self.deliveries += len(frames) * len(recipients) - skipped
+            rest = batch.rest
+            if rest is None:
+                members: Iterator[R] = iter(audience.members())
+            else:
+                # A later slice: skip those gone or closing since (a closing
+                # one had its share from take()).
+                members = iter([conn for conn in rest if conn.is_recipient])
+            clock = self._clock
+            while True:
+                chunk = list(islice(members, CHUNK))
+                writes += self._write_chunk(batch, chunk, slow)
+                if len(chunk) < CHUNK:
+                    break
+                if clock() >= deadline:
+                    left = list(members)
+                    if left:
+                        batch.rest = left
+                        batch.index = dict(zip(left, range(len(left)), strict=True))
+                        self.writes += writes
+                        return False
+                    break
+            self.deliveries -= batch.skipped
         # Connections that are not recipients of shared frames (on /echo, or
         # closing) but have frames of their own; and, in a pass without shared
         # frames, every connection with frames of its own.
-        for conn in marked:
-            if frames and conn.is_recipient:
-                continue  # written above
+        for conn in batch.marked:
+            state = conn.sealed
+            if state is None:
+                continue  # written above, or its share was taken
+            conn.sealed = None
+            pending, joined_at = state
             if conn.is_recipient:
-                data = self._build(audience, conn, conn.deflate, deflated)
-            elif conn.pending:
-                data = b"".join(frame for _, frame in conn.pending)
+                data = self._share(
+                    frames,
+                    batch.payloads,
+                    batch.excluded,
+                    conn,
+                    pending,
+                    joined_at,
+                    batch.deflated,
+                )
+            elif pending:
+                data = b"".join(frame for _, frame in pending)
             else:
                 continue  # closing: its share was taken already
             if data:
                 writes += self._write(conn, data, slow)
-        for conn in marked:
-            conn.marked = False
-            conn.pending = None
-            conn.joined_at = 0
         self.writes += writes
-        audience.frames = []
-        audience.payloads = []
-        audience.excluded = []
-        audience.marked = []
+        return True
+
+    def _write_chunk(self, batch: _Batch[R], recipients: list[R], slow: list[R]) -> int:
+        """The batch's frames to each of *recipients*; the writes made."""
+        writes = 0
+        common = batch.common
+        limit = self._limit
+        direct: list[tuple[asyncio.Transport, int, R]] = []
+        direct_deflated: dict[int, list[tuple[asyncio.Transport, int, R]]] = {}
+        for conn in recipients:
+            state = conn.sealed
+            if state is not None:
+                conn.sealed = None
+                data = self._share(
+                    batch.frames,
+                    batch.payloads,
+                    batch.excluded,
+                    conn,
+                    state[0],
+                    state[1],
+                    batch.deflated,
+                )
+                if not data:
+                    continue
+            elif conn.deflate is None:
+                if conn.direct is not None:
+                    direct.append(conn.direct)
+                    continue
+                data = common
+            else:
+                data = self._common_deflated(batch, conn.deflate)
+                if conn.direct is not None:
+                    # One send_each call per window size, after the loop.
+                    wbits = conn.deflate.wbits
+                    group = direct_deflated.get(wbits)
+                    if group is None:
+                        group = direct_deflated[wbits] = []
+                    group.append(conn.direct)
+                    continue
+            # _write(), inlined: this loop runs once per recipient.
+            try:
+                unsent = conn.write(data)
+            except Exception as exc:
+                self._on_failed(conn, exc)
+                continue
+            writes += 1
+            if unsent or conn.buffered:
+                self._seen(conn, unsent)
+                if unsent > limit:
+                    slow.append(conn)
+        if direct:
+            writes += self._send_direct(direct, common, slow)
+        for wbits, group in direct_deflated.items():
+            writes += self._send_direct(group, batch.common_deflated[wbits], slow)
+        self.deliveries += len(batch.frames) * len(recipients)
+        return writes
+
+    def _common_deflated(self, batch: _Batch[R], deflate: Deflate) -> bytes:
+        """The batch's frames compressed for *deflate*'s window size, once."""
+        compressed = batch.common_deflated.get(deflate.wbits)
+        if compressed is None:
+            compressed = batch.common_deflated[deflate.wbits] = b"".join(
+                self._deflated(batch.frames, batch.payloads, deflate, batch.deflated)
+            )
+        return compressed
 
     def _send_direct(
         self, direct: list[tuple[asyncio.Transport, int, R]], data: bytes, slow: list[R]
@@ -462,33 +716,40 @@ class Fanout(Generic[R]):
                 self._on_slow(conn)
 
     def _deflated(
-        self, audience: Audience[R], deflate: Deflate, cache: dict[int, list[bytes]]
-    ) -> list[bytes]:
-        """This pass's shared frames, compressed once per window size."""
-        frames = cache.get(deflate.wbits)
-        if frames is None:
-            frames = [
-                frame if payload is None else deflate.text_frame(payload)
-                for frame, payload in zip(audience.frames, audience.payloads, strict=True)
-            ]
-            cache[deflate.wbits] = frames
-        return frames
-
-    def _build(
         self,
-        audience: Audience[R],
+        frames: list[bytes],
+        payloads: list[bytes | None],
+        deflate: Deflate,
+        cache: dict[int, list[bytes]],
+    ) -> list[bytes]:
+        """*frames* compressed once per window size."""
+        compressed = cache.get(deflate.wbits)
+        if compressed is None:
+            compressed = [
+                frame if payload is None else deflate.text_frame(payload)
+                for frame, payload in zip(frames, payloads, strict=True)
+            ]
+            cache[deflate.wbits] = compressed
+        return compressed
+
+    def _share(
+        self,
+        frames: list[bytes],
+        payloads: list[bytes | None],
+        excluded: list[R | None],
         conn: R,
-        deflate: Deflate | None,
+        pending: list[tuple[int, bytes]] | None,
+        joined_at: int,
         cache: dict[int, list[bytes]],
     ) -> bytes:
         """The bytes for a marked connection: its share of the shared frames,
         minus exclusions, with its private frames at their positions."""
-        frames = audience.frames if deflate is None else self._deflated(audience, deflate, cache)
-        excluded = audience.excluded
-        pending = conn.pending or ()
+        deflate = conn.deflate
+        if deflate is not None:
+            frames = self._deflated(frames, payloads, deflate, cache)
         out: list[bytes] = []
-        index = conn.joined_at
-        for position, frame in pending:
+        index = joined_at
+        for position, frame in pending or ():
             while index < position:
                 if excluded[index] is not conn:
                     out.append(frames[index])

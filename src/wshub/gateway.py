@@ -34,6 +34,7 @@ from websockets.extensions.permessage_deflate import PerMessageDeflate
 
 from . import http, protocol
 from .admission import Admission, BadForwardedFor, Refused, client_address, is_trusted
+from .auth import answered_subprotocol
 from .config import Config
 from .connectauth import ConnectAuth, Rejection
 from .connection import Connection, ConnectionOwner
@@ -331,13 +332,14 @@ class Gateway:
         conn.admitted = True
         # 4. Credentials.
         verdict: Rejection | None = None
-        subprotocol = None
         if self._auth is not None:
             credentials, subprotocol = self._auth.credentials(request, room)
             if isinstance(credentials, Rejection):
                 verdict = credentials
             else:
                 conn.identity = credentials
+        else:  # tokens ignored, the subprotocol answered all the same
+            subprotocol = answered_subprotocol(request.get_all("sec-websocket-protocol"))
         extension = deflate = None
         extensions_header = None
         if self._config.compression == "on":

@@ -32,7 +32,7 @@ from .backplane.control import Control, LocalControl
 from .backplane.factory import make_backplane
 from .config import Config
 from .connectauth import ConnectAuth
-from .connection import Connection, ConnectionSettings
+from .connection import Connection, ConnectionSettings, pace_upgrades
 from .echo import EchoEndpoint
 from .endpoints import node_routes
 from .errors import HEARTBEAT_TIMEOUT, SHUTTING_DOWN, SLOW_CONSUMER, CloseCode, Disconnect
@@ -149,6 +149,7 @@ class Node:
             on_send_failed=self._send_failed,
             send_each=compiled_send_each if direct else None,
         )
+        pace_upgrades(lambda: self.fanout.behind)  # decisions.md 18: passes time-sliced
         if config.direct_send == "on" and compiled_send_each is None:
             log_event(
                 log,
@@ -566,6 +567,8 @@ class Node:
             "buffered_total": fanout.buffered_total,
             "budget_drops": fanout.budget_drops,
             "pass_seconds_max": round(fanout.pass_seconds_max, 6),
+            "pass_cpu_seconds_max": round(fanout.pass_cpu_seconds_max, 6),
+            "pass_slices": fanout.slices,
         }
 
     def history_figures(self) -> dict[str, float]:

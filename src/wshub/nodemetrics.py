@@ -101,8 +101,8 @@ class NodeFigures(Protocol):
     def uptime(self) -> float: ...
 
     def fanout_figures(self) -> dict[str, float]:
-        """deliveries, writes, direct_sends, buffered_total, budget_drops and
-        pass_seconds_max of the fan-out."""
+        """deliveries, writes, direct_sends, buffered_total, budget_drops,
+        pass_seconds_max, pass_cpu_seconds_max and pass_slices of the fan-out."""
         ...
 
     def backplane_figures(self) -> dict[str, float]: ...
@@ -178,6 +178,17 @@ def node_metrics(node: NodeFigures) -> tuple[Metrics, Counters]:
         "wshub_fanout_pass_seconds_max",
         "The longest fan-out pass since start (one pass holds the event loop).",
         fanout("pass_seconds_max"),
+    )
+    m.gauge(
+        "wshub_fanout_pass_cpu_seconds_max",
+        "The most CPU time one fan-out pass took (its wall time can be longer on a busy machine).",
+        fanout("pass_cpu_seconds_max"),
+    )
+    m.gauge(
+        "wshub_fanout_pass_slices_total",
+        "Fan-out passes that ran out of their time slice and went on in the next loop pass.",
+        fanout("pass_slices"),
+        kind="counter",
     )
     m.gauge(
         "wshub_event_loop_lag_seconds",

@@ -30,6 +30,8 @@ class Conn:
         self.pending = None
         self.joined_at = 0
         self.marked = False
+        self.sealed = None
+        self.gone = False
         self.is_recipient = True
         self.audience = None
         self.direct = None
