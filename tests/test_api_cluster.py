@@ -139,10 +139,11 @@ def test_a_disconnect_finds_the_connection_on_another_node(make_server, redis_se
     witness.close()
 
 
-def test_a_cluster_without_redis_answers_503(make_server, redis_server) -> None:
-    (a_srv,) = api_cluster(make_server, redis_server, 1)
+def test_a_cluster_without_redis_answers_503(make_server, own_redis) -> None:
+    # A Redis of its own: stopping the session's would break every later test.
+    (a_srv,) = api_cluster(make_server, own_redis, 1)
     assert get(a_srv, "/api/rooms").status_code == 200
-    redis_server.stop()
+    own_redis.stop()
     wait_until(lambda: get(a_srv, "/api/rooms").status_code == 503, "503 without Redis")
     response = post(a_srv, "/api/publish", {"content": "x"})
     assert response.status_code == 503
