@@ -51,11 +51,12 @@ def test_token_from_the_environment_and_readable_output(
     client = Piped(srv.ws_url, env=env)
     try:
         line = next_line(client, "welcome")
-        assert re.search(rf"welcome: you are {ID} \(alice\) \(2 online\)", line), line
+        welcome = rf"welcome: you are {ID} \(alice\) \(2 online, history \w+ at #\d+\)"
+        assert re.search(welcome, line), line
         assert peer.recv_type("user_joined")["userId"] == "alice"
         peer.send({"type": "broadcast", "content": "hi"})
         line = next_line(client, "[broadcast]")
-        assert re.search(rf"^\d\d:\d\d:\d\d bob \({peer.id}\) \[broadcast\]: hi$", line), line
+        assert re.search(rf"^\d\d:\d\d:\d\d #1 bob \({peer.id}\) \[broadcast\]: hi$", line), line
     finally:
         assert client.finish() == 0, "".join(client.stderr)
 

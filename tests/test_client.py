@@ -294,9 +294,9 @@ def test_scripted_readable_output(make_server: Callable[..., Server]) -> None:
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    me = re.search(rf"welcome: you are ({ID}) \(1 online\)", out)
+    me = re.search(rf"welcome: you are ({ID}) \(1 online, history [0-9a-f]+ at #0\)", out)
     assert me, out
-    assert re.search(r"^\d\d:\d\d:\d\d you \[broadcast\]: hi$", out, re.M), out
+    assert re.search(r"^\d\d:\d\d:\d\d #1 you \[broadcast\]: hi$", out, re.M), out
     assert re.search(rf"user info: you are {me.group(1)}, 1 online", out), out
     assert re.search(r"^pong: round trip \d+\.\d ms$", out, re.M), out
     assert re.search(r"error \(content_too_long\): Message too long", out), out
@@ -369,7 +369,7 @@ def test_interactive_session(make_server: Callable[..., Server]) -> None:
     peer = server.client()
     term = Terminal(server.ws_url)
     try:
-        me = term.expect(rf"welcome: you are ({ID}) \(2 online\)").group(1)
+        me = term.expect(rf"welcome: you are ({ID}) \(2 online, history \w+ at #0\)").group(1)
         assert peer.recv_type("user_joined")["connectionId"] == me
         term.expect(r"> ")
 
@@ -378,10 +378,10 @@ def test_interactive_session(make_server: Callable[..., Server]) -> None:
         assert (got["connectionId"], got["content"]) == (me, "hello from a terminal")
 
         peer.send({"type": "message", "content": "hi, terminal"})
-        term.expect(rf"\d\d:\d\d:\d\d {peer.id}: hi, terminal")
+        term.expect(rf"\d\d:\d\d:\d\d #2 {peer.id}: hi, terminal")
 
         term.type("/broadcast to everyone")
-        term.expect(r"\d\d:\d\d:\d\d you \[broadcast\]: to everyone")
+        term.expect(r"\d\d:\d\d:\d\d #3 you \[broadcast\]: to everyone")
         assert peer.recv_type("broadcast")["content"] == "to everyone"
 
         term.type("/info")

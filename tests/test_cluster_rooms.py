@@ -113,8 +113,9 @@ def count(client: Client) -> int:
 
 
 def test_rooms_are_subscribed_again_after_a_redis_restart(make_server, own_redis) -> None:
-    """After Redis comes back, a room's members on two nodes hear each other again."""
-    a_srv, b_srv = cluster(make_server, own_redis, 2)
+    """After Redis comes back, a room's members on two nodes hear each other
+    again. (History off: with it on, see test_cluster_recovery.py.)"""
+    a_srv, b_srv = cluster(make_server, own_redis, 2, "--history-size", "0")
     x, y = a_srv.client("room"), b_srv.client("room")
     x.recv_type("user_joined")
     own_redis.stop()

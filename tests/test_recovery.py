@@ -3,8 +3,8 @@
 Every ``message`` and ``broadcast`` carries the room's next ``offset``; the
 ``welcome`` names the room's ``epoch`` and last offset; ``?since=EPOCH:OFFSET``
 replays what was missed (``replayed: true``) between the welcome and live
-traffic, or says ``recovered: false``; ``?history=N`` replays the last N. A
-cluster node keeps no history yet: history off.
+traffic, or says ``recovered: false``; ``?history=N`` replays the last N. The
+same cases on Redis, across nodes: test_cluster_recovery.py.
 """
 
 from __future__ import annotations
@@ -175,10 +175,13 @@ def test_seam_while_another_client_keeps_sending(make_server: Callable[..., Serv
     watcher = node.client(room)
     sender.recv_type("user_joined")
     stop = threading.Event()
+    joined = threading.Event()  # the traffic goes on only once `first` is in
     sent = [0]
 
     def keep_sending() -> None:
         while not stop.is_set() and sent[0] < 3000:
+            if sent[0] == 20:
+                joined.wait(TIMEOUT)
             sender.send({"type": "broadcast", "content": "x"})
             sent[0] += 1
 
@@ -187,6 +190,7 @@ def test_seam_while_another_client_keeps_sending(make_server: Callable[..., Serv
     try:
         wait_until(lambda: sent[0] >= 20, "some traffic before the drop")
         first = node.client(room)
+        joined.set()
         seen: list[int] = []
         while len(seen) < 10:
             seen.append(first.recv_type("broadcast")["offset"])
@@ -301,10 +305,11 @@ def test_history_off(make_server: Callable[..., Server]) -> None:
     assert_history_off(make_server(*OPEN, "--history-size", "0"))
 
 
-def test_cluster_node_keeps_no_history_yet(
+def test_cluster_node_with_history_off(
     make_server: Callable[..., Server], redis_server: RedisServer
 ) -> None:
-    assert_history_off(make_server(*OPEN, "--redis-url", redis_server.url))
+    srv = make_server(*OPEN, "--redis-url", redis_server.url, "--history-size", "0")
+    assert_history_off(srv)
 
 
 def test_replay_is_valid_json_frames(node: Server) -> None:

@@ -152,7 +152,20 @@ class ApiService:
         if isinstance(command, api.PublishRequest):
             room = RoomName(command.room)
             exclude = None if command.exclude is None else ConnectionId(command.exclude)
-            offset, epoch = self._node.backend_hub(room).publish_backend(
+            hub = self._node.backend_hub(room)
+            if hub.history_in_redis:
+                # History on Redis: the offset is the room script's, answered
+                # once Redis gave it.
+                recorded = hub.publish_backend_recorded(
+                    command.kind, ConnectionId(command.sender), command.content, exclude
+                )
+                task = asyncio.get_running_loop().create_task(
+                    self._answer_recorded(conn, request, room, recorded)
+                )
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                return
+            offset, epoch = hub.publish_backend(
                 command.kind, ConnectionId(command.sender), command.content, exclude
             )
             self._answer(conn, request, 200, api.encode_published(room, offset, epoch))
@@ -160,6 +173,23 @@ class ApiService:
         task = asyncio.get_running_loop().create_task(self._ask(conn, request, head, command))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _answer_recorded(
+        self,
+        conn: Connection,
+        request: http.Request,
+        room: RoomName,
+        recorded: asyncio.Future[tuple[str, int]] | None,
+    ) -> None:
+        if recorded is None:  # Redis unreachable: served to this node's members only
+            self._answer(conn, request, 200, api.encode_published(room, None, None))
+            return
+        try:
+            epoch, offset = await recorded
+        except Exception:  # not recorded: lost, at most once
+            self._answer_error(conn, request, api.unavailable("Redis did not record it"))
+            return
+        self._answer(conn, request, 200, api.encode_published(room, offset, epoch))
 
     async def _ask(
         self, conn: Connection, request: http.Request, head: api.ApiHead, command: api.ApiCommand

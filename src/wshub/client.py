@@ -26,6 +26,14 @@ show each sender's ``userId``, ``/refresh TOKEN`` sends a later token, and a
 close with 4401, 4403 or 4429 says that retrying with the same token will not
 help.
 
+Offsets (decisions.md 13): each ``message`` and ``broadcast`` is shown with
+its room offset (``#42``), replayed ones marked; the ``welcome`` line names the
+room's history position. With ``--recover``, a connection the server closed
+with a code that allows a retry (1001, 1006, 1011-1013, 4000-4399), or that
+dropped, is opened again (with backoff, for up to ``--timeout`` seconds) with
+``?since=EPOCH:OFFSET&previous=ID`` from the last frame seen, so what was
+missed meanwhile is replayed, or the client is told it has a gap.
+
 ``wss://`` (and ``https://``) URLs verify the server's certificate against the
 system's CAs, or only against ``--ca-file``; ``--insecure`` skips the check.
 :func:`add_tls_arguments` and :func:`tls_context` give ``wshub bench`` (and
@@ -51,7 +59,7 @@ from collections import deque
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TextIO
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
@@ -191,6 +199,12 @@ def _parser() -> argparse.ArgumentParser:
         help="give up opening the connection, or waiting for the server to "
         "answer at the end of input, after this long (default 10)",
     )
+    parser.add_argument(
+        "--recover",
+        action="store_true",
+        help="when the connection drops or the server asks for a reconnect, connect "
+        "again with ?since= and ?previous= so that what was missed is replayed",
+    )
     parser.add_argument("--origin", metavar="ORIGIN", help="send this Origin header")
     parser.add_argument(
         "--token",
@@ -275,6 +289,17 @@ class Session:
         self.pings: deque[tuple[float, str]] = deque()
         self.drained = asyncio.Event()
         self.welcomed = asyncio.Event()
+        # The room's history position: the welcome's epoch, and the last
+        # offset seen (welcome or frame), for --recover.
+        self.epoch: str | None = None
+        self.offset: int | None = None
+
+    def position(self) -> str | None:
+        """The query that recovers from where this session is, if it can."""
+        if self.epoch is None or self.offset is None:
+            return None
+        query = f"since={quote(self.epoch, safe='')}:{self.offset}"
+        return query + (f"&previous={self.me}" if self.me else "")
 
     # -- Incoming -------------------------------------------------------------
 
@@ -299,7 +324,17 @@ class Session:
             await self.ws.send('{"type":"pong"}')
         if kind == "welcome" and isinstance(message.get("connectionId"), str):
             self.me = message["connectionId"]
+            epoch, offset = message.get("epoch"), message.get("offset")
+            if isinstance(epoch, str) and type(offset) is int:
+                if epoch != self.epoch or self.offset is None or offset < self.offset:
+                    self.offset = offset  # a new history, or a position not yet shown
+                self.epoch = epoch
+            else:
+                self.epoch = self.offset = None  # history off: nothing to recover from
             self.welcomed.set()
+        if kind in ("message", "broadcast") and type(message.get("offset")) is int:
+            if self.offset is None or message["offset"] > self.offset:
+                self.offset = message["offset"]
         asker = None
         if kind == "pong" and self.pings:
             sent_at, asker = self.pings.popleft()
@@ -333,9 +368,18 @@ class Session:
             where = f" in room {printable(str(room))}" if room else ""
             user = m.get("userId")
             who = f" ({printable(user)})" if isinstance(user, str) else ""
+            history = ""
+            if "epoch" in m:
+                history = f", history {printable(str(m['epoch']))} at #{m.get('offset')}"
+            if "recovered" in m:
+                history += (
+                    f", recovered {m.get('missed')} missed"
+                    if m["recovered"]
+                    else ", NOT recovered: messages may be missing"
+                )
             return style(
                 f"welcome: you are {printable(str(m.get('connectionId')))}{who}{where} "
-                f"({m.get('connectionCount')} online)",
+                f"({m.get('connectionCount')} online{history})",
                 "1",
             )
         if kind == "user_joined":
@@ -352,8 +396,11 @@ class Session:
             )
         if kind in ("message", "broadcast"):
             tag = " [broadcast]" if kind == "broadcast" else ""
+            if m.get("replayed") is True:
+                tag += " [replayed]"
+            offset = f"#{m['offset']} " if "offset" in m else ""
             sender = style(self.who(m.get("connectionId"), m.get("userId")), "1")
-            return f"{at} {sender}{tag}: {printable(str(m.get('content')))}"
+            return f"{at} {offset}{sender}{tag}: {printable(str(m.get('content')))}"
         if kind == "user_info_response":
             return (
                 f"{at} user info: you are {printable(str(m.get('connectionId')))}, "
@@ -489,9 +536,11 @@ async def _run(args: argparse.Namespace, output: Output) -> int:
             output.line("wshub client: --token: empty, or not one token", to_err=True)
             return 2
         subprotocols = [Subprotocol("wshub"), Subprotocol("bearer." + token)]
-    try:
-        ws = await connect(
-            url,
+
+    async def open_connection(query: str | None) -> ClientConnection:
+        target = url if query is None else f"{url}{'&' if '?' in url else '?'}{query}"
+        return await connect(
+            target,
             ssl=context,
             subprotocols=subprotocols,
             additional_headers=headers,
@@ -500,7 +549,10 @@ async def _run(args: argparse.Namespace, output: Output) -> int:
             max_size=None,
             max_queue=None,
         )
-    except (OSError, InvalidHandshake, InvalidURI, TimeoutError, ValueError) as exc:
+
+    try:
+        ws = await open_connection(None)
+    except _OPEN_ERRORS as exc:
         print(f"wshub client: cannot connect to {url}: {_describe_failure(exc)}", file=sys.stderr)
         return 1
 
@@ -530,15 +582,21 @@ async def _run(args: argparse.Namespace, output: Output) -> int:
 
     try:
         # Until the input ends (or /quit): send what comes in.
+        next_line = asyncio.ensure_future(lines.get())
         while True:
-            next_line = asyncio.ensure_future(lines.get())
             await asyncio.wait({next_line, receiving}, return_when=asyncio.FIRST_COMPLETED)
             if receiving.done():
-                next_line.cancel()
-                return _closed_by_server(ws, output)
+                again = await _reconnect(args, session, output, open_connection)
+                if again is None:
+                    next_line.cancel()
+                    return _closed_by_server(ws, output)
+                ws = session.ws = again
+                receiving = asyncio.create_task(session.receive())
+                continue
             line = next_line.result()
             if line is None or not await session.command(line):
                 break
+            next_line = asyncio.ensure_future(lines.get())
 
         # Drain: the pong to this ping comes after every answer to what was sent.
         await session.ping("drain")
@@ -566,6 +624,49 @@ async def _run(args: argparse.Namespace, output: Output) -> int:
     await ws.close()
     await asyncio.wait({receiving}, timeout=args.timeout)
     return 0
+
+
+_OPEN_ERRORS = (OSError, InvalidHandshake, InvalidURI, TimeoutError, ValueError)
+
+
+def may_reconnect(code: int | None) -> bool:
+    """Whether a close with *code* invites a reconnect (decisions.md 19: not
+    1008/1009 nor 4400-4499, which need a change on the client's side)."""
+    if code is None:
+        return True  # dropped without a close frame
+    return code in (1001, 1006, 1011, 1012, 1013) or 4000 <= code <= 4399
+
+
+async def _reconnect(
+    args: argparse.Namespace,
+    session: Session,
+    output: Output,
+    open_connection: Callable[[str | None], Any],
+) -> ClientConnection | None:
+    """With --recover: open the connection again from the session's position,
+    with backoff, for up to --timeout seconds; None when not to or not able."""
+    code = session.ws.close_code
+    if not args.recover or not may_reconnect(code):
+        return None
+    deadline = time.monotonic() + args.timeout
+    delay = 0.1
+    while True:
+        query = session.position()
+        where = f" with {query}" if query else ""
+        output.line(
+            f"wshub client: connection closed ({code or 1006}): reconnecting{where}", to_err=True
+        )
+        try:
+            ws: ClientConnection = await open_connection(query)
+            return ws
+        except _OPEN_ERRORS as exc:
+            if time.monotonic() + delay > deadline:
+                output.line(
+                    f"wshub client: cannot reconnect: {_describe_failure(exc)}", to_err=True
+                )
+                return None
+        await asyncio.sleep(delay)
+        delay = min(2.0, delay * 2)
 
 
 def _closed_by_server(ws: ClientConnection, output: Output) -> int:

@@ -174,6 +174,16 @@ class History:
     def enabled(self) -> bool:
         return self.size > 0
 
+    @property
+    def entries(self) -> int:
+        """Entries held now, in all rooms."""
+        return len(self._order) - self._stale
+
+    @property
+    def room_count(self) -> int:
+        """Room states held now (with entries, members, or idle)."""
+        return len(self._rooms)
+
     # -- Rooms ------------------------------------------------------------------
 
     def _room(self, name: str, now: float, holders: int = 0) -> _Room:

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from functools import partial
+from typing import TYPE_CHECKING, Protocol
 
 from . import http, protocol
 from .backplane import Backplane, Envelope, EventKind
 from .connectauth import ConnectAuth
 from .connection import Connection
-from .errors import RATE_LIMIT_EXCEEDED
+from .errors import RATE_LIMIT_EXCEEDED, CloseCode, Disconnect
 from .fanout import Audience, Fanout
 from .history import Entry, History, Recovery
 from .ids import ConnectionId, NodeId
@@ -31,8 +32,14 @@ from .logs import log_event
 from .nodemetrics import Counters
 from .protocol import ErrorCode, RefreshRequest, Refusal, Relay, RelayKind
 from .rooms import RoomName
+from .roomstream import Continuity, Recorded, RoomStream, offset_of
 from .session import State
 from .wire import ping_frame, text_frame
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from .clusterhistory import ClusterHistory
 
 __all__ = ["Hub", "HubHost"]
 
@@ -44,6 +51,10 @@ _BINARY_REFUSAL = Refusal(
 _RATE_REFUSAL = Refusal(ErrorCode.RATE_LIMITED, "Too many messages: slow down")
 _PROTOCOL_PING_FRAME = ping_frame(b"wshub")
 _MESSAGE = RelayKind.MESSAGE  # Micro-optimization: an enum member lookup costs ~170 ns
+_RECORDED = EventKind.RECORDED
+_HISTORY_MOVED_ON = Disconnect(
+    CloseCode.SERVICE_RESTART, "room history moved on: reconnect with since"
+)
 
 
 class HubHost(Protocol):
@@ -80,6 +91,7 @@ class Hub:
         clock: Callable[[], float],
         history: History | None = None,
         monotonic: Callable[[], float] | None = None,
+        shared: ClusterHistory | None = None,
         auth: ConnectAuth | None = None,
     ) -> None:
         self.room = room
@@ -97,6 +109,11 @@ class Hub:
         # carries an offset and nothing on the hot path changes.
         self._history = history if history is not None and history.enabled else None
         self._monotonic = monotonic or clock
+        # History on Redis (a cluster): offsets come from the room's script and
+        # every frame, this node's own too, from the subscription (roomstream.py).
+        self._shared = shared
+        self._stream = RoomStream() if shared is not None else None
+        self._prepared: dict[ConnectionId, tuple[Recovery | None, list[Recorded] | None]] = {}
 
     def count(self) -> int:
         """The room's connections across the cluster, as this node knows them."""
@@ -127,9 +144,13 @@ class Hub:
         # newcomer has nothing queued before it. Its user_joined may wait a
         # little for other joins, so a connection storm costs few writes.
         history = self._history
-        if history is None:
+        prepared = self._prepared.pop(conn.id, None) if self._shared is not None else None
+        if prepared is not None and prepared[0] is not None:
+            self._welcome_from_redis(conn, total, now, prepared[0], prepared[1], user_id)
+        elif history is None:
             # History off (decisions.md 19): no offset promised; a since is
-            # answered recovered:false, missed:0.
+            # answered recovered:false, missed:0. (On Redis too, for a join
+            # whose read failed: Redis is down and the node serves its own.)
             asked = conn.join is not None and conn.join.since is not None
             welcome = protocol.encode_welcome(
                 conn.id,
@@ -178,6 +199,8 @@ class Hub:
             for entry in recovery.missed:
                 conn.write(text_frame(protocol.replayed(entry.payload)))
         conn.join = None
+        if prepared is not None and prepared[1] is None:
+            conn.close(_HISTORY_MOVED_ON)  # too much came in during its join: start over
         joined = protocol.encode_user_joined(conn.id, total, now, user_id=user_id)
         self._fanout.to_all(self.audience, joined, exclude=conn, urgent=False)
         self._backplane.publish(
@@ -193,6 +216,87 @@ class Hub:
             ip=conn.ip,
             origin=conn.origin,
         )
+
+    def _welcome_from_redis(
+        self,
+        conn: Connection,
+        total: int,
+        now: float,
+        recovery: Recovery,
+        after: list[Recorded] | None,
+        user_id: str | None,
+    ) -> None:
+        # The read and its mark are both in: every offset up to the read's
+        # top is in the replay (or before the client's position), those above
+        # it that were heard meanwhile follow, and the rest come live.
+        asked = conn.join is not None and conn.join.since is not None
+        welcome = protocol.encode_welcome(
+            conn.id,
+            total,
+            now,
+            self.room,
+            epoch=recovery.epoch,
+            offset=recovery.offset,
+            recovered=recovery.recovered if asked else None,
+            missed=len(recovery.missed) if asked else None,
+            user_id=user_id,
+        )
+        conn.write(text_frame(welcome))
+        for entry in recovery.missed:
+            conn.write(text_frame(protocol.replayed(entry.payload)))
+        for frame in after or ():
+            conn.write(text_frame(frame.payload))
+
+    # -- Joins on Redis (the node runs the reads: clusterhistory.py) ----------------
+
+    @property
+    def history_in_redis(self) -> bool:
+        """Whether the room's offsets come from Redis (a cluster with history on)."""
+        return self._shared is not None
+
+    @property
+    def joining(self) -> int:
+        """Joins of this room waiting for their history read."""
+        return 0 if self._stream is None else self._stream.joining
+
+    def begin_join(self, connection_id: ConnectionId) -> None:
+        """The read of *connection_id*'s join starts: keep what arrives for it."""
+        assert self._stream is not None
+        self._stream.begin(connection_id)
+
+    def prepare_join(self, connection_id: ConnectionId, recovery: Recovery | None) -> None:
+        """The read is in (None: it failed): :meth:`on_open` will use it."""
+        stream = self._stream
+        assert stream is not None
+        if recovery is None:
+            stream.cancel(connection_id)
+            self._prepared[connection_id] = (None, [])
+            return
+        after, stale = stream.finish(connection_id, recovery.epoch, recovery.offset)
+        if stale:  # the stream follows the new epoch already: only the members go
+            self._close_members("epoch")
+        self._prepared[connection_id] = (recovery, after)
+
+    def end_join(self, connection_id: ConnectionId) -> None:
+        """Forget what a join did not take (its client went away meanwhile)."""
+        self._prepared.pop(connection_id, None)
+
+    def _history_moved_on(self, why: str) -> None:
+        """The room's offsets no longer follow on from what its members here
+        were sent (frames lost, or the history restarted): close them so that
+        they reconnect with ``since`` and recover, or learn that they cannot."""
+        assert self._stream is not None
+        self._stream.reset()
+        self._close_members(why)
+
+    def _close_members(self, why: str) -> None:
+        if not self.members:
+            return
+        log_event(
+            log, logging.WARNING, "history_moved_on", room=self.room, why=why, n=len(self.members)
+        )
+        for conn in list(self.members.values()):
+            conn.close(_HISTORY_MOVED_ON)
 
     def on_closing(self, conn: Connection) -> bytes:
         data = self._fanout.take(conn)
@@ -311,6 +415,10 @@ class Hub:
         kind is) for ``?since=`` and ``?history=``; *now* is the monotonic
         time *offset* was taken at.
         """
+        shared = self._shared
+        if shared is not None:
+            self._publish_shared(shared, payload, sender, exclude, kind, excluded_id)
+            return
         history = self._history
         if history is not None:
             if now is None:
@@ -332,6 +440,68 @@ class Hub:
             Envelope(self._node_id, EventKind.RELAY, self.room, excluded_id or sender, payload)
         )
 
+    def _publish_shared(
+        self,
+        shared: ClusterHistory,
+        payload: bytes,
+        sender: ConnectionId,
+        exclude: Connection | None,
+        kind: RelayKind | None,
+        excluded_id: ConnectionId | None = None,
+    ) -> asyncio.Future[tuple[str, int]] | None:
+        """Through the room's script (None: Redis unreachable, served here)."""
+        if not self._backplane.ready()[0]:
+            # Redis unreachable: serve this node's members at once, without an
+            # offset (none can be assigned), rather than late or never.
+            self._deliver(payload, exclude)
+            # The backplane counts what it could not forward.
+            self._backplane.publish(
+                Envelope(self._node_id, EventKind.RELAY, self.room, sender, payload)
+            )
+            return None
+        if kind is None:
+            kind = _MESSAGE if exclude is not None else RelayKind.BROADCAST
+        # The connection it skips, here or on another node (a backend's exclude).
+        skip = exclude.id if exclude is not None else excluded_id
+        future = shared.publish(self.room, payload, sender, kind, skip)
+        future.add_done_callback(partial(self._published, shared))
+        return future
+
+    def _published(self, shared: ClusterHistory, future: asyncio.Future[tuple[str, int]]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            # At most once: lost, counted.
+            shared.failed("publish", self.room, None if future.cancelled() else future.exception())
+            return
+        stream = self._stream
+        assert stream is not None
+        epoch = future.result()[0]
+        if not stream.published(epoch):
+            self._history_moved_on("epoch")
+            stream.reset(epoch)
+
+    def _deliver(self, payload: bytes, exclude: Connection | None) -> None:
+        recipients = len(self.members) - (1 if exclude is not None else 0)
+        self._counters.fanout_sizes.observe(recipients)
+        if recipients > 0:
+            self._fanout.to_all(self.audience, payload, exclude=exclude)
+
+    def _on_recorded(self, envelope: Envelope) -> None:
+        payload = envelope.payload
+        excluded = envelope.connection_id or None
+        stream = self._stream
+        if stream is not None:
+            try:
+                offset = offset_of(payload)
+            except ValueError:
+                log.warning("recorded frame without an offset in room %r", self.room)
+                return
+            continuity = stream.heard(Recorded(offset, payload, excluded))
+            if continuity is not Continuity.IN_ORDER:
+                self._history_moved_on(continuity.value)
+                return
+        members = self.members
+        self._deliver(payload, None if excluded is None else members.get(excluded))
+
     def publish_backend(
         self, kind: RelayKind, sender: ConnectionId, content: str, exclude: ConnectionId | None
     ) -> tuple[int | None, str | None]:
@@ -340,6 +510,11 @@ class Hub:
         its history. Returns ``(offset, epoch)``, both None with history off."""
         member = None if exclude is None else self.members.get(exclude)
         history = self._history
+        if history is None and self._shared is not None:
+            # On Redis the offset comes later, from the room's script:
+            # publish_backend_recorded() gives it to whoever waits for it.
+            self.publish_backend_recorded(kind, sender, content, exclude)
+            return None, None
         if history is None:
             payload = protocol.encode_relay(kind, sender, content, self._clock())
             self.publish(payload, sender, member, kind=kind, excluded_id=exclude)
@@ -352,6 +527,20 @@ class Hub:
         )
         epoch, _ = history.state(self.room, mono)
         return offset, epoch
+
+    def publish_backend_recorded(
+        self, kind: RelayKind, sender: ConnectionId, content: str, exclude: ConnectionId | None
+    ) -> asyncio.Future[tuple[str, int]] | None:
+        """A backend's publication with history on Redis: the future of its
+        ``(epoch, offset)`` from the room's script; None when this node has
+        no Redis history (use :meth:`publish_backend`) or Redis is
+        unreachable (it was served to this node's members only)."""
+        shared = self._shared
+        if shared is None:
+            return None
+        member = None if exclude is None else self.members.get(exclude)
+        payload = protocol.encode_relay(kind, sender, content, self._clock())
+        return self._publish_shared(shared, payload, sender, member, kind, exclude)
 
     def on_binary(self, conn: Connection, data: bytes) -> None:
         self._counters.messages.inc_label("INCOMING")
@@ -385,6 +574,14 @@ class Hub:
 
     def on_envelope(self, envelope: Envelope) -> None:
         """A relay, or a join or leave that changed the room's view."""
+        kind = envelope.kind
+        if kind is _RECORDED:
+            self._on_recorded(envelope)
+            return
+        if kind is EventKind.MARK:
+            if self._shared is not None:
+                self._shared.marked(envelope.connection_id)
+            return
         if self.members:
             # Relays are urgent; presence from other nodes may wait for company.
             urgent = envelope.kind is EventKind.RELAY

@@ -20,6 +20,7 @@ import ctypes
 import logging
 import time
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .admission import Admission
@@ -47,6 +48,10 @@ from .rooms import DEFAULT_ROOM, RoomName
 from .routes import Route
 from .session import State
 from .usercount import ClusterUserCount
+
+if TYPE_CHECKING:
+    from .clusterhistory import ClusterHistory
+    from .history import Recovery
 
 __all__ = ["Node"]
 
@@ -80,6 +85,21 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
 _malloc_trim = _find_malloc_trim()
 
 
+def _cluster_history(config: Config, node_id: NodeId) -> ClusterHistory:
+    # The redis package only when asked for (as in backplane/factory.py).
+    from .backplane.redis import Keys
+    from .backplane.redis_history import RedisHistory
+    from .clusterhistory import ClusterHistory
+
+    history = RedisHistory.from_url(
+        config.redis_url,
+        prefix=config.cluster_name,
+        size=config.history_size,
+        ttl=config.history_ttl,
+    )
+    return ClusterHistory(history, node_id, Keys(config.cluster_name).room)
+
+
 class Node:
     def __init__(
         self,
@@ -95,13 +115,16 @@ class Node:
         self.node_id = self.backplane.node_id
         self.metrics, self.counters = node_metrics(self)
         self.rooms: dict[RoomName, Hub] = {}
-        # The memory history of every room (decisions.md 13). A cluster keeps
-        # none until the Redis history is wired: history off (decisions.md 19).
+        # The history of every room (decisions.md 13): in memory on one node,
+        # in Redis for a cluster (then the memory one is off).
         self.history = History(
             size=0 if config.redis_url else config.history_size,
             ttl=config.history_ttl,
             memory=config.history_memory,
         )
+        self.cluster_history: ClusterHistory | None = None
+        if config.redis_url and config.history_size > 0:
+            self.cluster_history = _cluster_history(config, self.node_id)
         self._occupied: set[RoomName] = set()  # rooms with members (or joining)
         self._emptied_at: dict[RoomName, float] = {}
         # Upgrades waiting for their room's backplane subscription.
@@ -269,6 +292,8 @@ class Node:
         if self.user_count is not None:
             await self.user_count.stop()
         await self.backplane.stop()
+        if self.cluster_history is not None:
+            await self.cluster_history.aclose()
 
     # -- Rooms (the gateway's RoomDirectory) -----------------------------------------
 
@@ -286,7 +311,7 @@ class Node:
         upgrade.conn.room = hub.room  # one string per room, not one per member
         waiting = self._waiting.get(room)
         if waiting is None:
-            upgrade.complete(hub, self.loop.time())
+            self._complete(hub, upgrade, self.loop.time())
         else:
             # The welcome's counts need the room's presence elsewhere: wait for it.
             upgrade.conn.hold()
@@ -305,6 +330,7 @@ class Node:
             history=self.history,
             monotonic=self.loop.time,
             auth=self.auth,
+            shared=self.cluster_history,
         )
 
     def backend_hub(self, room: RoomName) -> Hub:
@@ -321,9 +347,31 @@ class Node:
             return
         now = self.loop.time()
         for upgrade in waiting:
-            upgrade.complete(hub, now)
+            self._complete(hub, upgrade, now)
         if not hub.members:  # everyone left while waiting
             self.room_emptied(hub)
+
+    def _complete(self, hub: Hub, upgrade: Upgrade, now: float) -> None:
+        """Give *upgrade* to *hub*; on Redis with history on, once the room's
+        history answered the join (its since, history, or just its place)."""
+        shared = self.cluster_history
+        if shared is None:
+            upgrade.complete(hub, now)
+            return
+        upgrade.conn.hold()
+        connection_id = upgrade.connection_id
+        hub.begin_join(connection_id)
+
+        def done(recovery: Recovery | None) -> None:
+            hub.prepare_join(connection_id, recovery)
+            upgrade.complete(hub, self.loop.time())
+            hub.end_join(connection_id)
+            if self.draining and connection_id in self.connections:
+                self.connections[connection_id].close(SHUTTING_DOWN)  # joined too late
+            if not hub.members:  # the client went away meanwhile
+                self.room_emptied(hub)
+
+        shared.join(hub.room, connection_id, upgrade.conn.join, done)
 
     def is_live(self, connection_id: ConnectionId) -> bool:
         return connection_id in self.connections
@@ -344,7 +392,7 @@ class Node:
         return count
 
     def room_emptied(self, hub: Hub) -> None:
-        if self._waiting.get(hub.room):
+        if self._waiting.get(hub.room) or hub.joining:
             return  # still joining
         self._occupied.discard(hub.room)
         self._emptied_at[hub.room] = self.loop.time()
@@ -524,8 +572,20 @@ class Node:
             "pass_slices": fanout.slices,
         }
 
+    def history_figures(self) -> dict[str, float]:
+        history = self.history
+        return {
+            "bytes": history.bytes,
+            "entries": history.entries,
+            "rooms": history.room_count,
+            "evicted": history.evicted,
+        }
+
     def backplane_figures(self) -> dict[str, float]:
-        return self.backplane.metrics()
+        figures = self.backplane.metrics()
+        if self.cluster_history is not None:
+            figures.update(self.cluster_history.figures())
+        return figures
 
     def metrics_text(self) -> str:
         return self.metrics.render()

@@ -107,6 +107,10 @@ class NodeFigures(Protocol):
 
     def backplane_figures(self) -> dict[str, float]: ...
 
+    def history_figures(self) -> dict[str, float]:
+        """bytes, entries, rooms and evicted of the memory history."""
+        ...
+
 
 def node_metrics(node: NodeFigures) -> tuple[Metrics, Counters]:
     """The registry of a node: its counters, then every gauge."""
@@ -224,6 +228,44 @@ def node_metrics(node: NodeFigures) -> tuple[Metrics, Counters]:
         "wshub_backplane_reconnects_total",
         "Times the backplane subscription was rebuilt.",
         backplane("reconnects"),
+        kind="counter",
+    )
+
+    def history(key: str) -> Callable[[], float]:
+        return lambda: node.history_figures()[key]
+
+    m.gauge(
+        "wshub_history_bytes",
+        "Bytes the memory history accounts for now (entries and room states; "
+        "--history-memory bounds it).",
+        history("bytes"),
+    )
+    m.gauge("wshub_history_entries", "Entries the memory history holds now.", history("entries"))
+    m.gauge("wshub_history_rooms", "Room states the memory history holds now.", history("rooms"))
+    m.gauge(
+        "wshub_history_evicted_total",
+        "Entries the memory history dropped to stay within --history-memory.",
+        history("evicted"),
+        kind="counter",
+    )
+
+    def on_redis(key: str) -> Callable[[], float]:
+        return lambda: node.backplane_figures().get(key, 0.0)
+
+    m.gauge(
+        "wshub_history_redis_published_total",
+        "Publications recorded by the room history script in Redis (0 without Redis).",
+        on_redis("history_published"),
+        kind="counter",
+    )
+    m.gauge(
+        "wshub_history_redis_failures_total",
+        "Publications (lost, at most once) and join reads (served without history) "
+        "that Redis did not answer.",
+        lambda: (
+            node.backplane_figures().get("history_publish_failures", 0.0)
+            + node.backplane_figures().get("history_join_failures", 0.0)
+        ),
         kind="counter",
     )
     m.gauge("wshub_uptime_seconds", "Seconds since this node started.", node.uptime)

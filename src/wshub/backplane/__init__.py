@@ -41,6 +41,13 @@ class EventKind(enum.StrEnum):
     LEFT = "left"  # a connection closed on the sending node
     LOST = "lost"  # a dead node's connections in the room were reaped (payload: their ids)
     PROBE = "probe"  # a node checking that its own subscription still hears
+    # History on Redis (decisions.md 13): a relay with the offset the room's
+    # script gave it, delivered from the subscription on every node, its own
+    # too, so that all see one order (connection_id: the one it excludes, or "").
+    RECORDED = "recorded"
+    # Published by a join's history read right after it: the joining node has
+    # then heard everything the read saw (connection_id: the joining one).
+    MARK = "mark"
 
 
 class Envelope(NamedTuple):

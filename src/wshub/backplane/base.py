@@ -51,10 +51,21 @@ class ViewKeeper:
         if handler is None:
             return
         kind = envelope.kind
+        if kind is EventKind.RECORDED:
+            # One order per room: every node, this one too, delivers it as heard.
+            if envelope.node_id != self.node_id:
+                self.received += 1
+            if envelope.room in self.views:
+                handler.on_envelope(envelope)
+            return
         if envelope.node_id == self.node_id:
             if kind is EventKind.PROBE:
                 self.last_probe_heard = self.clock()
+            elif kind is EventKind.MARK:
+                handler.on_envelope(envelope)
             return  # our own events were handled locally
+        if kind is EventKind.MARK:
+            return  # another node's join
         self.received += 1
         view = self.views.get(envelope.room)
         if view is None:

@@ -42,16 +42,18 @@ one clock for the whole cluster.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
 from ..history import Entry, Recovery, new_epoch, would_receive
 from ..protocol import RelayKind
 
-__all__ = ["RedisHistory"]
+__all__ = ["RedisHistory", "StalePublication"]
 
 # Shared by both scripts: the room's epoch and top, creating the meta (and
 # dropping any stream left from a lost epoch) when it is gone.
@@ -67,10 +69,22 @@ else
 end
 """
 
+# A publication Redis only gets to after its deadline (ARGV[11], Unix ms on
+# Redis' clock: it froze with our pipeline in its socket buffer) is not run:
+# no offset taken, nothing recorded or published (at most once, never late).
+_DEADLINE = """
+local clock = redis.call('TIME')
+if tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000) > tonumber(ARGV[11]) then
+  return {'', -1}
+end
+"""
+
 # KEYS: meta, stream. ARGV: new epoch, meta ttl ms, ttl ms, size, channel,
-# envelope prefix, payload without offset, sender, kind, exclude ('' = none).
+# envelope prefix, payload without offset, sender, kind, exclude ('' = none),
+# deadline. Returns {epoch, offset}, or {'', -1} past the deadline.
 _PUBLISH = (
-    _META
+    _DEADLINE
+    + _META
     + """
 local offset = redis.call('HINCRBY', KEYS[1], 'top', 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -84,11 +98,16 @@ return {epoch, offset}
 )
 
 # KEYS: meta, stream. ARGV: new epoch, meta ttl ms, ttl ms, size, mode
-# ('state', 'since' or 'recent'), client epoch, offset, count.
-# Returns {epoch, top, recovered, entry fields...} oldest first.
+# ('state', 'since' or 'recent'), client epoch, offset, count, marker channel
+# ('' = none), marker message. Returns {epoch, top, recovered, entry
+# fields...} oldest first. The marker is published after the read: once a
+# subscriber hears it, it has heard every publication the read saw (Redis
+# writes to a subscriber's socket in the order it runs commands), whatever
+# the order in which the reply and the subscription reach the node.
 _READ = (
     _META
     + """
+local function read()
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 local mode = ARGV[5]
 if mode == 'state' then return {epoch, top, 0} end
@@ -115,12 +134,33 @@ end
 local out = {epoch, top, 1}
 for i = #items, 1, -1 do out[#out + 1] = items[i][2] end
 return out
+end
+local out = read()
+if ARGV[9] ~= '' then redis.call('PUBLISH', ARGV[9], ARGV[10]) end
+return out
 """
 )
 
+IDLE_CHECK = 0.2
+"""Seconds idle after which the connection is checked before use."""
+_CONNECTION_ERRORS = (ConnectionError, OSError, RedisConnectionError)
+
 _KINDS = {kind.value.encode(): kind for kind in RelayKind}
 
-_Queued = tuple[list[str], list[Any], "asyncio.Future[tuple[str, int]]"]
+MAX_AGE = 1.0
+"""Seconds a publication may wait for Redis (on our side, then on Redis'
+clock); older is dropped, never delivered late (as the backplane's
+``PUBLISH_MAX_AGE``)."""
+QUEUE_LIMIT = 16 * 1024 * 1024
+"""Bytes of publications waiting for Redis; past it new ones fail at once."""
+
+
+class StalePublication(Exception):
+    """Redis did not take the publication in time: dropped, not recorded."""
+
+
+# keys, arguments, the caller's future, when it was queued (loop time)
+_Queued = tuple[list[str], list[Any], "asyncio.Future[tuple[str, int]]", float]
 
 
 class RedisHistory:
@@ -153,7 +193,10 @@ class RedisHistory:
         self._publish = redis.register_script(_PUBLISH)
         self._read = redis.register_script(_READ)
         self._queue: list[_Queued] = []
+        self._queued_bytes = 0
+        self._clock_offset_ms: float | None = None  # Redis' clock minus ours
         self._flusher: asyncio.Task[None] | None = None
+        self._last_used = float("-inf")
         self.published = 0
 
     @classmethod
@@ -201,8 +244,14 @@ class RedisHistory:
             entry.kind.value,
             entry.exclude or "",
         ]
-        future: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
-        self._queue.append((self.keys(room), args, future))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[str, int]] = loop.create_future()
+        size = len(entry.payload) + len(prefix)
+        if self._queued_bytes + size > QUEUE_LIMIT:
+            future.set_exception(StalePublication("too much waiting for Redis"))
+            return future
+        self._queued_bytes += size
+        self._queue.append((self.keys(room), args, future, loop.time()))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="wshub-history-publisher")
         return future
@@ -210,30 +259,79 @@ class RedisHistory:
     async def _flush(self) -> None:
         # One batch at a time, in call order, on one connection: a sender's
         # messages keep their order.
+        loop = asyncio.get_running_loop()
         while self._queue:
-            batch, self._queue = self._queue, []
             try:
-                results = await self._run(batch)
-            except Exception as exc:  # every caller hears why its publication failed
-                for _, _, future in batch:
+                # Before the batch is taken: a check that stalls (a frozen
+                # Redis) leaves what queued meanwhile to the age check below.
+                await self._fresh()
+            except Exception as exc:
+                batch, self._queue = self._queue, []
+                self._queued_bytes = 0
+                for _, _, future, _ in batch:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            for (_, _, future), result in zip(batch, results, strict=True):
+            batch, self._queue = self._queue, []
+            self._queued_bytes = 0
+            # A batch that waited behind a stalled pipeline longer than
+            # MAX_AGE goes as a whole, like the backplane's: what was sent
+            # during a stall is dropped together, not let through in part.
+            if loop.time() - batch[0][3] > MAX_AGE:
+                for _, _, future, _ in batch:
+                    if not future.done():
+                        future.set_exception(StalePublication("waited too long for Redis"))
+                continue
+            try:
+                results = await self._run(batch)
+            except Exception as exc:  # every caller hears why its publication failed
+                for _, _, future, _ in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, _, future, _), result in zip(batch, results, strict=True):
                 if future.done():
                     continue
                 if isinstance(result, Exception):
                     future.set_exception(result)
+                elif int(result[1]) < 0:
+                    future.set_exception(StalePublication("Redis got to it too late"))
                 else:
                     future.set_result((result[0].decode(), int(result[1])))
                     self.published += 1
 
+    async def _fresh(self) -> None:
+        """A connection idle for a while is checked with a PING first (and
+        made again once if it died, say Redis restarted meanwhile), so that
+        the publication does not fail on it: a publication is never resent,
+        as it may have run."""
+        now = asyncio.get_running_loop().time()
+        if now - self._last_used > IDLE_CHECK:
+            try:
+                await self.redis.ping()
+            except _CONNECTION_ERRORS:
+                await self._reconnect()
+                await self.redis.ping()
+        if self._clock_offset_ms is None:
+            before = time.time()
+            seconds, micros = await self.redis.time()
+            after = time.time()
+            self._clock_offset_ms = seconds * 1000 + micros / 1000 - (before + after) * 500
+        self._last_used = now
+
+    async def _reconnect(self) -> None:
+        # Every idle connection of the pool went with the one found dead.
+        await self.redis.connection_pool.disconnect(inuse_connections=False)
+        self._clock_offset_ms = None  # maybe another Redis now: measured again
+
     async def _run(self, batch: Sequence[_Queued]) -> list[Any]:
+        assert self._clock_offset_ms is not None, "measured by _fresh()"
+        deadline = int((time.time() + MAX_AGE) * 1000 + self._clock_offset_ms)
         for attempt in range(2):
             pipe = self.redis.pipeline(transaction=False)
             sha = self._publish.sha
-            for keys, args, _ in batch:
-                pipe.evalsha(sha, 2, *keys, *args)
+            for keys, args, _, _ in batch:
+                pipe.evalsha(sha, 2, *keys, *args, deadline)
             results: list[Any] = await pipe.execute(raise_on_error=False)
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
                 # A restarted Redis forgot the script; it ran for none of them.
@@ -244,32 +342,59 @@ class RedisHistory:
 
     # -- Join -------------------------------------------------------------------
 
-    async def _call(self, room: str, mode: str, epoch: str, offset: int, count: int) -> list[Any]:
-        args: list[str | int] = [self._epochs(), self.meta_ttl_ms, self.ttl_ms, self.size]
+    async def _call(
+        self,
+        room: str,
+        mode: str,
+        epoch: str,
+        offset: int,
+        count: int,
+        marker: tuple[str, bytes] | None = None,
+    ) -> list[Any]:
+        args: list[str | int | bytes] = [self._epochs(), self.meta_ttl_ms, self.ttl_ms, self.size]
         args += [mode, epoch, offset, count]
-        reply: list[Any] = await self._read(keys=self.keys(room), args=args)
+        args += [marker[0], marker[1]] if marker is not None else ["", ""]
+        await self._fresh()
+        try:
+            reply: list[Any] = await self._read(keys=self.keys(room), args=args)
+        except _CONNECTION_ERRORS:
+            # A read may run twice (a second marker is harmless): try once more.
+            await self._reconnect()
+            reply = await self._read(keys=self.keys(room), args=args)
         return reply
 
-    async def state(self, room: str) -> tuple[str, int]:
-        """The room's ``(epoch, top offset)`` for a ``welcome``."""
-        reply = await self._call(room, "state", "", 0, 0)
+    async def state(self, room: str, *, marker: tuple[str, bytes] | None = None) -> tuple[str, int]:
+        """The room's ``(epoch, top offset)`` for a ``welcome``. *marker* is
+        ``(channel, message)`` to publish right after the read (see
+        :data:`_READ`); :meth:`recover` and :meth:`recent` take one too."""
+        reply = await self._call(room, "state", "", 0, 0, marker)
         return reply[0].decode(), int(reply[1])
 
     async def epoch(self, room: str) -> str:
         """The room's epoch (set now if the room had none)."""
         return (await self.state(room))[0]
 
-    async def recover(self, room: str, epoch: str, offset: int, previous: str | None) -> Recovery:
+    async def recover(
+        self,
+        room: str,
+        epoch: str,
+        offset: int,
+        previous: str | None,
+        *,
+        marker: tuple[str, bytes] | None = None,
+    ) -> Recovery:
         """As :meth:`wshub.history.History.recover`, for the whole cluster."""
-        reply = await self._call(room, "since", epoch, offset, 0)
+        reply = await self._call(room, "since", epoch, offset, 0, marker)
         recovery = _recovery(reply)
         if previous is None:
             return recovery
         return recovery._replace(missed=[e for e in recovery.missed if would_receive(e, previous)])
 
-    async def recent(self, room: str, count: int) -> Recovery:
+    async def recent(
+        self, room: str, count: int, *, marker: tuple[str, bytes] | None = None
+    ) -> Recovery:
         """As :meth:`wshub.history.History.recent`."""
-        return _recovery(await self._call(room, "recent", "", 0, max(0, count)))
+        return _recovery(await self._call(room, "recent", "", 0, max(0, count), marker))
 
 
 def _recovery(reply: list[Any]) -> Recovery:
