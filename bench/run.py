@@ -119,9 +119,19 @@ SERVERS = {
         "wshub",
         lambda port: wshub_cmd(port, ["--direct-send", "off"]),
     ),
+    # wshub with history off (decisions.md 13): what keeping every room's
+    # history (an offset per frame, a bounded buffer per room) costs, same run.
+    "wshub-nohistory": (
+        "wshub, `--history-size 0`",
+        "wshub",
+        lambda port: wshub_cmd(port, ["--history-size", "0"]),
+    ),
 }
 # A variant is run only through the scenarios where it can differ.
-ONLY = {"wshub-transport": ("fanout", "latency", "chat")}
+ONLY = {
+    "wshub-transport": ("fanout", "latency", "chat"),
+    "wshub-nohistory": ("fanout", "latency", "rooms"),
+}
 
 SCENARIOS = ["fanout", "latency", "chat", "rooms", "idle", "idle-2k"]
 SCENARIO_TEXT = {
@@ -1649,6 +1659,7 @@ def chart(data: dict, path: Path = CHART) -> None:
         "node-ws": "#a0aec0",
         "uws": "#dd6b20",
         "wshub-transport": "#90cdf4",
+        "wshub-nohistory": "#4299e1",
     }
     scen = [
         ("fanout", "fan-out\n(closed loop, 32 in flight)"),

@@ -1,14 +1,14 @@
 """The browser client library ``wshub.js`` (decisions.md 17), in headless Chromium.
 
-A test page and the module are served by a stdlib HTTP server in a thread (until
-the server serves ``/wshub.js`` itself); the page creates clients and records every
-event they emit, and the tests read those records. Against the real server
-(``wshub serve``) the tests check what it can show today: typed events for every
-message, reconnects after kill -9 and after a drain. The server does not speak
-recovery or tokens yet (decisions.md 13 and 15 are built but not wired), so those
-parts, and the close codes the server never sends on its own, are checked against
-stub servers written with ``websockets`` that play the server's side of the
-protocol: a fake at the seam, to be joined by real-server tests with the wiring.
+A test page and the module are served by a stdlib HTTP server in a thread; the page
+creates clients and records every event they emit, and the tests read those records.
+Against the real server (``wshub serve``) these tests check typed events for every
+message and reconnects after kill -9 and after a drain; the exact recovery parameters,
+duplicate offsets, and the close codes a server sends only in rare states are checked
+against stub servers written with ``websockets`` that play the server's side of the
+protocol (a fake at the seam). Recovery, tokens and clusters against real servers are
+in tests/test_clientlib_servers.py, tests/test_page_library.py and
+tests/test_auth_browser.py.
 
 Every wait is a ``wait_for_function`` with an upper bound; nothing sleeps.
 """

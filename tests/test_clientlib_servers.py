@@ -334,10 +334,8 @@ def test_a_lost_node_reconnects_through_another(
     (-9: 1006) or drained (1001); the page reconnects through the other node, and the
     sender's messages (sent to the other node all along) keep arriving, never twice.
 
-    Recovery through the other node needs the history on Redis (branch
-    clusterhistory): while a Redis node keeps history off (no epoch in its welcome),
-    the page is told recovered: false; once a cluster node has history, the same test
-    asserts recovered: true and every message, as on one node."""
+    The history lives in Redis (decisions.md 13), so the other node recovers the
+    page: recovered: true and every message, in order, as on one node."""
     name = f"page{time.monotonic_ns()}"
     a = cluster_node(page_server, redis_server, name)
     b = cluster_node(page_server, redis_server, name)
@@ -369,13 +367,10 @@ def test_a_lost_node_reconnects_through_another(
         sent = sender.stop()
         got = contents(page, "p")
         assert got == sorted(set(got)) and got[-1] <= sent  # in order, never twice
-        if "epoch" in first:  # history on in the cluster (clusterhistory): nothing lost
-            assert rec["recovered"] is True
-            wait_messages(page, "p", sent)
-            assert contents(page, "p") == list(range(1, sent + 1))
-        else:  # today: history off on a Redis node, so the page is told of a gap
-            assert rec == {"recovered": False, "missed": 0}
-            assert got[:30] == list(range(1, 31))
+        assert "epoch" in first  # history is on in a cluster too
+        assert rec["recovered"] is True
+        wait_messages(page, "p", sent)
+        assert contents(page, "p") == list(range(1, sent + 1))
     finally:
         b.stop()
         a.stop()

@@ -149,6 +149,13 @@ class ConnectionOwner(Protocol):
 class _FrameProtocol(FrameProtocol):
     """The library's sans-I/O protocol, with one correction."""
 
+    def release(self) -> None:
+        """End the parser generator: it holds a reference to this protocol
+        (its frame's ``self``), a cycle only the cyclic GC would free, and a
+        connection that pings now and then makes and drops one per Ping.
+        Ended, the protocol is freed by its reference count at once."""
+        self.parser.close()
+
     def holds_nothing(self) -> bool:
         """Open, between frames and messages, nothing to send, no error: the
         same as a protocol just made (see :class:`_IdleLibrary`)."""
@@ -751,6 +758,7 @@ class Connection(asyncio.Protocol):
             and not self._scanner.head
             and ws.holds_nothing()
         ):
+            ws.release()
             self.ws = _IDLE_LIBRARY  # a control frame set it up: let it go again
 
     def _fast_path_open(self) -> bool:
