@@ -210,8 +210,9 @@ connections the loop would otherwise upgrade all that arrived while the last
 pass ran, and every newcomer's user_joined would land in one fan-out pass
 whose cost grows with the square of its newcomers (each is built the joins
 after its own): 5,000 at once held the loop 6.6 s (decisions.md 18). The
-rest wait for a later pass, in arrival order (their handshake deadline still
-runs). Plain requests (/healthz, /stats, ...) never wait."""
+rest wait for a later pass, in arrival order; their request came whole, so the
+wait is ours and the handshake deadline does not drop them meanwhile (it is
+bounded by --max-handshakes all the same). Plain requests (/healthz, /stats, ...) never wait."""
 
 
 UPGRADES_PER_PASS_BEHIND = 16
@@ -245,6 +246,7 @@ class _UpgradesPerPass:
             self.count += 1
             return True
         conn.transport.pause_reading()
+        conn._queued = True
         self.waiting.append(conn)
         return False
 
@@ -260,6 +262,7 @@ class _UpgradesPerPass:
         cap = self.cap()
         while waiting and self.count < cap:
             conn = waiting.popleft()
+            conn._queued = False
             if conn._request_again():
                 self.count += 1
         if self.count or waiting:
@@ -322,6 +325,7 @@ class Connection(asyncio.Protocol):
         "opened_at_accept",
         "join",
         "_in_request",
+        "_queued",
         "requests_served",
         "_refused_body",
         "identity",
@@ -388,6 +392,7 @@ class Connection(asyncio.Protocol):
         # A request is being answered (an API call may wait for the cluster):
         # what the client pipelines behind it waits in the buffer.
         self._in_request = False
+        self._queued = False  # a whole upgrade request waiting for its loop pass
         self.requests_served = 0  # answered on this connection with keep-alive
         self._refused_body: Callable[[http.HttpError], bytes] | None = None
 
@@ -711,9 +716,12 @@ class Connection(asyncio.Protocol):
 
     def _handshake_expired(self) -> None:
         self._timer = None
-        if self._in_request and self._body is None and not self._held and self._buffer is not None:
+        if self._queued or (
+            self._in_request and self._body is None and not self._held and self._buffer is not None
+        ):
             # The request came whole and its answer is on its way (an API
-            # call asking the cluster): the wait is ours, not the client's.
+            # call asking the cluster, an upgrade waiting for its loop pass
+            # in a storm): the wait is ours, not the client's.
             self._timer = self.loop.call_later(
                 self.settings.handshake_timeout, self._handshake_expired
             )
