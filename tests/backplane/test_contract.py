@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 import pytest
 
@@ -37,26 +37,34 @@ class Recorder:
         self.lost: list[tuple[str, ConnectionId]] = []
         self.ready: list[str] = []
         self.local: set[tuple[RoomName, ConnectionId]] = set()
+        self.local_users: dict[ConnectionId, str] = {}
+        self.users: dict[ConnectionId, str] = {}  # told with the found and lost
         self.changed = asyncio.Event()
 
     def on_envelope(self, envelope: Envelope) -> None:
         self.envelopes.append(envelope)
         self.changed.set()
 
-    def on_connections_found(self, room: RoomName, ids: Iterable[ConnectionId]) -> None:
+    def on_connections_found(
+        self, room: RoomName, ids: Iterable[ConnectionId], users: Mapping[ConnectionId, str]
+    ) -> None:
         self.found.extend((room, i) for i in ids)
+        self.users.update(users)
         self.changed.set()
 
-    def on_connections_lost(self, room: RoomName, ids: Iterable[ConnectionId]) -> None:
+    def on_connections_lost(
+        self, room: RoomName, ids: Iterable[ConnectionId], users: Mapping[ConnectionId, str]
+    ) -> None:
         self.lost.extend((room, i) for i in ids)
+        self.users.update(users)
         self.changed.set()
 
     def on_room_ready(self, room: RoomName) -> None:
         self.ready.append(room)
         self.changed.set()
 
-    def local_presence(self) -> list[tuple[RoomName, ConnectionId]]:
-        return list(self.local)
+    def local_presence(self) -> list[tuple[RoomName, ConnectionId, str | None]]:
+        return [(room, cid, self.local_users.get(cid)) for room, cid in self.local]
 
     def relays(self, room: str = "") -> list[bytes]:
         return [e.payload for e in self.envelopes if e.kind is EventKind.RELAY and e.room == room]
