@@ -16,7 +16,7 @@ rate limits use the loop's monotonic time in the connection.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
@@ -55,6 +55,14 @@ _RECORDED = EventKind.RECORDED
 _HISTORY_MOVED_ON = Disconnect(
     CloseCode.SERVICE_RESTART, "room history moved on: reconnect with since"
 )
+
+
+class _PresenceEncoder(Protocol):
+    """protocol.encode_user_joined or encode_user_left."""
+
+    def __call__(
+        self, connection_id: ConnectionId, total_users: int, now: float, *, user_id: str | None
+    ) -> bytes: ...
 
 
 class HubHost(Protocol):
@@ -204,7 +212,7 @@ class Hub:
         joined = protocol.encode_user_joined(conn.id, total, now, user_id=user_id)
         self._fanout.to_all(self.audience, joined, exclude=conn, urgent=False)
         self._backplane.publish(
-            Envelope(self._node_id, EventKind.JOINED, self.room, conn.id, joined)
+            Envelope(self._node_id, EventKind.JOINED, self.room, conn.id, joined, user_id)
         )
         log_event(
             log,
@@ -592,26 +600,32 @@ class Hub:
         if envelope.kind is EventKind.RELAY:
             self._counters.fanout_sizes.observe(len(self.members))
 
-    def announce_left(self, connection_ids: Iterable[ConnectionId]) -> None:
+    def announce_left(
+        self, connection_ids: Iterable[ConnectionId], users: Mapping[ConnectionId, str]
+    ) -> None:
         """Members elsewhere gone without their own ``left`` event (their node
-        died): the view already dropped them."""
-        self._announce(connection_ids, protocol.encode_user_left)
+        died): the view already dropped them (*users*: their user ids)."""
+        self._announce(connection_ids, users, protocol.encode_user_left)
 
-    def announce_joined(self, connection_ids: Iterable[ConnectionId]) -> None:
+    def announce_joined(
+        self, connection_ids: Iterable[ConnectionId], users: Mapping[ConnectionId, str]
+    ) -> None:
         """Members elsewhere whose ``joined`` event was lost (an outage)."""
-        self._announce(connection_ids, protocol.encode_user_joined)
+        self._announce(connection_ids, users, protocol.encode_user_joined)
 
     def _announce(
         self,
         connection_ids: Iterable[ConnectionId],
-        encode: Callable[[ConnectionId, int, float], bytes],
+        users: Mapping[ConnectionId, str],
+        encode: _PresenceEncoder,
     ) -> None:
         if not self.members:
             return
         now = self._clock()
         total = self.count()
         for connection_id in connection_ids:
-            self._fanout.to_all(self.audience, encode(connection_id, total, now), urgent=False)
+            frame = encode(connection_id, total, now, user_id=users.get(connection_id))
+            self._fanout.to_all(self.audience, frame, urgent=False)
 
     # -- Timers -----------------------------------------------------------------------
 

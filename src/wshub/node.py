@@ -19,7 +19,7 @@ import asyncio
 import ctypes
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from . import __version__
@@ -458,18 +458,32 @@ class Node:
         if hub is not None:
             hub.on_envelope(envelope)
 
-    def on_connections_lost(self, room: RoomName, connection_ids: Iterable[ConnectionId]) -> None:
+    def on_connections_lost(
+        self,
+        room: RoomName,
+        connection_ids: Iterable[ConnectionId],
+        users: Mapping[ConnectionId, str],
+    ) -> None:
         hub = self.rooms.get(room)
         if hub is not None:
-            hub.announce_left(connection_ids)
+            hub.announce_left(connection_ids, users)
 
-    def on_connections_found(self, room: RoomName, connection_ids: Iterable[ConnectionId]) -> None:
+    def on_connections_found(
+        self,
+        room: RoomName,
+        connection_ids: Iterable[ConnectionId],
+        users: Mapping[ConnectionId, str],
+    ) -> None:
         hub = self.rooms.get(room)
         if hub is not None:
-            hub.announce_joined(connection_ids)
+            hub.announce_joined(connection_ids, users)
 
-    def local_presence(self) -> list[tuple[RoomName, ConnectionId]]:
-        return [(hub.room, cid) for hub in self.rooms.values() for cid in hub.members]
+    def local_presence(self) -> list[tuple[RoomName, ConnectionId, str | None]]:
+        return [
+            (hub.room, cid, None if conn.identity is None else conn.identity.user_id)
+            for hub in self.rooms.values()
+            for cid, conn in hub.members.items()
+        ]
 
     def _rejoin(self) -> None:
         """The cluster reaped us during an outage and told everyone our clients

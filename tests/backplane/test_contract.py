@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 import pytest
 
@@ -19,6 +19,7 @@ from wshub.backplane import Envelope, EventKind
 from wshub.backplane.memory import MemoryBackplane, MemoryBroker
 from wshub.backplane.redis import RedisBackplane
 from wshub.ids import ConnectionId, NodeId
+from wshub.protocol import encode_user_joined
 from wshub.rooms import RoomName
 
 from ..conftest import TIMEOUT
@@ -37,26 +38,34 @@ class Recorder:
         self.lost: list[tuple[str, ConnectionId]] = []
         self.ready: list[str] = []
         self.local: set[tuple[RoomName, ConnectionId]] = set()
+        self.local_users: dict[ConnectionId, str] = {}
+        self.users: dict[ConnectionId, str] = {}  # told with the found and lost
         self.changed = asyncio.Event()
 
     def on_envelope(self, envelope: Envelope) -> None:
         self.envelopes.append(envelope)
         self.changed.set()
 
-    def on_connections_found(self, room: RoomName, ids: Iterable[ConnectionId]) -> None:
+    def on_connections_found(
+        self, room: RoomName, ids: Iterable[ConnectionId], users: Mapping[ConnectionId, str]
+    ) -> None:
         self.found.extend((room, i) for i in ids)
+        self.users.update(users)
         self.changed.set()
 
-    def on_connections_lost(self, room: RoomName, ids: Iterable[ConnectionId]) -> None:
+    def on_connections_lost(
+        self, room: RoomName, ids: Iterable[ConnectionId], users: Mapping[ConnectionId, str]
+    ) -> None:
         self.lost.extend((room, i) for i in ids)
+        self.users.update(users)
         self.changed.set()
 
     def on_room_ready(self, room: RoomName) -> None:
         self.ready.append(room)
         self.changed.set()
 
-    def local_presence(self) -> list[tuple[RoomName, ConnectionId]]:
-        return list(self.local)
+    def local_presence(self) -> list[tuple[RoomName, ConnectionId, str | None]]:
+        return [(room, cid, self.local_users.get(cid)) for room, cid in self.local]
 
     def relays(self, room: str = "") -> list[bytes]:
         return [e.payload for e in self.envelopes if e.kind is EventKind.RELAY and e.room == room]
@@ -217,6 +226,43 @@ def test_a_crashed_node_is_reaped_exactly_once_room_by_room(medium) -> None:
         await asyncio.sleep(ttl)  # a bounded observation window, not a wait for an event
         assert len(rb.lost) == 2 and len(rc.lost) == 3
         for bp in (b, c):
+            await bp.stop()
+
+    asyncio.run(body())
+
+
+def test_a_crashed_nodes_users_are_named_in_what_is_announced_lost(medium) -> None:
+    """The survivors tell the user id of each authenticated connection of a
+    dead node (decisions.md 15), whether they learned it from the join event
+    or from the room's presence read when they subscribed; none for an
+    anonymous one, and the same for a user id holding the separators."""
+
+    async def body() -> None:
+        ttl = 0.6
+        dead, rd = await medium("dead", ttl, rooms=("r1",))
+        early, re = await medium("early", ttl, rooms=("r1",))
+        tricky = 'al|ice\t"userId"\n'
+        for conn, user in (("ws-1", "alice"), ("ws-2", None), ("ws-3", tricky)):
+            frame = encode_user_joined(ConnectionId(conn), 1, 0.0, user_id=user)
+            dead.publish(
+                Envelope(
+                    NodeId("dead"),
+                    EventKind.JOINED,
+                    RoomName("r1"),
+                    ConnectionId(conn),
+                    frame,
+                    user,
+                )
+            )
+            rd.local.add((RoomName("r1"), ConnectionId(conn)))
+        await re.until(lambda: early.remote_count(RoomName("r1")) == 3)
+        late, rl = await medium("late", ttl, rooms=("r1",))
+        assert late.remote_count(RoomName("r1")) == 3 and rl.found == []
+        await dead.crash()
+        for recorder in (re, rl):
+            await recorder.until(lambda r=recorder: len(r.lost) == 3, timeout=2 * ttl + TIMEOUT)
+            assert recorder.users == {"ws-1": "alice", "ws-3": tricky}
+        for bp in (early, late):
             await bp.stop()
 
     asyncio.run(body())

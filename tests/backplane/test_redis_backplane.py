@@ -7,6 +7,7 @@ import signal
 import time
 
 import pytest
+import redis.asyncio as aioredis
 from websockets.exceptions import ConnectionClosed
 
 from wshub.backplane import Envelope, EventKind
@@ -145,3 +146,29 @@ def test_sigterm_while_redis_dies_exits_within_the_drain_timeout(own_redis, how:
     with pytest.raises(ConnectionClosed) as closed:
         client.ws.recv(timeout=TIMEOUT)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+
+
+def test_a_resync_names_the_user_of_a_connection_it_finds(redis_server) -> None:
+    """A connection whose join event this node missed (written to the room's
+    presence while it was not listening) is announced by the next resync with
+    its user id; an anonymous one without."""
+
+    async def body() -> None:
+        recorder = Recorder()
+        backplane = RedisBackplane(
+            redis_server.url, NodeId("b"), node_ttl=0.6, prefix="resyncusers", probe_interval=0.2
+        )
+        await backplane.start(recorder)
+        await subscribe(backplane, recorder, "")
+        client = aioredis.from_url(redis_server.url)
+        try:
+            await client.hset("resyncusers:presence:", "ws-8", "a")
+            await client.hset("resyncusers:presence:", "ws-9", "a\tal\tice")
+        finally:
+            await client.aclose()
+        await recorder.until(lambda: len(recorder.found) == 2, timeout=5 + TIMEOUT)
+        assert sorted(recorder.found) == [("", "ws-8"), ("", "ws-9")]
+        assert recorder.users == {"ws-9": "al\tice"}
+        await backplane.stop()
+
+    asyncio.run(body())

@@ -19,7 +19,7 @@ pass the same contract tests (``tests/backplane/contract.py``).
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple, Protocol
 
 from ..ids import ConnectionId, NodeId
@@ -60,6 +60,9 @@ class Envelope(NamedTuple):
     room: RoomName
     connection_id: ConnectionId  # for LOST: the dead node's id
     payload: bytes
+    # A JOINED's user id (decisions.md 15), for the sender's presence store
+    # only: not on the wire (receivers read it from the payload's frame).
+    user_id: str | None = None
 
 
 def encode_envelope(envelope: Envelope) -> bytes:
@@ -88,20 +91,33 @@ class BackplaneHandler(Protocol):
         or a JOINED/LEFT that changed the view): deliver ``payload`` to the
         room's local members."""
 
-    def on_connections_found(self, room: RoomName, connection_ids: Iterable[ConnectionId]) -> None:
+    def on_connections_found(
+        self,
+        room: RoomName,
+        connection_ids: Iterable[ConnectionId],
+        users: Mapping[ConnectionId, str],
+    ) -> None:
         """Connections in *room* learned from a resync, whose join event was
-        lost: announce ``user_joined`` for each."""
+        lost: announce ``user_joined`` for each (with its user id in *users*,
+        if it has one)."""
 
-    def on_connections_lost(self, room: RoomName, connection_ids: Iterable[ConnectionId]) -> None:
+    def on_connections_lost(
+        self,
+        room: RoomName,
+        connection_ids: Iterable[ConnectionId],
+        users: Mapping[ConnectionId, str],
+    ) -> None:
         """Connections in *room* gone without their own ``left`` event (their
-        node died, or the event was lost): announce ``user_left`` for each."""
+        node died, or the event was lost): announce ``user_left`` for each
+        (with its user id in *users*, if it has one)."""
 
     def on_room_ready(self, room: RoomName) -> None:
         """The subscription to *room* asked for by :meth:`Backplane.subscribe`
         works and its view holds the room's presence elsewhere."""
 
-    def local_presence(self) -> Iterable[tuple[RoomName, ConnectionId]]:
-        """This node's open connections and their rooms, to (re-)register presence."""
+    def local_presence(self) -> Iterable[tuple[RoomName, ConnectionId, str | None]]:
+        """This node's open connections, their rooms and user ids, to
+        (re-)register presence."""
 
 
 class Backplane(Protocol):

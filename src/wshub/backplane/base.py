@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from ..ids import ConnectionId, NodeId
 from ..rooms import RoomName
 from . import BackplaneHandler, Envelope, EventKind
 from .presence import PresenceView
 
-__all__ = ["ViewKeeper", "lost_payload", "parse_lost"]
+__all__ = ["ViewKeeper", "joined_user", "lost_payload", "parse_lost"]
 
 log = logging.getLogger("wshub.backplane")
 
@@ -21,6 +22,19 @@ def lost_payload(ids: Iterable[ConnectionId]) -> bytes:
 
 def parse_lost(payload: bytes) -> list[ConnectionId]:
     return [ConnectionId(i) for i in payload.decode().split("\n") if i]
+
+
+def joined_user(payload: bytes) -> str | None:
+    """The user id in a JOINED envelope's ``user_joined`` frame, if any (the
+    frame is the only place the envelope carries it; anonymous joins, most of
+    them, are not parsed)."""
+    if b'"userId"' not in payload:
+        return None
+    try:
+        user = json.loads(payload).get("userId")
+    except (ValueError, AttributeError):
+        return None
+    return user if isinstance(user, str) else None
 
 
 class ViewKeeper:
@@ -73,7 +87,8 @@ class ViewKeeper:
         if kind is EventKind.RELAY:
             handler.on_envelope(envelope)
         elif kind is EventKind.JOINED:
-            if view.joined(envelope.node_id, envelope.connection_id, self.clock()):
+            user = joined_user(envelope.payload)
+            if view.joined(envelope.node_id, envelope.connection_id, self.clock(), user):
                 handler.on_envelope(envelope)
         elif kind is EventKind.LEFT:
             if view.left(envelope.node_id, envelope.connection_id, self.clock()):
@@ -87,28 +102,37 @@ class ViewKeeper:
         if view is None:
             return
         gone = view.lost(dead, ids, self.clock())
-        if gone and self.handler is not None:
+        if gone.left and self.handler is not None:
             log.warning(
-                "node %s lost: %d connections in room %r announced as gone", dead, len(gone), room
+                "node %s lost: %d connections in room %r announced as gone",
+                dead,
+                len(gone.left),
+                room,
             )
-            self.handler.on_connections_lost(room, gone)
+            self.handler.on_connections_lost(room, gone.left, gone.users)
 
     def apply_snapshot(
-        self, room: RoomName, snapshot: dict[NodeId, set[ConnectionId]], *, initial: bool = False
+        self,
+        room: RoomName,
+        snapshot: dict[NodeId, set[ConnectionId]],
+        *,
+        users: Mapping[ConnectionId, str] | None = None,
+        initial: bool = False,
     ) -> None:
-        """Correct *room*'s view from the shared store. The *initial* snapshot
-        of a new subscription fills the view silently: no one here was told
-        anything about the room yet."""
+        """Correct *room*'s view from the shared store (*users*: the user ids
+        of its authenticated connections). The *initial* snapshot of a new
+        subscription fills the view silently: no one here was told anything
+        about the room yet."""
         view = self.views.get(room)
         if view is None:
             return
         snapshot.pop(self.node_id, None)
-        change = view.resync(snapshot, self.clock())
+        change = view.resync(snapshot, self.clock(), users)
         if self.handler is None or initial:
             return
         if change.joined:
             log.info("resync found %d connections in room %r", len(change.joined), room)
-            self.handler.on_connections_found(room, change.joined)
+            self.handler.on_connections_found(room, change.joined, change.users)
         if change.left:
             log.info("resync lost %d connections in room %r", len(change.left), room)
-            self.handler.on_connections_lost(room, change.left)
+            self.handler.on_connections_lost(room, change.left, change.users)

@@ -29,6 +29,7 @@ class MemoryBroker:
     def __init__(self) -> None:
         self.channels: dict[RoomName, dict[NodeId, MemoryBackplane]] = defaultdict(dict)
         self.presence: dict[NodeId, dict[ConnectionId, RoomName]] = {}
+        self.users: dict[ConnectionId, str] = {}  # of the connections in presence that have one
         self.alive_until: dict[NodeId, float] = {}
 
     def publish(self, envelope: Envelope) -> None:
@@ -46,7 +47,13 @@ class MemoryBroker:
         if node not in self.alive_until or self.alive_until[node] > now:
             return None
         del self.alive_until[node]
-        return self.presence.pop(node, {})
+        return self.withdraw(node)
+
+    def withdraw(self, node: NodeId) -> dict[ConnectionId, RoomName]:
+        claimed = self.presence.pop(node, {})
+        for cid in claimed:
+            self.users.pop(cid, None)
+        return claimed
 
 
 class MemoryBackplane(ViewKeeper):
@@ -68,13 +75,17 @@ class MemoryBackplane(ViewKeeper):
         self._loop = loop = asyncio.get_running_loop()
         self.clock = loop.time
         self.handler = handler
-        self.broker.presence[self.node_id] = {cid: room for room, cid in handler.local_presence()}
+        presence = self.broker.presence[self.node_id] = {}
+        for room, cid, user in handler.local_presence():
+            presence[cid] = room
+            if user is not None:
+                self.broker.users[cid] = user
         self._tick()
 
     def subscribe(self, room: RoomName) -> bool:
         self.open_view(room)
         self.broker.channels[room][self.node_id] = self
-        self.apply_snapshot(room, self.broker.snapshot(room), initial=True)
+        self.apply_snapshot(room, self.broker.snapshot(room), users=self.broker.users, initial=True)
         return True
 
     def unsubscribe(self, room: RoomName) -> None:
@@ -111,7 +122,7 @@ class MemoryBackplane(ViewKeeper):
     async def stop(self) -> None:
         """Leave the cluster cleanly: presence withdrawn, nothing to reap."""
         self._halt()
-        self.broker.presence.pop(self.node_id, None)
+        self.broker.withdraw(self.node_id)
         self.broker.alive_until.pop(self.node_id, None)
 
     async def crash(self) -> None:
@@ -131,8 +142,11 @@ class MemoryBackplane(ViewKeeper):
         if kind is EventKind.JOINED:
             presence = self.broker.presence.setdefault(self.node_id, {})
             presence[envelope.connection_id] = envelope.room
+            if envelope.user_id is not None:
+                self.broker.users[envelope.connection_id] = envelope.user_id
         elif kind is EventKind.LEFT:
             self.broker.presence.get(self.node_id, {}).pop(envelope.connection_id, None)
+            self.broker.users.pop(envelope.connection_id, None)
         channel = self.broker.channels.get(envelope.room)
         # Micro-optimization: a lone node (the embedded default) has no one to tell.
         if channel is not None and (len(channel) > 1 or self.node_id not in channel):

@@ -14,11 +14,16 @@ three sources cost nothing. Two guards keep a stale snapshot from undoing
 fresher events: an id that left is remembered (a tombstone) and never
 re-added, and an id that joined recently is not removed by a snapshot that
 may have been read before it joined.
+
+The view also remembers the user id (a token's ``sub``, decisions.md 15) of
+each authenticated connection it learns, from its join event or a snapshot, so
+that the presence it rebuilds (a dead node's connections, a resync's finds)
+names the user as the events it replaces would have.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ..ids import ConnectionId, NodeId
@@ -30,6 +35,8 @@ __all__ = ["PresenceView", "ViewChange"]
 class ViewChange:
     joined: list[ConnectionId] = field(default_factory=list)
     left: list[ConnectionId] = field(default_factory=list)
+    # The user ids of those in joined and left that have one.
+    users: dict[ConnectionId, str] = field(default_factory=dict)
 
 
 class PresenceView:
@@ -38,12 +45,16 @@ class PresenceView:
         self.tombstone_ttl = tombstone_ttl
         self.nodes: dict[NodeId, dict[ConnectionId, float]] = {}  # id -> when it joined
         self._tombstones: dict[ConnectionId, float] = {}
+        self._users: dict[ConnectionId, str] = {}  # only the connections that have one
         self._count = 0
 
     def count(self) -> int:
         return self._count
 
-    def joined(self, node: NodeId, conn: ConnectionId, now: float) -> bool:
+    def user_of(self, conn: ConnectionId) -> str | None:
+        return self._users.get(conn)
+
+    def joined(self, node: NodeId, conn: ConnectionId, now: float, user: str | None = None) -> bool:
         """Apply a join event; True if *conn* is new to the view."""
         if conn in self._tombstones:
             return False
@@ -51,11 +62,20 @@ class PresenceView:
         if conn in conns:
             return False
         conns[conn] = now
+        if user is not None:
+            self._users[conn] = user
         self._count += 1
         return True
 
-    def left(self, node: NodeId, conn: ConnectionId, now: float) -> bool:
-        """Apply a leave event; True if *conn* was in the view."""
+    def left(
+        self,
+        node: NodeId,
+        conn: ConnectionId,
+        now: float,
+        users: dict[ConnectionId, str] | None = None,
+    ) -> bool:
+        """Apply a leave event; True if *conn* was in the view (its user id,
+        if it had one, then goes to *users*)."""
         self._tombstones[conn] = now
         if len(self._tombstones) % 1024 == 0:
             self._expire_tombstones(now)
@@ -65,29 +85,44 @@ class PresenceView:
         self._count -= 1
         if not conns:
             del self.nodes[node]
+        user = self._users.pop(conn, None)
+        if user is not None and users is not None:
+            users[conn] = user
         return True
 
-    def lost(self, node: NodeId, conns: Iterable[ConnectionId], now: float) -> list[ConnectionId]:
+    def lost(self, node: NodeId, conns: Iterable[ConnectionId], now: float) -> ViewChange:
         """A node died: its connections are gone. Returns those that were in
-        the view (each is to be announced as left, once)."""
-        gone = [conn for conn in conns if self.left(node, conn, now)]
+        the view as ``left`` (each is to be announced as left, once)."""
+        change = ViewChange()
+        users = change.users
+        change.left = [conn for conn in conns if self.left(node, conn, now, users)]
         # Anything else we still hold for that node is gone as well.
         rest = list(self.nodes.get(node, ()))
-        gone.extend(conn for conn in rest if self.left(node, conn, now))
-        return gone
+        change.left.extend(conn for conn in rest if self.left(node, conn, now, users))
+        return change
 
-    def resync(self, snapshot: dict[NodeId, set[ConnectionId]], now: float) -> ViewChange:
-        """Correct the view from a snapshot of every other node's presence."""
+    def resync(
+        self,
+        snapshot: dict[NodeId, set[ConnectionId]],
+        now: float,
+        users: Mapping[ConnectionId, str] | None = None,
+    ) -> ViewChange:
+        """Correct the view from a snapshot of every other node's presence
+        (and the user ids of its authenticated connections)."""
         change = ViewChange()
+        known = users or {}
         for node, conns in snapshot.items():
             for conn in conns:
-                if self.joined(node, conn, now):
+                user = known.get(conn)
+                if self.joined(node, conn, now, user):
                     change.joined.append(conn)
+                    if user is not None:
+                        change.users[conn] = user
         for node in list(self.nodes):
             present = snapshot.get(node, set())
             for conn, since in list(self.nodes[node].items()):
                 if conn not in present and now - since > self.grace:
-                    if self.left(node, conn, now):
+                    if self.left(node, conn, now, change.users):
                         change.left.append(conn)
         self._expire_tombstones(now)
         return change

@@ -8,6 +8,7 @@ Keys (``{p}`` is ``--cluster-name``, default ``wshub``)::
     {p}:node:{id}:alive    lease, expires after --node-ttl unless refreshed
     {p}:node:{id}:conns    HASH connection id -> room, the node's open connections
     {p}:presence:{room}    HASH connection id -> node id, the room's connections
+                           (node id TAB user id for an authenticated one)
     {p}:node:{id}:reaped   marker left by the survivor that reaped the node
 
 Theory of operation
@@ -204,8 +205,9 @@ class RedisBackplane(ViewKeeper):
         self._redis: aioredis.Redis | None = None
         self._up = False
         self._reason = "connecting to Redis"
-        # ("publish", (channel, envelope)), ("join" | "leave", (connection id, room)).
-        self._queue: list[tuple[str, tuple[str, Any]]] = []
+        # ("publish", (channel, envelope)), ("join", (connection id, room, user id
+        # or None)), ("leave", (connection id, room)).
+        self._queue: list[tuple[str, tuple[Any, ...]]] = []
         self._queued_bytes = 0
         self._queued_since = 0.0  # when the oldest queued envelope was queued
         self._publish_sha = ""
@@ -429,9 +431,14 @@ class RedisBackplane(ViewKeeper):
         results = await pipe.execute()
         for room, found in zip(rooms, results, strict=True):
             snapshot: dict[NodeId, set[ConnectionId]] = defaultdict(set)
-            for cid, node in found.items():
-                snapshot[NodeId(node.decode())].add(ConnectionId(cid.decode()))
-            self.apply_snapshot(room, snapshot, initial=initial)
+            users: dict[ConnectionId, str] = {}
+            for cid, value in found.items():
+                conn = ConnectionId(cid.decode())
+                node, tab, user = value.decode().partition("\t")
+                snapshot[NodeId(node)].add(conn)
+                if tab:
+                    users[conn] = user
+            self.apply_snapshot(room, snapshot, users=users, initial=initial)
 
     # -- Publishing -------------------------------------------------------------
 
@@ -454,7 +461,8 @@ class RedisBackplane(ViewKeeper):
             self._queued_since = time.monotonic()
         self._queued_bytes += len(data)
         if kind is EventKind.JOINED:
-            self._queue.append(("join", (envelope.connection_id, envelope.room)))
+            join = (envelope.connection_id, envelope.room, envelope.user_id)
+            self._queue.append(("join", join))
         elif kind is EventKind.LEFT:
             self._queue.append(("leave", (envelope.connection_id, envelope.room)))
         keys = self.keys
@@ -494,9 +502,9 @@ class RedisBackplane(ViewKeeper):
                     pipe.evalsha(self._publish_sha, 0, deadline, *pairs)
                     publications += len(arg)
                 elif op == "join":
-                    cid, room = arg
+                    cid, room, user = arg
                     pipe.hset(conns_key, cid, room)
-                    pipe.hset(keys.presence(room), cid, self.node_id)
+                    pipe.hset(keys.presence(room), cid, presence_value(self.node_id, user))
                 else:
                     cid, room = arg
                     pipe.hdel(conns_key, cid)
@@ -645,9 +653,9 @@ class RedisBackplane(ViewKeeper):
         for cid, room in stale.items():
             pipe.hdel(keys.presence(_text(room)), cid)
         pipe.delete(keys.conns(node))
-        for room, cid in presence:
+        for room, cid, user in presence:
             pipe.hset(keys.conns(node), cid, room)
-            pipe.hset(keys.presence(room), cid, node)
+            pipe.hset(keys.presence(room), cid, presence_value(node, user))
         await pipe.execute()
 
     async def _resync(self, rooms: list[RoomName] | None = None) -> None:
@@ -712,7 +720,7 @@ class RedisBackplane(ViewKeeper):
 
 
 def _group_publications(
-    batch: list[tuple[str, tuple[str, Any]]], stale: bool
+    batch: list[tuple[str, tuple[Any, ...]]], stale: bool
 ) -> list[tuple[str, Any]]:
     """The batch as pipeline commands: each run of envelopes between presence
     updates becomes one ("publish", [(channel, envelope), ...]); without the
@@ -767,6 +775,12 @@ async def reap_node(url: str, node_id: str, *, prefix: str = "wshub") -> list[st
         return [cid for ids in by_room.values() for cid in ids]
     finally:
         await redis.aclose()
+
+
+def presence_value(node: str, user: str | None) -> str:
+    """A ``{p}:presence:{room}`` value: the node, and the user id when there
+    is one (after a tab: node ids hold none, a user id may hold anything)."""
+    return node if user is None else f"{node}\t{user}"
 
 
 def _text(value: bytes | str) -> str:
