@@ -177,7 +177,8 @@ def wss_connect(server: Server, ca: TestCA, host: str = "127.0.0.1") -> ClientCo
     return connect(
         wss_url(server, host),
         ssl=ca.client_context(),
-        open_timeout=TIMEOUT,
+        # An upper bound: a TLS handshake and the upgrade, on a busy 2-core machine.
+        open_timeout=3 * TIMEOUT,
         close_timeout=TIMEOUT,
         max_queue=None,
         legacy=True,  # a connection held across calls, not a with-block
