@@ -366,3 +366,30 @@ def test_flushall_changes_the_epoch(own_redis) -> None:
         await h.aclose()
 
     asyncio.run(body())
+
+
+def test_keep_refreshes_the_epochs_of_rooms_with_members(redis_server, monkeypatch) -> None:
+    """keep() pushes back the meta keys' expiry, in batches, and brings back
+    no key that is gone: a lost epoch stays lost, the next use makes a new one."""
+    monkeypatch.setattr("wshub.backplane.redis_history.KEEP_BATCH", 3)
+
+    async def body() -> None:
+        h = RedisHistory.from_url(redis_server.url, prefix="keep", ttl=1, meta_ttl=60)
+        rooms = [f"k{i}" for i in range(7)]
+        epochs = [await h.epoch(room) for room in rooms]
+        r = aioredis.from_url(redis_server.url)
+        for room in rooms:
+            await r.pexpire(h.keys(room)[0], 5_000)
+        await r.delete(h.keys("k6")[0])  # lost (evicted, say)
+        assert await h.keep(rooms) == 6
+        for room in rooms[:6]:
+            assert 5_000 < await r.pttl(h.keys(room)[0]) <= 60_000
+        assert await r.exists(h.keys("k6")[0]) == 0
+        assert [await h.epoch(room) for room in rooms[:6]] == epochs[:6]
+        assert await h.epoch("k6") != epochs[6]
+        assert await h.keep([]) == 0
+        assert h.keep_interval == 20.0
+        await r.aclose()
+        await h.aclose()
+
+    asyncio.run(body())
