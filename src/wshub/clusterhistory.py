@@ -170,17 +170,18 @@ class ClusterHistory:
         """Seconds between two calls of :meth:`keep`."""
         return self.history.keep_interval
 
-    def keep(self, rooms: Iterable[RoomName]) -> None:
+    def keep(self, rooms: Iterable[RoomName]) -> asyncio.Task[None] | None:
         """Keep the epochs of *rooms* (the rooms with members here) on Redis,
-        in the background. One refresh at a time: a call while the last one
-        still runs (Redis slow) is left out, the next interval comes soon
-        enough (see :attr:`RedisHistory.keep_interval`)."""
+        in the background; returns the task. One refresh at a time: a call
+        while the last one still runs (Redis slow) is left out (None), the
+        next interval comes soon enough (see :attr:`RedisHistory.keep_interval`)."""
         if self._keeping is not None and not self._keeping.done():
-            return
+            return None
         task = asyncio.create_task(self._keep(list(rooms)), name="wshub-history-keep")
         self._keeping = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _keep(self, rooms: list[RoomName]) -> None:
         if not rooms:

@@ -20,8 +20,9 @@ import redis.asyncio as aioredis
 
 from wshub import protocol
 from wshub.backplane.redis_history import RedisHistory
+from wshub.clusterhistory import ClusterHistory
 from wshub.history import Entry, History, Recovery
-from wshub.ids import ConnectionId
+from wshub.ids import ConnectionId, NodeId
 from wshub.protocol import RelayKind
 
 from ..conftest import TIMEOUT
@@ -391,5 +392,34 @@ def test_keep_refreshes_the_epochs_of_rooms_with_members(redis_server, monkeypat
         assert h.keep_interval == 20.0
         await r.aclose()
         await h.aclose()
+
+    asyncio.run(body())
+
+
+def test_a_node_keeps_its_rooms_epochs_in_the_background(own_redis) -> None:
+    """ClusterHistory.keep (the node's timer) refreshes in a task of its own;
+    a refresh Redis does not answer is counted, and nothing else fails."""
+
+    async def body() -> None:
+        h = RedisHistory.from_url(own_redis.url, prefix="nodekeep", ttl=1, meta_ttl=60)
+        shared = ClusterHistory(h, NodeId("n1"), lambda room: f"nodekeep:room:{room}")
+        epoch = await h.epoch("a")
+        meta = h.keys("a")[0]
+        r = aioredis.from_url(own_redis.url)
+        await r.pexpire(meta, 5_000)
+        first = shared.keep(["a"])
+        assert first is not None
+        assert shared.keep(["a"]) is None  # the last one still runs: left out
+        await first
+        assert 5_000 < await r.pttl(meta) <= 60_000 and await h.epoch("a") == epoch
+        await r.aclose()
+        own_redis.stop()
+        failing = shared.keep(["a"])
+        assert failing is not None
+        await failing  # the error is the task's own: counted, not raised
+        assert shared.keep_failures == 1
+        assert shared.figures()["history_keep_failures"] == 1
+        assert shared.publish_failures == shared.join_failures == 0
+        await shared.aclose()
 
     asyncio.run(body())

@@ -156,9 +156,12 @@ MAX_AGE = 1.0
 """Seconds a publication may wait for Redis (on our side, then on Redis'
 clock); older is dropped, never delivered late (as the backplane's
 ``PUBLISH_MAX_AGE``)."""
-KEEP_BATCH = 1000
-"""Meta keys refreshed per pipeline by :meth:`RedisHistory.keep`: 10,000 rooms
-are ten round trips of small commands, none holding Redis long."""
+KEEP_BATCH = 100
+"""Meta keys refreshed per pipeline by :meth:`RedisHistory.keep`. The cost is
+the client's (redis-py builds and parses each command, ~55 us): 10,000 rooms
+are ~0.56 s of CPU every third of ``meta_ttl`` and ~50 ms of Redis', and a
+batch of 100 holds the loop ~6 ms, within a loaded machine's own stalls
+(batches of 1,000 held it 75-130 ms: bench/history_keep_cost.py)."""
 QUEUE_LIMIT = 16 * 1024 * 1024
 """Bytes of publications waiting for Redis; past it new ones fail at once."""
 
