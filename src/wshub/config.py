@@ -510,6 +510,16 @@ class Config:
         _duration,
         "SECONDS",
     )
+    history_epoch_ttl: float = _opt(
+        3600.0,
+        "Seconds a room's epoch and last offset outlive the room's last member and its "
+        "last message or join, so that a client that left can still come back with "
+        "since (recovered, nothing missed) until then; a room with members keeps its "
+        "epoch (in a cluster each node refreshes the Redis key of the rooms it has "
+        "members in every third of this). Never less than --history-ttl.",
+        _duration,
+        "SECONDS",
+    )
     history_memory: int = _opt(
         67108864,
         "Bytes of history this node keeps for all rooms together; past it the oldest "

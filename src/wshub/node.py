@@ -96,6 +96,7 @@ def _cluster_history(config: Config, node_id: NodeId) -> ClusterHistory:
         prefix=config.cluster_name,
         size=config.history_size,
         ttl=config.history_ttl,
+        meta_ttl=config.history_epoch_ttl,
     )
     return ClusterHistory(history, node_id, Keys(config.cluster_name).room)
 
@@ -121,6 +122,7 @@ class Node:
             size=0 if config.redis_url else config.history_size,
             ttl=config.history_ttl,
             memory=config.history_memory,
+            meta_ttl=config.history_epoch_ttl,
         )
         self.cluster_history: ClusterHistory | None = None
         if config.redis_url and config.history_size > 0:
@@ -251,6 +253,11 @@ class Node:
         check = min(1.0, self.config.effective_heartbeat_timeout / 20)
         self._every("liveness", check, self._check_liveness)
         self._every("sweep", self.config.sweep_interval, self._sweep)
+        shared = self.cluster_history
+        if shared is not None:
+            # A room with members but no traffic keeps its epoch on Redis
+            # (decisions.md 13: it changes only when the history is lost).
+            self._every("history_keep", shared.keep_interval, self._keep_epochs)
         self._probe_lag()
 
     def _every(self, name: str, interval: float, callback: Callable[[], None]) -> None:
@@ -526,6 +533,11 @@ class Node:
         # hand it back to the OS so RSS follows the load down.
         if _malloc_trim is not None:
             _malloc_trim(0)
+
+    def _keep_epochs(self) -> None:
+        """Refresh on Redis the epochs of the rooms with members here (or joining)."""
+        assert self.cluster_history is not None
+        self.cluster_history.keep(self._occupied)
 
     def _slow_consumer(self, conn: Connection) -> None:
         self.counters.slow_closes.inc()
