@@ -74,6 +74,7 @@ from ..logs import LineLimiter, log_event
 from ..rooms import RoomName
 from . import BackplaneHandler, Envelope, EventKind, decode_envelope, encode_envelope
 from .base import ViewKeeper, lost_payload
+from .redisconn import describe_target, redis_client
 
 __all__ = ["RedisBackplane", "backoff_delays", "reap_node"]
 
@@ -242,7 +243,7 @@ class RedisBackplane(ViewKeeper):
     async def start(self, handler: BackplaneHandler) -> None:
         self.handler = handler
         timeout = max(1.0, self.node_ttl / 6)
-        self._redis = aioredis.from_url(
+        self._redis = redis_client(
             self.url,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
@@ -324,7 +325,7 @@ class RedisBackplane(ViewKeeper):
 
     def _set_up(self) -> None:
         if not self._up:
-            log_event(log, logging.WARNING, "backplane_up", url=_redacted(self.url))
+            log_event(log, logging.WARNING, "backplane_up", url=describe_target(self.url))
         self._up = True
         self._reason = "redis connected"
 
@@ -760,7 +761,7 @@ async def reap_node(url: str, node_id: str, *, prefix: str = "wshub") -> list[st
     take its connections and tell the survivors, room by room. Returns the
     reaped ids."""
     keys = Keys(prefix)
-    redis = aioredis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    redis = redis_client(url, socket_timeout=5, socket_connect_timeout=5)
     try:
         await redis.delete(keys.alive(node_id))
         by_room = await reap(redis.register_script(_REAP), keys, node_id, 60)
@@ -786,11 +787,3 @@ def presence_value(node: str, user: str | None) -> str:
 def _text(value: bytes | str) -> str:
     """A value read from Redis (bytes, as the client is not decoding)."""
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _redacted(url: str) -> str:
-    """The URL without a password, for logs."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.rpartition('@')[2]}"
