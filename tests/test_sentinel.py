@@ -131,6 +131,15 @@ def test_failover_reconnects_reregisters_and_resumes(make_server, sentinels) -> 
     sentinels.wait_promoted()
     for srv in (a_srv, b_srv):
         srv.wait_for(lambda srv=srv: srv.get("/readyz")[0] == 200, "readyz 200 on the new primary")
+    # Each node heard a sentinel announce the new primary (+switch-master),
+    # which cuts its reconnect's backoff short.
+    for srv in (a_srv, b_srv):
+        srv.wait_for(
+            lambda srv=srv: any(
+                f"primary {sentinels.name} moved" in line for line in srv.stderr_lines
+            ),
+            "the node to hear the sentinels' +switch-master",
+        )
     wait_until(lambda: flow.received_after(killed_at), "delivery from A to B", timeout=FAILOVER)
     resumed = min(flow.received_after(killed_at))
     # And it goes on: 25 more (half a second of the flow) after the first.
