@@ -60,10 +60,10 @@ log = logging.getLogger("wshub")
 
 def _control(config: Config, node_id: NodeId) -> Control:
     """How the API asks every node: over Redis in a cluster, else this node alone."""
-    if config.redis_url:
+    if config.redis_target:
         from .backplane.control import RedisControl
 
-        return RedisControl(config.redis_url, node_id, prefix=config.cluster_name)
+        return RedisControl(config.redis_target, node_id, prefix=config.cluster_name)
     return LocalControl(node_id)
 
 
@@ -92,7 +92,7 @@ def _cluster_history(config: Config, node_id: NodeId) -> ClusterHistory:
     from .clusterhistory import ClusterHistory
 
     history = RedisHistory.from_url(
-        config.redis_url,
+        config.redis_target,
         prefix=config.cluster_name,
         size=config.history_size,
         ttl=config.history_ttl,
@@ -119,13 +119,13 @@ class Node:
         # The history of every room (decisions.md 13): in memory on one node,
         # in Redis for a cluster (then the memory one is off).
         self.history = History(
-            size=0 if config.redis_url else config.history_size,
+            size=0 if config.redis_target else config.history_size,
             ttl=config.history_ttl,
             memory=config.history_memory,
             meta_ttl=config.history_epoch_ttl,
         )
         self.cluster_history: ClusterHistory | None = None
-        if config.redis_url and config.history_size > 0:
+        if config.redis_target and config.history_size > 0:
             self.cluster_history = _cluster_history(config, self.node_id)
         self._occupied: set[RoomName] = set()  # rooms with members (or joining)
         self._emptied_at: dict[RoomName, float] = {}
@@ -184,9 +184,9 @@ class Node:
         self.auth: ConnectAuth | None = None
         self.user_count: ClusterUserCount | None = None
         if config.auth != "off":
-            if config.redis_url and config.max_connections_per_user:
+            if config.redis_target and config.max_connections_per_user:
                 self.user_count = ClusterUserCount(
-                    config.redis_url,
+                    config.redis_target,
                     self.node_id,
                     limit=config.max_connections_per_user,
                     node_ttl=config.node_ttl,

@@ -57,6 +57,7 @@ from redis.exceptions import NoScriptError
 
 from ..history import Entry, Recovery, new_epoch, would_receive
 from ..protocol import RelayKind
+from .redisconn import redis_client
 
 __all__ = ["RedisHistory", "StalePublication"]
 
@@ -212,7 +213,7 @@ class RedisHistory:
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisHistory:
-        return cls(aioredis.from_url(url, socket_timeout=5, socket_connect_timeout=5), **kwargs)
+        return cls(redis_client(url, socket_timeout=5, socket_connect_timeout=5), **kwargs)
 
     async def aclose(self) -> None:
         if self._flusher is not None:
