@@ -70,6 +70,7 @@ from .protocol import RelayKind
 _MESSAGE: Final = RelayKind.MESSAGE
 
 __all__ = [
+    "ENTRIES_OVERHEAD",
     "ENTRY_OVERHEAD",
     "MAX_QUERY_LENGTH",
     "ROOM_OVERHEAD",
@@ -91,8 +92,17 @@ and the record tuple with its float. bench/history_cost.py measures the whole
 entry with tracemalloc: 455 B measured against 456 B accounted for a 186-byte
 frame in one room, 389 B against 471 B over 1,000 rooms (CPython 3.11)."""
 
-ROOM_OVERHEAD: Final = 900
-"""Bytes accounted per room state (its object, deque, dict slots, epoch)."""
+ROOM_OVERHEAD: Final = 300
+"""Bytes accounted per room state (its object, its slots in the rooms' dict and
+in the idle ones', its epoch) besides its name: tracemalloc over 10,000 rooms
+(CPython 3.11) measured 154 B for a room with members and no entries, 220 B
+for an idle one (900 B were accounted while every room held a deque)."""
+
+ENTRIES_OVERHEAD: Final = 760
+"""Bytes accounted for a room's deque of entries: the object with its first
+block of 64 slots (``sys.getsizeof(deque())``). A room has one only while it
+holds entries: one whose members never spoke, or whose entries all expired,
+has none."""
 
 
 def new_epoch() -> str:
@@ -140,15 +150,16 @@ _Record = tuple[str, int, float]
 
 
 class _Room:
-    __slots__ = ("name", "epoch", "top", "entries", "holders", "bytes")
+    __slots__ = ("name", "epoch", "top", "entries", "holders")
 
     def __init__(self, name: str, epoch: str) -> None:
         self.name = name
         self.epoch = epoch
         self.top = 0
-        self.entries: deque[_Kept] = deque()
+        # Made on the first entry, let go with the last (ENTRIES_OVERHEAD):
+        # most rooms of an idle node never hold one.
+        self.entries: deque[_Kept] | None = None
         self.holders = 0
-        self.bytes = 0
 
 
 def _kept_size(kept: _Kept) -> int:
@@ -298,19 +309,20 @@ class History:
             raise ValueError(f"entry offset {entry.offset} is not the next offset {offset}")
         room.top = offset
         entries = room.entries
+        if entries is None:
+            entries = room.entries = deque()
+            self.bytes += ENTRIES_OVERHEAD
         sender = entry.sender
         exclude = entry.exclude
         payload = entry.payload
         # A plain tuple of atomic values, not the Entry: untracked by the GC.
         entries.append((offset, payload, sender, entry.kind is _MESSAGE, exclude))
-        size = len(payload) + len(sender) + (len(exclude) if exclude else 0) + ENTRY_OVERHEAD
-        room.bytes += size
-        self.bytes += size
+        self.bytes += len(payload) + len(sender) + (len(exclude) if exclude else 0) + ENTRY_OVERHEAD
         if self._idle:
             self._idle.pop(name, None)
         self._order.append((name, offset, now))
         if len(entries) > self.size:
-            self._drop_oldest(room)
+            self._drop_oldest(room)  # never the last: size >= 1
             self._stale += 1  # its record is still somewhere in _order
             if self._stale > 1024 and self._stale > len(self._order) - self._stale:
                 self._compact()
@@ -319,9 +331,12 @@ class History:
         return offset
 
     def _drop_oldest(self, room: _Room) -> None:
-        size = _kept_size(room.entries.popleft())
-        room.bytes -= size
-        self.bytes -= size
+        entries = room.entries
+        assert entries is not None  # every caller saw the entry it drops
+        self.bytes -= _kept_size(entries.popleft())
+        if not entries:
+            room.entries = None
+            self.bytes -= ENTRIES_OVERHEAD
 
     def _compact(self) -> None:
         live = self._live_room
@@ -421,14 +436,19 @@ class History:
             return Recovery(False, [], "", 0)
         self.expire(now)
         room = self._room(name, now)
-        count = min(count, self.size, len(room.entries))
-        recent = [_entry(kept) for kept in _tail(room.entries, count)]
+        entries = room.entries
+        if not entries:
+            return Recovery(True, [], room.epoch, room.top)
+        count = min(count, self.size, len(entries))
+        recent = [_entry(kept) for kept in _tail(entries, count)]
         return Recovery(True, recent, room.epoch, room.top)
 
     def held(self, name: str) -> Sequence[Entry]:
         """The entries room *name* holds now (for tests and the API)."""
         room = self._rooms.get(name)
-        return tuple(_entry(kept) for kept in room.entries) if room is not None else ()
+        if room is None or room.entries is None:
+            return ()
+        return tuple(_entry(kept) for kept in room.entries)
 
     def rooms(self) -> Iterable[str]:
         return self._rooms.keys()

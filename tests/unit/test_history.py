@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import itertools
 import json
+import tracemalloc
 
 import pytest
 from hypothesis import given, settings
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 
 from wshub import protocol
 from wshub.history import (
+    ENTRIES_OVERHEAD,
     ENTRY_OVERHEAD,
     ROOM_OVERHEAD,
     Entry,
@@ -214,6 +216,37 @@ def test_stale_records_stay_bounded_in_one_hot_room() -> None:
     assert len(h._order) <= 100 + 1024 + 1
 
 
+def test_a_room_holds_its_deque_only_while_it_holds_entries() -> None:
+    """Rooms whose members never spoke (issue 17's idle node) hold no deque:
+    ~150 B a room state, not ~900; the deque comes with the first entry and
+    goes with the last, in real memory and in the bytes accounted."""
+    names = [f"room{i:04d}" for i in range(1_000)]
+    h = History(ttl=10, epochs=epochs())
+    gc.collect()
+    tracemalloc.start()
+    try:
+        for name in names:
+            h.hold(name, 0)
+        gc.collect()
+        per_room = tracemalloc.get_traced_memory()[0] / len(names)
+    finally:
+        tracemalloc.stop()
+    assert per_room < 400  # 930 B with a deque made per room state
+    state = ROOM_OVERHEAD + len("room0000")
+    assert h.bytes == len(names) * state
+    offset = publish(h, "room0000", M, A_ID, 0)
+    (entry,) = h.held("room0000")
+    size = len(entry.payload) + len(A_ID) + ENTRY_OVERHEAD
+    assert h.bytes == len(names) * state + ENTRIES_OVERHEAD + size == accounted(h)
+    h.expire(10)  # its one entry expired: the deque goes with it
+    assert h.held("room0000") == () and h.bytes == len(names) * state == accounted(h)
+    assert h.state("room0000", 10) == ("e1", offset)  # a member holds it: kept
+    assert h.recover("room0000", "e1", offset, None, 10).recovered
+    assert h.recent("room0000", 5, 10) == (True, [], "e1", offset)
+    publish(h, "room0000", B, A_ID, 11)  # and a new one with the next entry
+    assert [e.offset for e in h.held("room0000")] == [offset + 1]
+
+
 def test_held_entries_are_invisible_to_the_garbage_collector() -> None:
     """What the history keeps per entry is untracked by the GC once a
     collection has seen it: the tracked objects grow with the rooms, not with
@@ -250,6 +283,8 @@ def accounted(h: History) -> int:
     total = 0
     for name in h.rooms():
         total += ROOM_OVERHEAD + len(name)
+        if h.held(name):
+            total += ENTRIES_OVERHEAD  # the room's deque, made on its first entry
         total += sum(
             len(e.payload) + len(e.sender) + len(e.exclude or "") + ENTRY_OVERHEAD
             for e in h.held(name)
