@@ -42,9 +42,10 @@ import codecs
 import logging
 import socket
 import struct
+import sys
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from websockets.extensions.permessage_deflate import PerMessageDeflate
@@ -58,6 +59,7 @@ from .errors import CloseCode, Disconnect
 from .framescan import FrameScanner
 from .history import JoinQuery
 from .ids import ConnectionId
+from .ratelimit import UNLIMITED, MessageLimit
 from .rooms import DEFAULT_ROOM
 from .session import Admit, Session, State
 from .wire import Deflate
@@ -105,6 +107,16 @@ class ConnectionSettings:
     rate_limit_refusals: int
     rate_limit_window: float
     direct_send: bool  # the fan-out may send to plain sockets itself
+    message_limit: MessageLimit = field(init=False)  # shared by every Session
+
+    def __post_init__(self) -> None:
+        limit = MessageLimit(
+            rate=self.message_rate,
+            burst=self.message_burst,
+            strike_limit=self.rate_limit_refusals,
+            strike_window=self.rate_limit_window,
+        )
+        object.__setattr__(self, "message_limit", limit)  # frozen: set once, here
 
 
 class ConnectionOwner(Protocol):
@@ -202,6 +214,25 @@ class _IdleLibrary:
 
 
 _IDLE_LIBRARY = _IdleLibrary()
+
+
+class _Fragments:
+    """A fragmented message being received: made by its first frame, dropped
+    with its last, so the connections that never send one (nearly all) do not
+    carry its five fields (docs/memory.md)."""
+
+    __slots__ = ("opcode", "refused", "parts", "frames", "decoder")
+
+    def __init__(self, opcode: Opcode, refused: bool, first: bytes) -> None:
+        self.opcode = opcode
+        self.refused = refused  # over the rate limit: dropped once whole
+        # One growing buffer, not a list of fragments: memory follows the
+        # bytes received, not the number of (possibly one-byte) fragments.
+        self.parts = bytearray(first)
+        self.frames = 1
+        self.decoder: codecs.IncrementalDecoder | None = (
+            _utf8_decoder() if opcode is _TEXT else None
+        )
 
 
 UPGRADES_PER_PASS = 256
@@ -307,11 +338,7 @@ class Connection(asyncio.Protocol):
         "close_code",
         "_buffer",
         "_timer",
-        "_message",
-        "_message_opcode",
-        "_message_decoder",
-        "_message_refused",
-        "_message_frames",
+        "_fragments",
         "_after_close",
         "_read_slice",
         "pong",
@@ -349,13 +376,9 @@ class Connection(asyncio.Protocol):
         self.join: JoinQuery | None = None  # ?since= / ?history= / ?previous= (decisions.md 13)
         self.admitted = False  # holds a slot of the per-IP and node limits
         self.identity: Identity | None = None  # its verified token (None: anonymous)
-        self.session = Session(
-            loop.time(),
-            message_rate=settings.message_rate,
-            message_burst=settings.message_burst,
-            strike_limit=settings.rate_limit_refusals,
-            strike_window=settings.rate_limit_window,
-        )
+        now = loop.time()
+        self.opened_at_accept = now  # one float for this and the session's two
+        self.session = Session(now, settings.message_limit)
         self.ws: _FrameProtocol | _IdleLibrary | None = None
         self.deflate: Deflate | None = None
         # Fan-out bookkeeping (see wshub.fanout).
@@ -370,19 +393,11 @@ class Connection(asyncio.Protocol):
         self.audience: Audience[Any] | None = None
         self.direct: tuple[asyncio.Transport, int, Connection] | None = None
         self.opened_at = 0.0
-        self.opened_at_accept = 0.0
         self.close_code: int | None = None
         self.close_reason = ""
         self._buffer: bytearray | None = bytearray()
         self._timer: asyncio.TimerHandle | None = None
-        # A fragmented message being received.
-        # One growing buffer, not a list of fragments: memory follows the
-        # bytes received, not the number of (possibly one-byte) fragments.
-        self._message: bytearray | None = None
-        self._message_opcode = _TEXT
-        self._message_decoder: codecs.IncrementalDecoder | None = None
-        self._message_refused = False
-        self._message_frames = 0  # frames of the fragmented message so far
+        self._fragments: _Fragments | None = None  # a fragmented message being received
         self._after_close = 0  # bytes received since the connection began to close
         self._read_slice = READ_SLICE  # bytes it may still read in this loop pass
         self._failed = False  # we failed the connection in this batch of frames
@@ -401,7 +416,6 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (uvloop's is no subclass of asyncio.Transport).
         self.transport = cast(asyncio.Transport, transport)
-        self.opened_at_accept = self.loop.time()
         sock = transport.get_extra_info("socket")
         if sock is not None:
             # A fixed kernel send buffer instead of Linux's autotuning (up to
@@ -416,7 +430,10 @@ class Connection(asyncio.Protocol):
         # waiting Pong can go (the fan-out ignores pause_writing()).
         self.transport.set_write_buffer_limits(high=0)
         peer = transport.get_extra_info("peername")
-        self.peer = str(peer[0]) if peer else "unknown"
+        # One string per address, not per connection (interned strings are
+        # freed with their last user): many clients share an address behind
+        # a NAT or a proxy, and the benchmark's all come from a few.
+        self.peer = sys.intern(str(peer[0])) if peer else "unknown"
         self.ip = self.peer
         # Pre-upgrade admission (issue 19.2): a socket that has not finished
         # its upgrade counts toward caps per peer and per node from accept on.
@@ -684,9 +701,7 @@ class Connection(asyncio.Protocol):
         self.owner = owner
         self.id = connection_id
         if not rate_limited:
-            self.session = Session(
-                now, message_rate=0, message_burst=1, strike_limit=0, strike_window=1.0
-            )
+            self.session = Session(now, UNLIMITED)
         if extension is not None:
             limit = self.settings.max_message_size
             ws = _FrameProtocol(
@@ -851,49 +866,45 @@ class Connection(asyncio.Protocol):
     def _receive_data_frame(self, opcode: Opcode, data: bytes, fin: bool) -> None:
         owner = self.owner
         if opcode is not _CONT:
-            self._message_opcode = opcode
-            self._message_refused = False
             verdict = self.session.admit(self.loop.time())
             if verdict is Admit.DISCONNECT:
                 owner.on_rate_limited(self, disconnect=True)
                 return
-            if verdict is Admit.REFUSE:
-                self._message_refused = True
+            refused = verdict is Admit.REFUSE
             if not fin:
-                self._message_frames = 1
-                self._message = bytearray(data)
-                if opcode is _TEXT:
-                    self._message_decoder = _utf8_decoder()
-                    if not self._check_utf8(data, final=False):
-                        return
+                first = self._fragments = _Fragments(opcode, refused, data)
+                if first.decoder is not None:
+                    self._check_utf8(first.decoder, data, final=False)
                 return
             message = data
         else:
-            parts = self._message
-            assert parts is not None  # the library refuses a stray continuation
-            parts += data
-            frames = self._message_frames = self._message_frames + 1
-            if frames > self.settings.max_message_frames:
+            fragments = self._fragments
+            assert fragments is not None  # the library refuses a stray continuation
+            fragments.parts += data
+            fragments.frames += 1
+            if fragments.frames > self.settings.max_message_frames:
                 # Bytes alone do not bound the work: empty continuations
                 # cost a parse each and add nothing (decisions.md 18).
-                self._message = None
-                self._message_decoder = None
+                self._fragments = None
                 self._fail(CloseCode.MESSAGE_TOO_BIG, "message has too many frames")
                 return
-            if self._message_opcode is _TEXT and not self._check_utf8(data, final=fin):
+            if fragments.decoder is not None and not self._check_utf8(
+                fragments.decoder, data, final=fin
+            ):
                 return
             if not fin:
                 return
-            message = bytes(parts)
-            self._message = None
-            self._message_decoder = None
+            self._fragments = None
+            message = bytes(fragments.parts)
+            opcode = fragments.opcode
+            refused = fragments.refused
         if len(message) > self.settings.max_message_size:
             self._fail(CloseCode.MESSAGE_TOO_BIG, "message too big")
             return
-        if self._message_refused:
+        if refused:
             owner.on_rate_limited(self, disconnect=False)
             return
-        if self._message_opcode is _BINARY:
+        if opcode is _BINARY:
             owner.on_binary(self, message)
             return
         try:
@@ -903,15 +914,12 @@ class Connection(asyncio.Protocol):
             return
         owner.on_text(self, text)
 
-    def _check_utf8(self, data: bytes, *, final: bool) -> bool:
+    def _check_utf8(self, decoder: codecs.IncrementalDecoder, data: bytes, *, final: bool) -> bool:
         """Validate a fragment as it arrives, to fail fast (RFC 6455 8.1)."""
-        decoder = self._message_decoder
-        assert decoder is not None
         try:
             decoder.decode(data, final)
         except UnicodeDecodeError:
-            self._message = None
-            self._message_decoder = None
+            self._fragments = None
             self._fail(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message")
             return False
         return True
