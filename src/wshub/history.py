@@ -114,6 +114,13 @@ def would_receive(entry: Entry, previous: str | None) -> bool:
     return entry.sender != previous and entry.exclude != previous
 
 
+_NO_ENTRIES: Final[deque[Entry]] = deque(maxlen=0)
+"""The entries of every room that has had none yet: an empty deque allocates a
+64-slot block (~760 B), ~76 B a member in rooms of 10 (docs/memory.md). Shared,
+so it must never hold anything: append() gives the room its own deque first
+(and maxlen=0 would drop whatever got in)."""
+
+
 class _Room:
     __slots__ = ("name", "epoch", "top", "entries", "holders", "alive", "bytes")
 
@@ -121,7 +128,7 @@ class _Room:
         self.name = name
         self.epoch = epoch
         self.top = 0
-        self.entries: deque[Entry] = deque()
+        self.entries = _NO_ENTRIES  # its own deque from its first entry on
         self.holders = 0
         self.alive = True
         self.bytes = 0
@@ -263,6 +270,8 @@ class History:
             raise ValueError(f"entry offset {entry.offset} is not the next offset {offset}")
         room.top = offset
         entries = room.entries
+        if entries is _NO_ENTRIES:
+            entries = room.entries = deque()
         entries.append(entry)
         size = len(entry.payload) + len(entry.sender) + len(entry.exclude or "") + ENTRY_OVERHEAD
         room.bytes += size
