@@ -235,6 +235,26 @@ class _Fragments:
         )
 
 
+class _HttpPhase:
+    """What a connection needs only while it speaks HTTP: from accept to its
+    upgrade, or for as long as it serves plain requests. Let go at the
+    upgrade, so an open WebSocket does not carry these seven fields
+    (docs/memory.md)."""
+
+    __slots__ = ("accepted_at", "held", "body", "refused_body", "in_request", "queued", "served")
+
+    def __init__(self, accepted_at: float) -> None:
+        self.accepted_at = accepted_at  # the handshake deadline counts from here
+        self.held = False  # the upgrade is granted but waits (see Connection.hold())
+        self.body: tuple[http.BodyReader, Callable[[bytes], None]] | None = None  # read_body()
+        self.refused_body: Callable[[http.HttpError], bytes] | None = None
+        # A request is being answered (an API call may wait for the cluster):
+        # what the client pipelines behind it waits in the buffer.
+        self.in_request = False
+        self.queued = False  # a whole upgrade request waiting for its loop pass
+        self.served = 0  # requests answered on this connection with keep-alive
+
+
 UPGRADES_PER_PASS = 256
 """WebSocket upgrades handled in one loop pass. In a storm of thousands of
 connections the loop would otherwise upgrade all that arrived while the last
@@ -277,7 +297,7 @@ class _UpgradesPerPass:
             self.count += 1
             return True
         conn.transport.pause_reading()
-        conn._queued = True
+        conn._phase().queued = True
         self.waiting.append(conn)
         return False
 
@@ -293,7 +313,7 @@ class _UpgradesPerPass:
         cap = self.cap()
         while waiting and self.count < cap:
             conn = waiting.popleft()
-            conn._queued = False
+            conn._phase().queued = False
             if conn._request_again():
                 self.count += 1
         if self.count or waiting:
@@ -345,17 +365,11 @@ class Connection(asyncio.Protocol):
         "buffered",
         "_failed",
         "_scanner",
-        "_held",
-        "_body",
         "close_reason",
         "direct",
-        "opened_at_accept",
         "join",
-        "_in_request",
-        "_queued",
-        "requests_served",
-        "_refused_body",
         "identity",
+        "_http",
     )
 
     def __init__(
@@ -377,7 +391,7 @@ class Connection(asyncio.Protocol):
         self.admitted = False  # holds a slot of the per-IP and node limits
         self.identity: Identity | None = None  # its verified token (None: anonymous)
         now = loop.time()
-        self.opened_at_accept = now  # one float for this and the session's two
+        self._http: _HttpPhase | None = _HttpPhase(now)  # one float for it and the session
         self.session = Session(now, settings.message_limit)
         self.ws: _FrameProtocol | _IdleLibrary | None = None
         self.deflate: Deflate | None = None
@@ -402,14 +416,18 @@ class Connection(asyncio.Protocol):
         self._read_slice = READ_SLICE  # bytes it may still read in this loop pass
         self._failed = False  # we failed the connection in this batch of frames
         self._scanner = FrameScanner(settings.max_message_size)
-        self._held = False  # the upgrade is granted but waits (see hold())
-        self._body: tuple[http.BodyReader, Callable[[bytes], None]] | None = None  # read_body()
-        # A request is being answered (an API call may wait for the cluster):
-        # what the client pipelines behind it waits in the buffer.
-        self._in_request = False
-        self._queued = False  # a whole upgrade request waiting for its loop pass
-        self.requests_served = 0  # answered on this connection with keep-alive
-        self._refused_body: Callable[[http.HttpError], bytes] | None = None
+
+    def _phase(self) -> _HttpPhase:
+        """The state of the HTTP phase: only asked for before the upgrade."""
+        phase = self._http
+        assert phase is not None, "the HTTP phase is over"
+        return phase
+
+    @property
+    def requests_served(self) -> int:
+        """Requests answered on this connection with keep-alive."""
+        phase = self._http
+        return 0 if phase is None else phase.served
 
     # -- asyncio callbacks ----------------------------------------------------
 
@@ -460,14 +478,15 @@ class Connection(asyncio.Protocol):
         if buffer is None:  # an HTTP response is on its way out: ignore the rest
             return
         buffer += data
-        if self._body is not None:
+        phase = self._phase()
+        if phase.body is not None:
             self._body_received()
             return
-        if self._held:  # the client spoke first: keep it for after the upgrade
+        if phase.held:  # the client spoke first: keep it for after the upgrade
             if len(buffer) > http.MAX_HEAD_SIZE:
                 self.abort()
             return
-        if self._in_request:
+        if phase.in_request:
             # Pipelined behind a request still being answered: stop reading
             # past a head's worth, so a pipeline costs bounded memory.
             if len(buffer) > http.MAX_HEAD_SIZE:
@@ -478,7 +497,7 @@ class Connection(asyncio.Protocol):
     def _next_request(self) -> None:
         """Parse and hand over the request at the start of the buffer, if whole."""
         buffer = self._buffer
-        if buffer is None or self._in_request:
+        if buffer is None or self._phase().in_request:
             return
         try:
             parsed = http.parse_request_head(buffer)
@@ -492,7 +511,7 @@ class Connection(asyncio.Protocol):
         if request.get("upgrade") is not None and not _upgrades.admit(self):
             return  # handled in a later loop pass (see UPGRADES_PER_PASS)
         del buffer[:length]
-        self._in_request = True
+        self._phase().in_request = True
         self.owner.on_request(self, request)
 
     def _request_again(self) -> bool:
@@ -506,7 +525,7 @@ class Connection(asyncio.Protocol):
         assert parsed is not None
         request, length = parsed
         del buffer[:length]
-        self._in_request = True
+        self._phase().in_request = True
         self.owner.on_request(self, request)
         return True
 
@@ -592,8 +611,10 @@ class Connection(asyncio.Protocol):
         settings = self.settings
         # The handshake deadline (from accept) bounds the whole exchange; a
         # response sent at the last moment still gets a second to leave.
+        phase = self._http
+        accepted = phase.accepted_at if phase is not None else loop.time()
         deadline = max(
-            self.opened_at_accept + settings.handshake_timeout,
+            accepted + settings.handshake_timeout,
             loop.time() + min(1.0, settings.close_timeout),
         )
         self._timer = loop.call_at(deadline, self.abort)
@@ -609,8 +630,9 @@ class Connection(asyncio.Protocol):
         """
         if self._buffer is None or self.transport.is_closing():
             return  # gone (or answered and closed) meanwhile
-        self._in_request = False
-        self.requests_served += 1
+        phase = self._phase()
+        phase.in_request = False
+        phase.served += 1
         transport = self.transport
         transport.write(response)
         if transport.get_write_buffer_size() > KEEP_ALIVE_UNSENT:
@@ -629,7 +651,8 @@ class Connection(asyncio.Protocol):
         self._timer = None
         if self.ws is not None or self.transport.is_closing():
             return
-        if self._buffer or self._body is not None or self._in_request:
+        phase = self._phase()
+        if self._buffer or phase.body is not None or phase.in_request:
             self._handshake_expired()  # a request begun and not finished: as slow as Slowloris
         else:
             self.transport.close()  # idle: a quiet close, nothing to report
@@ -646,38 +669,40 @@ class Connection(asyncio.Protocol):
         *then* with it. The handshake deadline covers the body too. A body
         refused (too large, malformed) is answered, and the connection closed,
         with ``refused(error)`` when given, else plain text."""
-        self._body = (reader, then)
-        self._refused_body = refused
+        phase = self._phase()
+        phase.body = (reader, then)
+        phase.refused_body = refused
         if expect_continue:
             self.transport.write(http.CONTINUE)
         self._body_received()
 
     def _body_received(self) -> None:
-        assert self._body is not None
+        phase = self._phase()
+        assert phase.body is not None
         buffer = self._buffer
-        reader, then = self._body
+        reader, then = phase.body
         if buffer is None:
             return
         try:
             del buffer[: reader.feed(buffer)]
         except http.HttpError as exc:
-            self._body = None
+            phase.body = None
             self.owner.on_refused(self, exc.status, http.refusal_reason(exc.status), exc.body)
-            refused = self._refused_body
+            refused = phase.refused_body
             if refused is not None:
                 self.respond(refused(exc))
             else:
                 self.respond(http.response(exc.status, exc.body + "\n", headers=exc.headers))
             return
         if reader.done:
-            self._body = None
+            phase.body = None
             then(reader.body())
 
     def hold(self) -> None:
         """The upgrade is granted but its owner is not ready yet (a room
         whose cluster state is being read): keep the connection CONNECTING,
         what the client sends buffered, until :meth:`upgrade`."""
-        self._held = True
+        self._phase().held = True
 
     def upgrade(
         self,
@@ -697,7 +722,7 @@ class Connection(asyncio.Protocol):
         if self.session.state is not State.CONNECTING or self.transport.is_closing():
             return  # gone while held
         self._cancel_timer()
-        self._held = False
+        self._http = None  # the HTTP phase is over (see _HttpPhase)
         self.owner = owner
         self.id = connection_id
         if not rate_limited:
@@ -731,8 +756,15 @@ class Connection(asyncio.Protocol):
 
     def _handshake_expired(self) -> None:
         self._timer = None
-        if self._queued or (
-            self._in_request and self._body is None and not self._held and self._buffer is not None
+        phase = self._http
+        if phase is not None and (
+            phase.queued
+            or (
+                phase.in_request
+                and phase.body is None
+                and not phase.held
+                and self._buffer is not None
+            )
         ):
             # The request came whole and its answer is on its way (an API
             # call asking the cluster, an upgrade waiting for its loop pass
