@@ -89,6 +89,13 @@ the library parses (Pings: ~15 us each) held the loop 1-2 s at a time, and
 every other client waited (decisions.md 18). ~30 ms of Pings, ~1,000 common
 messages: a normal client never reaches it within a pass."""
 
+_READ_SLICE_UNITS = READ_SLICE >> 10
+"""READ_SLICE as a connection counts it: in KiB, each read at least one unit.
+The count then stays within CPython's shared small ints (-5 to 256), so a
+connection that reads now and then (a Pong every 20 s) does not hold an int
+object of its own, as a count in bytes did (32 B: docs/memory.md). A client
+sending one small frame a read waits a loop pass every 256 reads."""
+
 _LINGER_RESET = struct.pack("ii", 1, 0)
 """SO_LINGER on, 0 s: close() then resets the connection and discards what
 the kernel still holds for a client that stopped reading (issue 19.1)."""
@@ -413,7 +420,7 @@ class Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._fragments: _Fragments | None = None  # a fragmented message being received
         self._after_close = 0  # bytes received since the connection began to close
-        self._read_slice = READ_SLICE  # bytes it may still read in this loop pass
+        self._read_slice = _READ_SLICE_UNITS  # KiB it may still read before it waits a pass
         self._failed = False  # we failed the connection in this batch of frames
         self._scanner = FrameScanner(settings.max_message_size)
 
@@ -470,7 +477,7 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.ws is not None:
             self._receive_frames(data)
-            self._read_slice -= len(data)
+            self._read_slice -= (len(data) >> 10) + 1
             if self._read_slice <= 0:
                 self._yield_reading()
             return
@@ -555,7 +562,7 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport.is_closing():
             return
-        self._read_slice = READ_SLICE
+        self._read_slice = _READ_SLICE_UNITS
         transport.pause_reading()
         self.loop.call_soon(self._resume_reading)
 
