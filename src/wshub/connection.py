@@ -872,8 +872,10 @@ class Connection(asyncio.Protocol):
                 # bytes() of the bytes the library gives is that same object.
                 self._receive_data_frame(opcode, bytes(frame.data), frame.fin)
                 continue
-            # A control frame: charged like a data frame (decisions.md 18).
-            verdict = self.session.admit(self.loop.time())
+            # A control frame: charged like a data frame (decisions.md 18),
+            # at its read's time (see _receive_data_frame).
+            session = self.session
+            verdict = session.admit(session.last_seen)
             if opcode is _PING:
                 pong = out[pongs] if pongs < len(out) else b""
                 pongs += 1
@@ -905,7 +907,11 @@ class Connection(asyncio.Protocol):
     def _receive_data_frame(self, opcode: Opcode, data: bytes, fin: bool) -> None:
         owner = self.owner
         if opcode is not _CONT:
-            verdict = self.session.admit(self.loop.time())
+            # Charged at the time of its read, which _receive_frames just noted
+            # (uvloop's clock moves once a loop pass anyway): the bucket's
+            # time and the liveness are then one float, not two (docs/memory.md).
+            session = self.session
+            verdict = session.admit(session.last_seen)
             if verdict is Admit.DISCONNECT:
                 owner.on_rate_limited(self, disconnect=True)
                 return
