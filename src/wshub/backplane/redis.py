@@ -67,7 +67,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from ..ids import ConnectionId, NodeId
 from ..logs import LineLimiter, log_event
@@ -92,7 +92,9 @@ return pairs
 """
 _SUBSCRIBE_TIMEOUT = 5.0  # seconds for Redis to acknowledge a subscription
 
-_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+# (RedisClusterException: a Redis Cluster's client, redis_cluster.py, raises
+# it when no seed node answers; it is no RedisError.)
+_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 
 # Publish a batch of envelopes, given as channel and envelope pairs after the
 # deadline, unless Redis gets to it after the deadline (ARGV[1], Unix ms on

@@ -238,6 +238,7 @@ class ShardedPubSub:
         self._inbox: deque[dict[str, Any]] = deque()
         self._arrived = asyncio.Event()
         self._failure: BaseException | None = None
+        self.moved = False  # it ended because a slot moved: the next one remaps
 
     async def _shard(self, node: ClusterNode) -> Any:
         held = self._shards.get(node.name)
@@ -253,7 +254,11 @@ class ShardedPubSub:
             raise self._failure
         if not self._mapped:
             await self._cluster.initialize()  # the first time: reads the slot map
-            if self._remap:  # a reconnect: the slots may have moved meanwhile
+            if self._remap:
+                # The last subscription ended as a slot moved: read the map
+                # again (redis-py does it itself for commands on MOVED; a
+                # remap on every reconnect would close connections that the
+                # publisher is using).
                 await self._cluster.nodes_manager.initialize()
             self._mapped = True
         by_shard: dict[str, dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
@@ -315,6 +320,7 @@ class ShardedPubSub:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            self.moved = isinstance(exc, SlotMoved) or "MOVED" in str(exc)
             self._failure = exc
             self._arrived.set()
 
@@ -357,7 +363,7 @@ class RedisClusterBackplane(RedisBackplane):
         super().__init__(url, node_id, **kwargs)
         self._timeout = 1.0
         self._claim: Any = None
-        self._subscribed_before = False
+        self._last_pubsub: ShardedPubSub | None = None
         # Reaped nodes whose presence clean-up a shard refused: retried first.
         self._cleanup: list[tuple[str, dict[RoomName, list[ConnectionId]]]] = []
 
@@ -381,8 +387,30 @@ class RedisClusterBackplane(RedisBackplane):
         )
 
     def _new_pubsub(self) -> Any:
-        remap, self._subscribed_before = self._subscribed_before, True
-        return ShardedPubSub(self._redis, self._shard_client, remap=remap)
+        last = self._last_pubsub
+        self._last_pubsub = ShardedPubSub(
+            self._redis, self._shard_client, remap=last is not None and last.moved
+        )
+        return self._last_pubsub
+
+    # redis-py's cluster client can fail inside itself while a node's
+    # connections are remade under a command (AttributeError on a writer
+    # that is gone): for us, a lost connection like any other, not a bug of
+    # ours that would end the publisher or log a traceback.
+    _CLIENT_FAULTS = (AttributeError, TypeError)
+
+    async def _register(self) -> None:
+        try:
+            await super()._register()
+        except self._CLIENT_FAULTS as exc:
+            raise ConnectionError(f"redis cluster client failed: {exc!r}") from exc
+
+    async def _flush(self) -> None:
+        try:
+            await super()._flush()
+        except self._CLIENT_FAULTS as exc:
+            self._set_down(f"publish failed: redis cluster client failed: {exc!r}")
+            self._rebuild = True
 
     def _atomic(self) -> Any:
         # Presence spans shards: no transaction across them. A registration
