@@ -1,5 +1,9 @@
 """The cluster backplane on Redis (or Valkey): a channel per room, leased presence.
 
+(On a Redis Cluster: :mod:`wshub.backplane.redis_cluster`, a subclass that
+replaces the key layout, the connections and the reap; see "What the cluster
+subclass replaces" below.)
+
 Keys (``{p}`` is ``--cluster-name``, default ``wshub``)::
 
     {p}:room:{room}        pub/sub channel: the envelopes of one room ("" the default room)
