@@ -1,0 +1,105 @@
+"""What only the Redis Cluster backplane does, on a real 3-primary cluster:
+the supervisor's reap across shards, and a shard that closes the
+subscription connections."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as aioredis
+
+from wshub.backplane import Envelope, EventKind
+from wshub.backplane.redis_cluster import ClusterKeys, RedisClusterBackplane, reap_cluster_node
+from wshub.ids import ConnectionId, NodeId
+from wshub.rooms import RoomName
+
+from ..conftest import TIMEOUT
+from ..waiting import wait_until_async
+from .test_contract import Recorder, subscribe
+
+
+def joined(node: str, conn: str, room: str) -> Envelope:
+    return Envelope(NodeId(node), EventKind.JOINED, RoomName(room), ConnectionId(conn), b"j")
+
+
+def test_the_supervisors_reap_announces_a_dead_workers_rooms_on_every_shard_once(
+    redis_cluster,
+) -> None:
+    """reap_cluster_node (what --workers runs when a worker dies): at once,
+    without the lease running out, the survivor hears each dead connection
+    lost in its own room; the rooms' presence (on their shards) no longer
+    holds them; a second reap finds nothing."""
+
+    async def body() -> None:
+        rooms = [f"w{i}" for i in range(6)]
+        keys = ClusterKeys("sup")
+        dead, rd = (
+            RedisClusterBackplane(redis_cluster.url, NodeId("dead"), prefix="sup"),
+            Recorder(),
+        )
+        alive, ra = (
+            RedisClusterBackplane(redis_cluster.url, NodeId("alive"), prefix="sup"),
+            Recorder(),
+        )
+        for bp, recorder in ((dead, rd), (alive, ra)):
+            await bp.start(recorder)
+            await subscribe(bp, recorder, *rooms)
+        for i, room in enumerate(rooms):
+            dead.publish(joined("dead", f"ws-{i}", room))
+        await ra.until(lambda: sum(alive.remote_count(RoomName(r)) for r in rooms) == 6)
+        await dead.crash()
+        gone = await reap_cluster_node(redis_cluster.url, "dead", prefix="sup")
+        assert sorted(gone) == sorted(f"ws-{i}" for i in range(6))
+        await ra.until(lambda: len(ra.lost) == 6)
+        assert sorted(ra.lost) == sorted((room, f"ws-{i}") for i, room in enumerate(rooms))
+        client = alive._redis
+        for room in rooms:
+            assert await client.hgetall(keys.presence(room)) == {}
+        assert await client.sismember(keys.nodes, "dead") == 0
+        assert await reap_cluster_node(redis_cluster.url, "dead", prefix="sup") == []
+        await alive.stop()
+
+    asyncio.run(body())
+
+
+def test_a_shard_closing_the_subscriptions_gets_them_rebuilt(redis_cluster) -> None:
+    """One primary closes every pub/sub connection to it (``CLIENT KILL TYPE
+    pubsub``, as a restart or a failover would): the nodes rebuild their
+    subscriptions on every shard, resync, and hear the room again."""
+
+    async def body() -> None:
+        a, rec_a = (
+            RedisClusterBackplane(
+                redis_cluster.url, NodeId("a"), prefix="moved", probe_interval=0.2
+            ),
+            Recorder(),
+        )
+        b, rec_b = (
+            RedisClusterBackplane(
+                redis_cluster.url, NodeId("b"), prefix="moved", probe_interval=0.2
+            ),
+            Recorder(),
+        )
+        for bp, recorder in ((a, rec_a), (b, rec_b)):
+            await bp.start(recorder)
+            await subscribe(bp, recorder, "room")
+        channel = ClusterKeys("moved").room("room")
+        node = b._redis.get_node_from_key(channel)
+        # Close b's pub/sub connections on the room's primary from Redis' side.
+        admin = aioredis.Redis(host=node.host, port=node.port)
+        killed = await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        await admin.aclose()
+        assert killed >= 1
+        await wait_until_async(
+            lambda: all(bp.reconnects > 0 and bp.ready()[0] for bp in (a, b)),
+            "both subscriptions rebuilt",
+            2 * TIMEOUT,
+        )
+        a.publish(
+            Envelope(NodeId("a"), EventKind.RELAY, RoomName("room"), ConnectionId("ws-1"), b"again")
+        )
+        await rec_b.until(lambda: b"again" in rec_b.relays("room"))
+        await a.stop()
+        await b.stop()
+
+    asyncio.run(body())
