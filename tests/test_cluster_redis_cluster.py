@@ -47,11 +47,11 @@ def prefix_of(srv: Server) -> str:
     return srv.args[srv.args.index("--cluster-name") + 1]
 
 
-def shard_of(redis_cluster: RedisCluster, prefix: str, room: str) -> int:
-    """The index of the primary that holds *room*."""
+def shard_of(redis_cluster: RedisCluster, key: str) -> int:
+    """The index of the primary that holds *key*."""
     client = redis.RedisCluster(host="127.0.0.1", port=redis_cluster.ports[0][0])
     try:
-        node = client.get_node_from_key(ClusterKeys(prefix).room(room))
+        node = client.get_node_from_key(key)
     finally:
         client.close()
     return [port for port, _ in redis_cluster.ports].index(int(node.port))
@@ -142,11 +142,13 @@ def test_a_killed_nodes_departures_on_every_shard_are_announced_once(
 def test_a_primary_restarted_on_its_port_the_nodes_reconnect_and_resync(
     make_server, own_redis_cluster
 ) -> None:
-    """SIGKILL of one primary, then the same redis-server started again on its
-    port (empty: no persistence; the cluster keeps its slots): the nodes go
-    unready, come back, register their presence again and resync, so a member
-    that joined during the outage is announced once, counts are right, and
-    every room's members hear each other again, on every shard."""
+    """SIGKILL of one primary (the one of node A's lease), then the same
+    redis-server started again on its port (empty: no persistence; the cluster
+    keeps its slots): the nodes go unready, come back, register their presence
+    again and resync, so a member that joined during the outage is announced
+    once, counts are right, no member is closed (A, whose lease vanished, is
+    not reaped as dead), and every room's members hear each other again, on
+    every shard."""
     # A lease longer than the outage: a node whose lease (on a shard that stayed
     # up) expired meanwhile would be reaped, rightly, by the first node back,
     # and its clients asked to reconnect (1012) instead.
@@ -160,7 +162,10 @@ def test_a_primary_restarted_on_its_port_the_nodes_reconnect_and_resync(
         x, y = a_srv.client(room), b_srv.client(room)
         joins(x, y.id)
         members[room] = (x, y)
-    victim = shard_of(own_redis_cluster, prefix, rooms[0])
+    # The primary of node A's own keys (its lease and connections: gone with
+    # the restart while A lives), and of one of the rooms (one is on each).
+    node_a = a_srv.stats()["nodeId"]
+    victim = shard_of(own_redis_cluster, ClusterKeys(prefix).alive(node_a))
     own_redis_cluster.kill(victim)  # SIGKILL
     for srv in (a_srv, b_srv):
         srv.wait_for(lambda srv=srv: srv.get("/readyz")[0] == 503, "readyz 503")

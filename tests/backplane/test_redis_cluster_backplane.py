@@ -22,6 +22,22 @@ def joined(node: str, conn: str, room: str) -> Envelope:
     return Envelope(NodeId(node), EventKind.JOINED, RoomName(room), ConnectionId(conn), b"j")
 
 
+async def started(
+    url: str, prefix: str, rooms: tuple[str, ...], *names: str, **options: float
+) -> list[tuple[RedisClusterBackplane, Recorder]]:
+    """Backplanes named *names*, started and subscribed to *rooms*."""
+    made = []
+    for name in names:
+        bp, recorder = (
+            RedisClusterBackplane(url, NodeId(name), prefix=prefix, **options),
+            Recorder(),
+        )
+        await bp.start(recorder)
+        await subscribe(bp, recorder, *rooms)
+        made.append((bp, recorder))
+    return made
+
+
 def test_the_supervisors_reap_announces_a_dead_workers_rooms_on_every_shard_once(
     redis_cluster,
 ) -> None:
@@ -33,17 +49,9 @@ def test_the_supervisors_reap_announces_a_dead_workers_rooms_on_every_shard_once
     async def body() -> None:
         rooms = [f"w{i}" for i in range(6)]
         keys = ClusterKeys("sup")
-        dead, rd = (
-            RedisClusterBackplane(redis_cluster.url, NodeId("dead"), prefix="sup"),
-            Recorder(),
+        (dead, _), (alive, ra) = await started(
+            redis_cluster.url, "sup", tuple(rooms), "dead", "alive"
         )
-        alive, ra = (
-            RedisClusterBackplane(redis_cluster.url, NodeId("alive"), prefix="sup"),
-            Recorder(),
-        )
-        for bp, recorder in ((dead, rd), (alive, ra)):
-            await bp.start(recorder)
-            await subscribe(bp, recorder, *rooms)
         for i, room in enumerate(rooms):
             dead.publish(joined("dead", f"ws-{i}", room))
         await ra.until(lambda: sum(alive.remote_count(RoomName(r)) for r in rooms) == 6)
@@ -68,21 +76,9 @@ def test_a_shard_closing_the_subscriptions_gets_them_rebuilt(redis_cluster) -> N
     subscriptions on every shard, resync, and hear the room again."""
 
     async def body() -> None:
-        a, rec_a = (
-            RedisClusterBackplane(
-                redis_cluster.url, NodeId("a"), prefix="moved", probe_interval=0.2
-            ),
-            Recorder(),
+        (a, _), (b, rec_b) = await started(
+            redis_cluster.url, "moved", ("room",), "a", "b", probe_interval=0.2
         )
-        b, rec_b = (
-            RedisClusterBackplane(
-                redis_cluster.url, NodeId("b"), prefix="moved", probe_interval=0.2
-            ),
-            Recorder(),
-        )
-        for bp, recorder in ((a, rec_a), (b, rec_b)):
-            await bp.start(recorder)
-            await subscribe(bp, recorder, "room")
         channel = ClusterKeys("moved").room("room")
         node = b._redis.get_node_from_key(channel)
         # Close b's pub/sub connections on the room's primary from Redis' side.
@@ -100,6 +96,34 @@ def test_a_shard_closing_the_subscriptions_gets_them_rebuilt(redis_cluster) -> N
         )
         await rec_b.until(lambda: b"again" in rec_b.relays("room"))
         await a.stop()
+        await b.stop()
+
+    asyncio.run(body())
+
+
+def test_a_live_node_whose_keys_went_with_a_restarted_primary_is_not_reaped(
+    redis_cluster,
+) -> None:
+    """A node's lease and connections gone at once (its primary restarted
+    empty) while it lives: a survivor's reap claims nothing and leaves no
+    marker (which would have the node close its clients with 1012), and the
+    node's connections are not announced lost."""
+
+    async def body() -> None:
+        keys = ClusterKeys("restarted")
+        (a, _), (b, rb) = await started(redis_cluster.url, "restarted", ("r",), "a", "b")
+        a.publish(joined("a", "ws-1", "r"))
+        await rb.until(lambda: b.remote_count(RoomName("r")) == 1)
+        client = b._redis
+        await client.delete(keys.alive("a"), keys.conns("a"))  # as the empty restart does
+        assert await b._reap("a", 60) is None
+        assert await client.exists(keys.reaped("a")) == 0
+        assert rb.lost == [] and b.remote_count(RoomName("r")) == 1
+        # A node whose lease ran out with connections on record is claimed, once.
+        await client.hset(keys.conns("a"), "ws-1", "r")
+        assert await b._reap("a", 60) == {"r": ["ws-1"]}
+        assert await b._reap("a", 60) is None
+        await a.crash()
         await b.stop()
 
     asyncio.run(body())

@@ -95,9 +95,14 @@ SCHEMES = ("redis+cluster://", "rediss+cluster://")
 
 # KEYS: alive, conns, reaped (one node's, one slot); ARGV: marker TTL. The
 # claim: false unless the lease expired and no one claimed the node yet;
-# then the node's connections (id, room, id, room, ...), taken.
+# then the node's connections (id, room, id, room, ...), taken. A node with
+# no connections on record gets no marker: its keys may be gone with a
+# primary that restarted empty while the node lives (on one Redis, the set
+# of nodes goes with them; here it is on another shard), and a marker would
+# have it close its clients for nothing; there is nothing to announce anyway.
 _CLAIM = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+if redis.call('EXISTS', KEYS[2]) == 0 then return {} end
 if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[1]) then return false end
 local pairs = redis.call('HGETALL', KEYS[2])
 redis.call('DEL', KEYS[2])
@@ -251,7 +256,7 @@ class ShardedPubSub:
 
     async def subscribe(self, *channels: Any) -> None:
         if self._failure is not None:
-            raise self._failure
+            raise ConnectionError(f"a shard's subscription failed: {self._failure!r}")
         if not self._mapped:
             await self._cluster.initialize()  # the first time: reads the slot map
             if self._remap:
@@ -334,7 +339,9 @@ class ShardedPubSub:
         if self._inbox:
             return self._inbox.popleft()
         if self._failure is not None:
-            raise self._failure
+            # Whatever ended a shard's reader (redis-py or uvloop errors too,
+            # on a connection closed under it), the subscription is lost.
+            raise ConnectionError(f"a shard's subscription failed: {self._failure!r}")
         return None
 
     async def aclose(self) -> None:
@@ -446,7 +453,8 @@ class RedisClusterBackplane(RedisBackplane):
             except Exception as exc:  # the claim is ours: announce now, clean up later
                 log.warning("reaped node %s; its presence clean-up waits for Redis: %s", node, exc)
                 self._cleanup.append((node, by_room))
-        return by_room
+        # A node without connections on record: out of the set, nothing to say.
+        return by_room or None
 
 
 async def claim(
