@@ -263,6 +263,143 @@ class RedisServer:
         self.proc = None
 
 
+class RedisCluster:
+    """A real 3-primary Redis Cluster on free loopback ports (no replicas),
+    each primary a ``redis-server`` process in a temp dir of its own (its
+    ``nodes.conf`` there, so a primary restarted on its port keeps its slots)."""
+
+    def __init__(self, primaries: int = 3) -> None:
+        import shutil
+        import tempfile
+
+        self.binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.root = tempfile.mkdtemp(prefix="wshub-rcluster-")
+        # The bus port is given too: port + 10000 may be past 65535 or taken.
+        self.ports = [(free_port(), free_port()) for _ in range(primaries)]
+        self.procs: list[subprocess.Popen[bytes] | None] = [None] * primaries
+        for index in range(primaries):
+            self.start(index)
+        addresses = [f"127.0.0.1:{port}" for port, _ in self.ports]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *addresses, "--cluster-yes"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=30 * SCALE,
+        )
+        self.wait_ok()
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port, _ in self.ports)
+
+    def start(self, index: int) -> None:
+        port, bus = self.ports[index]
+        directory = os.path.join(self.root, str(index))
+        os.makedirs(directory, exist_ok=True)
+        self.procs[index] = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(port),
+                "--cluster-port",
+                str(bus),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+                "--dir",
+                directory,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        import redis
+
+        from .waiting import wait_until
+
+        client = redis.Redis(port=port, socket_connect_timeout=0.2)
+
+        def answers() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                return False
+
+        wait_until(answers, f"cluster redis-server {index} to start", interval=0.02)
+        client.close()
+
+    def info(self, index: int) -> dict[str, str]:
+        import redis
+
+        client = redis.Redis(port=self.ports[index][0], socket_connect_timeout=0.5)
+        try:
+            info = client.cluster("INFO")  # parsed by redis-py
+        finally:
+            client.close()
+        return {str(key): str(value) for key, value in info.items()}
+
+    def wait_ok(self) -> None:
+        """Until every primary says the cluster is ok and knows them all."""
+        import redis
+
+        from .waiting import wait_until
+
+        def ok() -> bool:
+            try:
+                return all(
+                    self.info(i).get("cluster_state") == "ok"
+                    and self.info(i).get("cluster_known_nodes") == str(len(self.ports))
+                    for i in range(len(self.ports))
+                )
+            except redis.RedisError:
+                return False
+
+        wait_until(ok, "the Redis Cluster to be ok", timeout=30 * SCALE, interval=0.1)
+
+    def kill(self, index: int) -> None:
+        proc = self.procs[index]
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(TIMEOUT)
+        self.procs[index] = None
+
+    def stop(self) -> None:
+        import shutil
+
+        for index, proc in enumerate(self.procs):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(TIMEOUT)
+            self.procs[index] = None
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    cluster = RedisCluster()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def own_redis_cluster() -> Iterator[RedisCluster]:
+    """A Redis Cluster of this test's own, whose primaries it may kill and restart."""
+    cluster = RedisCluster()
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     server = RedisServer()

@@ -172,8 +172,16 @@ def _path(raw: Any) -> str:
 
 def _redis_url(raw: Any) -> str:
     value = str(raw).strip()
-    if value and not value.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError("expected redis://HOST:PORT[/DB], rediss://... or unix://PATH")
+    cluster = ("redis+cluster://", "rediss+cluster://")
+    if value and not value.startswith(("redis://", "rediss://", "unix://", *cluster)):
+        raise ValueError(
+            "expected redis://HOST:PORT[/DB], rediss://..., unix://PATH or "
+            "redis+cluster://HOST:PORT[,HOST:PORT...] (a Redis Cluster)"
+        )
+    if value.startswith(cluster):
+        seeds = value.partition("://")[2].rpartition("@")[2].split("/", 1)[0]
+        if not all(item.strip() for item in seeds.split(",")):
+            raise ValueError("a Redis Cluster URL needs HOST:PORT seed nodes")
     return value
 
 
@@ -598,7 +606,9 @@ class Config:
     redis_url: str = _opt(
         "",
         "Redis (or Valkey) URL, e.g. redis://localhost:6379/0: run as one node of a "
-        "cluster. Empty: one process, everything in memory.",
+        "cluster. redis+cluster://HOST:PORT[,HOST:PORT...] (rediss+cluster:// for TLS): "
+        "a Redis Cluster (Redis 7), given by seed nodes; rooms spread over its shards "
+        "with sharded pub/sub. Empty: one process, everything in memory.",
         _redis_url,
         "URL",
     )
@@ -811,6 +821,13 @@ def _check_together(config: Config) -> None:
         raise ConfigError(
             f"--workers: {config.workers} workers need --redis-url or --redis-sentinels "
             "(workers share one hub through Redis; without it each would be a separate hub)"
+        )
+    if config.redis_url.startswith(("redis+cluster://", "rediss+cluster://")) and (
+        config.auth != "off" and config.max_connections_per_user
+    ):
+        raise ConfigError(
+            "--max-connections-per-user: not available on a Redis Cluster yet (its "
+            "count reads every node's keys in one script); use one Redis or Sentinel"
         )
     if bool(config.tls_cert) != bool(config.tls_key):
         given, missing = ("--tls-cert", "--tls-key")

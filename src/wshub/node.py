@@ -62,8 +62,12 @@ def _control(config: Config, node_id: NodeId) -> Control:
     """How the API asks every node: over Redis in a cluster, else this node alone."""
     if config.redis_target:
         from .backplane.control import RedisControl
+        from .backplane.redis_cluster import is_cluster_url, seed_url
 
-        return RedisControl(config.redis_target, node_id, prefix=config.cluster_name)
+        # Questions go over classic pub/sub, which a Redis Cluster carries to
+        # every node: one seed node serves.
+        url = seed_url(config.redis_target) if is_cluster_url(config.redis_target) else config.redis_target
+        return RedisControl(url, node_id, prefix=config.cluster_name)
     return LocalControl(node_id)
 
 
@@ -88,6 +92,7 @@ _malloc_trim = _find_malloc_trim()
 def _cluster_history(config: Config, node_id: NodeId) -> ClusterHistory:
     # The redis package only when asked for (as in backplane/factory.py).
     from .backplane.redis import Keys
+    from .backplane.redis_cluster import ClusterKeys, is_cluster_url
     from .backplane.redis_history import RedisHistory
     from .clusterhistory import ClusterHistory
 
@@ -98,7 +103,8 @@ def _cluster_history(config: Config, node_id: NodeId) -> ClusterHistory:
         ttl=config.history_ttl,
         meta_ttl=config.history_epoch_ttl,
     )
-    return ClusterHistory(history, node_id, Keys(config.cluster_name).room)
+    keys = (ClusterKeys if is_cluster_url(config.redis_target) else Keys)(config.cluster_name)
+    return ClusterHistory(history, node_id, keys.room)
 
 
 class Node:

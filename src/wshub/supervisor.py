@@ -57,6 +57,10 @@ class Worker:
 
 async def _supervise(config: Config, argv: list[str]) -> int:
     from .backplane.redis import reap_node
+    from .backplane.redis_cluster import is_cluster_url, reap_cluster_node
+
+    if is_cluster_url(config.redis_target):
+        reap_node = reap_cluster_node
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -1,7 +1,9 @@
-"""One contract, every backplane: the in-memory one and the Redis one.
+"""One contract, every backplane: the in-memory one, the Redis one, and the
+Redis one on a Redis Cluster.
 
 Each test builds a few backplanes on one medium (a shared in-process broker,
-or a real redis-server with a key prefix of the test's own) and drives them
+a real redis-server, or a real 3-primary Redis Cluster of redis-server
+processes, with a key prefix of the test's own) and drives them
 through their interface. The node on the other side of the seam is a
 recording :class:`Recorder`. Every room is a channel: a backplane hears a
 room only while it is subscribed to it.
@@ -18,6 +20,7 @@ import pytest
 from wshub.backplane import Envelope, EventKind
 from wshub.backplane.memory import MemoryBackplane, MemoryBroker
 from wshub.backplane.redis import RedisBackplane
+from wshub.backplane.redis_cluster import RedisClusterBackplane
 from wshub.ids import ConnectionId, NodeId
 from wshub.protocol import encode_user_joined
 from wshub.rooms import RoomName
@@ -90,7 +93,7 @@ async def subscribe(bp: Backplane, recorder: Recorder, *rooms: str) -> None:
             await recorder.until(lambda r=room, n=before: recorder.ready.count(r) > n)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 def medium(request):
     """Returns a coroutine factory making started backplanes on one medium,
     subscribed to *rooms* (the default room unless told)."""
@@ -104,14 +107,14 @@ def medium(request):
             await subscribe(backplane, recorder, *rooms)
             return backplane, recorder
     else:
-        redis_server = request.getfixturevalue("redis_server")
+        cluster = request.param == "redis-cluster"
+        url = request.getfixturevalue("redis_cluster" if cluster else "redis_server").url
+        kind = RedisClusterBackplane if cluster else RedisBackplane
         prefix = f"contract{next(_prefixes)}"
 
         async def make(name: str, ttl: float = 30.0, rooms: tuple[str, ...] = ("",)):
             recorder = Recorder()
-            backplane = RedisBackplane(
-                redis_server.url, NodeId(name), node_ttl=ttl, prefix=prefix, probe_interval=0.2
-            )
+            backplane = kind(url, NodeId(name), node_ttl=ttl, prefix=prefix, probe_interval=0.2)
             await backplane.start(recorder)
             assert backplane.ready()[0]
             await subscribe(backplane, recorder, *rooms)

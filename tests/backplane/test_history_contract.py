@@ -2,10 +2,11 @@
 one of a cluster give the same answers to the same publications.
 
 Each engine is driven through a small async adapter; the Redis one talks to a
-real ``redis-server`` (the ``redis_server`` fixture) with a key prefix of the
-test's own. The last tests are what only the Redis history does: atomic
-offsets seen by subscribers, concurrent publishers, the capped stream, TTL and
-``FLUSHALL``.
+real ``redis-server`` (the ``redis_server`` fixture), or to a real 3-primary
+Redis Cluster (``redis_cluster``), with a key prefix of the test's own. The
+last tests are what only the Redis history does: atomic offsets seen by
+subscribers (on a Redis Cluster too), concurrent publishers, the capped
+stream, TTL and ``FLUSHALL``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from wshub import protocol
+from wshub.backplane.redis import Keys
+from wshub.backplane.redis_cluster import ClusterKeys, cluster_client, is_cluster_url
 from wshub.backplane.redis_history import RedisHistory
 from wshub.clusterhistory import ClusterHistory
 from wshub.history import Entry, History, Recovery
@@ -63,6 +66,8 @@ class RedisEngine:
     def __init__(self, url: str, size: int, ttl: float) -> None:
         self.prefix = f"hc{next(_prefixes)}"
         self.history = RedisHistory.from_url(url, prefix=self.prefix, size=size, ttl=ttl)
+        # On a Redis Cluster the room's channel shares its history's slot.
+        self.keys = (ClusterKeys if is_cluster_url(url) else Keys)(self.prefix)
 
     async def publish(
         self, room: str, kind: RelayKind, sender: str, exclude: str | None = None, content="x"
@@ -70,7 +75,7 @@ class RedisEngine:
         payload = protocol.encode_relay(kind, ConnectionId(sender), content, 0.0)
         return await self.history.publish(
             room,
-            f"{self.prefix}:room:{room}",
+            self.keys.room(room),
             b"node|relay||",
             Entry(0, payload, sender, kind, exclude),
         )
@@ -88,7 +93,7 @@ class RedisEngine:
         await self.history.aclose()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 def engine(request):
     """A factory of engines of one kind: make(size=100, ttl=120.0)."""
     made = []
@@ -97,7 +102,8 @@ def engine(request):
         if request.param == "memory":
             e = MemoryEngine(size, ttl)
         else:
-            e = RedisEngine(request.getfixturevalue("redis_server").url, size, ttl)
+            name = "redis_cluster" if request.param == "redis-cluster" else "redis_server"
+            e = RedisEngine(request.getfixturevalue(name).url, size, ttl)
         made.append(e)
         return e
 
@@ -243,6 +249,45 @@ def test_offsets_are_those_subscribers_see(redis_server) -> None:
         assert [m["offset"] for m in seen] == offsets
         assert [m["content"] for m in seen] == [f"m{i}" for i in range(50)]
         await sub.aclose()
+        await h.aclose()
+
+    asyncio.run(body())
+
+
+def test_on_a_redis_cluster_offsets_are_those_shard_subscribers_see(redis_cluster) -> None:
+    """On a Redis Cluster the script publishes on the room's sharded channel
+    (its keys' slot): a sharded subscriber on that shard sees every offset,
+    in order, and the rooms of other shards keep their own counters."""
+
+    async def body() -> None:
+        h = RedisHistory.from_url(redis_cluster.url, prefix="shard")
+        keys = ClusterKeys("shard")
+        client = cluster_client(redis_cluster.url, 5.0)
+        await client.initialize()
+        rooms = ["a", "b", "c", "d", "e", "f"]
+        shards = {client.get_node_from_key(keys.room(r)).name for r in rooms}
+        assert len(shards) > 1, "the rooms should spread over shards"
+        node = client.get_node_from_key(keys.room("a"))
+        sub = aioredis.Redis(host=node.host, port=node.port).pubsub()
+        await sub.ssubscribe(keys.room("a"))
+        for i in range(20):
+            for room in rooms:
+                payload = protocol.encode_relay(B, ConnectionId(A_ID), f"{room}{i}", 0.0)
+                _, offset = await h.publish(
+                    room, keys.room(room), b"n1|relay|c|", Entry(0, payload, A_ID, B, None)
+                )
+                assert offset == i + 1
+        seen = []
+        deadline = time.monotonic() + TIMEOUT
+        while len(seen) < 20:
+            message = await sub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+            if message is not None and message["type"] == "smessage":
+                seen.append(json.loads(message["data"].partition(b"|relay|c|")[2]))
+            assert time.monotonic() < deadline, "not every publication was heard"
+        assert [m["offset"] for m in seen] == list(range(1, 21))
+        assert [m["content"] for m in seen] == [f"a{i}" for i in range(20)]
+        await sub.aclose()
+        await client.aclose()
         await h.aclose()
 
     asyncio.run(body())

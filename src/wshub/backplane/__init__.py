@@ -12,8 +12,10 @@ died without saying goodbye and announces their departures room by room.
 
 Implementations: :class:`~wshub.backplane.memory.MemoryBackplane` (the
 embedded default; several can share one in-process broker) and
-:class:`~wshub.backplane.redis.RedisBackplane` (a cluster on Redis). Both
-pass the same contract tests (``tests/backplane/contract.py``).
+:class:`~wshub.backplane.redis.RedisBackplane` (a cluster on Redis), and
+:class:`~wshub.backplane.redis_cluster.RedisClusterBackplane` (the same on a
+Redis Cluster, sharded pub/sub). All pass the same contract tests
+(``tests/backplane/test_contract.py``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """The cluster backplane on Redis (or Valkey): a channel per room, leased presence.
 
+(On a Redis Cluster: :mod:`wshub.backplane.redis_cluster`, a subclass that
+replaces the key layout, the connections and the reap; see "What the cluster
+subclass replaces" below.)
+
 Keys (``{p}`` is ``--cluster-name``, default ``wshub``)::
 
     {p}:room:{room}        pub/sub channel: the envelopes of one room ("" the default room)
@@ -66,8 +70,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from ..ids import ConnectionId, NodeId
 from ..logs import LineLimiter, log_event
@@ -93,7 +96,9 @@ return pairs
 """
 _SUBSCRIBE_TIMEOUT = 5.0  # seconds for Redis to acknowledge a subscription
 
-_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+# (RedisClusterException: a Redis Cluster's client, redis_cluster.py, raises
+# it when no seed node answers; it is no RedisError.)
+_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 
 # Publish a batch of envelopes, given as channel and envelope pairs after the
 # deadline, unless Redis gets to it after the deadline (ARGV[1], Unix ms on
@@ -200,10 +205,11 @@ class RedisBackplane(ViewKeeper):
         super().__init__(node_id, time.monotonic)
         self.url = url
         self.node_ttl = node_ttl
-        self.keys = Keys(prefix)
+        self.keys = self._make_keys(prefix)
         self.probe_interval = probe_interval or max(0.2, min(5.0, node_ttl / 6))
         self.on_rejoined_after_reap = on_rejoined_after_reap
-        self._redis: aioredis.Redis | None = None
+        # aioredis.Redis here; a RedisCluster client in the cluster subclass.
+        self._redis: Any = None
         self._up = False
         self._reason = "connecting to Redis"
         # ("publish", (channel, envelope)), ("join", (connection id, room, user id
@@ -244,13 +250,8 @@ class RedisBackplane(ViewKeeper):
     async def start(self, handler: BackplaneHandler) -> None:
         self.handler = handler
         timeout = max(1.0, self.node_ttl / 6)
-        self._redis = redis_client(
-            self.url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            health_check_interval=0,
-        )
-        self._reap_script = self._redis.register_script(_REAP)
+        self._redis = self._connect(timeout)
+        self._reap_script = self._redis.register_script(self._reap_source)
         connected = asyncio.get_running_loop().create_future()
         self._tasks = [
             asyncio.create_task(self._supervise(connected), name="wshub-redis-subscriber"),
@@ -269,6 +270,45 @@ class RedisBackplane(ViewKeeper):
         except TimeoutError:
             log.warning("redis not reachable yet at start; serving local clients meanwhile")
 
+    # -- What the cluster subclass (redis_cluster.py) replaces --------------------
+
+    _reap_source = _REAP
+    _publish_source = _PUBLISH
+
+    def _make_keys(self, prefix: str) -> Keys:
+        return Keys(prefix)
+
+    def _connect(self, timeout: float) -> Any:
+        """The client for commands (the connection setup of one Redis, or of
+        the primary that Sentinel names)."""
+        return redis_client(
+            self.url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            health_check_interval=0,
+        )
+
+    def _new_pubsub(self) -> Any:
+        """A subscription connection (redis-py's PubSub is untyped)."""
+        return self._redis.pubsub()
+
+    def _atomic(self) -> Any:
+        """A pipeline for the (re-)registration and withdrawal of presence:
+        one transaction on one Redis."""
+        return self._redis.pipeline(transaction=True)
+
+    def _add_publications(
+        self, pipe: Any, pairs: list[tuple[str, bytes]], deadline: int
+    ) -> list[int]:
+        """Queue one run of envelopes on *pipe*; returns how many envelopes
+        each queued command carries (one command here)."""
+        flat = [item for pair in pairs for item in pair]
+        pipe.evalsha(self._publish_sha, 0, deadline, *flat)
+        return [len(pairs)]
+
+    async def _reap(self, node: str, marker_ttl: int) -> dict[RoomName, list[ConnectionId]] | None:
+        return await reap(self._reap_script, self.keys, node, marker_ttl)
+
     async def stop(self) -> None:
         """Flush queued envelopes and withdraw our presence, within a few seconds."""
         self._stopping = True
@@ -286,7 +326,7 @@ class RedisBackplane(ViewKeeper):
         assert self._redis is not None
         keys = self.keys
         mine = await self._redis.hgetall(keys.conns(self.node_id))
-        pipe = self._redis.pipeline(transaction=True)
+        pipe = self._atomic()
         pipe.srem(keys.nodes, self.node_id)
         for cid, room in mine.items():
             pipe.hdel(keys.presence(_text(room)), cid)
@@ -500,20 +540,22 @@ class RedisBackplane(ViewKeeper):
             pipe = self._redis.pipeline(transaction=False)
             keys = self.keys
             conns_key = keys.conns(self.node_id)
-            publications = 0
+            # How many envelopes each pipeline command carries (0: presence).
+            carried: list[int] = []
             for op, arg in commands:
                 if op == "publish":
-                    pairs = [item for pair in arg for item in pair]
-                    pipe.evalsha(self._publish_sha, 0, deadline, *pairs)
-                    publications += len(arg)
+                    carried += self._add_publications(pipe, arg, deadline)
                 elif op == "join":
                     cid, room, user = arg
                     pipe.hset(conns_key, cid, room)
                     pipe.hset(keys.presence(room), cid, presence_value(self.node_id, user))
+                    carried += (0, 0)
                 else:
                     cid, room = arg
                     pipe.hdel(conns_key, cid)
                     pipe.hdel(keys.presence(room), cid)
+                    carried += (0, 0)
+            publications = sum(carried)
             try:
                 results = await pipe.execute()
             except _ERRORS as exc:
@@ -521,16 +563,7 @@ class RedisBackplane(ViewKeeper):
                 self._set_down(f"publish failed: {exc}")
                 self._rebuild = True
                 continue
-            # One result per publish command, two per presence update.
-            late = 0
-            position = 0
-            for op, arg in commands:
-                if op == "publish":
-                    if results[position] == -1:
-                        late += len(arg)
-                    position += 1
-                else:
-                    position += 2
+            late = sum(n for n, result in zip(carried, results, strict=True) if n and result == -1)
             self.published += publications - late
             self.forward_failures += late
             self.stale_dropped += late
@@ -542,8 +575,7 @@ class RedisBackplane(ViewKeeper):
         probe_channel = self.keys.probe(self.node_id).encode()
         while not self._stopping:
             assert self._redis is not None
-            # redis-py's PubSub is untyped.
-            pubsub: Any = self._redis.pubsub()
+            pubsub = self._new_pubsub()
             self._pubsub = pubsub
             try:
                 rooms = sorted(self._rooms)
@@ -660,14 +692,14 @@ class RedisBackplane(ViewKeeper):
             await self._redis.delete(keys.reaped(node))
             if self.on_rejoined_after_reap is not None:
                 self.on_rejoined_after_reap()
-        self._publish_sha = await self._redis.script_load(_PUBLISH)
+        self._publish_sha = await self._redis.script_load(self._publish_source)
         before = time.time()
         seconds, micros = await self._redis.time()
         after = time.time()
         self._clock_offset_ms = seconds * 1000 + micros / 1000 - (before + after) * 500
         presence = list(self.handler.local_presence())
         stale = await self._redis.hgetall(keys.conns(node))
-        pipe = self._redis.pipeline(transaction=True)
+        pipe = self._atomic()
         pipe.sadd(keys.nodes, node)
         pipe.set(keys.alive(node), "1", px=int(self.node_ttl * 1000))
         for cid, room in stale.items():
@@ -710,7 +742,7 @@ class RedisBackplane(ViewKeeper):
         for node in nodes:
             if node == self.node_id:
                 continue
-            by_room = await reap(self._reap_script, keys, node, int(max(60, self.node_ttl * 10)))
+            by_room = await self._reap(node, int(max(60, self.node_ttl * 10)))
             if by_room is None:
                 continue
             log.warning(

@@ -186,8 +186,9 @@ class RedisHistory:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: Any,
         *,
+        sharded: bool = False,
         prefix: str = "wshub",
         size: int = 100,
         ttl: float = 120.0,
@@ -202,8 +203,13 @@ class RedisHistory:
         self.ttl_ms = max(1, int(ttl * 1000))
         self.meta_ttl_ms = max(self.ttl_ms, int(meta_ttl * 1000))
         self._epochs = epochs
-        self._publish = redis.register_script(_PUBLISH)
-        self._read = redis.register_script(_READ)
+        # On a Redis Cluster (*redis* its client) channels are sharded.
+        publish, read = _PUBLISH, _READ
+        if sharded:
+            publish, read = (s.replace("'PUBLISH'", "'SPUBLISH'") for s in (publish, read))
+        self._publish_source = publish
+        self._publish = redis.register_script(publish)
+        self._read = redis.register_script(read)
         self._queue: list[_Queued] = []
         self._queued_bytes = 0
         self._clock_offset_ms: float | None = None  # Redis' clock minus ours
@@ -213,6 +219,11 @@ class RedisHistory:
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisHistory:
+        from .redis_cluster import cluster_client, is_cluster_url
+
+        if is_cluster_url(url):
+            # The room's channel is a sharded one, on its keys' slot.
+            return cls(cluster_client(url, 5.0), sharded=True, **kwargs)
         return cls(redis_client(url, socket_timeout=5, socket_connect_timeout=5), **kwargs)
 
     async def aclose(self) -> None:
@@ -332,8 +343,11 @@ class RedisHistory:
         self._last_used = now
 
     async def _reconnect(self) -> None:
-        # Every idle connection of the pool went with the one found dead.
-        await self.redis.connection_pool.disconnect(inuse_connections=False)
+        # Every idle connection of the pool went with the one found dead (a
+        # cluster client has a pool per node and remakes them itself).
+        pool = getattr(self.redis, "connection_pool", None)
+        if pool is not None:
+            await pool.disconnect(inuse_connections=False)
         self._clock_offset_ms = None  # maybe another Redis now: measured again
 
     async def _run(self, batch: Sequence[_Queued]) -> list[Any]:
@@ -343,11 +357,13 @@ class RedisHistory:
             pipe = self.redis.pipeline(transaction=False)
             sha = self._publish.sha
             for keys, args, _, _ in batch:
-                pipe.evalsha(sha, 2, *keys, *args, deadline)
+                # The command, not the method: redis-py's cluster pipeline
+                # blocks the method (the command routes by its keys' slot).
+                pipe.execute_command("EVALSHA", sha, 2, *keys, *args, deadline)
             results: list[Any] = await pipe.execute(raise_on_error=False)
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
                 # A restarted Redis forgot the script; it ran for none of them.
-                self._publish.sha = await self.redis.script_load(_PUBLISH)
+                self._publish.sha = await self.redis.script_load(self._publish_source)
                 continue
             return results
         raise AssertionError("unreachable")
