@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -207,12 +208,55 @@ def check_content(kind: RelayKind, content: str) -> Relay | Refusal:
 _RELAY_KINDS: Final = {kind.value: kind for kind in RelayKind}
 
 
+# The plain relay as every client library writes it, tested before any JSON
+# parse: ``{"type":"message","content":"..."}`` (or ``broadcast``) whose
+# content is printable ASCII without a quote or a backslash. Such text is one
+# JSON object with exactly these two members, and its content is the slice
+# between the quotes: parsing it would give the same string. Anything else
+# (white space, other members or their order, escapes, non-ASCII, control
+# characters, empty or too long content) takes the full path below, which
+# gives every refusal.
+_PLAIN_HEADS: Final = (
+    ('{"type":"message","content":"', RelayKind.MESSAGE),
+    ('{"type":"broadcast","content":"', RelayKind.BROADCAST),
+)
+_NOT_PLAIN: Final = re.compile(r"[^ -!#-\[\]-~]")  # outside printable ASCII, or " or \
+
+
+def _plain_relay(text: str) -> Relay | None:
+    for head, kind in _PLAIN_HEADS:  # noqa: B007 (kind: the one whose head matched)
+        if text.startswith(head):
+            break
+    else:
+        return None
+    start = len(head)
+    if len(text) < start + 2 or not text.endswith('"}'):
+        return None
+    content = text[start:-2]
+    if (
+        len(content) > MAX_CONTENT_CHARS
+        or _NOT_PLAIN.search(content) is not None
+        or not content.strip()
+    ):
+        return None
+    return Relay(kind, content)
+
+
 def parse_client_text(text: str, *, refresh: bool = False) -> Command | Refusal:
     """Interpret the text of one client text message (decisions.md 4 and 5).
 
     *refresh*: ``{"type":"refresh"}`` is a command (``--auth`` optional or
     required, decisions.md 15); otherwise it is an unknown type, as the seed has it.
     """
+    if text.startswith('{"type":"'):
+        relay = _plain_relay(text)
+        if relay is not None:
+            return relay
+    return _parse_full(text, refresh)
+
+
+def _parse_full(text: str, refresh: bool) -> Command | Refusal:
+    """:func:`parse_client_text` without the plain relay's shortcut."""
     obj = _json_object(text)
     if obj is None:
         return _check_content(RelayKind.MESSAGE, text, False)

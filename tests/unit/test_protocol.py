@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from wshub import protocol
 from wshub.ids import ConnectionId
@@ -143,3 +145,52 @@ def test_iso_timestamp_cache_crosses_seconds() -> None:
     assert protocol.iso_timestamp(59.999) == "1970-01-01T00:00:59.999Z"
     assert protocol.iso_timestamp(60.0) == "1970-01-01T00:01:00.000Z"
     assert protocol.iso_timestamp(59.5) == "1970-01-01T00:00:59.500Z"
+
+
+# The plain relay's shortcut (protocol._plain_relay) must give exactly what the
+# JSON path gives, for any text that looks like it: the characters below are
+# those where the two could part (quotes, escapes, controls, white space, DEL,
+# non-ASCII, a lone surrogate's escape).
+_EDGE_CHARS = ' !"#\\[]~\x7f\x00\x1f\t\n\r\x0b\x0c\x1c\x85\xa0\u2028\u3000éx/u'
+
+
+@given(
+    head=st.sampled_from(
+        [
+            '{"type":"message","content":"',
+            '{"type":"broadcast","content":"',
+            '{"type":"message", "content":"',
+            '{"type":"messages","content":"',
+        ]
+    ),
+    content=st.text(alphabet=_EDGE_CHARS, max_size=12) | st.text(max_size=12),
+    tail=st.sampled_from(['"}', '"} ', '"}}', "}", '","x":1}', '"']),
+    long=st.sampled_from([0, 1, 990, 1000]),
+)
+@settings(max_examples=800, deadline=None)
+def test_plain_relay_shortcut_agrees_with_json(
+    head: str, content: str, tail: str, long: int
+) -> None:
+    text = head + "y" * long + content + tail
+    assert parse_client_text(text) == protocol._parse_full(text, False)
+    assert parse_client_text(text, refresh=True) == protocol._parse_full(text, True)
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["hi", "~#1764112345678901234 s123 c0 " + "x" * 70, "a b!#[]~", "x" * 1000],
+)
+def test_plain_relay_takes_the_shortcut(content: str) -> None:
+    for kind in RelayKind:
+        text = f'{{"type":"{kind.value}","content":"{content}"}}'
+        assert protocol._plain_relay(text) == Relay(kind, content)
+        assert parse_client_text(text) == Relay(kind, content)
+
+
+@pytest.mark.parametrize(
+    "content", ["", "  ", "x" * 1001, 'a\\"b', "a\\u00e9", "é", "a\tb", "a\x7fb"]
+)
+def test_plain_relay_leaves_the_rest_to_the_json_path(content: str) -> None:
+    text = f'{{"type":"message","content":"{content}"}}'
+    assert protocol._plain_relay(text) is None
+    assert parse_client_text(text) == protocol._parse_full(text, False)
