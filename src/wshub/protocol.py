@@ -295,16 +295,25 @@ def unix_ms(now: float) -> int:
 
 
 _second_cache: list[object] = [None, ""]  # [unix second, its "%Y-%m-%dT%H:%M:%S"]
+_milli_cache: list[object] = [None, ""]  # [unix millisecond, its whole timestamp]
 
 
 def iso_timestamp(now: float) -> str:
     """ISO 8601 in UTC with milliseconds and ``Z``: ``2026-11-25T20:17:58.123Z``."""
-    seconds, millis = divmod(int(now * 1000), 1000)  # unix_ms(), inlined
+    ms = int(now * 1000)  # unix_ms(), inlined
+    # Messages come in bursts: the 32 of one read share their millisecond,
+    # and the string built for the first serves the others.
+    if _milli_cache[0] == ms:
+        return _milli_cache[1]  # type: ignore[return-value]
+    seconds, millis = divmod(ms, 1000)
     # strftime costs microseconds; messages come in bursts within one second.
     if _second_cache[0] != seconds:
         _second_cache[0] = seconds
         _second_cache[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-    return f"{_second_cache[1]}.{millis:03d}Z"
+    stamp = f"{_second_cache[1]}.{millis:03d}Z"
+    _milli_cache[0] = ms
+    _milli_cache[1] = stamp
+    return stamp
 
 
 _escape_string = json.encoder.encode_basestring  # C, non-ASCII kept as is

@@ -141,6 +141,14 @@ def test_relay_fast_path_matches_generic_encoding() -> None:
             assert fast == generic
 
 
+def test_iso_timestamp_cache_keeps_to_its_millisecond() -> None:
+    assert protocol.iso_timestamp(100.0011) == "1970-01-01T00:01:40.001Z"
+    assert protocol.iso_timestamp(100.0019) == "1970-01-01T00:01:40.001Z"  # the same one
+    assert protocol.iso_timestamp(100.002) == "1970-01-01T00:01:40.002Z"
+    assert protocol.iso_timestamp(99.0011) == "1970-01-01T00:01:39.001Z"  # same ms, other s
+    assert protocol.iso_timestamp(100.0011) == "1970-01-01T00:01:40.001Z"
+
+
 def test_iso_timestamp_cache_crosses_seconds() -> None:
     assert protocol.iso_timestamp(59.999) == "1970-01-01T00:00:59.999Z"
     assert protocol.iso_timestamp(60.0) == "1970-01-01T00:01:00.000Z"
