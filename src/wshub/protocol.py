@@ -23,7 +23,8 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, NamedTuple
+from functools import partial
+from typing import Any, Final, NamedTuple, cast
 
 from .ids import ConnectionId
 
@@ -92,6 +93,11 @@ class Relay(NamedTuple):
 
     kind: RelayKind
     content: str
+
+
+# Relay(kind, content) without the named tuple's Python-level constructor
+# (the same object, built in C; one per relayed message).
+_new_relay = cast("Callable[[tuple[RelayKind, str]], Relay]", partial(tuple.__new__, Relay))
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +202,7 @@ def _check_content(kind: RelayKind, content: str, escaped: bool) -> Relay | Refu
                 ErrorCode.INVALID_CONTENT,
                 "Message content holds a lone surrogate, which is not a character",
             )
-    return Relay(kind, content)
+    return _new_relay((kind, content))
 
 
 def check_content(kind: RelayKind, content: str) -> Relay | Refusal:
@@ -239,7 +245,7 @@ def _plain_relay(text: str) -> Relay | None:
         or not content.strip()
     ):
         return None
-    return Relay(kind, content)
+    return _new_relay((kind, content))
 
 
 def parse_client_text(text: str, *, refresh: bool = False) -> Command | Refusal:
