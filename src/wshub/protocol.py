@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import enum
 import json
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -215,37 +214,35 @@ _RELAY_KINDS: Final = {kind.value: kind for kind in RelayKind}
 
 
 # The plain relay as every client library writes it, tested before any JSON
-# parse: ``{"type":"message","content":"..."}`` (or ``broadcast``) whose
-# content is printable ASCII without a quote or a backslash. Such text is one
-# JSON object with exactly these two members, and its content is the slice
-# between the quotes: parsing it would give the same string. Anything else
-# (white space, other members or their order, escapes, non-ASCII, control
-# characters, empty or too long content) takes the full path below, which
-# gives every refusal.
+# parse: ``{"type":"message","content":"..."}`` (or ``broadcast``) with
+# nothing before, between or after. Its content is read by the JSON
+# decoder's own C string scanner (strict: control characters refused,
+# escapes decoded), so it is the string the full parse would give; the
+# object has exactly these two members, so the outcome is the full path's,
+# refusals included. Anything else (white space, other members or their
+# order, a string the scanner refuses) takes the full path below.
 _PLAIN_HEADS: Final = (
     ('{"type":"message","content":"', RelayKind.MESSAGE),
     ('{"type":"broadcast","content":"', RelayKind.BROADCAST),
 )
-_NOT_PLAIN: Final = re.compile(r"[^ -!#-\[\]-~]")  # outside printable ASCII, or " or \
+_scanstring: Callable[[str, int, bool], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
 
 
-def _plain_relay(text: str) -> Relay | None:
+def _plain_relay(text: str) -> Relay | Refusal | None:
     for head, kind in _PLAIN_HEADS:  # noqa: B007 (kind: the one whose head matched)
         if text.startswith(head):
             break
     else:
         return None
-    start = len(head)
-    if len(text) < start + 2 or not text.endswith('"}'):
+    if not text.endswith('"}'):
         return None
-    content = text[start:-2]
-    if (
-        len(content) > MAX_CONTENT_CHARS
-        or _NOT_PLAIN.search(content) is not None
-        or not content.strip()
-    ):
+    try:
+        content, end = _scanstring(text, len(head), True)
+    except ValueError:
         return None
-    return _new_relay((kind, content))
+    if end != len(text) - 1:
+        return None  # something after the string but the closing brace
+    return _check_content(kind, content, "\\u" in text)
 
 
 def parse_client_text(text: str, *, refresh: bool = False) -> Command | Refusal:

@@ -159,7 +159,7 @@ def test_iso_timestamp_cache_crosses_seconds() -> None:
 # JSON path gives, for any text that looks like it: the characters below are
 # those where the two could part (quotes, escapes, controls, white space, DEL,
 # non-ASCII, a lone surrogate's escape).
-_EDGE_CHARS = ' !"#\\[]~\x7f\x00\x1f\t\n\r\x0b\x0c\x1c\x85\xa0\u2028\u3000éx/u'
+_EDGE_CHARS = ' !"#\\[]~\x7f\x00\x1f\t\n\r\x0b\x0c\x1c\x85\xa0\u2028\u3000éx/ud80'
 
 
 @given(
@@ -196,9 +196,45 @@ def test_plain_relay_takes_the_shortcut(content: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "content", ["", "  ", "x" * 1001, 'a\\"b', "a\\u00e9", "é", "a\tb", "a\x7fb"]
+    ("content", "expected"),
+    [
+        ("", Refusal(ErrorCode.EMPTY_CONTENT, "Message content cannot be empty")),
+        (" \\t ", Refusal(ErrorCode.EMPTY_CONTENT, "Message content cannot be empty")),
+        (
+            "x" * 1001,
+            Refusal(
+                ErrorCode.CONTENT_TOO_LONG, "Message too long: 1001 characters, the limit is 1000"
+            ),
+        ),
+        (
+            "\\ud800",
+            Refusal(
+                ErrorCode.INVALID_CONTENT,
+                "Message content holds a lone surrogate, which is not a character",
+            ),
+        ),
+        ('a\\"b', Relay(RelayKind.MESSAGE, 'a"b')),
+        ("a\\u00e9", Relay(RelayKind.MESSAGE, "aé")),
+        ("é", Relay(RelayKind.MESSAGE, "é")),
+    ],
 )
-def test_plain_relay_leaves_the_rest_to_the_json_path(content: str) -> None:
+def test_plain_relay_gives_the_full_paths_outcome(content: str, expected: object) -> None:
+    """Escapes decoded, refusals given: the shortcut's answer is the full path's."""
     text = f'{{"type":"message","content":"{content}"}}'
+    assert protocol._plain_relay(text) == expected
+    assert parse_client_text(text) == expected == protocol._parse_full(text, False)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"type":"message","content":"a\tb"}',  # a raw control character: plain text
+        '{"type":"message","content":"a"b"}',  # the string ends early
+        '{"type":"message","content":"a" }',
+        '{"type":"message","content":"a","x":1}',
+        '{"type":"message","content":"a\\"}',  # an escaped quote: unfinished
+    ],
+)
+def test_plain_relay_leaves_the_rest_to_the_json_path(text: str) -> None:
     assert protocol._plain_relay(text) is None
     assert parse_client_text(text) == protocol._parse_full(text, False)
