@@ -286,7 +286,18 @@ class History:
         self.bytes -= size
 
     def _compact(self) -> None:
-        self._order = deque(record for record in self._order if self._live(record))
+        # _live() inlined: this walks every record, about once per
+        # len(_order) appends in a room that is full (6.7 % of the rooms
+        # scenario's CPU with a call per record; docs/rooms-perf.md).
+        self._order = deque(
+            [
+                record
+                for record in self._order
+                if (room := record[0]).alive
+                and (entries := room.entries)
+                and entries[0].offset <= record[1]
+            ]
+        )
         self._stale = 0
 
     @staticmethod
