@@ -73,6 +73,15 @@ def reader_stream() -> tuple[list[bytes], Counter[str]]:
     # escapes decode to the size sent: \u0041 is one byte, \u00e9 two, a pair four
     body = content()
     add("counted", OP_TEXT, envelope(b"message", body[:-7] + b"\\u0041\\u00e9\\ud83d\\ude00"))
+    # the reader skips plain bytes eight at a time: whatever ends a plain run
+    # (an escape, a multi-byte character, a raw control byte, a byte past
+    # ASCII) is found at every position of a word, near the end of the string too
+    for at in [*range(17), 80, 89, 90, 91, 92]:
+        plain = content()
+        add("counted", OP_TEXT, envelope(b"message", plain[:at] + b'\\"' + plain[at + 1 :]))
+        add("counted", OP_TEXT, envelope(b"message", plain[:at] + b"\xc3\xa9" + plain[at + 2 :]))
+        add("invalid", OP_TEXT, envelope(b"message", plain[:at] + b"\x1f" + plain[at + 1 :]))
+        add("invalid", OP_TEXT, envelope(b"message", plain[:at] + b"\xff" + plain[at + 1 :]))
     add("wrong_size", OP_TEXT, envelope(b"message", content() + b"y"))
     add("wrong_size", OP_TEXT, envelope(b"message", content()[:-1]))
     add("wrong_size", OP_TEXT, b'{"type":"message","connectionId":"ws-1-abc"}')

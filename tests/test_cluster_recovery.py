@@ -336,6 +336,54 @@ def test_after_redis_was_emptied(own_redis: RedisServer) -> None:
         eng.stop()
 
 
+EPOCH_TTL = 2.0
+
+
+def epochs_held(eng: Engine, rooms: list[str]) -> int:
+    """How many of *rooms* (every room the engine ever had) still have their
+    epoch: their meta key on Redis, their state in the memory history."""
+    if eng.redis is None:
+        return int(eng.node(0).metric("wshub_history_rooms"))
+    prefix = eng.args[eng.args.index("--cluster-name") + 1]
+    keys = [f"{prefix}:history:{{r.{room}}}:meta" for room in rooms]
+    return int(redis.Redis(port=eng.redis.port).exists(*keys))
+
+
+def test_an_idle_room_with_members_keeps_its_epoch(own_engine: Callable[..., Engine]) -> None:
+    """decisions.md 13: the epoch changes only when the history is lost. A
+    room whose members stay but say nothing for longer than
+    --history-epoch-ttl has lost nothing: a member that comes back with
+    since gets recovered:true and the room's offsets go on, on every node.
+    Once everyone left and the TTL passed, the history is gone: a new epoch.
+
+    The wait is for an event, not a time: a witness room, used after this
+    one and then left by all, losing its epoch shows that this room's would
+    have expired by then too (on Redis, its meta key), had nobody kept it."""
+    eng = own_engine(
+        "--history-ttl", "0.5", "--history-epoch-ttl", str(EPOCH_TTL), "--sweep-interval", "0.1"
+    )
+    room, sender, reader = seeded(eng, 2)
+    epoch = reader.welcome["epoch"]
+    witness, *used = seeded(eng, 1)
+    for client in used:
+        client.close()
+    rooms = [room, witness]
+    wait_until(lambda: epochs_held(eng, rooms) == 1, "the witness to lose its epoch", 4 * TIMEOUT)
+    back, frames = join(eng.node(0), room, f"since={epoch}:2")
+    assert back.welcome["recovered"] is True and back.welcome["missed"] == 0 and frames == []
+    assert back.welcome["epoch"] == epoch and back.welcome["offset"] == 2
+    sender.send({"type": "broadcast", "content": "still here"})
+    for client in (reader, back):  # not closed with 1012: the offsets go on
+        frame = client.recv_type("broadcast")
+        assert (frame["content"], frame["offset"]) == ("still here", 3)
+    for client in (sender, reader, back):
+        client.close()
+    wait_until(lambda: epochs_held(eng, rooms) == 0, "the room to lose its epoch", 4 * TIMEOUT)
+    again, frames = join(eng.node(1), room, f"since={epoch}:3")
+    assert again.welcome["recovered"] is False and frames == []
+    assert again.welcome["epoch"] != epoch and again.welcome["offset"] == 0
+
+
 # -- The seam ---------------------------------------------------------------------------
 
 

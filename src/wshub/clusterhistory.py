@@ -8,7 +8,9 @@ assigns the offset, appends to the room's capped stream and publishes a
 too) delivers from its subscription. A join is read with
 :meth:`ClusterHistory.join`: the read publishes a ``mark`` envelope right
 behind itself, and the join completes once both the read's reply and the mark
-arrived (see :mod:`wshub.roomstream` for why both).
+arrived (see :mod:`wshub.roomstream` for why both). While the node has members
+in a room it keeps the room's epoch on Redis (:meth:`ClusterHistory.keep`, on
+the node's timer): an idle room with members has lost nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from .backplane import Envelope, EventKind, encode_envelope
 from .backplane.redis_history import RedisHistory
@@ -51,9 +53,11 @@ class ClusterHistory:
         self._join_timeout = join_timeout
         self._marks: dict[ConnectionId, asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._keeping: asyncio.Task[None] | None = None
         # Figures for /metrics.
         self.publish_failures = 0
         self.join_failures = 0
+        self.keep_failures = 0
         self._lines = LineLimiter(rate=1.0, burst=5.0)
 
     def figures(self) -> dict[str, float]:
@@ -61,13 +65,16 @@ class ClusterHistory:
             "history_published": self.history.published,
             "history_publish_failures": self.publish_failures,
             "history_join_failures": self.join_failures,
+            "history_keep_failures": self.keep_failures,
         }
 
     def failed(self, what: str, room: str, exc: BaseException | None) -> None:
-        """A publication or a join read Redis did not answer: counted, and
-        logged (at most a line a second)."""
+        """A publication, a join read or a refresh of the epochs Redis did not
+        answer: counted, and logged (at most a line a second)."""
         if what == "publish":
             self.publish_failures += 1
+        elif what == "keep":
+            self.keep_failures += 1
         else:
             self.join_failures += 1
         suppressed = self._lines.allow(what, time.monotonic())
@@ -157,6 +164,32 @@ class ClusterHistory:
             done(None)
             return
         done(recovery)
+
+    @property
+    def keep_interval(self) -> float:
+        """Seconds between two calls of :meth:`keep`."""
+        return self.history.keep_interval
+
+    def keep(self, rooms: Iterable[RoomName]) -> asyncio.Task[None] | None:
+        """Keep the epochs of *rooms* (the rooms with members here) on Redis,
+        in the background; returns the task. One refresh at a time: a call
+        while the last one still runs (Redis slow) is left out (None), the
+        next interval comes soon enough (see :attr:`RedisHistory.keep_interval`)."""
+        if self._keeping is not None and not self._keeping.done():
+            return None
+        task = asyncio.create_task(self._keep(list(rooms)), name="wshub-history-keep")
+        self._keeping = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _keep(self, rooms: list[RoomName]) -> None:
+        if not rooms:
+            return
+        try:
+            await self.history.keep(rooms)
+        except Exception as exc:  # Redis down: tried again at the next interval
+            self.failed("keep", f"{len(rooms)} rooms", exc)
 
     async def aclose(self) -> None:
         for task in list(self._tasks):

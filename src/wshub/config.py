@@ -24,6 +24,7 @@ from .api import key_problem
 from .errors import WshubError
 
 __all__ = [
+    "REDIS_SENTINEL_SCHEME",
     "Config",
     "ConfigError",
     "OPTIONS",
@@ -32,6 +33,10 @@ __all__ = [
     "option_reference",
     "split_host_port",
 ]
+
+
+REDIS_SENTINEL_SCHEME = "redis+sentinel://"
+"""How :attr:`Config.redis_target` spells the sentinels and the primary's name."""
 
 
 class ConfigError(WshubError, ValueError):
@@ -170,6 +175,16 @@ def _redis_url(raw: Any) -> str:
     if value and not value.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("expected redis://HOST:PORT[/DB], rediss://... or unix://PATH")
     return value
+
+
+def _host_ports(raw: Any) -> tuple[str, ...]:
+    items = _items(raw)
+    for item in items:
+        try:
+            split_host_port(item)
+        except ValueError as exc:
+            raise ValueError(f"{item!r}: {exc}") from None
+    return tuple(items)
 
 
 def _name(raw: Any) -> str:
@@ -510,6 +525,16 @@ class Config:
         _duration,
         "SECONDS",
     )
+    history_epoch_ttl: float = _opt(
+        3600.0,
+        "Seconds a room's epoch and last offset outlive the room's last member and its "
+        "last message or join, so that a client that left can still come back with "
+        "since (recovered, nothing missed) until then; a room with members keeps its "
+        "epoch (in a cluster each node refreshes the Redis key of the rooms it has "
+        "members in every third of this). Never less than --history-ttl.",
+        _duration,
+        "SECONDS",
+    )
     history_memory: int = _opt(
         67108864,
         "Bytes of history this node keeps for all rooms together; past it the oldest "
@@ -577,6 +602,21 @@ class Config:
         _redis_url,
         "URL",
     )
+    redis_sentinels: tuple[str, ...] = _opt(
+        (),
+        "Redis Sentinel addresses (HOST:PORT,HOST:PORT,...) instead of --redis-url: every "
+        "Redis connection goes to the primary they name for --redis-master, and after an "
+        "error to whichever primary they name then (a failover).",
+        _host_ports,
+        "HOST:PORT,...",
+    )
+    redis_master: str = _opt(
+        "",
+        "With --redis-sentinels: the name the sentinels monitor the primary under "
+        "(their `sentinel monitor NAME ...`).",
+        _name_or_empty,
+        "NAME",
+    )
     node_ttl: float = _opt(
         30.0,
         "Seconds a node's presence lease lasts in Redis; a node that stops refreshing "
@@ -622,6 +662,15 @@ class Config:
         "LEVEL",
     )
     log_format: str = _opt("text", "text or json.", _choice("text", "json"), "FORMAT")
+
+    @property
+    def redis_target(self) -> str:
+        """Where this node's Redis connections go (see backplane/redisconn.py):
+        ``--redis-url``, or the sentinels and primary name as one target;
+        empty without a cluster."""
+        if self.redis_sentinels:
+            return REDIS_SENTINEL_SCHEME + ",".join(self.redis_sentinels) + "/" + self.redis_master
+        return self.redis_url
 
     @property
     def api_listen_address(self) -> tuple[str, int] | None:
@@ -746,10 +795,22 @@ def load_config(
 
 
 def _check_together(config: Config) -> None:
-    if config.workers > 1 and not config.redis_url:
+    if config.redis_sentinels and config.redis_url:
         raise ConfigError(
-            f"--workers: {config.workers} workers need --redis-url (workers share one hub "
-            "through Redis; without it each would be a separate hub)"
+            "--redis-sentinels and --redis-url: give one of them (the sentinels name the "
+            "primary to connect to)"
+        )
+    if config.redis_sentinels and not config.redis_master:
+        raise ConfigError(
+            "--redis-sentinels: needs --redis-master NAME too (the name the sentinels "
+            "monitor the primary under)"
+        )
+    if config.redis_master and not config.redis_sentinels:
+        raise ConfigError("--redis-master: only means something with --redis-sentinels")
+    if config.workers > 1 and not config.redis_target:
+        raise ConfigError(
+            f"--workers: {config.workers} workers need --redis-url or --redis-sentinels "
+            "(workers share one hub through Redis; without it each would be a separate hub)"
         )
     if bool(config.tls_cert) != bool(config.tls_key):
         given, missing = ("--tls-cert", "--tls-key")

@@ -30,6 +30,20 @@ cap are skipped when they reach the front, and the deque is compacted when such
 records outnumber the live ones, so each append costs O(1) amortised and the
 records never outgrow twice the entries held.
 
+*Invisible to the garbage collector.* What is kept per entry (the entry and its
+record) is a plain tuple of ints, bytes, strings, a bool, a float and None,
+never an object that can be part of a cycle: CPython untracks such a tuple at
+its first young collection, so however many entries are held (the default
+64 MiB bound holds ~150,000), no collection walks them again, and their coming
+and going never triggers a full collection. A record names its room by name,
+not by the room object (which would keep the record tracked). A name always
+means the room's current state: a room is emptied only by taking records from
+the front of the global order (its own cap never takes its last entry), and its
+newest entry's record is its last one there, so a room without entries has no
+records left, and only such a room is ever forgotten. :class:`Entry`, the API's
+type, is built from the tuple only when entries are read (a join's replay,
+tests).
+
 *Publication* (single-threaded, in the room's hub)::
 
     offset = history.next_offset(room)
@@ -53,7 +67,10 @@ from urllib.parse import unquote
 
 from .protocol import RelayKind
 
+_MESSAGE: Final = RelayKind.MESSAGE
+
 __all__ = [
+    "ENTRIES_OVERHEAD",
     "ENTRY_OVERHEAD",
     "MAX_QUERY_LENGTH",
     "ROOM_OVERHEAD",
@@ -70,13 +87,22 @@ __all__ = [
 
 ENTRY_OVERHEAD: Final = 240
 """Bytes accounted per entry besides its payload and ids: the payload's object
-header, the Entry tuple and its float, its slots in the room's deque and the
-global deque, and the record tuple. bench/history_cost.py measures the whole
+header, the entry's tuple, its slots in the room's deque and the global deque,
+and the record tuple with its float. bench/history_cost.py measures the whole
 entry with tracemalloc: 455 B measured against 456 B accounted for a 186-byte
 frame in one room, 389 B against 471 B over 1,000 rooms (CPython 3.11)."""
 
-ROOM_OVERHEAD: Final = 900
-"""Bytes accounted per room state (its object, deque, dict slots, epoch)."""
+ROOM_OVERHEAD: Final = 300
+"""Bytes accounted per room state (its object, its slots in the rooms' dict and
+in the idle ones', its epoch) besides its name: tracemalloc over 10,000 rooms
+(CPython 3.11) measured 154 B for a room with members and no entries, 220 B
+for an idle one (900 B were accounted while every room held a deque)."""
+
+ENTRIES_OVERHEAD: Final = 760
+"""Bytes accounted for a room's deque of entries: the object with its first
+block of 64 slots (``sys.getsizeof(deque())``). A room has one only while it
+holds entries: one whose members never spoke, or whose entries all expired,
+has none."""
 
 
 def new_epoch() -> str:
@@ -114,21 +140,42 @@ def would_receive(entry: Entry, previous: str | None) -> bool:
     return entry.sender != previous and entry.exclude != previous
 
 
+_Kept = tuple[int, bytes, str, bool, str | None]
+"""An entry as a room holds it: ``(offset, payload, sender, is_message,
+exclude)``, all atomic, so untracked by the GC (see "Invisible to the garbage
+collector" above)."""
+
+_Record = tuple[str, int, float]
+"""``(room name, offset, when appended)``, in the global order."""
+
+
 class _Room:
-    __slots__ = ("name", "epoch", "top", "entries", "holders", "alive", "bytes")
+    __slots__ = ("name", "epoch", "top", "entries", "holders")
 
     def __init__(self, name: str, epoch: str) -> None:
         self.name = name
         self.epoch = epoch
         self.top = 0
-        self.entries: deque[Entry] = deque()
+        # Made on the first entry, let go with the last (ENTRIES_OVERHEAD):
+        # most rooms of an idle node never hold one.
+        self.entries: deque[_Kept] | None = None
         self.holders = 0
-        self.alive = True
-        self.bytes = 0
 
 
-def _entry_size(entry: Entry) -> int:
-    return len(entry.payload) + len(entry.sender) + len(entry.exclude or "") + ENTRY_OVERHEAD
+def _kept_size(kept: _Kept) -> int:
+    return len(kept[1]) + len(kept[2]) + len(kept[4] or "") + ENTRY_OVERHEAD
+
+
+def _entry(kept: _Kept) -> Entry:
+    offset, payload, sender, is_message, exclude = kept
+    return Entry(offset, payload, sender, _MESSAGE if is_message else RelayKind.BROADCAST, exclude)
+
+
+def _would_receive(kept: _Kept, previous: str | None) -> bool:
+    """:func:`would_receive` of a kept entry."""
+    if previous is None or not kept[3]:
+        return True
+    return kept[2] != previous and kept[4] != previous
 
 
 class History:
@@ -160,8 +207,7 @@ class History:
         self._epochs = epochs
         self._rooms: dict[str, _Room] = {}
         self._idle: OrderedDict[str, float] = OrderedDict()  # room -> idle since
-        # (room, offset, when appended), in append order
-        self._order: deque[tuple[_Room, int, float]] = deque()
+        self._order: deque[_Record] = deque()  # in append order
         self._stale = 0  # records in _order whose entry is gone
         self._expired_at = float("nan")  # the last expire()'s now (nan: never)
         self.bytes = 0
@@ -204,13 +250,13 @@ class History:
         return room
 
     def _forget(self, room: _Room) -> None:
-        room.alive = False
         del self._rooms[room.name]
         self._idle.pop(room.name, None)
         self.bytes -= ROOM_OVERHEAD + len(room.name)
 
     def _maybe_idle(self, room: _Room, now: float) -> None:
-        if not room.entries and room.holders == 0 and room.alive:
+        # *room* is one of self._rooms: every caller found it there.
+        if not room.entries and room.holders == 0:
             self._idle[room.name] = now
             self._idle.move_to_end(room.name)
 
@@ -263,15 +309,20 @@ class History:
             raise ValueError(f"entry offset {entry.offset} is not the next offset {offset}")
         room.top = offset
         entries = room.entries
-        entries.append(entry)
-        size = len(entry.payload) + len(entry.sender) + len(entry.exclude or "") + ENTRY_OVERHEAD
-        room.bytes += size
-        self.bytes += size
+        if entries is None:
+            entries = room.entries = deque()
+            self.bytes += ENTRIES_OVERHEAD
+        sender = entry.sender
+        exclude = entry.exclude
+        payload = entry.payload
+        # A plain tuple of atomic values, not the Entry: untracked by the GC.
+        entries.append((offset, payload, sender, entry.kind is _MESSAGE, exclude))
+        self.bytes += len(payload) + len(sender) + (len(exclude) if exclude else 0) + ENTRY_OVERHEAD
         if self._idle:
             self._idle.pop(name, None)
-        self._order.append((room, offset, now))
+        self._order.append((name, offset, now))
         if len(entries) > self.size:
-            self._drop_oldest(room)
+            self._drop_oldest(room)  # never the last: size >= 1
             self._stale += 1  # its record is still somewhere in _order
             if self._stale > 1024 and self._stale > len(self._order) - self._stale:
                 self._compact()
@@ -280,30 +331,28 @@ class History:
         return offset
 
     def _drop_oldest(self, room: _Room) -> None:
-        entry = room.entries.popleft()
-        size = _entry_size(entry)
-        room.bytes -= size
-        self.bytes -= size
+        entries = room.entries
+        assert entries is not None  # every caller saw the entry it drops
+        self.bytes -= _kept_size(entries.popleft())
+        if not entries:
+            room.entries = None
+            self.bytes -= ENTRIES_OVERHEAD
 
     def _compact(self) -> None:
-        # _live() inlined: this walks every record, about once per
-        # len(_order) appends in a room that is full (6.7 % of the rooms
-        # scenario's CPU with a call per record; docs/rooms-perf.md).
-        self._order = deque(
-            [
-                record
-                for record in self._order
-                if (room := record[0]).alive
-                and (entries := room.entries)
-                and entries[0].offset <= record[1]
-            ]
-        )
+        live = self._live_room
+        self._order = deque(record for record in self._order if live(record) is not None)
         self._stale = 0
 
-    @staticmethod
-    def _live(record: tuple[_Room, int, float]) -> bool:
-        room, offset, _ = record
-        return room.alive and bool(room.entries) and room.entries[0].offset <= offset
+    def _live_room(self, record: _Record) -> _Room | None:
+        """The room whose entry *record* is, if that entry is still held: a
+        room keeps a contiguous run of offsets ending at its top, so the entry
+        is held exactly when the room's oldest is not newer."""
+        name, offset, _ = record
+        room = self._rooms.get(name)
+        if room is None:
+            return None  # never: a room with records is not forgotten (above)
+        entries = room.entries
+        return room if entries and entries[0][0] <= offset else None
 
     # -- Dropping ---------------------------------------------------------------
 
@@ -316,10 +365,10 @@ class History:
         order = self._order
         deadline = now - self.ttl
         # The records are in time order: the expired ones are at the front.
+        live = self._live_room
         while order and order[0][2] <= deadline:
-            room, offset, _ = order.popleft()
-            entries = room.entries
-            if room.alive and entries and entries[0].offset <= offset:
+            room = live(order.popleft())
+            if room is not None:
                 self._drop_oldest(room)  # a live record at the front is its room's oldest
                 self._maybe_idle(room, now)
             else:
@@ -342,11 +391,10 @@ class History:
                 continue
             if not order:
                 break  # only held rooms left: their states are what members need
-            record = order.popleft()
-            if not self._live(record):
+            room = self._live_room(order.popleft())
+            if room is None:
                 self._stale -= 1
                 continue
-            room = record[0]
             self._drop_oldest(room)
             self.evicted += 1
             if not room.entries and room.holders == 0:
@@ -375,10 +423,11 @@ class History:
         if offset == top:
             return Recovery(True, [], room.epoch, top)
         entries = room.entries
-        if not entries or entries[0].offset > offset + 1:
+        if not entries or entries[0][0] > offset + 1:
             return Recovery(False, [], room.epoch, top)
         after = _tail(entries, top - offset)
-        return Recovery(True, [e for e in after if would_receive(e, previous)], room.epoch, top)
+        missed = [_entry(kept) for kept in after if _would_receive(kept, previous)]
+        return Recovery(True, missed, room.epoch, top)
 
     def recent(self, name: str, count: int, now: float) -> Recovery:
         """``?history=N``: the room's last *count* entries (at most ``size``),
@@ -387,19 +436,25 @@ class History:
             return Recovery(False, [], "", 0)
         self.expire(now)
         room = self._room(name, now)
-        count = min(count, self.size, len(room.entries))
-        return Recovery(True, _tail(room.entries, count), room.epoch, room.top)
+        entries = room.entries
+        if not entries:
+            return Recovery(True, [], room.epoch, room.top)
+        count = min(count, self.size, len(entries))
+        recent = [_entry(kept) for kept in _tail(entries, count)]
+        return Recovery(True, recent, room.epoch, room.top)
 
     def held(self, name: str) -> Sequence[Entry]:
         """The entries room *name* holds now (for tests and the API)."""
         room = self._rooms.get(name)
-        return tuple(room.entries) if room is not None else ()
+        if room is None or room.entries is None:
+            return ()
+        return tuple(_entry(kept) for kept in room.entries)
 
     def rooms(self) -> Iterable[str]:
         return self._rooms.keys()
 
 
-def _tail(entries: deque[Entry], count: int) -> list[Entry]:
+def _tail(entries: deque[_Kept], count: int) -> list[_Kept]:
     if count <= 0:
         return []
     if count >= len(entries):

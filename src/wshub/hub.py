@@ -166,59 +166,14 @@ class Hub:
         # little for other joins, so a connection storm costs few writes.
         history = self._history
         prepared = self._prepared.pop(conn.id, None) if self._shared is not None else None
+        recovery: Recovery | None = None  # history off: no place in the room
+        after: list[Recorded] | None = None
         if prepared is not None and prepared[0] is not None:
-            self._welcome_from_redis(conn, total, now, prepared[0], prepared[1], user_id)
-        elif history is None:
-            # History off (decisions.md 19): no offset promised; a since is
-            # answered recovered:false, missed:0. (On Redis too, for a join
-            # whose read failed: Redis is down and the node serves its own.)
-            asked = conn.join is not None and conn.join.since is not None
-            welcome = protocol.encode_welcome(
-                conn.id,
-                total,
-                now,
-                self.room,
-                recovered=False if asked else None,
-                missed=0 if asked else None,
-                user_id=user_id,
-            )
-            conn.write(text_frame(welcome))
-        else:
-            # Welcome and replay in one step of the loop, after the join (the
-            # fan-out queues nothing for it from before): every offset after
-            # the welcome's arrives exactly once, replayed or live.
-            mono = self._monotonic()
-            history.hold(self.room, mono)
-            join = conn.join
-            since = None if join is None else join.since
-            if since is not None:
-                assert join is not None
-                recovery = history.recover(
-                    self.room, since.epoch, since.offset, join.previous, mono
-                )
-                recovered: bool | None = recovery.recovered
-                missed: int | None = len(recovery.missed)
-            else:
-                recovered = missed = None
-                if join is not None and join.history:
-                    recovery = history.recent(self.room, join.history, mono)
-                else:
-                    epoch, top = history.state(self.room, mono)
-                    recovery = Recovery(True, [], epoch, top)
-            welcome = protocol.encode_welcome(
-                conn.id,
-                total,
-                now,
-                self.room,
-                epoch=recovery.epoch,
-                offset=recovery.offset,
-                recovered=recovered,
-                missed=missed,
-                user_id=user_id,
-            )
-            conn.write(text_frame(welcome))
-            for entry in recovery.missed:
-                conn.write(text_frame(protocol.replayed(entry.payload)))
+            recovery, after = prepared  # on Redis: the join's read and its mark are in
+        elif history is not None:
+            recovery = self._read_here(conn, history)
+        # (On Redis with the join's read failed, Redis is down: no history.)
+        self._welcome(conn, total, now, recovery, user_id, after)
         conn.join = None
         if prepared is not None and prepared[1] is None:
             conn.close(_HISTORY_MOVED_ON)  # too much came in during its join: start over
@@ -238,33 +193,60 @@ class Hub:
             origin=conn.origin,
         )
 
-    def _welcome_from_redis(
+    def _read_here(self, conn: Connection, history: History) -> Recovery:
+        """What *conn*'s join asks of this node's memory history (its since,
+        its history, or just the room's place), read now; the room's state
+        is held for it from now on (its epoch stays while it is a member)."""
+        mono = self._monotonic()
+        history.hold(self.room, mono)
+        join = conn.join
+        if join is not None and join.since is not None:
+            since = join.since
+            return history.recover(self.room, since.epoch, since.offset, join.previous, mono)
+        if join is not None and join.history:
+            return history.recent(self.room, join.history, mono)
+        epoch, top = history.state(self.room, mono)
+        return Recovery(True, [], epoch, top)
+
+    def _welcome(
         self,
         conn: Connection,
         total: int,
         now: float,
-        recovery: Recovery,
-        after: list[Recorded] | None,
+        recovery: Recovery | None,
         user_id: str | None,
+        after: list[Recorded] | None,
     ) -> None:
-        # The read and its mark are both in: every offset up to the read's
-        # top is in the replay (or before the client's position), those above
-        # it that were heard meanwhile follow, and the rest come live.
+        """The welcome, with the room's place when there is a *recovery*,
+        then the replay, in one step of the loop, after the join (the fan-out
+        queues nothing for it from before): every offset after the welcome's
+        arrives exactly once, replayed or live. On Redis, *after* holds the
+        frames above the read's top that were heard while the join waited for
+        its read and its mark; they follow the replay, the rest come live.
+
+        Without a recovery (history off, decisions.md 19) no offset is
+        promised, and a since is answered recovered:false, missed:0."""
         asked = conn.join is not None and conn.join.since is not None
+        epoch = offset = None
+        recovered, missed = False, 0
+        if recovery is not None:
+            epoch, offset = recovery.epoch, recovery.offset
+            recovered, missed = recovery.recovered, len(recovery.missed)
         welcome = protocol.encode_welcome(
             conn.id,
             total,
             now,
             self.room,
-            epoch=recovery.epoch,
-            offset=recovery.offset,
-            recovered=recovery.recovered if asked else None,
-            missed=len(recovery.missed) if asked else None,
+            epoch=epoch,
+            offset=offset,
+            recovered=recovered if asked else None,
+            missed=missed if asked else None,
             user_id=user_id,
         )
         conn.write(text_frame(welcome))
-        for entry in recovery.missed:
-            conn.write(text_frame(protocol.replayed(entry.payload)))
+        if recovery is not None:
+            for entry in recovery.missed:
+                conn.write(text_frame(protocol.replayed(entry.payload)))
         for frame in after or ():
             conn.write(text_frame(frame.payload))
 

@@ -60,10 +60,10 @@ log = logging.getLogger("wshub")
 
 def _control(config: Config, node_id: NodeId) -> Control:
     """How the API asks every node: over Redis in a cluster, else this node alone."""
-    if config.redis_url:
+    if config.redis_target:
         from .backplane.control import RedisControl
 
-        return RedisControl(config.redis_url, node_id, prefix=config.cluster_name)
+        return RedisControl(config.redis_target, node_id, prefix=config.cluster_name)
     return LocalControl(node_id)
 
 
@@ -92,10 +92,11 @@ def _cluster_history(config: Config, node_id: NodeId) -> ClusterHistory:
     from .clusterhistory import ClusterHistory
 
     history = RedisHistory.from_url(
-        config.redis_url,
+        config.redis_target,
         prefix=config.cluster_name,
         size=config.history_size,
         ttl=config.history_ttl,
+        meta_ttl=config.history_epoch_ttl,
     )
     return ClusterHistory(history, node_id, Keys(config.cluster_name).room)
 
@@ -118,12 +119,13 @@ class Node:
         # The history of every room (decisions.md 13): in memory on one node,
         # in Redis for a cluster (then the memory one is off).
         self.history = History(
-            size=0 if config.redis_url else config.history_size,
+            size=0 if config.redis_target else config.history_size,
             ttl=config.history_ttl,
             memory=config.history_memory,
+            meta_ttl=config.history_epoch_ttl,
         )
         self.cluster_history: ClusterHistory | None = None
-        if config.redis_url and config.history_size > 0:
+        if config.redis_target and config.history_size > 0:
             self.cluster_history = _cluster_history(config, self.node_id)
         self._occupied: set[RoomName] = set()  # rooms with members (or joining)
         self._emptied_at: dict[RoomName, float] = {}
@@ -182,9 +184,9 @@ class Node:
         self.auth: ConnectAuth | None = None
         self.user_count: ClusterUserCount | None = None
         if config.auth != "off":
-            if config.redis_url and config.max_connections_per_user:
+            if config.redis_target and config.max_connections_per_user:
                 self.user_count = ClusterUserCount(
-                    config.redis_url,
+                    config.redis_target,
                     self.node_id,
                     limit=config.max_connections_per_user,
                     node_ttl=config.node_ttl,
@@ -251,6 +253,11 @@ class Node:
         check = min(1.0, self.config.effective_heartbeat_timeout / 20)
         self._every("liveness", check, self._check_liveness)
         self._every("sweep", self.config.sweep_interval, self._sweep)
+        shared = self.cluster_history
+        if shared is not None:
+            # A room with members but no traffic keeps its epoch on Redis
+            # (decisions.md 13: it changes only when the history is lost).
+            self._every("history_keep", shared.keep_interval, self._keep_epochs)
         self._probe_lag()
 
     def _every(self, name: str, interval: float, callback: Callable[[], None]) -> None:
@@ -526,6 +533,11 @@ class Node:
         # hand it back to the OS so RSS follows the load down.
         if _malloc_trim is not None:
             _malloc_trim(0)
+
+    def _keep_epochs(self) -> None:
+        """Refresh on Redis the epochs of the rooms with members here (or joining)."""
+        assert self.cluster_history is not None
+        self.cluster_history.keep(self._occupied)
 
     def _slow_consumer(self, conn: Connection) -> None:
         self.counters.slow_closes.inc()

@@ -260,11 +260,11 @@ def node_metrics(node: NodeFigures) -> tuple[Metrics, Counters]:
     )
     m.gauge(
         "wshub_history_redis_failures_total",
-        "Publications (lost, at most once) and join reads (served without history) "
-        "that Redis did not answer.",
-        lambda: (
-            node.backplane_figures().get("history_publish_failures", 0.0)
-            + node.backplane_figures().get("history_join_failures", 0.0)
+        "Publications (lost, at most once), join reads (served without history) and "
+        "refreshes of the epochs of rooms with members that Redis did not answer.",
+        lambda: sum(
+            node.backplane_figures().get(f"history_{what}_failures", 0.0)
+            for what in ("publish", "join", "keep")
         ),
         kind="counter",
     )

@@ -85,7 +85,9 @@ async def _supervise(config: Config, argv: list[str]) -> int:
                 task.result(),
             )
             try:
-                gone = await reap_node(config.redis_url, worker.node_id, prefix=config.cluster_name)
+                gone = await reap_node(
+                    config.redis_target, worker.node_id, prefix=config.cluster_name
+                )
                 log.warning(
                     "announced %d connections of node %s as gone", len(gone), worker.node_id
                 )

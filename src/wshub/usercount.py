@@ -32,6 +32,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from .backplane.redisconn import redis_client
 from .ids import NodeId
 from .logs import log_event
 
@@ -135,7 +136,7 @@ class ClusterUserCount:
     # -- Lifecycle ------------------------------------------------------------
 
     async def start(self) -> None:
-        self._redis = redis = aioredis.from_url(
+        self._redis = redis = redis_client(
             self._url,
             socket_timeout=self._timeout,
             socket_connect_timeout=self._timeout,

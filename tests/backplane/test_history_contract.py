@@ -20,8 +20,9 @@ import redis.asyncio as aioredis
 
 from wshub import protocol
 from wshub.backplane.redis_history import RedisHistory
+from wshub.clusterhistory import ClusterHistory
 from wshub.history import Entry, History, Recovery
-from wshub.ids import ConnectionId
+from wshub.ids import ConnectionId, NodeId
 from wshub.protocol import RelayKind
 
 from ..conftest import TIMEOUT
@@ -364,5 +365,61 @@ def test_flushall_changes_the_epoch(own_redis) -> None:
         assert (await h.publish("f", "flush:room:f", b"", entry))[1] == 1
         await r.aclose()
         await h.aclose()
+
+    asyncio.run(body())
+
+
+def test_keep_refreshes_the_epochs_of_rooms_with_members(redis_server, monkeypatch) -> None:
+    """keep() pushes back the meta keys' expiry, in batches, and brings back
+    no key that is gone: a lost epoch stays lost, the next use makes a new one."""
+    monkeypatch.setattr("wshub.backplane.redis_history.KEEP_BATCH", 3)
+
+    async def body() -> None:
+        h = RedisHistory.from_url(redis_server.url, prefix="keep", ttl=1, meta_ttl=60)
+        rooms = [f"k{i}" for i in range(7)]
+        epochs = [await h.epoch(room) for room in rooms]
+        r = aioredis.from_url(redis_server.url)
+        for room in rooms:
+            await r.pexpire(h.keys(room)[0], 5_000)
+        await r.delete(h.keys("k6")[0])  # lost (evicted, say)
+        assert await h.keep(rooms) == 6
+        for room in rooms[:6]:
+            assert 5_000 < await r.pttl(h.keys(room)[0]) <= 60_000
+        assert await r.exists(h.keys("k6")[0]) == 0
+        assert [await h.epoch(room) for room in rooms[:6]] == epochs[:6]
+        assert await h.epoch("k6") != epochs[6]
+        assert await h.keep([]) == 0
+        assert h.keep_interval == 20.0
+        await r.aclose()
+        await h.aclose()
+
+    asyncio.run(body())
+
+
+def test_a_node_keeps_its_rooms_epochs_in_the_background(own_redis) -> None:
+    """ClusterHistory.keep (the node's timer) refreshes in a task of its own;
+    a refresh Redis does not answer is counted, and nothing else fails."""
+
+    async def body() -> None:
+        h = RedisHistory.from_url(own_redis.url, prefix="nodekeep", ttl=1, meta_ttl=60)
+        shared = ClusterHistory(h, NodeId("n1"), lambda room: f"nodekeep:room:{room}")
+        epoch = await h.epoch("a")
+        meta = h.keys("a")[0]
+        r = aioredis.from_url(own_redis.url)
+        await r.pexpire(meta, 5_000)
+        first = shared.keep(["a"])
+        assert first is not None
+        assert shared.keep(["a"]) is None  # the last one still runs: left out
+        await first
+        assert 5_000 < await r.pttl(meta) <= 60_000 and await h.epoch("a") == epoch
+        await r.aclose()
+        own_redis.stop()
+        failing = shared.keep(["a"])
+        assert failing is not None
+        await failing  # the error is the task's own: counted, not raised
+        assert shared.keep_failures == 1
+        assert shared.figures()["history_keep_failures"] == 1
+        assert shared.publish_failures == shared.join_failures == 0
+        await shared.aclose()
 
     asyncio.run(body())

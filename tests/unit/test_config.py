@@ -130,3 +130,62 @@ def test_configuration_doc_is_current() -> None:
     assert doc.read_text() == configuration_md(), (
         "regenerate: python -m wshub.docgen > docs/configuration.md"
     )
+
+
+def test_redis_sentinels_become_the_redis_target() -> None:
+    """--redis-sentinels and --redis-master: one target that every Redis
+    client of the node is made from (backplane/redisconn.py reads it back)."""
+    from wshub.backplane.redisconn import parse_sentinel_target
+
+    c = build_config(
+        ["--redis-sentinels", "127.0.0.1:26379, [::1]:26380", "--redis-master", "mymaster"], {}
+    )
+    assert c.redis_sentinels == ("127.0.0.1:26379", "[::1]:26380")
+    assert c.redis_target == "redis+sentinel://127.0.0.1:26379,[::1]:26380/mymaster"
+    assert parse_sentinel_target(c.redis_target) == (
+        [("127.0.0.1", 26379), ("::1", 26380)],
+        "mymaster",
+    )
+    env = {"WSHUB_REDIS_SENTINELS": "10.0.0.1:26379", "WSHUB_REDIS_MASTER": "m"}
+    assert build_config([], env).redis_target == "redis+sentinel://10.0.0.1:26379/m"
+    plain = build_config(["--redis-url", "redis://127.0.0.1:6379/0"], {})
+    assert plain.redis_target == "redis://127.0.0.1:6379/0"
+    assert build_config([], {}).redis_target == ""
+    # Two workers share one hub through the sentinels' primary as well.
+    assert build_config(["--workers", "2", *c_flags()], {}).workers == 2
+
+
+def c_flags() -> list[str]:
+    return ["--redis-sentinels", "127.0.0.1:26379", "--redis-master", "m"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--redis-sentinels", "127.0.0.1:26379"], "--redis-sentinels: needs --redis-master"),
+        (["--redis-master", "m"], "--redis-master: only means something with --redis-sentinels"),
+        ([*c_flags(), "--redis-url", "redis://h:6379"], "--redis-sentinels and --redis-url"),
+        (["--redis-sentinels", "h", "--redis-master", "m"], "--redis-sentinels (flag)"),
+        (["--redis-sentinels", "h:99999", "--redis-master", "m"], "--redis-sentinels (flag)"),
+        (["--redis-sentinels", "h:1", "--redis-master", "a b"], "--redis-master (flag)"),
+    ],
+)
+def test_redis_sentinels_are_checked(flags: list[str], says: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config(flags, {})
+    assert says in str(info.value)
+
+
+def test_sentinel_target_is_parsed_back_or_refused() -> None:
+    from wshub.backplane.redisconn import describe_target, parse_sentinel_target
+
+    for bad in (
+        "redis://h:1/0",
+        "redis+sentinel://h:1",
+        "redis+sentinel:///m",
+        "redis+sentinel://h/m",
+    ):
+        with pytest.raises(ValueError):
+            parse_sentinel_target(bad)
+    assert describe_target("redis://:secret@h:6379/0") == "redis://***@h:6379/0"
+    assert describe_target("redis+sentinel://h:1/m") == "redis+sentinel://h:1/m"

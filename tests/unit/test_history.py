@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
+import tracemalloc
 
 import pytest
 from hypothesis import given, settings
@@ -11,6 +13,7 @@ from hypothesis import strategies as st
 
 from wshub import protocol
 from wshub.history import (
+    ENTRIES_OVERHEAD,
     ENTRY_OVERHEAD,
     ROOM_OVERHEAD,
     Entry,
@@ -213,6 +216,61 @@ def test_stale_records_stay_bounded_in_one_hot_room() -> None:
     assert len(h._order) <= 100 + 1024 + 1
 
 
+def test_a_room_holds_its_deque_only_while_it_holds_entries() -> None:
+    """Rooms whose members never spoke (issue 17's idle node) hold no deque:
+    ~150 B a room state, not ~900; the deque comes with the first entry and
+    goes with the last, in real memory and in the bytes accounted."""
+    names = [f"room{i:04d}" for i in range(1_000)]
+    h = History(ttl=10, epochs=epochs())
+    gc.collect()
+    tracemalloc.start()
+    try:
+        for name in names:
+            h.hold(name, 0)
+        gc.collect()
+        per_room = tracemalloc.get_traced_memory()[0] / len(names)
+    finally:
+        tracemalloc.stop()
+    assert per_room < 400  # 930 B with a deque made per room state
+    state = ROOM_OVERHEAD + len("room0000")
+    assert h.bytes == len(names) * state
+    offset = publish(h, "room0000", M, A_ID, 0)
+    (entry,) = h.held("room0000")
+    size = len(entry.payload) + len(A_ID) + ENTRY_OVERHEAD
+    assert h.bytes == len(names) * state + ENTRIES_OVERHEAD + size == accounted(h)
+    h.expire(10)  # its one entry expired: the deque goes with it
+    assert h.held("room0000") == () and h.bytes == len(names) * state == accounted(h)
+    assert h.state("room0000", 10) == ("e1", offset)  # a member holds it: kept
+    assert h.recover("room0000", "e1", offset, None, 10).recovered
+    assert h.recent("room0000", 5, 10) == (True, [], "e1", offset)
+    publish(h, "room0000", B, A_ID, 11)  # and a new one with the next entry
+    assert [e.offset for e in h.held("room0000")] == [offset + 1]
+
+
+def test_held_entries_are_invisible_to_the_garbage_collector() -> None:
+    """What the history keeps per entry is untracked by the GC once a
+    collection has seen it: the tracked objects grow with the rooms, not with
+    the entries, so no collection walks 150,000 entries of a full 64 MiB bound
+    (and their churn never triggers a full collection)."""
+    h = History(size=2_000, epochs=epochs())
+    for room in ("a", "b"):
+        publish(h, room, M, A_ID, 0)  # the rooms' own objects, before counting
+    gc.collect()
+    before = len(gc.get_objects())
+    for i in range(2_000):
+        publish(
+            h, "ab"[i % 2], (M, B)[i % 3 == 0], A_ID, i * 0.001, exclude=(None, C_ID)[i % 5 == 0]
+        )
+    gc.collect()
+    assert h.entries == 2_002
+    assert len(gc.get_objects()) - before < 100  # not 2 per entry (4,000) as NamedTuples were
+    # Read back whole, kinds and exclusions included.
+    held = h.held("a")
+    assert len(held) == 1_001 and all(type(e) is Entry for e in held)
+    assert [e.kind for e in held[1:4]] == [B, M, M] and held[3].exclude is None
+    assert h.recover("a", "e1", 0, None, 2).missed == list(held)
+
+
 def test_would_receive() -> None:
     e = Entry(1, b"{}", A_ID, M, C_ID)
     assert would_receive(e, None) and would_receive(e, B_ID)
@@ -225,6 +283,8 @@ def accounted(h: History) -> int:
     total = 0
     for name in h.rooms():
         total += ROOM_OVERHEAD + len(name)
+        if h.held(name):
+            total += ENTRIES_OVERHEAD  # the room's deque, made on its first entry
         total += sum(
             len(e.payload) + len(e.sender) + len(e.exclude or "") + ENTRY_OVERHEAD
             for e in h.held(name)
@@ -290,6 +350,9 @@ def test_recover_never_returns_a_gap(ops, size, ttl, memory) -> None:
             # to the room being touched) only.
             assert h.bytes <= max(memory, 4 * (ROOM_OVERHEAD + 1))
             assert h._stale >= 0 and h.bytes == accounted(h)
+            # A record's room name always means the room's current state
+            # (history.py: a room with records is never forgotten).
+            assert {name for name, _, _ in h._order} <= set(h.rooms())
         elif op[0] == "time":
             now += op[1]
         elif op[0] == "hold":
@@ -307,7 +370,7 @@ def test_recover_never_returns_a_gap(ops, size, ttl, memory) -> None:
             assert result.epoch == epoch
             published = log.get((room, epoch), [])
             expected = [e for e in published if e.offset > offset and would_receive(e, previous)]
-            assert [e.payload for e in result.missed] == [e.payload for e in expected]
+            assert result.missed == expected  # every field, as published
             assert offset <= result.offset == (published[-1].offset if published else 0)
 
 

@@ -104,10 +104,10 @@ class RedisControl:
         self._pending: dict[str, tuple[list[Answer], asyncio.Event]] = {}
 
     async def start(self, handler: ControlHandler) -> None:
-        import redis.asyncio as aioredis
+        from .redisconn import redis_client  # the redis package only in a cluster
 
         self._handler = handler
-        self._redis = aioredis.from_url(self.url, socket_connect_timeout=2.0)
+        self._redis = redis_client(self.url, socket_connect_timeout=2.0)
         self._task = asyncio.create_task(self._listen(), name="wshub-control")
         try:  # serve at once either way, as the backplane does
             await asyncio.wait_for(self._listening.wait(), 2.0)

@@ -13,16 +13,16 @@ __all__ = ["make_backplane"]
 
 
 def make_backplane(config: Config, *, on_rejoined: Callable[[], None]) -> Backplane:
-    """Redis with ``--redis-url``, else the embedded in-memory backplane.
+    """Redis with ``--redis-url`` (or ``--redis-sentinels``), else the embedded in-memory backplane.
 
     *on_rejoined* is called when the node comes back to a cluster that reaped
     it during an outage (its clients were announced gone)."""
     node_id = NodeId(config.node_id) if config.node_id else new_node_id()
-    if config.redis_url:
+    if config.redis_target:
         from .redis import RedisBackplane  # the redis package only when asked for
 
         return RedisBackplane(
-            config.redis_url,
+            config.redis_target,
             node_id,
             node_ttl=config.node_ttl,
             prefix=config.cluster_name,

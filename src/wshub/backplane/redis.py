@@ -74,6 +74,7 @@ from ..logs import LineLimiter, log_event
 from ..rooms import RoomName
 from . import BackplaneHandler, Envelope, EventKind, decode_envelope, encode_envelope
 from .base import ViewKeeper, lost_payload
+from .redisconn import SENTINEL_SCHEME, describe_target, redis_client, watch_failovers
 
 __all__ = ["RedisBackplane", "backoff_delays", "reap_node"]
 
@@ -213,6 +214,7 @@ class RedisBackplane(ViewKeeper):
         self._publish_sha = ""
         self._clock_offset_ms = 0.0  # Redis's clock minus ours, measured at each connect
         self._wake = asyncio.Event()
+        self._primary_moved = asyncio.Event()  # a sentinel announced a failover
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._rebuild = False
@@ -242,7 +244,7 @@ class RedisBackplane(ViewKeeper):
     async def start(self, handler: BackplaneHandler) -> None:
         self.handler = handler
         timeout = max(1.0, self.node_ttl / 6)
-        self._redis = aioredis.from_url(
+        self._redis = redis_client(
             self.url,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
@@ -257,6 +259,9 @@ class RedisBackplane(ViewKeeper):
             asyncio.create_task(self._lease(), name="wshub-redis-lease"),
             asyncio.create_task(self._prober(), name="wshub-redis-probe"),
         ]
+        if self.url.startswith(SENTINEL_SCHEME):
+            watch = watch_failovers(self.url, self._on_primary_moved, timeout=timeout)
+            self._tasks.append(asyncio.create_task(watch, name="wshub-redis-sentinel-watch"))
         # Serve at once either way; wait briefly so that a node that can reach
         # Redis starts with correct counts.
         try:
@@ -324,7 +329,7 @@ class RedisBackplane(ViewKeeper):
 
     def _set_up(self) -> None:
         if not self._up:
-            log_event(log, logging.WARNING, "backplane_up", url=_redacted(self.url))
+            log_event(log, logging.WARNING, "backplane_up", url=describe_target(self.url))
         self._up = True
         self._reason = "redis connected"
 
@@ -578,7 +583,22 @@ class RedisBackplane(ViewKeeper):
             if self._stopping:
                 return
             self.reconnects += 1
-            await asyncio.sleep(next(delays))
+            await self._backoff(next(delays))
+
+    def _on_primary_moved(self) -> None:
+        """The sentinels promoted another primary: reconnect now rather than
+        at the end of the backoff, and rebuild a subscription that may still
+        be open to the old one (a primary demoted while we could reach it)."""
+        self._rebuild = True
+        self._primary_moved.set()
+
+    async def _backoff(self, delay: float) -> None:
+        """Sleep *delay* seconds, or less if a sentinel announces a failover."""
+        try:
+            await asyncio.wait_for(self._primary_moved.wait(), delay)
+        except TimeoutError:
+            pass
+        self._primary_moved.clear()
 
     def _on_pubsub(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
@@ -760,7 +780,7 @@ async def reap_node(url: str, node_id: str, *, prefix: str = "wshub") -> list[st
     take its connections and tell the survivors, room by room. Returns the
     reaped ids."""
     keys = Keys(prefix)
-    redis = aioredis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    redis = redis_client(url, socket_timeout=5, socket_connect_timeout=5)
     try:
         await redis.delete(keys.alive(node_id))
         by_room = await reap(redis.register_script(_REAP), keys, node_id, 60)
@@ -786,11 +806,3 @@ def presence_value(node: str, user: str | None) -> str:
 def _text(value: bytes | str) -> str:
     """A value read from Redis (bytes, as the client is not decoding)."""
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _redacted(url: str) -> str:
-    """The URL without a password, for logs."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.rpartition('@')[2]}"

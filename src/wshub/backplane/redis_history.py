@@ -5,6 +5,7 @@ Keys (``{p}`` is ``--cluster-name``; ``{r.ROOM}`` is a hash tag, so the two
 keys of a room share a Redis Cluster slot, the default room's included)::
 
     {p}:history:{r.ROOM}:meta    HASH epoch, top; PEXPIRE meta_ttl, refreshed on use
+                                 and while a node has members in the room
     {p}:history:{r.ROOM}:stream  STREAM of the room's entries (fields o p s k x),
                                  MAXLEN = history size, PEXPIRE ttl after each
                                  append; entries older than the TTL are left
@@ -29,7 +30,11 @@ sets a new random epoch, deletes any stream left over and starts the counter
 again, so a client never recovers across the gap. A hub must treat an epoch
 returned by :meth:`~RedisHistory.publish` other than the one its members were
 welcomed with as a reset (its members' offsets went backwards): see
-docs/protocol.md.
+docs/protocol.md. A room with members but no publication for longer than
+``meta_ttl`` has lost nothing, so its epoch must stay: each node refreshes the
+meta keys of the rooms it has members in (:meth:`RedisHistory.keep`, pipelined,
+every third of ``meta_ttl``). ``PEXPIRE`` on a key that is gone does nothing:
+a lost epoch is not brought back, the next use makes a new one.
 
 *Reading* is one script (:data:`_READ`) too, so ``epoch``, ``top`` and the
 entries come from one instant. Because a room's entries are a contiguous run of
@@ -43,7 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -52,6 +57,7 @@ from redis.exceptions import NoScriptError
 
 from ..history import Entry, Recovery, new_epoch, would_receive
 from ..protocol import RelayKind
+from .redisconn import redis_client
 
 __all__ = ["RedisHistory", "StalePublication"]
 
@@ -151,6 +157,12 @@ MAX_AGE = 1.0
 """Seconds a publication may wait for Redis (on our side, then on Redis'
 clock); older is dropped, never delivered late (as the backplane's
 ``PUBLISH_MAX_AGE``)."""
+KEEP_BATCH = 100
+"""Meta keys refreshed per pipeline by :meth:`RedisHistory.keep`. The cost is
+the client's (redis-py builds and parses each command, ~55 us): 10,000 rooms
+are ~0.56 s of CPU every third of ``meta_ttl`` and ~50 ms of Redis', and a
+batch of 100 holds the loop ~6 ms, within a loaded machine's own stalls
+(batches of 1,000 held it 75-130 ms: bench/history_keep_cost.py)."""
 QUEUE_LIMIT = 16 * 1024 * 1024
 """Bytes of publications waiting for Redis; past it new ones fail at once."""
 
@@ -201,7 +213,7 @@ class RedisHistory:
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisHistory:
-        return cls(aioredis.from_url(url, socket_timeout=5, socket_connect_timeout=5), **kwargs)
+        return cls(redis_client(url, socket_timeout=5, socket_connect_timeout=5), **kwargs)
 
     async def aclose(self) -> None:
         if self._flusher is not None:
@@ -339,6 +351,29 @@ class RedisHistory:
                 continue
             return results
         raise AssertionError("unreachable")
+
+    # -- Rooms with members -----------------------------------------------------
+
+    @property
+    def keep_interval(self) -> float:
+        """Seconds between two :meth:`keep` calls: a third of ``meta_ttl``, so
+        that a refresh that is late, or one that fails, still comes in time."""
+        return self.meta_ttl_ms / 3000
+
+    async def keep(self, rooms: Iterable[str]) -> int:
+        """Push back the expiry of the meta keys of *rooms* (rooms with members
+        on this node) by ``meta_ttl``: an idle room with members keeps its epoch.
+        A key already gone stays gone (that history was lost). Returns how many
+        keys were refreshed."""
+        names = list(rooms)
+        refreshed = 0
+        for start in range(0, len(names), KEEP_BATCH):
+            await self._fresh()
+            pipe = self.redis.pipeline(transaction=False)
+            for room in names[start : start + KEEP_BATCH]:
+                pipe.pexpire(self.keys(room)[0], self.meta_ttl_ms)
+            refreshed += sum(1 for done in await pipe.execute() if done)
+        return refreshed
 
     # -- Join -------------------------------------------------------------------
 

@@ -738,6 +738,30 @@ static long hex4(const uint8_t *q, const uint8_t *e) {
     return v;
 }
 
+/* Past the longest run of plain string bytes (printable ASCII but '"' and
+ * '\\') that starts at q, eight bytes at a time; the byte loop after it finds
+ * the exact end. The reader spent a third of its time in that byte loop: the
+ * content of every frame goes through it. Each test below is exact for "some
+ * byte of the word is ...", so a word with none of them is plain throughout. */
+#define ONES 0x0101010101010101ULL
+#define HIGHS 0x8080808080808080ULL
+static const uint8_t *plain_run(const uint8_t *q, const uint8_t *e) {
+    while (e - q >= 8) {
+        uint64_t w, quote, slash;
+        memcpy(&w, q, 8);
+        quote = w ^ (ONES * '"');
+        slash = w ^ (ONES * '\\');
+        uint64_t odd = (w | /* >= 0x80 */
+                        ((w - ONES * 0x20) & ~w) | /* < 0x20 */
+                        ((quote - ONES) & ~quote) | ((slash - ONES) & ~slash)) &
+                       HIGHS;
+        if (odd)
+            break;
+        q += 8;
+    }
+    return q;
+}
+
 /* a string at *pq (on its opening quote); *pq moves past the closing quote.
  * Returns the decoded length in UTF-8 bytes, or -1 when it is not a valid string. */
 static long json_string(const uint8_t **pq, const uint8_t *e) {
@@ -745,6 +769,7 @@ static long json_string(const uint8_t **pq, const uint8_t *e) {
     long n = 0;
     for (;;) {
         const uint8_t *s = q;
+        q = plain_run(q, e);
         while (q < e && *q >= 0x20 && *q < 0x80 && *q != '"' && *q != '\\')
             q++;
         n += q - s;
