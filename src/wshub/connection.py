@@ -42,9 +42,10 @@ import codecs
 import logging
 import socket
 import struct
+import sys
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from websockets.extensions.permessage_deflate import PerMessageDeflate
@@ -58,6 +59,7 @@ from .errors import CloseCode, Disconnect
 from .framescan import FrameScanner
 from .history import JoinQuery
 from .ids import ConnectionId
+from .ratelimit import UNLIMITED, MessageLimit
 from .rooms import DEFAULT_ROOM
 from .session import Admit, Session, State
 from .wire import Deflate
@@ -87,6 +89,13 @@ the library parses (Pings: ~15 us each) held the loop 1-2 s at a time, and
 every other client waited (decisions.md 18). ~30 ms of Pings, ~1,000 common
 messages: a normal client never reaches it within a pass."""
 
+_READ_SLICE_UNITS = READ_SLICE >> 10
+"""READ_SLICE as a connection counts it: in KiB, each read at least one unit.
+The count then stays within CPython's shared small ints (-5 to 256), so a
+connection that reads now and then (a Pong every 20 s) does not hold an int
+object of its own, as a count in bytes did (32 B: docs/memory.md). A client
+sending one small frame a read waits a loop pass every 256 reads."""
+
 _LINGER_RESET = struct.pack("ii", 1, 0)
 """SO_LINGER on, 0 s: close() then resets the connection and discards what
 the kernel still holds for a client that stopped reading (issue 19.1)."""
@@ -105,6 +114,16 @@ class ConnectionSettings:
     rate_limit_refusals: int
     rate_limit_window: float
     direct_send: bool  # the fan-out may send to plain sockets itself
+    message_limit: MessageLimit = field(init=False)  # shared by every Session
+
+    def __post_init__(self) -> None:
+        limit = MessageLimit(
+            rate=self.message_rate,
+            burst=self.message_burst,
+            strike_limit=self.rate_limit_refusals,
+            strike_window=self.rate_limit_window,
+        )
+        object.__setattr__(self, "message_limit", limit)  # frozen: set once, here
 
 
 class ConnectionOwner(Protocol):
@@ -204,6 +223,45 @@ class _IdleLibrary:
 _IDLE_LIBRARY = _IdleLibrary()
 
 
+class _Fragments:
+    """A fragmented message being received: made by its first frame, dropped
+    with its last, so the connections that never send one (nearly all) do not
+    carry its five fields (docs/memory.md)."""
+
+    __slots__ = ("opcode", "refused", "parts", "frames", "decoder")
+
+    def __init__(self, opcode: Opcode, refused: bool, first: bytes) -> None:
+        self.opcode = opcode
+        self.refused = refused  # over the rate limit: dropped once whole
+        # One growing buffer, not a list of fragments: memory follows the
+        # bytes received, not the number of (possibly one-byte) fragments.
+        self.parts = bytearray(first)
+        self.frames = 1
+        self.decoder: codecs.IncrementalDecoder | None = (
+            _utf8_decoder() if opcode is _TEXT else None
+        )
+
+
+class _HttpPhase:
+    """What a connection needs only while it speaks HTTP: from accept to its
+    upgrade, or for as long as it serves plain requests. Let go at the
+    upgrade, so an open WebSocket does not carry these seven fields
+    (docs/memory.md)."""
+
+    __slots__ = ("accepted_at", "held", "body", "refused_body", "in_request", "queued", "served")
+
+    def __init__(self, accepted_at: float) -> None:
+        self.accepted_at = accepted_at  # the handshake deadline counts from here
+        self.held = False  # the upgrade is granted but waits (see Connection.hold())
+        self.body: tuple[http.BodyReader, Callable[[bytes], None]] | None = None  # read_body()
+        self.refused_body: Callable[[http.HttpError], bytes] | None = None
+        # A request is being answered (an API call may wait for the cluster):
+        # what the client pipelines behind it waits in the buffer.
+        self.in_request = False
+        self.queued = False  # a whole upgrade request waiting for its loop pass
+        self.served = 0  # requests answered on this connection with keep-alive
+
+
 UPGRADES_PER_PASS = 256
 """WebSocket upgrades handled in one loop pass. In a storm of thousands of
 connections the loop would otherwise upgrade all that arrived while the last
@@ -246,7 +304,7 @@ class _UpgradesPerPass:
             self.count += 1
             return True
         conn.transport.pause_reading()
-        conn._queued = True
+        conn._phase().queued = True
         self.waiting.append(conn)
         return False
 
@@ -262,7 +320,7 @@ class _UpgradesPerPass:
         cap = self.cap()
         while waiting and self.count < cap:
             conn = waiting.popleft()
-            conn._queued = False
+            conn._phase().queued = False
             if conn._request_again():
                 self.count += 1
         if self.count or waiting:
@@ -307,28 +365,18 @@ class Connection(asyncio.Protocol):
         "close_code",
         "_buffer",
         "_timer",
-        "_message",
-        "_message_opcode",
-        "_message_decoder",
-        "_message_refused",
-        "_message_frames",
+        "_fragments",
         "_after_close",
         "_read_slice",
         "pong",
         "buffered",
         "_failed",
         "_scanner",
-        "_held",
-        "_body",
         "close_reason",
         "direct",
-        "opened_at_accept",
         "join",
-        "_in_request",
-        "_queued",
-        "requests_served",
-        "_refused_body",
         "identity",
+        "_http",
     )
 
     def __init__(
@@ -349,13 +397,9 @@ class Connection(asyncio.Protocol):
         self.join: JoinQuery | None = None  # ?since= / ?history= / ?previous= (decisions.md 13)
         self.admitted = False  # holds a slot of the per-IP and node limits
         self.identity: Identity | None = None  # its verified token (None: anonymous)
-        self.session = Session(
-            loop.time(),
-            message_rate=settings.message_rate,
-            message_burst=settings.message_burst,
-            strike_limit=settings.rate_limit_refusals,
-            strike_window=settings.rate_limit_window,
-        )
+        now = loop.time()
+        self._http: _HttpPhase | None = _HttpPhase(now)  # one float for it and the session
+        self.session = Session(now, settings.message_limit)
         self.ws: _FrameProtocol | _IdleLibrary | None = None
         self.deflate: Deflate | None = None
         # Fan-out bookkeeping (see wshub.fanout).
@@ -370,38 +414,33 @@ class Connection(asyncio.Protocol):
         self.audience: Audience[Any] | None = None
         self.direct: tuple[asyncio.Transport, int, Connection] | None = None
         self.opened_at = 0.0
-        self.opened_at_accept = 0.0
         self.close_code: int | None = None
         self.close_reason = ""
         self._buffer: bytearray | None = bytearray()
         self._timer: asyncio.TimerHandle | None = None
-        # A fragmented message being received.
-        # One growing buffer, not a list of fragments: memory follows the
-        # bytes received, not the number of (possibly one-byte) fragments.
-        self._message: bytearray | None = None
-        self._message_opcode = _TEXT
-        self._message_decoder: codecs.IncrementalDecoder | None = None
-        self._message_refused = False
-        self._message_frames = 0  # frames of the fragmented message so far
+        self._fragments: _Fragments | None = None  # a fragmented message being received
         self._after_close = 0  # bytes received since the connection began to close
-        self._read_slice = READ_SLICE  # bytes it may still read in this loop pass
+        self._read_slice = _READ_SLICE_UNITS  # KiB it may still read before it waits a pass
         self._failed = False  # we failed the connection in this batch of frames
         self._scanner = FrameScanner(settings.max_message_size)
-        self._held = False  # the upgrade is granted but waits (see hold())
-        self._body: tuple[http.BodyReader, Callable[[bytes], None]] | None = None  # read_body()
-        # A request is being answered (an API call may wait for the cluster):
-        # what the client pipelines behind it waits in the buffer.
-        self._in_request = False
-        self._queued = False  # a whole upgrade request waiting for its loop pass
-        self.requests_served = 0  # answered on this connection with keep-alive
-        self._refused_body: Callable[[http.HttpError], bytes] | None = None
+
+    def _phase(self) -> _HttpPhase:
+        """The state of the HTTP phase: only asked for before the upgrade."""
+        phase = self._http
+        assert phase is not None, "the HTTP phase is over"
+        return phase
+
+    @property
+    def requests_served(self) -> int:
+        """Requests answered on this connection with keep-alive."""
+        phase = self._http
+        return 0 if phase is None else phase.served
 
     # -- asyncio callbacks ----------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (uvloop's is no subclass of asyncio.Transport).
         self.transport = cast(asyncio.Transport, transport)
-        self.opened_at_accept = self.loop.time()
         sock = transport.get_extra_info("socket")
         if sock is not None:
             # A fixed kernel send buffer instead of Linux's autotuning (up to
@@ -416,7 +455,10 @@ class Connection(asyncio.Protocol):
         # waiting Pong can go (the fan-out ignores pause_writing()).
         self.transport.set_write_buffer_limits(high=0)
         peer = transport.get_extra_info("peername")
-        self.peer = str(peer[0]) if peer else "unknown"
+        # One string per address, not per connection (interned strings are
+        # freed with their last user): many clients share an address behind
+        # a NAT or a proxy, and the benchmark's all come from a few.
+        self.peer = sys.intern(str(peer[0])) if peer else "unknown"
         self.ip = self.peer
         # Pre-upgrade admission (issue 19.2): a socket that has not finished
         # its upgrade counts toward caps per peer and per node from accept on.
@@ -435,7 +477,7 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.ws is not None:
             self._receive_frames(data)
-            self._read_slice -= len(data)
+            self._read_slice -= (len(data) >> 10) + 1
             if self._read_slice <= 0:
                 self._yield_reading()
             return
@@ -443,14 +485,15 @@ class Connection(asyncio.Protocol):
         if buffer is None:  # an HTTP response is on its way out: ignore the rest
             return
         buffer += data
-        if self._body is not None:
+        phase = self._phase()
+        if phase.body is not None:
             self._body_received()
             return
-        if self._held:  # the client spoke first: keep it for after the upgrade
+        if phase.held:  # the client spoke first: keep it for after the upgrade
             if len(buffer) > http.MAX_HEAD_SIZE:
                 self.abort()
             return
-        if self._in_request:
+        if phase.in_request:
             # Pipelined behind a request still being answered: stop reading
             # past a head's worth, so a pipeline costs bounded memory.
             if len(buffer) > http.MAX_HEAD_SIZE:
@@ -461,7 +504,7 @@ class Connection(asyncio.Protocol):
     def _next_request(self) -> None:
         """Parse and hand over the request at the start of the buffer, if whole."""
         buffer = self._buffer
-        if buffer is None or self._in_request:
+        if buffer is None or self._phase().in_request:
             return
         try:
             parsed = http.parse_request_head(buffer)
@@ -475,7 +518,7 @@ class Connection(asyncio.Protocol):
         if request.get("upgrade") is not None and not _upgrades.admit(self):
             return  # handled in a later loop pass (see UPGRADES_PER_PASS)
         del buffer[:length]
-        self._in_request = True
+        self._phase().in_request = True
         self.owner.on_request(self, request)
 
     def _request_again(self) -> bool:
@@ -489,7 +532,7 @@ class Connection(asyncio.Protocol):
         assert parsed is not None
         request, length = parsed
         del buffer[:length]
-        self._in_request = True
+        self._phase().in_request = True
         self.owner.on_request(self, request)
         return True
 
@@ -519,7 +562,7 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport.is_closing():
             return
-        self._read_slice = READ_SLICE
+        self._read_slice = _READ_SLICE_UNITS
         transport.pause_reading()
         self.loop.call_soon(self._resume_reading)
 
@@ -575,8 +618,10 @@ class Connection(asyncio.Protocol):
         settings = self.settings
         # The handshake deadline (from accept) bounds the whole exchange; a
         # response sent at the last moment still gets a second to leave.
+        phase = self._http
+        accepted = phase.accepted_at if phase is not None else loop.time()
         deadline = max(
-            self.opened_at_accept + settings.handshake_timeout,
+            accepted + settings.handshake_timeout,
             loop.time() + min(1.0, settings.close_timeout),
         )
         self._timer = loop.call_at(deadline, self.abort)
@@ -592,8 +637,9 @@ class Connection(asyncio.Protocol):
         """
         if self._buffer is None or self.transport.is_closing():
             return  # gone (or answered and closed) meanwhile
-        self._in_request = False
-        self.requests_served += 1
+        phase = self._phase()
+        phase.in_request = False
+        phase.served += 1
         transport = self.transport
         transport.write(response)
         if transport.get_write_buffer_size() > KEEP_ALIVE_UNSENT:
@@ -612,7 +658,8 @@ class Connection(asyncio.Protocol):
         self._timer = None
         if self.ws is not None or self.transport.is_closing():
             return
-        if self._buffer or self._body is not None or self._in_request:
+        phase = self._phase()
+        if self._buffer or phase.body is not None or phase.in_request:
             self._handshake_expired()  # a request begun and not finished: as slow as Slowloris
         else:
             self.transport.close()  # idle: a quiet close, nothing to report
@@ -629,38 +676,40 @@ class Connection(asyncio.Protocol):
         *then* with it. The handshake deadline covers the body too. A body
         refused (too large, malformed) is answered, and the connection closed,
         with ``refused(error)`` when given, else plain text."""
-        self._body = (reader, then)
-        self._refused_body = refused
+        phase = self._phase()
+        phase.body = (reader, then)
+        phase.refused_body = refused
         if expect_continue:
             self.transport.write(http.CONTINUE)
         self._body_received()
 
     def _body_received(self) -> None:
-        assert self._body is not None
+        phase = self._phase()
+        assert phase.body is not None
         buffer = self._buffer
-        reader, then = self._body
+        reader, then = phase.body
         if buffer is None:
             return
         try:
             del buffer[: reader.feed(buffer)]
         except http.HttpError as exc:
-            self._body = None
+            phase.body = None
             self.owner.on_refused(self, exc.status, http.refusal_reason(exc.status), exc.body)
-            refused = self._refused_body
+            refused = phase.refused_body
             if refused is not None:
                 self.respond(refused(exc))
             else:
                 self.respond(http.response(exc.status, exc.body + "\n", headers=exc.headers))
             return
         if reader.done:
-            self._body = None
+            phase.body = None
             then(reader.body())
 
     def hold(self) -> None:
         """The upgrade is granted but its owner is not ready yet (a room
         whose cluster state is being read): keep the connection CONNECTING,
         what the client sends buffered, until :meth:`upgrade`."""
-        self._held = True
+        self._phase().held = True
 
     def upgrade(
         self,
@@ -680,13 +729,11 @@ class Connection(asyncio.Protocol):
         if self.session.state is not State.CONNECTING or self.transport.is_closing():
             return  # gone while held
         self._cancel_timer()
-        self._held = False
+        self._http = None  # the HTTP phase is over (see _HttpPhase)
         self.owner = owner
         self.id = connection_id
         if not rate_limited:
-            self.session = Session(
-                now, message_rate=0, message_burst=1, strike_limit=0, strike_window=1.0
-            )
+            self.session = Session(now, UNLIMITED)
         if extension is not None:
             limit = self.settings.max_message_size
             ws = _FrameProtocol(
@@ -716,8 +763,15 @@ class Connection(asyncio.Protocol):
 
     def _handshake_expired(self) -> None:
         self._timer = None
-        if self._queued or (
-            self._in_request and self._body is None and not self._held and self._buffer is not None
+        phase = self._http
+        if phase is not None and (
+            phase.queued
+            or (
+                phase.in_request
+                and phase.body is None
+                and not phase.held
+                and self._buffer is not None
+            )
         ):
             # The request came whole and its answer is on its way (an API
             # call asking the cluster, an upgrade waiting for its loop pass
@@ -818,8 +872,10 @@ class Connection(asyncio.Protocol):
                 # bytes() of the bytes the library gives is that same object.
                 self._receive_data_frame(opcode, bytes(frame.data), frame.fin)
                 continue
-            # A control frame: charged like a data frame (decisions.md 18).
-            verdict = self.session.admit(self.loop.time())
+            # A control frame: charged like a data frame (decisions.md 18),
+            # at its read's time (see _receive_data_frame).
+            session = self.session
+            verdict = session.admit(session.last_seen)
             if opcode is _PING:
                 pong = out[pongs] if pongs < len(out) else b""
                 pongs += 1
@@ -851,49 +907,49 @@ class Connection(asyncio.Protocol):
     def _receive_data_frame(self, opcode: Opcode, data: bytes, fin: bool) -> None:
         owner = self.owner
         if opcode is not _CONT:
-            self._message_opcode = opcode
-            self._message_refused = False
-            verdict = self.session.admit(self.loop.time())
+            # Charged at the time of its read, which _receive_frames just noted
+            # (uvloop's clock moves once a loop pass anyway): the bucket's
+            # time and the liveness are then one float, not two (docs/memory.md).
+            session = self.session
+            verdict = session.admit(session.last_seen)
             if verdict is Admit.DISCONNECT:
                 owner.on_rate_limited(self, disconnect=True)
                 return
-            if verdict is Admit.REFUSE:
-                self._message_refused = True
+            refused = verdict is Admit.REFUSE
             if not fin:
-                self._message_frames = 1
-                self._message = bytearray(data)
-                if opcode is _TEXT:
-                    self._message_decoder = _utf8_decoder()
-                    if not self._check_utf8(data, final=False):
-                        return
+                first = self._fragments = _Fragments(opcode, refused, data)
+                if first.decoder is not None:
+                    self._check_utf8(first.decoder, data, final=False)
                 return
             message = data
         else:
-            parts = self._message
-            assert parts is not None  # the library refuses a stray continuation
-            parts += data
-            frames = self._message_frames = self._message_frames + 1
-            if frames > self.settings.max_message_frames:
+            fragments = self._fragments
+            assert fragments is not None  # the library refuses a stray continuation
+            fragments.parts += data
+            fragments.frames += 1
+            if fragments.frames > self.settings.max_message_frames:
                 # Bytes alone do not bound the work: empty continuations
                 # cost a parse each and add nothing (decisions.md 18).
-                self._message = None
-                self._message_decoder = None
+                self._fragments = None
                 self._fail(CloseCode.MESSAGE_TOO_BIG, "message has too many frames")
                 return
-            if self._message_opcode is _TEXT and not self._check_utf8(data, final=fin):
+            if fragments.decoder is not None and not self._check_utf8(
+                fragments.decoder, data, final=fin
+            ):
                 return
             if not fin:
                 return
-            message = bytes(parts)
-            self._message = None
-            self._message_decoder = None
+            self._fragments = None
+            message = bytes(fragments.parts)
+            opcode = fragments.opcode
+            refused = fragments.refused
         if len(message) > self.settings.max_message_size:
             self._fail(CloseCode.MESSAGE_TOO_BIG, "message too big")
             return
-        if self._message_refused:
+        if refused:
             owner.on_rate_limited(self, disconnect=False)
             return
-        if self._message_opcode is _BINARY:
+        if opcode is _BINARY:
             owner.on_binary(self, message)
             return
         try:
@@ -903,15 +959,12 @@ class Connection(asyncio.Protocol):
             return
         owner.on_text(self, text)
 
-    def _check_utf8(self, data: bytes, *, final: bool) -> bool:
+    def _check_utf8(self, decoder: codecs.IncrementalDecoder, data: bytes, *, final: bool) -> bool:
         """Validate a fragment as it arrives, to fail fast (RFC 6455 8.1)."""
-        decoder = self._message_decoder
-        assert decoder is not None
         try:
             decoder.decode(data, final)
         except UnicodeDecodeError:
-            self._message = None
-            self._message_decoder = None
+            self._fragments = None
             self._fail(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message")
             return False
         return True

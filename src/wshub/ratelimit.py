@@ -1,8 +1,11 @@
 """Rate limits as pure arithmetic: the caller passes the time in.
 
 * :class:`TokenBucket`: *rate* tokens per second up to *burst*; each event
-  takes one. Used per connection (data frames) and per client IP (new
-  connections).
+  takes one. Used per client IP (new connections) and per kind of log line.
+  A connection keeps the same arithmetic (:func:`refill`) in two slots of its
+  :class:`~wshub.session.Session` instead, with the shared
+  :class:`MessageLimit`: a bucket object per connection cost 88 B
+  (docs/memory.md).
 * :class:`Strikes`: counts refusals in a sliding window, to escalate from an
   ``error`` reply to a 1008 close (decisions.md 8).
 * :class:`KeyedBuckets`: one bucket per key (client IP), forgetting buckets
@@ -13,8 +16,35 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Hashable
+from dataclasses import dataclass
 
-__all__ = ["KeyedBuckets", "Strikes", "TokenBucket"]
+__all__ = ["UNLIMITED", "KeyedBuckets", "MessageLimit", "Strikes", "TokenBucket", "refill"]
+
+
+def refill(tokens: float, burst: float, elapsed: float, rate: float) -> float:
+    """The tokens of a bucket *elapsed* seconds after it held *tokens*.
+
+    Capped at *burst* itself: a full bucket's tokens are then the *burst*
+    value given (an int for a connection), and one token taken leaves a small
+    int, which CPython shares: an idle connection's bucket holds no float."""
+    return min(burst, tokens + elapsed * rate)
+
+
+@dataclass(frozen=True, slots=True)
+class MessageLimit:
+    """A connection's message rate limit (decisions.md 8), one object shared
+    by every connection with the same settings: *rate* frames per second up
+    to *burst* at once (``rate == 0``: unlimited); *strike_limit* refusals
+    within *strike_window* seconds close the connection (0: never)."""
+
+    rate: float
+    burst: int
+    strike_limit: int
+    strike_window: float
+
+
+UNLIMITED = MessageLimit(rate=0, burst=1, strike_limit=0, strike_window=1.0)
+"""Every frame accepted (the conformance-test endpoint)."""
 
 
 class TokenBucket:
@@ -35,7 +65,7 @@ class TokenBucket:
             return True
         elapsed = now - self.updated
         if elapsed > 0:
-            self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
+            self.tokens = refill(self.tokens, self.burst, elapsed, self.rate)
             self.updated = now
         if self.tokens >= 1:
             self.tokens -= 1

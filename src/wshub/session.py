@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 from typing import Final
 
-from .ratelimit import Strikes, TokenBucket
+from .ratelimit import MessageLimit, Strikes, refill
 
 __all__ = ["Admit", "Session", "State", "TRANSITIONS"]
 
@@ -45,24 +45,23 @@ class Admit(enum.Enum):
 
 
 class Session:
-    __slots__ = ("state", "last_seen", "bucket", "strikes", "_strike_limit", "_strike_window")
+    """One connection's state, its last sign of life and its rate limit.
 
-    def __init__(
-        self,
-        now: float,
-        *,
-        message_rate: float,
-        message_burst: int,
-        strike_limit: int,
-        strike_window: float,
-    ) -> None:
+    The token bucket is two slots here (``tokens``, ``updated``) with the
+    limit shared by all connections (:class:`~wshub.ratelimit.MessageLimit`),
+    not a bucket object per connection: this object exists once per idle
+    connection, and each object costs its header besides (docs/memory.md)."""
+
+    __slots__ = ("state", "last_seen", "tokens", "updated", "strikes", "limit")
+
+    def __init__(self, now: float, limit: MessageLimit) -> None:
         self.state = State.CONNECTING
         self.last_seen = now
-        self.bucket = TokenBucket(message_rate, message_burst, now)
+        self.limit = limit
+        self.tokens: float = limit.burst
+        self.updated = now
         # Created on the first refusal: most connections never need one.
         self.strikes: Strikes | None = None
-        self._strike_limit = strike_limit
-        self._strike_window = strike_window
 
     def transition(self, new: State) -> None:
         if new not in TRANSITIONS[self.state]:
@@ -80,10 +79,18 @@ class Session:
         """Charge one frame against the rate limit: the first frame of a
         message (data) or a Ping, Pong or Close (control); continuation
         frames are bounded by the message limits instead."""
-        if self.bucket.take(now):
+        limit = self.limit
+        if limit.rate == 0:
+            return Admit.ACCEPT
+        elapsed = now - self.updated
+        if elapsed > 0:
+            self.tokens = refill(self.tokens, limit.burst, elapsed, limit.rate)
+            self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
             return Admit.ACCEPT
         if self.strikes is None:
-            self.strikes = Strikes(self._strike_limit, self._strike_window)
+            self.strikes = Strikes(limit.strike_limit, limit.strike_window)
         if self.strikes.add(now):
             return Admit.DISCONNECT
         return Admit.REFUSE

@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 
 from wshub.admission import Admission, BadForwardedFor, address_key, client_address
-from wshub.ratelimit import KeyedBuckets, Strikes, TokenBucket
+from wshub.ratelimit import KeyedBuckets, MessageLimit, Strikes, TokenBucket
 from wshub.session import Admit, Session, State
 
 
@@ -45,7 +45,7 @@ def test_keyed_buckets_purge() -> None:
 
 
 def test_session_transitions() -> None:
-    session = Session(0.0, message_rate=1, message_burst=1, strike_limit=2, strike_window=10)
+    session = Session(0.0, MessageLimit(rate=1, burst=1, strike_limit=2, strike_window=10))
     assert session.state is State.CONNECTING
     session.transition(State.OPEN)
     session.transition(State.CLOSING)
@@ -55,14 +55,26 @@ def test_session_transitions() -> None:
 
 
 def test_session_rate_escalation() -> None:
-    session = Session(0.0, message_rate=1, message_burst=1, strike_limit=2, strike_window=10)
+    session = Session(0.0, MessageLimit(rate=1, burst=1, strike_limit=2, strike_window=10))
     assert session.admit(0.0) is Admit.ACCEPT
     assert session.admit(0.1) is Admit.REFUSE
     assert session.admit(0.2) is Admit.DISCONNECT
 
 
+def test_session_bucket_burst_then_rate() -> None:
+    # the bucket in the session's own slots behaves as a TokenBucket does
+    limit = MessageLimit(rate=20, burst=40, strike_limit=0, strike_window=10)
+    session = Session(0.0, limit)
+    assert all(session.admit(0.0) is Admit.ACCEPT for _ in range(40))
+    assert session.admit(0.0) is Admit.REFUSE
+    assert session.admit(0.05) is Admit.ACCEPT  # one token per 50 ms
+    assert session.admit(0.05) is Admit.REFUSE
+    assert all(session.admit(10.0) is Admit.ACCEPT for _ in range(40))  # capped at burst
+    assert session.admit(10.0) is Admit.REFUSE
+
+
 def test_session_liveness() -> None:
-    session = Session(5.0, message_rate=0, message_burst=0, strike_limit=0, strike_window=1)
+    session = Session(5.0, MessageLimit(rate=0, burst=0, strike_limit=0, strike_window=1))
     assert session.silent_for(7.0) == 2.0
     session.alive(7.0)
     assert session.silent_for(7.5) == 0.5
