@@ -252,8 +252,17 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=8.0, help="each window (8)")
     ap.add_argument("--server-core", default="0")
     ap.add_argument("--client-core", default="1")
-    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--out", default=None, help="(bench/results/profile-reader[-rooms].json)")
+    ap.add_argument("--rooms", type=int, default=0,
+                    help="the rooms scenario: the 1000 connections in N rooms, one sender in each (0: fan-out)")
+    ap.add_argument("--history-size", type=int, default=None, help="wshub's --history-size (its default)")
+    ap.add_argument("--no-micro", action="store_true", help="skip the micro timings")
     a = ap.parse_args()
+    suffix = f"-rooms{a.rooms}" if a.rooms else ""
+    if a.history_size is not None:
+        suffix += f"-history{a.history_size}"
+    if a.out is None:
+        a.out = str(OUT.with_name(f"profile-reader{suffix}.json"))
     spy = str(Path(PY).with_name("py-spy"))
     loop = fanout_loop_lines()
     port = bench_run.free_port()
@@ -261,15 +270,21 @@ def main() -> int:
                  "pressure_before": bench_run.pressure(), "flush_loop_lines": loop,
                  "commit": shared.output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])}
     PROFILES.mkdir(parents=True, exist_ok=True)
-    spy_out = PROFILES / "fanout-wshub-reader.collapsed.txt"
+    scenario = f"rooms{a.rooms}" if a.rooms else "fanout"
+    spy_out = PROFILES / f"{scenario}-wshub-reader{suffix.replace(f'-rooms{a.rooms}', '')}.collapsed.txt"
+    cmd = bench_run.wshub_cmd(port)
+    if a.history_size is not None:
+        cmd += ["--history-size", str(a.history_size)]
+    rec["scenario"] = scenario
+    rec["server_cmd"] = cmd
     perf_data = Path("/tmp/wshub-profile-perf.data")
-    with bench_run.Server(bench_run.wshub_cmd(port), port, a.server_core, "profile-reader") as srv:
+    with bench_run.Server(cmd, port, a.server_core, "profile-reader") as srv:
         total = 3 * a.seconds + 20
         env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
         gen = subprocess.Popen(
             ["taskset", "-c", a.client_core, PY, "-m", "wshub.bench", "fanout", "--engine", "native",
              "--reader", "full", "--content-size", "100", "-n", "1000", "--inflight", "32",
-             "--warmup", "2", "--duration", str(total), "--url", f"ws://127.0.0.1:{port}/websocket",
+             "--warmup", "2", "--duration", str(total), *(["--rooms", str(a.rooms)] if a.rooms else []), "--url", f"ws://127.0.0.1:{port}/websocket",
              "--server-pid", str(srv.pid), "--json"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
         )
@@ -313,9 +328,10 @@ def main() -> int:
                 rec[part]["us_per_delivery"] = {
                     k: round(v / tot * cpd, 4) for k, v in rec[part]["groups"].items()
                 }
-    rec["micro"] = micro_costs()
+    if not a.no_micro:
+        rec["micro"] = micro_costs()
     Path(a.out).write_text(json.dumps(rec, indent=1))
-    print(json.dumps({k: rec[k] for k in ("counters", "micro")}, indent=1))
+    print(json.dumps({k: rec[k] for k in ("counters", "micro") if k in rec}, indent=1))
     for part in ("perf", "py_spy"):
         if part in rec:
             print(part)

@@ -126,12 +126,29 @@ SERVERS = {
         "wshub",
         lambda port: wshub_cmd(port, ["--history-size", "0"]),
     ),
+    # wshub from another source tree ($WSHUB_BASE_SRC, e.g. made with
+    # `git archive main src | tar -x -C /tmp/base` and pointing at /tmp/base/src):
+    # the "before" of a change, measured in the same run as the "after".
+    "wshub-base": (
+        "wshub, base tree ($WSHUB_BASE_SRC)",
+        "wshub",
+        lambda port: base_wshub_cmd(port),
+    ),
 }
 # A variant is run only through the scenarios where it can differ.
 ONLY = {
     "wshub-transport": ("fanout", "latency", "chat"),
     "wshub-nohistory": ("fanout", "latency", "rooms"),
 }
+
+
+def base_wshub_cmd(port: int) -> list[str]:
+    base = os.environ.get("WSHUB_BASE_SRC")
+    if not base or not (Path(base) / "wshub" / "__init__.py").exists():
+        raise SystemExit("wshub-base: set WSHUB_BASE_SRC to a tree's src/ (with wshub/ in it)")
+    cmd = wshub_cmd(port)
+    args = cmd[cmd.index("serve"):]
+    return ["env", f"PYTHONPATH={base}", PY, "-m", "wshub", *args]
 
 SCENARIOS = ["fanout", "latency", "chat", "rooms", "idle", "idle-2k"]
 SCENARIO_TEXT = {
@@ -1660,6 +1677,7 @@ def chart(data: dict, path: Path = CHART) -> None:
         "uws": "#dd6b20",
         "wshub-transport": "#90cdf4",
         "wshub-nohistory": "#4299e1",
+        "wshub-base": "#a0aec0",
     }
     scen = [
         ("fanout", "fan-out\n(closed loop, 32 in flight)"),
@@ -1720,7 +1738,7 @@ def main() -> int:
     )
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument(
-        "--servers", default=",".join(SERVERS), help="comma-separated: " + ",".join(SERVERS)
+        "--servers", default=",".join(s for s in SERVERS if s != "wshub-base"), help="comma-separated: " + ",".join(SERVERS)
     )
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--duration", type=float, default=8.0, help="measured seconds per scenario (8)")

@@ -339,8 +339,19 @@ class History:
             self.bytes -= ENTRIES_OVERHEAD
 
     def _compact(self) -> None:
-        live = self._live_room
-        self._order = deque(record for record in self._order if live(record) is not None)
+        # _live_room() inlined: this walks every record, about once per
+        # len(_order) appends while rooms are full, and a call per record was
+        # most of its cost (docs/rooms-perf.md).
+        rooms = self._rooms
+        self._order = deque(
+            [
+                record
+                for record in self._order
+                if (room := rooms.get(record[0])) is not None
+                and (entries := room.entries)
+                and entries[0][0] <= record[1]
+            ]
+        )
         self._stale = 0
 
     def _live_room(self, record: _Record) -> _Room | None:

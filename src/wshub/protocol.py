@@ -22,7 +22,8 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, NamedTuple
+from functools import partial
+from typing import Any, Final, NamedTuple, cast
 
 from .ids import ConnectionId
 
@@ -91,6 +92,11 @@ class Relay(NamedTuple):
 
     kind: RelayKind
     content: str
+
+
+# Relay(kind, content) without the named tuple's Python-level constructor
+# (the same object, built in C; one per relayed message).
+_new_relay = cast("Callable[[tuple[RelayKind, str]], Relay]", partial(tuple.__new__, Relay))
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +201,7 @@ def _check_content(kind: RelayKind, content: str, escaped: bool) -> Relay | Refu
                 ErrorCode.INVALID_CONTENT,
                 "Message content holds a lone surrogate, which is not a character",
             )
-    return Relay(kind, content)
+    return _new_relay((kind, content))
 
 
 def check_content(kind: RelayKind, content: str) -> Relay | Refusal:
@@ -207,12 +213,53 @@ def check_content(kind: RelayKind, content: str) -> Relay | Refusal:
 _RELAY_KINDS: Final = {kind.value: kind for kind in RelayKind}
 
 
+# The plain relay as every client library writes it, tested before any JSON
+# parse: ``{"type":"message","content":"..."}`` (or ``broadcast``) with
+# nothing before, between or after. Its content is read by the JSON
+# decoder's own C string scanner (strict: control characters refused,
+# escapes decoded), so it is the string the full parse would give; the
+# object has exactly these two members, so the outcome is the full path's,
+# refusals included. Anything else (white space, other members or their
+# order, a string the scanner refuses) takes the full path below.
+_PLAIN_HEADS: Final = (
+    ('{"type":"message","content":"', RelayKind.MESSAGE),
+    ('{"type":"broadcast","content":"', RelayKind.BROADCAST),
+)
+_scanstring: Callable[[str, int, bool], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
+
+
+def _plain_relay(text: str) -> Relay | Refusal | None:
+    for head, kind in _PLAIN_HEADS:  # noqa: B007 (kind: the one whose head matched)
+        if text.startswith(head):
+            break
+    else:
+        return None
+    if not text.endswith('"}'):
+        return None
+    try:
+        content, end = _scanstring(text, len(head), True)
+    except ValueError:
+        return None
+    if end != len(text) - 1:
+        return None  # something after the string but the closing brace
+    return _check_content(kind, content, "\\u" in text)
+
+
 def parse_client_text(text: str, *, refresh: bool = False) -> Command | Refusal:
     """Interpret the text of one client text message (decisions.md 4 and 5).
 
     *refresh*: ``{"type":"refresh"}`` is a command (``--auth`` optional or
     required, decisions.md 15); otherwise it is an unknown type, as the seed has it.
     """
+    if text.startswith('{"type":"'):
+        relay = _plain_relay(text)
+        if relay is not None:
+            return relay
+    return _parse_full(text, refresh)
+
+
+def _parse_full(text: str, refresh: bool) -> Command | Refusal:
+    """:func:`parse_client_text` without the plain relay's shortcut."""
     obj = _json_object(text)
     if obj is None:
         return _check_content(RelayKind.MESSAGE, text, False)
@@ -251,16 +298,25 @@ def unix_ms(now: float) -> int:
 
 
 _second_cache: list[object] = [None, ""]  # [unix second, its "%Y-%m-%dT%H:%M:%S"]
+_milli_cache: list[object] = [None, ""]  # [unix millisecond, its whole timestamp]
 
 
 def iso_timestamp(now: float) -> str:
     """ISO 8601 in UTC with milliseconds and ``Z``: ``2026-11-25T20:17:58.123Z``."""
-    seconds, millis = divmod(int(now * 1000), 1000)  # unix_ms(), inlined
+    ms = int(now * 1000)  # unix_ms(), inlined
+    # Messages come in bursts: the 32 of one read share their millisecond,
+    # and the string built for the first serves the others.
+    if _milli_cache[0] == ms:
+        return _milli_cache[1]  # type: ignore[return-value]
+    seconds, millis = divmod(ms, 1000)
     # strftime costs microseconds; messages come in bursts within one second.
     if _second_cache[0] != seconds:
         _second_cache[0] = seconds
         _second_cache[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-    return f"{_second_cache[1]}.{millis:03d}Z"
+    stamp = f"{_second_cache[1]}.{millis:03d}Z"
+    _milli_cache[0] = ms
+    _milli_cache[1] = stamp
+    return stamp
 
 
 _escape_string = json.encoder.encode_basestring  # C, non-ASCII kept as is

@@ -13,6 +13,7 @@ library's sans-I/O layer (see :mod:`wshub.connection`).
 
 from __future__ import annotations
 
+import struct
 import zlib
 from typing import Final
 
@@ -48,7 +49,17 @@ def frame(opcode: int, payload: bytes, rsv1: bool = False) -> bytes:
     return header + payload
 
 
+_HEAD16: Final = struct.Struct("!BBH").pack
+
+
 def text_frame(payload: bytes) -> bytes:
+    # Once per relayed message: the two common sizes without frame()'s
+    # general header (a relay of 100 bytes of content is ~220 bytes).
+    length = len(payload)
+    if length < 126:
+        return bytes((FIN | OP_TEXT, length)) + payload
+    if length < 65536:
+        return _HEAD16(FIN | OP_TEXT, 126, length) + payload
     return frame(OP_TEXT, payload)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from wshub import protocol
 from wshub.ids import ConnectionId
@@ -139,7 +141,100 @@ def test_relay_fast_path_matches_generic_encoding() -> None:
             assert fast == generic
 
 
+def test_iso_timestamp_cache_keeps_to_its_millisecond() -> None:
+    assert protocol.iso_timestamp(100.0011) == "1970-01-01T00:01:40.001Z"
+    assert protocol.iso_timestamp(100.0019) == "1970-01-01T00:01:40.001Z"  # the same one
+    assert protocol.iso_timestamp(100.002) == "1970-01-01T00:01:40.002Z"
+    assert protocol.iso_timestamp(99.0011) == "1970-01-01T00:01:39.001Z"  # same ms, other s
+    assert protocol.iso_timestamp(100.0011) == "1970-01-01T00:01:40.001Z"
+
+
 def test_iso_timestamp_cache_crosses_seconds() -> None:
     assert protocol.iso_timestamp(59.999) == "1970-01-01T00:00:59.999Z"
     assert protocol.iso_timestamp(60.0) == "1970-01-01T00:01:00.000Z"
     assert protocol.iso_timestamp(59.5) == "1970-01-01T00:00:59.500Z"
+
+
+# The plain relay's shortcut (protocol._plain_relay) must give exactly what the
+# JSON path gives, for any text that looks like it: the characters below are
+# those where the two could part (quotes, escapes, controls, white space, DEL,
+# non-ASCII, a lone surrogate's escape).
+_EDGE_CHARS = ' !"#\\[]~\x7f\x00\x1f\t\n\r\x0b\x0c\x1c\x85\xa0\u2028\u3000éx/ud80'
+
+
+@given(
+    head=st.sampled_from(
+        [
+            '{"type":"message","content":"',
+            '{"type":"broadcast","content":"',
+            '{"type":"message", "content":"',
+            '{"type":"messages","content":"',
+        ]
+    ),
+    content=st.text(alphabet=_EDGE_CHARS, max_size=12) | st.text(max_size=12),
+    tail=st.sampled_from(['"}', '"} ', '"}}', "}", '","x":1}', '"']),
+    long=st.sampled_from([0, 1, 990, 1000]),
+)
+@settings(max_examples=800, deadline=None)
+def test_plain_relay_shortcut_agrees_with_json(
+    head: str, content: str, tail: str, long: int
+) -> None:
+    text = head + "y" * long + content + tail
+    assert parse_client_text(text) == protocol._parse_full(text, False)
+    assert parse_client_text(text, refresh=True) == protocol._parse_full(text, True)
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["hi", "~#1764112345678901234 s123 c0 " + "x" * 70, "a b!#[]~", "x" * 1000],
+)
+def test_plain_relay_takes_the_shortcut(content: str) -> None:
+    for kind in RelayKind:
+        text = f'{{"type":"{kind.value}","content":"{content}"}}'
+        assert protocol._plain_relay(text) == Relay(kind, content)
+        assert parse_client_text(text) == Relay(kind, content)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("", Refusal(ErrorCode.EMPTY_CONTENT, "Message content cannot be empty")),
+        (" \\t ", Refusal(ErrorCode.EMPTY_CONTENT, "Message content cannot be empty")),
+        (
+            "x" * 1001,
+            Refusal(
+                ErrorCode.CONTENT_TOO_LONG, "Message too long: 1001 characters, the limit is 1000"
+            ),
+        ),
+        (
+            "\\ud800",
+            Refusal(
+                ErrorCode.INVALID_CONTENT,
+                "Message content holds a lone surrogate, which is not a character",
+            ),
+        ),
+        ('a\\"b', Relay(RelayKind.MESSAGE, 'a"b')),
+        ("a\\u00e9", Relay(RelayKind.MESSAGE, "aé")),
+        ("é", Relay(RelayKind.MESSAGE, "é")),
+    ],
+)
+def test_plain_relay_gives_the_full_paths_outcome(content: str, expected: object) -> None:
+    """Escapes decoded, refusals given: the shortcut's answer is the full path's."""
+    text = f'{{"type":"message","content":"{content}"}}'
+    assert protocol._plain_relay(text) == expected
+    assert parse_client_text(text) == expected == protocol._parse_full(text, False)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"type":"message","content":"a\tb"}',  # a raw control character: plain text
+        '{"type":"message","content":"a"b"}',  # the string ends early
+        '{"type":"message","content":"a" }',
+        '{"type":"message","content":"a","x":1}',
+        '{"type":"message","content":"a\\"}',  # an escaped quote: unfinished
+    ],
+)
+def test_plain_relay_leaves_the_rest_to_the_json_path(text: str) -> None:
+    assert protocol._plain_relay(text) is None
+    assert parse_client_text(text) == protocol._parse_full(text, False)

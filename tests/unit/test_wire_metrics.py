@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from wshub.metrics import Metrics
-from wshub.wire import negotiate_deflate, ping_frame, text_frame
+from wshub.wire import OP_TEXT, frame, negotiate_deflate, ping_frame, text_frame
 
 
 def test_frame_lengths() -> None:
@@ -38,3 +40,13 @@ def test_metrics_render() -> None:
     assert "g 2.5\n" in text
     assert 'h_bucket{le="1"} 1\nh_bucket{le="10"} 2\nh_bucket{le="+Inf"} 3\n' in text
     assert "h_count 3\n" in text
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+def test_text_frame_header_at_each_length_boundary(size: int) -> None:
+    """text_frame's shortcuts for the two common header sizes give frame()'s bytes."""
+    payload = b"x" * size
+    framed = text_frame(payload)
+    assert framed == frame(OP_TEXT, payload)
+    assert framed[0] == 0x81 and framed.endswith(payload)
+    assert len(framed) - size == (2 if size < 126 else 4 if size < 65536 else 10)
