@@ -66,7 +66,11 @@ def _control(config: Config, node_id: NodeId) -> Control:
 
         # Questions go over classic pub/sub, which a Redis Cluster carries to
         # every node: one seed node serves.
-        url = seed_url(config.redis_target) if is_cluster_url(config.redis_target) else config.redis_target
+        url = (
+            seed_url(config.redis_target)
+            if is_cluster_url(config.redis_target)
+            else config.redis_target
+        )
         return RedisControl(url, node_id, prefix=config.cluster_name)
     return LocalControl(node_id)
 

@@ -51,7 +51,6 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
