@@ -130,6 +130,12 @@ return 1
 _KEEP_SHA = hashlib.sha1(_KEEP.encode()).hexdigest()
 
 _ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+# redis-py's cluster client can fail inside itself on a connection that a
+# cancelled call (abandoned by _bounded) left half made: AttributeError on a
+# writer that is gone, uvloop's RuntimeError on a closed transport (seen with
+# 12 connects at once on a loaded machine). For us a lost answer like any
+# other: the connect is judged by this node's count, never left unanswered.
+_FAULTS = (RedisError, OSError, asyncio.TimeoutError, AttributeError, TypeError, RuntimeError)
 
 
 async def _bounded(coro: Any, timeout: float) -> Any:
@@ -219,6 +225,11 @@ class ClusterUserCount:
                 health_check_interval=0,
             )
         self._redis = redis
+        if is_cluster_url(self._url):
+            try:  # the slot map now, not under the first connects' timeouts
+                await _bounded(redis.initialize(), self._timeout * 3)
+            except _FAULTS as exc:
+                self._set_down(exc)  # the first call reads it then
         for name, source in (("acquire", _ACQUIRE), ("release", _RELEASE)):
             self._scripts[name] = redis.register_script(source)
         self._spawn(self._keep_mirror(), "wshub-user-count")
@@ -240,7 +251,7 @@ class ClusterUserCount:
                 pipe.hdel(user_key(self._prefix, user), self._node_id)
             try:
                 await _bounded(pipe.execute(), self._timeout)
-            except _ERRORS:
+            except _FAULTS:
                 pass  # they stop counting at their deadline, within --node-ttl
         try:
             await _bounded(redis.aclose(), 2.0)
@@ -279,7 +290,7 @@ class ClusterUserCount:
             )
             counted = int(reply) == 1
             self._up()
-        except _ERRORS as exc:
+        except _FAULTS as exc:
             # Unknown elsewhere: this node's own count decides meanwhile.
             self._set_down(exc)
             counted = self.local.get(user, 0) < self.limit
@@ -297,7 +308,7 @@ class ClusterUserCount:
                 self._scripts["release"](keys=[user_key(self._prefix, user)], args=[self._node_id]),
                 self._timeout,
             )
-        except _ERRORS as exc:
+        except _FAULTS as exc:
             self._set_down(exc)  # the next rewrite puts the mirror right
         finally:
             self._in_flight -= 1
@@ -319,7 +330,7 @@ class ClusterUserCount:
             try:
                 await _bounded(self._write(counts, exact), self._timeout)
                 self._up()
-            except _ERRORS as exc:
+            except _FAULTS as exc:
                 self._set_down(exc)
                 continue
             if exact:
