@@ -1,5 +1,6 @@
 """--max-connections-per-user across a cluster (decisions.md 15, issue 15 item 1):
-real ``wshub serve`` nodes on one real redis-server, clients over real sockets.
+real ``wshub serve`` nodes on one real redis-server, and the same on a real
+3-primary Redis Cluster (``any_redis``), clients over real sockets.
 
 One user's connections are counted on every node together; one more gets one
 ``error`` (``too_many_connections``) and close 4429, never a ``welcome``; a
@@ -18,15 +19,29 @@ import pytest
 import redis
 from websockets.exceptions import ConnectionClosed
 
-from .conftest import TIMEOUT, Client, RedisServer, Server
+from wshub.usercount import user_key
+
+from .conftest import TIMEOUT, Client, RedisCluster, RedisServer, Server
 from .test_auth_server import AUTH, NO_LIMITS, bearer, refused, token
 from .waiting import wait_until
 
 _names = itertools.count()
 
 
+@pytest.fixture(params=["redis_server", "redis_cluster"])
+def any_redis(request: pytest.FixtureRequest) -> RedisServer | RedisCluster:
+    """One real redis-server, or a real 3-primary Redis Cluster: the limit is
+    the same on both (one key per user, so one slot)."""
+    backend: RedisServer | RedisCluster = request.getfixturevalue(request.param)
+    return backend
+
+
 def nodes(
-    make_server: Callable[..., Server], redis: RedisServer, n: int, limit: int, ttl: float = 1
+    make_server: Callable[..., Server],
+    redis: RedisServer | RedisCluster,
+    n: int,
+    limit: int,
+    ttl: float = 1,
 ) -> list[Server]:
     name = f"authcluster{next(_names)}"
     return [
@@ -68,8 +83,8 @@ def admitted(srv: Server, user: str = "alice") -> bool:
     return False
 
 
-def test_the_limit_holds_across_two_nodes(make_server, redis_server) -> None:
-    a_srv, b_srv = nodes(make_server, redis_server, 2, limit=2)
+def test_the_limit_holds_across_two_nodes(make_server, any_redis) -> None:
+    a_srv, b_srv = nodes(make_server, any_redis, 2, limit=2)
     on_a = a_srv.client(**bearer(token("alice")))
     on_b = b_srv.client(**bearer(token("alice")))
     for srv in (a_srv, b_srv):
@@ -86,12 +101,10 @@ def test_the_limit_holds_across_two_nodes(make_server, redis_server) -> None:
     too_many(a_srv)
 
 
-def test_simultaneous_connects_on_both_nodes_take_exactly_the_limit(
-    make_server, redis_server
-) -> None:
+def test_simultaneous_connects_on_both_nodes_take_exactly_the_limit(make_server, any_redis) -> None:
     """The check and the add are one step on Redis: 12 connects for one user,
     at once, split over two nodes, with a limit of 3: exactly 3 welcomes."""
-    a_srv, b_srv = nodes(make_server, redis_server, 2, limit=3)
+    a_srv, b_srv = nodes(make_server, any_redis, 2, limit=3)
     results: list[bool] = []
     barrier = threading.Barrier(12)
 
@@ -109,9 +122,9 @@ def test_simultaneous_connects_on_both_nodes_take_exactly_the_limit(
     assert cluster == 3
 
 
-def test_a_killed_node_stops_counting_within_the_node_ttl(make_server, redis_server) -> None:
+def test_a_killed_node_stops_counting_within_the_node_ttl(make_server, any_redis) -> None:
     ttl = 2.0
-    a_srv, b_srv = nodes(make_server, redis_server, 2, limit=2, ttl=ttl)
+    a_srv, b_srv = nodes(make_server, any_redis, 2, limit=2, ttl=ttl)
     keep = a_srv.client(**bearer(token("alice")))
     doomed = b_srv.client(**bearer(token("alice")))
     too_many(a_srv)
@@ -131,18 +144,18 @@ def test_a_killed_node_stops_counting_within_the_node_ttl(make_server, redis_ser
     keep.roundtrip()
 
 
-def test_a_stopped_node_gives_its_users_slots_back(make_server, redis_server) -> None:
-    a_srv, b_srv = nodes(make_server, redis_server, 2, limit=1, ttl=30)
+def test_a_stopped_node_gives_its_users_slots_back(make_server, any_redis) -> None:
+    a_srv, b_srv = nodes(make_server, any_redis, 2, limit=1, ttl=30)
     b_srv.client(**bearer(token("alice")))
     too_many(a_srv)
     assert b_srv.stop() == 0  # a drain: its connections close, its counts go
     assert admitted(a_srv)
 
 
-def test_any_sub_is_one_user_on_redis(make_server, redis_server) -> None:
+def test_any_sub_is_one_user_on_redis(make_server, any_redis) -> None:
     """A sub with Redis and Lua metacharacters, newlines and non-ASCII is one
     user, counted as itself; a sub that differs only in case is another."""
-    a_srv, b_srv = nodes(make_server, redis_server, 2, limit=1)
+    a_srv, b_srv = nodes(make_server, any_redis, 2, limit=1)
     odd = "é:*{x}\n' -- ]]" + "z" * 100
     a_srv.client(**bearer(token(odd)))
     too_many(b_srv, odd)
@@ -177,10 +190,8 @@ def test_redis_outage_falls_back_to_the_node_count_and_heals(make_server, own_re
     try:
 
         def written_back() -> bool:
-            return any(
-                client.hget(key, "alice") == b"1"
-                for key in client.scan_iter(f"{name}:node:*:users")
-            )
+            entries = client.hvals(user_key(name, "alice"))  # node id -> "COUNT:DEADLINE"
+            return [entry.split(b":")[0] for entry in entries] == [b"1"]
 
         wait_until(written_back, "A's count written back to Redis", TIMEOUT * 3)
         a_srv.wait_for(lambda: a_srv.get("/readyz")[0] == 200, "A back on Redis")
@@ -188,3 +199,40 @@ def test_redis_outage_falls_back_to_the_node_count_and_heals(make_server, own_re
         client.close()
     too_many(b_srv)
     alice.roundtrip()
+
+
+def users_on_every_shard(redis_cluster: RedisCluster, prefix: str) -> list[str]:
+    """One user per primary: user i's counts live on primary i."""
+    client = redis.RedisCluster(host="127.0.0.1", port=redis_cluster.ports[0][0])
+    try:
+        by_shard: dict[str, str] = {}
+        for i in itertools.count():
+            user = f"u{next(_names)}x{i}"
+            by_shard.setdefault(client.get_node_from_key(user_key(prefix, user)).name, user)
+            if len(by_shard) == len(redis_cluster.ports):
+                return sorted(by_shard.values())
+    finally:
+        client.close()
+    raise AssertionError("unreachable")
+
+
+def test_on_a_redis_cluster_the_limit_holds_for_users_on_every_shard(
+    make_server, redis_cluster
+) -> None:
+    """Users whose counts are on each of the three primaries: each one's
+    second connection is refused on either node, each one's slot comes back
+    on the other node when it leaves; one user's count is not another's."""
+    a_srv, b_srv = nodes(make_server, redis_cluster, 2, limit=1, ttl=30)
+    prefix = a_srv.args[a_srv.args.index("--cluster-name") + 1]
+    users = users_on_every_shard(redis_cluster, prefix)
+    held = {user: a_srv.client(**bearer(token(user))) for user in users}
+    for user in users:
+        too_many(b_srv, user)
+        too_many(a_srv, user)
+    for user, ws in held.items():
+        ws.roundtrip()
+        ws.close()
+        wait_until(lambda u=user: admitted(b_srv, u), f"{user}'s slot to come back on B")
+        too_many(a_srv, user)
+    assert a_srv.stats()["connections"]["node"] == 0
+    assert b_srv.stats()["connections"]["node"] == len(users)

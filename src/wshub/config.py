@@ -822,13 +822,6 @@ def _check_together(config: Config) -> None:
             f"--workers: {config.workers} workers need --redis-url or --redis-sentinels "
             "(workers share one hub through Redis; without it each would be a separate hub)"
         )
-    if config.redis_url.startswith(("redis+cluster://", "rediss+cluster://")) and (
-        config.auth != "off" and config.max_connections_per_user
-    ):
-        raise ConfigError(
-            "--max-connections-per-user: not available on a Redis Cluster yet (its "
-            "count reads every node's keys in one script); use one Redis or Sentinel"
-        )
     if bool(config.tls_cert) != bool(config.tls_key):
         given, missing = ("--tls-cert", "--tls-key")
         if not config.tls_cert:

@@ -18,6 +18,7 @@ from wshub.backplane.redis_cluster import (
 from wshub.backplane.redis_history import RedisHistory
 from wshub.cli import build_config
 from wshub.config import ConfigError
+from wshub.usercount import user_key
 
 
 def slot(key: str) -> int:
@@ -72,22 +73,31 @@ def test_a_nodes_keys_share_one_slot_and_rooms_spread() -> None:
     assert len({slot(keys.room(f"r{i}")) for i in range(100)}) > 90
 
 
-def test_cluster_urls_are_options_and_the_per_user_limit_is_refused() -> None:
+def test_cluster_urls_are_options_and_take_the_per_user_limit() -> None:
     url = "redis+cluster://127.0.0.1:7000,127.0.0.1:7001"
     assert build_config(["--redis-url", url], {}).redis_url == url
     with pytest.raises(ConfigError, match="--redis-url"):
         build_config(["--redis-url", "redis+cluster://"], {})
-    with pytest.raises(ConfigError, match="--max-connections-per-user: not available on a Redis"):
-        build_config(
-            [
-                "--redis-url",
-                url,
-                "--auth",
-                "optional",
-                "--auth-secret",
-                "s" * 32,
-                "--max-connections-per-user",
-                "3",
-            ],
-            {},
-        )
+    config = build_config(
+        [
+            "--redis-url",
+            url,
+            "--auth",
+            "optional",
+            "--auth-secret",
+            "s" * 32,
+            "--max-connections-per-user",
+            "3",
+        ],
+        {},
+    )
+    assert (config.redis_url, config.max_connections_per_user) == (url, 3)
+
+
+@pytest.mark.parametrize("user", ["alice", "é:*{x}\n' -- ]]", "}", "{", "{}", ""])
+def test_a_users_counts_are_one_key_of_its_own_slot(user: str) -> None:
+    """Every script of usercount.py touches one key: a user's, tagged by the
+    user id, so users spread over the shards and any id is a key of its own."""
+    assert user_key("wshub", user) == "wshub:user:{u." + user + "}"
+    assert user_key("wshub", user) != user_key("wshub", user + "x")
+    assert len({slot(user_key("wshub", f"user{i}")) for i in range(100)}) > 90

@@ -19,6 +19,8 @@ keys that share it share a slot, hence a shard)::
     {p}:node:{n.ID}:reaped     marker: the node was reaped (claimed)
     {p}:node:{n.ID}:probe      sharded channel of the node's probes to itself
     {p}:nodes                  SET of node ids (one key, on one shard)
+    {p}:user:{u.USER}          a user's per-node connection counts
+                               (usercount.py: one key, so its scripts are one slot)
 
 What is atomic
 --------------
