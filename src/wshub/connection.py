@@ -373,7 +373,7 @@ class Connection(asyncio.Protocol):
         "_failed",
         "_scanner",
         "close_reason",
-        "direct",
+        "direct_fd",
         "join",
         "identity",
         "_http",
@@ -412,7 +412,7 @@ class Connection(asyncio.Protocol):
         self.buffered = 0  # unsent bytes in the transport, as the fan-out last saw them
         self.pong: bytes | None = None  # the latest Pong, waiting for the buffer to drain
         self.audience: Audience[Any] | None = None
-        self.direct: tuple[asyncio.Transport, int, Connection] | None = None
+        self.direct_fd = -1  # the socket's descriptor once the fan-out may send to it
         self.opened_at = 0.0
         self.close_code: int | None = None
         self.close_reason = ""
@@ -450,7 +450,7 @@ class Connection(asyncio.Protocol):
             if self.settings.direct_send and transport.get_extra_info("sslcontext") is None:
                 # The fan-out may send to this socket itself while the
                 # transport is idle (wshub.fanout, "Direct sends").
-                self.direct = (self.transport, sock.fileno(), self)
+                self.direct_fd = sock.fileno()
         # resume_writing() then means "the buffer is empty": the moment a
         # waiting Pong can go (the fan-out ignores pause_writing()).
         self.transport.set_write_buffer_limits(high=0)
@@ -549,7 +549,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
-        self.direct = None  # the descriptor is closed (and it held a cycle)
+        self.direct_fd = -1  # the descriptor is closed (its number may be reused)
         self.pong = None
         previous = self.session.state
         if previous is not State.CLOSED:

@@ -26,8 +26,8 @@ in a pass, a recipient costs one write for k deliveries.
 
 Direct sends: a recipient that gets the common bytes unchanged (or their
 compressed copy for its window size) and has a plain TCP socket
-(``conn.direct``) is not written in the Python loop. The loop collects them,
-and one call of the C extension ``wshub._directsend`` per set of bytes sends
+(``conn.direct_fd`` is not -1) is not written in the Python loop. The loop
+collects them, and one call of the C extension ``wshub._directsend`` per set of bytes sends
 them to each socket whose transport is idle (not closing, nothing queued).
 Whatever it could not send goes through the connection's own writer. This
 takes the interpreter and event-loop work (~1.3 µs) off each delivery of a
@@ -81,11 +81,12 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from .wire import Deflate, text_frame
 
-__all__ = ["Audience", "DirectTarget", "Fanout", "Recipient", "SendEach", "compiled_send_each"]
+__all__ = ["Audience", "Fanout", "Recipient", "SendEach", "compiled_send_each"]
 
-SendEach = Callable[[list["DirectTarget"], bytes], "list[tuple[int, int]] | None"]
-"""``wshub._directsend.send_each``: the bytes to every idle target, what it
-could not send handed back as ``(index, bytes sent)``."""
+SendEach = Callable[[list[Any], bytes], "list[tuple[int, int]] | None"]
+"""``wshub._directsend.send_each``: the bytes to every idle recipient (it
+reads each one's ``transport`` and ``direct_fd``), what it could not send
+handed back as ``(index, bytes sent)``."""
 
 PASS_FRAMES = 256
 """A pass that holds this many shared frames goes at the end of the loop
@@ -136,10 +137,15 @@ class Recipient(Protocol):
     deflate: Deflate | None
     buffered: int  # unsent bytes in the transport when the fan-out last looked
 
-    # (transport, socket fd, the recipient) when the engine may send to the
-    # socket directly; None when everything must go through write().
+    # The socket's descriptor when the engine may send to it directly (with
+    # ``transport``, what send_each reads); -1 when everything must go
+    # through write(). A number in a slot, not a tuple per connection: that
+    # was 64 bytes of every idle connection (docs/memory.md).
     @property
-    def direct(self) -> DirectTarget | None: ...
+    def direct_fd(self) -> int: ...
+
+    @property
+    def transport(self) -> asyncio.Transport: ...
 
     def write(self, data: bytes | memoryview) -> int:
         """Write *data* to the socket; return the bytes still unsent after it.
@@ -153,9 +159,6 @@ class Recipient(Protocol):
     def abort(self) -> None:
         """Drop the socket now, with whatever is still unsent."""
 
-
-DirectTarget = tuple[asyncio.Transport, int, Any]
-"""(transport, socket fd, the recipient): what send_each takes."""
 
 R = TypeVar("R", bound=Recipient)
 
@@ -567,8 +570,8 @@ class Fanout(Generic[R]):
         writes = 0
         common = batch.common
         limit = self._limit
-        direct: list[tuple[asyncio.Transport, int, R]] = []
-        direct_deflated: dict[int, list[tuple[asyncio.Transport, int, R]]] = {}
+        direct: list[R] = []
+        direct_deflated: dict[int, list[R]] = {}
         for conn in recipients:
             state = conn.sealed
             if state is not None:
@@ -585,19 +588,19 @@ class Fanout(Generic[R]):
                 if not data:
                     continue
             elif conn.deflate is None:
-                if conn.direct is not None:
-                    direct.append(conn.direct)
+                if conn.direct_fd >= 0:
+                    direct.append(conn)
                     continue
                 data = common
             else:
                 data = self._common_deflated(batch, conn.deflate)
-                if conn.direct is not None:
+                if conn.direct_fd >= 0:
                     # One send_each call per window size, after the loop.
                     wbits = conn.deflate.wbits
                     group = direct_deflated.get(wbits)
                     if group is None:
                         group = direct_deflated[wbits] = []
-                    group.append(conn.direct)
+                    group.append(conn)
                     continue
             # _write(), inlined: this loop runs once per recipient.
             try:
@@ -626,9 +629,7 @@ class Fanout(Generic[R]):
             )
         return compressed
 
-    def _send_direct(
-        self, direct: list[tuple[asyncio.Transport, int, R]], data: bytes, slow: list[R]
-    ) -> int:
+    def _send_direct(self, direct: list[R], data: bytes, slow: list[R]) -> int:
         """*data* to every target in *direct*: straight to the socket where
         the transport is idle, the rest (or all) through the writer."""
         assert self._send_each is not None
@@ -640,7 +641,7 @@ class Fanout(Generic[R]):
         writes = len(direct)
         view = memoryview(data)
         for index, sent in left:
-            conn = direct[index][2]
+            conn = direct[index]
             # Partly sent, or not at all (closing, something queued, EAGAIN,
             # an error the transport will meet and report).
             try:

@@ -34,7 +34,7 @@ class Conn:
         self.gone = False
         self.is_recipient = True
         self.audience = None
-        self.direct = None
+        self.direct_fd = -1
         self.deflate = deflate
         self.transport = Transport(backlog)
         self.buffered = 0
@@ -269,7 +269,7 @@ class DirectSends:
         self.left = left
 
     def __call__(self, outs: list, data: bytes) -> list[tuple[int, int]] | None:
-        self.calls.append(([conn.name for _, _, conn in outs], data))
+        self.calls.append(([conn.name for conn in outs], data))
         return self.left
 
 
@@ -277,7 +277,7 @@ def direct_conn(name: str, transport: Transport | None = None, backlog: int = 0)
     conn = Conn(name, backlog=backlog)
     if transport is not None:
         conn.transport = transport
-    conn.direct = (conn.transport, -1, conn)
+    conn.direct_fd = 3  # never used as one: send_each is a stand-in
     return conn
 
 
