@@ -115,6 +115,8 @@ class ConnectionSettings:
     rate_limit_window: float
     direct_send: bool  # the fan-out may send to plain sockets itself
     message_limit: MessageLimit = field(init=False)  # shared by every Session
+    # Shared by every connection: each keeps its own carry (see wshub.framescan).
+    scanner: FrameScanner = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         limit = MessageLimit(
@@ -124,6 +126,7 @@ class ConnectionSettings:
             strike_window=self.rate_limit_window,
         )
         object.__setattr__(self, "message_limit", limit)  # frozen: set once, here
+        object.__setattr__(self, "scanner", FrameScanner(self.max_message_size))
 
 
 class ConnectionOwner(Protocol):
@@ -371,7 +374,7 @@ class Connection(asyncio.Protocol):
         "pong",
         "buffered",
         "_failed",
-        "_scanner",
+        "scan_carry",
         "close_reason",
         "direct_fd",
         "join",
@@ -422,7 +425,7 @@ class Connection(asyncio.Protocol):
         self._after_close = 0  # bytes received since the connection began to close
         self._read_slice = _READ_SLICE_UNITS  # KiB it may still read before it waits a pass
         self._failed = False  # we failed the connection in this batch of frames
-        self._scanner = FrameScanner(settings.max_message_size)
+        self.scan_carry: bytes | int = 0  # what a read left for the next (wshub.framescan)
 
     def _phase(self) -> _HttpPhase:
         """The state of the HTTP phase: only asked for before the upgrade."""
@@ -804,7 +807,7 @@ class Connection(asyncio.Protocol):
                 self.abort()
                 return
         self.session.alive(self.loop.time())
-        for opcode, chunk in self._scanner.scan(data, self._fast_path_open):
+        for opcode, chunk in self.settings.scanner.scan(data, self, self._fast_path_open):
             if opcode is None:
                 self._feed_library(chunk)
                 continue
@@ -816,8 +819,7 @@ class Connection(asyncio.Protocol):
             isinstance(ws, _FrameProtocol)
             and not self._failed
             and self.session.state is State.OPEN
-            and not self._scanner.owes
-            and not self._scanner.head
+            and not self.scan_carry
             and ws.holds_nothing()
         ):
             ws.release()
