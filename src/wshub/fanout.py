@@ -162,6 +162,12 @@ class Recipient(Protocol):
 
 R = TypeVar("R", bound=Recipient)
 
+_NOTHING_QUEUED: Any = ()
+"""What an audience holds in place of each of its four lists while nothing is
+queued for it: one empty tuple, shared. Four empty lists were 224 bytes of
+every idle room (docs/memory.md); the first frame (or mark) of a pass makes
+the lists. An append to it raises instead of reaching other audiences."""
+
 
 class Audience(Generic[R]):
     """One set of recipients that share frames (a room's members), and the
@@ -173,10 +179,10 @@ class Audience(Generic[R]):
         self.members = members
         # This pass: shared frames, their JSON payloads (None for control
         # frames, which are never compressed) and who is excluded from each.
-        self.frames: list[bytes] = []
-        self.payloads: list[bytes | None] = []
-        self.excluded: list[R | None] = []
-        self.marked: list[R] = []
+        self.frames: list[bytes] = _NOTHING_QUEUED
+        self.payloads: list[bytes | None] = _NOTHING_QUEUED
+        self.excluded: list[R | None] = _NOTHING_QUEUED
+        self.marked: list[R] = _NOTHING_QUEUED
         self.queued = False  # in the engine's list of audiences to write
         # Frames sealed for a pass that did not fit in one slice, being written.
         self.batch: _Batch[R] | None = None
@@ -209,10 +215,10 @@ class _Batch(Generic[R]):
             self.payloads = audience.payloads
             self.excluded = audience.excluded
             self.marked = audience.marked
-            audience.frames = []
-            audience.payloads = []
-            audience.excluded = []
-            audience.marked = []
+            audience.frames = _NOTHING_QUEUED
+            audience.payloads = _NOTHING_QUEUED
+            audience.excluded = _NOTHING_QUEUED
+            audience.marked = _NOTHING_QUEUED
             skipped = sum(1 for conn in self.excluded if conn is not None)
             for conn in self.marked:
                 if conn.is_recipient:
@@ -324,18 +330,28 @@ class Fanout(Generic[R]):
         one write per recipient. Anything urgent queued meanwhile takes it
         along, in order.
         """
-        audience.frames.append(text_frame(payload))
-        audience.payloads.append(payload)
-        audience.excluded.append(exclude)
+        if audience.frames:
+            audience.frames.append(text_frame(payload))
+            audience.payloads.append(payload)
+            audience.excluded.append(exclude)
+        else:  # the pass's first frame: its lists are made now
+            audience.frames = [text_frame(payload)]
+            audience.payloads = [payload]
+            audience.excluded = [exclude]
         if exclude is not None:
             self._mark(audience, exclude)
         self._schedule(audience, urgent)
 
     def control_to_all(self, audience: Audience[R], frame: bytes, *, urgent: bool = True) -> None:
         """Queue a ready-made control frame (a Ping) for every member."""
-        audience.frames.append(frame)
-        audience.payloads.append(None)
-        audience.excluded.append(None)
+        if audience.frames:
+            audience.frames.append(frame)
+            audience.payloads.append(None)
+            audience.excluded.append(None)
+        else:
+            audience.frames = [frame]
+            audience.payloads = [None]
+            audience.excluded = [None]
         self._schedule(audience, urgent)
 
     def to_one(self, conn: R, payload: bytes) -> None:
@@ -368,7 +384,10 @@ class Fanout(Generic[R]):
     def _mark(self, audience: Audience[R], conn: R) -> None:
         if not conn.marked:
             conn.marked = True
-            audience.marked.append(conn)
+            if audience.marked:
+                audience.marked.append(conn)
+            else:
+                audience.marked = [conn]
 
     def _schedule(self, audience: Audience[R], urgent: bool = True) -> None:
         if not audience.queued:
