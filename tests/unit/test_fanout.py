@@ -145,6 +145,30 @@ def test_exclusion_and_private_frames_keep_order() -> None:
     assert not a.marked and a.pending is None  # reset for the next pass
 
 
+def test_an_audience_between_passes_holds_no_lists_of_its_own() -> None:
+    # Every idle room's audience shares one empty placeholder (docs/memory.md):
+    # the next pass, a private frame first, still gets everything in order.
+    a, b = Conn("a"), Conn("b")
+    room, loop, _, _ = make([a, b])
+    other, other_loop, _, _ = make([Conn("c")])
+    room.to_all(b"1")
+    loop.run()
+    audience = room.audience
+    queues = (audience.frames, audience.payloads, audience.excluded, audience.marked)
+    assert all(queue == () for queue in queues)
+    assert audience.frames is other.audience.frames  # shared, not one per audience
+    room.fanout.to_one(b, b"private")  # marks b before any shared frame
+    room.to_all(b"2", exclude=a)
+    room.fanout.control_to_all(audience, b"\x89\x00")
+    loop.run()
+    assert a.transport.writes == [text_frame(b"1"), b"\x89\x00"]
+    assert b.transport.writes == [
+        text_frame(b"1"),
+        text_frame(b"private") + text_frame(b"2") + b"\x89\x00",
+    ]
+    assert other.audience.frames == () and other_loop.callbacks == []  # untouched
+
+
 def test_newcomer_gets_nothing_queued_before_it() -> None:
     a = Conn("a")
     room, loop, _, _ = make([a])
