@@ -204,11 +204,11 @@ def micro_costs(recipients: int = 999) -> dict:
     from wshub.wire import text_frame
 
     class Conn:  # the attributes Fanout.flush reads, slotted like Connection
-        __slots__ = ("marked", "deflate", "direct", "transport")
+        __slots__ = ("marked", "deflate", "direct_fd", "transport")
 
         def __init__(self, i: int) -> None:
             self.marked, self.deflate, self.transport = False, None, None
-            self.direct = (None, i, self)
+            self.direct_fd = i
 
     conns = [Conn(i) for i in range(recipients)]
 
@@ -218,8 +218,8 @@ def micro_costs(recipients: int = 999) -> dict:
             if conn.marked:
                 continue
             elif conn.deflate is None:
-                if conn.direct is not None:
-                    direct.append(conn.direct)
+                if conn.direct_fd >= 0:
+                    direct.append(conn)
                     continue
 
     content = "~#1764620000000000000 s1 c0 " + "x" * 72

@@ -1,7 +1,8 @@
 """wshub._directsend.send_each against real sockets.
 
-The transports here are stand-ins (only ``is_closing`` and
-``get_write_buffer_size`` are asked of them); the sockets are real, so what
+Each target is a stand-in for a connection (``send_each`` reads its
+``transport`` and ``direct_fd``), its transport too (only ``is_closing`` and
+``get_write_buffer_size`` are asked of it); the sockets are real, so what
 arrives, what is refused and what a full or broken socket does are the
 kernel's answers.
 """
@@ -31,6 +32,16 @@ class Transport:
 
     def get_write_buffer_size(self) -> int:
         return self.queued
+
+
+class Target:
+    """What send_each reads of a connection: two slots, as on Connection."""
+
+    __slots__ = ("transport", "direct_fd")
+
+    def __init__(self, transport: object, direct_fd: object) -> None:
+        self.transport = transport
+        self.direct_fd = direct_fd
 
 
 @pytest.fixture
@@ -68,7 +79,7 @@ def received(sock: socket.socket) -> bytes:
 
 def test_every_idle_socket_gets_the_bytes_and_none_is_returned(pairs) -> None:
     made = pairs(5)
-    outs = [(Transport(), ours.fileno(), "extra items are ignored") for ours, _ in made]
+    outs = [Target(Transport(), ours.fileno()) for ours, _ in made]
     assert send_each(outs, b"frame bytes") is None
     assert [received(theirs) for _, theirs in made] == [b"frame bytes"] * 5
 
@@ -76,9 +87,9 @@ def test_every_idle_socket_gets_the_bytes_and_none_is_returned(pairs) -> None:
 def test_a_closing_or_busy_transport_is_left_to_the_caller(pairs) -> None:
     (a, ta), (b, tb), (c, tc) = pairs(3)
     outs = [
-        (Transport(closing=True), a.fileno()),
-        (Transport(), b.fileno()),
-        (Transport(queued=10), c.fileno()),
+        Target(Transport(closing=True), a.fileno()),
+        Target(Transport(), b.fileno()),
+        Target(Transport(queued=10), c.fileno()),
     ]
     assert send_each(outs, b"x") == [(0, 0), (2, 0)]
     assert (received(ta), received(tb), received(tc)) == (b"", b"x", b"")
@@ -87,19 +98,19 @@ def test_a_closing_or_busy_transport_is_left_to_the_caller(pairs) -> None:
 def test_a_full_socket_reports_how_much_went_out(pairs) -> None:
     ((ours, theirs),) = pairs(1, sndbuf=4096)
     data = bytes(range(256)) * 4096  # 1 MiB: far more than the buffers hold
-    left = send_each([(Transport(), ours.fileno())], data)
+    left = send_each([Target(Transport(), ours.fileno())], data)
     assert left is not None and len(left) == 1
     index, sent = left[0]
     assert index == 0 and 0 < sent < len(data)
     # Nothing more fits: the next attempt sends nothing and says so.
-    assert send_each([(Transport(), ours.fileno())], data[sent:]) == [(0, 0)]
+    assert send_each([Target(Transport(), ours.fileno())], data[sent:]) == [(0, 0)]
     assert received(theirs) == data[:sent]
 
 
 def test_a_broken_socket_is_reported_without_sigpipe(pairs) -> None:
     (a, ta), (b, tb) = pairs(2)
     ta.close()  # the peer is gone: send() fails with EPIPE, not a signal
-    outs = [(Transport(), a.fileno()), (Transport(), b.fileno())]
+    outs = [Target(Transport(), a.fileno()), Target(Transport(), b.fileno())]
     assert send_each(outs, b"after") == [(0, 0)]
     assert received(tb) == b"after"
 
@@ -116,15 +127,15 @@ def test_an_empty_list_sends_nothing() -> None:
         ((), b"x"),
         ([], "text"),
         ([], bytearray(b"x")),
-        ([(Transport(),)], b"x"),
-        (["not a tuple"], b"x"),
-        ([(Transport(), "3")], b"x"),
-        ([(Transport(), -1)], b"x"),
-        ([(Transport(), 1 << 40)], b"x"),
+        ([(Transport(), 3)], b"x"),  # a tuple, as before: no longer taken
+        (["no attributes"], b"x"),
+        ([Target(Transport(), "3")], b"x"),
+        ([Target(Transport(), -1)], b"x"),
+        ([Target(Transport(), 1 << 40)], b"x"),
     ],
 )
 def test_bad_arguments_raise_instead_of_crashing(args) -> None:
-    with pytest.raises((TypeError, ValueError, OverflowError)):
+    with pytest.raises((TypeError, ValueError, OverflowError, AttributeError)):
         send_each(*args)
 
 
@@ -134,7 +145,11 @@ def test_a_transport_that_raises_is_handed_back_and_the_others_still_get_theirs(
             raise RuntimeError("transport bug")
 
     (a, ta), (b, tb), (c, tc) = pairs(3)
-    outs = [(Transport(), a.fileno()), (Broken(), b.fileno()), (Transport(), c.fileno())]
+    outs = [
+        Target(Transport(), a.fileno()),
+        Target(Broken(), b.fileno()),
+        Target(Transport(), c.fileno()),
+    ]
     assert send_each(outs, b"x") == [(1, 0)]  # the caller's transport.write() meets the fault
     assert (received(ta), received(tb), received(tc)) == (b"x", b"", b"x")
 
@@ -146,12 +161,12 @@ def test_an_interrupt_in_a_transport_is_not_swallowed(pairs) -> None:
 
     ((a, _),) = pairs(1)
     with pytest.raises(KeyboardInterrupt):
-        send_each([(Interrupted(), a.fileno())], b"x")
+        send_each([Target(Interrupted(), a.fileno())], b"x")
 
 
 def test_many_sockets_in_several_chunks(pairs) -> None:
     made = pairs(200)  # more than one chunk of checks and sends
-    outs = [(Transport(queued=i % 7 == 0), ours.fileno()) for i, (ours, _) in enumerate(made)]
+    outs = [Target(Transport(queued=i % 7 == 0), ours.fileno()) for i, (ours, _) in enumerate(made)]
     assert send_each(outs, b"z") == [(i, 0) for i in range(200) if i % 7 == 0]
     assert [received(theirs) for _, theirs in made] == [
         b"" if i % 7 == 0 else b"z" for i in range(200)
@@ -167,7 +182,7 @@ def test_a_list_changed_by_a_transport_is_refused(pairs) -> None:
             outs.clear()
             return False
 
-    outs.extend([(Meddling(), a.fileno()), (Transport(), b.fileno())])
+    outs.extend([Target(Meddling(), a.fileno()), Target(Transport(), b.fileno())])
     with pytest.raises(RuntimeError, match="changed size"):
         send_each(outs, b"x")
 
@@ -175,7 +190,7 @@ def test_a_list_changed_by_a_transport_is_refused(pairs) -> None:
 def test_no_reference_is_leaked(pairs) -> None:
     made = pairs(3)
     transport = Transport(queued=1)  # every one comes back: the result list is built
-    outs = [(transport, ours.fileno()) for ours, _ in made]
+    outs = [Target(transport, ours.fileno()) for ours, _ in made]
     data = b"y" * 100
 
     def run(times: int) -> None:

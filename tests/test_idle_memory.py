@@ -25,11 +25,12 @@ from .conftest import Server
 from .rawws import RawClient
 from .waiting import wait_until
 
-PER_CONNECTION_BOUND = 2300
+PER_CONNECTION_BOUND = 2100
 """Bytes of Python allocations per idle connection. Measured by this test:
-2,235 (uvloop's transport ~1,230 of it; runs differ by ~30 B), 2,534 before
-the cuts of docs/memory.md's second round; a frame library kept per
-connection would add ~1,100, a bucket object and its float 88."""
+1,976 (1,941 / 1,976 / 2,040; uvloop's transport ~1,230 of it), 2,212 before
+the cuts of docs/memory.md's third round (2,164 / 2,212 / 2,235) and 2,534
+before the second's; a frame library kept per connection would add ~1,100,
+the direct-send tuple 64, a frame scanner 56."""
 
 # Started before the server module is imported, one frame per allocation (the
 # cheapest tracing); SIGUSR1 writes the traced total, after a full collection.

@@ -36,6 +36,8 @@
 
 static PyObject *str_is_closing;
 static PyObject *str_get_write_buffer_size;
+static PyObject *str_transport;
+static PyObject *str_direct_fd;
 
 /* 1 if the transport may be bypassed now, 0 if not, -1 on an exception. */
 static int
@@ -60,9 +62,10 @@ transport_is_idle(PyObject *transport)
 
 PyDoc_STRVAR(send_each_doc,
 "send_each(outs, data, /)\n--\n\n"
-"Send the bytes *data* to every ``(transport, fd, ...)`` tuple of the list\n"
-"*outs* whose transport is not closing and has nothing queued (a transport\n"
-"whose methods raise counts as busy). Return None\n"
+"Send the bytes *data* to every object of the list *outs* (each with a\n"
+"``transport`` and a ``direct_fd``, its socket's descriptor) whose transport\n"
+"is not closing and has nothing queued (a transport whose methods raise\n"
+"counts as busy). Return None\n"
 "when every one took all of *data*; otherwise a list of ``(index, sent)``\n"
 "for the others, *sent* being how many leading bytes of *data* went out\n"
 "(0 when nothing was attempted or the send failed).");
@@ -116,21 +119,31 @@ send_each(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
                 goto error;
             }
             PyObject *item = PyList_GET_ITEM(outs, i);
-            if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) < 2) {
-                PyErr_SetString(PyExc_TypeError,
-                                "send_each(): each item must be a (transport, fd, ...) tuple");
+            /* The recipient itself, not a tuple made for it: a tuple per
+             * connection was 64 bytes of every idle connection
+             * (docs/memory.md). Two slot reads cost a few ns beside the
+             * transport's two method calls. */
+            Py_INCREF(item);  /* keep it alive while its transport's methods run */
+            PyObject *number = PyObject_GetAttr(item, str_direct_fd);
+            if (number == NULL) {
+                Py_DECREF(item);
                 goto error;
             }
-            long fd = PyLong_AsLong(PyTuple_GET_ITEM(item, 1));
+            long fd = PyLong_AsLong(number);
+            Py_DECREF(number);
             if (fd < 0 || fd > INT_MAX) {
+                Py_DECREF(item);
                 if (!PyErr_Occurred())
                     PyErr_SetString(PyExc_ValueError,
                                     "send_each(): a file descriptor is out of range");
                 goto error;
             }
-            Py_INCREF(item);  /* keep it alive while its transport's methods run */
-            int idle = transport_is_idle(PyTuple_GET_ITEM(item, 0));
+            PyObject *transport = PyObject_GetAttr(item, str_transport);
             Py_DECREF(item);
+            if (transport == NULL)
+                goto error;
+            int idle = transport_is_idle(transport);
+            Py_DECREF(transport);
             if (idle < 0) {
                 /* A transport that cannot answer is left to the caller, whose
                  * transport.write() meets the same fault and reports it: one
@@ -199,7 +212,10 @@ PyInit__directsend(void)
 {
     str_is_closing = PyUnicode_InternFromString("is_closing");
     str_get_write_buffer_size = PyUnicode_InternFromString("get_write_buffer_size");
-    if (str_is_closing == NULL || str_get_write_buffer_size == NULL)
+    str_transport = PyUnicode_InternFromString("transport");
+    str_direct_fd = PyUnicode_InternFromString("direct_fd");
+    if (str_is_closing == NULL || str_get_write_buffer_size == NULL || str_transport == NULL
+        || str_direct_fd == NULL)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)

@@ -1,7 +1,7 @@
 # The C extension of src/wshub/_directsend.c (see wshub.fanout).
-import asyncio
+from collections.abc import Sequence
 from typing import Any
 
-def send_each(
-    outs: list[tuple[asyncio.Transport, int, Any]], data: bytes, /
-) -> list[tuple[int, int]] | None: ...
+# Each of *outs* has ``transport`` (is_closing(), get_write_buffer_size())
+# and ``direct_fd`` (its socket's descriptor, >= 0).
+def send_each(outs: Sequence[Any], data: bytes, /) -> list[tuple[int, int]] | None: ...

@@ -115,6 +115,8 @@ class ConnectionSettings:
     rate_limit_window: float
     direct_send: bool  # the fan-out may send to plain sockets itself
     message_limit: MessageLimit = field(init=False)  # shared by every Session
+    # Shared by every connection: each keeps its own carry (see wshub.framescan).
+    scanner: FrameScanner = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         limit = MessageLimit(
@@ -124,6 +126,7 @@ class ConnectionSettings:
             strike_window=self.rate_limit_window,
         )
         object.__setattr__(self, "message_limit", limit)  # frozen: set once, here
+        object.__setattr__(self, "scanner", FrameScanner(self.max_message_size))
 
 
 class ConnectionOwner(Protocol):
@@ -242,6 +245,19 @@ class _Fragments:
         )
 
 
+class _Closing:
+    """How a connection ends: made when its close begins (a Close sent or
+    received, a failure), so an open connection does not carry these three
+    fields (docs/memory.md)."""
+
+    __slots__ = ("code", "reason", "received")
+
+    def __init__(self) -> None:
+        self.code: int | None = None  # None: no Close either way (1006)
+        self.reason = ""
+        self.received = 0  # bytes received since the connection began to close
+
+
 class _HttpPhase:
     """What a connection needs only while it speaks HTTP: from accept to its
     upgrade, or for as long as it serves plain requests. Let go at the
@@ -339,7 +355,15 @@ def pace_upgrades(behind: Callable[[], bool]) -> None:
     _upgrades.behind = behind
 
 
-class Connection(asyncio.Protocol):
+class Connection(Session, asyncio.Protocol):
+    """One client socket, from accept to close.
+
+    It is its own :class:`~wshub.session.Session` (state, last sign of life,
+    rate limit: the session's slots are this object's): a session object of
+    its own was 80 bytes of every idle connection, 32 of them its header
+    (docs/memory.md). :attr:`session` still names that part.
+    """
+
     __slots__ = (
         "owner",
         "settings",
@@ -349,7 +373,6 @@ class Connection(asyncio.Protocol):
         "ip",
         "origin",
         "id",
-        "session",
         "ws",
         "deflate",
         "pending",
@@ -362,18 +385,16 @@ class Connection(asyncio.Protocol):
         "room",
         "admitted",
         "opened_at",
-        "close_code",
         "_buffer",
         "_timer",
         "_fragments",
-        "_after_close",
         "_read_slice",
         "pong",
         "buffered",
         "_failed",
-        "_scanner",
-        "close_reason",
-        "direct",
+        "scan_carry",
+        "_closing",
+        "direct_fd",
         "join",
         "identity",
         "_http",
@@ -399,7 +420,7 @@ class Connection(asyncio.Protocol):
         self.identity: Identity | None = None  # its verified token (None: anonymous)
         now = loop.time()
         self._http: _HttpPhase | None = _HttpPhase(now)  # one float for it and the session
-        self.session = Session(now, settings.message_limit)
+        Session.__init__(self, now, settings.message_limit)
         self.ws: _FrameProtocol | _IdleLibrary | None = None
         self.deflate: Deflate | None = None
         # Fan-out bookkeeping (see wshub.fanout).
@@ -412,23 +433,48 @@ class Connection(asyncio.Protocol):
         self.buffered = 0  # unsent bytes in the transport, as the fan-out last saw them
         self.pong: bytes | None = None  # the latest Pong, waiting for the buffer to drain
         self.audience: Audience[Any] | None = None
-        self.direct: tuple[asyncio.Transport, int, Connection] | None = None
+        self.direct_fd = -1  # the socket's descriptor once the fan-out may send to it
         self.opened_at = 0.0
-        self.close_code: int | None = None
-        self.close_reason = ""
+        self._closing: _Closing | None = None
         self._buffer: bytearray | None = bytearray()
         self._timer: asyncio.TimerHandle | None = None
         self._fragments: _Fragments | None = None  # a fragmented message being received
-        self._after_close = 0  # bytes received since the connection began to close
         self._read_slice = _READ_SLICE_UNITS  # KiB it may still read before it waits a pass
         self._failed = False  # we failed the connection in this batch of frames
-        self._scanner = FrameScanner(settings.max_message_size)
+        self.scan_carry: bytes | int = 0  # what a read left for the next (wshub.framescan)
 
     def _phase(self) -> _HttpPhase:
         """The state of the HTTP phase: only asked for before the upgrade."""
         phase = self._http
         assert phase is not None, "the HTTP phase is over"
         return phase
+
+    @property
+    def session(self) -> Session:
+        """The connection's session state (this object itself)."""
+        return self
+
+    @property
+    def close_code(self) -> int | None:
+        """The code of the Close that ends the connection; None without one."""
+        closing = self._closing
+        return None if closing is None else closing.code
+
+    @property
+    def close_reason(self) -> str:
+        closing = self._closing
+        return "" if closing is None else closing.reason
+
+    def _close_state(self) -> _Closing:
+        closing = self._closing
+        if closing is None:
+            closing = self._closing = _Closing()
+        return closing
+
+    def _closed_with(self, code: int, reason: str) -> None:
+        closing = self._close_state()
+        closing.code = code
+        closing.reason = reason
 
     @property
     def requests_served(self) -> int:
@@ -450,7 +496,7 @@ class Connection(asyncio.Protocol):
             if self.settings.direct_send and transport.get_extra_info("sslcontext") is None:
                 # The fan-out may send to this socket itself while the
                 # transport is idle (wshub.fanout, "Direct sends").
-                self.direct = (self.transport, sock.fileno(), self)
+                self.direct_fd = sock.fileno()
         # resume_writing() then means "the buffer is empty": the moment a
         # waiting Pong can go (the fan-out ignores pause_writing()).
         self.transport.set_write_buffer_limits(high=0)
@@ -467,7 +513,7 @@ class Connection(asyncio.Protocol):
             # Closed at once (the few bytes fit in the kernel's buffer): a
             # refused socket must not hold a descriptor. Never counted, so
             # nothing to undo: connection_lost() tells no one.
-            self.session.transition(State.CLOSED)
+            self.transition(State.CLOSED)
             self._buffer = None
             self.transport.write(refusal)
             self.transport.close()
@@ -537,7 +583,7 @@ class Connection(asyncio.Protocol):
         return True
 
     def eof_received(self) -> bool | None:
-        if self.ws is not None and self.session.state is not State.CLOSED:
+        if self.ws is not None and self.state is not State.CLOSED:
             ws = self._library()
             if ws.state is FrameState.OPEN:
                 # No Close came first: nobody will read what was queued for
@@ -549,11 +595,11 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
-        self.direct = None  # the descriptor is closed (and it held a cycle)
+        self.direct_fd = -1  # the descriptor is closed (its number may be reused)
         self.pong = None
-        previous = self.session.state
+        previous = self.state
         if previous is not State.CLOSED:
-            self.session.transition(State.CLOSED)
+            self.transition(State.CLOSED)
             self.owner.on_closed(self, previous)
 
     def _yield_reading(self) -> None:
@@ -579,7 +625,7 @@ class Connection(asyncio.Protocol):
         pong = self.pong
         if pong is not None:
             self.pong = None
-            if self.session.state is State.OPEN:  # never after our Close
+            if self.state is State.OPEN:  # never after our Close
                 self._send_pong(pong)
 
     # -- Writing ----------------------------------------------------------------
@@ -726,14 +772,14 @@ class Connection(asyncio.Protocol):
 
         Without *rate_limited* (the conformance-test endpoint) every data
         frame is accepted."""
-        if self.session.state is not State.CONNECTING or self.transport.is_closing():
+        if self.state is not State.CONNECTING or self.transport.is_closing():
             return  # gone while held
         self._cancel_timer()
         self._http = None  # the HTTP phase is over (see _HttpPhase)
         self.owner = owner
         self.id = connection_id
         if not rate_limited:
-            self.session = Session(now, UNLIMITED)
+            self.limit = UNLIMITED  # the session's rate limit: none
         if extension is not None:
             limit = self.settings.max_message_size
             ws = _FrameProtocol(
@@ -752,8 +798,7 @@ class Connection(asyncio.Protocol):
             self.ws = _IDLE_LIBRARY  # the library is set up when a frame needs it
         self.deflate = deflate
         self.opened_at = now
-        self.session.transition(State.OPEN)
-        self.session.alive(now)
+        self.opened(now)
         self.transport.write(response)
         leftover = bytes(self._buffer or b"")
         self._buffer = None
@@ -791,7 +836,7 @@ class Connection(asyncio.Protocol):
         (see :mod:`wshub.framescan`)."""
         ws = self.ws
         assert ws is not None
-        state = self.session.state
+        state = self.state
         if state is State.CLOSED or ws.state is FrameState.CLOSED:
             return
         if state is State.CLOSING:
@@ -799,12 +844,13 @@ class Connection(asyncio.Protocol):
             # what was in flight (at most a message). One that keeps sending
             # (a flood we just closed with 1008) would have every frame
             # parsed until --close-timeout: drop it instead.
-            self._after_close += len(data)
-            if self._after_close > self.settings.max_message_size + 65536:
+            closing = self._close_state()
+            closing.received += len(data)
+            if closing.received > self.settings.max_message_size + 65536:
                 self.abort()
                 return
-        self.session.alive(self.loop.time())
-        for opcode, chunk in self._scanner.scan(data, self._fast_path_open):
+        self.alive(self.loop.time())
+        for opcode, chunk in self.settings.scanner.scan(data, self, self._fast_path_open):
             if opcode is None:
                 self._feed_library(chunk)
                 continue
@@ -815,9 +861,8 @@ class Connection(asyncio.Protocol):
         if (
             isinstance(ws, _FrameProtocol)
             and not self._failed
-            and self.session.state is State.OPEN
-            and not self._scanner.owes
-            and not self._scanner.head
+            and self.state is State.OPEN
+            and not self.scan_carry
             and ws.holds_nothing()
         ):
             ws.release()
@@ -827,7 +872,7 @@ class Connection(asyncio.Protocol):
         ws = self.ws
         return (
             not self._failed
-            and self.session.state is State.OPEN
+            and self.state is State.OPEN
             and ws is not None
             and ws.state is FrameState.OPEN
             and ws.current_size is None  # not inside a fragmented message
@@ -852,7 +897,7 @@ class Connection(asyncio.Protocol):
         # frame by frame, so what one step allocates stays bounded (a read of
         # 1-byte fragments would otherwise make ~40,000 Frame objects at once).
         ws = self._library()
-        if self.session.state is State.CLOSED or ws.state is FrameState.CLOSED:
+        if self.state is State.CLOSED or ws.state is FrameState.CLOSED:
             return
         ws.receive_data(data)
         events = ws.events_received()
@@ -865,7 +910,7 @@ class Connection(asyncio.Protocol):
         for frame in cast(list[Frame], events):  # a server side receives frames only
             # Frames parsed before a failure or a Close are processed; after
             # we failed or closed the connection ourselves, the rest is dropped.
-            if self._failed or self.session.state is not State.OPEN:
+            if self._failed or self.state is not State.OPEN:
                 break
             opcode = frame.opcode
             if opcode is _TEXT or opcode is _BINARY or opcode is _CONT:
@@ -874,8 +919,7 @@ class Connection(asyncio.Protocol):
                 continue
             # A control frame: charged like a data frame (decisions.md 18),
             # at its read's time (see _receive_data_frame).
-            session = self.session
-            verdict = session.admit(session.last_seen)
+            verdict = self.admit(self.last_seen)
             if opcode is _PING:
                 pong = out[pongs] if pongs < len(out) else b""
                 pongs += 1
@@ -887,8 +931,7 @@ class Connection(asyncio.Protocol):
                 # Charged, never refused: it ends the connection anyway.
                 rcvd = ws.close_rcvd
                 if self.close_code is None and rcvd is not None:
-                    self.close_code = rcvd.code
-                    self.close_reason = "client: " + rcvd.reason[:64]
+                    self._closed_with(rcvd.code, "client: " + rcvd.reason[:64])
                 continue
             elif verdict is Admit.ACCEPT:
                 continue  # a Pong: a sign of life, noted already
@@ -910,8 +953,7 @@ class Connection(asyncio.Protocol):
             # Charged at the time of its read, which _receive_frames just noted
             # (uvloop's clock moves once a loop pass anyway): the bucket's
             # time and the liveness are then one float, not two (docs/memory.md).
-            session = self.session
-            verdict = session.admit(session.last_seen)
+            verdict = self.admit(self.last_seen)
             if verdict is Admit.DISCONNECT:
                 owner.on_rate_limited(self, disconnect=True)
                 return
@@ -974,8 +1016,7 @@ class Connection(asyncio.Protocol):
         ws = self._library()
         self._failed = True
         if ws.state is FrameState.OPEN:
-            self.close_code = code
-            self.close_reason = reason
+            self._closed_with(code, reason)
             ws.fail(code, reason)
 
     def _drain_library_output(self, out: list[bytes]) -> None:
@@ -991,10 +1032,9 @@ class Connection(asyncio.Protocol):
         # Closing or closed: the client sent a Close, or the library failed
         # the connection (1002, 1007, 1009). What was queued for this client
         # in this pass goes first, then the Close frame; then no more data.
-        if self.session.state is State.OPEN:
+        if self.state is State.OPEN:
             if self.close_code is None and ws.close_sent is not None:
-                self.close_code = ws.close_sent.code
-                self.close_reason = ws.close_sent.reason
+                self._closed_with(ws.close_sent.code, ws.close_sent.reason)
             self._leave_fanout()
         eof = False
         for chunk in out:
@@ -1004,7 +1044,7 @@ class Connection(asyncio.Protocol):
                 self.transport.write(chunk)
         if eof:
             self._close_transport()
-        elif self._timer is None and self.session.state is State.CLOSING:
+        elif self._timer is None and self.state is State.CLOSING:
             self._start_close_timer()
 
     # -- Closing from our side --------------------------------------------------
@@ -1017,10 +1057,9 @@ class Connection(asyncio.Protocol):
         ``--close-timeout``.
         """
         ws = self.ws
-        if ws is None or self.session.state is not State.OPEN or ws.state is not FrameState.OPEN:
+        if ws is None or self.state is not State.OPEN or ws.state is not FrameState.OPEN:
             return
-        self.close_code = disconnect.code
-        self.close_reason = disconnect.reason
+        self._closed_with(disconnect.code, disconnect.reason)
         self.pong = None  # no Pong after our Close
         ws = self._library()
         ws.send_close(disconnect.code, disconnect.reason)
@@ -1056,7 +1095,7 @@ class Connection(asyncio.Protocol):
             self._start_close_timer()
 
     def _leave_fanout(self) -> None:
-        self.session.transition(State.CLOSING)
+        self.transition(State.CLOSING)
         data = self.owner.on_closing(self)
         if data:
             self.transport.write(data)

@@ -26,8 +26,8 @@ in a pass, a recipient costs one write for k deliveries.
 
 Direct sends: a recipient that gets the common bytes unchanged (or their
 compressed copy for its window size) and has a plain TCP socket
-(``conn.direct``) is not written in the Python loop. The loop collects them,
-and one call of the C extension ``wshub._directsend`` per set of bytes sends
+(``conn.direct_fd`` is not -1) is not written in the Python loop. The loop
+collects them, and one call of the C extension ``wshub._directsend`` per set of bytes sends
 them to each socket whose transport is idle (not closing, nothing queued).
 Whatever it could not send goes through the connection's own writer. This
 takes the interpreter and event-loop work (~1.3 µs) off each delivery of a
@@ -81,11 +81,12 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from .wire import Deflate, text_frame
 
-__all__ = ["Audience", "DirectTarget", "Fanout", "Recipient", "SendEach", "compiled_send_each"]
+__all__ = ["Audience", "Fanout", "Recipient", "SendEach", "compiled_send_each"]
 
-SendEach = Callable[[list["DirectTarget"], bytes], "list[tuple[int, int]] | None"]
-"""``wshub._directsend.send_each``: the bytes to every idle target, what it
-could not send handed back as ``(index, bytes sent)``."""
+SendEach = Callable[[list[Any], bytes], "list[tuple[int, int]] | None"]
+"""``wshub._directsend.send_each``: the bytes to every idle recipient (it
+reads each one's ``transport`` and ``direct_fd``), what it could not send
+handed back as ``(index, bytes sent)``."""
 
 PASS_FRAMES = 256
 """A pass that holds this many shared frames goes at the end of the loop
@@ -136,10 +137,15 @@ class Recipient(Protocol):
     deflate: Deflate | None
     buffered: int  # unsent bytes in the transport when the fan-out last looked
 
-    # (transport, socket fd, the recipient) when the engine may send to the
-    # socket directly; None when everything must go through write().
+    # The socket's descriptor when the engine may send to it directly (with
+    # ``transport``, what send_each reads); -1 when everything must go
+    # through write(). A number in a slot, not a tuple per connection: that
+    # was 64 bytes of every idle connection (docs/memory.md).
     @property
-    def direct(self) -> DirectTarget | None: ...
+    def direct_fd(self) -> int: ...
+
+    @property
+    def transport(self) -> asyncio.Transport: ...
 
     def write(self, data: bytes | memoryview) -> int:
         """Write *data* to the socket; return the bytes still unsent after it.
@@ -154,10 +160,13 @@ class Recipient(Protocol):
         """Drop the socket now, with whatever is still unsent."""
 
 
-DirectTarget = tuple[asyncio.Transport, int, Any]
-"""(transport, socket fd, the recipient): what send_each takes."""
-
 R = TypeVar("R", bound=Recipient)
+
+_NOTHING_QUEUED: Any = ()
+"""What an audience holds in place of each of its four lists while nothing is
+queued for it: one empty tuple, shared. Four empty lists were 224 bytes of
+every idle room (docs/memory.md); the first frame (or mark) of a pass makes
+the lists. An append to it raises instead of reaching other audiences."""
 
 
 class Audience(Generic[R]):
@@ -170,10 +179,10 @@ class Audience(Generic[R]):
         self.members = members
         # This pass: shared frames, their JSON payloads (None for control
         # frames, which are never compressed) and who is excluded from each.
-        self.frames: list[bytes] = []
-        self.payloads: list[bytes | None] = []
-        self.excluded: list[R | None] = []
-        self.marked: list[R] = []
+        self.frames: list[bytes] = _NOTHING_QUEUED
+        self.payloads: list[bytes | None] = _NOTHING_QUEUED
+        self.excluded: list[R | None] = _NOTHING_QUEUED
+        self.marked: list[R] = _NOTHING_QUEUED
         self.queued = False  # in the engine's list of audiences to write
         # Frames sealed for a pass that did not fit in one slice, being written.
         self.batch: _Batch[R] | None = None
@@ -206,10 +215,10 @@ class _Batch(Generic[R]):
             self.payloads = audience.payloads
             self.excluded = audience.excluded
             self.marked = audience.marked
-            audience.frames = []
-            audience.payloads = []
-            audience.excluded = []
-            audience.marked = []
+            audience.frames = _NOTHING_QUEUED
+            audience.payloads = _NOTHING_QUEUED
+            audience.excluded = _NOTHING_QUEUED
+            audience.marked = _NOTHING_QUEUED
             skipped = sum(1 for conn in self.excluded if conn is not None)
             for conn in self.marked:
                 if conn.is_recipient:
@@ -321,18 +330,28 @@ class Fanout(Generic[R]):
         one write per recipient. Anything urgent queued meanwhile takes it
         along, in order.
         """
-        audience.frames.append(text_frame(payload))
-        audience.payloads.append(payload)
-        audience.excluded.append(exclude)
+        if audience.frames:
+            audience.frames.append(text_frame(payload))
+            audience.payloads.append(payload)
+            audience.excluded.append(exclude)
+        else:  # the pass's first frame: its lists are made now
+            audience.frames = [text_frame(payload)]
+            audience.payloads = [payload]
+            audience.excluded = [exclude]
         if exclude is not None:
             self._mark(audience, exclude)
         self._schedule(audience, urgent)
 
     def control_to_all(self, audience: Audience[R], frame: bytes, *, urgent: bool = True) -> None:
         """Queue a ready-made control frame (a Ping) for every member."""
-        audience.frames.append(frame)
-        audience.payloads.append(None)
-        audience.excluded.append(None)
+        if audience.frames:
+            audience.frames.append(frame)
+            audience.payloads.append(None)
+            audience.excluded.append(None)
+        else:
+            audience.frames = [frame]
+            audience.payloads = [None]
+            audience.excluded = [None]
         self._schedule(audience, urgent)
 
     def to_one(self, conn: R, payload: bytes) -> None:
@@ -365,7 +384,10 @@ class Fanout(Generic[R]):
     def _mark(self, audience: Audience[R], conn: R) -> None:
         if not conn.marked:
             conn.marked = True
-            audience.marked.append(conn)
+            if audience.marked:
+                audience.marked.append(conn)
+            else:
+                audience.marked = [conn]
 
     def _schedule(self, audience: Audience[R], urgent: bool = True) -> None:
         if not audience.queued:
@@ -567,8 +589,8 @@ class Fanout(Generic[R]):
         writes = 0
         common = batch.common
         limit = self._limit
-        direct: list[tuple[asyncio.Transport, int, R]] = []
-        direct_deflated: dict[int, list[tuple[asyncio.Transport, int, R]]] = {}
+        direct: list[R] = []
+        direct_deflated: dict[int, list[R]] = {}
         for conn in recipients:
             state = conn.sealed
             if state is not None:
@@ -585,19 +607,19 @@ class Fanout(Generic[R]):
                 if not data:
                     continue
             elif conn.deflate is None:
-                if conn.direct is not None:
-                    direct.append(conn.direct)
+                if conn.direct_fd >= 0:
+                    direct.append(conn)
                     continue
                 data = common
             else:
                 data = self._common_deflated(batch, conn.deflate)
-                if conn.direct is not None:
+                if conn.direct_fd >= 0:
                     # One send_each call per window size, after the loop.
                     wbits = conn.deflate.wbits
                     group = direct_deflated.get(wbits)
                     if group is None:
                         group = direct_deflated[wbits] = []
-                    group.append(conn.direct)
+                    group.append(conn)
                     continue
             # _write(), inlined: this loop runs once per recipient.
             try:
@@ -626,9 +648,7 @@ class Fanout(Generic[R]):
             )
         return compressed
 
-    def _send_direct(
-        self, direct: list[tuple[asyncio.Transport, int, R]], data: bytes, slow: list[R]
-    ) -> int:
+    def _send_direct(self, direct: list[R], data: bytes, slow: list[R]) -> int:
         """*data* to every target in *direct*: straight to the socket where
         the transport is idle, the rest (or all) through the writer."""
         assert self._send_each is not None
@@ -640,7 +660,7 @@ class Fanout(Generic[R]):
         writes = len(direct)
         view = memoryview(data)
         for index, sent in left:
-            conn = direct[index][2]
+            conn = direct[index]
             # Partly sent, or not at all (closing, something queued, EAGAIN,
             # an error the transport will meet and report).
             try:

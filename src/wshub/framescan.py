@@ -21,22 +21,30 @@ tracks where frames end across reads: an incomplete header is kept (at most 13
 bytes), and the bytes the library still needs to finish the frame it is in are
 counted, so they go to it without a look.
 
+That state is the caller's (:class:`Carrier`: one slot of the connection), and
+one scanner serves every connection with the same limit: a scanner object per
+connection was 56 bytes of every idle one (docs/memory.md). The two never
+both hold something (a read that ends inside a frame's payload leaves no
+header behind), so one field says which: the header's bytes, or the count
+owed, or ``0`` for nothing.
+
 The caller says, before each frame, whether the fast path is allowed at all
 (``fast``): not inside a fragmented message (a text frame there is a protocol
 error the library must see), and not once the connection is closing. Pure: no
-I/O; the caller's state is only read through ``fast``.
+I/O; the caller's state is only read through ``fast`` and its carry.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 try:  # what websockets.frames uses: the C version when it is built
     from websockets.speedups import apply_mask
 except ImportError:  # pragma: no cover
     from websockets.utils import apply_mask
 
-__all__ = ["FrameScanner"]
+__all__ = ["Carrier", "FrameScanner"]
 
 _RUN = 8192
 """Whole frames bound for the library are handed over together up to this many
@@ -44,29 +52,36 @@ bytes: one call per frame would cost a flood of 1-byte fragments 2.3 times the
 CPU; a bound keeps what one library step allocates small."""
 
 
+class Carrier(Protocol):
+    """Where a caller keeps what one read leaves for the next."""
+
+    # An incomplete header from the previous read (bytes, never empty), or
+    # the bytes of the current frame that belong to the library (an int > 0),
+    # or 0: nothing.
+    scan_carry: bytes | int
+
+
 class FrameScanner:
-    __slots__ = ("head", "owes", "limit")
+    __slots__ = ("limit",)
 
     def __init__(self, limit: int) -> None:
         self.limit = limit  # the largest payload taken on the fast path
-        self.head = b""  # an incomplete header from the previous read
-        self.owes = 0  # bytes of the current frame that belong to the library
 
     def scan(
-        self, data: bytes, fast: Callable[[], bool]
+        self, data: bytes, carrier: Carrier, fast: Callable[[], bool]
     ) -> Iterator[tuple[int, bytes] | tuple[None, bytes]]:
-        owes = self.owes
-        if owes:
-            if len(data) <= owes:
-                self.owes = owes - len(data)
-                yield None, data
-                return
-            self.owes = 0
-            yield None, data[:owes]
-            data = data[owes:]
-        if self.head:
-            data = self.head + data
-            self.head = b""
+        carry = carrier.scan_carry
+        if carry:
+            carrier.scan_carry = 0
+            if isinstance(carry, int):  # owed to the library
+                if len(data) <= carry:
+                    carrier.scan_carry = carry - len(data)
+                    yield None, data
+                    return
+                yield None, data[:carry]
+                data = data[carry:]
+            else:  # an incomplete header
+                data = carry + data
         limit = self.limit
         pos = 0
         end = len(data)
@@ -90,7 +105,7 @@ class FrameScanner:
                 break
             size = header + length
             if end - pos < size:  # incomplete: the library assembles it
-                self.owes = size - (end - pos)
+                carrier.scan_carry = size - (end - pos)
                 yield None, data[pos if run < 0 else run :]
                 return
             if (
@@ -117,4 +132,4 @@ class FrameScanner:
         if run >= 0:
             yield None, data[run:pos]
         if pos < end:
-            self.head = data[pos:]  # an incomplete header
+            carrier.scan_carry = data[pos:]  # an incomplete header

@@ -100,6 +100,27 @@ class HubHost(Protocol):
 class Hub:
     """The members of one room on this node, and its routing."""
 
+    # One hub per room: an instance dict cost each room ~60 B more than
+    # these slots (docs/memory.md).
+    __slots__ = (
+        "room",
+        "_auth",
+        "members",
+        "audience",
+        "_host",
+        "_fanout",
+        "_backplane",
+        "_counters",
+        "_outcomes",
+        "_node_id",
+        "_clock",
+        "_history",
+        "_monotonic",
+        "_shared",
+        "_stream",
+        "_prepared",
+    )
+
     def __init__(
         self,
         room: RoomName,

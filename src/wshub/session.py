@@ -50,7 +50,9 @@ class Session:
     The token bucket is two slots here (``tokens``, ``updated``) with the
     limit shared by all connections (:class:`~wshub.ratelimit.MessageLimit`),
     not a bucket object per connection: this object exists once per idle
-    connection, and each object costs its header besides (docs/memory.md)."""
+    connection, and each object costs its header besides (docs/memory.md).
+    For the same reason :class:`~wshub.connection.Connection` is a Session
+    (these slots are its own) rather than holding one."""
 
     __slots__ = ("state", "last_seen", "tokens", "updated", "strikes", "limit")
 
@@ -67,6 +69,17 @@ class Session:
         if new not in TRANSITIONS[self.state]:
             raise AssertionError(f"invalid transition {self.state.name} -> {new.name}")
         self.state = new
+
+    def opened(self, now: float) -> None:
+        """The upgrade is done at *now*: the session is open."""
+        self.transition(State.OPEN)
+        self.last_seen = now
+        if self.tokens >= self.limit.burst:
+            # A full bucket is full whenever it was last topped up: the same
+            # float as last_seen then, and the accept time's is freed (one
+            # float fewer per idle connection, docs/memory.md). No frame is
+            # charged before the upgrade, so this is every connection.
+            self.updated = now
 
     def alive(self, now: float) -> None:
         """Record a sign of life: any frame from the client."""

@@ -34,7 +34,7 @@ class Conn:
         self.gone = False
         self.is_recipient = True
         self.audience = None
-        self.direct = None
+        self.direct_fd = -1
         self.deflate = deflate
         self.transport = Transport(backlog)
         self.buffered = 0
@@ -143,6 +143,30 @@ def test_exclusion_and_private_frames_keep_order() -> None:
     assert a.transport.writes == [text_frame(b"1") + text_frame(b"private") + text_frame(b"3")]
     assert b.transport.writes == [text_frame(b"1") + text_frame(b"2") + text_frame(b"3")]
     assert not a.marked and a.pending is None  # reset for the next pass
+
+
+def test_an_audience_between_passes_holds_no_lists_of_its_own() -> None:
+    # Every idle room's audience shares one empty placeholder (docs/memory.md):
+    # the next pass, a private frame first, still gets everything in order.
+    a, b = Conn("a"), Conn("b")
+    room, loop, _, _ = make([a, b])
+    other, other_loop, _, _ = make([Conn("c")])
+    room.to_all(b"1")
+    loop.run()
+    audience = room.audience
+    queues = (audience.frames, audience.payloads, audience.excluded, audience.marked)
+    assert all(queue == () for queue in queues)
+    assert audience.frames is other.audience.frames  # shared, not one per audience
+    room.fanout.to_one(b, b"private")  # marks b before any shared frame
+    room.to_all(b"2", exclude=a)
+    room.fanout.control_to_all(audience, b"\x89\x00")
+    loop.run()
+    assert a.transport.writes == [text_frame(b"1"), b"\x89\x00"]
+    assert b.transport.writes == [
+        text_frame(b"1"),
+        text_frame(b"private") + text_frame(b"2") + b"\x89\x00",
+    ]
+    assert other.audience.frames == () and other_loop.callbacks == []  # untouched
 
 
 def test_newcomer_gets_nothing_queued_before_it() -> None:
@@ -269,7 +293,7 @@ class DirectSends:
         self.left = left
 
     def __call__(self, outs: list, data: bytes) -> list[tuple[int, int]] | None:
-        self.calls.append(([conn.name for _, _, conn in outs], data))
+        self.calls.append(([conn.name for conn in outs], data))
         return self.left
 
 
@@ -277,7 +301,7 @@ def direct_conn(name: str, transport: Transport | None = None, backlog: int = 0)
     conn = Conn(name, backlog=backlog)
     if transport is not None:
         conn.transport = transport
-    conn.direct = (conn.transport, -1, conn)
+    conn.direct_fd = 3  # never used as one: send_each is a stand-in
     return conn
 
 

@@ -15,6 +15,20 @@ from ..rawws import chunked, encode_frame, xor
 LIMIT = 1000
 
 
+class Carry:
+    """The caller's state between reads (on Connection, one slot)."""
+
+    __slots__ = ("scan_carry",)
+
+    def __init__(self) -> None:
+        self.scan_carry: bytes | int = 0
+
+
+def scan_once(data: bytes, fast) -> list:
+    """One read of a fresh connection."""
+    return list(FrameScanner(LIMIT).scan(data, Carry(), fast))
+
+
 def parse_all(data: bytes) -> list[tuple[int, int, bool, bytes]]:
     """Reference parser for whole frames: (first byte, opcode, masked, payload)."""
     frames = []
@@ -98,18 +112,19 @@ def run(chunks: list[bytes], fast_when: list[bool]) -> tuple[list, bytes]:
     """Scan *chunks*; returns the frames in order, each one parsed either by
     the scanner or (from the library's bytes) by the reference parser."""
     scanner = FrameScanner(LIMIT)
+    carry = Carry()
     asked = iter(fast_when * 100 + [True] * 1000)
     out: list = []
     library = bytearray()
     for chunk in chunks:
-        for opcode, data in scanner.scan(chunk, lambda: next(asked)):
+        for opcode, data in scanner.scan(chunk, carry, lambda: next(asked)):
             if opcode is None:
                 library += data
                 out.append(("library", len(library)))
             else:
                 # the library has whole frames up to here
                 out.append(("fast", opcode, data, bytes(library)))
-    assert scanner.owes == 0 and scanner.head == b""
+    assert carry.scan_carry == 0
     return out, bytes(library)
 
 
@@ -146,44 +161,58 @@ def test_every_frame_once_in_order_whatever_the_cuts(specs, sizes, fast_when) ->
 def test_a_simple_frame_is_parsed_and_the_rest_goes_to_the_library() -> None:
     text = encode_frame(0x1, b'{"type":"message","content":"hi"}')
     ping = encode_frame(0x9, b"p")
-    scanner = FrameScanner(LIMIT)
-    got = list(scanner.scan(text + ping + text[:3], lambda: True))
+    scanner, carry = FrameScanner(LIMIT), Carry()
+    got = list(scanner.scan(text + ping + text[:3], carry, lambda: True))
     assert got == [(1, b'{"type":"message","content":"hi"}'), (None, ping)]
-    assert scanner.head == text[:3]  # an incomplete header waits for the next read
-    assert list(scanner.scan(text[3:], lambda: True)) == [(1, b'{"type":"message","content":"hi"}')]
+    assert carry.scan_carry == text[:3]  # an incomplete header waits for the next read
+    again = list(scanner.scan(text[3:], carry, lambda: True))
+    assert again == [(1, b'{"type":"message","content":"hi"}')]
+    assert carry.scan_carry == 0
 
 
 def test_an_incomplete_frame_goes_to_the_library_from_its_first_byte() -> None:
     text = encode_frame(0x1, b"x" * 200)
-    scanner = FrameScanner(LIMIT)
-    assert list(scanner.scan(text[:100], lambda: True)) == [(None, text[:100])]
-    assert scanner.owes == len(text) - 100
-    rest = list(scanner.scan(text[100:] + text, lambda: True))
+    scanner, carry = FrameScanner(LIMIT), Carry()
+    assert list(scanner.scan(text[:100], carry, lambda: True)) == [(None, text[:100])]
+    assert carry.scan_carry == len(text) - 100
+    rest = list(scanner.scan(text[100:] + text, carry, lambda: True))
     assert rest == [(None, text[100:]), (1, b"x" * 200)]
+    assert carry.scan_carry == 0
+
+
+def test_one_scanner_keeps_no_state_of_its_own_between_callers() -> None:
+    # Every connection shares the scanner: what one read leaves is its own.
+    text = encode_frame(0x1, b"y" * 50)
+    scanner, a, b = FrameScanner(LIMIT), Carry(), Carry()
+    assert list(scanner.scan(text[:1], a, lambda: True)) == []
+    assert list(scanner.scan(text[:20], b, lambda: True)) == [(None, text[:20])]
+    assert (a.scan_carry, b.scan_carry) == (text[:1], len(text) - 20)
+    assert list(scanner.scan(text[1:], a, lambda: True)) == [(1, b"y" * 50)]
+    assert list(scanner.scan(text[20:], b, lambda: True)) == [(None, text[20:])]
+    assert (a.scan_carry, b.scan_carry) == (0, 0)
 
 
 def test_when_the_caller_says_no_every_frame_goes_to_the_library() -> None:
     text = encode_frame(0x1, b"hello")
-    assert list(FrameScanner(LIMIT).scan(text * 2, lambda: False)) == [(None, text)] * 2
+    assert scan_once(text * 2, lambda: False) == [(None, text)] * 2
 
 
 def test_an_oversized_announcement_goes_to_the_library_at_once() -> None:
     # The library refuses it from the header (1009): no waiting for 2^63 bytes.
     head = bytes((0x81, 0x80 | 127)) + struct.pack("!Q", 2**63) + b"abcd"
-    scanner = FrameScanner(LIMIT)
-    assert list(scanner.scan(head + b"data", lambda: True)) == [(None, head + b"data")]
+    assert scan_once(head + b"data", lambda: True) == [(None, head + b"data")]
 
 
 def test_the_limit_is_inclusive() -> None:
     at = encode_frame(0x2, b"a" * LIMIT)
     over = encode_frame(0x2, b"a" * (LIMIT + 1))
-    got = list(FrameScanner(LIMIT).scan(at + over, lambda: True))
+    got = scan_once(at + over, lambda: True)
     assert got == [(2, b"a" * LIMIT), (None, over)]
 
 
 def test_frames_for_the_library_come_together_up_to_8_kib() -> None:
     ping = encode_frame(0x9, b"p")  # 7 bytes
-    pieces = list(FrameScanner(LIMIT).scan(ping * 3000, lambda: True))
+    pieces = scan_once(ping * 3000, lambda: True)
     assert all(opcode is None for opcode, _ in pieces)
     assert b"".join(chunk for _, chunk in pieces) == ping * 3000
     assert [len(chunk) for _, chunk in pieces][:2] == [8197, 8197]  # 1171 pings each
@@ -195,12 +224,11 @@ def test_the_library_gets_what_came_before_the_caller_is_asked() -> None:
     start = encode_frame(0x1, b"part", fin=False)
     text = encode_frame(0x1, b"whole")
     events: list[object] = []
-    scanner = FrameScanner(LIMIT)
 
     def fast() -> bool:
         events.append("asked")
         return False
 
-    for item in scanner.scan(start + text, fast):
+    for item in FrameScanner(LIMIT).scan(start + text, Carry(), fast):
         events.append(item)
     assert events == [(None, start), "asked", (None, text)]

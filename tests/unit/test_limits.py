@@ -183,3 +183,16 @@ def test_admission_connect_rate() -> None:
     refused = admission.check("a", 0.0)
     assert refused is not None and refused.status == 429
     assert admission.check("a", 0.5) is None
+
+
+def test_an_opened_session_keeps_one_time_and_limits_as_before() -> None:
+    # The upgrade time is all an idle session holds: the accept time goes.
+    limit = MessageLimit(rate=20, burst=2, strike_limit=0, strike_window=10)
+    session = Session(1.0, limit)
+    upgraded = 3.25
+    session.opened(upgraded)
+    assert session.state is State.OPEN and session.silent_for(4.25) == 1.0
+    assert session.updated is session.last_seen is upgraded
+    # The full bucket behaves exactly as it would have: burst, then the rate.
+    assert [session.admit(3.25) for _ in range(3)] == [Admit.ACCEPT] * 2 + [Admit.REFUSE]
+    assert session.admit(3.5) is Admit.ACCEPT
