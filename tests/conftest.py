@@ -23,11 +23,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from hypothesis import HealthCheck, settings
 from websockets.sync.client import ClientConnection, connect
 
 SCALE = float(os.environ.get("WSHUB_TEST_TIME_SCALE", "1"))
 TIMEOUT = 5.0 * SCALE
 """Upper bound for anything a test waits for."""
+
+# Every property test runs on machines shared with servers and benchmarks: a
+# slow example or a slow draw is the machine's, not a finding. Loaded here,
+# before the test modules, so that their own @settings inherit it.
+settings.register_profile(
+    "wshub", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.load_profile("wshub")
 
 
 @dataclass
