@@ -81,7 +81,6 @@ def test_query_string_is_allowed(server: Server) -> None:
     ("request_bytes", "status"),
     [
         (b"POST /websocket HTTP/1.1\r\nHost: x\r\n\r\n", 405),
-        (b"GET /healthz HTTP/1.0\r\nHost: x\r\n\r\n", 505),
         (b"GET /healthz\r\n\r\n", 400),
         (b"GET /healthz HTTP/1.1\r\n\r\n", 400),  # no Host
         (b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", 400),
@@ -92,6 +91,42 @@ def test_query_string_is_allowed(server: Server) -> None:
 def test_malformed_requests(server: Server, request_bytes: bytes, status: int) -> None:
     """Malformed or unsupported requests get a clear status and nothing else."""
     assert status_of(raw_request(server, request_bytes)) == status
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "marker"),
+    [
+        (b"GET /healthz HTTP/1.0\r\n\r\n", 200, b""),  # no Host: optional in 1.0
+        (b"GET /healthz HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n", 200, b""),
+        (b"GET /stats HTTP/1.0\r\n\r\n", 200, b'"nodeId"'),
+        (b"GET /metrics HTTP/1.0\r\n\r\n", 200, b"wshub_connections"),
+        (b"HEAD / HTTP/1.0\r\n\r\n", 200, b""),
+        (b"GET /nowhere HTTP/1.0\r\n\r\n", 404, b""),
+    ],
+)
+def test_http_1_0_requests_are_served_then_closed(
+    server: Server, request_bytes: bytes, status: int, marker: bytes
+) -> None:
+    """Health checkers and load balancers still speak HTTP/1.0: the plain
+    endpoints answer it (Host optional there) and close the connection, even
+    when it asks for keep-alive; raw_request reads to the server's EOF."""
+    response = raw_request(server, request_bytes)
+    assert status_of(response) == status
+    head = response.partition(b"\r\n\r\n")[0].lower()
+    assert b"connection: close" in head, head
+    assert marker in response
+
+
+def test_an_upgrade_over_http_1_0_is_refused(server: Server) -> None:
+    """RFC 6455 4.1: an upgrade needs HTTP/1.1 at least."""
+    request = (
+        b"GET /websocket HTTP/1.0\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    assert status_of(raw_request(server, request)) == 505
+    client = server.client()  # and the server serves on
+    client.roundtrip()
+    client.close()
 
 
 def test_upgrade_errors(server: Server) -> None:

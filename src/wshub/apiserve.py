@@ -80,6 +80,8 @@ def _announces_body(request: http.Request) -> bool:
 
 
 def _wants_close(request: http.Request) -> bool:
+    if request.version != "HTTP/1.1":
+        return True  # HTTP/1.0 keep-alive is an extension we do not offer
     return any(
         token.strip().lower() == "close"
         for value in request.get_all("connection")

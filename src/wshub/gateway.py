@@ -216,7 +216,11 @@ class Gateway:
 
         def with_body(body: bytes) -> None:
             self._call(
-                conn, route, http.Request(request.method, request.target, request.headers, body)
+                conn,
+                route,
+                http.Request(
+                    request.method, request.target, request.headers, body, request.version
+                ),
             )
 
         reader = http.BodyReader(framing, route.max_body)

@@ -93,6 +93,7 @@ class Request:
     target: str
     headers: tuple[tuple[str, str], ...]  # names lower-cased, in order
     body: bytes = b""
+    version: str = "HTTP/1.1"  # or "HTTP/1.0": served, never kept alive, never upgraded
 
     @property
     def path(self) -> str:
@@ -116,8 +117,10 @@ def parse_request_head(buffer: bytes | bytearray) -> tuple[Request, int] | None:
     (the caller reads more, up to :data:`MAX_HEAD_SIZE`).
 
     Raises:
-        HttpError: the request is malformed (400), too large (431), or not
-            HTTP/1.1 (505).
+        HttpError: the request is malformed (400) or too large (431).
+            HTTP/1.0 is parsed (health checkers and load balancers still
+            speak it; ``Host`` is optional there): :func:`check_upgrade`
+            refuses it with 505, the plain endpoints answer it and close.
     """
     end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD_SIZE + 4)
     if end == -1:
@@ -136,9 +139,7 @@ def parse_request_head(buffer: bytes | bytearray) -> tuple[Request, int] | None:
         raise HttpError(400, "malformed request method")
     if not target.startswith(b"/") or _BAD_TARGET.search(target):
         raise HttpError(400, "malformed request target")
-    if version != b"HTTP/1.1":
-        if version == b"HTTP/1.0":
-            raise HttpError(505, "HTTP/1.1 required")
+    if version != b"HTTP/1.1" and version != b"HTTP/1.0":
         raise HttpError(400, "malformed HTTP version")
     headers = []
     for line in lines[1:]:
@@ -149,8 +150,10 @@ def parse_request_head(buffer: bytes | bytearray) -> tuple[Request, int] | None:
         if _BAD_VALUE.search(value):
             raise HttpError(400, "control character in header field")
         headers.append((name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1")))
-    request = Request(method.decode("ascii"), target.decode("ascii"), tuple(headers))
-    if request.get("host") is None:
+    request = Request(
+        method.decode("ascii"), target.decode("ascii"), tuple(headers), version=version.decode()
+    )
+    if request.get("host") is None and request.version == "HTTP/1.1":
         raise HttpError(400, "missing Host header")
     return request, end + 4
 
@@ -188,9 +191,12 @@ def check_upgrade(request: Request) -> str:
     """Validate a WebSocket upgrade request; return ``Sec-WebSocket-Accept``.
 
     Raises:
-        HttpError: 426 without the upgrade headers (or for another version
-            of the protocol), 400 for a malformed key.
+        HttpError: 505 for HTTP/1.0 (RFC 6455 4.1: at least 1.1), 426
+            without the upgrade headers (or for another version of the
+            protocol), 400 for a malformed key.
     """
+    if request.version != "HTTP/1.1":
+        raise HttpError(505, "a WebSocket upgrade needs HTTP/1.1")
     upgrade_headers = (("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13"))
     if "websocket" not in _tokens(request.get_all("upgrade")) or "upgrade" not in _tokens(
         request.get_all("connection")

@@ -39,7 +39,7 @@ def test_upgrade_accept_key_from_rfc() -> None:
         (b"GET / HTTP/1.1\r\nHost: h\r\n" + b"A: b\r\n" * 101 + b"\r\n", 431),
         (b"GET / HTTP/1.1\r\nHost: h\r\nA: " + b"x" * MAX_HEAD_SIZE, 431),
         (b"GET / HTTP/2\r\nHost: h\r\n\r\n", 400),
-        (b"GET / HTTP/1.0\r\nHost: h\r\n\r\n", 505),
+        (b"GET / HTTP/1.2\r\nHost: h\r\n\r\n", 400),
         (b"GET x HTTP/1.1\r\nHost: h\r\n\r\n", 400),
         (b"GET / HTTP/1.1\r\nHost: h\r\n folded\r\n\r\n", 400),
         (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
