@@ -1716,7 +1716,31 @@ static struct {
     int64_t rd_msgs, rd_bytes;
     double scpu; /* -1: unknown */
     double sched0, sched; /* the same from the scheduler (-1: unknown) */
+    double wait0, wait;   /* the generator's time runnable but off its CPU (-1: unknown) */
 } W;
+
+/* The generator's own time waiting for a CPU while runnable (the run delay of
+ * /proc/self/schedstat, ns; one thread), in s, or -1. Its CPU time alone cannot
+ * tell a generator that had its core to spare from one that wanted more than
+ * the machine gave it: on a shared machine both can show 0.6 of a core. */
+static double self_wait_s(void) {
+    char buf[128];
+    int fd = open("/proc/self/schedstat", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t r = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (r <= 0)
+        return -1;
+    buf[r] = 0;
+    char *q;
+    strtod(buf, &q); /* time on a CPU */
+    if (q == buf)
+        return -1;
+    char *z;
+    double w = strtod(q, &z);
+    return z == q ? -1 : w / 1e9;
+}
 
 static void rusage_s(double *user, double *sys) {
     struct rusage ru;
@@ -1740,6 +1764,7 @@ static void win_start(void) {
     W.rd_bytes0 = RD.bytes;
     W.scpu0 = server_cpu_s();
     W.sched0 = server_sched_s();
+    W.wait0 = self_wait_s();
     G.measuring = 1;
 }
 
@@ -1757,6 +1782,8 @@ static void win_stop(void) {
     W.scpu = W.scpu0 >= 0 && s1 >= 0 ? s1 - W.scpu0 : -1;
     double q1 = server_sched_s();
     W.sched = W.sched0 >= 0 && q1 >= 0 ? q1 - W.sched0 : -1;
+    double w1 = self_wait_s();
+    W.wait = W.wait0 >= 0 && w1 >= 0 ? w1 - W.wait0 : -1;
     const char *st = getenv("WSHUB_NATIVE_STATS");
     if (st && *st && *st != '0') {
         double r = (double)(G.st_reads - st0[0]), w = (double)(G.st_waits - st0[2]);
@@ -1862,6 +1889,10 @@ static void window_report(void) {
         jfloat("generator_cpu_sys", W.sys / W.t, 3);
         if (W.n)
             jfloat("generator_cpu_us_per_delivery", W.cpu / (double)W.n * 1e6, 3);
+        /* runnable but not running: cpu + waiting near 1.0 is a generator that
+         * was never idle, at its limit whether or not it got the whole core */
+        if (W.wait >= 0)
+            jfloat("generator_cpu_waiting", W.wait / W.t, 3);
     } else {
         jnull("generator_cpu");
     }
