@@ -82,6 +82,13 @@ def reader_stream() -> tuple[list[bytes], Counter[str]]:
         add("counted", OP_TEXT, envelope(b"message", plain[:at] + b"\xc3\xa9" + plain[at + 2 :]))
         add("invalid", OP_TEXT, envelope(b"message", plain[:at] + b"\x1f" + plain[at + 1 :]))
         add("invalid", OP_TEXT, envelope(b"message", plain[:at] + b"\xff" + plain[at + 1 :]))
+    # the last string of a message ends within 16 bytes of its end, where the
+    # scan of plain bytes is stopped at the message's end: what ends it there
+    # is found too
+    add("counted", OP_TEXT, envelope(b"message", content(), after=b',"z":"a\\"b"'))
+    add("counted", OP_TEXT, envelope(b"message", content(), after=b',"z":"a\xc3\xa9"'))
+    add("invalid", OP_TEXT, envelope(b"message", content(), after=b',"z":"a\x01"'))
+    add("invalid", OP_TEXT, envelope(b"message", content(), after=b',"z":"a\xff"'))
     add("wrong_size", OP_TEXT, envelope(b"message", content() + b"y"))
     add("wrong_size", OP_TEXT, envelope(b"message", content()[:-1]))
     add("wrong_size", OP_TEXT, b'{"type":"message","connectionId":"ws-1-abc"}')
@@ -113,8 +120,17 @@ def reader_stream() -> tuple[list[bytes], Counter[str]]:
     return frames, want
 
 
+@pytest.fixture(params=["simd", "portable"])
+def scan(request, monkeypatch):
+    """The reader as built here (SSE2 on x86-64) and without SSE2 (the 8-byte
+    scan every other machine gets): both must read alike."""
+    if request.param == "portable":
+        monkeypatch.setattr(native, "CFLAGS", [*native.CFLAGS, "-U__SSE2__"])
+    return request.param
+
+
 @pytest.mark.parametrize("read_size", [1, 3, 131, None])
-def test_full_reader_counts_only_what_a_client_would(frame_server, read_size):  # noqa: F811
+def test_full_reader_counts_only_what_a_client_would(frame_server, read_size, scan):  # noqa: F811
     srv = frame_server(blocks=1)
     frames, want = reader_stream()
     srv.frames, srv.pings, srv.expected = frames, [b"frag"], want["counted"]
@@ -140,6 +156,67 @@ def test_full_reader_counts_only_what_a_client_would(frame_server, read_size):  
     assert res["read_messages"] == sum(want.values()) - 1
     assert srv.pongs == [b"start", b"frag", b"done"]
     assert res["latency_samples"] >= 1  # the probe read send times out of the content
+
+
+def prefix_stream() -> tuple[list[bytes], Counter[str]]:
+    """Frames where `message` is the type only to a prefix or substring match,
+    beside frames that count although no prefix compare would find them."""
+    body = content()
+    frames: list[bytes] = []
+    want: Counter[str] = Counter()
+
+    def add(kind: str, payload: bytes) -> None:
+        frames.append(encode_server_frame(OP_TEXT, payload))
+        want[kind] += 1
+
+    add("other", b'{"type":"messages","content":"' + body + b'"}')
+    add("other", b'{"type":"messag","content":"' + body + b'"}')
+    add("other", b'{"type":"message ","content":"' + body + b'"}')
+    # the text of a matching envelope inside a string, the real type after it
+    add("other", b'{"x":"\\"type\\":\\"message\\"","type":"pong"}')
+    quoted = b'\\"type\\":\\"message\\",\\"content\\":\\"' + body + b'\\"'
+    add("other", b'{"x":"' + quoted + b'","type":"pong"}')
+    # a matching envelope one object down: not this message's type
+    add("other", b'{"inner":{"type":"message","content":"' + body + b'"},"type":"pong"}')
+    add("invalid", b'{"types":"message","content":"' + body + b'"}')  # no type at all
+    add("invalid", b'{"type":"message","content":"' + body + b'"')  # unterminated object
+    # a string still open at the end of the message; what follows in the read
+    # (the next frame, which would close it) is not part of it
+    add("invalid", b'{"type":"message","content":"' + body)
+    add("invalid", b'"}')
+    # counted: the type last, whitespace everywhere JSON allows it
+    add("counted", b'{"content":"' + body + b'","type":"message"}')
+    add("counted", b' { "type" : "message" ,\n\t"content" : "' + body + b'" } ')
+    add("counted", b'{"type":"message","content":"' + body + b'"}')
+    return frames, want
+
+
+@pytest.mark.parametrize("read_size", [1, 5, 64, None])
+def test_full_reader_finds_the_type_by_a_json_walk(frame_server, read_size, scan):  # noqa: F811
+    """`message` must be the object's own `type`: a prefix, a quoted copy inside
+    another string, or a nested object's type does not count; frames split at
+    every read size count the same."""
+    srv = frame_server(blocks=0)
+    frames, want = prefix_stream()
+    srv.frames, srv.expected = frames, want["counted"]
+    cfg = Config(
+        scenario="sink",
+        url=srv.url,
+        protocol="raw",
+        connections=1,
+        warmup=0.0,
+        duration=1.5 if read_size == 1 else 1.0,
+        probes=1,
+        keepalive=0,
+        reader="full",
+    )
+    res = native.run(cfg, read_size=read_size)
+    assert srv.done.is_set(), f"the last Ping was not answered within the run: {srv.failure}"
+    assert res["read_messages"] == sum(want.values())
+    assert res["deliveries"] == res["read_counted"] == want["counted"]
+    assert res["read_other_type"] == want["other"]
+    assert res["read_invalid"] == want["invalid"]
+    assert res["read_wrong_size"] == 0
 
 
 def test_peek_reader_counts_what_full_refuses(frame_server):  # noqa: F811
