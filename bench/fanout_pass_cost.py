@@ -27,7 +27,8 @@ import os
 import socket
 import sys
 
-sys.path.insert(0, os.environ.get("WSHUB_SRC", os.path.join(os.path.dirname(__file__), "..", "src")))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.environ.get("WSHUB_SRC", os.path.join(HERE, "..", "src")))
 
 from wshub import fanout as engine  # noqa: E402
 
@@ -121,9 +122,9 @@ def main() -> int:
     # A relayed message's size (100 bytes of content in its envelope).
     payload = b'{"type":"message","content":"' + b"a" * 100 + b'","from":"c1","ts":1.0}'
     for _ in range(args.passes):
-        for audience, members in audiences:
-            # Exclude a member who is not one (the sender is on another
-            # node): every member is written alike, as in a broadcast.
+        for audience, _ in audiences:
+            # No exclusion: every member is written alike (a broadcast, or a
+            # message whose sender is on another node).
             fanout.to_all(audience, payload)
         fanout.flush()
         for reader in readers:
