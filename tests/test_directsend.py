@@ -283,3 +283,49 @@ def test_send_ready_leaks_no_reference(pairs) -> None:
     for _ in range(20_000):
         assert send_ready(ready, data, 0, 3) == [(0, 0), (1, 0), (2, 0)]
     assert (sys.getrefcount(transport), sys.getrefcount(data), sys.getrefcount(ready[0])) == before
+
+
+def test_send_ready_reads_slots_and_anything_else_alike(pairs) -> None:
+    """Slots are read at their offsets (known per type); a property, a plain
+    attribute, a slot left unset or a type changed since go through getattr."""
+
+    class Plain:  # no slots: attributes in a dict
+        def __init__(self, transport: object, fd: int) -> None:
+            self.transport, self.direct_fd, self.sealed, self.is_recipient = (
+                transport,
+                fd,
+                None,
+                True,
+            )
+
+    class Sealed:  # slots, but sealed a property
+        __slots__ = ("transport", "direct_fd", "is_recipient")
+
+        def __init__(self, transport: object, fd: int) -> None:
+            self.transport, self.direct_fd, self.is_recipient = transport, fd, True
+
+        @property
+        def sealed(self) -> tuple[list, int]:
+            return ([], 0)
+
+    (a, ta), (b, tb), (c, tc) = pairs(3)
+    ready = [
+        Member(Transport(), a.fileno()),
+        Plain(Transport(), b.fileno()),
+        Sealed(Transport(), c.fileno()),
+    ]
+    assert send_ready(ready, b"x", 0, 3) == [(2, -1)]
+    assert (received(ta), received(tb), received(tc)) == (b"x", b"x", b"")
+    unset = Member(Transport(), a.fileno())
+    del unset.sealed
+    with pytest.raises(AttributeError):
+        send_ready([Member(Transport(), a.fileno()), unset], b"x", 0, 2)
+
+    class Changing(Member):
+        __slots__ = ()
+
+    member = Changing(Transport(), a.fileno())
+    assert send_ready([member], b"y", 0, 1) is None  # its offsets are known now
+    Changing.sealed = property(lambda self: ([], 0))  # type: ignore[assignment]
+    assert send_ready([member], b"z", 0, 1) == [(0, -1)]
+    assert received(ta) == b"y"  # the refused call sent nothing
