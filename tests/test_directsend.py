@@ -17,7 +17,7 @@ import pytest
 
 # The test install has a C compiler: a build that silently fell back to the
 # pure-Python path must fail here, not pass unnoticed.
-from wshub._directsend import send_each
+from wshub._directsend import send_each, send_ready
 
 
 class Transport:
@@ -209,3 +209,123 @@ def test_no_reference_is_leaked(pairs) -> None:
     assert (sys.getrefcount(transport), sys.getrefcount(data), sys.getrefcount(outs[0])) == before
     # One leaked (index, sent) pair per call would be ~1 MiB here.
     assert grown < 64 * 1024, f"{grown} bytes still allocated after 20,000 calls"
+
+
+# -- send_ready: an audience's ready roster, the exceptions reported ----------
+
+
+class Member:
+    """What send_ready reads of a connection: four slots, as on Connection."""
+
+    __slots__ = ("transport", "direct_fd", "sealed", "is_recipient")
+
+    def __init__(self, transport: object, direct_fd: int, sealed=None, recipient=True) -> None:
+        self.transport = transport
+        self.direct_fd = direct_fd
+        self.sealed = sealed
+        self.is_recipient = recipient
+
+
+def test_send_ready_sends_to_the_range_and_reports_only_the_exceptions(pairs) -> None:
+    made = pairs(7)
+    fds = [ours.fileno() for ours, _ in made]
+    ready = [
+        Member(Transport(), fds[0]),  # outside the range: untouched
+        Member(Transport(), fds[1]),
+        Member(Transport(), fds[2], sealed=([], 0)),  # a share of its own
+        Member(Transport(), fds[3], recipient=False),  # closing: skipped
+        Member(Transport(queued=5), fds[4]),  # busy: the writer's
+        Member(Transport(), -1),  # its socket is gone: the writer's
+        Member(Transport(closing=True), fds[6]),
+    ]
+    assert send_ready(ready, b"frame", 1, 7) == [(2, -1), (3, -2), (4, 0), (5, 0), (6, 0)]
+    assert [received(theirs) for _, theirs in made] == [b"", b"frame"] + [b""] * 5
+    # Only the ones it meant to send to had their transports asked.
+    assert [member.transport.asked for member in ready] == [0, 1, 0, 0, 1, 0, 1]
+
+
+def test_send_ready_in_several_chunks_and_a_full_socket(pairs) -> None:
+    made = pairs(150)
+    ready = [Member(Transport(), ours.fileno()) for ours, _ in made]
+    assert send_ready(ready, b"z", 0, 150) is None
+    assert all(received(theirs) == b"z" for _, theirs in made)
+    ((ours, theirs),) = pairs(1, sndbuf=4096)
+    data = bytes(range(256)) * 4096
+    left = send_ready([Member(Transport(), ours.fileno())], data, 0, 1)
+    assert left is not None and left[0][0] == 0 and 0 < left[0][1] < len(data)
+    assert received(theirs) == data[: left[0][1]]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ([], b"x", 0),
+        ((), b"x", 0, 0),
+        ([], "x", 0, 0),
+        ([], b"x", 0, 1),
+        ([], b"x", -1, 0),
+        ([Member(Transport(), 3)], b"x", 1, 0),
+        (["no attributes"], b"x", 0, 1),
+        ([Member(Transport(), "3")], b"x", 0, 1),  # type: ignore[arg-type]
+    ],
+)
+def test_send_ready_bad_arguments_raise_instead_of_crashing(args) -> None:
+    with pytest.raises((TypeError, ValueError, IndexError, AttributeError)):
+        send_ready(*args)
+
+
+def test_send_ready_leaks_no_reference(pairs) -> None:
+    made = pairs(3)
+    transport = Transport(queued=1)
+    ready = [Member(transport, ours.fileno()) for ours, _ in made]
+    data = b"y" * 100
+    before = sys.getrefcount(transport), sys.getrefcount(data), sys.getrefcount(ready[0])
+    for _ in range(20_000):
+        assert send_ready(ready, data, 0, 3) == [(0, 0), (1, 0), (2, 0)]
+    assert (sys.getrefcount(transport), sys.getrefcount(data), sys.getrefcount(ready[0])) == before
+
+
+def test_send_ready_reads_slots_and_anything_else_alike(pairs) -> None:
+    """Slots are read at their offsets (known per type); a property, a plain
+    attribute, a slot left unset or a type changed since go through getattr."""
+
+    class Plain:  # no slots: attributes in a dict
+        def __init__(self, transport: object, fd: int) -> None:
+            self.transport, self.direct_fd, self.sealed, self.is_recipient = (
+                transport,
+                fd,
+                None,
+                True,
+            )
+
+    class Sealed:  # slots, but sealed a property
+        __slots__ = ("transport", "direct_fd", "is_recipient")
+
+        def __init__(self, transport: object, fd: int) -> None:
+            self.transport, self.direct_fd, self.is_recipient = transport, fd, True
+
+        @property
+        def sealed(self) -> tuple[list, int]:
+            return ([], 0)
+
+    (a, ta), (b, tb), (c, tc) = pairs(3)
+    ready = [
+        Member(Transport(), a.fileno()),
+        Plain(Transport(), b.fileno()),
+        Sealed(Transport(), c.fileno()),
+    ]
+    assert send_ready(ready, b"x", 0, 3) == [(2, -1)]
+    assert (received(ta), received(tb), received(tc)) == (b"x", b"x", b"")
+    unset = Member(Transport(), a.fileno())
+    del unset.sealed
+    with pytest.raises(AttributeError):
+        send_ready([Member(Transport(), a.fileno()), unset], b"x", 0, 2)
+
+    class Changing(Member):
+        __slots__ = ()
+
+    member = Changing(Transport(), a.fileno())
+    assert send_ready([member], b"y", 0, 1) is None  # its offsets are known now
+    Changing.sealed = property(lambda self: ([], 0))  # type: ignore[assignment]
+    assert send_ready([member], b"z", 0, 1) == [(0, -1)]
+    assert received(ta) == b"y"  # the refused call sent nothing

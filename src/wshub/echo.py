@@ -24,7 +24,7 @@ class EchoEndpoint:
         self._host = host
         self._fanout = fanout
         # Its connections share no frames: an audience without members.
-        self._audience: Audience[Connection] = Audience(tuple)
+        self._audience: Audience[Connection] = Audience()
 
     def on_open(self, conn: Connection) -> None:
         self._host.member_opened(conn)

@@ -26,13 +26,23 @@ in a pass, a recipient costs one write for k deliveries.
 
 Direct sends: a recipient that gets the common bytes unchanged (or their
 compressed copy for its window size) and has a plain TCP socket
-(``conn.direct_fd`` is not -1) is not written in the Python loop. The loop
-collects them, and one call of the C extension ``wshub._directsend`` per set of bytes sends
-them to each socket whose transport is idle (not closing, nothing queued).
-Whatever it could not send goes through the connection's own writer. This
-takes the interpreter and event-loop work (~1.3 µs) off each delivery of a
-message to many clients, and with the sends back to back the kernel's own
-cost per ``send()`` drops too (see src/wshub/_directsend.c).
+(``conn.direct_fd`` is not -1) is not written in the Python loop. Each
+audience keeps its members in two rosters as they join and leave
+(:meth:`Fanout.admit`, :meth:`Fanout.dismiss`): :attr:`Audience.ready`, the
+uncompressed ones with a direct socket, and :attr:`Audience.others`. A pass
+hands the ready ones, a chunk at a time, to one call of the C extension
+``wshub._directsend.send_ready``, which sends the common bytes to each socket
+whose transport is idle (not closing, nothing queued) and reports back only
+the exceptions: a share of its own (``sealed``: excluded, private frames,
+joined mid-pass), no longer a recipient, a busy or closing transport, a
+partial send. Python runs per exception, not per recipient: the pass no
+longer looks at ``sealed``, ``deflate`` and ``direct_fd`` of each of a
+thousand members to build the list the C call walks (docs/fanout-cpu.md).
+The others (compressed, TLS, no C extension) go through the Python loop as
+before, the compressed ones with a direct socket grouped per window size for
+``send_each``. Whatever could not be sent goes through the connection's own
+writer. With the sends back to back the kernel's own cost per ``send()``
+drops too (see src/wshub/_directsend.c).
 
 One writer per socket: the engine never touches a transport. It hands
 bytes to the recipient's :meth:`Recipient.write`, and the only other path to a
@@ -74,19 +84,37 @@ ones holding the most, until it is under.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection, Iterator
-from itertools import islice
+from collections.abc import Callable
 from time import perf_counter, thread_time
 from typing import Any, Generic, Protocol, TypeVar
 
 from .wire import Deflate, text_frame
 
-__all__ = ["Audience", "Fanout", "Recipient", "SendEach", "compiled_send_each"]
+__all__ = [
+    "Audience",
+    "Fanout",
+    "Recipient",
+    "SendEach",
+    "SendReady",
+    "compiled_send_each",
+    "compiled_send_ready",
+]
 
 SendEach = Callable[[list[Any], bytes], "list[tuple[int, int]] | None"]
 """``wshub._directsend.send_each``: the bytes to every idle recipient (it
 reads each one's ``transport`` and ``direct_fd``), what it could not send
 handed back as ``(index, bytes sent)``."""
+
+SendReady = Callable[[list[Any], bytes, int, int], "list[tuple[int, int]] | None"]
+"""``wshub._directsend.send_ready``: the bytes to ``ready[start:stop]``
+but the exceptions, handed back as ``(index, sent)`` (see :data:`OWN_SHARE`
+and :data:`NOT_A_RECIPIENT`)."""
+
+OWN_SHARE = -1
+"""send_ready's *sent* for a recipient with a share of its own (``sealed``)."""
+
+NOT_A_RECIPIENT = -2
+"""send_ready's *sent* for one that stopped being a recipient (closing)."""
 
 PASS_FRAMES = 256
 """A pass that holds this many shared frames goes at the end of the loop
@@ -112,10 +140,13 @@ CHUNK = 256
 """Recipients written between two looks at the clock (about 0.1-1 ms)."""
 
 compiled_send_each: SendEach | None
+compiled_send_ready: SendReady | None
 try:
     from ._directsend import send_each as compiled_send_each
+    from ._directsend import send_ready as compiled_send_ready
 except ImportError:  # built without a C compiler: every write through the writer
     compiled_send_each = None
+    compiled_send_ready = None
 
 
 class Recipient(Protocol):
@@ -173,10 +204,25 @@ class Audience(Generic[R]):
     """One set of recipients that share frames (a room's members), and the
     frames queued for them in this pass."""
 
-    __slots__ = ("members", "frames", "payloads", "excluded", "marked", "queued", "batch")
+    __slots__ = (
+        "ready",
+        "others",
+        "frames",
+        "payloads",
+        "excluded",
+        "marked",
+        "queued",
+        "batch",
+    )
 
-    def __init__(self, members: Callable[[], Collection[R]]) -> None:
-        self.members = members
+    def __init__(self) -> None:
+        # Its members, kept by Fanout.admit() and dismiss(): those the C
+        # send path takes as they are (uncompressed, a direct socket), and
+        # the others. Dicts for their order and an O(1) leave (10,000
+        # clients of a storm leave at once); the shared empty tuple until the
+        # first member, like the lists below.
+        self.ready: dict[R, None] = _NOTHING_QUEUED
+        self.others: dict[R, None] = _NOTHING_QUEUED
         # This pass: shared frames, their JSON payloads (None for control
         # frames, which are never compressed) and who is excluded from each.
         self.frames: list[bytes] = _NOTHING_QUEUED
@@ -204,6 +250,10 @@ class _Batch(Generic[R]):
         "rest",
         "index",
     )
+
+    # After a slice ran out, rest holds the members not written yet: the
+    # ready ones, then the others.
+    rest: tuple[list[R], list[R]] | None
 
     def __init__(self, audience: Audience[R], most: int) -> None:
         """Seal *audience*'s frames, at most *most* of them (the rest stay
@@ -235,7 +285,7 @@ class _Batch(Generic[R]):
         self.common_deflated: dict[int, bytes] = {}
         self.deflated: dict[int, list[bytes]] = {}
         # After a slice ran out: the members not written yet, and their index.
-        self.rest: list[R] | None = None
+        self.rest = None
         self.index: dict[R, int] | None = None
 
     def _seal_first(self, audience: Audience[R], cut: int) -> int:
@@ -280,6 +330,7 @@ class Fanout(Generic[R]):
         on_send_failed: Callable[[R, BaseException], None],
         coalesce_delay: float = 0.05,
         send_each: SendEach | None = compiled_send_each,
+        send_ready: SendReady | None = compiled_send_ready,
         slice_seconds: float = SLICE_SECONDS,
         clock: Callable[[], float] = perf_counter,
         cpu_clock: Callable[[], float] = thread_time,
@@ -297,6 +348,7 @@ class Fanout(Generic[R]):
         self._timer: asyncio.TimerHandle | None = None
         self._coalesce_delay = coalesce_delay
         self._send_each = send_each
+        self._send_ready = send_ready
         self._slice = slice_seconds
         self._clock = clock
         self._cpu_clock = cpu_clock
@@ -380,6 +432,32 @@ class Fanout(Generic[R]):
         conn.joined_at = len(audience.frames)
         if conn.joined_at:
             self._mark(audience, conn)
+
+    def admit(self, audience: Audience[R], conn: R) -> None:
+        """*conn* is a member of *audience*'s shared frames from now on (call
+        it where ``is_recipient`` becomes true): kept in the roster its pass
+        takes it from. Its compression and its socket are known by then."""
+        if self._send_ready is not None and conn.deflate is None and conn.direct_fd >= 0:
+            if audience.ready:
+                audience.ready[conn] = None
+            else:
+                audience.ready = {conn: None}
+        elif audience.others:
+            audience.others[conn] = None
+        else:
+            audience.others = {conn: None}
+
+    def dismiss(self, audience: Audience[R], conn: R) -> None:
+        """*conn* is no longer a member (leave, close): out of its roster.
+        A pass in progress skips it (``is_recipient`` is false by then)."""
+        if conn in audience.ready:
+            del audience.ready[conn]
+            if not audience.ready:
+                audience.ready = _NOTHING_QUEUED
+        elif conn in audience.others:
+            del audience.others[conn]
+            if not audience.others:
+                audience.others = _NOTHING_QUEUED
 
     def _mark(self, audience: Audience[R], conn: R) -> None:
         if not conn.marked:
@@ -534,27 +612,36 @@ class Fanout(Generic[R]):
         frames = batch.frames
         writes = 0
         if frames:
-            rest = batch.rest
-            if rest is None:
-                members: Iterator[R] = iter(audience.members())
+            if batch.rest is None:
+                # Copies of the rosters (a C-level copy of their keys, ~2 µs
+                # for 1,000): a member that leaves while the pass runs (a
+                # failed write closes it) must not shift the others.
+                ready = list(audience.ready)
+                others = list(audience.others)
             else:
                 # A later slice: skip those gone or closing since (a closing
-                # one had its share from take()).
-                members = iter([conn for conn in rest if conn.is_recipient])
+                # one had its share from take(); send_ready skips them itself).
+                ready, others = batch.rest
+                others = [conn for conn in others if conn.is_recipient]
             clock = self._clock
-            while True:
-                chunk = list(islice(members, CHUNK))
+            start = 0
+            while start < len(ready):
+                stop = min(start + CHUNK, len(ready))
+                writes += self._write_ready(batch, ready, start, stop, slow)
+                start = stop
+                if clock() >= deadline and (start < len(ready) or others):
+                    self._keep_rest(batch, ready[start:], others)
+                    self.writes += writes
+                    return False
+            start = 0
+            while start < len(others):
+                chunk = others[start : start + CHUNK]
                 writes += self._write_chunk(batch, chunk, slow)
-                if len(chunk) < CHUNK:
-                    break
-                if clock() >= deadline:
-                    left = list(members)
-                    if left:
-                        batch.rest = left
-                        batch.index = dict(zip(left, range(len(left)), strict=True))
-                        self.writes += writes
-                        return False
-                    break
+                start += len(chunk)
+                if start < len(others) and clock() >= deadline:
+                    self._keep_rest(batch, [], others[start:])
+                    self.writes += writes
+                    return False
             self.deliveries -= batch.skipped
         # Connections that are not recipients of shared frames (on /echo, or
         # closing) but have frames of their own; and, in a pass without shared
@@ -584,6 +671,73 @@ class Fanout(Generic[R]):
         self.writes += writes
         return True
 
+    @staticmethod
+    def _keep_rest(batch: _Batch[R], ready: list[R], others: list[R]) -> None:
+        """The members not written when the slice ran out, for the next one
+        (and their index, for take())."""
+        batch.rest = (ready, others)
+        index = dict(zip(ready, range(len(ready)), strict=True))
+        index.update(zip(others, range(len(ready), len(ready) + len(others)), strict=True))
+        batch.index = index
+
+    def _write_ready(
+        self, batch: _Batch[R], ready: list[R], start: int, stop: int, slow: list[R]
+    ) -> int:
+        """The batch's common bytes to ``ready[start:stop]``, in one C call;
+        Python for the exceptions it reports only. Returns the writes made."""
+        assert self._send_ready is not None
+        common = batch.common
+        left = self._send_ready(ready, common, start, stop)
+        n = stop - start
+        if left is None:
+            self.direct_sends += n
+            self.deliveries += len(batch.frames) * n
+            return n
+        writes = n
+        direct = n
+        recipients = n
+        limit = self._limit
+        view: memoryview | None = None
+        for index, sent in left:
+            conn = ready[index]
+            direct -= 1
+            if sent == NOT_A_RECIPIENT:  # closing since: take() gave its share
+                writes -= 1
+                recipients -= 1
+                continue
+            if sent == OWN_SHARE:
+                state = conn.sealed
+                assert state is not None
+                conn.sealed = None
+                data: bytes | memoryview = self._share(
+                    batch.frames, batch.payloads, batch.excluded, conn, state[0], state[1], {}
+                )
+                if not data:
+                    writes -= 1
+                    continue
+            elif sent:
+                # Partly sent: the rest after it, through the writer.
+                if view is None:
+                    view = memoryview(common)
+                data = view[sent:]
+            else:
+                # Not sent at all (closing, something queued, EAGAIN, an
+                # error the transport will meet and report).
+                data = common
+            try:
+                unsent = conn.write(data)
+            except Exception as exc:
+                self._on_failed(conn, exc)
+                writes -= 1
+                continue
+            if unsent or conn.buffered:
+                self._seen(conn, unsent)
+                if unsent > limit:
+                    slow.append(conn)
+        self.direct_sends += direct
+        self.deliveries += len(batch.frames) * recipients
+        return writes
+
     def _write_chunk(self, batch: _Batch[R], recipients: list[R], slow: list[R]) -> int:
         """The batch's frames to each of *recipients*; the writes made."""
         writes = 0
@@ -591,6 +745,7 @@ class Fanout(Generic[R]):
         limit = self._limit
         direct: list[R] = []
         direct_deflated: dict[int, list[R]] = {}
+        can_send_direct = self._send_each is not None  # else the writer for all
         for conn in recipients:
             state = conn.sealed
             if state is not None:
@@ -607,13 +762,13 @@ class Fanout(Generic[R]):
                 if not data:
                     continue
             elif conn.deflate is None:
-                if conn.direct_fd >= 0:
+                if can_send_direct and conn.direct_fd >= 0:
                     direct.append(conn)
                     continue
                 data = common
             else:
                 data = self._common_deflated(batch, conn.deflate)
-                if conn.direct_fd >= 0:
+                if can_send_direct and conn.direct_fd >= 0:
                     # One send_each call per window size, after the loop.
                     wbits = conn.deflate.wbits
                     group = direct_deflated.get(wbits)

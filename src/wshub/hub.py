@@ -139,7 +139,7 @@ class Hub:
         self.room = room
         self._auth = auth  # None: --auth off
         self.members: dict[ConnectionId, Connection] = {}
-        self.audience: Audience[Connection] = Audience(self.members.values)
+        self.audience: Audience[Connection] = Audience()
         self._host = host
         self._fanout = fanout
         self._backplane = backplane
@@ -178,6 +178,7 @@ class Hub:
             user_id = identity.user_id
         self.members[conn.id] = conn
         conn.is_recipient = True
+        self._fanout.admit(self.audience, conn)
         self._host.member_opened(conn)
         self._fanout.joined(self.audience, conn)
         now = self._clock()
@@ -339,6 +340,7 @@ class Hub:
         if self.members.pop(conn.id, None) is None:
             return
         conn.is_recipient = False
+        self._fanout.dismiss(self.audience, conn)
         if self._history is not None:
             self._history.release(self.room, self._monotonic())
         identity = conn.identity

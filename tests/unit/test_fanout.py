@@ -57,14 +57,22 @@ class Room:
 
     def __init__(self, fanout: Fanout, conns: list[Conn]) -> None:
         self.fanout, self.conns = fanout, conns
-        self.audience = Audience(lambda: conns)
+        self.audience = Audience()
         for conn in conns:
             self.add(conn)
 
     def add(self, conn: Conn) -> None:
+        """What a hub does when *conn* opens."""
         if conn not in self.conns:
             self.conns.append(conn)
         self.fanout.joined(self.audience, conn)
+        self.fanout.admit(self.audience, conn)
+
+    def leave(self, conn: Conn) -> None:
+        """What a hub does when *conn* leaves (after take())."""
+        self.conns.remove(conn)
+        conn.is_recipient = False
+        self.fanout.dismiss(self.audience, conn)
 
     def to_all(self, payload: bytes, exclude: Conn | None = None, *, urgent: bool = True) -> None:
         self.fanout.to_all(self.audience, payload, exclude, urgent=urgent)
@@ -103,7 +111,7 @@ class Loop:
             callback()
 
 
-def make(conns: list[Conn], limit: int = 1000, send_each=None, total: int = 0):
+def make(conns: list[Conn], limit: int = 1000, send_each=None, total: int = 0, send_ready=None):
     loop = Loop()
     slow: list[Conn] = []
     failed: list[tuple[Conn, BaseException]] = []
@@ -114,6 +122,7 @@ def make(conns: list[Conn], limit: int = 1000, send_each=None, total: int = 0):
         on_slow_consumer=slow.append,
         on_send_failed=lambda c, e: failed.append((c, e)),
         send_each=send_each,
+        send_ready=send_ready,
     )
     room = Room(fanout, conns)
     return room, loop, slow, failed
@@ -191,8 +200,7 @@ def test_take_hands_over_what_was_promised() -> None:
     room.to_all(b"1")
     room.fanout.to_one(a, b"err")
     assert room.fanout.take(a) == text_frame(b"1") + text_frame(b"err")
-    room.conns.remove(a)
-    a.is_recipient = False
+    room.leave(a)
     room.to_all(b"2")
     loop.run()
     assert a.transport.writes == []

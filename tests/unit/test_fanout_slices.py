@@ -107,8 +107,7 @@ def test_a_connection_closing_mid_batch_takes_its_unwritten_share() -> None:
     assert room.fanout.take(waiting) == m1 + m2
     assert room.fanout.take(written) == m2
     for conn in (written, waiting):
-        room.conns.remove(conn)
-        conn.is_recipient = False
+        room.leave(conn)
     while loop.callbacks:
         loop.run()
     assert written.transport.writes == [m1]
@@ -121,8 +120,7 @@ def test_a_connection_gone_mid_batch_is_skipped() -> None:
     gone = conns[-1]
     room.to_all(b"m1")
     loop.run()
-    room.conns.remove(gone)
-    gone.is_recipient = False
+    room.leave(gone)
     while loop.callbacks:
         loop.run()
     assert gone.transport.writes == []
@@ -187,8 +185,7 @@ def test_a_connection_whose_peer_is_gone_is_built_nothing() -> None:
     assert room.fanout.take(gone) == b""
     assert room.fanout.take(taken) == text_frame(b"m1") + text_frame(b"m2")
     for conn in (gone, taken):
-        room.conns.remove(conn)
-        conn.is_recipient = False
+        room.leave(conn)
     while loop.callbacks:
         loop.run()
     assert gone.transport.writes == [] and taken.transport.writes == []
