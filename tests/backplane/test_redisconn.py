@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from wshub.backplane.redisconn import redis_client, watch_failovers
 
-from ..conftest import SCALE
+from ..conftest import SCALE, TIMEOUT, RedisServer
 from ..sentinels import SentinelGroup
 from ..waiting import wait_until_async
 
@@ -78,5 +79,74 @@ def test_a_demoted_primary_is_left_for_the_promoted_replica(sentinels) -> None:
             watch.cancel()
             await asyncio.gather(watch, return_exceptions=True)
             await client.aclose()
+
+    asyncio.run(body())
+
+
+def test_a_pooled_connection_redis_closed_is_made_again_before_a_publication(
+    own_redis: RedisServer,
+) -> None:
+    """Redis restarted under an idle pooled connection: the next publication
+    goes out on a new connection and reaches a subscriber of the new Redis,
+    at the first try: the pool's check of the idle connection as it hands it
+    out, not a retry (redis-py resends nothing for these clients). Fails on
+    redis-py 8.1 with its default maintenance notifications (issue 4252)."""
+
+    async def body() -> None:
+        client = redis_client(own_redis.url, socket_timeout=5, socket_connect_timeout=5)
+        try:
+            await client.ping()  # one connection, idle in the pool from now on
+            # In a thread: the loop runs meanwhile, as a node's does, and
+            # reads the old Redis's close of that connection.
+            await asyncio.to_thread(own_redis.stop)
+            await asyncio.to_thread(own_redis.start)
+            listener = redis.Redis(port=own_redis.port)
+            pubsub = listener.pubsub()
+            pubsub.subscribe("after")
+            assert pubsub.get_message(timeout=TIMEOUT)["type"] == "subscribe"
+            pipe = client.pipeline(transaction=False)
+            pipe.publish("after", "first")
+            assert await pipe.execute() == [1]  # one subscriber heard it
+            message = pubsub.get_message(timeout=TIMEOUT)
+            assert message is not None and message["data"] == b"first"
+            pubsub.close()
+            listener.close()
+        finally:
+            await client.aclose()
+
+    asyncio.run(body())
+
+
+def test_a_pipeline_that_may_have_run_is_never_resent() -> None:
+    """A server that reads a pipeline and closes the connection without a
+    reply (it may have run it) gets it once: the caller hears the
+    ConnectionError and decides (redis-py's own default for a client made
+    with Redis(...) resends it 10 more times)."""
+
+    async def body() -> None:
+        received: list[bytes] = []
+
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while data := await reader.read(65536):
+                if b"PUBLISH" in data:
+                    received.append(data)
+                    break  # as if it ran, and the connection broke before the reply
+                writer.write(b"+OK\r\n" * data.count(b"*"))  # the handshake's commands
+                await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = redis_client(f"redis://127.0.0.1:{port}/0", protocol=2, socket_timeout=TIMEOUT)
+        try:
+            pipe = client.pipeline(transaction=False)
+            pipe.publish("room", "once")
+            with pytest.raises(RedisConnectionError):
+                await pipe.execute()
+            assert len(received) == 1
+        finally:
+            await client.aclose()
+            server.close()
+            await server.wait_closed()
 
     asyncio.run(body())

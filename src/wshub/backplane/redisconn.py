@@ -46,6 +46,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from ..config import REDIS_SENTINEL_SCHEME, split_host_port
 
@@ -122,7 +123,25 @@ async def forget_primary(target: str) -> int:
 def redis_client(target: str, **kwargs: Any) -> aioredis.Redis:
     """A client for *target*; *kwargs* are redis-py's connection options
     (``socket_timeout``, ``socket_connect_timeout``, ...), applied to the
-    sentinels' connections too. No I/O until the first command."""
+    sentinels' connections too. No I/O until the first command.
+
+    A connection Redis closed while it sat idle in the pool (a restart, an
+    idle timeout) must not cost the publication that next takes it: the pool
+    checks each idle connection as it hands it out (one that read EOF is
+    made again before anything is written). redis-py 8.1 skips that check
+    whenever "maintenance notifications" are on, and its default turns them
+    on ("auto") for every RESP3 connection over TCP (redis-py issue 4252,
+    fixed after 8.1.0 by PR 4260): the next pipeline was written to the dead
+    connection, failed, and its publications were dropped. wshub has no use
+    for those notifications (a Redis Enterprise feature), so they are off.
+
+    And redis-py never resends a command of this client (explicit, though
+    ``from_url`` pools default to it; ``Redis(host=...)`` does not): a
+    pipeline that failed while its reply was read may have run, and a
+    publication sent again would arrive twice. redis-py 8.1's ``Redis()``
+    default sent a one-PUBLISH pipeline 11 times to a server that read it
+    and closed the connection. What may be sent again is the callers'
+    decision (their reconnect loops)."""
     if target.startswith(SENTINEL_SCHEME):
         sentinels, master = parse_sentinel_target(target)
         # No retries inside redis-py, of a question to a sentinel or of a
@@ -142,7 +161,12 @@ def redis_client(target: str, **kwargs: Any) -> aioredis.Redis:
         client.target = target
         _clients.add(client)
         return client
-    return aioredis.from_url(target, **kwargs)
+    return aioredis.from_url(
+        target,
+        retry=Retry(NoBackoff(), 0),
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
+        **kwargs,
+    )
 
 
 async def watch_failovers(
