@@ -286,9 +286,7 @@ class History:
 
     def next_offset(self, name: str, now: float) -> int:
         """The offset the next :meth:`append` to *name* assigns (0 when off)."""
-        # self.size, not the enabled property: a property call is ~10 % of
-        # this method's cost, and it runs once per message.
-        if self.size <= 0:
+        if not self.enabled:
             return 0
         if now != self._expired_at:
             self.expire(now)
@@ -301,8 +299,7 @@ class History:
         ``entry.offset`` must be :meth:`next_offset`: the payload carries it.
         With history off nothing is kept and 0 is returned.
         """
-        size = self.size
-        if size <= 0:
+        if not self.enabled:
             return 0
         if now != self._expired_at:
             self.expire(now)
@@ -324,17 +321,8 @@ class History:
         if self._idle:
             self._idle.pop(name, None)
         self._order.append((name, offset, now))
-        if len(entries) > size:
-            # _drop_oldest() and _kept_size() inlined: a full room drops one
-            # entry per message, and two calls were a third of this branch.
-            # Never the last entry: size >= 1.
-            _, old_payload, old_sender, _, old_exclude = entries.popleft()
-            self.bytes -= (
-                len(old_payload)
-                + len(old_sender)
-                + (len(old_exclude) if old_exclude else 0)
-                + ENTRY_OVERHEAD
-            )
+        if len(entries) > self.size:
+            self._drop_oldest(room)  # never the last: size >= 1
             self._stale += 1  # its record is still somewhere in _order
             if self._stale > 1024 and self._stale > len(self._order) - self._stale:
                 self._compact()

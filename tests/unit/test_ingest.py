@@ -237,6 +237,21 @@ def test_no_c_ingest_env_turns_it_off() -> None:
         assert out.stdout.strip() == off
 
 
+def test_without_the_extension_the_python_path_serves() -> None:
+    """Built without a compiler (wshub._ingest missing): ingest.scan is None,
+    so connections read through framescan alone (the path the
+    WSHUB_NO_C_INGEST=1 servers of tests/test_ingest.py serve on)."""
+    code = """
+import sys
+sys.modules["wshub._ingest"] = None  # as if never built: its import fails
+from wshub import ingest
+assert ingest.scan is None
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
+
+
 @pytest.mark.parametrize("limit", [0, 5])
 def test_a_frame_over_the_limit_is_left(limit: int) -> None:
     data = frame(1, b'{"type":"message","content":"hi"}')
