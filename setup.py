@@ -1,8 +1,9 @@
 """Build the optional C part: everything else is in pyproject.toml.
 
-``wshub._directsend`` (see src/wshub/_directsend.c) is optional: without a C
-compiler the install still succeeds and the fan-out writes through the event
-loop's transports instead (slower, same behaviour).
+``wshub._directsend`` (see src/wshub/_directsend.c) and ``wshub._ingest``
+(src/wshub/_ingest.c) are optional: without a C compiler the install still
+succeeds, the fan-out writes through the event loop's transports instead and
+frames are read in Python (slower, same behaviour).
 """
 
 from setuptools import Extension, setup
@@ -14,6 +15,12 @@ setup(
             sources=["src/wshub/_directsend.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra"],
             optional=True,
-        )
+        ),
+        Extension(
+            "wshub._ingest",
+            sources=["src/wshub/_ingest.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra"],
+            optional=True,
+        ),
     ]
 )

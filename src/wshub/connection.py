@@ -54,11 +54,12 @@ from websockets.protocol import SEND_EOF, Side
 from websockets.protocol import Protocol as FrameProtocol
 from websockets.protocol import State as FrameState
 
-from . import http
+from . import http, ingest
 from .errors import CloseCode, Disconnect
 from .framescan import FrameScanner
 from .history import JoinQuery
 from .ids import ConnectionId
+from .protocol import RelayKind
 from .ratelimit import UNLIMITED, MessageLimit
 from .rooms import DEFAULT_ROOM
 from .session import Admit, Session, State
@@ -68,7 +69,7 @@ if TYPE_CHECKING:
     from .auth import Identity
     from .fanout import Audience
 
-__all__ = ["Connection", "ConnectionOwner", "ConnectionSettings"]
+__all__ = ["Connection", "ConnectionOwner", "ConnectionSettings", "PlainRelayOwner"]
 
 # The library logs every closed connection at INFO on the server side; wshub
 # writes its own lines, so keep the library's for warnings and errors.
@@ -166,6 +167,19 @@ class ConnectionOwner(Protocol):
 
     def on_closed(self, conn: Connection, previous: State) -> None:
         """The socket is gone; *previous* is the state it was in."""
+
+
+class PlainRelayOwner:
+    """An owner that takes a plain relay as the C ingest path gives it
+    (:mod:`wshub.ingest`): a base class, not a protocol, so that the
+    connection asks with one cheap isinstance() per read."""
+
+    __slots__ = ()
+
+    def on_plain_relay(self, conn: Connection, kind: RelayKind, content: bytes) -> None:
+        """A plain relay that passed the rate limit and the content checks;
+        *content* is JSON-escaped (see :func:`protocol.encode_plain_relay`)."""
+        raise NotImplementedError
 
 
 class _FrameProtocol(FrameProtocol):
@@ -850,6 +864,14 @@ class Connection(Session, asyncio.Protocol):
                 self.abort()
                 return
         self.alive(self.loop.time())
+        c_scan = ingest.scan
+        if (
+            c_scan is not None
+            and not self.scan_carry
+            and isinstance(self.owner, PlainRelayOwner)
+            and self._fast_path_open()
+        ):
+            data = self._ingest(c_scan, data)
         for opcode, chunk in self.settings.scanner.scan(data, self, self._fast_path_open):
             if opcode is None:
                 self._feed_library(chunk)
@@ -867,6 +889,34 @@ class Connection(Session, asyncio.Protocol):
         ):
             ws.release()
             self.ws = _IDLE_LIBRARY  # a control frame set it up: let it go again
+
+    def _ingest(self, c_scan: ingest.Scan, data: bytes) -> bytes:
+        """The simple frames at the start of *data* in one C call; returns
+        the rest, for the scanner. The same steps, in the same order, as the
+        scanner's fast path would take (including asking before each frame
+        whether it is still open): only a plain relay skips the str."""
+        stop, items = c_scan(data, self.settings.max_message_size)
+        owner = self.owner
+        assert isinstance(owner, PlainRelayOwner)
+        kinds = ingest.KINDS
+        for code, body, end in items:
+            kind = kinds[code]
+            if kind is None:
+                self._receive_data_frame(_TEXT if code == ingest.TEXT else _BINARY, body, True)
+            else:
+                # _receive_data_frame's steps for a whole frame within the
+                # size limit, its content already checked in C.
+                verdict = self.admit(self.last_seen)
+                if verdict is Admit.ACCEPT:
+                    owner.on_plain_relay(self, kind, body)
+                else:
+                    owner.on_rate_limited(self, disconnect=verdict is Admit.DISCONNECT)
+            if self._failed:  # the library queued our Close frame: send it
+                self._drain_library_output(self._library().data_to_send())
+            if not self._fast_path_open():
+                stop = end
+                break
+        return data[stop:] if stop else data
 
     def _fast_path_open(self) -> bool:
         ws = self.ws

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 from . import http, protocol
 from .backplane import Backplane, Envelope, EventKind
 from .connectauth import ConnectAuth
-from .connection import Connection
+from .connection import Connection, PlainRelayOwner
 from .errors import RATE_LIMIT_EXCEEDED, CloseCode, Disconnect
 from .fanout import Audience, Fanout
 from .history import Entry, History, Recovery
@@ -97,7 +97,7 @@ class HubHost(Protocol):
         """The room's last member on this node left."""
 
 
-class Hub:
+class Hub(PlainRelayOwner):
     """The members of one room on this node, and its routing."""
 
     # One hub per room: an instance dict cost each room ~60 B more than
@@ -409,6 +409,30 @@ class Hub:
         elif type(result) is RefreshRequest and self._auth is not None:
             self._fanout.to_one(conn, self._auth.refresh(conn, result.token, self.room))
         # PONG: a sign of life, already noted by the connection.
+        outcomes["ROUTED"] += 1
+
+    def on_plain_relay(self, conn: Connection, kind: RelayKind, content: bytes) -> None:
+        """:meth:`on_text`'s relay case for what wshub._ingest recognised
+        and checked: the envelope from the content's bytes, no str."""
+        outcomes = self._outcomes
+        outcomes["INCOMING"] += 1
+        outcomes["VALIDATED"] += 1
+        identity = conn.identity
+        user_id = None if identity is None else identity.user_id
+        exclude = conn if kind is _MESSAGE else None
+        history = self._history
+        if history is None:
+            payload = protocol.encode_plain_relay(
+                kind, conn.id, content, self._clock(), user_id=user_id
+            )
+            self.publish(payload, conn.id, exclude)
+        else:
+            mono = self._monotonic()
+            offset = history.next_offset(self.room, mono)
+            payload = protocol.encode_plain_relay(
+                kind, conn.id, content, self._clock(), offset, user_id
+            )
+            self.publish(payload, conn.id, exclude, kind=kind, offset=offset, now=mono)
         outcomes["ROUTED"] += 1
 
     def publish(

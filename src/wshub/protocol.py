@@ -43,6 +43,7 @@ __all__ = [
     "encode_ping",
     "encode_pong",
     "encode_refreshed",
+    "encode_plain_relay",
     "encode_relay",
     "encode_user_info_response",
     "encode_user_joined",
@@ -411,6 +412,32 @@ def encode_relay(
         f'{_RELAY_HEADS[kind]}{sender}","content":'
         f'{_escape_string(content)},"timestamp":"{iso_timestamp(now)}","offset":{offset}}}'
     ).encode()
+
+
+_RELAY_HEADS_BYTES: Final = {kind: head.encode() for kind, head in _RELAY_HEADS.items()}
+
+
+def encode_plain_relay(
+    kind: RelayKind,
+    sender: ConnectionId,
+    content: bytes,
+    now: float,
+    offset: int | None = None,
+    user_id: str | None = None,
+) -> bytes:
+    """:func:`encode_relay` (or, with *user_id*, :func:`encode_relay_from_user`)
+    of a content that is bytes already JSON-escaped as ``_escape_string``
+    writes it, without the quotes (what wshub._ingest gives): the same
+    bytes, with one format and no str."""
+    head = _RELAY_HEADS_BYTES[kind] + sender.encode()
+    if user_id is not None:
+        head = b'%b","userId":%b,"content":"' % (head, _escape_string(user_id).encode())
+    else:
+        head += b'","content":"'
+    stamp = iso_timestamp(now).encode()
+    if offset is None:
+        return b'%b%b","timestamp":"%b"}' % (head, content, stamp)
+    return b'%b%b","timestamp":"%b","offset":%d}' % (head, content, stamp, offset)
 
 
 def encode_relay_from_user(

@@ -1,0 +1,384 @@
+/* wshub._ingest: a read's simple frames, and the plain relays among them, in
+ * one call.
+ *
+ * Why: per relayed message, the Python path costs a frame header check and an
+ * unmask call (wshub.framescan), a UTF-8 decode to str, the plain relay's
+ * string scan (wshub.protocol._plain_relay), the content checks, and the
+ * envelope's escape and encode back to bytes: ~35 % of a message's
+ * instructions in the rooms scenario (docs/rooms-perf.md). Here one call walks
+ * the read, and a plain relay comes back as its content's bytes already in the
+ * form the envelope writes them (json.encoder.encode_basestring's, without the
+ * quotes), so the hub builds the envelope with one bytes format.
+ *
+ * scan(data, limit) walks *data* from its start while it holds whole, final,
+ * masked text or binary frames of at most *limit* payload bytes (exactly the
+ * frames wshub.framescan hands to the caller itself) and returns
+ * (stop, items): *stop* is where the first other frame (or an incomplete one)
+ * begins, and each item is (code, body, end) with *end* where that frame ends:
+ *
+ *   TEXT (0):      a text frame that is not a plain relay this code takes;
+ *                  body is its unmasked payload, for the Python path as is
+ *   BINARY (1):    a binary frame; body is its unmasked payload
+ *   MESSAGE (2),
+ *   BROADCAST (3): {"type":"message"|"broadcast","content":"..."} with
+ *                  nothing else, valid UTF-8, and a content the protocol
+ *                  accepts; body is the content, JSON-escaped.
+ *
+ * A plain relay is only taken when the Python path would accept it: anything
+ * it refuses or that needs its judgement (empty or white-space-only content,
+ * over MAX_CONTENT_CHARS characters, lone surrogates, invalid UTF-8, raw
+ * control characters, bad escapes, anything before or after the string) comes
+ * back as TEXT, so every refusal keeps its one implementation in Python.
+ * Pure: no I/O, no state.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <string.h>
+
+enum { TEXT = 0, BINARY = 1, MESSAGE = 2, BROADCAST = 3 };
+
+/* protocol.MAX_CONTENT_CHARS: checked against it in tests/unit/test_ingest.py. */
+#define MAX_CONTENT_CHARS 1000
+
+static const char HEAD_MESSAGE[] = "{\"type\":\"message\",\"content\":\"";
+static const char HEAD_BROADCAST[] = "{\"type\":\"broadcast\",\"content\":\"";
+
+/* str.isspace() of a code point (Python's Py_UNICODE_ISSPACE): the content's
+ * "not content.strip()" check needs one character for which it is false. */
+static int
+is_space(uint32_t c)
+{
+    if (c < 0x80)
+        return (c >= 0x09 && c <= 0x0D) || (c >= 0x1C && c <= 0x20);
+    return c == 0x85 || c == 0xA0 || c == 0x1680 || (c >= 0x2000 && c <= 0x200A) ||
+           c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000;
+}
+
+static int
+hex4(const unsigned char *p, uint32_t *out)
+{
+    uint32_t v = 0;
+    for (int i = 0; i < 4; i++) {
+        unsigned char h = p[i];
+        v <<= 4;
+        if (h >= '0' && h <= '9')
+            v |= (uint32_t)(h - '0');
+        else if (h >= 'a' && h <= 'f')
+            v |= (uint32_t)(h - 'a' + 10);
+        else if (h >= 'A' && h <= 'F')
+            v |= (uint32_t)(h - 'A' + 10);
+        else
+            return 0;
+    }
+    *out = v;
+    return 1;
+}
+
+/* One decoded code point, written as encode_basestring writes it. */
+static unsigned char *
+put_escaped(unsigned char *o, uint32_t c)
+{
+    static const char hexdigits[] = "0123456789abcdef";
+    if (c == '"' || c == '\\') {
+        *o++ = '\\';
+        *o++ = (unsigned char)c;
+    } else if (c < 0x20) {
+        *o++ = '\\';
+        switch (c) {
+        case '\b': *o++ = 'b'; break;
+        case '\f': *o++ = 'f'; break;
+        case '\n': *o++ = 'n'; break;
+        case '\r': *o++ = 'r'; break;
+        case '\t': *o++ = 't'; break;
+        default:
+            *o++ = 'u';
+            *o++ = '0';
+            *o++ = '0';
+            *o++ = (unsigned char)hexdigits[c >> 4];
+            *o++ = (unsigned char)hexdigits[c & 0xF];
+        }
+    } else if (c < 0x80) {
+        *o++ = (unsigned char)c;
+    } else if (c < 0x800) {
+        *o++ = (unsigned char)(0xC0 | (c >> 6));
+        *o++ = (unsigned char)(0x80 | (c & 0x3F));
+    } else if (c < 0x10000) {
+        *o++ = (unsigned char)(0xE0 | (c >> 12));
+        *o++ = (unsigned char)(0x80 | ((c >> 6) & 0x3F));
+        *o++ = (unsigned char)(0x80 | (c & 0x3F));
+    } else {
+        *o++ = (unsigned char)(0xF0 | (c >> 18));
+        *o++ = (unsigned char)(0x80 | ((c >> 12) & 0x3F));
+        *o++ = (unsigned char)(0x80 | ((c >> 6) & 0x3F));
+        *o++ = (unsigned char)(0x80 | (c & 0x3F));
+    }
+    return o;
+}
+
+/* The content of a plain relay in p[0:n] (the unmasked payload), escaped into
+ * out (room for n bytes: the escaped form is never longer than the input).
+ * Returns the kind, or TEXT for anything the Python path must judge; sets
+ * *out_len. */
+static int
+plain_relay(const unsigned char *p, Py_ssize_t n, unsigned char *out, Py_ssize_t *out_len)
+{
+    Py_ssize_t pos;
+    int kind;
+    if (n >= (Py_ssize_t)sizeof(HEAD_MESSAGE) - 1 + 2 &&
+        memcmp(p, HEAD_MESSAGE, sizeof(HEAD_MESSAGE) - 1) == 0) {
+        kind = MESSAGE;
+        pos = sizeof(HEAD_MESSAGE) - 1;
+    } else if (n >= (Py_ssize_t)sizeof(HEAD_BROADCAST) - 1 + 2 &&
+               memcmp(p, HEAD_BROADCAST, sizeof(HEAD_BROADCAST) - 1) == 0) {
+        kind = BROADCAST;
+        pos = sizeof(HEAD_BROADCAST) - 1;
+    } else {
+        return TEXT;
+    }
+    /* The string must close exactly before the final brace. */
+    if (p[n - 1] != '}' || p[n - 2] != '"')
+        return TEXT;
+    Py_ssize_t stop = n - 2;
+    unsigned char *o = out;
+    Py_ssize_t chars = 0;
+    int visible = 0; /* a character str.strip() keeps */
+    while (pos < stop) {
+        unsigned char b = p[pos];
+        uint32_t c;
+        if (b == '"') {
+            return TEXT; /* the string ends early: something follows it */
+        } else if (b == '\\') {
+            if (pos + 1 >= stop)
+                return TEXT;
+            unsigned char e = p[pos + 1];
+            pos += 2;
+            switch (e) {
+            case '"': c = '"'; break;
+            case '\\': c = '\\'; break;
+            case '/': c = '/'; break;
+            case 'b': c = '\b'; break;
+            case 'f': c = '\f'; break;
+            case 'n': c = '\n'; break;
+            case 'r': c = '\r'; break;
+            case 't': c = '\t'; break;
+            case 'u':
+                if (pos + 4 > stop || !hex4(p + pos, &c))
+                    return TEXT;
+                pos += 4;
+                if (c >= 0xD800 && c <= 0xDBFF) {
+                    uint32_t low;
+                    if (pos + 6 > stop || p[pos] != '\\' || p[pos + 1] != 'u' ||
+                        !hex4(p + pos + 2, &low) || low < 0xDC00 || low > 0xDFFF)
+                        return TEXT; /* a lone surrogate: refused in Python */
+                    pos += 6;
+                    c = 0x10000 + ((c - 0xD800) << 10) + (low - 0xDC00);
+                } else if (c >= 0xDC00 && c <= 0xDFFF) {
+                    return TEXT;
+                }
+                break;
+            default:
+                return TEXT; /* not a JSON escape */
+            }
+            o = put_escaped(o, c);
+        } else if (b < 0x20) {
+            return TEXT; /* a raw control character: not a JSON string */
+        } else if (b < 0x80) {
+            c = b;
+            *o++ = b;
+            pos++;
+        } else {
+            /* Strict UTF-8, as bytes.decode("utf-8") has it: no overlong
+             * forms, no surrogates, nothing past U+10FFFF. */
+            Py_ssize_t len;
+            unsigned char lo = 0x80, hi = 0xBF;
+            if (b >= 0xC2 && b <= 0xDF) {
+                len = 2;
+                c = b & 0x1F;
+            } else if (b >= 0xE0 && b <= 0xEF) {
+                len = 3;
+                c = b & 0x0F;
+                if (b == 0xE0)
+                    lo = 0xA0;
+                else if (b == 0xED)
+                    hi = 0x9F;
+            } else if (b >= 0xF0 && b <= 0xF4) {
+                len = 4;
+                c = b & 0x07;
+                if (b == 0xF0)
+                    lo = 0x90;
+                else if (b == 0xF4)
+                    hi = 0x8F;
+            } else {
+                return TEXT;
+            }
+            if (pos + len > stop)
+                return TEXT;
+            unsigned char b1 = p[pos + 1];
+            if (b1 < lo || b1 > hi)
+                return TEXT;
+            c = (c << 6) | (b1 & 0x3F);
+            for (Py_ssize_t k = 2; k < len; k++) {
+                unsigned char bk = p[pos + k];
+                if (bk < 0x80 || bk > 0xBF)
+                    return TEXT;
+                c = (c << 6) | (bk & 0x3F);
+            }
+            memcpy(o, p + pos, (size_t)len);
+            o += len;
+            pos += len;
+        }
+        if (++chars > MAX_CONTENT_CHARS)
+            return TEXT;
+        if (!visible && !is_space(c))
+            visible = 1;
+    }
+    if (!visible)
+        return TEXT; /* empty or white space only: refused in Python */
+    *out_len = o - out;
+    return kind;
+}
+
+static PyObject *
+item(int code, PyObject *body, Py_ssize_t end)
+{
+    if (body == NULL)
+        return NULL;
+    PyObject *t = PyTuple_New(3);
+    PyObject *c = PyLong_FromLong(code);
+    PyObject *e = PyLong_FromSsize_t(end);
+    if (t == NULL || c == NULL || e == NULL) {
+        Py_XDECREF(t);
+        Py_XDECREF(c);
+        Py_XDECREF(e);
+        Py_DECREF(body);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(t, 0, c);
+    PyTuple_SET_ITEM(t, 1, body);
+    PyTuple_SET_ITEM(t, 2, e);
+    return t;
+}
+
+static PyObject *
+scan(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTuple(args, "y*n:scan", &view, &limit))
+        return NULL;
+    const unsigned char *data = view.buf;
+    Py_ssize_t end = view.len, pos = 0;
+    PyObject *items = PyList_New(0);
+    unsigned char *scratch = NULL; /* the unmasked payload of a text frame */
+    Py_ssize_t scratch_size = 0;
+    if (items == NULL)
+        goto fail;
+    while (end - pos >= 2) {
+        unsigned char b0 = data[pos], b1 = data[pos + 1];
+        if ((b0 != 0x81 && b0 != 0x82) || !(b1 & 0x80))
+            break; /* not a simple frame: the Python path's */
+        Py_ssize_t header = 6;
+        uint64_t length = b1 & 0x7F;
+        if (length == 126) {
+            header = 8;
+            if (end - pos < header)
+                break;
+            length = ((uint64_t)data[pos + 2] << 8) | data[pos + 3];
+        } else if (length == 127) {
+            header = 14;
+            if (end - pos < header)
+                break;
+            length = 0;
+            for (int i = 2; i < 10; i++)
+                length = (length << 8) | data[pos + i];
+        }
+        if (end - pos < header || length > (uint64_t)limit ||
+            length > (uint64_t)(end - pos - header))
+            break; /* incomplete or too big: the Python path's */
+        Py_ssize_t n = (Py_ssize_t)length;
+        const unsigned char *mask = data + pos + header - 4;
+        const unsigned char *src = data + pos + header;
+        Py_ssize_t frame_end = pos + header + n;
+        PyObject *it;
+        if (b0 == 0x82) {
+            PyObject *body = PyBytes_FromStringAndSize(NULL, n);
+            if (body != NULL) {
+                unsigned char *dst = (unsigned char *)PyBytes_AS_STRING(body);
+                for (Py_ssize_t i = 0; i < n; i++)
+                    dst[i] = src[i] ^ mask[i & 3];
+            }
+            it = item(BINARY, body, frame_end);
+        } else {
+            if (scratch_size < 2 * n + 1) {
+                PyMem_Free(scratch);
+                scratch_size = 2 * n + 1;
+                scratch = PyMem_Malloc((size_t)scratch_size);
+                if (scratch == NULL) {
+                    PyErr_NoMemory();
+                    goto fail;
+                }
+            }
+            unsigned char *plain = scratch, *escaped = scratch + n;
+            for (Py_ssize_t i = 0; i < n; i++)
+                plain[i] = src[i] ^ mask[i & 3];
+            Py_ssize_t escaped_len = 0;
+            int code = plain_relay(plain, n, escaped, &escaped_len);
+            if (code == TEXT)
+                it = item(TEXT, PyBytes_FromStringAndSize((char *)plain, n), frame_end);
+            else
+                it = item(code, PyBytes_FromStringAndSize((char *)escaped, escaped_len),
+                          frame_end);
+        }
+        if (it == NULL)
+            goto fail;
+        int appended = PyList_Append(items, it);
+        Py_DECREF(it);
+        if (appended < 0)
+            goto fail;
+        pos = frame_end;
+    }
+    PyMem_Free(scratch);
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(nN)", pos, items);
+fail:
+    PyMem_Free(scratch);
+    Py_XDECREF(items);
+    PyBuffer_Release(&view);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"scan", scan, METH_VARARGS,
+     "scan(data, limit) -> (stop, [(code, body, end), ...]): see the module's source."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "wshub._ingest", NULL, -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__ingest(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(m, "TEXT", TEXT) < 0 ||
+        PyModule_AddIntConstant(m, "BINARY", BINARY) < 0 ||
+        PyModule_AddIntConstant(m, "MESSAGE", MESSAGE) < 0 ||
+        PyModule_AddIntConstant(m, "BROADCAST", BROADCAST) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_CONTENT_CHARS", MAX_CONTENT_CHARS) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyObject *all = Py_BuildValue("(ssssss)", "BINARY", "BROADCAST", "MAX_CONTENT_CHARS",
+                                  "MESSAGE", "TEXT", "scan");
+    if (all == NULL || PyModule_AddObject(m, "__all__", all) < 0) {
+        Py_XDECREF(all);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,42 @@
+"""The C ingest path: a read's simple frames, and its plain relays, in one call.
+
+:mod:`wshub._ingest` (src/wshub/_ingest.c) walks the whole, final, masked
+text and binary frames at the start of a read (the frames
+:mod:`wshub.framescan` hands to the connection itself), unmasks them, and
+recognises the plain relay ``{"type":"message"|"broadcast","content":"..."}``
+by the rule of ``protocol._plain_relay``, content checks included. A plain
+relay comes back as its content's bytes already JSON-escaped the way the
+envelope writes them (:func:`wshub.protocol.encode_plain_relay`), so the
+message never becomes a str. Every other frame, and every relay the protocol
+would refuse or needs to judge, comes back as the frame's payload for the
+present Python path, so each refusal keeps one implementation.
+
+The extension is optional (no compiler: :data:`scan` is None, and frames are
+read by :mod:`wshub.framescan` alone). ``WSHUB_NO_C_INGEST=1`` in the
+environment turns it off too, so that the Python path stays tested.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Final
+
+from .protocol import RelayKind
+
+__all__ = ["BINARY", "KINDS", "TEXT", "scan"]
+
+TEXT: Final = 0
+BINARY: Final = 1
+KINDS: Final = (None, None, RelayKind.MESSAGE, RelayKind.BROADCAST)
+"""The relay kind of an item's code (2 and 3); None for TEXT and BINARY."""
+
+Scan = Callable[[bytes, int], tuple[int, list[tuple[int, bytes, int]]]]
+
+scan: Scan | None
+try:
+    from ._ingest import scan
+except ImportError:  # pragma: no cover (built without a compiler)
+    scan = None
+if os.environ.get("WSHUB_NO_C_INGEST"):
+    scan = None
