@@ -26,7 +26,7 @@ from .connectauth import ConnectAuth
 from .connection import Connection
 from .errors import RATE_LIMIT_EXCEEDED, CloseCode, Disconnect
 from .fanout import Audience, Fanout
-from .history import Entry, History, Recovery
+from .history import History, Recovery
 from .ids import ConnectionId, NodeId
 from .logs import log_event
 from .nodemetrics import Counters
@@ -58,12 +58,9 @@ _HISTORY_MOVED_ON = Disconnect(
 )
 # A named tuple's own constructor is a Python function (the lambda that
 # NamedTuple makes); tuple.__new__ bound by partial() builds the same object
-# in C, a third cheaper. Every relayed message makes an Entry and an Envelope.
-# Each field in order, defaults included.
-_new_entry = cast(
-    "Callable[[tuple[int, bytes, str, RelayKind, str | None]], Entry]",
-    partial(tuple.__new__, Entry),
-)
+# in C, a third cheaper. Every relayed message makes an Envelope (its history
+# entry goes to History.keep as plain fields). Each field in order, defaults
+# included.
 _new_envelope = cast(
     "Callable[[tuple[NodeId, EventKind, RoomName, ConnectionId, bytes, str | None]], Envelope]",
     partial(tuple.__new__, Envelope),
@@ -457,7 +454,7 @@ class Hub:
             excluded = None if exclude is None or exclude.id == sender else exclude.id
             if excluded is None and excluded_id is not None:
                 excluded = excluded_id
-            history.append(self.room, _new_entry((offset, payload, sender, kind, excluded)), now)
+            history.keep(self.room, offset, payload, sender, kind is _MESSAGE, excluded, now)
         recipients = len(self.members) - (1 if exclude is not None else 0)
         self._counters.fanout_sizes.observe(recipients)
         if recipients:
