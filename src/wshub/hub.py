@@ -108,6 +108,7 @@ class Hub:
         "_fanout",
         "_backplane",
         "_counters",
+        "_fanout_sizes",
         "_outcomes",
         "_node_id",
         "_clock",
@@ -141,6 +142,8 @@ class Hub:
         self._fanout = fanout
         self._backplane = backplane
         self._counters = counters
+        # The fan-out size histogram's tally, added to inline per message.
+        self._fanout_sizes = counters.fanout_sizes.tally
         self._outcomes = counters.outcomes
         self._node_id = node_id
         self._clock = clock
@@ -456,7 +459,8 @@ class Hub:
                 excluded = excluded_id
             history.keep(self.room, offset, payload, sender, kind is _MESSAGE, excluded, now)
         recipients = len(self.members) - (1 if exclude is not None else 0)
-        self._counters.fanout_sizes.observe(recipients)
+        sizes = self._fanout_sizes
+        sizes[recipients] = sizes.get(recipients, 0) + 1
         if recipients:
             self._fanout.to_all(self.audience, payload, exclude=exclude)
         self._backplane.publish(
@@ -504,7 +508,8 @@ class Hub:
 
     def _deliver(self, payload: bytes, exclude: Connection | None) -> None:
         recipients = len(self.members) - (1 if exclude is not None else 0)
-        self._counters.fanout_sizes.observe(recipients)
+        sizes = self._fanout_sizes
+        sizes[recipients] = sizes.get(recipients, 0) + 1
         if recipients > 0:
             self._fanout.to_all(self.audience, payload, exclude=exclude)
 
