@@ -340,7 +340,10 @@ class History:
             self._idle.pop(name, None)
         self._order.append((name, offset, now))
         if len(entries) > self.size:
-            self._drop_oldest(room)  # never the last: size >= 1
+            # _drop_oldest() without its call (every message of a full room
+            # comes here) and without its emptiness check: never the last,
+            # size >= 1.
+            self.bytes -= _kept_size(entries.popleft())
             self._stale += 1  # its record is still somewhere in _order
             if self._stale > 1024 and self._stale > len(self._order) - self._stale:
                 self._compact()
