@@ -286,7 +286,7 @@ class History:
 
     def next_offset(self, name: str, now: float) -> int:
         """The offset the next :meth:`append` to *name* assigns (0 when off)."""
-        if not self.enabled:
+        if self.size <= 0:  # not the ``enabled`` property: a call per message
             return 0
         if now != self._expired_at:
             self.expire(now)
@@ -299,36 +299,56 @@ class History:
         ``entry.offset`` must be :meth:`next_offset`: the payload carries it.
         With history off nothing is kept and 0 is returned.
         """
-        if not self.enabled:
+        if self.size <= 0:
             return 0
+        offset = self.next_offset(name, now)
+        if entry.offset != offset:
+            raise ValueError(f"entry offset {entry.offset} is not the next offset {offset}")
+        self.keep(
+            name, offset, entry.payload, entry.sender, entry.kind is _MESSAGE, entry.exclude, now
+        )
+        return offset
+
+    def keep(
+        self,
+        name: str,
+        offset: int,
+        payload: bytes,
+        sender: str,
+        is_message: bool,
+        exclude: str | None,
+        now: float,
+    ) -> None:
+        """:meth:`append` of the relay's hot path (history on): the entry's
+        fields as they are, no :class:`Entry` built, and *offset* the one
+        :meth:`next_offset` gave at *now* just before, asserted rather than
+        checked (the hub encodes the payload with it in between; nothing else
+        runs there). :meth:`append` is the checked door."""
         if now != self._expired_at:
             self.expire(now)
         room = self._rooms.get(name) or self._room(name, now)
-        offset = room.top + 1
-        if entry.offset != offset:
-            raise ValueError(f"entry offset {entry.offset} is not the next offset {offset}")
+        assert offset == room.top + 1, (offset, room.top)
         room.top = offset
         entries = room.entries
         if entries is None:
             entries = room.entries = deque()
             self.bytes += ENTRIES_OVERHEAD
-        sender = entry.sender
-        exclude = entry.exclude
-        payload = entry.payload
         # A plain tuple of atomic values, not the Entry: untracked by the GC.
-        entries.append((offset, payload, sender, entry.kind is _MESSAGE, exclude))
+        entries.append((offset, payload, sender, is_message, exclude))
         self.bytes += len(payload) + len(sender) + (len(exclude) if exclude else 0) + ENTRY_OVERHEAD
         if self._idle:
             self._idle.pop(name, None)
         self._order.append((name, offset, now))
         if len(entries) > self.size:
-            self._drop_oldest(room)  # never the last: size >= 1
+            # _drop_oldest() without its call (every message of a full room
+            # comes here) and without its emptiness check: never the last,
+            # size >= 1.
+            self.bytes -= _kept_size(entries.popleft())
             self._stale += 1  # its record is still somewhere in _order
             if self._stale > 1024 and self._stale > len(self._order) - self._stale:
                 self._compact()
         if self.bytes > self.memory:
             self._bound()
-        return offset
 
     def _drop_oldest(self, room: _Room) -> None:
         entries = room.entries

@@ -26,7 +26,7 @@ from .connectauth import ConnectAuth
 from .connection import Connection, PlainRelayOwner
 from .errors import RATE_LIMIT_EXCEEDED, CloseCode, Disconnect
 from .fanout import Audience, Fanout
-from .history import Entry, History, Recovery
+from .history import History, Recovery
 from .ids import ConnectionId, NodeId
 from .logs import log_event
 from .nodemetrics import Counters
@@ -58,12 +58,9 @@ _HISTORY_MOVED_ON = Disconnect(
 )
 # A named tuple's own constructor is a Python function (the lambda that
 # NamedTuple makes); tuple.__new__ bound by partial() builds the same object
-# in C, a third cheaper. Every relayed message makes an Entry and an Envelope.
-# Each field in order, defaults included.
-_new_entry = cast(
-    "Callable[[tuple[int, bytes, str, RelayKind, str | None]], Entry]",
-    partial(tuple.__new__, Entry),
-)
+# in C, a third cheaper. Every relayed message makes an Envelope (its history
+# entry goes to History.keep as plain fields). Each field in order, defaults
+# included.
 _new_envelope = cast(
     "Callable[[tuple[NodeId, EventKind, RoomName, ConnectionId, bytes, str | None]], Envelope]",
     partial(tuple.__new__, Envelope),
@@ -111,6 +108,7 @@ class Hub(PlainRelayOwner):
         "_fanout",
         "_backplane",
         "_counters",
+        "_fanout_sizes",
         "_outcomes",
         "_node_id",
         "_clock",
@@ -144,6 +142,8 @@ class Hub(PlainRelayOwner):
         self._fanout = fanout
         self._backplane = backplane
         self._counters = counters
+        # The fan-out size histogram's tally, added to inline per message.
+        self._fanout_sizes = counters.fanout_sizes.tally
         self._outcomes = counters.outcomes
         self._node_id = node_id
         self._clock = clock
@@ -391,8 +391,11 @@ class Hub(PlainRelayOwner):
                     payload = protocol.encode_relay_from_user(
                         kind, conn.id, identity.user_id, result.content, self._clock(), offset
                     )
-                exclude = conn if kind is _MESSAGE else None
-                self.publish(payload, conn.id, exclude, kind=kind, offset=offset, now=mono)
+                # Positional: binding keywords to keyword-only parameters
+                # costs more per call than the other way, once per message.
+                self.publish(
+                    payload, conn.id, conn if kind is _MESSAGE else None, kind, offset, mono
+                )
             outcomes["ROUTED"] += 1
             return
         if isinstance(result, Refusal):
@@ -440,10 +443,10 @@ class Hub(PlainRelayOwner):
         payload: bytes,
         sender: ConnectionId,
         exclude: Connection | None,
-        *,
         kind: RelayKind | None = None,
         offset: int | None = None,
         now: float | None = None,
+        *,
         excluded_id: ConnectionId | None = None,
     ) -> None:
         """A ``message`` or ``broadcast`` into the room: to every local member
@@ -481,9 +484,10 @@ class Hub(PlainRelayOwner):
             excluded = None if exclude is None or exclude.id == sender else exclude.id
             if excluded is None and excluded_id is not None:
                 excluded = excluded_id
-            history.append(self.room, _new_entry((offset, payload, sender, kind, excluded)), now)
+            history.keep(self.room, offset, payload, sender, kind is _MESSAGE, excluded, now)
         recipients = len(self.members) - (1 if exclude is not None else 0)
-        self._counters.fanout_sizes.observe(recipients)
+        sizes = self._fanout_sizes
+        sizes[recipients] = sizes.get(recipients, 0) + 1
         if recipients:
             self._fanout.to_all(self.audience, payload, exclude=exclude)
         self._backplane.publish(
@@ -531,7 +535,8 @@ class Hub(PlainRelayOwner):
 
     def _deliver(self, payload: bytes, exclude: Connection | None) -> None:
         recipients = len(self.members) - (1 if exclude is not None else 0)
-        self._counters.fanout_sizes.observe(recipients)
+        sizes = self._fanout_sizes
+        sizes[recipients] = sizes.get(recipients, 0) + 1
         if recipients > 0:
             self._fanout.to_all(self.audience, payload, exclude=exclude)
 

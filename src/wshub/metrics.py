@@ -121,13 +121,27 @@ class Histogram:
         self.counts = [0] * (len(self.bounds) + 1)
         self.sum = 0.0
         self.count = 0
+        self.tally: dict[float, int] = {}
+        """Observations not yet counted into the buckets, by value: a hot path
+        with few distinct values (a room's fan-out size) adds to it inline,
+        ``tally[v] = tally.get(v, 0) + 1``, a dict update instead of a call
+        and a bisect per observation; :meth:`samples` counts them in."""
 
     def observe(self, value: float) -> None:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
         self.count += 1
 
+    def _count_tally(self) -> None:
+        tally = self.tally
+        for value, times in tally.items():
+            self.counts[bisect.bisect_left(self.bounds, value)] += times
+            self.sum += value * times
+            self.count += times
+        tally.clear()
+
     def samples(self) -> Iterable[tuple[str, Labels, float]]:
+        self._count_tally()
         cumulative = 0
         for bound, count in zip(self.bounds, self.counts, strict=False):
             cumulative += count

@@ -42,6 +42,25 @@ def test_metrics_render() -> None:
     assert "h_count 3\n" in text
 
 
+def test_histogram_tally_renders_as_observations() -> None:
+    """Values added to the tally inline (the hub's fan-out sizes) render as
+    observe() of each would, in both orders of tally and observe."""
+    observed, tallied = Metrics(), Metrics()
+    a = observed.histogram("h", "Histo.", [1, 10])
+    b = tallied.histogram("h", "Histo.", [1, 10])
+    values = [0, 1, 1, 5, 10, 11, 50, 5]
+    for v in values:
+        a.observe(v)
+    b.observe(values[0])
+    for v in values[1:]:
+        b.tally[v] = b.tally.get(v, 0) + 1
+    assert tallied.render() == observed.render()
+    assert 'h_bucket{le="+Inf"} 8\nh_sum 83\nh_count 8\n' in tallied.render()
+    a.observe(3)
+    b.tally[3] = 1
+    assert tallied.render() == observed.render()  # counted once, not again
+
+
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
 def test_text_frame_header_at_each_length_boundary(size: int) -> None:
     """text_frame's shortcuts for the two common header sizes give frame()'s bytes."""
