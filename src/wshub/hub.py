@@ -435,7 +435,7 @@ class Hub(PlainRelayOwner):
             payload = protocol.encode_plain_relay(
                 kind, conn.id, content, self._clock(), offset, user_id
             )
-            self.publish(payload, conn.id, exclude, kind=kind, offset=offset, now=mono)
+            self.publish(payload, conn.id, exclude, kind, offset, mono)  # positional: cheaper
         outcomes["ROUTED"] += 1
 
     def publish(
