@@ -99,6 +99,11 @@ _SUBSCRIBE_TIMEOUT = 5.0  # seconds for Redis to acknowledge a subscription
 # (RedisClusterException: a Redis Cluster's client, redis_cluster.py, raises
 # it when no seed node answers; it is no RedisError.)
 _ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
+# What a lost link can also look like from inside redis-py: its reconnect
+# writing to a uvloop transport that closed under it raises RuntimeError
+# ("unable to perform operation on <TCPTransport closed=True>"), seen in a
+# Sentinel failover. The connection is gone either way: rebuild, no traceback.
+_LINK_ERRORS = (*_ERRORS, RuntimeError)
 
 # Publish a batch of envelopes, given as channel and envelope pairs after the
 # deadline, unless Redis gets to it after the deadline (ARGV[1], Unix ms on
@@ -352,7 +357,7 @@ class RedisBackplane(ViewKeeper):
             if closable is not None:
                 try:
                     await _within(closable.aclose(), 2.0)
-                except (*_ERRORS, RuntimeError):
+                except _LINK_ERRORS:
                     pass
 
     async def crash(self) -> None:
@@ -452,7 +457,7 @@ class RedisBackplane(ViewKeeper):
                     await self._subscribe_rooms(pubsub, joining)
             except asyncio.CancelledError:
                 raise
-            except (*_ERRORS, RuntimeError) as exc:
+            except _LINK_ERRORS as exc:
                 self._set_down(f"subscribe failed: {exc}")
                 self._rebuild = True
 
@@ -558,7 +563,7 @@ class RedisBackplane(ViewKeeper):
             publications = sum(carried)
             try:
                 results = await pipe.execute()
-            except _ERRORS as exc:
+            except _LINK_ERRORS as exc:
                 self.forward_failures += publications
                 self._set_down(f"publish failed: {exc}")
                 self._rebuild = True
@@ -599,7 +604,7 @@ class RedisBackplane(ViewKeeper):
                 self._set_down("subscription rebuilt")
             except asyncio.CancelledError:
                 raise
-            except _ERRORS as exc:
+            except _LINK_ERRORS as exc:
                 self._set_down(str(exc) or type(exc).__name__)
             finally:
                 self._pubsub = None
@@ -610,7 +615,7 @@ class RedisBackplane(ViewKeeper):
                 self._acks.clear()
                 try:
                     await _within(pubsub.aclose(), 1.0)
-                except _ERRORS:
+                except _LINK_ERRORS:
                     pass
             if self._stopping:
                 return
