@@ -10,7 +10,6 @@ machine.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import re
@@ -38,28 +37,6 @@ settings.register_profile(
     "wshub", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
 )
 settings.load_profile("wshub")
-
-
-def pytest_collection_finish(session: pytest.Session) -> None:
-    # What exists once the tests are collected (modules, strategies, the
-    # libraries) lives to the end: out of the collector's way, so that the
-    # collection at each teardown below looks at the tests' own objects only.
-    gc.collect()
-    gc.freeze()
-
-
-@pytest.fixture(autouse=True)
-def _garbage_collected_by_the_test_that_made_it() -> Iterator[None]:
-    """Collect each test's garbage at its own teardown. An object left in a
-    reference cycle (a socket, a transport, an event loop never closed) is
-    otherwise freed whenever the collector next runs, most often inside the
-    next test that allocates a lot (a property test): its ResourceWarning is
-    then an "unraisable" exception there, and with filterwarnings = error
-    pytest fails that innocent test (test_arbitrary_headers_never_raise_or_pass,
-    once in a whole-suite run). Collected here, it fails the test that leaked
-    it, at its teardown, naming the object."""
-    yield
-    gc.collect()
 
 
 @dataclass
