@@ -1,0 +1,31 @@
+"""Attacks on the HTTP edge (decisions.md 1) found by the outside-tester audit."""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import Server
+from .test_endpoints import raw_request, status_of
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/websocket", 426),  # no upgrade headers
+        ("/websocket/lobby", 426),
+        ("/websocket/", 400),  # not a room name
+        ("/websocket/%41", 400),
+        ("/nope", 404),
+    ],
+)
+def test_head_refusal_has_no_body(server: Server, path: str, status: int) -> None:
+    """A HEAD answer carries no body, refusals included (RFC 9110 9.3.2): a
+    client or proxy reads the head, then takes any bytes after it for the
+    start of the next response."""
+    host = f"{server.host}:{server.port}"
+    answer = raw_request(server, f"HEAD {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    assert status_of(answer) == status
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert body == b"", answer
+    # The head still says how long the GET answer's body would be.
+    assert b"\r\nContent-Length: " in head
