@@ -29,3 +29,15 @@ def test_head_refusal_has_no_body(server: Server, path: str, status: int) -> Non
     assert body == b"", answer
     # The head still says how long the GET answer's body would be.
     assert b"\r\nContent-Length: " in head
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/websocket"])
+def test_bare_lf_request_is_refused_at_once(server: Server, path: str) -> None:
+    """A head whose lines end with LF alone never ends by CRLF CRLF: it is
+    answered 400 as soon as it shows, not left to the handshake deadline."""
+    request = (
+        f"GET {path} HTTP/1.1\nHost: {server.host}:{server.port}\nUpgrade: websocket\n"
+        "Connection: Upgrade\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\n"
+        "Sec-WebSocket-Version: 13\n\n"
+    )
+    assert status_of(raw_request(server, request.encode())) == 400
