@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
-from .conftest import Server
+from .conftest import TIMEOUT, Server
 from .test_endpoints import raw_request, status_of
+from .waiting import wait_until
 
 
 @pytest.mark.parametrize(
@@ -41,3 +44,23 @@ def test_bare_lf_request_is_refused_at_once(server: Server, path: str) -> None:
         "Sec-WebSocket-Version: 13\n\n"
     )
     assert status_of(raw_request(server, request.encode())) == 400
+
+
+def _healthz_answer(server: Server) -> str:
+    """The status line of /healthz, or "reset" when the connection is reset."""
+    try:
+        answer = raw_request(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    except ConnectionResetError:
+        return "reset"
+    return answer.split(b"\r\n", 1)[0].decode()
+
+
+def test_a_request_refused_at_accept_gets_its_503_not_a_reset(make_server) -> None:
+    """Past --max-handshakes a socket is answered 503 at accept, before its
+    request is read. A health checker has sent its request by then: closing on
+    those unread bytes reset the connection, and the reset overtook the 503."""
+    srv = make_server("--max-handshakes", "1")
+    with socket.create_connection((srv.host, srv.port), timeout=TIMEOUT):  # holds the one slot
+        wait_until(lambda: _healthz_answer(srv) != "HTTP/1.1 200 OK", "the slot to be taken")
+        answers = {_healthz_answer(srv) for _ in range(20)}
+    assert answers == {"HTTP/1.1 503 Service Unavailable"}
