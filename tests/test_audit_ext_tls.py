@@ -31,7 +31,7 @@ def _publish(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_wshub_publish_speaks_https_with_ca_file_and_insecure(
     make_server: Callable[..., Server],
-    files: Files,
+    files: Files,  # noqa: F811
     ca: TestCA,  # noqa: F811
 ) -> None:
     """decisions.md 16: `wshub publish` speaks https:// (--ca-file, --insecure).
