@@ -363,10 +363,10 @@ class Hub(PlainRelayOwner):
         outcomes = self._outcomes
         outcomes["INCOMING"] += 1
         identity = conn.identity
-        if identity is None:
-            result = protocol.parse_client_text(text)
-        else:
-            result = protocol.parse_client_text(text, refresh=True)
+        # With --auth on, refresh is a command even from an anonymous member
+        # (--auth optional): refused as unauthorized (decisions.md 19), not an
+        # unknown type, which is what --auth off answers, as the seed has it.
+        result = protocol.parse_client_text(text, refresh=self._auth is not None)
         if type(result) is Relay:
             outcomes["VALIDATED"] += 1
             kind = result.kind
