@@ -122,6 +122,7 @@ PUBLISH_QUEUE_LIMIT = 16 * 1024 * 1024
 PUBLISH_MAX_AGE = 1.0
 """Seconds an envelope may wait for its pipeline; older is dropped, not sent late."""
 _STOP_TIMEOUT = 3.0  # seconds for the background tasks to end once cancelled
+_MAX_BACKOFF = 5.0  # seconds: the longest wait between two reconnects
 
 
 async def _within(coro: Any, timeout: float) -> Any:
@@ -159,7 +160,7 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
 def backoff_delays(
     initial: float = 0.1,
     factor: float = 2.0,
-    cap: float = 5.0,
+    cap: float = _MAX_BACKOFF,
     rand: Callable[[], float] = random.random,
 ) -> Iterator[float]:
     """Reconnect delays: exponential with full jitter, capped (pure)."""
@@ -239,6 +240,8 @@ class RedisBackplane(ViewKeeper):
         self._changed = asyncio.Event()
         self._acks: dict[str, asyncio.Future[None]] = {}
         self._nodes = 1
+        # Nodes of our views found missing from {p}:nodes, and since when.
+        self._missing_since: dict[NodeId, float] = {}
         # Figures for /metrics.
         self.published = 0
         self.forward_failures = 0
@@ -478,7 +481,10 @@ class RedisBackplane(ViewKeeper):
         pipe = self._redis.pipeline(transaction=False)
         for room in rooms:
             pipe.hgetall(self.keys.presence(room))
+        if not initial:
+            pipe.smembers(self.keys.nodes)
         results = await pipe.execute()
+        unsure = set() if initial else self._unregistered({NodeId(_text(n)) for n in results.pop()})
         for room, found in zip(rooms, results, strict=True):
             snapshot: dict[NodeId, set[ConnectionId]] = defaultdict(set)
             users: dict[ConnectionId, str] = {}
@@ -488,7 +494,25 @@ class RedisBackplane(ViewKeeper):
                 snapshot[NodeId(node)].add(conn)
                 if tab:
                     users[conn] = user
-            self.apply_snapshot(room, snapshot, users=users, initial=initial)
+            self.apply_snapshot(room, snapshot, users=users, initial=initial, unsure=unsure)
+
+    def _unregistered(self, registered: set[NodeId]) -> set[NodeId]:
+        """The nodes of our views that are not in ``{p}:nodes`` and may yet
+        register again: their presence is missing from the snapshot only
+        because Redis came back empty (restarted, flushed) and they have not
+        reconnected yet, so a resync must not announce their connections as
+        gone. A node that stays out of the set for longer than any live node
+        takes to register again left without a word we heard (stopped, or
+        killed during the outage): from then on its connections are removed."""
+        now = self.clock()
+        known = {node for view in self.views.values() for node in view.nodes}
+        missing = known - registered
+        since = self._missing_since
+        for node in list(since):
+            if node not in missing:
+                del since[node]
+        patience = max(self.node_ttl, 2 * _MAX_BACKOFF)
+        return {node for node in missing if now - since.setdefault(node, now) < patience}
 
     # -- Publishing -------------------------------------------------------------
 
@@ -744,6 +768,13 @@ class RedisBackplane(ViewKeeper):
         keys = self.keys
         await self._redis.set(keys.alive(self.node_id), "1", px=int(self.node_ttl * 1000))
         nodes = [_text(n) for n in await self._redis.smembers(keys.nodes)]
+        if self.node_id not in nodes:
+            # Redis lost our registration without our connection dropping
+            # (FLUSHALL, or a survivor reaped us while we were stalled past
+            # the TTL): register again, as after a reconnect.
+            log.warning("this node's presence is gone from redis: registering again")
+            await self._register()
+            await self._resync()
         for node in nodes:
             if node == self.node_id:
                 continue

@@ -1,0 +1,102 @@
+"""Presence when Redis loses its data but the nodes do not lose their clients
+(decisions.md 3 and 9: ``user_left`` exactly once per connection, when it
+ends; the nodes re-register their presence): real ``wshub serve`` nodes on a
+real redis-server, clients over real sockets.
+
+Found by the cluster audit: a ``FLUSHALL`` left every node's registration
+gone for good (its connection to Redis never dropped, so it never registered
+again), and a Redis restarted empty let the first node back announce
+``user_left`` for the clients of a node not back yet.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import redis
+
+from wshub.backplane.presence import PresenceView
+
+from .conftest import TIMEOUT, Client, RedisServer, Server
+from .test_cluster import cluster
+from .waiting import wait_until
+
+
+def frames_until_pong(client: Client) -> list[dict]:
+    """Everything the client gets before the answer to a ping of its own."""
+    client.send({"type": "ping"})
+    frames = []
+    while (frame := client.recv())["type"] != "pong":
+        frames.append(frame)
+    return frames
+
+
+def older_than_the_view_grace(since: float) -> None:
+    # Not an event: a node's view keeps a connection that joined less than
+    # this long ago whatever a snapshot says (it may have been read before the
+    # join), so only an older connection can be announced as gone by mistake.
+    grace = PresenceView().grace
+    wait_until(lambda: time.monotonic() - since > grace, "the view's grace", timeout=grace + 1)
+
+
+def registered(client: redis.Redis, prefix: str, srv: Server) -> bool:
+    return client.sismember(f"{prefix}:nodes", srv.stats()["nodeId"]) == 1
+
+
+def test_after_flushall_every_node_registers_again_and_no_one_is_announced_gone(
+    make_server, redis_server: RedisServer
+) -> None:
+    a_srv, b_srv = cluster(make_server, redis_server, 2, "--history-size", "0")
+    prefix = a_srv.args[a_srv.args.index("--cluster-name") + 1]
+    a, b = a_srv.client("room"), b_srv.client("room")
+    assert a.recv_type("user_joined")["connectionId"] == b.id
+    joined = time.monotonic()
+    client = redis.Redis(port=redis_server.port)
+    try:
+        older_than_the_view_grace(joined)
+        client.flushdb()
+        wait_until(
+            lambda: registered(client, prefix, a_srv) and registered(client, prefix, b_srv),
+            "both nodes registered again",
+        )
+        assert client.hlen(f"{prefix}:presence:room") == 2
+        for srv in (a_srv, b_srv):
+            assert srv.stats()["connections"]["cluster"] == 2
+        a.send({"type": "message", "content": "still here"})
+        assert b.recv_type("message")["content"] == "still here"
+        for watcher in (a, b):
+            assert [f for f in frames_until_pong(watcher) if f["type"] != "ping"] == []
+    finally:
+        client.close()
+    a.close()
+    b.close()
+
+
+def test_a_redis_restarted_empty_announces_no_one_gone_whose_node_is_not_back_yet(
+    make_server, own_redis: RedisServer
+) -> None:
+    """B is stopped (SIGSTOP) across the restart, so A is back first for sure:
+    B's client is still connected, A must not tell its clients it left."""
+    a_srv, b_srv = cluster(make_server, own_redis, 2, "--history-size", "0")
+    a, b = a_srv.client(), b_srv.client()
+    assert a.recv_type("user_joined")["connectionId"] == b.id
+    older_than_the_view_grace(time.monotonic())
+    b_srv.proc.send_signal(signal.SIGSTOP)
+    try:
+        own_redis.stop()
+        a_srv.wait_for(lambda: a_srv.get("/readyz")[0] == 503, "A sees Redis down")
+        own_redis.start()
+        # /readyz is 200 once A registered again and read its rooms' presence.
+        a_srv.wait_for(lambda: a_srv.get("/readyz")[0] == 200, "A back on Redis")
+        assert [f for f in frames_until_pong(a) if f["type"] == "user_left"] == []
+        assert a_srv.stats()["connections"]["cluster"] == 2
+    finally:
+        b_srv.proc.send_signal(signal.SIGCONT)
+    b_srv.wait_for(lambda: b_srv.get("/readyz")[0] == 200, "B back on Redis")
+    b.send({"type": "message", "content": "from b"})
+    assert a.recv_type("message", timeout=TIMEOUT)["content"] == "from b"
+    assert [json.dumps(f) for f in frames_until_pong(a) if f["type"] == "user_left"] == []
+    a.close()
+    b.close()
