@@ -15,7 +15,10 @@ import json
 import signal
 import time
 
+import pytest
 import redis
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import Close
 
 from wshub.backplane.presence import PresenceView
 
@@ -100,3 +103,35 @@ def test_a_redis_restarted_empty_announces_no_one_gone_whose_node_is_not_back_ye
     assert [json.dumps(f) for f in frames_until_pong(a) if f["type"] == "user_left"] == []
     a.close()
     b.close()
+
+
+def test_a_node_stalled_past_the_ttl_asks_its_clients_to_reconnect(
+    make_server, redis_server: RedisServer
+) -> None:
+    """A node frozen (SIGSTOP) for longer than the node TTL is reaped and its
+    clients announced gone; when it runs again its Redis connection is still
+    open, so only its lease refresh can tell it that it was reaped: its clients
+    must come back as new connections, or the announcement would be false."""
+    a_srv, b_srv = cluster(make_server, redis_server, 2, "--history-size", "0")
+    a, b = a_srv.client(), b_srv.client()
+    assert a.recv_type("user_joined")["connectionId"] == b.id
+    b_srv.proc.send_signal(signal.SIGSTOP)
+    try:
+        assert a.recv_type("user_left", timeout=3 + TIMEOUT)["connectionId"] == b.id
+    finally:
+        b_srv.proc.send_signal(signal.SIGCONT)
+    closed = wait_closed(b)
+    assert (closed.code, closed.reason) == (1012, "cluster rejoin: please reconnect")
+    again = b_srv.client()
+    assert a.recv_type("user_joined")["connectionId"] == again.id
+    assert [f for f in frames_until_pong(a) if f["type"] != "ping"] == []
+    a.close()
+    again.close()
+
+
+def wait_closed(client: Client) -> Close:
+    with pytest.raises(ConnectionClosed) as info:
+        while True:
+            client.recv()
+    assert info.value.rcvd is not None
+    return info.value.rcvd
