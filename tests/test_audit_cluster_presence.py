@@ -135,3 +135,24 @@ def wait_closed(client: Client) -> Close:
             client.recv()
     assert info.value.rcvd is not None
     return info.value.rcvd
+
+
+def test_a_node_restarted_under_its_node_id_announces_its_last_runs_clients_gone(
+    make_server, redis_server: RedisServer
+) -> None:
+    """SIGKILL, then the same ``--node-id`` again before its lease expired (a
+    container restarted in place): the clients of the killed run are gone, and
+    the rest of the cluster hears it at the restart, not a node TTL later."""
+    (a_srv,) = cluster(make_server, redis_server, 1, "--node-ttl", "30")
+    b_srv = make_server(*a_srv.args, "--node-id", "b")
+    a = a_srv.client()
+    doomed = {b_srv.client().id for _ in range(2)}
+    assert {a.recv_type("user_joined")["connectionId"] for _ in doomed} == doomed
+    b_srv.proc.kill()
+    b_srv.proc.wait()
+    make_server(*b_srv.args)
+    left = [a.recv_type("user_left")["connectionId"] for _ in doomed]
+    assert sorted(left) == sorted(doomed)
+    assert a_srv.stats()["connections"]["cluster"] == 1
+    assert [f for f in frames_until_pong(a) if f["type"] != "ping"] == []
+    a.close()

@@ -242,6 +242,7 @@ class RedisBackplane(ViewKeeper):
         self._nodes = 1
         # Nodes of our views found missing from {p}:nodes, and since when.
         self._missing_since: dict[NodeId, float] = {}
+        self._registered = False  # once in this run (see _announce_previous_run)
         # Figures for /metrics.
         self.published = 0
         self.forward_failures = 0
@@ -728,6 +729,9 @@ class RedisBackplane(ViewKeeper):
         self._clock_offset_ms = seconds * 1000 + micros / 1000 - (before + after) * 500
         presence = list(self.handler.local_presence())
         stale = await self._redis.hgetall(keys.conns(node))
+        if not self._registered and not presence and stale:
+            await self._announce_previous_run(stale)
+        self._registered = True
         pipe = self._atomic()
         pipe.sadd(keys.nodes, node)
         pipe.set(keys.alive(node), "1", px=int(self.node_ttl * 1000))
@@ -737,6 +741,35 @@ class RedisBackplane(ViewKeeper):
         for room, cid, user in presence:
             pipe.hset(keys.conns(node), cid, room)
             pipe.hset(keys.presence(room), cid, presence_value(node, user))
+        await pipe.execute()
+
+    async def _announce_previous_run(self, stale: dict[Any, Any]) -> None:
+        """A node restarted under the same ``--node-id`` before its lease
+        expired finds the connections of its last run on record: gone with
+        that process, they are announced as a reaped node's would be, now
+        rather than at the others' next resync. (Only while this run has no
+        connection of its own: a ``lost`` notice takes every connection the
+        others hold for this node id.)"""
+        by_room: dict[RoomName, list[ConnectionId]] = defaultdict(list)
+        for cid, room in stale.items():
+            by_room[RoomName(_text(room))].append(ConnectionId(_text(cid)))
+        log.warning(
+            "%d connections of this node id's last run still on record: announcing them as gone",
+            len(stale),
+        )
+        node = self.node_id
+        pairs = [
+            (
+                self.keys.room(room),
+                encode_envelope(
+                    Envelope(node, EventKind.LOST, room, ConnectionId(node), lost_payload(dead))
+                ),
+            )
+            for room, dead in by_room.items()
+        ]
+        deadline = int((time.time() + PUBLISH_MAX_AGE) * 1000 + self._clock_offset_ms)
+        pipe = self._redis.pipeline(transaction=False)
+        self._add_publications(pipe, pairs, deadline)
         await pipe.execute()
 
     async def _resync(self, rooms: list[RoomName] | None = None) -> None:
