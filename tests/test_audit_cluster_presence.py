@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 
 import pytest
@@ -156,3 +157,29 @@ def test_a_node_restarted_under_its_node_id_announces_its_last_runs_clients_gone
     assert a_srv.stats()["connections"]["cluster"] == 1
     assert [f for f in frames_until_pong(a) if f["type"] != "ping"] == []
     a.close()
+
+
+def test_after_leaves_on_two_nodes_at_once_the_last_total_told_is_the_count(
+    make_server, redis_server: RedisServer
+) -> None:
+    """Each node framed its own leaves' ``user_left`` with its count and the
+    other nodes passed that frame on as it came: after leaves on both nodes
+    at once, the last ``totalUsers`` a client was told counted connections
+    that had left on its own node meanwhile."""
+    a_srv, b_srv = cluster(make_server, redis_server, 2)
+    stay_a, stay_b = a_srv.client("room"), b_srv.client("room")
+    leaving = [(a_srv if i % 2 else b_srv).client("room") for i in range(10)]
+    for srv in (a_srv, b_srv):
+        srv.wait_for(lambda srv=srv: srv.stats()["connections"]["cluster"] == 12, "all 12")
+    threads = [threading.Thread(target=client.close) for client in leaving]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for stayer in (stay_a, stay_b):
+        totals = [stayer.recv_type("user_left")["totalUsers"] for _ in leaving]
+        assert totals[-1] == 2, totals
+        stayer.send({"type": "user_info"})
+        assert stayer.recv_type("user_info_response")["connectionCount"] == 2
+    stay_a.close()
+    stay_b.close()
