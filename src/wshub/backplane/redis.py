@@ -512,7 +512,9 @@ class RedisBackplane(ViewKeeper):
         for node in list(since):
             if node not in missing:
                 del since[node]
-        patience = max(self.node_ttl, 2 * _MAX_BACKOFF)
+        # Under a node TTL, so that the resync after the one that first missed
+        # a node (they come every TTL) removes what it left behind.
+        patience = max(0.9 * self.node_ttl, 2 * _MAX_BACKOFF)
         return {node for node in missing if now - since.setdefault(node, now) < patience}
 
     # -- Publishing -------------------------------------------------------------
