@@ -803,10 +803,11 @@ class RedisBackplane(ViewKeeper):
         keys = self.keys
         await self._redis.set(keys.alive(self.node_id), "1", px=int(self.node_ttl * 1000))
         nodes = [_text(n) for n in await self._redis.smembers(keys.nodes)]
-        if self.node_id not in nodes:
+        if self.node_id not in nodes and not self._stopping:
             # Redis lost our registration without our connection dropping
             # (FLUSHALL, or a survivor reaped us while we were stalled past
-            # the TTL): register again, as after a reconnect.
+            # the TTL): register again, as after a reconnect. (Not while we
+            # withdraw it on the way out.)
             log.warning("this node's presence is gone from redis: registering again")
             await self._register()
             await self._resync()
