@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 from . import http, protocol
 from .backplane import Backplane, Envelope, EventKind
+from .backplane.base import joined_user
 from .connectauth import ConnectAuth
 from .connection import Connection, PlainRelayOwner
 from .errors import RATE_LIMIT_EXCEEDED, CloseCode, Disconnect
@@ -643,9 +644,23 @@ class Hub(PlainRelayOwner):
             # A relay's connection id is its sender, or the connection a
             # backend's message skips: skipped when it is a member here.
             skip = self.members.get(envelope.connection_id) if urgent else None
-            self._fanout.to_all(self.audience, envelope.payload, exclude=skip, urgent=urgent)
+            payload = envelope.payload if urgent else self._presence_frame(envelope)
+            self._fanout.to_all(self.audience, payload, exclude=skip, urgent=urgent)
         if envelope.kind is EventKind.RELAY:
             self._counters.fanout_sizes.observe(len(self.members))
+
+    def _presence_frame(self, envelope: Envelope) -> bytes:
+        """Another node's ``user_joined`` / ``user_left``, framed again with
+        this node's count: the sender's ``totalUsers`` missed what it had not
+        heard yet (leaves here at the same moment), and the last figure a
+        client is told must be the room's count as its node knows it."""
+        encode = (
+            protocol.encode_user_joined
+            if envelope.kind is EventKind.JOINED
+            else protocol.encode_user_left
+        )
+        user = joined_user(envelope.payload)
+        return encode(envelope.connection_id, self.count(), self._clock(), user_id=user)
 
     def announce_left(
         self, connection_ids: Iterable[ConnectionId], users: Mapping[ConnectionId, str]
