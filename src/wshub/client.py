@@ -650,12 +650,15 @@ async def _reconnect(
         return None
     deadline = time.monotonic() + args.timeout
     delay = 0.1
+    query = session.position()
+    where = f" with {query}" if query else ""
+    # Said once: each failed attempt is not another close (a restarting
+    # server refuses several attempts in a row).
+    output.line(
+        f"wshub client: connection closed ({code or 1006}): reconnecting{where}", to_err=True
+    )
+    failures = 0
     while True:
-        query = session.position()
-        where = f" with {query}" if query else ""
-        output.line(
-            f"wshub client: connection closed ({code or 1006}): reconnecting{where}", to_err=True
-        )
         try:
             ws: ClientConnection = await open_connection(query)
             return ws
@@ -665,6 +668,13 @@ async def _reconnect(
                     f"wshub client: cannot reconnect: {_describe_failure(exc)}", to_err=True
                 )
                 return None
+            failures += 1
+            if failures == 1:
+                output.line(
+                    f"wshub client: not back yet ({_describe_failure(exc)}); "
+                    f"trying again for up to {args.timeout:g} s",
+                    to_err=True,
+                )
         await asyncio.sleep(delay)
         delay = min(2.0, delay * 2)
 
