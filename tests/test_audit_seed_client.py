@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .conftest import TIMEOUT, free_port, start_server
-from .test_client import Piped
+from .test_client import Piped, run_script
 from .test_client_recover import OPEN, first_json
 from .waiting import wait_until
 
@@ -35,3 +35,13 @@ def test_recover_says_once_that_the_connection_closed() -> None:
         if client.proc.poll() is None:
             client.proc.kill()
         server.stop()
+
+
+def test_the_page_address_reaches_the_protocol(make_server) -> None:
+    """``wshub client http://HOST:PORT/`` (the address of the page, as a person
+    copies it from the browser) talks to /websocket: it was refused with the
+    page's HTML as the reason ("the server answered 200 OK: <!doctype html>")."""
+    server = make_server(*OPEN)
+    result = run_script(f"{server.http_url}/", ["/info"])
+    assert result.returncode == 0, result.stderr
+    assert "user info: you are ws-" in result.stdout
