@@ -41,3 +41,21 @@ def test_the_newest_line_stays_in_view_when_the_server_goes_away(open_page) -> N
         page.wait_for_function(NEWEST_IN_VIEW, timeout=MS)
     finally:
         server.stop()
+
+
+def test_the_page_loads_without_a_console_error(make_server, browser) -> None:  # noqa: F811
+    """Opening the page logs no error in the browser's console: Chromium asked
+    for /favicon.ico and logged "Failed to load resource: ... 404" there."""
+    server = make_server(*LOOSE)
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.goto(server.http_url + "/")
+        expect(page.locator("#state")).to_have_attribute("data-state", "open", timeout=MS)
+        page.get_by_role("button", name="Ping").click()  # a round trip: the page is settled
+        expect(page.locator("#rtt")).to_have_text(re.compile("ms$"), timeout=MS)
+        assert errors == []
+    finally:
+        context.close()
