@@ -445,9 +445,7 @@ class Hub(PlainRelayOwner):
             first = history.next_offset(self.room, mono)
             payloads, frames, messages = stamp(relays, head_message, head_broadcast, tail, first)
             history.keep_run(self.room, first, payloads, sender, messages, mono)
-        node_id, room, publish = self._node_id, self.room, self._backplane.publish
-        for payload in payloads:
-            publish(_new_envelope((node_id, _RELAY, room, sender, payload, None)))
+        self._backplane.publish_relays(self.room, sender, payloads)
         members = len(self.members)
         sizes = self._fanout_sizes
         some_messages = True in messages

@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wshub import _ingest, gateway, ingest, protocol
-from wshub.backplane.memory import MemoryBackplane
+from wshub.backplane import EventKind
+from wshub.backplane.memory import MemoryBackplane, MemoryBroker
 from wshub.config import Config
 from wshub.history import Entry
 from wshub.ids import ConnectionId, NodeId
@@ -206,3 +207,45 @@ def test_stamp_refuses_what_is_not_a_relay() -> None:
         _ingest.stamp([(0, b"x", 0)], b"", b"", b"", -1)
     with pytest.raises(TypeError):
         _ingest.stamp([(2, "x", 0)], b"", b"", b"", -1)  # type: ignore[list-item]
+
+
+def test_a_peer_that_subscribes_gets_every_later_run() -> None:
+    # The lone node's run asks the broker once whether anyone else listens
+    # (MemoryBackplane.publish_relays): a peer whose member joins between two
+    # runs gets the whole of the next one, in order, and nothing before.
+    broker = MemoryBroker()
+    loop = asyncio.new_event_loop()
+    try:
+        nodes = []
+        for name in ("a", "b"):
+            node = Node(Config(), loop, backplane=MemoryBackplane(NodeId(name), broker))
+            loop.run_until_complete(node.backplane.start(node))
+            nodes.append(node)
+        sent = []
+        real_publish = broker.publish
+        broker.publish = lambda envelope: (sent.append(envelope), real_publish(envelope))[1]  # type: ignore[method-assign]
+
+        def relays(*contents: str) -> bytes:
+            return b"".join(encoded(0x1, {"type": "broadcast", "content": c}) for c in contents)
+
+        alone = Client(nodes[0], "/websocket/r")
+        run(nodes[0])
+        alone.messages()
+        alone.conn.data_received(relays("1", "2", "3"))
+        run(nodes[0])
+        assert [m["content"] for m in alone.messages()] == ["1", "2", "3"]
+        assert [e.kind for e in sent if e.kind is EventKind.RELAY] == []  # no one to tell
+        peer = Client(nodes[1], "/websocket/r")
+        for node in nodes:
+            run(node)
+        peer.messages()
+        alone.conn.data_received(relays("4", "5", "6"))
+        for node in nodes * 2:
+            run(node)
+        assert [m["content"] for m in peer.messages() if m["type"] == "broadcast"] == [
+            "4",
+            "5",
+            "6",
+        ]
+    finally:
+        loop.close()
