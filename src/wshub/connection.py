@@ -76,6 +76,8 @@ _frames_logger = logging.getLogger("wshub.frames")
 _frames_logger.setLevel(logging.WARNING)
 
 _TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
+# Admit.ACCEPT as a global: compared once per frame (see session._ACCEPT).
+_ACCEPT: Final = Admit.ACCEPT
 _FIRST_RELAY_CODE: Final = ingest.MESSAGE  # the relay codes (MESSAGE, BROADCAST) come last
 _PING, _PONG, _CLOSE = Opcode.PING, Opcode.PONG, Opcode.CLOSE
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
@@ -914,7 +916,7 @@ class Connection(Session, asyncio.Protocol):
                 # _receive_data_frame's steps for a whole frame within the
                 # size limit, its content already checked in C.
                 verdict = self.admit(self.last_seen)
-                if verdict is Admit.ACCEPT:
+                if verdict is _ACCEPT:
                     if run is None:
                         run = [item]
                     else:
@@ -993,7 +995,7 @@ class Connection(Session, asyncio.Protocol):
             if opcode is _PING:
                 pong = out[pongs] if pongs < len(out) else b""
                 pongs += 1
-                if verdict is Admit.ACCEPT:
+                if verdict is _ACCEPT:
                     if pong:
                         self._send_pong(pong)
                     continue
@@ -1003,7 +1005,7 @@ class Connection(Session, asyncio.Protocol):
                 if self.close_code is None and rcvd is not None:
                     self._closed_with(rcvd.code, "client: " + rcvd.reason[:64])
                 continue
-            elif verdict is Admit.ACCEPT:
+            elif verdict is _ACCEPT:
                 continue  # a Pong: a sign of life, noted already
             self.owner.on_rate_limited(self, disconnect=verdict is Admit.DISCONNECT)
         self._drain_library_output(out[pongs:] + ws.data_to_send())
