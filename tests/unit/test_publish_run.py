@@ -64,11 +64,11 @@ def encoded(opcode: int, message: object) -> bytes:
 
 def play(
     reads: list[list[tuple[int, object]]], *, c_path: bool, **options: object
-) -> tuple[list[bytes], list[Entry | int], dict[str, float]]:
+) -> tuple[list[bytes], list[Entry | int], dict[str, object]]:
     """Three members of one room (the first two sending, a read each in
     turn); what each was written after its upgrade, the room's history (its
     entries, then the bytes accounted, the evictions, the entries of all
-    rooms), and the outcome counters."""
+    rooms), and the outcome counters with the fan-out size histogram."""
     saved = ingest.scan, ingest.stamp
     # The extension itself, or nothing: also under WSHUB_NO_C_INGEST=1.
     ingest.scan, ingest.stamp = (_ingest.scan, _ingest.stamp) if c_path else (None, None)
@@ -92,7 +92,9 @@ def play(
         written = [bytes(c.transport.out[s:]) for c, s in zip(clients, starts, strict=True)]
         history = node.history
         held = [*history.held(ROOM), history.bytes, history.evicted, history.entries]
-        outcomes = dict(node.counters.outcomes)
+        counters = node.counters
+        # The outcomes, then the fan-out size histogram (its buckets and sum).
+        outcomes = {**counters.outcomes, "sizes": list(counters.fanout_sizes.samples())}
         return written, held, outcomes
     finally:
         gateway.new_connection_id, time.time = real_id, real_time  # type: ignore[assignment]
