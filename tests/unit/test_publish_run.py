@@ -26,7 +26,7 @@ from wshub.rooms import RoomName
 from wshub.wire import text_frame
 
 from ..rawws import encode_frame
-from .test_hub import Client, run
+from .test_hub import REQUEST, Client, FakeTransport, run
 
 NOW = 1_764_112_345.678
 ROOM = RoomName("r")
@@ -65,10 +65,11 @@ def encoded(opcode: int, message: object) -> bytes:
 def play(
     reads: list[list[tuple[int, object]]], *, c_path: bool, **options: object
 ) -> tuple[list[bytes], list[Entry | int], dict[str, object]]:
-    """Three members of one room (the first two sending, a read each in
-    turn); what each was written after its upgrade, the room's history (its
-    entries, then the bytes accounted, the evictions, the entries of all
-    rooms), and the outcome counters with the fan-out size histogram."""
+    """Four members of one room (the first two sending, a read each in
+    turn; the last with permessage-deflate); what each was written after its
+    upgrade, the room's history (its entries, then the bytes accounted, the
+    evictions, the entries of all rooms), and the outcome counters with the
+    fan-out size histogram."""
     saved = ingest.scan, ingest.stamp
     # The extension itself, or nothing: also under WSHUB_NO_C_INGEST=1.
     ingest.scan, ingest.stamp = (_ingest.scan, _ingest.stamp) if c_path else (None, None)
@@ -78,10 +79,12 @@ def play(
     time.time = lambda: NOW
     loop = asyncio.new_event_loop()
     try:
-        node = Node(Config(**options), loop, backplane=MemoryBackplane(NodeId("n1")))  # type: ignore[arg-type]
+        config = Config(**{"compression": "on", **options})  # type: ignore[arg-type]
+        node = Node(config, loop, backplane=MemoryBackplane(NodeId("n1")))
         loop.run_until_complete(node.backplane.start(node))
         node.history._epochs = lambda: "epoch"
         clients = [Client(node, "/websocket/r") for _ in range(3)]
+        clients.append(DeflateClient(node, "/websocket/r"))
         run(node)
         starts = [len(c.transport.out) for c in clients]
         for n, read in enumerate(reads):
@@ -100,6 +103,21 @@ def play(
         gateway.new_connection_id, time.time = real_id, real_time  # type: ignore[assignment]
         ingest.scan, ingest.stamp = saved
         loop.close()
+
+
+class DeflateClient(Client):
+    """A member with permessage-deflate: compressed from the pass's payloads."""
+
+    def __init__(self, node: Node, path: str) -> None:
+        self.transport = FakeTransport(node.loop)
+        self.conn = node.new_connection()
+        self.transport.protocol = self.conn
+        self.conn.connection_made(self.transport)  # type: ignore[arg-type]
+        request = REQUEST.format(path=path).replace(
+            "\r\n\r\n", "\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n"
+        )
+        self.conn.data_received(request.encode())
+        self._read = 0
 
 
 def check_same(reads: list[list[tuple[int, object]]], **options: object) -> None:
