@@ -67,7 +67,7 @@ import logging
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from redis.exceptions import RedisClusterException, RedisError
@@ -518,6 +518,13 @@ class RedisBackplane(ViewKeeper):
         return {node for node in missing if now - since.setdefault(node, now) < patience}
 
     # -- Publishing -------------------------------------------------------------
+
+    def publish_relays(
+        self, room: RoomName, sender: ConnectionId, payloads: Sequence[bytes]
+    ) -> None:
+        # Each on its own: whether a peer listens is Redis's to know.
+        for payload in payloads:
+            self.publish(Envelope(self.node_id, EventKind.RELAY, room, sender, payload))
 
     def publish(self, envelope: Envelope) -> None:
         kind = envelope.kind
