@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import logging
+import os
 import socket
 import struct
 import sys
@@ -102,6 +103,22 @@ sending one small frame a read waits a loop pass every 256 reads."""
 _LINGER_RESET = struct.pack("ii", 1, 0)
 """SO_LINGER on, 0 s: close() then resets the connection and discards what
 the kernel still holds for a client that stopped reading (issue 19.1)."""
+
+
+def _discard_received(fd: int) -> None:
+    """Read and drop what a client sent before we close on it unanswered.
+
+    Closing a socket with unread bytes makes the kernel reset it (RFC 1122
+    4.2.2.13), and the reset can reach the client before it has read our
+    answer: a health checker refused at accept would see "connection reset"
+    instead of the 503. Its request is usually in by now; a few reads take it.
+    """
+    for _ in range(4):
+        try:
+            if not os.read(fd, 65536):
+                return
+        except OSError:  # BlockingIOError: nothing more yet
+            return
 
 
 @dataclass(frozen=True, slots=True)
@@ -535,6 +552,8 @@ class Connection(Session, asyncio.Protocol):
             self.transition(State.CLOSED)
             self._buffer = None
             self.transport.write(refusal)
+            if sock is not None and transport.get_extra_info("sslcontext") is None:
+                _discard_received(sock.fileno())  # (TLS: its bytes are the TLS layer's)
             self.transport.close()
             return
         self._timer = self.loop.call_later(self.settings.handshake_timeout, self._handshake_expired)

@@ -208,7 +208,7 @@ class Gateway:
             else:
                 framing = http.body_framing(request, route.max_body)
         except http.HttpError as exc:
-            self._http_error(conn, exc)
+            self._http_error(conn, exc, request)
             return
         if framing is None or framing.length == 0:
             self._call(conn, route, request)
@@ -230,12 +230,18 @@ class Gateway:
         try:
             route.endpoint(conn, request)
         except http.HttpError as exc:
-            self._http_error(conn, exc)
+            self._http_error(conn, exc, request)
 
-    def _http_error(self, conn: Connection, exc: http.HttpError) -> None:
+    def _http_error(self, conn: Connection, exc: http.HttpError, request: http.Request) -> None:
         if exc.status != 404:
             self.on_refused(conn, exc.status, http.refusal_reason(exc.status), exc.body)
-        conn.respond(http.response(exc.status, exc.body + "\n", headers=exc.headers))
+        # A HEAD answer never has a body (RFC 9110 9.3.2), errors included: a
+        # client or proxy would take the body for the start of the next response.
+        conn.respond(
+            http.response(
+                exc.status, exc.body + "\n", headers=exc.headers, head_only=request.method == "HEAD"
+            )
+        )
 
     def on_refused(
         self, conn: Connection, status: int, reason: str, detail: str, **fields: object

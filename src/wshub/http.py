@@ -75,6 +75,7 @@ _TOKEN_CHARS: Final = frozenset(
 # the rest of the request's handling.
 _BAD_TARGET: Final = re.compile(rb"[^\x21-\x7e]")
 _BAD_VALUE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_BARE_LF: Final = re.compile(rb"(?<!\r)\n")
 
 
 class HttpError(Exception):
@@ -149,6 +150,10 @@ def parse_request_head(buffer: bytes | bytearray) -> tuple[Request, int] | None:
     if end == -1:
         if len(buffer) > MAX_HEAD_SIZE:
             raise HttpError(431, "request head too large")
+        if _BARE_LF.search(buffer):
+            # Lines ended by LF alone: the head would never end, and the
+            # client would wait out the handshake deadline for no answer.
+            raise HttpError(400, "malformed request: a line not ended by CRLF")
         return None
     head = bytes(buffer[:end])
     lines = head.split(b"\r\n")

@@ -17,20 +17,30 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 __all__ = ["OriginPolicy"]
 
 _DEFAULT_PORTS = {"http": "80", "https": "443", "ws": "80", "wss": "443"}
 
+# A serialized origin's host (RFC 6454 6.2: browsers send names in their ASCII
+# form) and port. Anything else (a "?", "#", "\\" or space in the host) is no
+# origin a browser sends, and must not pass a wildcard by its suffix:
+# "https://evil.com#.example.com" is not a subdomain of example.com.
+_HOST = re.compile(r"[a-z0-9_.-]+|\[[0-9a-f:.]+\]")
+_PORT = re.compile(r"[0-9]*")
 
-def _split_origin(origin: str) -> tuple[str, str, str] | None:
-    """(scheme, host, port) of a serialized origin, lower-cased, or None."""
+
+def _split_origin(origin: str, *, wildcard: bool = False) -> tuple[str, str, str] | None:
+    """(scheme, host, port) of a serialized origin, lower-cased, or None.
+    With *wildcard* (an allow-list entry), the host may start with ``*.``."""
     scheme, sep, rest = origin.strip().lower().partition("://")
     if not sep or not scheme or not rest or "/" in rest or "@" in rest:
         return None
     host, port = _split_host_port(rest)
-    if not host:
+    name = host[2:] if wildcard and host.startswith("*.") else host
+    if not _HOST.fullmatch(name) or not _PORT.fullmatch(port):
         return None
     return scheme, host, port or _DEFAULT_PORTS.get(scheme, "")
 
@@ -60,7 +70,7 @@ class OriginPolicy:
             if entry == "*":
                 self.any = True
                 continue
-            parts = _split_origin(entry)
+            parts = _split_origin(entry, wildcard=True)
             if parts is None:
                 raise ValueError(f"not an origin: {entry!r}")
             scheme, host, port = parts

@@ -128,8 +128,9 @@ async def serve(
         await stop.wait()
     finally:
         log.info("shutting down: draining %d connections", len(node.connections))
-        for each in servers:
-            each.close()
+        # The listeners stay open while the clients close (decisions.md 1):
+        # a new upgrade meanwhile is answered 503 and /readyz 503, so a load
+        # balancer sees the node leave instead of a refused connection.
         # The promise is to exit within --drain-timeout, whatever a client or
         # the backplane does meanwhile: a drain that overruns is abandoned
         # (shielded, so an inner await that ignores cancellation can't hold us).
@@ -140,6 +141,8 @@ async def serve(
             log.warning("drain overran --drain-timeout: exiting anyway")
             logging.shutdown()
             os._exit(0)
+        for each in servers:
+            each.close()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # not the default (exit) while exiting

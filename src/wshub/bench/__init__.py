@@ -87,7 +87,8 @@ sender and one closed loop per room.
 Against wshub, raise its limits for a benchmark (the defaults rate-limit the
 sender and cap connections per IP): wshub serve --message-rate 0
 --ip-connect-rate 0 --max-connections-per-ip 0 --max-connections 20000.
-Exit status: 0 when connections opened and none closed early, 1 otherwise.
+Exit status: 0 when connections opened, none closed early and (fanout, rate,
+chat) messages were delivered while measuring; 1 otherwise.
 """
 
 
@@ -456,4 +457,15 @@ def _report(res: dict, as_json: bool) -> int:
     else:
         print(format_table(res))
     ok = res.get("connections_open", 0) > 0 and not res.get("closed_early")
+    if ok and res.get("scenario") in ("fanout", "rate", "chat") and res.get("deliveries") == 0:
+        # A sender closed with 1008 by the server's rate limit keeps its socket
+        # until the run ends, so nothing counts it as closed early: say so,
+        # rather than report 0 deliveries/s as a measurement.
+        print(
+            "wshub bench: no message was delivered while measuring; against wshub, raise "
+            "its limits (wshub serve --message-rate 0 --ip-connect-rate 0 "
+            "--max-connections-per-ip 0)",
+            file=sys.stderr,
+        )
+        ok = False
     return 0 if ok else 1
