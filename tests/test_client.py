@@ -174,6 +174,8 @@ class Terminal:
 def test_normalize_url() -> None:
     assert normalize_url("127.0.0.1:8787") == "ws://127.0.0.1:8787/websocket"
     assert normalize_url("http://h:1") == "ws://h:1/websocket"
+    assert normalize_url("http://h:1/") == "ws://h:1/websocket"
+    assert normalize_url("https://h/", "r") == "wss://h/websocket/r"
     assert normalize_url("https://h/chat?x=1") == "wss://h/chat?x=1"
     assert normalize_url("ws://h:1/websocket") == "ws://h:1/websocket"
     assert normalize_url("h:1", "Lobby") == "ws://h:1/websocket/Lobby"

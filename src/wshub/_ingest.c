@@ -349,9 +349,119 @@ fail:
     return NULL;
 }
 
+/* stamp(relays, head_message, head_broadcast, tail, first_offset): the
+ * envelopes of a run of plain relays from scan(), one sender's, published
+ * together (wshub.hub.Hub.on_plain_relays).
+ *
+ * Why: per message, the hub's encode_plain_relay() and the fan-out's
+ * text_frame() were two Python calls and three bytes objects; a read brings
+ * ~32 relays at once, with one sender, one timestamp and consecutive offsets.
+ *
+ * Each relay's payload is its kind's head, its content, *tail* (the
+ * timestamp's field: '","timestamp":"..."'), then ',"offset":N' when
+ * *first_offset* >= 0 (N counting up from it), then '}': the bytes
+ * protocol.encode_plain_relay writes (tests/unit/test_publish_run.py holds
+ * the two to each other). Returns (payloads, frames, messages): the frames
+ * are wire.text_frame() of the payloads, and messages[i] is whether relay i
+ * is a message (True) or a broadcast. */
+static PyObject *
+append_frame(PyObject *frames, const char *payload, Py_ssize_t n)
+{
+    Py_ssize_t header = n < 126 ? 2 : n < 65536 ? 4 : 10;
+    PyObject *frame = PyBytes_FromStringAndSize(NULL, header + n);
+    if (frame == NULL)
+        return NULL;
+    unsigned char *out = (unsigned char *)PyBytes_AS_STRING(frame);
+    out[0] = 0x81;
+    if (n < 126) {
+        out[1] = (unsigned char)n;
+    } else if (n < 65536) {
+        out[1] = 126;
+        out[2] = (unsigned char)(n >> 8);
+        out[3] = (unsigned char)n;
+    } else {
+        out[1] = 127;
+        for (int i = 0; i < 8; i++)
+            out[2 + i] = (unsigned char)((uint64_t)n >> (56 - 8 * i));
+    }
+    memcpy(out + header, payload, (size_t)n);
+    int appended = PyList_Append(frames, frame);
+    Py_DECREF(frame);
+    return appended < 0 ? NULL : frames;
+}
+
+static PyObject *
+stamp(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    PyObject *relays;
+    const char *head_m, *head_b, *tail;
+    Py_ssize_t head_m_len, head_b_len, tail_len;
+    long long offset;
+    if (!PyArg_ParseTuple(args, "O!y#y#y#L:stamp", &PyList_Type, &relays, &head_m, &head_m_len,
+                          &head_b, &head_b_len, &tail, &tail_len, &offset))
+        return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(relays);
+    PyObject *payloads = PyList_New(0), *frames = PyList_New(0), *messages = PyList_New(count);
+    if (payloads == NULL || frames == NULL || messages == NULL)
+        goto fail;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *relay = PyList_GET_ITEM(relays, i);
+        if (!PyTuple_Check(relay) || PyTuple_GET_SIZE(relay) < 2 ||
+            !PyBytes_Check(PyTuple_GET_ITEM(relay, 1))) {
+            PyErr_SetString(PyExc_TypeError, "stamp: a relay is (code, content, ...)");
+            goto fail;
+        }
+        long code = PyLong_AsLong(PyTuple_GET_ITEM(relay, 0));
+        if (code != MESSAGE && code != BROADCAST) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "stamp: a relay's code is MESSAGE or BROADCAST");
+            goto fail;
+        }
+        PyObject *content = PyTuple_GET_ITEM(relay, 1);
+        const char *head = code == MESSAGE ? head_m : head_b;
+        Py_ssize_t head_len = code == MESSAGE ? head_m_len : head_b_len;
+        char number[32];
+        int number_len = 0;
+        if (offset >= 0)
+            number_len = snprintf(number, sizeof number, ",\"offset\":%lld", offset + i);
+        Py_ssize_t content_len = PyBytes_GET_SIZE(content);
+        Py_ssize_t n = head_len + content_len + tail_len + number_len + 1;
+        PyObject *payload = PyBytes_FromStringAndSize(NULL, n);
+        if (payload == NULL)
+            goto fail;
+        char *out = PyBytes_AS_STRING(payload);
+        memcpy(out, head, (size_t)head_len);
+        out += head_len;
+        memcpy(out, PyBytes_AS_STRING(content), (size_t)content_len);
+        out += content_len;
+        memcpy(out, tail, (size_t)tail_len);
+        out += tail_len;
+        memcpy(out, number, (size_t)number_len);
+        out[number_len] = '}';
+        int appended = PyList_Append(payloads, payload);
+        if (appended < 0 || append_frame(frames, PyBytes_AS_STRING(payload), n) == NULL) {
+            Py_DECREF(payload);
+            goto fail;
+        }
+        Py_DECREF(payload);
+        PyObject *is_message = code == MESSAGE ? Py_True : Py_False;
+        Py_INCREF(is_message);
+        PyList_SET_ITEM(messages, i, is_message);
+    }
+    return Py_BuildValue("(NNN)", payloads, frames, messages);
+fail:
+    Py_XDECREF(payloads);
+    Py_XDECREF(frames);
+    Py_XDECREF(messages);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS,
      "scan(data, limit) -> (stop, [(code, body, end), ...]): see the module's source."},
+    {"stamp", stamp, METH_VARARGS,
+     "stamp(relays, head_message, head_broadcast, tail, first_offset) -> "
+     "(payloads, frames, messages): see the module's source."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -373,8 +483,8 @@ PyInit__ingest(void)
         Py_DECREF(m);
         return NULL;
     }
-    PyObject *all = Py_BuildValue("(ssssss)", "BINARY", "BROADCAST", "MAX_CONTENT_CHARS",
-                                  "MESSAGE", "TEXT", "scan");
+    PyObject *all = Py_BuildValue("(sssssss)", "BINARY", "BROADCAST", "MAX_CONTENT_CHARS",
+                                  "MESSAGE", "TEXT", "scan", "stamp");
     if (all == NULL || PyModule_AddObject(m, "__all__", all) < 0) {
         Py_XDECREF(all);
         Py_DECREF(m);

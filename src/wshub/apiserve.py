@@ -37,7 +37,7 @@ from typing import Protocol, cast
 
 from . import api, http
 from .api import ApiError, ApiErrorCode, ApiKeys
-from .backplane.control import Answer, Control, ControlError, Query
+from .backplane.control import Answer, Control, ControlError, IncompleteAnswers, Query
 from .connection import Connection
 from .errors import CloseCode, Disconnect
 from .hub import Hub
@@ -221,7 +221,13 @@ class ApiService:
                     query["connectionId"] = command.connection_id
                 else:
                     query["userId"] = command.user_id
-                answers = await self._control.ask(query)
+                try:
+                    answers = await self._control.ask(query)
+                except IncompleteAnswers as exc:
+                    # What closed, closed; "none found" is not known (503).
+                    if not any(answer.get("closed") for answer in exc.answers):
+                        raise
+                    answers = exc.answers
                 closed = sorted(str(c) for answer in answers for c in answer.get("closed", []))
                 if not closed:
                     who = "connection" if command.connection_id is not None else "user"

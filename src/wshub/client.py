@@ -97,8 +97,8 @@ def printable(text: str) -> str:
 
 def normalize_url(url: str, room: str | None = None) -> str:
     """Accept ``host:port``, ``http(s)://`` and ``ws(s)://`` URLs; a URL
-    without a path gets the protocol's ``/websocket``, or ``/websocket/ROOM``
-    with *room*.
+    without a path, or with the page's ``/``, gets the protocol's
+    ``/websocket``, or ``/websocket/ROOM`` with *room*.
 
     Raises:
         ValueError: *room* is not a room name, or the URL names another path.
@@ -107,7 +107,9 @@ def normalize_url(url: str, room: str | None = None) -> str:
         url = "ws://" + url
     parts = urlsplit(url)
     scheme = {"http": "ws", "https": "wss"}.get(parts.scheme.lower(), parts.scheme.lower())
-    path = parts.path or "/websocket"
+    # "/" too: the page's address (http://HOST:PORT/), which a person copies
+    # from the browser, serves HTML, never the protocol.
+    path = parts.path if parts.path not in ("", "/") else "/websocket"
     if room is not None:
         if not is_room_name(room):
             raise ValueError(f"--room {room!r}: a room name is 1-64 of A-Z a-z 0-9 . _ ~ -")
@@ -167,7 +169,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "url",
         help="ws://HOST:PORT/websocket (wss://, http:// and HOST:PORT "
-        "work too; a URL without a path gets /websocket)",
+        "work too; a URL without a path, or the page's http://HOST:PORT/, gets /websocket)",
     )
     parser.add_argument(
         "--room",
@@ -650,12 +652,15 @@ async def _reconnect(
         return None
     deadline = time.monotonic() + args.timeout
     delay = 0.1
+    query = session.position()
+    where = f" with {query}" if query else ""
+    # Said once: each failed attempt is not another close (a restarting
+    # server refuses several attempts in a row).
+    output.line(
+        f"wshub client: connection closed ({code or 1006}): reconnecting{where}", to_err=True
+    )
+    failures = 0
     while True:
-        query = session.position()
-        where = f" with {query}" if query else ""
-        output.line(
-            f"wshub client: connection closed ({code or 1006}): reconnecting{where}", to_err=True
-        )
         try:
             ws: ClientConnection = await open_connection(query)
             return ws
@@ -665,6 +670,13 @@ async def _reconnect(
                     f"wshub client: cannot reconnect: {_describe_failure(exc)}", to_err=True
                 )
                 return None
+            failures += 1
+            if failures == 1:
+                output.line(
+                    f"wshub client: not back yet ({_describe_failure(exc)}); "
+                    f"trying again for up to {args.timeout:g} s",
+                    to_err=True,
+                )
         await asyncio.sleep(delay)
         delay = min(2.0, delay * 2)
 

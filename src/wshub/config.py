@@ -19,6 +19,7 @@ import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from .api import key_problem
 from .errors import WshubError
@@ -182,7 +183,28 @@ def _redis_url(raw: Any) -> str:
         seeds = value.partition("://")[2].rpartition("@")[2].split("/", 1)[0]
         if not all(item.strip() for item in seeds.split(",")):
             raise ValueError("a Redis Cluster URL needs HOST:PORT seed nodes")
+        for seed in seeds.split(","):
+            port = urlsplit(f"//{seed.strip()}").port  # ValueError: out of range, not a number
+            if port == 0:
+                raise ValueError(f"a seed node needs a port other than 0: {seed.strip()!r}")
+    elif value:
+        redis_url_options(value)
     return value
+
+
+def redis_url_options(url: str) -> dict[str, Any]:
+    """What redis-py makes of a ``redis://``, ``rediss://`` or ``unix://`` URL;
+    ValueError for what it would refuse only when connecting (a port out of
+    range) and for a database that is not a number, which it would silently
+    take as database 0."""
+    from redis.connection import parse_url
+
+    options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+    if not url.startswith("unix://"):
+        database = urlsplit(url).path.strip("/")
+        if database and not database.isdigit():
+            raise ValueError(f"the database is a number (redis://HOST:PORT/DB), not {database!r}")
+    return options
 
 
 def _host_ports(raw: Any) -> tuple[str, ...]:
@@ -637,7 +659,9 @@ class Config:
     )
     cluster_name: str = _opt(
         "wshub",
-        "Prefix of every Redis key and channel: clusters with different names can share one Redis.",
+        "Prefix of every Redis key and channel (NAME@dbN on a --redis-url database N "
+        "other than 0): clusters with different names, or on different databases, can "
+        "share one Redis.",
         _name,
         "NAME",
     )
@@ -682,6 +706,19 @@ class Config:
         if self.redis_sentinels:
             return REDIS_SENTINEL_SCHEME + ",".join(self.redis_sentinels) + "/" + self.redis_master
         return self.redis_url
+
+    @property
+    def redis_prefix(self) -> str:
+        """The prefix of every Redis key and channel: ``--cluster-name``, and
+        the database of ``--redis-url`` when it is not 0. Redis keeps keys per
+        database but pub/sub channels for the whole server, so two clusters of
+        one name on databases 1 and 2 would otherwise hear each other's rooms.
+        (A cluster name holds no ``@``, so no other cluster has this prefix.)"""
+        url = self.redis_url
+        if self.redis_sentinels or not url or url.startswith(("redis+", "rediss+")):
+            return self.cluster_name
+        database = int(redis_url_options(url).get("db") or 0)
+        return f"{self.cluster_name}@db{database}" if database else self.cluster_name
 
     @property
     def api_listen_address(self) -> tuple[str, int] | None:

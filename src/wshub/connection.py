@@ -47,7 +47,7 @@ import sys
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from websockets.extensions.permessage_deflate import PerMessageDeflate
 from websockets.frames import Frame, Opcode
@@ -60,7 +60,6 @@ from .errors import CloseCode, Disconnect
 from .framescan import FrameScanner
 from .history import JoinQuery
 from .ids import ConnectionId
-from .protocol import RelayKind
 from .ratelimit import UNLIMITED, MessageLimit
 from .rooms import DEFAULT_ROOM
 from .session import Admit, Session, State
@@ -78,6 +77,9 @@ _frames_logger = logging.getLogger("wshub.frames")
 _frames_logger.setLevel(logging.WARNING)
 
 _TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
+# Admit.ACCEPT as a global: compared once per frame (see session._ACCEPT).
+_ACCEPT: Final = Admit.ACCEPT
+_FIRST_RELAY_CODE: Final = ingest.MESSAGE  # the relay codes (MESSAGE, BROADCAST) come last
 _PING, _PONG, _CLOSE = Opcode.PING, Opcode.PONG, Opcode.CLOSE
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 
@@ -193,9 +195,12 @@ class PlainRelayOwner:
 
     __slots__ = ()
 
-    def on_plain_relay(self, conn: Connection, kind: RelayKind, content: bytes) -> None:
-        """A plain relay that passed the rate limit and the content checks;
-        *content* is JSON-escaped (see :func:`protocol.encode_plain_relay`)."""
+    def on_plain_relays(self, conn: Connection, relays: list[ingest.Item]) -> None:
+        """Plain relays in a row from one read (scan()'s items of a relay
+        code, in order), each past the rate limit and the content checks;
+        their contents are JSON-escaped (see :func:`protocol.encode_plain_relay`).
+        Queuing them must not close *conn*: the connection does not look
+        again between them."""
         raise NotImplementedError
 
 
@@ -917,24 +922,41 @@ class Connection(Session, asyncio.Protocol):
         stop, items = c_scan(data, self.settings.max_message_size)
         owner = self.owner
         assert isinstance(owner, PlainRelayOwner)
-        kinds = ingest.KINDS
-        for code, body, end in items:
-            kind = kinds[code]
-            if kind is None:
-                self._receive_data_frame(_TEXT if code == ingest.TEXT else _BINARY, body, True)
-            else:
+        # The accepted relays in a row go to the owner together (one
+        # publication of the batch, docs/rooms-perf.md "Session 8"), before
+        # anything else of the read is answered, so the order is kept. Each
+        # is still charged to the rate limit on its own (decisions.md 8), and
+        # queuing relays closes nothing (on_plain_relays), so the "still
+        # open?" question after each of them has the same answer as before.
+        run: list[ingest.Item] | None = None
+        for item in items:
+            code = item[0]
+            if code >= _FIRST_RELAY_CODE:
                 # _receive_data_frame's steps for a whole frame within the
                 # size limit, its content already checked in C.
                 verdict = self.admit(self.last_seen)
-                if verdict is Admit.ACCEPT:
-                    owner.on_plain_relay(self, kind, body)
-                else:
-                    owner.on_rate_limited(self, disconnect=verdict is Admit.DISCONNECT)
+                if verdict is _ACCEPT:
+                    if run is None:
+                        run = [item]
+                    else:
+                        run.append(item)
+                    continue
+                if run is not None:
+                    owner.on_plain_relays(self, run)
+                    run = None
+                owner.on_rate_limited(self, disconnect=verdict is Admit.DISCONNECT)
+            else:
+                if run is not None:
+                    owner.on_plain_relays(self, run)
+                    run = None
+                self._receive_data_frame(_TEXT if code == ingest.TEXT else _BINARY, item[1], True)
             if self._failed:  # the library queued our Close frame: send it
                 self._drain_library_output(self._library().data_to_send())
             if not self._fast_path_open():
-                stop = end
+                stop = item[2]
                 break
+        if run is not None:
+            owner.on_plain_relays(self, run)
         return data[stop:] if stop else data
 
     def _fast_path_open(self) -> bool:
@@ -992,7 +1014,7 @@ class Connection(Session, asyncio.Protocol):
             if opcode is _PING:
                 pong = out[pongs] if pongs < len(out) else b""
                 pongs += 1
-                if verdict is Admit.ACCEPT:
+                if verdict is _ACCEPT:
                     if pong:
                         self._send_pong(pong)
                     continue
@@ -1002,7 +1024,7 @@ class Connection(Session, asyncio.Protocol):
                 if self.close_code is None and rcvd is not None:
                     self._closed_with(rcvd.code, "client: " + rcvd.reason[:64])
                 continue
-            elif verdict is Admit.ACCEPT:
+            elif verdict is _ACCEPT:
                 continue  # a Pong: a sign of life, noted already
             self.owner.on_rate_limited(self, disconnect=verdict is Admit.DISCONNECT)
         self._drain_library_output(out[pongs:] + ws.data_to_send())

@@ -54,7 +54,10 @@ def node_routes(node: Introspection) -> list[Route[Connection]]:
     library: list[bytes] = []  # read once, on first use
 
     def client_library(conn: Connection, request: http.Request) -> None:
-        # An ES module: browsers refuse to run one served as anything but JavaScript.
+        # An ES module: browsers refuse to run one served as anything but JavaScript,
+        # and fetch one from another origin in CORS mode: an app's page on its own
+        # origin imports it from the hub. The file is public and no credentials go
+        # with it, so any origin may read it.
         if not library:
             library.append(resources.files("wshub").joinpath("static/wshub.js").read_bytes())
         conn.respond(
@@ -62,7 +65,7 @@ def node_routes(node: Introspection) -> list[Route[Connection]]:
                 200,
                 library[0],
                 content_type="text/javascript; charset=utf-8",
-                headers=(("X-Content-Type-Options", "nosniff"),),
+                headers=(("Access-Control-Allow-Origin", "*"),),
                 head_only=request.method == "HEAD",
             )
         )

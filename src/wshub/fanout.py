@@ -394,6 +394,30 @@ class Fanout(Generic[R]):
             self._mark(audience, exclude)
         self._schedule(audience, urgent)
 
+    def to_all_many(
+        self,
+        audience: Audience[R],
+        payloads: list[bytes],
+        frames: list[bytes],
+        excluded: list[R | None],
+        exclude: R | None,
+    ) -> None:
+        """:meth:`to_all` (urgent) of several payloads in order, with their
+        ready-made text frames (``text_frame(payload)`` each); *excluded*
+        says per payload None or *exclude*. The lists become the pass's own
+        when it has none yet: the caller lets go of them."""
+        if audience.frames:
+            audience.frames += frames
+            audience.payloads += payloads
+            audience.excluded += excluded
+        else:
+            audience.frames = frames
+            audience.payloads = payloads  # type: ignore[assignment]  # bytes are bytes | None
+            audience.excluded = excluded
+        if exclude is not None:
+            self._mark(audience, exclude)
+        self._schedule(audience, True)
+
     def control_to_all(self, audience: Audience[R], frame: bytes, *, urgent: bool = True) -> None:
         """Queue a ready-made control frame (a Ping) for every member."""
         if audience.frames:

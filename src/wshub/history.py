@@ -350,6 +350,52 @@ class History:
         if self.bytes > self.memory:
             self._bound()
 
+    def keep_run(
+        self,
+        name: str,
+        first: int,
+        payloads: Sequence[bytes],
+        sender: str,
+        messages: Sequence[bool],
+        now: float,
+    ) -> None:
+        """:meth:`keep` of a run of one sender's relays published together
+        (a read's, ``Hub.on_plain_relays``): offsets *first* up, without an
+        excluded connection, and *first* the :meth:`next_offset` of *now*.
+        Entry by entry the same steps as :meth:`keep`, the memory bound
+        included, so what is held afterwards is what that many keep() calls
+        leave; the expiry check and the room's lookup once. The room is
+        held (the sender is a member), so the bound never forgets it."""
+        if now != self._expired_at:
+            self.expire(now)
+        room = self._rooms.get(name) or self._room(name, now)
+        assert first == room.top + 1, (first, room.top)
+        entries = room.entries
+        size = self.size
+        order = self._order
+        accounted = len(sender) + ENTRY_OVERHEAD
+        offset = first
+        for payload, is_message in zip(payloads, messages, strict=True):
+            if entries is None:
+                entries = room.entries = deque()
+                self.bytes += ENTRIES_OVERHEAD
+            room.top = offset
+            entries.append((offset, payload, sender, is_message, None))
+            self.bytes += len(payload) + accounted
+            if self._idle:
+                self._idle.pop(name, None)
+            order.append((name, offset, now))
+            if len(entries) > size:
+                self.bytes -= _kept_size(entries.popleft())  # never the last: size >= 1
+                self._stale += 1
+                if self._stale > 1024 and self._stale > len(order) - self._stale:
+                    self._compact()
+                    order = self._order
+            if self.bytes > self.memory:
+                self._bound()
+                entries = room.entries  # None if the bound took them all
+            offset += 1
+
     def _drop_oldest(self, room: _Room) -> None:
         entries = room.entries
         assert entries is not None  # every caller saw the entry it drops

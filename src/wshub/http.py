@@ -111,6 +111,29 @@ class Request:
         return values[0] if values else None
 
 
+def _origin_form(target: bytes) -> tuple[str, bytes]:
+    """``(authority, path_and_query)`` of an absolute-form *target*.
+
+    RFC 9112 3.2.2: a server MUST accept ``GET http://host/path HTTP/1.1``
+    (clients configured as if the server were a proxy send it); the rest of
+    the server routes the origin form.
+
+    Raises:
+        HttpError: 400 for any other form (authority or asterisk form, a
+            scheme other than http/https, userinfo, no host).
+    """
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        raise HttpError(400, "malformed request target")
+    cut = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i != -1), default=len(rest))
+    authority, path = rest[:cut], rest[cut:]
+    if not authority or b"@" in authority:
+        raise HttpError(400, "malformed request target")
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    return authority.decode("ascii"), path
+
+
 def parse_request_head(buffer: bytes | bytearray) -> tuple[Request, int] | None:
     """Parse the request head at the start of *buffer*.
 
@@ -142,8 +165,11 @@ def parse_request_head(buffer: bytes | bytearray) -> tuple[Request, int] | None:
     method, target, version = parts
     if not method or not set(method) <= _TOKEN_CHARS:
         raise HttpError(400, "malformed request method")
-    if not target.startswith(b"/") or _BAD_TARGET.search(target):
+    if _BAD_TARGET.search(target):
         raise HttpError(400, "malformed request target")
+    authority = None
+    if not target.startswith(b"/"):
+        authority, target = _origin_form(target)
     if version != b"HTTP/1.1" and version != b"HTTP/1.0":
         raise HttpError(400, "malformed HTTP version")
     headers = []
@@ -155,6 +181,10 @@ def parse_request_head(buffer: bytes | bytearray) -> tuple[Request, int] | None:
         if _BAD_VALUE.search(value):
             raise HttpError(400, "control character in header field")
         headers.append((name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1")))
+    if authority is not None:
+        # The target URI is the absolute form's (RFC 9112 3.3), so its
+        # authority is the host every later check (origin, server names) sees.
+        headers = [(key, authority if key == "host" else value) for key, value in headers]
     request = Request(
         method.decode("ascii"), target.decode("ascii"), tuple(headers), version=version.decode()
     )

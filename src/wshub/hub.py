@@ -20,8 +20,9 @@ from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Protocol, cast
 
-from . import http, protocol
+from . import http, ingest, protocol
 from .backplane import Backplane, Envelope, EventKind
+from .backplane.base import joined_user
 from .connectauth import ConnectAuth
 from .connection import Connection, PlainRelayOwner
 from .errors import RATE_LIMIT_EXCEEDED, CloseCode, Disconnect
@@ -51,6 +52,7 @@ _BINARY_REFUSAL = Refusal(
 _RATE_REFUSAL = Refusal(ErrorCode.RATE_LIMITED, "Too many messages: slow down")
 _PROTOCOL_PING_FRAME = ping_frame(b"wshub")
 _MESSAGE = RelayKind.MESSAGE  # Micro-optimization: an enum member lookup costs ~170 ns
+_BROADCAST = RelayKind.BROADCAST
 _RECORDED = EventKind.RECORDED
 _RELAY = EventKind.RELAY
 _HISTORY_MOVED_ON = Disconnect(
@@ -363,10 +365,10 @@ class Hub(PlainRelayOwner):
         outcomes = self._outcomes
         outcomes["INCOMING"] += 1
         identity = conn.identity
-        if identity is None:
-            result = protocol.parse_client_text(text)
-        else:
-            result = protocol.parse_client_text(text, refresh=True)
+        # With --auth on, refresh is a command even from an anonymous member
+        # (--auth optional): refused as unauthorized (decisions.md 19), not an
+        # unknown type, which is what --auth off answers, as the seed has it.
+        result = protocol.parse_client_text(text, refresh=self._auth is not None)
         if type(result) is Relay:
             outcomes["VALIDATED"] += 1
             kind = result.kind
@@ -413,6 +415,59 @@ class Hub(PlainRelayOwner):
             self._fanout.to_one(conn, self._auth.refresh(conn, result.token, self.room))
         # PONG: a sign of life, already noted by the connection.
         outcomes["ROUTED"] += 1
+
+    def on_plain_relays(self, conn: Connection, relays: list[ingest.Item]) -> None:
+        """A read's plain relays in a row (wshub._ingest recognised and
+        checked them), published together: :meth:`publish` of each, in
+        order, with the envelopes written in one C call (``ingest.stamp``),
+        one clock read, one offset lookup and one history call for the run.
+        A cluster's room (offsets from Redis) takes them one by one."""
+        stamp = ingest.stamp
+        if self._shared is not None or stamp is None:
+            kinds = ingest.KINDS
+            for code, content, _ in relays:
+                self.on_plain_relay(conn, kinds[code], content)  # type: ignore[arg-type]
+            return
+        count = len(relays)
+        outcomes = self._outcomes
+        outcomes["INCOMING"] += count
+        outcomes["VALIDATED"] += count
+        sender = conn.id
+        identity = conn.identity
+        user_id = None if identity is None else identity.user_id
+        head_message = protocol.plain_relay_head(_MESSAGE, sender, user_id)
+        head_broadcast = protocol.plain_relay_head(_BROADCAST, sender, user_id)
+        tail = protocol.plain_relay_tail(self._clock())
+        history = self._history
+        if history is None:
+            payloads, frames, messages = stamp(relays, head_message, head_broadcast, tail, -1)
+        else:
+            mono = self._monotonic()
+            first = history.next_offset(self.room, mono)
+            payloads, frames, messages = stamp(relays, head_message, head_broadcast, tail, first)
+            history.keep_run(self.room, first, payloads, sender, messages, mono)
+        self._backplane.publish_relays(self.room, sender, payloads)
+        members = len(self.members)
+        sizes = self._fanout_sizes
+        some_messages = True in messages
+        if some_messages:
+            excluded: list[Connection | None] = [conn if m else None for m in messages]
+            sent_alone = messages.count(True)
+            sizes[members - 1] = sizes.get(members - 1, 0) + sent_alone
+            if count > sent_alone:
+                sizes[members] = sizes.get(members, 0) + count - sent_alone
+        else:
+            excluded = [None] * count
+            sizes[members] = sizes.get(members, 0) + count
+        if members > 1:
+            self._fanout.to_all_many(
+                self.audience, payloads, frames, excluded, conn if some_messages else None
+            )
+        elif members:  # the sender alone: its broadcasts come back to it, its messages go nowhere
+            for payload, is_message in zip(payloads, messages, strict=True):
+                if not is_message:
+                    self._fanout.to_all(self.audience, payload)
+        outcomes["ROUTED"] += count
 
     def on_plain_relay(self, conn: Connection, kind: RelayKind, content: bytes) -> None:
         """:meth:`on_text`'s relay case for what wshub._ingest recognised
@@ -643,9 +698,23 @@ class Hub(PlainRelayOwner):
             # A relay's connection id is its sender, or the connection a
             # backend's message skips: skipped when it is a member here.
             skip = self.members.get(envelope.connection_id) if urgent else None
-            self._fanout.to_all(self.audience, envelope.payload, exclude=skip, urgent=urgent)
+            payload = envelope.payload if urgent else self._presence_frame(envelope)
+            self._fanout.to_all(self.audience, payload, exclude=skip, urgent=urgent)
         if envelope.kind is EventKind.RELAY:
             self._counters.fanout_sizes.observe(len(self.members))
+
+    def _presence_frame(self, envelope: Envelope) -> bytes:
+        """Another node's ``user_joined`` / ``user_left``, framed again with
+        this node's count: the sender's ``totalUsers`` missed what it had not
+        heard yet (leaves here at the same moment), and the last figure a
+        client is told must be the room's count as its node knows it."""
+        encode = (
+            protocol.encode_user_joined
+            if envelope.kind is EventKind.JOINED
+            else protocol.encode_user_left
+        )
+        user = joined_user(envelope.payload)
+        return encode(envelope.connection_id, self.count(), self._clock(), user_id=user)
 
     def announce_left(
         self, connection_ids: Iterable[ConnectionId], users: Mapping[ConnectionId, str]

@@ -24,19 +24,29 @@ from typing import Final
 
 from .protocol import RelayKind
 
-__all__ = ["BINARY", "KINDS", "TEXT", "scan"]
+__all__ = ["BINARY", "BROADCAST", "KINDS", "MESSAGE", "TEXT", "scan", "stamp"]
 
 TEXT: Final = 0
 BINARY: Final = 1
+MESSAGE: Final = 2
+BROADCAST: Final = 3
 KINDS: Final = (None, None, RelayKind.MESSAGE, RelayKind.BROADCAST)
 """The relay kind of an item's code (2 and 3); None for TEXT and BINARY."""
 
-Scan = Callable[[bytes, int], tuple[int, list[tuple[int, bytes, int]]]]
+Item = tuple[int, bytes, int]
+"""``(code, body, end)``: see src/wshub/_ingest.c."""
+Scan = Callable[[bytes, int], tuple[int, list[Item]]]
+Stamped = tuple[list[bytes], list[bytes], list[bool]]
+"""``(payloads, frames, messages)``: see src/wshub/_ingest.c."""
+Stamp = Callable[[list[Item], bytes, bytes, bytes, int], Stamped]
 
 scan: Scan | None
+stamp: Stamp | None
+"""The envelopes, frames and kinds of a run of plain relays, one sender's
+(``Hub.on_plain_relays``); None exactly when :data:`scan` is."""
 try:
-    from ._ingest import scan
+    from ._ingest import scan, stamp
 except ImportError:  # pragma: no cover (built without a compiler)
-    scan = None
+    scan = stamp = None
 if os.environ.get("WSHUB_NO_C_INGEST"):
-    scan = None
+    scan = stamp = None

@@ -68,7 +68,7 @@ def _control(config: Config, node_id: NodeId) -> Control:
         # every node: one seed node serves.
         target = config.redis_target
         url = seed_url(target) if is_cluster_url(target) else target
-        return RedisControl(url, node_id, prefix=config.cluster_name)
+        return RedisControl(url, node_id, prefix=config.redis_prefix)
     return LocalControl(node_id)
 
 
@@ -99,12 +99,12 @@ def _cluster_history(config: Config, node_id: NodeId) -> ClusterHistory:
 
     history = RedisHistory.from_url(
         config.redis_target,
-        prefix=config.cluster_name,
+        prefix=config.redis_prefix,
         size=config.history_size,
         ttl=config.history_ttl,
         meta_ttl=config.history_epoch_ttl,
     )
-    keys = (ClusterKeys if is_cluster_url(config.redis_target) else Keys)(config.cluster_name)
+    keys = (ClusterKeys if is_cluster_url(config.redis_target) else Keys)(config.redis_prefix)
     return ClusterHistory(history, node_id, keys.room)
 
 
@@ -197,7 +197,7 @@ class Node:
                     self.node_id,
                     limit=config.max_connections_per_user,
                     node_ttl=config.node_ttl,
-                    prefix=config.cluster_name,
+                    prefix=config.redis_prefix,
                 )
             self.auth = ConnectAuth(
                 config,

@@ -50,6 +50,8 @@ __all__ = [
     "encode_user_left",
     "encode_welcome",
     "iso_timestamp",
+    "plain_relay_head",
+    "plain_relay_tail",
     "replayed",
     "with_offset",
     "parse_client_text",
@@ -429,15 +431,25 @@ def encode_plain_relay(
     of a content that is bytes already JSON-escaped as ``_escape_string``
     writes it, without the quotes (what wshub._ingest gives): the same
     bytes, with one format and no str."""
+    head = plain_relay_head(kind, sender, user_id)
+    if offset is None:
+        return b"%b%b%b}" % (head, content, plain_relay_tail(now))
+    return b'%b%b%b,"offset":%d}' % (head, content, plain_relay_tail(now), offset)
+
+
+def plain_relay_head(kind: RelayKind, sender: ConnectionId, user_id: str | None) -> bytes:
+    """What comes before the content in :func:`encode_plain_relay` (and in
+    ``wshub._ingest.stamp``, which writes a read's relays at once)."""
     head = _RELAY_HEADS_BYTES[kind] + sender.encode()
     if user_id is not None:
-        head = b'%b","userId":%b,"content":"' % (head, _escape_string(user_id).encode())
-    else:
-        head += b'","content":"'
-    stamp = iso_timestamp(now).encode()
-    if offset is None:
-        return b'%b%b","timestamp":"%b"}' % (head, content, stamp)
-    return b'%b%b","timestamp":"%b","offset":%d}' % (head, content, stamp, offset)
+        return b'%b","userId":%b,"content":"' % (head, _escape_string(user_id).encode())
+    return head + b'","content":"'
+
+
+def plain_relay_tail(now: float) -> bytes:
+    """What follows the content in :func:`encode_plain_relay`, before the
+    offset: the closing quote and the timestamp field."""
+    return b'","timestamp":"%b"' % iso_timestamp(now).encode()
 
 
 def encode_relay_from_user(

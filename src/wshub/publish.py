@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 from . import __version__
 from .api import key_problem
+from .client import add_tls_arguments, tls_context
 
 __all__ = ["PublishAnswer", "main", "publish", "publish_url"]
 
@@ -78,7 +79,7 @@ def publish(
     """POST *fields* as the JSON body of ``/api/publish`` at *url*.
 
     *tls_context* is used for ``https://`` (default: the system's trusted
-    certificates); it is where ``--ca-file`` and ``--insecure`` will plug in.
+    certificates); ``--ca-file`` and ``--insecure`` make it.
 
     Raises:
         ValueError: *url* is not a server's URL.
@@ -140,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout", type=float, default=10.0, metavar="SECONDS", help="default: 10"
     )
+    add_tls_arguments(parser)  # --ca-file, --insecure: the same as wshub client's
     return parser
 
 
@@ -193,12 +195,22 @@ def main(
     if args.exclude is not None:
         fields["exclude"] = args.exclude
     try:
-        answer = publish(args.url, fields, key, timeout=args.timeout)
+        secure = publish_url(args.url)[0] == "https"
+        if (args.ca_file or args.insecure) and not secure:
+            raise ValueError("--ca-file and --insecure need an https:// or wss:// URL")
+        context = tls_context(args.ca_file, args.insecure) if secure else None
     except ValueError as exc:
         print(f"wshub publish: {exc}", file=sys.stderr)
         return 2
+    try:
+        answer = publish(args.url, fields, key, timeout=args.timeout, tls_context=context)
     except (OSError, http.client.HTTPException) as exc:
-        print(f"wshub publish: cannot reach {args.url}: {exc}", file=sys.stderr)
+        # An untrusted certificate (ssl.SSLCertVerificationError, an OSError and a
+        # ValueError both) is a server that could not be reached, not a usage error.
+        hint = ""
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            hint = " (--ca-file FILE trusts a private CA; --insecure skips the check)"
+        print(f"wshub publish: cannot reach {args.url}: {exc}{hint}", file=sys.stderr)
         return 1
     text = answer.body.decode("utf-8", "replace").rstrip("\n")
     if _is_json(text):

@@ -44,6 +44,11 @@ class Admit(enum.Enum):
     DISCONNECT = "disconnect"  # too many refusals: close with 1008
 
 
+# Once per frame: a member looked up on its enum class costs ~100 ns on
+# CPython 3.11, a module global ~10 (docs/rooms-perf.md "Session 8").
+_ACCEPT: Final = Admit.ACCEPT
+
+
 class Session:
     """One connection's state, its last sign of life and its rate limit.
 
@@ -94,14 +99,14 @@ class Session:
         frames are bounded by the message limits instead."""
         limit = self.limit
         if limit.rate == 0:
-            return Admit.ACCEPT
+            return _ACCEPT
         elapsed = now - self.updated
         if elapsed > 0:
             self.tokens = refill(self.tokens, limit.burst, elapsed, limit.rate)
             self.updated = now
         if self.tokens >= 1:
             self.tokens -= 1
-            return Admit.ACCEPT
+            return _ACCEPT
         if self.strikes is None:
             self.strikes = Strikes(limit.strike_limit, limit.strike_window)
         if self.strikes.add(now):

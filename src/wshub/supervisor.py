@@ -90,7 +90,7 @@ async def _supervise(config: Config, argv: list[str]) -> int:
             )
             try:
                 gone = await reap_node(
-                    config.redis_target, worker.node_id, prefix=config.cluster_name
+                    config.redis_target, worker.node_id, prefix=config.redis_prefix
                 )
                 log.warning(
                     "announced %d connections of node %s as gone", len(gone), worker.node_id

@@ -158,6 +158,23 @@ def test_relays_reach_every_other_node_in_order(medium) -> None:
     asyncio.run(body())
 
 
+def test_a_run_of_relays_is_each_published_in_order(medium) -> None:
+    """publish_relays() (a read's relays, Hub.on_plain_relays) is publish()
+    of each of them, in order with the single ones around it."""
+
+    async def body() -> None:
+        (a, _), (b, rb) = [await medium(n) for n in ("a", "b")]
+        a.publish(env("a", EventKind.RELAY, "ws-1", b"first"))
+        a.publish_relays(RoomName(""), ConnectionId("ws-1"), [b"r1", b"r2", b"r3"])
+        a.publish(env("a", EventKind.RELAY, "ws-1", b"last"))
+        await rb.until(lambda: len(rb.relays()) == 5)
+        assert rb.relays() == [b"first", b"r1", b"r2", b"r3", b"last"]
+        for bp in (a, b):
+            await bp.stop()
+
+    asyncio.run(body())
+
+
 def test_presence_counts_and_duplicates(medium) -> None:
     """joined/left move the room's remote counts; each change reaches the node once."""
 

@@ -189,3 +189,38 @@ def test_sentinel_target_is_parsed_back_or_refused() -> None:
             parse_sentinel_target(bad)
     assert describe_target("redis://:secret@h:6379/0") == "redis://***@h:6379/0"
     assert describe_target("redis+sentinel://h:1/m") == "redis+sentinel://h:1/m"
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        # redis-py would raise at the first connect (a traceback after start)...
+        ("redis://127.0.0.1:99999/0", "Port out of range"),
+        ("redis+cluster://127.0.0.1:99999", "Port out of range"),
+        ("redis://127.0.0.1:6379/0?db=x", "'db'"),
+        # ...or take database 0 without a word.
+        ("redis://127.0.0.1:6379/abc", "the database is a number"),
+    ],
+)
+def test_a_redis_url_that_would_not_connect_as_written_is_refused_at_start(
+    url: str, says: str
+) -> None:
+    with pytest.raises(ConfigError, match=says):
+        build_config(["--redis-url", url], {})
+
+
+def test_the_redis_prefix_names_the_database_unless_it_is_0() -> None:
+    """Pub/sub channels are not per database: two clusters of one name on two
+    databases of one Redis keep apart only by their prefix."""
+
+    def prefix(*flags: str) -> str:
+        return build_config([*flags, "--cluster-name", "chat"], {}).redis_prefix
+
+    assert prefix("--redis-url", "redis://h:6379") == "chat"
+    assert prefix("--redis-url", "redis://h:6379/0") == "chat"
+    assert prefix("--redis-url", "redis://:secret@h:6379/3") == "chat@db3"
+    assert prefix("--redis-url", "rediss://h:6379/0?db=2") == "chat@db2"
+    assert prefix("--redis-url", "unix:///run/redis.sock?db=5") == "chat@db5"
+    assert prefix("--redis-url", "redis+cluster://h:1,h:2") == "chat"
+    assert prefix(*c_flags()) == "chat"
+    assert prefix() == "chat"

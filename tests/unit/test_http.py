@@ -72,3 +72,12 @@ def test_response_shape() -> None:
     assert data.startswith(b"HTTP/1.1 404 Not Found\r\n")
     assert b"Content-Length: 4\r\n" in data and data.endswith(b"\r\n\r\nnope")
     assert response(200, "body", head_only=True).endswith(b"\r\n\r\n")
+
+
+def test_absolute_form_becomes_origin_form_with_its_authority_as_host() -> None:
+    """RFC 9112 3.2.2 and 3.3: the absolute form is accepted, and its authority
+    is the target's host whatever the Host header says."""
+    parsed = parse_request_head(b"GET http://a.example:81?x=1 HTTP/1.1\r\nHost: b\r\n\r\n")
+    assert parsed is not None
+    request, _ = parsed
+    assert request.target == "/?x=1" and request.get("host") == "a.example:81"

@@ -82,6 +82,7 @@ def check_same(payload: bytes) -> None:
 def test_constants_are_the_protocol_s() -> None:
     assert _ingest.MAX_CONTENT_CHARS == protocol.MAX_CONTENT_CHARS
     assert (_ingest.TEXT, _ingest.BINARY) == (ingest.TEXT, ingest.BINARY)
+    assert (_ingest.MESSAGE, _ingest.BROADCAST) == (ingest.MESSAGE, ingest.BROADCAST)
     assert ingest.KINDS[_ingest.MESSAGE] is RelayKind.MESSAGE
     assert ingest.KINDS[_ingest.BROADCAST] is RelayKind.BROADCAST
 

@@ -88,3 +88,15 @@ def test_joined_user_reads_the_user_joined_frame() -> None:
     assert joined_user(encode_user_joined(X, 1, 0.0)) is None
     assert joined_user(b'{"userId": 7}') is None and joined_user(b'["userId"]') is None
     assert joined_user(b'"userId" not json') is None
+
+
+def test_an_unsure_nodes_connections_are_added_but_not_removed() -> None:
+    """A node not registered again yet in a Redis that came back empty: its
+    absence from the snapshot says nothing about its connections."""
+    view = PresenceView(grace=5)
+    view.joined(A, X, 0)
+    view.joined(B, Y, 0)
+    change = view.resync({A: {Z}}, now=100, unsure={A, B})
+    assert change.joined == [Z] and change.left == []
+    assert view.count() == 3
+    assert view.resync({A: {X, Z}}, now=200, unsure={A}).left == [Y]

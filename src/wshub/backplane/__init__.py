@@ -21,7 +21,7 @@ Redis Cluster, sharded pub/sub). All pass the same contract tests
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple, Protocol
 
 from ..ids import ConnectionId, NodeId
@@ -133,6 +133,12 @@ class Backplane(Protocol):
     def publish(self, envelope: Envelope) -> None:
         """Send to the other nodes subscribed to the envelope's room; never
         blocks, never raises. JOINED and LEFT also update this node's presence."""
+
+    def publish_relays(
+        self, room: RoomName, sender: ConnectionId, payloads: Sequence[bytes]
+    ) -> None:
+        """:meth:`publish` of a RELAY envelope from *sender* in *room* for
+        each of *payloads*, in order (a read's relays, published together)."""
 
     def subscribe(self, room: RoomName) -> bool:
         """Receive *room*'s traffic from now on. True when the subscription

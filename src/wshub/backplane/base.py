@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 from ..ids import ConnectionId, NodeId
 from ..rooms import RoomName
@@ -118,16 +118,18 @@ class ViewKeeper:
         *,
         users: Mapping[ConnectionId, str] | None = None,
         initial: bool = False,
+        unsure: Collection[NodeId] = (),
     ) -> None:
         """Correct *room*'s view from the shared store (*users*: the user ids
         of its authenticated connections). The *initial* snapshot of a new
         subscription fills the view silently: no one here was told anything
-        about the room yet."""
+        about the room yet. The *unsure* nodes' connections are not removed
+        (:meth:`PresenceView.resync`)."""
         view = self.views.get(room)
         if view is None:
             return
         snapshot.pop(self.node_id, None)
-        change = view.resync(snapshot, self.clock(), users)
+        change = view.resync(snapshot, self.clock(), users, unsure)
         if self.handler is None or initial:
             return
         if change.joined:

@@ -16,7 +16,9 @@ A question is ``{"id", "from", "query"}`` in JSON; each node that hears it
 answers ``{"id", "node", "answer"}`` on the asker's channel. ``PUBLISH``
 returns how many nodes heard the question, so the asker knows how many
 answers to wait for; a node that heard and does not answer within the
-timeout (a loop that is stuck) is left out rather than holding the call.
+timeout (a loop that is stuck) does not hold the call: the asker is told the
+answers are incomplete (:class:`IncompleteAnswers`, a 503 unless the answers
+it has are enough: a disconnect that closed something).
 """
 
 from __future__ import annotations
@@ -29,7 +31,14 @@ from typing import Any, Protocol
 
 from ..ids import NodeId
 
-__all__ = ["Control", "ControlError", "ControlHandler", "LocalControl", "RedisControl"]
+__all__ = [
+    "Control",
+    "ControlError",
+    "ControlHandler",
+    "IncompleteAnswers",
+    "LocalControl",
+    "RedisControl",
+]
 
 log = logging.getLogger("wshub.backplane")
 
@@ -42,6 +51,16 @@ ANSWER_TIMEOUT = 2.0
 
 class ControlError(Exception):
     """The cluster cannot be asked now (Redis unreachable): a 503."""
+
+
+class IncompleteAnswers(ControlError):
+    """Not every node that heard the question answered in time (a node stuck,
+    or frozen): what the others said is in *answers*, but "none found" is not
+    known, and the silent node may still act on the question when it runs."""
+
+    def __init__(self, answers: list[Answer], heard: int) -> None:
+        super().__init__(f"{heard - len(answers)} of {heard} nodes did not answer in time")
+        self.answers = answers
 
 
 class ControlHandler(Protocol):
@@ -201,7 +220,7 @@ class RedisControl:
                 left = deadline - loop.time()
                 if left <= 0:
                     log.warning("control: %d of %d nodes answered", len(answers), heard)
-                    break
+                    raise IncompleteAnswers(answers, heard)
                 try:
                     await asyncio.wait_for(arrived.wait(), left)
                 except TimeoutError:

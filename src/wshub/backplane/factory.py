@@ -30,7 +30,7 @@ def make_backplane(config: Config, *, on_rejoined: Callable[[], None]) -> Backpl
             config.redis_target,
             node_id,
             node_ttl=config.node_ttl,
-            prefix=config.cluster_name,
+            prefix=config.redis_prefix,
             on_rejoined_after_reap=on_rejoined,
         )
     return MemoryBackplane(node_id, node_ttl=config.node_ttl)

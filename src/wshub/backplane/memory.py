@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 
 from ..ids import ConnectionId, NodeId
 from ..rooms import RoomName
@@ -151,6 +152,19 @@ class MemoryBackplane(ViewKeeper):
         # Micro-optimization: a lone node (the embedded default) has no one to tell.
         if channel is not None and (len(channel) > 1 or self.node_id not in channel):
             self.broker.publish(envelope)
+
+    def publish_relays(
+        self, room: RoomName, sender: ConnectionId, payloads: Sequence[bytes]
+    ) -> None:
+        # A lone node's run costs one look at the channel, not an Envelope
+        # and a look per message. Asked once for the run, the question has
+        # the answer it would have had for each: the run is published in one
+        # step of the loop, and a peer subscribes in a step of its own (the
+        # broker is this process's), before or after, never in between.
+        channel = self.broker.channels.get(room)
+        if channel is not None and (len(channel) > 1 or self.node_id not in channel):
+            for payload in payloads:
+                self.broker.publish(Envelope(self.node_id, EventKind.RELAY, room, sender, payload))
 
     def ready(self) -> tuple[bool, str]:
         return True, "in-memory backplane"

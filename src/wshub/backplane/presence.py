@@ -23,7 +23,7 @@ names the user as the events it replaces would have.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ..ids import ConnectionId, NodeId
@@ -106,9 +106,13 @@ class PresenceView:
         snapshot: dict[NodeId, set[ConnectionId]],
         now: float,
         users: Mapping[ConnectionId, str] | None = None,
+        unsure: Collection[NodeId] = (),
     ) -> ViewChange:
         """Correct the view from a snapshot of every other node's presence
-        (and the user ids of its authenticated connections)."""
+        (and the user ids of its authenticated connections). The connections
+        of the *unsure* nodes, whose presence in the snapshot may be
+        incomplete (one that has not registered again in a Redis that came
+        back empty), are added but never removed."""
         change = ViewChange()
         known = users or {}
         for node, conns in snapshot.items():
@@ -119,6 +123,8 @@ class PresenceView:
                     if user is not None:
                         change.users[conn] = user
         for node in list(self.nodes):
+            if node in unsure:
+                continue
             present = snapshot.get(node, set())
             for conn, since in list(self.nodes[node].items()):
                 if conn not in present and now - since > self.grace:

@@ -67,7 +67,7 @@ import logging
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from redis.exceptions import RedisClusterException, RedisError
@@ -122,6 +122,7 @@ PUBLISH_QUEUE_LIMIT = 16 * 1024 * 1024
 PUBLISH_MAX_AGE = 1.0
 """Seconds an envelope may wait for its pipeline; older is dropped, not sent late."""
 _STOP_TIMEOUT = 3.0  # seconds for the background tasks to end once cancelled
+_MAX_BACKOFF = 5.0  # seconds: the longest wait between two reconnects
 
 
 async def _within(coro: Any, timeout: float) -> Any:
@@ -159,7 +160,7 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
 def backoff_delays(
     initial: float = 0.1,
     factor: float = 2.0,
-    cap: float = 5.0,
+    cap: float = _MAX_BACKOFF,
     rand: Callable[[], float] = random.random,
 ) -> Iterator[float]:
     """Reconnect delays: exponential with full jitter, capped (pure)."""
@@ -239,6 +240,9 @@ class RedisBackplane(ViewKeeper):
         self._changed = asyncio.Event()
         self._acks: dict[str, asyncio.Future[None]] = {}
         self._nodes = 1
+        # Nodes of our views found missing from {p}:nodes, and since when.
+        self._missing_since: dict[NodeId, float] = {}
+        self._registered = False  # once in this run (see _announce_previous_run)
         # Figures for /metrics.
         self.published = 0
         self.forward_failures = 0
@@ -478,7 +482,10 @@ class RedisBackplane(ViewKeeper):
         pipe = self._redis.pipeline(transaction=False)
         for room in rooms:
             pipe.hgetall(self.keys.presence(room))
+        if not initial:
+            pipe.smembers(self.keys.nodes)
         results = await pipe.execute()
+        unsure = set() if initial else self._unregistered({NodeId(_text(n)) for n in results.pop()})
         for room, found in zip(rooms, results, strict=True):
             snapshot: dict[NodeId, set[ConnectionId]] = defaultdict(set)
             users: dict[ConnectionId, str] = {}
@@ -488,9 +495,36 @@ class RedisBackplane(ViewKeeper):
                 snapshot[NodeId(node)].add(conn)
                 if tab:
                     users[conn] = user
-            self.apply_snapshot(room, snapshot, users=users, initial=initial)
+            self.apply_snapshot(room, snapshot, users=users, initial=initial, unsure=unsure)
+
+    def _unregistered(self, registered: set[NodeId]) -> set[NodeId]:
+        """The nodes of our views that are not in ``{p}:nodes`` and may yet
+        register again: their presence is missing from the snapshot only
+        because Redis came back empty (restarted, flushed) and they have not
+        reconnected yet, so a resync must not announce their connections as
+        gone. A node that stays out of the set for longer than any live node
+        takes to register again left without a word we heard (stopped, or
+        killed during the outage): from then on its connections are removed."""
+        now = self.clock()
+        known = {node for view in self.views.values() for node in view.nodes}
+        missing = known - registered
+        since = self._missing_since
+        for node in list(since):
+            if node not in missing:
+                del since[node]
+        # Under a node TTL, so that the resync after the one that first missed
+        # a node (they come every TTL) removes what it left behind.
+        patience = max(0.9 * self.node_ttl, 2 * _MAX_BACKOFF)
+        return {node for node in missing if now - since.setdefault(node, now) < patience}
 
     # -- Publishing -------------------------------------------------------------
+
+    def publish_relays(
+        self, room: RoomName, sender: ConnectionId, payloads: Sequence[bytes]
+    ) -> None:
+        # Each on its own: whether a peer listens is Redis's to know.
+        for payload in payloads:
+            self.publish(Envelope(self.node_id, EventKind.RELAY, room, sender, payload))
 
     def publish(self, envelope: Envelope) -> None:
         kind = envelope.kind
@@ -704,6 +738,9 @@ class RedisBackplane(ViewKeeper):
         self._clock_offset_ms = seconds * 1000 + micros / 1000 - (before + after) * 500
         presence = list(self.handler.local_presence())
         stale = await self._redis.hgetall(keys.conns(node))
+        if not self._registered and not presence and stale:
+            await self._announce_previous_run(stale)
+        self._registered = True
         pipe = self._atomic()
         pipe.sadd(keys.nodes, node)
         pipe.set(keys.alive(node), "1", px=int(self.node_ttl * 1000))
@@ -713,6 +750,35 @@ class RedisBackplane(ViewKeeper):
         for room, cid, user in presence:
             pipe.hset(keys.conns(node), cid, room)
             pipe.hset(keys.presence(room), cid, presence_value(node, user))
+        await pipe.execute()
+
+    async def _announce_previous_run(self, stale: dict[Any, Any]) -> None:
+        """A node restarted under the same ``--node-id`` before its lease
+        expired finds the connections of its last run on record: gone with
+        that process, they are announced as a reaped node's would be, now
+        rather than at the others' next resync. (Only while this run has no
+        connection of its own: a ``lost`` notice takes every connection the
+        others hold for this node id.)"""
+        by_room: dict[RoomName, list[ConnectionId]] = defaultdict(list)
+        for cid, room in stale.items():
+            by_room[RoomName(_text(room))].append(ConnectionId(_text(cid)))
+        log.warning(
+            "%d connections of this node id's last run still on record: announcing them as gone",
+            len(stale),
+        )
+        node = self.node_id
+        pairs = [
+            (
+                self.keys.room(room),
+                encode_envelope(
+                    Envelope(node, EventKind.LOST, room, ConnectionId(node), lost_payload(dead))
+                ),
+            )
+            for room, dead in by_room.items()
+        ]
+        deadline = int((time.time() + PUBLISH_MAX_AGE) * 1000 + self._clock_offset_ms)
+        pipe = self._redis.pipeline(transaction=False)
+        self._add_publications(pipe, pairs, deadline)
         await pipe.execute()
 
     async def _resync(self, rooms: list[RoomName] | None = None) -> None:
@@ -744,6 +810,14 @@ class RedisBackplane(ViewKeeper):
         keys = self.keys
         await self._redis.set(keys.alive(self.node_id), "1", px=int(self.node_ttl * 1000))
         nodes = [_text(n) for n in await self._redis.smembers(keys.nodes)]
+        if self.node_id not in nodes and not self._stopping:
+            # Redis lost our registration without our connection dropping
+            # (FLUSHALL, or a survivor reaped us while we were stalled past
+            # the TTL): register again, as after a reconnect. (Not while we
+            # withdraw it on the way out.)
+            log.warning("this node's presence is gone from redis: registering again")
+            await self._register()
+            await self._resync()
         for node in nodes:
             if node == self.node_id:
                 continue

@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="PID",
         help="read the server's RSS and CPU time from /proc "
-        "(CPU per delivery, memory per connection)",
+        "(CPU per delivery; the server's RSS at the end of a python-engine run; "
+        "memory per connection in idle)",
     )
     add_tls_arguments(p)  # --ca-file, --insecure: the same as wshub client's
     g = p.add_argument_group("load")
@@ -309,6 +310,8 @@ def _headline(res: dict) -> list[str]:
                 res["latency_samples"],
             )
         )
+    if "server_rss_kib" in res and "rss_per_connection_kib" not in res:
+        out.append(f"server RSS {res['server_rss_kib'] / 1024:,.1f} MiB at the end of the run")
     if "rss_per_connection_kib" in res:
         out.append(
             f"server RSS per connection {res['rss_per_connection_kib']} KiB "

@@ -621,6 +621,10 @@ class Window:
             out["server_cpu"] = round(scpu / t, 3)
             if n:
                 out["server_cpu_us_per_delivery"] = round(scpu / n * 1e6, 3)
+        rss = self.server.rss_kib()
+        if rss is not None:
+            # The memory decisions.md 11 asks the report for, under the load just measured.
+            out["server_rss_kib"] = rss
         return out
 
 
@@ -700,13 +704,24 @@ def start_nap(hub: Hub):
     return state
 
 
+def too_few_open(hub: Hub, scenario: str) -> RuntimeError:
+    """The error of a run that could not start, with why its connections
+    failed (an untrusted certificate, a refusal): the only thing the person
+    running it needs to know, which the bare count did not say."""
+    why = f" ({hub.errors[-1]})" if hub.errors else ""
+    if "CERTIFICATE_VERIFY_FAILED" in why:
+        why += ": --ca-file FILE trusts a private CA, --insecure skips the check"
+    opened = len(hub.conns)
+    return RuntimeError(f"{scenario} needs at least 2 open connections, {opened} opened{why}")
+
+
 async def scenario_fanout(hub: Hub, server: ServerProbe, progress: Progress) -> dict:
     cfg = hub.cfg
     conn_info = await open_connections(
         hub, cfg.connections, probe_spacing(cfg.connections, cfg.probes), progress
     )
     if len(hub.conns) < 2:
-        raise RuntimeError("fan-out needs at least 2 open connections")
+        raise too_few_open(hub, "fan-out")
     sender = hub.conns[0]
     ridx = [c.idx for c in hub.conns[1:]]
     counts = hub.counts
@@ -811,7 +826,7 @@ async def _rate_like(
     conn_info = await open_connections(hub, n, probe_spacing(n, cfg.probes), progress)
     conns = hub.conns
     if len(conns) < 2:
-        raise RuntimeError("needs at least 2 open connections")
+        raise too_few_open(hub, cfg.scenario)
     senders = conns[:senders_n]
     recips = len(conns) - 1  # every message goes to everyone but its sender
     enc = Encoder(cfg.protocol, cfg.size)
