@@ -478,7 +478,8 @@ class Config:
     max_handshakes: int | None = _opt(
         None,
         "Sockets on this node that have not finished the upgrade; past it new sockets are "
-        "answered 503 at accept (default: --max-connections; 0: unlimited).",
+        "answered 503 at accept (default: --max-connections plus a tenth, so that a storm "
+        "of --max-connections upgrades leaves room for health checks; 0: unlimited).",
         _optional_count,
         "N",
     )
@@ -728,7 +729,10 @@ class Config:
     def effective_max_handshakes(self) -> int:
         if self.max_handshakes is not None:
             return self.max_handshakes
-        return self.max_connections
+        # A tenth over the node's connections: a storm of --max-connections
+        # sockets all upgrading at once (decisions.md 18) must not fill the
+        # cap, or /healthz, refused at accept before its path is read, is 503.
+        return self.max_connections + self.max_connections // 10
 
     @property
     def effective_max_handshakes_per_ip(self) -> int:
