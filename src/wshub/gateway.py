@@ -151,7 +151,11 @@ class Gateway:
         self._config = config
         self._auth = auth  # None: --auth off, every connection anonymous
         self._now = monotonic
-        self.connecting = 0  # sockets accepted and not upgraded (nor gone) yet
+        # Sockets accepted and not upgraded (nor gone) yet, less those that
+        # asked for a plain HTTP page (/stats itself): decisions.md 6's
+        # CONNECTING is a WebSocket state. The at-accept cap counts them all.
+        self.connecting = 0
+        self._plain_http: set[Connection] = set()
         # Refused requests are logged at most ~5/s per reason (issue 19.4).
         self._refusal_lines = LineLimiter()
         self._fd_budget = _fd_budget(config)
@@ -169,6 +173,7 @@ class Gateway:
         if websockets and config.echo_endpoint == "on":
             socket_routes.append(Route("/echo", self._echo))
         self.router: Router[Connection] = Router([*socket_routes, *routes])
+        self._upgrade_endpoints = {route.endpoint for route in socket_routes}
         self._echo_owner = echo
 
     # -- ConnectionOwner (the HTTP phase) ---------------------------------------
@@ -193,13 +198,32 @@ class Gateway:
         return None
 
     def _handshake_over(self, conn: Connection) -> None:
-        self.connecting -= 1
+        if conn in self._plain_http:
+            self._plain_http.discard(conn)
+        else:
+            self.connecting -= 1
         self._admission.end_handshake(conn.peer)
+
+    def _served_as(self, conn: Connection, upgrade: bool) -> None:
+        """Count *conn* as connecting only while its request is an upgrade (a
+        kept-alive socket may ask for a page, then upgrade)."""
+        if upgrade and conn in self._plain_http:
+            self._plain_http.discard(conn)
+            self.connecting += 1
+        elif not upgrade and conn not in self._plain_http:
+            self._plain_http.add(conn)
+            self.connecting -= 1
 
     def on_request(self, conn: Connection, request: http.Request) -> None:
         """Answer one HTTP request: an endpoint, or the WebSocket upgrade."""
         try:
             route = self.router.match(request)
+        except http.HttpError as exc:
+            self._served_as(conn, upgrade=False)
+            self._http_error(conn, exc, request)
+            return
+        self._served_as(conn, upgrade=route.endpoint in self._upgrade_endpoints)
+        try:
             if route.reads_body:
                 framing = None
             elif not route.max_body:
