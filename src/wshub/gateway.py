@@ -57,10 +57,31 @@ _FD_RESERVE = 32
 """File descriptors kept for the listening sockets, Redis, logs and the like."""
 
 
+def _raise_nofile(config: Config) -> int:
+    """Raise the soft open-files limit towards the hard one, as far as the
+    limits can use (every connection open and every handshake slot full):
+    a soft limit of 1,024, common by default, would refuse a storm far below
+    --max-connections although the hard limit allows it. Returns the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if config.max_connections and config.effective_max_handshakes:
+        wanted = config.max_connections + config.effective_max_handshakes + _FD_RESERVE
+    else:
+        wanted = hard  # unlimited: as many as the system allows
+    if hard != resource.RLIM_INFINITY:
+        wanted = min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):
+            return soft  # refused (a container's limit): the budget says what is left
+        return wanted
+    return soft
+
+
 def _fd_budget(config: Config) -> int:
     """How many client sockets this process can hold: the open-files limit
     minus a reserve. Logged at start when the limits ask for more."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    soft = _raise_nofile(config)
     if soft == resource.RLIM_INFINITY:
         return 1 << 62
     budget = max(1, soft - _FD_RESERVE)
@@ -71,8 +92,9 @@ def _fd_budget(config: Config) -> int:
             "fd_limit_low",
             nofile=soft,
             client_sockets=budget,
-            detail="sockets past this are refused with 503 at accept; raise ulimit -n above "
-            "--max-connections (+ room for handshakes)",
+            detail="sockets past this are refused with 503 at accept; the soft limit is raised "
+            "up to the hard one at start: raise the hard limit (ulimit -Hn, LimitNOFILE=, "
+            "docker --ulimit nofile=) above --max-connections plus --max-handshakes",
         )
     return budget
 
