@@ -66,8 +66,7 @@ class Hub:
 
     def settled(self) -> bool:
         c = self.server.stats()["connections"]
-        # The /stats request itself is the one connection "connecting".
-        return c["node"] == 2 and c["closing"] == 0 and c["connecting"] <= 1
+        return c["node"] == 2 and c["closing"] == 0 and c["connecting"] == 0
 
     def outcome_counts(self) -> dict[str, int]:
         return self.server.stats()["messages"]

@@ -13,6 +13,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from .conftest import TIMEOUT, Client, RedisServer, Server, free_port
+from .waiting import wait_until
 
 _names = itertools.count()
 
@@ -268,3 +269,43 @@ def test_unreachable_redis_at_start_still_serves(make_server) -> None:
     assert srv.get("/readyz")[0] == 503
     a.close()
     b.close()
+
+
+def test_the_node_count_follows_each_lease_refresh(make_server, redis_server) -> None:
+    """/stats backplane.nodes and wshub_cluster_nodes are set at every lease
+    refresh (every TTL/3), not only at each resync (every TTL): with a TTL of
+    9 s, a node that joins is counted by the first one within one refresh."""
+    name = f"t{next(_names)}"
+    args = ("--redis-url", redis_server.url, "--cluster-name", name, "--node-ttl", "9")
+    first = make_server(*args)
+    first.wait_for(lambda: first.stats()["backplane"]["ready"], "the first node up")
+    assert first.stats()["backplane"]["nodes"] == 1
+    second = make_server(*args)
+    joined = time.monotonic()
+    wait_until(lambda: first.stats()["backplane"]["nodes"] == 2, "the second counted", 3 + 1.5)
+    assert first.metric("wshub_cluster_nodes") == 2
+    print(f"\n[figure] the second node counted {time.monotonic() - joined:.1f} s after it listened")
+    second.proc.send_signal(signal.SIGTERM)
+    second.proc.wait(TIMEOUT)
+    wait_until(lambda: first.stats()["backplane"]["nodes"] == 1, "the second gone", 3 + 1.5)
+
+
+def test_a_wrong_redis_password_is_logged_at_warning_without_it(make_server, own_redis) -> None:
+    """A Redis that refuses the node's password: at --log-level warning the
+    start line says why (an auth failure), not only that Redis is not
+    reachable, and the password is in no line."""
+    import redis
+
+    redis.Redis(port=own_redis.port).config_set("requirepass", "right-one")
+    url = f"redis://:wr%21ng-secret@127.0.0.1:{own_redis.port}/0"
+    srv = make_server("--redis-url", url, "--log-level", "warning")
+
+    def start_lines() -> list[str]:
+        return [line for line in srv.stderr_lines if "not reachable yet at start" in line]
+
+    wait_until(lambda: bool(start_lines()), "the start warning")
+    start = start_lines()
+    print("\n[figure]", start[0])
+    assert re.search(r"(?i)WRONGPASS|invalid username-password|auth", start[0]), start[0]
+    log = "".join(srv.stderr_lines)
+    assert "wr%21ng-secret" not in log and "wr!ng-secret" not in log

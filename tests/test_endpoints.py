@@ -11,6 +11,7 @@ from websockets.exceptions import InvalidStatus
 
 from .conftest import TIMEOUT, Server
 from .rawws import RawClient
+from .waiting import wait_until
 
 
 def raw_request(server: Server, request: bytes) -> bytes:
@@ -306,3 +307,24 @@ def test_json_logs_carry_fields(make_server) -> None:
     assert opened["id"] == client.id and opened["origin"] is None and opened["ip"] == "127.0.0.1"
     assert closed["code"] == 1000 and closed["id"] == client.id and closed["duration"] >= 0
     assert all("content" not in e for e in events)
+
+
+def test_a_plain_http_request_is_not_a_connecting_connection(server: Server) -> None:
+    """decisions.md 6: CONNECTING is a WebSocket state. /stats, /metrics and a
+    kept-alive socket that asked for a page are not counted; an upgrade on its
+    way is."""
+    assert server.stats()["connections"]["connecting"] == 0
+    assert server.metric("wshub_connections", 'state="connecting"') == 0
+    with socket.create_connection((server.host, server.port), timeout=TIMEOUT) as upgrading:
+        upgrading.sendall(b"GET /websocket HTTP/1.1\r\n")  # its head not finished yet
+        wait_until(lambda: server.stats()["connections"]["connecting"] == 1, "the upgrade")
+
+
+def test_closed_connections_are_a_running_total(server: Server) -> None:
+    """decisions.md 6 and 12: the CLOSED state, counted in /stats and /metrics."""
+    before = server.stats()["connections"]["closed"]
+    for _ in range(2):
+        client = server.client()
+        client.close()
+    wait_until(lambda: server.stats()["connections"]["closed"] == before + 2, "two closes")
+    assert server.metric("wshub_connections_closed_total") == before + 2

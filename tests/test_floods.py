@@ -19,6 +19,7 @@ import faulthandler
 import json
 import multiprocessing
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -295,6 +296,7 @@ class Sampler(threading.Thread):
         self.peak_at = time.monotonic()
         self.slowest: dict[str, float] = {}
         self.failures: list[str] = []
+        self.rounds = 0  # of all four endpoints
 
     def run(self) -> None:
         try:
@@ -323,6 +325,7 @@ class Sampler(threading.Thread):
                 took = time.monotonic() - start
                 self.slowest[path] = max(self.slowest.get(path, 0.0), took)
                 self._rss()
+            self.rounds += 1
             time.sleep(0.05)
 
     def _rss(self) -> None:
@@ -875,6 +878,49 @@ def test_join_storm(make_server, bystanders, n: int, broadcast: bool) -> None:
         for x in "ab":
             assert chat.broadcasts[x] == caster.sent, f"{x}: broadcasts lost or reordered"
         caster.client.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_storm_of_unfinished_upgrades_leaves_the_probes_answered(make_server, bystanders) -> None:
+    """decisions.md 18 against the default limits: 10,000 sockets (as many as
+    --max-connections) all in the middle of their upgrade at once fill the
+    at-accept handshake cap only if it has no room above --max-connections.
+    /healthz, /readyz, /stats and /metrics, refused at accept before their path
+    is read once the cap is full, are all answered 200 throughout, and the
+    bystanders chat on."""
+    n = 10_000
+    raise_nofile(n + 1000)
+    srv = make_server(*OPEN, *NO_RATE, "--handshake-timeout", "60")
+    chat = bystanders(srv)
+    sampler = Sampler(srv)
+    sampler.start()
+    started = time.monotonic()
+    storm: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            sock = socket.create_connection((srv.host, srv.port), timeout=TIMEOUT)
+            sock.sendall(b"GET /websocket HTTP/1.1\r\nHost: x\r\n")  # the head unfinished
+            storm.append(sock)
+        opened = time.monotonic()
+        wait_until(lambda: srv.stats()["connections"]["connecting"] == n, "the storm accepted", 60)
+        accepted = time.monotonic()
+        # Probes with the whole storm held (each round asks all four endpoints).
+        held_from = sampler.rounds
+        wait_until(lambda: sampler.rounds >= held_from + 10, "10 rounds of probes", 60)
+    finally:
+        sampler.finish()
+        for sock in storm:
+            sock.close()
+    p99 = chat.finish()
+    figure(
+        f"storm of {n:,} unfinished upgrades (default --max-connections and --max-handshakes): "
+        f"sockets open in {opened - started:.1f} s, all accepted at {accepted - started:.1f} s; "
+        f"{sampler.rounds} rounds of probes, {len(sampler.failures)} failed; endpoints slowest "
+        f"({', '.join(f'{k} {v * 1000:.0f} ms' for k, v in sampler.slowest.items())}); "
+        f"bystander p99 {p99 * 1000:.0f} ms"
+    )
+    assert sampler.failures == [], sampler.failures[:5]
+    assert p99 < 1.0
 
 
 def _node_count(srv: Server) -> int:

@@ -57,10 +57,31 @@ _FD_RESERVE = 32
 """File descriptors kept for the listening sockets, Redis, logs and the like."""
 
 
+def _raise_nofile(config: Config) -> int:
+    """Raise the soft open-files limit towards the hard one, as far as the
+    limits can use (every connection open and every handshake slot full):
+    a soft limit of 1,024, common by default, would refuse a storm far below
+    --max-connections although the hard limit allows it. Returns the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if config.max_connections and config.effective_max_handshakes:
+        wanted = config.max_connections + config.effective_max_handshakes + _FD_RESERVE
+    else:
+        wanted = hard  # unlimited: as many as the system allows
+    if hard != resource.RLIM_INFINITY:
+        wanted = min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):
+            return soft  # refused (a container's limit): the budget says what is left
+        return wanted
+    return soft
+
+
 def _fd_budget(config: Config) -> int:
     """How many client sockets this process can hold: the open-files limit
     minus a reserve. Logged at start when the limits ask for more."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    soft = _raise_nofile(config)
     if soft == resource.RLIM_INFINITY:
         return 1 << 62
     budget = max(1, soft - _FD_RESERVE)
@@ -71,8 +92,9 @@ def _fd_budget(config: Config) -> int:
             "fd_limit_low",
             nofile=soft,
             client_sockets=budget,
-            detail="sockets past this are refused with 503 at accept; raise ulimit -n above "
-            "--max-connections (+ room for handshakes)",
+            detail="sockets past this are refused with 503 at accept; the soft limit is raised "
+            "up to the hard one at start: raise the hard limit (ulimit -Hn, LimitNOFILE=, "
+            "docker --ulimit nofile=) above --max-connections plus --max-handshakes",
         )
     return budget
 
@@ -151,7 +173,11 @@ class Gateway:
         self._config = config
         self._auth = auth  # None: --auth off, every connection anonymous
         self._now = monotonic
-        self.connecting = 0  # sockets accepted and not upgraded (nor gone) yet
+        # Sockets accepted and not upgraded (nor gone) yet, less those that
+        # asked for a plain HTTP page (/stats itself): decisions.md 6's
+        # CONNECTING is a WebSocket state. The at-accept cap counts them all.
+        self.connecting = 0
+        self._plain_http: set[Connection] = set()
         # Refused requests are logged at most ~5/s per reason (issue 19.4).
         self._refusal_lines = LineLimiter()
         self._fd_budget = _fd_budget(config)
@@ -169,6 +195,7 @@ class Gateway:
         if websockets and config.echo_endpoint == "on":
             socket_routes.append(Route("/echo", self._echo))
         self.router: Router[Connection] = Router([*socket_routes, *routes])
+        self._upgrade_endpoints = {route.endpoint for route in socket_routes}
         self._echo_owner = echo
 
     # -- ConnectionOwner (the HTTP phase) ---------------------------------------
@@ -193,13 +220,32 @@ class Gateway:
         return None
 
     def _handshake_over(self, conn: Connection) -> None:
-        self.connecting -= 1
+        if conn in self._plain_http:
+            self._plain_http.discard(conn)
+        else:
+            self.connecting -= 1
         self._admission.end_handshake(conn.peer)
+
+    def _served_as(self, conn: Connection, upgrade: bool) -> None:
+        """Count *conn* as connecting only while its request is an upgrade (a
+        kept-alive socket may ask for a page, then upgrade)."""
+        if upgrade and conn in self._plain_http:
+            self._plain_http.discard(conn)
+            self.connecting += 1
+        elif not upgrade and conn not in self._plain_http:
+            self._plain_http.add(conn)
+            self.connecting -= 1
 
     def on_request(self, conn: Connection, request: http.Request) -> None:
         """Answer one HTTP request: an endpoint, or the WebSocket upgrade."""
         try:
             route = self.router.match(request)
+        except http.HttpError as exc:
+            self._served_as(conn, upgrade=False)
+            self._http_error(conn, exc, request)
+            return
+        self._served_as(conn, upgrade=route.endpoint in self._upgrade_endpoints)
+        try:
             if route.reads_body:
                 framing = None
             elif not route.max_body:

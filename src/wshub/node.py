@@ -447,6 +447,7 @@ class Node:
         self.connections.pop(conn.id, None)
         code = conn.close_code if conn.close_code is not None else 1006
         self.counters.closes.inc_label(close_code_label(code))
+        self.counters.closed.inc()
         self.admission.release(conn.ip)
         duration = self.loop.time() - conn.opened_at
         log_event(
@@ -635,6 +636,7 @@ class Node:
                 "connecting": self.gateway.connecting,
                 "open": len(self.connections),
                 "closing": self.n_closing,
+                "closed": self.counters.closed.value,
             },
             "rooms": self.room_count(),
             "messages": {outcome: self.counters.messages.get(outcome) for outcome in OUTCOMES},

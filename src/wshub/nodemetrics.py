@@ -72,6 +72,14 @@ class Counters:
         )
         for close_code in _CLOSE_CODES:
             self.closes.inc_label(close_code, 0)
+        # The CLOSED state of decisions.md 6 as a running total: a closed
+        # connection is gone, so it is counted, not held (the sum of
+        # wshub_closes_total, without summing its labels).
+        self.closed = m.counter(
+            "wshub_connections_closed_total",
+            "WebSocket connections that reached CLOSED (upgraded ones; plain HTTP requests "
+            "are not counted).",
+        )
         self.slow_closes = m.counter(
             "wshub_slow_consumer_closes_total",
             "Connections closed because their send buffer overflowed.",

@@ -191,6 +191,16 @@ def test_sentinel_target_is_parsed_back_or_refused() -> None:
     assert describe_target("redis+sentinel://h:1/m") == "redis+sentinel://h:1/m"
 
 
+def test_a_redis_error_is_logged_without_the_password() -> None:
+    from wshub.backplane.redisconn import redact
+
+    url = "redis://u:s%21cret@h:6379/0"
+    assert redact("AUTH u s!cret refused; s%21cret", url) == "AUTH u *** refused; ***"
+    assert redact("Error 111 connecting to h:6379", "redis://h:6379/0") == (
+        "Error 111 connecting to h:6379"
+    )
+
+
 @pytest.mark.parametrize(
     ("url", "says"),
     [

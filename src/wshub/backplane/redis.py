@@ -77,7 +77,13 @@ from ..logs import LineLimiter, log_event
 from ..rooms import RoomName
 from . import BackplaneHandler, Envelope, EventKind, decode_envelope, encode_envelope
 from .base import ViewKeeper, lost_payload
-from .redisconn import SENTINEL_SCHEME, describe_target, redis_client, watch_failovers
+from .redisconn import (
+    SENTINEL_SCHEME,
+    describe_target,
+    redact,
+    redis_client,
+    watch_failovers,
+)
 
 __all__ = ["RedisBackplane", "backoff_delays", "reap_node"]
 
@@ -240,6 +246,7 @@ class RedisBackplane(ViewKeeper):
         self._changed = asyncio.Event()
         self._acks: dict[str, asyncio.Future[None]] = {}
         self._nodes = 1
+        self._cause = ""  # the last reason Redis was down, for the log only
         # Nodes of our views found missing from {p}:nodes, and since when.
         self._missing_since: dict[NodeId, float] = {}
         self._registered = False  # once in this run (see _announce_previous_run)
@@ -277,7 +284,12 @@ class RedisBackplane(ViewKeeper):
         try:
             await asyncio.wait_for(asyncio.shield(connected), timeout)
         except TimeoutError:
-            log.warning("redis not reachable yet at start; serving local clients meanwhile")
+            # The cause at warning: the later attempts are logged at info, and
+            # a wrong password looks like any outage from /readyz (issue 19.9).
+            log.warning(
+                "redis not reachable yet at start (%s); serving local clients meanwhile",
+                self._cause or f"no answer within {timeout:.1f} s",
+            )
 
     # -- What the cluster subclass (redis_cluster.py) replaces --------------------
 
@@ -383,11 +395,13 @@ class RedisBackplane(ViewKeeper):
         self._reason = "redis connected"
 
     def _set_down(self, reason: str) -> None:
+        reason = redact(reason, self.url)
         if self._up:
             log_event(log, logging.WARNING, "backplane_down", reason=reason)
         else:
             log_event(log, logging.INFO, "backplane_still_down", reason=reason)
         self._up = False
+        self._cause = reason
         # Public (/readyz, /stats): a fixed phrase. Redis error text
         # (addresses, auth failures, bytes from whatever answered) goes to the
         # log (issue 19.9).
@@ -818,12 +832,14 @@ class RedisBackplane(ViewKeeper):
             log.warning("this node's presence is gone from redis: registering again")
             await self._register()
             await self._resync()
+        reaped = 0
         for node in nodes:
             if node == self.node_id:
                 continue
             by_room = await self._reap(node, int(max(60, self.node_ttl * 10)))
             if by_room is None:
                 continue
+            reaped += 1
             log.warning(
                 "reaped node %s: %d connections", node, sum(len(i) for i in by_room.values())
             )
@@ -834,6 +850,10 @@ class RedisBackplane(ViewKeeper):
                         self.node_id, EventKind.LOST, room, ConnectionId(node), lost_payload(dead)
                     )
                 )
+        # /stats backplane.nodes and wshub_cluster_nodes at every refresh, not
+        # only at each resync: a node that joined or was reaped shows within
+        # a third of the TTL (this node counted once, registered again or not).
+        self._nodes = max(1, len(set(nodes) | {self.node_id}) - reaped)
 
     async def _prober(self) -> None:
         """Publish to ourselves; a subscription that stops hearing is rebuilt."""

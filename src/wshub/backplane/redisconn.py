@@ -40,6 +40,7 @@ import logging
 import weakref
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -81,6 +82,18 @@ def describe_target(target: str) -> str:
         return target
     scheme, _, rest = target.partition("://")
     return f"{scheme}://***@{rest.rpartition('@')[2]}"
+
+
+def redact(text: str, target: str) -> str:
+    """*text* (an error from redis-py) with the password of *target* masked,
+    whether it appears as written in the URL or decoded: redis-py's own
+    messages do not carry it, but a log line must not depend on that."""
+    password = urlsplit(target).password if "@" in target else None
+    if not password:
+        return text
+    for form in {password, unquote(password)}:
+        text = text.replace(form, "***")
+    return text
 
 
 class _SentinelRedis(aioredis.Redis):
