@@ -881,12 +881,15 @@ class Connection(Session, asyncio.Protocol):
             # Our Close is out: a client answers it with little more than
             # what was in flight (at most a message). One that keeps sending
             # (a flood we just closed with 1008) would have every frame
-            # parsed until --close-timeout: drop it instead.
+            # parsed until --close-timeout. Past a message's worth its bytes
+            # are read and dropped unparsed (no memory, little work) until it
+            # closes its side or --close-timeout passes; not dropped at once:
+            # closing on its unread bytes would make the kernel reset the
+            # socket, and the reset can overtake our Close frame.
             closing = self._close_state()
-            closing.received += len(data)
             if closing.received > self.settings.max_message_size + 65536:
-                self.abort()
                 return
+            closing.received += len(data)
         self.alive(self.loop.time())
         c_scan = ingest.scan
         if (
@@ -1180,8 +1183,27 @@ class Connection(Session, asyncio.Protocol):
         on (or starts) until the buffer is sent: a client that reads gets
         everything, then the TCP close; one that does not is dropped within
         ``--close-timeout``.
+
+        A client whose Close we have not read (we failed the connection: a
+        frame too big, a protocol error) may still be sending. Closing the
+        socket on its unread bytes would make the kernel send a reset, which
+        can reach the client before it reads our Close frame (its ``send``
+        fails with ECONNRESET). So a plain socket gets a half close instead
+        (a FIN once the buffer is sent), and what the client still sends is
+        read and dropped (:meth:`_receive_frames`) until it closes its side
+        (:meth:`eof_received`) or the abort timer fires.
         """
-        self.transport.close()
+        transport = self.transport
+        ws = self.ws
+        if (
+            isinstance(ws, _FrameProtocol)
+            and ws.close_rcvd is None
+            and not self.gone
+            and transport.can_write_eof()
+        ):
+            transport.write_eof()
+        else:
+            transport.close()
         if self._timer is None:
             self._start_close_timer()
 
