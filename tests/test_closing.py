@@ -1,13 +1,17 @@
-"""How a connection ends: the client reads our Close frame.
+"""How a connection ends: the client reads our Close frame, and only whole
+frames keep a connection alive (decisions.md 6).
 
 * A connection the server fails (1009, 1002, ...) while its client is still
   sending must not end in a TCP reset: closing a socket with unread input
   makes the kernel send RST, and the client's ``send`` then fails with
   ECONNRESET before it reads the Close frame.
+* A client that trickles the bytes of a frame it never finishes is closed by
+  the heartbeat like a silent one.
 """
 
 from __future__ import annotations
 
+import struct
 import time
 
 from .conftest import TIMEOUT
@@ -58,3 +62,74 @@ def test_a_client_that_keeps_sending_after_1009_is_dropped_at_the_close_timeout(
         raw.close()
     assert 0.5 < elapsed < 1 + TIMEOUT, elapsed
     srv.wait_for(lambda: srv.stats()["connections"]["closing"] == 0, "the socket to be gone")
+
+
+HEARTBEAT = ("--heartbeat-interval", "1", "--heartbeat-timeout", "3")
+
+
+def test_a_client_trickling_an_unfinished_frame_gets_1011(make_server) -> None:
+    """1 byte every 0.5 s of a frame it never finishes: not a sign of life."""
+    srv = make_server(*HEARTBEAT)
+    raw, _ = open_raw(srv)
+    frame = encode_frame(0x1, b"x" * 1000)  # 1,006 bytes: 500 s at this pace
+    raw.sock.settimeout(0.5)  # the pace of the trickle, and the wait for the Close
+    start = time.monotonic()
+    closed: tuple[int, str] | None = None
+    try:
+        for byte in frame:
+            assert time.monotonic() - start < 3 + 2 * TIMEOUT, "never closed"
+            raw.send(bytes((byte,)))
+            try:
+                opcode, payload, _ = raw.recv_frame()
+            except TimeoutError:
+                continue
+            if opcode == 0x8:
+                closed = struct.unpack("!H", payload[:2])[0], payload[2:].decode()
+                break
+    finally:
+        raw.close()
+    assert closed == (1011, "heartbeat timeout")
+    assert time.monotonic() - start > 2.5  # the heartbeat's, not a failure of the frame
+
+
+def test_a_client_that_only_answers_pings_with_pongs_stays_open(make_server) -> None:
+    srv = make_server(*HEARTBEAT)
+    raw, _ = open_raw(srv)
+    deadline = time.monotonic() + 5
+    pongs = 0
+    try:
+        raw.sock.settimeout(0.5)
+        while time.monotonic() < deadline:
+            try:
+                opcode, payload, _ = raw.recv_frame()
+            except TimeoutError:
+                continue
+            assert opcode != 0x8, "closed although the client answered every Ping"
+            if opcode == 0x9:
+                raw.send_frame(0xA, payload)
+                pongs += 1
+    finally:
+        raw.close()
+    assert pongs >= 3
+
+
+def test_a_frame_sent_in_pieces_within_the_timeout_keeps_the_client(make_server) -> None:
+    """Parts of a frame that does complete: its completion is the sign of life."""
+    srv = make_server(*HEARTBEAT)
+    raw, _ = open_raw(srv)
+    deadline = time.monotonic() + 5
+    try:
+        raw.sock.settimeout(0.25)
+        while time.monotonic() < deadline:
+            # A Pong in two halves, a read apart (the server parses each
+            # half on its own): unsolicited Pongs are allowed (RFC 6455 5.5.3).
+            frame = encode_frame(0xA, b"still here")
+            raw.send(frame[:5])
+            try:
+                opcode, _, _ = raw.recv_frame()
+                assert opcode != 0x8, "closed although its frames completed"
+            except TimeoutError:
+                pass
+            raw.send(frame[5:])
+    finally:
+        raw.close()

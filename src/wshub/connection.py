@@ -890,7 +890,14 @@ class Connection(Session, asyncio.Protocol):
             if closing.received > self.settings.max_message_size + 65536:
                 return
             closing.received += len(data)
+        # Only a whole frame is a sign of life (decisions.md 6): a client that
+        # trickles a frame it never finishes must not hold its slot for ever.
+        # The read's time is noted first all the same, as the clock of the
+        # rate limit (one float for both, docs/memory.md), and taken back
+        # below if no frame completed (then nothing was charged at that time).
+        previous = self.last_seen
         self.alive(self.loop.time())
+        completed = False
         c_scan = ingest.scan
         if (
             c_scan is not None
@@ -898,11 +905,15 @@ class Connection(Session, asyncio.Protocol):
             and isinstance(self.owner, PlainRelayOwner)
             and self._fast_path_open()
         ):
-            data = self._ingest(c_scan, data)
+            rest = self._ingest(c_scan, data)
+            completed = len(rest) < len(data)  # it takes whole frames only
+            data = rest
         for opcode, chunk in self.settings.scanner.scan(data, self, self._fast_path_open):
             if opcode is None:
-                self._feed_library(chunk)
+                if self._feed_library(chunk):
+                    completed = True
                 continue
+            completed = True
             self._receive_data_frame(_TEXT if opcode == 1 else _BINARY, chunk, True)
             if self._failed:  # the library queued our Close frame: send it
                 self._drain_library_output(self._library().data_to_send())
@@ -916,6 +927,8 @@ class Connection(Session, asyncio.Protocol):
         ):
             ws.release()
             self.ws = _IDLE_LIBRARY  # a control frame set it up: let it go again
+        if not completed:
+            self.last_seen = previous
 
     def _ingest(self, c_scan: ingest.Scan, data: bytes) -> bytes:
         """The simple frames at the start of *data* in one C call; returns
@@ -986,13 +999,14 @@ class Connection(Session, asyncio.Protocol):
             )
         return ws
 
-    def _feed_library(self, data: bytes) -> None:
+    def _feed_library(self, data: bytes) -> bool:
+        """Give the library *data*; True if a whole frame came of it."""
         # *data* is one frame, or a part of one: the scanner feeds the library
         # frame by frame, so what one step allocates stays bounded (a read of
         # 1-byte fragments would otherwise make ~40,000 Frame objects at once).
         ws = self._library()
         if self.state is State.CLOSED or ws.state is FrameState.CLOSED:
-            return
+            return False
         ws.receive_data(data)
         events = ws.events_received()
         # The library answered every Ping of this batch already: its output
@@ -1031,6 +1045,7 @@ class Connection(Session, asyncio.Protocol):
                 continue  # a Pong: a sign of life, noted already
             self.owner.on_rate_limited(self, disconnect=verdict is Admit.DISCONNECT)
         self._drain_library_output(out[pongs:] + ws.data_to_send())
+        return bool(events)
 
     def _send_pong(self, pong: bytes) -> None:
         """Write *pong* now if nothing waits in the buffer; else let it wait
