@@ -64,6 +64,35 @@ def test_a_client_that_keeps_sending_after_1009_is_dropped_at_the_close_timeout(
     srv.wait_for(lambda: srv.stats()["connections"]["closing"] == 0, "the socket to be gone")
 
 
+def test_a_flood_closed_1008_gets_its_close_and_a_prompt_tcp_close(make_server) -> None:
+    """What it floods after our Close is dropped unparsed, so its answer to our
+    Close is lost in it: a FIN after our Close ends the connection, long before
+    --close-timeout, and without a reset."""
+    srv = make_server(
+        "--message-rate",
+        "1",
+        "--message-burst",
+        "1",
+        "--rate-limit-refusals",
+        "2",
+        "--close-timeout",
+        str(3 * TIMEOUT),
+    )
+    raw, _ = open_raw(srv)
+    frame = encode_frame(0x1, b'{"type":"message","content":"' + b"f" * 200 + b'"}')
+    raw.send(frame * 4000)  # ~900 KB: most of it arrives after the 1008
+    code, reason = raw.recv_close()
+    assert code == 1008, (code, reason)
+    start = time.monotonic()
+    try:
+        while raw.sock.recv(65536):  # the FIN that follows our Close
+            pass
+    finally:
+        raw.close()
+    assert time.monotonic() - start < TIMEOUT
+    srv.wait_for(lambda: srv.stats()["connections"]["closing"] == 0, "the socket to be gone")
+
+
 HEARTBEAT = ("--heartbeat-interval", "1", "--heartbeat-timeout", "3")
 
 

@@ -887,9 +887,17 @@ class Connection(Session, asyncio.Protocol):
             # closing on its unread bytes would make the kernel reset the
             # socket, and the reset can overtake our Close frame.
             closing = self._close_state()
-            if closing.received > self.settings.max_message_size + 65536:
+            bound = self.settings.max_message_size + 65536
+            if closing.received > bound:
                 return
             closing.received += len(data)
+            if closing.received > bound:
+                # Its answer to our Close, if any, is lost among what we drop:
+                # a FIN after our Close tells it the end has come, and its
+                # client library then closes its side (eof_received).
+                if self.transport.can_write_eof():
+                    self.transport.write_eof()
+                return
         # Only a whole frame is a sign of life (decisions.md 6): a client that
         # trickles a frame it never finishes must not hold its slot for ever.
         # The read's time is noted first all the same, as the clock of the
