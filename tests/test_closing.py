@@ -14,6 +14,8 @@ from __future__ import annotations
 import struct
 import time
 
+import pytest
+
 from .conftest import TIMEOUT
 from .rawws import encode_frame
 from .test_bad_input import open_raw
@@ -38,6 +40,32 @@ def test_an_over_limit_frame_still_being_sent_gets_1009_not_a_reset(make_server)
         finally:
             raw.close()
         assert code == 1009, (attempt, code, reason)
+
+
+@pytest.mark.parametrize(
+    ("code", "first"),
+    [
+        (1002, encode_frame(0x1, b"x", rsv=1)),  # a reserved bit without an extension
+        (1007, encode_frame(0x1, b"\xff", fin=False)),  # invalid UTF-8, caught per fragment
+    ],
+    ids=["1002", "1007"],
+)
+def test_a_failure_while_the_client_still_sends_gets_its_close_not_a_reset(
+    make_server, code: int, first: bytes
+) -> None:
+    srv = make_server("--ip-connect-rate", "0", "--max-connections-per-ip", "0")
+    # What follows the bad frame: continuations, 8 MiB in all.
+    rest = encode_frame(0x0, b"y" * 60000, fin=False) * (OVER_LIMIT // 60000)
+    for attempt in range(5):
+        raw, _ = open_raw(srv)
+        try:
+            raw.send(first + rest)
+            got, reason = raw.recv_close()
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            raise AssertionError(f"attempt {attempt}: {exc!r} before the Close frame") from None
+        finally:
+            raw.close()
+        assert got == code, (attempt, got, reason)
 
 
 def test_a_client_that_keeps_sending_after_1009_is_dropped_at_the_close_timeout(
