@@ -47,6 +47,9 @@ from .waiting import wait_until
 # budget at its default unless a test says otherwise.
 OPEN = ("--ip-connect-rate", "0", "--max-connections-per-ip", "0")
 NO_RATE = ("--message-rate", "0")
+DROP_FLOODER_SOON = ("--close-timeout", "1")
+"""A flooder closed 1008 that never reads never answers our Close nor sees our
+FIN: it is dropped at --close-timeout (5 s by default), within Flooder.join's wait."""
 
 
 def figure(text: str) -> None:
@@ -492,7 +495,9 @@ def test_control_frame_flood_is_refused_then_closed_1008(
 ) -> None:
     """With the default budget (20 frames/s, burst 40), a flood of control
     frames is treated like a flood of messages: rate_limited, then 1008."""
-    srv = make_server(*OPEN)
+    # After our Close its flood is read and dropped (no reset that could eat
+    # the Close); a flooder that never reads is dropped at --close-timeout.
+    srv = make_server(*OPEN, *DROP_FLOODER_SOON)
     chat = bystanders(srv, pace=0.1)
     raw, raw_id = open_raw(srv, rcvbuf=4096)
     flood = Flooder(raw, frame, 3 * TIMEOUT, batch=50)
@@ -534,7 +539,7 @@ def test_pings_between_fragments(make_server, bystanders) -> None:
     """Pings between the fragments of a message (RFC 6455 5.4) are answered
     and charged: within the budget the message arrives whole, once; a flood
     of them between two fragments closes 1008 and delivers nothing."""
-    srv = make_server(*OPEN)
+    srv = make_server(*OPEN, *DROP_FLOODER_SOON)
     chat = bystanders(srv, pace=0.1)
     good, good_id = open_raw(srv)
     good.send_frame(0x1, b"hel", fin=False)

@@ -881,13 +881,31 @@ class Connection(Session, asyncio.Protocol):
             # Our Close is out: a client answers it with little more than
             # what was in flight (at most a message). One that keeps sending
             # (a flood we just closed with 1008) would have every frame
-            # parsed until --close-timeout: drop it instead.
+            # parsed until --close-timeout. Past a message's worth its bytes
+            # are read and dropped unparsed (no memory, little work) until it
+            # closes its side or --close-timeout passes; not dropped at once:
+            # closing on its unread bytes would make the kernel reset the
+            # socket, and the reset can overtake our Close frame.
             closing = self._close_state()
-            closing.received += len(data)
-            if closing.received > self.settings.max_message_size + 65536:
-                self.abort()
+            bound = self.settings.max_message_size + 65536
+            if closing.received > bound:
                 return
+            closing.received += len(data)
+            if closing.received > bound:
+                # Its answer to our Close, if any, is lost among what we drop:
+                # a FIN after our Close tells it the end has come, and its
+                # client library then closes its side (eof_received).
+                if self.transport.can_write_eof():
+                    self.transport.write_eof()
+                return
+        # Only a whole frame is a sign of life (decisions.md 6): a client that
+        # trickles a frame it never finishes must not hold its slot for ever.
+        # The read's time is noted first all the same, as the clock of the
+        # rate limit (one float for both, docs/memory.md), and taken back
+        # below if no frame completed (then nothing was charged at that time).
+        previous = self.last_seen
         self.alive(self.loop.time())
+        completed = False
         c_scan = ingest.scan
         if (
             c_scan is not None
@@ -895,11 +913,15 @@ class Connection(Session, asyncio.Protocol):
             and isinstance(self.owner, PlainRelayOwner)
             and self._fast_path_open()
         ):
-            data = self._ingest(c_scan, data)
+            rest = self._ingest(c_scan, data)
+            completed = len(rest) < len(data)  # it takes whole frames only
+            data = rest
         for opcode, chunk in self.settings.scanner.scan(data, self, self._fast_path_open):
             if opcode is None:
-                self._feed_library(chunk)
+                if self._feed_library(chunk):
+                    completed = True
                 continue
+            completed = True
             self._receive_data_frame(_TEXT if opcode == 1 else _BINARY, chunk, True)
             if self._failed:  # the library queued our Close frame: send it
                 self._drain_library_output(self._library().data_to_send())
@@ -913,6 +935,8 @@ class Connection(Session, asyncio.Protocol):
         ):
             ws.release()
             self.ws = _IDLE_LIBRARY  # a control frame set it up: let it go again
+        if not completed:
+            self.last_seen = previous
 
     def _ingest(self, c_scan: ingest.Scan, data: bytes) -> bytes:
         """The simple frames at the start of *data* in one C call; returns
@@ -983,13 +1007,14 @@ class Connection(Session, asyncio.Protocol):
             )
         return ws
 
-    def _feed_library(self, data: bytes) -> None:
+    def _feed_library(self, data: bytes) -> bool:
+        """Give the library *data*; True if a whole frame came of it."""
         # *data* is one frame, or a part of one: the scanner feeds the library
         # frame by frame, so what one step allocates stays bounded (a read of
         # 1-byte fragments would otherwise make ~40,000 Frame objects at once).
         ws = self._library()
         if self.state is State.CLOSED or ws.state is FrameState.CLOSED:
-            return
+            return False
         ws.receive_data(data)
         events = ws.events_received()
         # The library answered every Ping of this batch already: its output
@@ -1028,6 +1053,7 @@ class Connection(Session, asyncio.Protocol):
                 continue  # a Pong: a sign of life, noted already
             self.owner.on_rate_limited(self, disconnect=verdict is Admit.DISCONNECT)
         self._drain_library_output(out[pongs:] + ws.data_to_send())
+        return bool(events)
 
     def _send_pong(self, pong: bytes) -> None:
         """Write *pong* now if nothing waits in the buffer; else let it wait
@@ -1180,8 +1206,27 @@ class Connection(Session, asyncio.Protocol):
         on (or starts) until the buffer is sent: a client that reads gets
         everything, then the TCP close; one that does not is dropped within
         ``--close-timeout``.
+
+        A client whose Close we have not read (we failed the connection: a
+        frame too big, a protocol error) may still be sending. Closing the
+        socket on its unread bytes would make the kernel send a reset, which
+        can reach the client before it reads our Close frame (its ``send``
+        fails with ECONNRESET). So a plain socket gets a half close instead
+        (a FIN once the buffer is sent), and what the client still sends is
+        read and dropped (:meth:`_receive_frames`) until it closes its side
+        (:meth:`eof_received`) or the abort timer fires.
         """
-        self.transport.close()
+        transport = self.transport
+        ws = self.ws
+        if (
+            isinstance(ws, _FrameProtocol)
+            and ws.close_rcvd is None
+            and not self.gone
+            and transport.can_write_eof()
+        ):
+            transport.write_eof()
+        else:
+            transport.close()
         if self._timer is None:
             self._start_close_timer()
 
