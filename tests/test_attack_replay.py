@@ -15,6 +15,8 @@ from __future__ import annotations
 import http.client
 import json
 
+import pytest
+
 from .conftest import TIMEOUT, Server
 from .loadtools import rss_kib
 from .rawws import RawClient
@@ -39,37 +41,45 @@ def figure(text: str) -> None:
     print(f"[figure] {text}")
 
 
-def fill_history(srv: Server, rooms: list[str], content: str, n: int = 100) -> None:
-    """*n* backend broadcasts of *content* into each room, on one kept-alive connection."""
+def fill_history(srv: Server, rooms: list[str], content: str, n: int = 100) -> dict[str, str]:
+    """*n* backend broadcasts of *content* into each room, on one kept-alive
+    connection; returns each room's epoch."""
     api = http.client.HTTPConnection(srv.host, srv.port, timeout=TIMEOUT)
     body = {"content": content}
+    epochs = {}
     for room in rooms:
         payload = json.dumps({**body, "room": room})
         for _ in range(n):
             api.request("POST", "/api/publish", payload, {"Authorization": f"Bearer {KEY}"})
             response = api.getresponse()
-            assert response.status == 200, response.read()
-            response.read()
+            assert response.status == 200
+            epochs[room] = json.loads(response.read())["epoch"]
     api.close()
+    return epochs
 
 
-def test_replays_to_clients_that_never_read_count_toward_the_node_bound(make_server) -> None:
+@pytest.mark.parametrize("join", ["history", "since"])
+def test_replays_to_clients_that_never_read_count_toward_the_node_bound(
+    make_server, join: str
+) -> None:
     """40 clients, each alone in a room holding 100 frames of ~6 KB, join with
-    ``?history=100`` and never read (a 4 KiB receive window): ~22 MB of
-    replay against a node bound of 4 MiB. Before: nothing counted (gauge 0),
+    ``?history=100`` (or recover all 100 with ``?since=EPOCH:0``) and never
+    read (a 4 KiB receive window): ~22 MB of replay against a node bound of
+    4 MiB. Before: nothing counted (gauge 0),
     nobody closed, server RSS +20 MiB. After: the biggest holders are closed
     1008 until the node is under its bound, and a client that reads, in
     another room, gets its whole replay and chats as before."""
     srv = make_server(*OPEN, "--api-keys", KEY, "--send-buffer-total", str(TOTAL))
     rooms = [f"r{i}" for i in range(40)]
-    fill_history(srv, rooms, BIG)
+    epochs = fill_history(srv, rooms, BIG)
     fill_history(srv, ["calm"], "hello", n=100)
     baseline = rss_kib(srv.proc.pid)
 
     attackers = []
     for room in rooms:
+        query = "history=100" if join == "history" else f"since={epochs[room]}:0"
         client, status, _ = RawClient.open(
-            srv.host, srv.port, path=f"/websocket/{room}?history=100", rcvbuf=4096
+            srv.host, srv.port, path=f"/websocket/{room}?{query}", rcvbuf=4096
         )
         assert status == 101
         attackers.append(client)
@@ -86,7 +96,7 @@ def test_replays_to_clients_that_never_read_count_toward_the_node_bound(make_ser
         closed = srv.metric("wshub_slow_consumer_closes_total")
         buffered = srv.metric("wshub_send_buffered_bytes")
         figure(
-            f"40 non-readers with ?history=100 of 6 KB frames, --send-buffer-total 4 MiB: "
+            f"40 non-readers with ?{join}= of 100 frames of 6 KB, --send-buffer-total 4 MiB: "
             f"{closed:.0f} closed 1008, {buffered / 1024:.0f} KiB counted, RSS +{grown:.1f} MiB"
         )
         assert srv.metric('wshub_closes_total{code="1008"}') == closed
