@@ -79,10 +79,6 @@ _frames_logger.setLevel(logging.WARNING)
 _TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
 # Admit.ACCEPT as a global: compared once per frame (see session._ACCEPT).
 _ACCEPT: Final = Admit.ACCEPT
-
-_FRAMES_PER_TOKEN_MASK: Final = 0xFF
-"""Every 256th frame of a fragmented message is charged a token of the rate
-limit besides its first (see _receive_data_frame)."""
 _FIRST_RELAY_CODE: Final = ingest.MESSAGE  # the relay codes (MESSAGE, BROADCAST) come last
 _PING, _PONG, _CLOSE = Opcode.PING, Opcode.PONG, Opcode.CLOSE
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
@@ -1106,18 +1102,6 @@ class Connection(Session, asyncio.Protocol):
                 self._fragments = None
                 self._fail(CloseCode.MESSAGE_TOO_BIG, "message has too many frames")
                 return
-            if not fragments.frames & _FRAMES_PER_TOKEN_MASK and not fragments.refused:
-                # Every 256th frame of a message costs a token too: frames cost a
-                # parse each, and at 4,096 frames a message inside the message
-                # budget made one client 40 % of a core. One message at the frame
-                # bound (17 tokens) still passes from a full bucket; a message
-                # refused is one refusal (one strike), however long.
-                verdict = self.admit(self.last_seen)
-                if verdict is not _ACCEPT:
-                    fragments.refused = True  # dropped once whole, as below
-                    if verdict is Admit.DISCONNECT:
-                        owner.on_rate_limited(self, disconnect=True)
-                        return
             if fragments.decoder is not None and not self._check_utf8(
                 fragments.decoder, data, final=fin
             ):
