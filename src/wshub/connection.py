@@ -57,7 +57,7 @@ from websockets.protocol import State as FrameState
 
 from . import http, ingest
 from .errors import CloseCode, Disconnect
-from .framescan import FrameScanner
+from .framescan import FrameScanner, MalformedFrame
 from .history import JoinQuery
 from .ids import ConnectionId
 from .ratelimit import UNLIMITED, MessageLimit
@@ -916,14 +916,20 @@ class Connection(Session, asyncio.Protocol):
             rest = self._ingest(c_scan, data)
             completed = len(rest) < len(data)  # it takes whole frames only
             data = rest
-        for opcode, chunk in self.settings.scanner.scan(data, self, self._fast_path_open):
-            if opcode is None:
-                if self._feed_library(chunk):
-                    completed = True
-                continue
-            completed = True
-            self._receive_data_frame(_TEXT if opcode == 1 else _BINARY, chunk, True)
-            if self._failed:  # the library queued our Close frame: send it
+        try:
+            for opcode, chunk in self.settings.scanner.scan(data, self, self._fast_path_open):
+                if opcode is None:
+                    if self._feed_library(chunk):
+                        completed = True
+                    continue
+                completed = True
+                self._receive_data_frame(_TEXT if opcode == 1 else _BINARY, chunk, True)
+                if self._failed:  # the library queued our Close frame: send it
+                    self._drain_library_output(self._library().data_to_send())
+        except MalformedFrame as exc:  # a header the library would misjudge
+            self.scan_carry = 0
+            if self.state is State.OPEN:
+                self._fail(CloseCode.PROTOCOL_ERROR, str(exc))
                 self._drain_library_output(self._library().data_to_send())
         ws = self.ws
         if (
