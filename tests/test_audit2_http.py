@@ -1,0 +1,85 @@
+"""The HTTP head, second audit pass: Host (RFC 9112 3.2), the asterisk form
+(RFC 9112 3.2.4), and the upgrade's own headers (RFC 6455 4.2.1, 4.4)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from .conftest import TIMEOUT, Server
+
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+UPGRADE = f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\n"
+V13 = "Sec-WebSocket-Version: 13\r\n"
+# Every kind of endpoint: the upgrade, the probes, the JSON, the page.
+ENDPOINTS = [("/websocket", UPGRADE + V13), ("/healthz", ""), ("/stats", ""), ("/", "")]
+
+
+def _status(server: Server, head: str) -> int:
+    """The status the server answers *head* with (a 101 is not waited out)."""
+    with socket.create_connection((server.host, server.port), timeout=TIMEOUT) as sock:
+        sock.sendall(head.encode("latin-1"))
+        answer = b""
+        while b"\r\n" not in answer:
+            chunk = sock.recv(65536)
+            assert chunk, f"closed without an answer: {answer!r}"
+            answer += chunk
+    return int(answer.split(b" ", 2)[1])
+
+
+@pytest.mark.parametrize(("path", "extra"), ENDPOINTS, ids=[p for p, _ in ENDPOINTS])
+@pytest.mark.parametrize(
+    "hosts",
+    [
+        ["a b"],  # a space
+        [""],  # empty: an http URI's host is never empty (RFC 9110 4.2.1)
+        ["a\tb"],
+        ["user@host"],  # userinfo is not part of Host
+        ["a/b"],
+        ["h\xe9"],  # not ASCII
+        ["[::1"],  # an unclosed IP literal
+        [],  # missing
+        ["{h}", "{h}"],  # two, even the same
+    ],
+    ids=["space", "empty", "tab", "userinfo", "slash", "latin1", "bracket", "missing", "two"],
+)
+def test_a_bad_host_is_400_on_every_endpoint(
+    server: Server, path: str, extra: str, hosts: list[str]
+) -> None:
+    """RFC 9112 3.2: a server MUST answer 400 to a request with no Host, more
+    than one, or an invalid one."""
+    here = f"{server.host}:{server.port}"
+    lines = "".join(f"Host: {host.format(h=here)}\r\n" for host in hosts)
+    assert _status(server, f"GET {path} HTTP/1.1\r\n{lines}{extra}\r\n") == 400
+
+
+@pytest.mark.parametrize(("path", "extra"), ENDPOINTS, ids=[p for p, _ in ENDPOINTS])
+def test_a_bad_host_is_400_in_http_1_0_too(server: Server, path: str, extra: str) -> None:
+    """HTTP/1.0 may leave Host out, but one it sends must be valid."""
+    assert _status(server, f"GET {path} HTTP/1.0\r\nHost: a b\r\n{extra}\r\n") in (400,)
+    if not extra:
+        assert _status(server, f"GET {path} HTTP/1.0\r\n\r\n") == 200
+
+
+@pytest.mark.parametrize(
+    "host", ["localhost", "127.0.0.1:{port}", "[::1]:{port}", "example.com:", "a-b.c_d~e%41"]
+)
+def test_valid_hosts_are_served(server: Server, host: str) -> None:
+    head = f"GET /healthz HTTP/1.1\r\nHost: {host.format(port=server.port)}\r\n\r\n"
+    assert _status(server, head) == 200
+
+
+@pytest.mark.parametrize(("path", "extra"), ENDPOINTS, ids=[p for p, _ in ENDPOINTS])
+def test_absolute_form(server: Server, path: str, extra: str) -> None:
+    """The authority of an absolute-form target wins over Host (RFC 9112
+    3.2.2), but the request still needs one valid Host, and the authority
+    must be a valid host itself."""
+    here = f"{server.host}:{server.port}"
+    ok = 101 if extra else 200
+    assert _status(server, f"GET http://{here}{path} HTTP/1.1\r\nHost: other\r\n{extra}\r\n") == ok
+    assert _status(server, f"GET http://{here}{path} HTTP/1.1\r\n{extra}\r\n") == 400
+    assert _status(server, f"GET http://{here}{path} HTTP/1.1\r\nHost: a b\r\n{extra}\r\n") == 400
+    for authority in ("a%2", "u@" + here, ":80", "[::1"):
+        head = f"GET http://{authority}{path} HTTP/1.1\r\nHost: {here}\r\n{extra}\r\n"
+        assert _status(server, head) == 400, authority
