@@ -83,3 +83,17 @@ def test_absolute_form(server: Server, path: str, extra: str) -> None:
     for authority in ("a%2", "u@" + here, ":80", "[::1"):
         head = f"GET http://{authority}{path} HTTP/1.1\r\nHost: {here}\r\n{extra}\r\n"
         assert _status(server, head) == 400, authority
+
+
+@pytest.mark.parametrize("version", ["HTTP/1.1", "HTTP/1.0"])
+def test_options_asterisk_is_404(server: Server, version: str) -> None:
+    """OPTIONS * (RFC 9112 3.2.4) is a valid request for the server as a whole,
+    which has no route: 404, as decisions.md 1 says of anything else (it was
+    400, a malformed target). OPTIONS on an endpoint stays 405 with Allow, on
+    an unknown path 404; the asterisk with any other method is malformed."""
+    here = f"Host: {server.host}:{server.port}\r\n"
+    assert _status(server, f"OPTIONS * {version}\r\n{here}\r\n") == 404
+    assert _status(server, f"OPTIONS /healthz {version}\r\n{here}\r\n") == 405
+    assert _status(server, f"OPTIONS /nope {version}\r\n{here}\r\n") == 404
+    for method in ("GET", "HEAD", "POST"):
+        assert _status(server, f"{method} * {version}\r\n{here}\r\n") == 400

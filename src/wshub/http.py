@@ -176,7 +176,13 @@ def parse_request_head(buffer: bytes | bytearray) -> tuple[Request, int] | None:
     if _BAD_TARGET.search(target):
         raise HttpError(400, "malformed request target")
     authority = None
-    if not target.startswith(b"/"):
+    if target == b"*" and method == b"OPTIONS":
+        # The asterisk form (RFC 9112 3.2.4): the server as a whole. A valid
+        # request, answered by the route table like any path it has no row
+        # for: 404 (decisions.md 1, "anything else"); 405 would need an Allow
+        # naming the methods of a resource, and "*" is none.
+        pass
+    elif not target.startswith(b"/"):
         authority, target = _origin_form(target)
     if version != b"HTTP/1.1" and version != b"HTTP/1.0":
         raise HttpError(400, "malformed HTTP version")
