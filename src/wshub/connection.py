@@ -1213,23 +1213,21 @@ class Connection(Session, asyncio.Protocol):
         everything, then the TCP close; one that does not is dropped within
         ``--close-timeout``.
 
-        A client whose Close we have not read (we failed the connection: a
-        frame too big, a protocol error) may still be sending. Closing the
-        socket on its unread bytes would make the kernel send a reset, which
-        can reach the client before it reads our Close frame (its ``send``
-        fails with ECONNRESET). So a plain socket gets a half close instead
-        (a FIN once the buffer is sent), and what the client still sends is
-        read and dropped (:meth:`_receive_frames`) until it closes its side
-        (:meth:`eof_received`) or the abort timer fires.
+        A client may still be sending: one whose Close we have not read (we
+        failed the connection: a frame too big, a protocol error), and one
+        that sent its Close and data after it anyway (RFC 6455 5.5.1 says it
+        must not; the data is ignored). Closing the socket on its unread
+        bytes would make the kernel send a reset, which can reach the client
+        before it reads our Close frame (its ``send`` or ``recv`` fails with
+        ECONNRESET). So a plain socket gets a half close instead (a FIN once
+        the buffer is sent), and what the client still sends is read and
+        dropped (:meth:`_receive_frames`) until it closes its side
+        (:meth:`eof_received`, one round trip for a client that behaves) or
+        the abort timer fires.
         """
         transport = self.transport
         ws = self.ws
-        if (
-            isinstance(ws, _FrameProtocol)
-            and ws.close_rcvd is None
-            and not self.gone
-            and transport.can_write_eof()
-        ):
+        if isinstance(ws, _FrameProtocol) and not self.gone and transport.can_write_eof():
             transport.write_eof()
         else:
             transport.close()
