@@ -1090,6 +1090,19 @@ class Connection(Session, asyncio.Protocol):
         else:
             fragments = self._fragments
             assert fragments is not None  # the library refuses a stray continuation
+            # Every frame costs a token, continuations too (decisions.md 8).
+            # One over the budget refuses the whole message, answered once at
+            # its end: its frames are still read (the stream stays in step),
+            # the later ones paid for without adding a strike.
+            if fragments.refused:
+                self.charge(self.last_seen)
+            else:
+                verdict = self.admit(self.last_seen)
+                if verdict is Admit.DISCONNECT:
+                    self._fragments = None
+                    owner.on_rate_limited(self, disconnect=True)
+                    return
+                fragments.refused = verdict is Admit.REFUSE
             fragments.parts += data
             fragments.frames += 1
             if fragments.frames > self.settings.max_message_frames:
