@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 
 import pytest
 
@@ -97,3 +98,67 @@ def test_options_asterisk_is_404(server: Server, version: str) -> None:
     assert _status(server, f"OPTIONS /nope {version}\r\n{here}\r\n") == 404
     for method in ("GET", "HEAD", "POST"):
         assert _status(server, f"{method} * {version}\r\n{here}\r\n") == 400
+
+
+def _upgrade(
+    host: str, *, connection: str = "Upgrade", upgrade: str = "websocket", key: str = KEY
+) -> str:
+    return (
+        f"GET /websocket HTTP/1.1\r\nHost: {host}\r\nUpgrade: {upgrade}\r\n"
+        f"Connection: {connection}\r\nSec-WebSocket-Key: {key}\r\n{V13}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "status"),
+    [
+        # RFC 6455 4.2.1: the tokens are case-insensitive, Connection a list.
+        ("Connection list", lambda h: _upgrade(h, connection="keep-alive, Upgrade"), 101),
+        ("Upgrade: WebSocket", lambda h: _upgrade(h, upgrade="WebSocket"), 101),
+        ("Upgrade list", lambda h: _upgrade(h, upgrade="h2c, websocket"), 101),
+        ("Connection without upgrade", lambda h: _upgrade(h, connection="keep-alive"), 426),
+        # The key: base64 of 16 bytes, nothing else (4.2.1 item 5).
+        ("key not base64", lambda h: _upgrade(h, key="!" * 24), 400),
+        ("key of 17 bytes", lambda h: _upgrade(h, key="A" * 23 + "="), 400),
+        ("key of 15 bytes", lambda h: _upgrade(h, key="A" * 20), 400),
+        # RFC 9112 5.2: obs-fold is refused (400) rather than unfolded.
+        ("obs-fold", lambda h: _upgrade(h) + "X-A: a\r\n b\r\n", 400),
+        ("obs-fold tab", lambda h: _upgrade(h) + "X-A: a\r\n\tb\r\n", 400),
+        # RFC 9112 5.1: no white space between a field name and its colon.
+        ("space before colon", lambda h: _upgrade(h) + "X-A : b\r\n", 400),
+        ("bare CR in a value", lambda h: _upgrade(h) + "X-A: a\rb\r\n", 400),
+        ("NUL in a value", lambda h: _upgrade(h) + "X-A: a\x00b\r\n", 400),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_upgrade_heads_against_rfc_6455_4_2_1(
+    server: Server, name: str, make: Callable[[str], str], status: int
+) -> None:
+    assert _status(server, make(f"{server.host}:{server.port}") + "\r\n") == status, name
+
+
+def test_version_8_is_426_naming_13(server: Server) -> None:
+    """RFC 6455 4.4: an unsupported version is answered with the versions the
+    server speaks, in Sec-WebSocket-Version."""
+    host = f"{server.host}:{server.port}"
+    head = _upgrade(host).replace(V13, "Sec-WebSocket-Version: 8\r\n") + "\r\n"
+    with socket.create_connection((server.host, server.port), timeout=TIMEOUT) as sock:
+        sock.sendall(head.encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)
+            assert chunk
+            answer += chunk
+    lines = answer.split(b"\r\n\r\n")[0].lower().split(b"\r\n")
+    assert lines[0].startswith(b"http/1.1 426")
+    assert b"sec-websocket-version: 13" in lines
+    assert b"upgrade: websocket" in lines
+
+
+@pytest.mark.parametrize("target", ["/websocket#x", "/healthz#x", "/healthz?x#y", "/#"])
+def test_a_fragment_in_the_target_is_400(server: Server, target: str) -> None:
+    """RFC 9112 3.2: a request target has no fragment ("#" is in neither its
+    path nor its query, RFC 3986 3.3-3.5); it was 404, 400 or 200 depending
+    on where the "#" fell."""
+    head = f"GET {target} HTTP/1.1\r\nHost: {server.host}:{server.port}\r\n\r\n"
+    assert _status(server, head) == 400

@@ -73,7 +73,8 @@ _TOKEN_CHARS: Final = frozenset(
 # The byte-by-byte checks of a head as one regex scan each: a kept-alive API
 # client sends a head per request, and a Python loop per byte cost more than
 # the rest of the request's handling.
-_BAD_TARGET: Final = re.compile(rb"[^\x21-\x7e]")
+# Visible ASCII but "#": a fragment is never sent (RFC 9112 3.2, RFC 3986 3.5).
+_BAD_TARGET: Final = re.compile(rb"[^\x21-\x22\x24-\x7e]")
 _BAD_VALUE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _BARE_LF: Final = re.compile(rb"(?<!\r)\n")
 # RFC 9110 7.2 / RFC 3986 3.2.2: Host is uri-host [ ":" port ], uri-host an IP
