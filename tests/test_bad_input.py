@@ -843,8 +843,11 @@ def test_fragment_assembly_memory_is_proportional_to_the_bytes(make_server) -> N
     bytes in 4,000 fragments of 16 bytes (under the 64 KiB and 4096-frame
     limits, never finished) may cost at most 4x those bytes, and give it back
     when they leave. (65,000 one-byte fragments were the case before
-    --max-message-frames; they now close 1009.)"""
-    srv = make_server("--ip-connect-rate", "0", "--max-connections-per-ip", "0")
+    --max-message-frames; they now close 1009.) Without a frame budget: every
+    fragment costs a token, so the sync Ping would find none left."""
+    srv = make_server(
+        "--ip-connect-rate", "0", "--max-connections-per-ip", "0", "--message-rate", "0"
+    )
     clients = 8
     held = 64_000
     raws = []
