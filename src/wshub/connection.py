@@ -57,7 +57,7 @@ from websockets.protocol import State as FrameState
 
 from . import http, ingest
 from .errors import CloseCode, Disconnect
-from .framescan import FrameScanner
+from .framescan import FrameScanner, MalformedFrame
 from .history import JoinQuery
 from .ids import ConnectionId
 from .ratelimit import UNLIMITED, MessageLimit
@@ -926,14 +926,20 @@ class Connection(Session, asyncio.Protocol):
             rest = self._ingest(c_scan, data)
             completed = len(rest) < len(data)  # it takes whole frames only
             data = rest
-        for opcode, chunk in self.settings.scanner.scan(data, self, self._fast_path_open):
-            if opcode is None:
-                if self._feed_library(chunk):
-                    completed = True
-                continue
-            completed = True
-            self._receive_data_frame(_TEXT if opcode == 1 else _BINARY, chunk, True)
-            if self._failed:  # the library queued our Close frame: send it
+        try:
+            for opcode, chunk in self.settings.scanner.scan(data, self, self._fast_path_open):
+                if opcode is None:
+                    if self._feed_library(chunk):
+                        completed = True
+                    continue
+                completed = True
+                self._receive_data_frame(_TEXT if opcode == 1 else _BINARY, chunk, True)
+                if self._failed:  # the library queued our Close frame: send it
+                    self._drain_library_output(self._library().data_to_send())
+        except MalformedFrame as exc:  # a header the library would misjudge
+            self.scan_carry = 0
+            if self.state is State.OPEN:
+                self._fail(CloseCode.PROTOCOL_ERROR, str(exc))
                 self._drain_library_output(self._library().data_to_send())
         ws = self.ws
         if (
@@ -1094,6 +1100,19 @@ class Connection(Session, asyncio.Protocol):
         else:
             fragments = self._fragments
             assert fragments is not None  # the library refuses a stray continuation
+            # Every frame costs a token, continuations too (decisions.md 8).
+            # One over the budget refuses the whole message, answered once at
+            # its end: its frames are still read (the stream stays in step),
+            # the later ones paid for without adding a strike.
+            if fragments.refused:
+                self.charge(self.last_seen)
+            else:
+                verdict = self.admit(self.last_seen)
+                if verdict is Admit.DISCONNECT:
+                    self._fragments = None
+                    owner.on_rate_limited(self, disconnect=True)
+                    return
+                fragments.refused = verdict is Admit.REFUSE
             fragments.parts += data
             fragments.frames += 1
             if fragments.frames > self.settings.max_message_frames:
@@ -1217,23 +1236,21 @@ class Connection(Session, asyncio.Protocol):
         everything, then the TCP close; one that does not is dropped within
         ``--close-timeout``.
 
-        A client whose Close we have not read (we failed the connection: a
-        frame too big, a protocol error) may still be sending. Closing the
-        socket on its unread bytes would make the kernel send a reset, which
-        can reach the client before it reads our Close frame (its ``send``
-        fails with ECONNRESET). So a plain socket gets a half close instead
-        (a FIN once the buffer is sent), and what the client still sends is
-        read and dropped (:meth:`_receive_frames`) until it closes its side
-        (:meth:`eof_received`) or the abort timer fires.
+        A client may still be sending: one whose Close we have not read (we
+        failed the connection: a frame too big, a protocol error), and one
+        that sent its Close and data after it anyway (RFC 6455 5.5.1 says it
+        must not; the data is ignored). Closing the socket on its unread
+        bytes would make the kernel send a reset, which can reach the client
+        before it reads our Close frame (its ``send`` or ``recv`` fails with
+        ECONNRESET). So a plain socket gets a half close instead (a FIN once
+        the buffer is sent), and what the client still sends is read and
+        dropped (:meth:`_receive_frames`) until it closes its side
+        (:meth:`eof_received`, one round trip for a client that behaves) or
+        the abort timer fires.
         """
         transport = self.transport
         ws = self.ws
-        if (
-            isinstance(ws, _FrameProtocol)
-            and ws.close_rcvd is None
-            and not self.gone
-            and transport.can_write_eof()
-        ):
+        if isinstance(ws, _FrameProtocol) and not self.gone and transport.can_write_eof():
             transport.write_eof()
         else:
             transport.close()

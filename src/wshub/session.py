@@ -94,9 +94,10 @@ class Session:
         return now - self.last_seen
 
     def admit(self, now: float) -> Admit:
-        """Charge one frame against the rate limit: the first frame of a
-        message (data) or a Ping, Pong or Close (control); continuation
-        frames are bounded by the message limits instead."""
+        """Charge one frame against the rate limit: every frame costs a token
+        (decisions.md 8 and 18), a data frame (a continuation included) or a
+        Ping, Pong or Close. One that finds none is refused, and the refusal
+        counts toward the strikes that close the connection."""
         limit = self.limit
         if limit.rate == 0:
             return _ACCEPT
@@ -112,3 +113,18 @@ class Session:
         if self.strikes.add(now):
             return Admit.DISCONNECT
         return Admit.REFUSE
+
+    def charge(self, now: float) -> None:
+        """Take a token for one more frame of a message already refused, if
+        one is left: such frames are paid for like any other, but the
+        message was refused once, so they add no strike (see
+        docs/protocol.md, section 8)."""
+        limit = self.limit
+        if limit.rate == 0:
+            return
+        elapsed = now - self.updated
+        if elapsed > 0:
+            self.tokens = refill(self.tokens, limit.burst, elapsed, limit.rate)
+            self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
