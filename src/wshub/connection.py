@@ -584,6 +584,13 @@ class Connection(Session, asyncio.Protocol):
                 self.transport.pause_reading()
             return
         self._next_request()
+        if self.ws is None and self._buffer is not None and len(self._buffer) > http.MAX_HEAD_SIZE:
+            # More than a head waits behind the request just handled (answered
+            # at once, a publish or a 401, so never "in request" here): stop
+            # reading until the pipeline is served (respond_keep_alive), or a
+            # client that pipelines faster than one request a read grows the
+            # buffer without bound (8 such clients: +129 MiB).
+            self.transport.pause_reading()
 
     def _next_request(self) -> None:
         """Parse and hand over the request at the start of the buffer, if whole."""
@@ -731,7 +738,8 @@ class Connection(Session, asyncio.Protocol):
             return
         self._cancel_timer()
         self._timer = self.loop.call_later(self.settings.handshake_timeout, self._idle_expired)
-        transport.resume_reading()
+        if len(self._buffer) <= http.MAX_HEAD_SIZE:
+            transport.resume_reading()  # else the pipeline is served first (below)
         if self._buffer:
             # On a later pass: a pipeline of many requests is served request
             # by request between other clients' work, not in one deep call.
@@ -766,6 +774,8 @@ class Connection(Session, asyncio.Protocol):
         if expect_continue:
             self.transport.write(http.CONTINUE)
         self._body_received()
+        if phase.body is not None and not self.transport.is_closing():
+            self.transport.resume_reading()  # the rest of the body (reading may be paused)
 
     def _body_received(self) -> None:
         phase = self._phase()

@@ -341,6 +341,7 @@ class Fanout(Generic[R]):
         # Connections seen with unsent bytes, and the sum of what was seen.
         self.held: set[R] = set()
         self.buffered_total = 0
+        self._budget_check = False  # a check of the bound is scheduled (see wrote())
         self._on_slow = on_slow_consumer
         self._on_failed = on_send_failed
         self._queued: list[Audience[R]] = []
@@ -877,6 +878,23 @@ class Fanout(Generic[R]):
             self.held.add(conn)
         else:
             self.held.discard(conn)
+
+    def wrote(self, conn: R, unsent: int) -> None:
+        """Bytes were written to *conn* outside a pass (its welcome and the
+        replay of its ``since`` or ``history``), leaving *unsent* in its
+        buffer: count them toward the node's bound (a replay of 100 large
+        frames is ~600 KB that no pass would otherwise see while the client
+        is alone in its room), checked at the end of this loop pass, once
+        for all the joins in it."""
+        self._seen(conn, unsent)
+        if self.buffered_total > self._total_limit and not self._budget_check:
+            self._budget_check = True
+            self._loop.call_soon(self._check_budget)
+
+    def _check_budget(self) -> None:
+        self._budget_check = False
+        if self.buffered_total > self._total_limit:
+            self._enforce_budget()
 
     def forget(self, conn: R) -> None:
         """*conn*'s socket is gone, and its buffer with it."""

@@ -267,12 +267,16 @@ class Hub(PlainRelayOwner):
             missed=missed if asked else None,
             user_id=user_id,
         )
-        conn.write(text_frame(welcome))
+        frames = [text_frame(welcome)]
         if recovery is not None:
-            for entry in recovery.missed:
-                conn.write(text_frame(protocol.replayed(entry.payload)))
-        for frame in after or ():
-            conn.write(text_frame(frame.payload))
+            frames += [text_frame(protocol.replayed(entry.payload)) for entry in recovery.missed]
+        frames += [text_frame(frame.payload) for frame in after or ()]
+        # One write; what the socket did not take counts toward the node's
+        # --send-buffer-total like anything the fan-out writes (a client
+        # alone in its room would otherwise hold its replay uncounted).
+        unsent = conn.write(frames[0] if len(frames) == 1 else b"".join(frames))
+        if unsent:
+            self._fanout.wrote(conn, unsent)
 
     # -- Joins on Redis (the node runs the reads: clusterhistory.py) ----------------
 
