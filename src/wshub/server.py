@@ -18,6 +18,7 @@ import sys
 import time
 
 from .api import ApiKeys, ApiKeysError
+from .backplane import NodeIdInUse
 from .config import Config
 from .logs import log_event
 from .node import Node
@@ -198,6 +199,11 @@ def run(config: Config, argv: list[str] | None = None) -> int:
         runner = uvloop.run
     try:
         runner(serve(config, tls=tls, api_keys=api_keys))
+    except NodeIdInUse as exc:
+        # Logged by the backplane too; a second live node under one id would
+        # corrupt the cluster's presence, so it does not start.
+        print(f"wshub serve: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(
             f"wshub: cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr
