@@ -23,7 +23,7 @@ from .config import Config
 from .logs import log_event
 from .node import Node
 from .reload import Reloaders
-from .supervisor import REUSE_PORT_ENV, supervise
+from .supervisor import REUSE_PORT_ENV, follow_supervisor, supervise
 from .tls import ServerTLS, TLSError
 
 __all__ = ["run", "serve"]
@@ -191,6 +191,7 @@ def run(config: Config, argv: list[str] | None = None) -> int:
             return 2
     if config.workers > 1:
         return supervise(config, argv or [])
+    follow_supervisor()  # a worker of --workers: stop with the supervisor
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS

@@ -8,11 +8,15 @@ after the node TTL), so every client elsewhere hears ``user_left`` for them.
 SIGTERM or SIGINT is passed on to every worker, which drains as usual;
 SIGHUP is passed on too, and each worker reloads what it can (a worker started
 later reads the files anew anyway). The supervisor itself holds no files.
+Should the supervisor die without passing anything on (SIGKILL, the OOM
+killer), each worker is sent SIGTERM by the kernel and drains (Linux), rather
+than serve on the port with no one to stop or restart it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -21,11 +25,13 @@ import sys
 from .config import Config
 from .ids import new_node_id
 
-__all__ = ["supervise"]
+__all__ = ["follow_supervisor", "supervise"]
 
 log = logging.getLogger("wshub.supervisor")
 
 REUSE_PORT_ENV = "WSHUB_REUSE_PORT"
+SUPERVISOR_PID_ENV = "WSHUB_SUPERVISOR_PID"
+_PR_SET_PDEATHSIG = 1  # prctl(2) option, <linux/prctl.h>
 
 
 class Worker:
@@ -50,7 +56,7 @@ class Worker:
             "1",
             "--node-id",
             self.node_id,
-            env={**os.environ, REUSE_PORT_ENV: "1"},
+            env={**os.environ, REUSE_PORT_ENV: "1", SUPERVISOR_PID_ENV: str(os.getpid())},
         )
         log.info("worker %d started pid=%d node=%s", self.index, self.proc.pid, self.node_id)
 
@@ -113,6 +119,25 @@ async def _supervise(config: Config, argv: list[str]) -> int:
         except TimeoutError:
             worker.proc.kill()
     return 0
+
+
+def follow_supervisor() -> None:
+    """In a worker, before it serves: have the kernel send it SIGTERM when its
+    supervisor dies, so that it drains and exits as when the supervisor is
+    stopped, instead of serving on unmanaged (a supervisor started again
+    would add its workers next to it on the port). Linux only (prctl
+    PR_SET_PDEATHSIG); elsewhere a worker outlives a killed supervisor."""
+    supervisor = os.environ.get(SUPERVISOR_PID_ENV)
+    if not supervisor:
+        return
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return
+    prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != int(supervisor):
+        # It died before the request above: nothing would tell us any more.
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _pass_on_sighup(workers: list[Worker]) -> None:

@@ -1,0 +1,88 @@
+"""``--workers`` at the edges an operator reaches (decisions.md 9): a real
+supervisor with real worker processes on a real redis-server, clients over
+real sockets.
+
+Found by the second cluster audit: the supervisor SIGKILLed (the OOM killer,
+a ``kill -9``, a container runtime that gave up waiting) left its workers
+running on the port with no one to stop or restart them; a supervisor
+started again then added workers next to the orphans (``SO_REUSEPORT``), so
+the port was served by processes nothing managed. A worker now drains and
+exits when its supervisor dies.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from .conftest import TIMEOUT, Client, RedisServer, Server, free_port
+from .test_cluster import _worker_pids
+from .waiting import wait_until
+
+
+def supervisor(redis: RedisServer, port: int, *extra: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wshub", "serve", "--workers", "2", "--port", str(port)]
+        + ["--redis-url", redis.url, "--cluster-name", f"sv{port}", "--log-level", "warning"]
+        + ["--ip-connect-rate", "0", "--max-connections-per-ip", "0", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    lines = [proc.stdout.readline() for _ in range(2)]
+    assert all("listening on" in line for line in lines), lines
+    return proc
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its new parent) is gone too.
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_drain_and_exit_when_their_supervisor_is_killed(
+    redis_server: RedisServer,
+) -> None:
+    port = free_port()
+    proc = supervisor(redis_server, port, "--drain-timeout", "3")
+    workers = _worker_pids(proc.pid)
+    try:
+        assert len(workers) == 2
+        server = Server(proc, "127.0.0.1", port, [])  # type: ignore[arg-type]
+        clients: list[Client] = [server.client() for _ in range(4)]
+        proc.kill()
+        proc.wait()
+        wait_until(
+            lambda: not any(alive(pid) for pid in workers),
+            "both workers to exit",
+            timeout=3 + TIMEOUT,
+        )
+        for client in clients:
+            with pytest.raises(ConnectionClosed) as info:
+                while True:
+                    client.recv(timeout=TIMEOUT)
+            # Drained as on SIGTERM: 1001, not a dropped socket.
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+    finally:
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if proc.returncode is None:
+            proc.kill()
+        proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
