@@ -21,8 +21,11 @@ import os
 import signal
 import time
 
-from .conftest import TIMEOUT, Client, RedisServer, Server
+from wshub.backplane.redis_cluster import ClusterKeys
+
+from .conftest import TIMEOUT, Client, RedisCluster, RedisServer, Server
 from .test_cluster import cluster
+from .test_cluster_redis_cluster import shard_of
 from .waiting import wait_until
 
 
@@ -104,3 +107,42 @@ def test_messages_sent_as_redis_is_killed_reach_the_senders_node_once_in_order(
     assert got == list(range(count))
     own_redis.start()
     wait_until(lambda: a_srv.get("/readyz")[0] == 200, "readyz 200", timeout=TIMEOUT * 2)
+
+
+def test_messages_sent_while_the_rooms_shard_is_frozen_reach_the_senders_node(
+    make_server, own_redis_cluster: RedisCluster
+) -> None:
+    """On a Redis Cluster: the primary holding the room frozen (for less than
+    its cluster-node-timeout, 2 s in the fixture, so that the cluster does not
+    mark it failed meanwhile)."""
+    a_srv, b_srv = cluster(make_server, own_redis_cluster, 2, "--node-ttl", "30")
+    prefix = a_srv.args[a_srv.args.index("--cluster-name") + 1]
+    sender, neighbour = a_srv.client("room"), a_srv.client("room")
+    far = b_srv.client("room")
+    for srv in (a_srv, b_srv):
+        srv.wait_for(lambda srv=srv: srv.stats()["connections"]["cluster"] == 3, "3 members")
+    sender.send({"type": "broadcast", "content": "before"})
+    before = relay(neighbour)
+    assert relay(far)["offset"] == before["offset"] and relay(sender)["content"] == "before"
+    shard = own_redis_cluster.procs[shard_of(own_redis_cluster, ClusterKeys(prefix).room("room"))]
+    assert shard is not None
+    os.kill(shard.pid, signal.SIGSTOP)
+    try:
+        sent = time.monotonic()
+        sender.send({"type": "message", "content": "frozen"})
+        frozen = relay(neighbour)
+        late = time.monotonic() - sent
+    finally:
+        os.kill(shard.pid, signal.SIGCONT)
+    assert frozen["content"] == "frozen" and "offset" not in frozen, frozen
+    assert late < 1.9, late
+    own_redis_cluster.wait_ok()
+    deadline = time.monotonic() + TIMEOUT * 2
+    while True:
+        sender.send({"type": "broadcast", "content": "after"})
+        got = relay(neighbour)
+        if "offset" in got:
+            break
+        assert time.monotonic() < deadline, "no broadcast recorded after the freeze"
+    assert got["offset"] == before["offset"] + 1
+    assert relay(far)["offset"] == got["offset"]
