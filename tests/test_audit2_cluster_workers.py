@@ -16,12 +16,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from websockets.exceptions import ConnectionClosed
 
 from .conftest import TIMEOUT, Client, RedisServer, Server, free_port
 from .test_cluster import _worker_pids
+from .test_cluster_rooms import count
 from .waiting import wait_until
 
 
@@ -86,3 +88,58 @@ def test_workers_drain_and_exit_when_their_supervisor_is_killed(
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+def test_a_killed_workers_clients_are_announced_gone_once_and_counted_out(
+    redis_server: RedisServer,
+) -> None:
+    """SIGKILL to one of two workers: the other worker's clients hear one
+    ``user_left`` for each of its clients (the supervisor's reaping), and no
+    second one when the node TTL and a resync have passed; counts heal."""
+    port = free_port()
+    proc = supervisor(redis_server, port, "--node-ttl", "2")
+    try:
+        server = Server(proc, "127.0.0.1", port, [])  # type: ignore[arg-type]
+        clients = [server.client("w") for _ in range(12)]
+        for client in clients:
+            client.roundtrip()
+        os.kill(_worker_pids(proc.pid)[0], signal.SIGKILL)
+        # Which clients lived on it, and every user_left each survivor hears.
+        heard: dict[str, list[str]] = {}
+        dead: set[str] = set()
+        for client in clients:
+            try:
+                heard[client.id] = presence_until_pong(client)
+            except ConnectionClosed:
+                dead.add(client.id)
+        assert 0 < len(dead) < len(clients)
+        survivors = [c for c in clients if c.id in heard]
+        for client in survivors:
+            while set(heard[client.id]) != dead:
+                heard[client.id].append(
+                    client.recv_type("user_left", timeout=3 * TIMEOUT)["connectionId"]
+                )
+        assert "listening on" in proc.stdout.readline()  # type: ignore[union-attr]
+        # Past a node TTL and a resync (every TTL) after the reaping: nothing more.
+        since = time.monotonic()
+        wait_until(lambda: time.monotonic() - since > 2 * 2 + 1, "two node TTLs", timeout=10)
+        for client in survivors:
+            heard[client.id] += presence_until_pong(client)
+            assert sorted(heard[client.id]) == sorted(dead), "announced twice"
+            assert count(client) == len(survivors)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT * 3) == 0
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def presence_until_pong(client: Client) -> list[str]:
+    """The ids of the ``user_left`` *client* gets before the answer to a ping."""
+    client.send({"type": "ping"})
+    left = []
+    while (frame := client.recv())["type"] != "pong":
+        if frame["type"] == "user_left":
+            left.append(frame["connectionId"])
+    return left
