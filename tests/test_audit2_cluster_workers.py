@@ -143,3 +143,51 @@ def presence_until_pong(client: Client) -> list[str]:
         if frame["type"] == "user_left":
             left.append(frame["connectionId"])
     return left
+
+
+def test_a_second_supervisor_under_the_same_node_id_reaps_none_of_the_firsts_workers(
+    redis_server: RedisServer,
+) -> None:
+    """Two machines started from one configuration, ``--workers 2 --node-id
+    same`` on both (here two ports of one machine, one Redis): the second
+    supervisor's workers find their ids in use and refuse to start; the
+    supervisor must not then reap those ids (they are the first one's live
+    workers, whose clients would all be announced gone), and its restarted
+    workers, under ids of their own, join the cluster."""
+    port1, port2 = free_port(), free_port()
+    name = f"sv{port1}"
+    same = ("--node-id", "same", "--cluster-name", name, "--node-ttl", "3")
+    first = supervisor(redis_server, port1, *same)
+    second = None
+    try:
+        server1 = Server(first, "127.0.0.1", port1, [])  # type: ignore[arg-type]
+        watchers = [server1.client("s") for _ in range(6)]
+        for watcher in watchers:
+            watcher.roundtrip()
+        second = supervisor(redis_server, port2, *same)
+        server2 = Server(second, "127.0.0.1", port2, [])  # type: ignore[arg-type]
+        newcomer = server2.client("s")
+        for watcher in watchers:
+            # Each watcher hears the newcomer join, and nobody leave first.
+            frame = watcher.recv_type("user_joined", "user_left")
+            assert frame["type"] == "user_joined", frame
+            assert frame["connectionId"] == newcomer.id
+            assert presence_until_pong(watcher) == []
+            assert count(watcher) == 7
+        assert newcomer.welcome["connectionCount"] == 7
+        # And past two lease refreshes (every TTL / 3) of the first one's
+        # workers: none of them finds itself reaped and closes its clients.
+        since = time.monotonic()
+        wait_until(lambda: time.monotonic() - since > 2.5, "two lease refreshes", timeout=5)
+        for watcher in watchers:
+            assert presence_until_pong(watcher) == []
+        assert count(newcomer) == 7
+    finally:
+        for proc in (first, second):
+            if proc is None:
+                continue
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(TIMEOUT * 3)
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()

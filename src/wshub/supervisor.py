@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 
 from .config import Config
 from .ids import new_node_id
@@ -30,6 +31,9 @@ __all__ = ["follow_supervisor", "supervise"]
 log = logging.getLogger("wshub.supervisor")
 
 REUSE_PORT_ENV = "WSHUB_REUSE_PORT"
+EXIT_REFUSED = 2
+"""A worker's exit code when it refused to start (``wshub serve``'s usage
+errors, and a node id in use): it registered nothing in Redis."""
 SUPERVISOR_PID_ENV = "WSHUB_SUPERVISOR_PID"
 _PR_SET_PDEATHSIG = 1  # prctl(2) option, <linux/prctl.h>
 
@@ -94,15 +98,16 @@ async def _supervise(config: Config, argv: list[str]) -> int:
                 worker.node_id,
                 task.result(),
             )
-            try:
-                gone = await reap_node(
-                    config.redis_target, worker.node_id, prefix=config.redis_prefix
-                )
+            if task.result() == EXIT_REFUSED:
+                # It refused to start (its node id is in use: another
+                # supervisor started from the same configuration) and
+                # registered nothing: the id's presence is the live holder's,
+                # and reaping it would announce that one's clients gone.
                 log.warning(
-                    "announced %d connections of node %s as gone", len(gone), worker.node_id
+                    "worker %d refused to start: node %s not reaped", worker.index, worker.node_id
                 )
-            except Exception as exc:  # Redis down: the survivors reap it after the TTL
-                log.warning("could not reap node %s now: %s", worker.node_id, exc)
+            else:
+                await _reap(reap_node, config, worker.node_id)
             worker.restarts += 1
             # A worker that keeps crashing is restarted at most once a second.
             await asyncio.sleep(min(1.0, 0.1 * worker.restarts))
@@ -119,6 +124,15 @@ async def _supervise(config: Config, argv: list[str]) -> int:
         except TimeoutError:
             worker.proc.kill()
     return 0
+
+
+async def _reap(reap_node: Callable[..., Awaitable[list[str]]], config: Config, node: str) -> None:
+    """Announce the connections of a worker that died as gone, now."""
+    try:
+        gone = await reap_node(config.redis_target, node, prefix=config.redis_prefix)
+        log.warning("announced %d connections of node %s as gone", len(gone), node)
+    except Exception as exc:  # Redis down: the survivors reap it after the TTL
+        log.warning("could not reap node %s now: %s", node, exc)
 
 
 def follow_supervisor() -> None:
