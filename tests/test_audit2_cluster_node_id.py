@@ -12,6 +12,8 @@ start (tests/test_audit_cluster_presence.py covers that case).
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 
@@ -91,3 +93,37 @@ def test_a_node_whose_id_another_process_took_steps_aside(
     a_srv.wait_for(
         lambda: any("node_id_in_use" in line for line in a_srv.stderr_lines), "the error line"
     )
+
+
+def test_a_twin_that_could_not_reach_redis_at_its_start_steps_aside_at_its_first_connection(
+    make_server, own_redis: RedisServer
+) -> None:
+    """The twin starts while Redis is frozen, so it serves before it could
+    check its id (a node serves its own clients while Redis is unreachable);
+    at its first connection it finds the id held: it closes its clients with
+    1012, writes nothing under the id and says why on /readyz, while the
+    first node's clients hear nothing."""
+    # History off: with it a join waits (up to 5 s) for its read from Redis.
+    (a_srv,) = cluster(
+        make_server, own_redis, 1, "--node-ttl", "30", "--history-size", "0", "--node-id", "twin"
+    )
+    p_srv = make_server(*a_srv.args[:-2], "--node-id", "peer")
+    on_a, on_p = a_srv.client("room"), p_srv.client("room")
+    assert on_a.recv_type("user_joined")["connectionId"] == on_p.id
+    assert own_redis.proc is not None
+    os.kill(own_redis.proc.pid, signal.SIGSTOP)
+    try:
+        twin = make_server(*a_srv.args)  # serves: Redis did not answer within its start wait
+        on_twin = twin.client("room")
+    finally:
+        os.kill(own_redis.proc.pid, signal.SIGCONT)
+    with pytest.raises(ConnectionClosed) as info:
+        while True:
+            on_twin.recv(timeout=TIMEOUT)
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1012
+    twin.wait_for(lambda: b"node id in use" in twin.get("/readyz")[2], "readyz to say why")
+    assert [f for f in frames_until_pong(on_p) if f["type"] != "ping"] == []
+    on_p.send({"type": "user_info"})
+    assert on_p.recv_type("user_info_response")["connectionCount"] == 2
+    on_a.close()
+    on_p.close()

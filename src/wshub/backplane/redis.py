@@ -681,7 +681,7 @@ class RedisBackplane(ViewKeeper):
             except asyncio.CancelledError:
                 raise
             except NodeIdInUse as exc:
-                self._lose_node_id(exc, serving=connected.done())
+                self._lose_node_id(exc)
                 if not connected.done():
                     connected.set_exception(exc)
                     connected.exception()  # retrieved: start() raises it
@@ -845,17 +845,18 @@ class RedisBackplane(ViewKeeper):
                 "give each node its own --node-id"
             )
 
-    def _lose_node_id(self, exc: NodeIdInUse, *, serving: bool) -> None:
+    def _lose_node_id(self, exc: NodeIdInUse) -> None:
         """Another process has this node id: write nothing more under it
-        (its presence is the other's now) and, if this node already serves
-        clients, close them with 1012 so that they reconnect elsewhere (the
-        other process announced them gone when it registered). /readyz says
-        so until the process is stopped."""
+        (its presence is the other's now) and close this node's clients, if
+        it has any yet, with 1012 so that they reconnect elsewhere (the other
+        process announced them gone when it registered, or never heard of
+        them). /readyz says so until the process is stopped. (At start, with
+        no client yet, :meth:`start` raises it: the node refuses to start.)"""
         log_event(log, logging.ERROR, "node_id_in_use", node=self.node_id, detail=str(exc))
         self._stopping = True
         self._id_lost = True
         self._set_down(str(exc))
-        if serving and self.on_rejoined_after_reap is not None:
+        if self.on_rejoined_after_reap is not None:
             self.on_rejoined_after_reap()
 
     async def _announce_previous_run(self, stale: dict[Any, Any]) -> None:
@@ -908,7 +909,7 @@ class RedisBackplane(ViewKeeper):
                 if ticks % 3 == 0:
                     await self._resync()
             except NodeIdInUse as exc:
-                self._lose_node_id(exc, serving=True)
+                self._lose_node_id(exc)
                 self._rebuild = True
                 return
             except _ERRORS as exc:
