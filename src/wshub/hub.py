@@ -561,9 +561,14 @@ class Hub(PlainRelayOwner):
         exclude: Connection | None,
         kind: RelayKind | None,
         excluded_id: ConnectionId | None = None,
+        *,
+        serve_if_lost: bool = True,
     ) -> asyncio.Future[tuple[str, int]] | None:
-        """Through the room's script (None: Redis unreachable, served here)."""
-        if not self._backplane.ready()[0]:
+        """Through the room's script (None: Redis unreachable, served here).
+        A publication Redis does not take in time is served to this node's
+        members all the same, without an offset, unless *serve_if_lost* is
+        False (a backend's, answered 503 instead: it may send it again)."""
+        if not self._backplane.ready()[0] and not shared.pending():
             # Redis unreachable: serve this node's members at once, without an
             # offset (none can be assigned), rather than late or never.
             self._deliver(payload, exclude)
@@ -577,13 +582,25 @@ class Hub(PlainRelayOwner):
         # The connection it skips, here or on another node (a backend's exclude).
         skip = exclude.id if exclude is not None else excluded_id
         future = shared.publish(self.room, payload, sender, kind, skip)
-        future.add_done_callback(partial(self._published, shared))
+        lost = (payload, exclude) if serve_if_lost else None
+        future.add_done_callback(partial(self._published, shared, lost))
         return future
 
-    def _published(self, shared: ClusterHistory, future: asyncio.Future[tuple[str, int]]) -> None:
+    def _published(
+        self,
+        shared: ClusterHistory,
+        lost: tuple[bytes, Connection | None] | None,
+        future: asyncio.Future[tuple[str, int]],
+    ) -> None:
         if future.cancelled() or future.exception() is not None:
-            # At most once: lost, counted.
+            # Not recorded (Redis frozen, or gone with it in flight): lost for
+            # the other nodes (at most once), counted; this node's members
+            # still get it, without an offset, as while Redis is known to be
+            # unreachable (decisions.md 9). In order: publications fail in
+            # the order they were made.
             shared.failed("publish", self.room, None if future.cancelled() else future.exception())
+            if lost is not None:
+                self._deliver(*lost)
             return
         stream = self._stream
         assert stream is not None
@@ -654,7 +671,9 @@ class Hub(PlainRelayOwner):
             return None
         member = None if exclude is None else self.members.get(exclude)
         payload = protocol.encode_relay(kind, sender, content, self._clock())
-        return self._publish_shared(shared, payload, sender, member, kind, exclude)
+        return self._publish_shared(
+            shared, payload, sender, member, kind, exclude, serve_if_lost=False
+        )
 
     def on_binary(self, conn: Connection, data: bytes) -> None:
         self._counters.messages.inc_label("INCOMING")
