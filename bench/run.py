@@ -1073,6 +1073,16 @@ def full_reader(data: dict) -> bool:
     return data["args"].get("reader", "peek") == "full"
 
 
+def every_delivery(data: dict) -> bool:
+    """Whether the latency runs' percentiles are over every delivery (the
+    reading client since 2026-12-03) and not over the probe connections alone."""
+    return any(
+        (r.get("result") or {}).get("latency_of") == "every delivery"
+        for r in data["runs"]
+        if r.get("scenario") == "latency"
+    )
+
+
 def _engine(a: dict) -> str:
     """The generator engine of a run (results saved before --engine existed: python)."""
     return a.get("engine", "python")
@@ -1395,6 +1405,13 @@ def render(data: dict, chart_file: Path = CHART) -> str:
             "rooms, latency and chat. It sends `{\"type\":\"message\",\"content\":\"...\"}` to every "
             "server, so the raw relays relay that envelope and the reader parses JSON from every server alike. "
             "See `docs/benchmarks-native-generator.md`. "
+            + (
+                "The latency scenario's percentiles are over every delivery in the window (each read of "
+                "any connection stamped on arrival), not over the 32 probe connections alone, whose place "
+                "in a server's order of recipients decided part of the figure (docs/latency.md). "
+                if every_delivery(data)
+                else ""
+            )
             if full_reader(data)
             else "The generator's engine: Python (asyncio + uvloop) throughout. "
         )
