@@ -1424,7 +1424,7 @@ def render(data: dict, chart_file: Path = CHART) -> str:
     )
     flags = [f"--runs {a['runs']}", f"--duration {a['duration']:g}", f"--warmup {a['warmup']:g}"]
     flags += [f"--servers {','.join(data['servers'])}", f"--scenarios {','.join(data['scenarios'])}"]
-    flags += [f"--{k.replace('_', '-')}" for k in ("no_ceiling", "no_cluster", "no_profile") if a.get(k)]
+    flags += [f"--{k.replace('_', '-')}" for k in ("no_ceiling", "no_cluster", "no_profile", "no_realtime") if a.get(k)]
     if "reader" in a:
         flags.append(f"--reader {a['reader']}")
     add(f"This page's run: `.venv/bin/python bench/run.py {' '.join(flags)}`.\n")
