@@ -1028,7 +1028,10 @@ static int64_t stamp_at(const uint8_t *p, size_t len, long m);
  * the first delivery to the last (the server's pass as the reader sees it),
  * and the place of the probes in that order (a server that always writes the
  * probes last would show a worse p99 for the same pass). The same method for
- * every server: one clock read per read() of any connection while measuring. */
+ * every server: one clock read per read() of any connection while measuring.
+ * The scenario's latency_ms_* are then over every delivery (ar_all): the
+ * probes are fixed connections, and where a server writes them in its order
+ * moved their figures (docs/latency.md). */
 typedef struct {
     int64_t stamp, first, last;
     int32_t count;
