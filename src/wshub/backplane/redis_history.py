@@ -298,8 +298,12 @@ class RedisHistory:
                 # Before the batch is taken: a check that stalls (a frozen
                 # Redis) leaves what queued meanwhile to the age check below,
                 # and is given up once the oldest is too old to be sent.
-                waited = loop.time() - self._queue[0][3]
-                await _answered(self._fresh(), max(0.05, MAX_AGE - waited), "Redis froze")
+                now = loop.time()
+                if now - self._last_used <= IDLE_CHECK and self._clock_offset_ms is not None:
+                    self._last_used = now  # in use: nothing to check (no timer either)
+                else:
+                    waited = now - self._queue[0][3]
+                    await _answered(self._fresh(), max(0.05, MAX_AGE - waited), "Redis froze")
             except Exception as exc:
                 batch, self._queue = self._queue, []
                 self._queued_bytes = 0
