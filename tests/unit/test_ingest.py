@@ -223,6 +223,35 @@ def test_the_walk_stops_where_framescan_leaves_its_fast_path(
     assert not rest or rest[0][0] is None
 
 
+@given(FRAMES, st.integers(0, 20))
+def test_runs_are_the_relays_in_a_row(
+    frames: list[tuple[int, bytes, bool, bool]], cut: int
+) -> None:
+    """scan(data, limit, True): the items of scan(data, limit), each run of
+    relays in a row as one (RUN, kinds, contents, ends) item."""
+    data = b"".join(frame(op, body, fin=fin, masked=m) for op, body, fin, m in frames)
+    data = data[: max(0, len(data) - cut)]
+    stop, items = _ingest.scan(data, LIMIT)
+    run_stop, runs = _ingest.scan(data, LIMIT, True)
+    assert run_stop == stop
+    expanded: list[tuple[int, bytes, int]] = []
+    previous_was_run = False
+    for item in runs:
+        if item[0] == _ingest.RUN:
+            _, kinds, contents, ends = item
+            assert kinds and not previous_was_run  # runs are whole: never two in a row
+            assert len(kinds) == len(contents) == len(ends) // 8
+            for i, (code, content) in enumerate(zip(kinds, contents, strict=True)):
+                end = int.from_bytes(ends[8 * i : 8 * i + 8], "little")
+                expanded.append((code, content, end))
+            previous_was_run = True
+        else:
+            assert item[0] < _ingest.MESSAGE
+            expanded.append(item)  # type: ignore[arg-type]
+            previous_was_run = False
+    assert expanded == items
+
+
 def test_no_c_ingest_env_turns_it_off() -> None:
     """WSHUB_NO_C_INGEST=1: the Python path, as without a compiler."""
     code = "from wshub import ingest; print(ingest.scan is None)"
