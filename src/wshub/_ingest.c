@@ -66,6 +66,36 @@ is_space(uint32_t c)
            c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000;
 }
 
+/* The bytes a JSON string holds as they are and encode_basestring writes as
+ * they are: printable ASCII but the quote and the backslash. A run of them
+ * is copied in one step (most of a chat message's characters). */
+static int
+copied_as_is(unsigned char b)
+{
+    return b >= 0x20 && b < 0x80 && b != '"' && b != '\\';
+}
+
+/* dst[i] = src[i] ^ mask[i % 4], eight bytes a step: the unmask of a frame
+ * was a step per byte (docs/rooms-perf.md "Session 10"). Both halves of the
+ * 8-byte mask are the 4 mask bytes in memory order, so the byte order of the
+ * machine does not matter. */
+static void
+unmask(unsigned char *dst, const unsigned char *src, Py_ssize_t n, const unsigned char *mask)
+{
+    uint32_t m4;
+    memcpy(&m4, mask, 4);
+    uint64_t m8 = ((uint64_t)m4 << 32) | m4;
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t v;
+        memcpy(&v, src + i, 8);
+        v ^= m8;
+        memcpy(dst + i, &v, 8);
+    }
+    for (; i < n; i++)
+        dst[i] = src[i] ^ mask[i & 3];
+}
+
 static int
 hex4(const unsigned char *p, uint32_t *out)
 {
@@ -157,6 +187,21 @@ plain_relay(const unsigned char *p, Py_ssize_t n, unsigned char *out, Py_ssize_t
     while (pos < stop) {
         unsigned char b = p[pos];
         uint32_t c;
+        if (copied_as_is(b)) {
+            /* The same steps as one character at a time below: each is one
+             * character, copied, and not white space unless a space. */
+            Py_ssize_t start = pos;
+            do {
+                visible |= b != ' ';
+                pos++;
+            } while (pos < stop && copied_as_is(b = p[pos]));
+            memcpy(o, p + start, (size_t)(pos - start));
+            o += pos - start;
+            chars += pos - start;
+            if (chars > MAX_CONTENT_CHARS)
+                return TEXT;
+            continue;
+        }
         if (b == '"') {
             return TEXT; /* the string ends early: something follows it */
         } else if (b == '\\') {
@@ -391,9 +436,7 @@ scan(PyObject *Py_UNUSED(self), PyObject *args)
         if (b0 == 0x82) {
             PyObject *body = PyBytes_FromStringAndSize(NULL, n);
             if (body != NULL) {
-                unsigned char *dst = (unsigned char *)PyBytes_AS_STRING(body);
-                for (Py_ssize_t i = 0; i < n; i++)
-                    dst[i] = src[i] ^ mask[i & 3];
+                unmask((unsigned char *)PyBytes_AS_STRING(body), src, n, mask);
             }
             it = item(BINARY, body, frame_end);
         } else {
@@ -407,8 +450,7 @@ scan(PyObject *Py_UNUSED(self), PyObject *args)
                 }
             }
             unsigned char *plain = scratch, *escaped = scratch + n;
-            for (Py_ssize_t i = 0; i < n; i++)
-                plain[i] = src[i] ^ mask[i & 3];
+            unmask(plain, src, n, mask);
             Py_ssize_t escaped_len = 0;
             int code = plain_relay(plain, n, escaped, &escaped_len);
             if (code == TEXT) {
