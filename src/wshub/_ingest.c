@@ -75,6 +75,24 @@ copied_as_is(unsigned char b)
     return b >= 0x20 && b < 0x80 && b != '"' && b != '\\';
 }
 
+/* copied_as_is() of all eight bytes of v (any byte order), in a few word
+ * operations: (x - 0x01..) & ~x & 0x80.. is nonzero exactly when a byte of x
+ * is zero (a borrow only crosses into the next byte from a zero byte, which
+ * is then flagged itself); with 0x20.. in place of 0x01.. when a byte is
+ * below 0x20, given that no byte has its top bit set (checked first). */
+#define ONES 0x0101010101010101ULL
+#define HIGHS 0x8080808080808080ULL
+
+static int
+all_copied_as_is(uint64_t v)
+{
+    uint64_t quote = v ^ (ONES * '"'), backslash = v ^ (ONES * '\\');
+    uint64_t other = (v & HIGHS) | ((v - ONES * 0x20) & ~v & HIGHS) |
+                     ((quote - ONES) & ~quote & HIGHS) |
+                     ((backslash - ONES) & ~backslash & HIGHS);
+    return other == 0;
+}
+
 /* dst[i] = src[i] ^ mask[i % 4], eight bytes a step: the unmask of a frame
  * was a step per byte (docs/rooms-perf.md "Session 10"). Both halves of the
  * 8-byte mask are the 4 mask bytes in memory order, so the byte order of the
@@ -191,10 +209,18 @@ plain_relay(const unsigned char *p, Py_ssize_t n, unsigned char *out, Py_ssize_t
             /* The same steps as one character at a time below: each is one
              * character, copied, and not white space unless a space. */
             Py_ssize_t start = pos;
-            do {
+            while (stop - pos >= 8) {
+                uint64_t v;
+                memcpy(&v, p + pos, 8);
+                if (!all_copied_as_is(v))
+                    break;
+                visible |= v != ONES * ' ';
+                pos += 8;
+            }
+            while (pos < stop && copied_as_is(b = p[pos])) {
                 visible |= b != ' ';
                 pos++;
-            } while (pos < stop && copied_as_is(b = p[pos]));
+            }
             memcpy(o, p + start, (size_t)(pos - start));
             o += pos - start;
             chars += pos - start;

@@ -162,6 +162,19 @@ def test_every_code_point_raw() -> None:
                 assert body == protocol._escape_string(chr(c))[1:-1].encode()
 
 
+def test_every_byte_at_every_place_of_a_word() -> None:
+    """The content is checked eight bytes at a time while they are printable
+    ASCII: each byte value at each of the places of two words and a tail,
+    among letters and among spaces, judged as the Python path judges it."""
+    head = b'{"type":"message","content":"'
+    for filler in (b"a", b" "):
+        for place in range(19):
+            for value in range(256):
+                content = bytearray(filler * 19)
+                content[place] = value
+                check_same(head + bytes(content) + b'"}')
+
+
 def test_content_length_limit_in_characters() -> None:
     for n, taken in ((1000, True), (1001, False)):
         for ch in ("a", "é", "\U0001f600", "\\/", '\\"', "\\u00e9", "\\ud83d\\ude00"):
