@@ -196,9 +196,10 @@ class PlainRelayOwner:
     __slots__ = ()
 
     def on_plain_relays(self, conn: Connection, kinds: bytes, contents: list[bytes]) -> None:
-        """Plain relays in a row from one read (scan()'s items of a relay
-        code, in order), each past the rate limit and the content checks;
-        their contents are JSON-escaped (see :func:`protocol.encode_plain_relay`).
+        """Plain relays in a row from one read (a run of scan(): their codes,
+        one byte each, and their contents, in order), each past the rate
+        limit and the content checks; their contents are JSON-escaped (see
+        :func:`protocol.encode_plain_relay`).
         Queuing them must not close *conn*: the connection does not look
         again between them."""
         raise NotImplementedError
