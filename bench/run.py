@@ -134,19 +134,27 @@ SERVERS = {
         "wshub",
         lambda port: base_wshub_cmd(port),
     ),
+    # the same base tree with history off: the before of a change to the
+    # rooms path measured against wshub-nohistory (docs/rooms-perf.md).
+    "wshub-base-nohistory": (
+        "wshub, base tree ($WSHUB_BASE_SRC), `--history-size 0`",
+        "wshub",
+        lambda port: base_wshub_cmd(port, ["--history-size", "0"]),
+    ),
 }
 # A variant is run only through the scenarios where it can differ.
 ONLY = {
     "wshub-transport": ("fanout", "latency", "chat"),
     "wshub-nohistory": ("fanout", "latency", "rooms"),
+    "wshub-base-nohistory": ("fanout", "latency", "rooms"),
 }
 
 
-def base_wshub_cmd(port: int) -> list[str]:
+def base_wshub_cmd(port: int, extra: list[str] = ()) -> list[str]:
     base = os.environ.get("WSHUB_BASE_SRC")
     if not base or not (Path(base) / "wshub" / "__init__.py").exists():
         raise SystemExit("wshub-base: set WSHUB_BASE_SRC to a tree's src/ (with wshub/ in it)")
-    cmd = wshub_cmd(port)
+    cmd = wshub_cmd(port, extra)
     args = cmd[cmd.index("serve"):]
     return ["env", f"PYTHONPATH={base}", PY, "-m", "wshub", *args]
 
@@ -1774,6 +1782,7 @@ def chart(data: dict, path: Path = CHART) -> None:
         "wshub-transport": "#90cdf4",
         "wshub-nohistory": "#4299e1",
         "wshub-base": "#a0aec0",
+        "wshub-base-nohistory": "#cbd5e0",
     }
     scen = [
         ("fanout", "fan-out\n(closed loop, 32 in flight)"),
@@ -1834,7 +1843,7 @@ def main() -> int:
     )
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument(
-        "--servers", default=",".join(s for s in SERVERS if s != "wshub-base"), help="comma-separated: " + ",".join(SERVERS)
+        "--servers", default=",".join(s for s in SERVERS if not s.startswith("wshub-base")), help="comma-separated: " + ",".join(SERVERS)
     )
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--duration", type=float, default=8.0, help="measured seconds per scenario (8)")

@@ -79,7 +79,7 @@ _frames_logger.setLevel(logging.WARNING)
 _TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
 # Admit.ACCEPT as a global: compared once per frame (see session._ACCEPT).
 _ACCEPT: Final = Admit.ACCEPT
-_FIRST_RELAY_CODE: Final = ingest.MESSAGE  # the relay codes (MESSAGE, BROADCAST) come last
+_RUN: Final = ingest.RUN
 _PING, _PONG, _CLOSE = Opcode.PING, Opcode.PONG, Opcode.CLOSE
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 
@@ -195,10 +195,11 @@ class PlainRelayOwner:
 
     __slots__ = ()
 
-    def on_plain_relays(self, conn: Connection, relays: list[ingest.Item]) -> None:
-        """Plain relays in a row from one read (scan()'s items of a relay
-        code, in order), each past the rate limit and the content checks;
-        their contents are JSON-escaped (see :func:`protocol.encode_plain_relay`).
+    def on_plain_relays(self, conn: Connection, kinds: bytes, contents: list[bytes]) -> None:
+        """Plain relays in a row from one read (a run of scan(): their codes,
+        one byte each, and their contents, in order), each past the rate
+        limit and the content checks; their contents are JSON-escaped (see
+        :func:`protocol.encode_plain_relay`).
         Queuing them must not close *conn*: the connection does not look
         again between them."""
         raise NotImplementedError
@@ -959,45 +960,60 @@ class Connection(Session, asyncio.Protocol):
         the rest, for the scanner. The same steps, in the same order, as the
         scanner's fast path would take (including asking before each frame
         whether it is still open): only a plain relay skips the str."""
-        stop, items = c_scan(data, self.settings.max_message_size)
+        stop, items = c_scan(data, self.settings.max_message_size, True)
         owner = self.owner
         assert isinstance(owner, PlainRelayOwner)
-        # The accepted relays in a row go to the owner together (one
-        # publication of the batch, docs/rooms-perf.md "Session 8"), before
-        # anything else of the read is answered, so the order is kept. Each
-        # is still charged to the rate limit on its own (decisions.md 8), and
-        # queuing relays closes nothing (on_plain_relays), so the "still
-        # open?" question after each of them has the same answer as before.
-        run: list[ingest.Item] | None = None
+        # The relays in a row come as one run (src/wshub/_ingest.c) and go
+        # to the owner together (one publication, docs/rooms-perf.md
+        # "Session 8"), before anything else of the read is answered, so the
+        # order is kept. The run is charged to the rate limit at once
+        # (admit_many: the same tokens as a call per frame, decisions.md 8);
+        # the relays it refuses are charged one by one as before. Queuing
+        # relays closes nothing (on_plain_relays), so the "still open?"
+        # question after each accepted one had the answer it has after the run.
         for item in items:
-            code = item[0]
-            if code >= _FIRST_RELAY_CODE:
-                # _receive_data_frame's steps for a whole frame within the
-                # size limit, its content already checked in C.
-                verdict = self.admit(self.last_seen)
-                if verdict is _ACCEPT:
-                    if run is None:
-                        run = [item]
-                    else:
-                        run.append(item)
+            if item[0] == _RUN:
+                _, kinds, contents, ends = cast(ingest.Run, item)
+                count = len(kinds)
+                accepted = self.admit_many(self.last_seen, count)
+                if accepted == count:
+                    owner.on_plain_relays(self, kinds, contents)
                     continue
-                if run is not None:
-                    owner.on_plain_relays(self, run)
-                    run = None
-                owner.on_rate_limited(self, disconnect=verdict is Admit.DISCONNECT)
-            else:
-                if run is not None:
-                    owner.on_plain_relays(self, run)
-                    run = None
-                self._receive_data_frame(_TEXT if code == ingest.TEXT else _BINARY, item[1], True)
+                if accepted:
+                    owner.on_plain_relays(self, kinds[:accepted], contents[:accepted])
+                closed_at = self._refuse_relays(kinds, contents, accepted)
+                if closed_at < 0:
+                    continue
+                # The fast path ended at one of them: the rest after it.
+                stop = int.from_bytes(ends[8 * closed_at : 8 * closed_at + 8], "little")
+                break
+            code, body, end = cast(ingest.Item, item)
+            self._receive_data_frame(_TEXT if code == ingest.TEXT else _BINARY, body, True)
             if self._failed:  # the library queued our Close frame: send it
                 self._drain_library_output(self._library().data_to_send())
             if not self._fast_path_open():
-                stop = item[2]
+                stop = end
                 break
-        if run is not None:
-            owner.on_plain_relays(self, run)
         return data[stop:] if stop else data
+
+    def _refuse_relays(self, kinds: bytes, contents: list[bytes], first: int) -> int:
+        """The relays of a run from *first* on, past the tokens: each charged
+        (and refused, or its strike closes the connection) as a frame of its
+        own, as :meth:`_receive_data_frame` would. Returns the index of the
+        one after which the fast path ended, -1 if it did not."""
+        owner = self.owner
+        assert isinstance(owner, PlainRelayOwner)
+        for i in range(first, len(kinds)):
+            verdict = self.admit(self.last_seen)
+            if verdict is _ACCEPT:  # not at the same time (no refill): kept exact all the same
+                owner.on_plain_relays(self, kinds[i : i + 1], contents[i : i + 1])
+                continue
+            owner.on_rate_limited(self, disconnect=verdict is Admit.DISCONNECT)
+            if self._failed:  # the library queued our Close frame: send it
+                self._drain_library_output(self._library().data_to_send())
+            if not self._fast_path_open():
+                return i
+        return -1
 
     def _fast_path_open(self) -> bool:
         ws = self.ws

@@ -420,19 +420,20 @@ class Hub(PlainRelayOwner):
         # PONG: a sign of life, already noted by the connection.
         outcomes["ROUTED"] += 1
 
-    def on_plain_relays(self, conn: Connection, relays: list[ingest.Item]) -> None:
+    def on_plain_relays(self, conn: Connection, kinds: bytes, contents: list[bytes]) -> None:
         """A read's plain relays in a row (wshub._ingest recognised and
-        checked them), published together: :meth:`publish` of each, in
-        order, with the envelopes written in one C call (``ingest.stamp``),
-        one clock read, one offset lookup and one history call for the run.
-        A cluster's room (offsets from Redis) takes them one by one."""
+        checked them: their codes and contents), published together:
+        :meth:`publish` of each, in order, with the envelopes written in one
+        C call (``ingest.stamp``), one clock read, one offset lookup and one
+        history call for the run. A cluster's room (offsets from Redis) takes
+        them one by one."""
         stamp = ingest.stamp
         if self._shared is not None or stamp is None:
-            kinds = ingest.KINDS
-            for code, content, _ in relays:
-                self.on_plain_relay(conn, kinds[code], content)  # type: ignore[arg-type]
+            relay_kinds = ingest.KINDS
+            for code, content in zip(kinds, contents, strict=True):
+                self.on_plain_relay(conn, relay_kinds[code], content)  # type: ignore[arg-type]
             return
-        count = len(relays)
+        count = len(kinds)
         outcomes = self._outcomes
         outcomes["INCOMING"] += count
         outcomes["VALIDATED"] += count
@@ -444,28 +445,28 @@ class Hub(PlainRelayOwner):
         tail = protocol.plain_relay_tail(self._clock())
         history = self._history
         if history is None:
-            payloads, frames, messages = stamp(relays, head_message, head_broadcast, tail, -1)
+            payloads, frames, messages, excluded, sent_alone = stamp(
+                kinds, contents, head_message, head_broadcast, tail, -1, conn
+            )
         else:
             mono = self._monotonic()
             first = history.next_offset(self.room, mono)
-            payloads, frames, messages = stamp(relays, head_message, head_broadcast, tail, first)
+            payloads, frames, messages, excluded, sent_alone = stamp(
+                kinds, contents, head_message, head_broadcast, tail, first, conn
+            )
             history.keep_run(self.room, first, payloads, sender, messages, mono)
         self._backplane.publish_relays(self.room, sender, payloads)
         members = len(self.members)
         sizes = self._fanout_sizes
-        some_messages = True in messages
-        if some_messages:
-            excluded: list[Connection | None] = [conn if m else None for m in messages]
-            sent_alone = messages.count(True)
+        if sent_alone:
             sizes[members - 1] = sizes.get(members - 1, 0) + sent_alone
             if count > sent_alone:
                 sizes[members] = sizes.get(members, 0) + count - sent_alone
         else:
-            excluded = [None] * count
             sizes[members] = sizes.get(members, 0) + count
         if members > 1:
             self._fanout.to_all_many(
-                self.audience, payloads, frames, excluded, conn if some_messages else None
+                self.audience, payloads, frames, excluded, conn if sent_alone else None
             )
         elif members:  # the sender alone: its broadcasts come back to it, its messages go nowhere
             for payload, is_message in zip(payloads, messages, strict=True):

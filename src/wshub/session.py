@@ -93,6 +93,26 @@ class Session:
     def silent_for(self, now: float) -> float:
         return now - self.last_seen
 
+    def admit_many(self, now: float, count: int) -> int:
+        """:meth:`admit` of *count* (>= 1) frames read at one time *now*, as far as
+        they are accepted: how many from the first are. The same tokens are
+        taken as by that many calls (one refill, then one token a frame: a
+        float less an integer below 2**53 is exact, so ``tokens - k`` is what
+        k subtractions of 1 leave); the first refused frame, and any after
+        it, are the caller's to charge with :meth:`admit` (its strikes)."""
+        limit = self.limit
+        if limit.rate == 0:
+            return count
+        elapsed = now - self.updated
+        if elapsed > 0:
+            self.tokens = refill(self.tokens, limit.burst, elapsed, limit.rate)
+            self.updated = now
+        tokens = self.tokens
+        taken = count if tokens >= count else int(tokens)  # tokens >= 0: int() is floor
+        if taken:
+            self.tokens = tokens - taken
+        return taken
+
     def admit(self, now: float) -> Admit:
         """Charge one frame against the rate limit: every frame costs a token
         (decisions.md 8 and 18), a data frame (a continuation included) or a
