@@ -104,7 +104,7 @@ def test_messages_sent_as_redis_is_killed_reach_the_senders_node_once_in_order(
             own_redis.proc.wait()
         sender.roundtrip()  # a steady sender: one message per round trip
     got = [int(relay(neighbour)["content"]) for _ in range(count)]
-    assert got == list(range(count))
+    assert got == list(range(count)), str(got)
     own_redis.start()
     wait_until(lambda: a_srv.get("/readyz")[0] == 200, "readyz 200", timeout=TIMEOUT * 2)
 

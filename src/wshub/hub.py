@@ -118,6 +118,7 @@ class Hub(PlainRelayOwner):
         "_monotonic",
         "_shared",
         "_stream",
+        "_unsettled",
         "_prepared",
     )
 
@@ -157,6 +158,10 @@ class Hub(PlainRelayOwner):
         # every frame, this node's own too, from the subscription (roomstream.py).
         self._shared = shared
         self._stream = RoomStream() if shared is not None else None
+        # This room's publications whose outcome is not handled yet (their
+        # done callbacks not run): while any is, a new one must not be served
+        # ahead of it, even when Redis is known to be unreachable.
+        self._unsettled = 0
         self._prepared: dict[ConnectionId, tuple[Recovery | None, list[Recorded] | None]] = {}
 
     def count(self) -> int:
@@ -569,7 +574,7 @@ class Hub(PlainRelayOwner):
         A publication Redis does not take in time is served to this node's
         members all the same, without an offset, unless *serve_if_lost* is
         False (a backend's, answered 503 instead: it may send it again)."""
-        if not self._backplane.ready()[0] and not shared.pending():
+        if not self._backplane.ready()[0] and not self._unsettled and not shared.pending():
             # Redis unreachable: serve this node's members at once, without an
             # offset (none can be assigned), rather than late or never.
             self._deliver(payload, exclude)
@@ -583,6 +588,10 @@ class Hub(PlainRelayOwner):
         # The connection it skips, here or on another node (a backend's exclude).
         skip = exclude.id if exclude is not None else excluded_id
         future = shared.publish(self.room, payload, sender, kind, skip)
+        # Counted until _published runs: the flusher can be done (pending()
+        # False) with this future failed and its callback still queued, and a
+        # message served at once meanwhile would overtake it.
+        self._unsettled += 1
         lost = (payload, exclude) if serve_if_lost else None
         future.add_done_callback(partial(self._published, shared, lost))
         return future
@@ -593,6 +602,7 @@ class Hub(PlainRelayOwner):
         lost: tuple[bytes, Connection | None] | None,
         future: asyncio.Future[tuple[str, int]],
     ) -> None:
+        self._unsettled -= 1
         if future.cancelled() or future.exception() is not None:
             # Not recorded (Redis frozen, or gone with it in flight): lost for
             # the other nodes (at most once), counted; this node's members
