@@ -193,6 +193,20 @@ _FLAGS: Final = (b"\x00", b"\x01")  # a run of one's flags (CPython keeps both)
 assert array("I").itemsize == _END.size == 4
 
 
+def _pack_in_python(payloads: list[bytes], messages: list[bool]) -> tuple[bytes, bytes, bytes]:
+    """:func:`wshub._runpack.pack` for a build without a compiler: a run's
+    ``(blob, ends, flags)``."""
+    ends = array("I", accumulate(map(len, payloads), initial=0))
+    return b"".join(payloads), ends.tobytes(), bytes(messages)
+
+
+_pack: Callable[[list[bytes], list[bool]], tuple[bytes, bytes, bytes]]
+try:
+    from ._runpack import pack as _pack
+except ImportError:  # pragma: no cover (built without a compiler)
+    _pack = _pack_in_python
+
+
 class _Room:
     __slots__ = ("name", "epoch", "top", "runs", "count", "holders")
 
@@ -433,9 +447,9 @@ class History:
         self,
         name: str,
         first: int,
-        payloads: Sequence[bytes],
+        payloads: list[bytes],
         sender: str,
-        messages: Sequence[bool],
+        messages: list[bool],
         now: float,
     ) -> None:
         """:meth:`keep` of a run of one sender's relays published together
@@ -452,7 +466,7 @@ class History:
         room = self._rooms.get(name) or self._room(name, now)
         assert first == room.top + 1, (first, room.top)
         count = len(payloads)
-        blob = b"".join(payloads)
+        blob, ends, flags = _pack(payloads, messages)
         ids = len(sender)
         cost = len(blob) + count * (ids + ENTRY_OVERHEAD)
         runs = room.runs
@@ -466,8 +480,7 @@ class History:
             return
         if runs is None:
             runs = room.runs = deque()
-        ends = array("I", accumulate(map(len, payloads), initial=0)).tobytes()
-        runs.append((first, 0, blob, ends, ids, sender, bytes(messages), None))
+        runs.append((first, 0, blob, ends, ids, sender, flags, None))
         self.bytes += cost
         room.top = last = first + count - 1
         room.count += count

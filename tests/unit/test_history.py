@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wshub import protocol
+from wshub import _runpack, history, protocol
 from wshub.history import (
     ENTRIES_OVERHEAD,
     ENTRY_OVERHEAD,
@@ -507,6 +507,27 @@ def test_runs_are_invisible_to_the_garbage_collector() -> None:
     assert len(gc.get_objects()) - before < 50
     held = h.held("a")
     assert [e.kind for e in held[1:4]] == [M, B, M] and held[-1].offset == 501
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.binary(max_size=300), st.booleans()), max_size=50))
+def test_a_run_is_packed_alike_in_c_and_in_python(relays) -> None:
+    """wshub._runpack.pack (the build's) and the build without a compiler's."""
+    payloads = [payload for payload, _ in relays]
+    messages = [is_message for _, is_message in relays]
+    blob, ends, flags = history._pack_in_python(payloads, messages)
+    assert blob == b"".join(payloads) and flags == bytes(messages)
+    assert list(memoryview(ends).cast("I")) == [0, *itertools.accumulate(map(len, payloads))]
+    assert _runpack.pack(payloads, messages) == (blob, ends, flags)
+
+
+def test_pack_refuses_what_is_not_a_run() -> None:
+    with pytest.raises(TypeError):
+        _runpack.pack([b"a", "b"], [True, False])  # type: ignore[list-item]
+    with pytest.raises(TypeError):
+        _runpack.pack([b"a"], [1])  # type: ignore[list-item]
+    with pytest.raises(ValueError):
+        _runpack.pack([b"a"], [])
 
 
 # -- Query parsing ----------------------------------------------------------------
