@@ -189,6 +189,7 @@ _Record = tuple[str, int, float]
 """``(room name, the run's last offset, when appended)``, in the global order."""
 
 _END: Final = struct.Struct("=I")
+_end_at: Final = _END.unpack_from  # (ends, 4 * index) -> (the index-th end,)
 _FLAGS: Final = (b"\x00", b"\x01")  # a run of one's flags (CPython keeps both)
 assert array("I").itemsize == _END.size == 4
 
@@ -221,10 +222,6 @@ class _Room:
         self.holders = 0
 
 
-def _end(ends: bytes, index: int) -> int:
-    return int(_END.unpack_from(ends, 4 * index)[0])
-
-
 def _held_cost(run: _Run) -> int:
     """The bytes accounted for the entries the run still holds: their
     payloads' (the blob's end less where its oldest held entry begins) and
@@ -236,21 +233,22 @@ def _held_cost(run: _Run) -> int:
         return len(run[2]) + held * each
     ends = run[3]
     assert ends is not None  # a run of one has no index 1
-    return _end(ends, 0) + len(run[2]) - _end(ends, start) + held * each
+    base: int = _end_at(ends, 0)[0]
+    begin: int = _end_at(ends, 4 * start)[0]
+    return base + len(run[2]) - begin + held * each
 
 
-def _cut(run: _Run, start: int) -> _Run:
+def _cut(run: _Run, start: int, base: int, cut: int) -> _Run:
     """The run without its entries before index *start* (0 < start < its
     length). Their bytes stay in the blob until they are more than what the
     entries left are accounted beyond their payloads and ids
     (``ENTRY_OVERHEAD`` each, which a run's entries do not use: they share one
     tuple); then the blob is cut to the entries left: a copy of at most that
     many bytes, so the memory held stays under what is accounted, and copying
-    costs at most one byte per byte dropped."""
+    costs at most one byte per byte dropped. *base* and *cut* are the
+    run's ends at 0 and at *start* (its caller has read them already)."""
     first, _, blob, ends, ids, sender, flags, exclude = run
     assert ends is not None  # a run of one is never cut, only dropped
-    base = _end(ends, 0)
-    cut = _end(ends, start)
     left = len(flags) - start
     if cut - base <= left * ENTRY_OVERHEAD:
         return (first, start, blob, ends, ids, sender, flags, exclude)
@@ -513,9 +511,11 @@ class History:
             stop = start + excess
             ends = run[3]
             assert ends is not None  # a run of one holds one entry
-            payloads = _end(ends, stop) - _end(ends, start)
-            self.bytes -= payloads + excess * (run[4] + ENTRY_OVERHEAD)
-            runs[0] = _cut(run, stop)
+            base = _end_at(ends, 0)[0]
+            cut = _end_at(ends, 4 * stop)[0]
+            begin = _end_at(ends, 4 * start)[0] if start else base
+            self.bytes -= cut - begin + excess * (run[4] + ENTRY_OVERHEAD)
+            runs[0] = _cut(run, stop, base, cut)
             break
         if self._stale > 1024 and self._stale > len(self._order) - self._stale:
             self._compact()
@@ -630,7 +630,7 @@ class History:
                 self.evicted += self._drop_run(room)
             else:
                 assert ends is not None
-                runs[0] = _cut(run, stop)
+                runs[0] = _cut(run, stop, view[0], view[stop])
                 self.bytes -= freed
                 room.count -= stop - start
                 self._count -= stop - start
