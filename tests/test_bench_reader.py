@@ -280,6 +280,10 @@ def test_full_reader_rate_matches_what_wshub_delivered(make_server, capsys):
     delivered = srv.metric("wshub_deliveries_total")
     assert res["read_messages"] - 20 <= delivered <= res["read_messages"], delivered
     assert res["bytes_read_per_message"] > SIZE + 100  # wshub's envelope around the content
+    # the latency of every delivery in the window, not the probes' alone
+    assert res["latency_of"] == "every delivery"
+    assert res["latency_samples"] == res["deliveries"] > 0
+    assert 0 < res["arrival_messages"] <= routed and 0 <= res["probe_rank_mean"] <= 1
     for k in ("generator_cpu", "generator_cpu_user", "generator_cpu_sys"):
         assert 0 <= res[k] < 2, res
     assert res["generator_cpu"] > 0
@@ -471,3 +475,94 @@ def test_a_run_without_connections_says_why(frame_server):  # noqa: F811
     )
     with pytest.raises(RuntimeError, match="4 of 4 connections failed.*HTTP/1.1 403 Forbidden"):
         native.run(cfg)
+
+
+class LateRelay:
+    """A relay on the websockets library that writes each message to the
+    connections accepted in the positions of *early* at once and to the
+    others *delay* seconds later: a server whose order of recipients puts
+    the probes first."""
+
+    def __init__(self, early: set[int], delay: float) -> None:
+        self.early, self.delay = early, delay
+        self.members: list[ServerConnection] = []
+        self.sending: set[asyncio.Task[None]] = set()  # held until done
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.port = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(TIMEOUT)
+
+    async def _start(self) -> int:
+        self.server = await serve(self._handler, "127.0.0.1", 0, compression=None)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _send(self, peers: list[ServerConnection], msg: str | bytes) -> None:
+        for p in peers:
+            try:
+                await p.send(msg)
+            except Exception:
+                pass
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        self.members.append(ws)
+        async for msg in ws:
+            others = [p for p in self.members if p is not ws]
+            await self._send([p for p in others if self.members.index(p) in self.early], msg)
+            late = [p for p in others if self.members.index(p) not in self.early]
+            # the same delay for every message: each connection's order is kept
+            self.loop.call_later(self.delay, self._later, late, msg)
+
+    def _later(self, peers: list[ServerConnection], msg: str | bytes) -> None:
+        task = self.loop.create_task(self._send(peers, msg))
+        self.sending.add(task)
+        task.add_done_callback(self.sending.discard)
+
+    def close(self) -> None:
+        async def stop() -> None:
+            self.server.close()
+            await self.server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(TIMEOUT)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(TIMEOUT)
+        self.loop.close()
+
+
+def test_rate_latency_counts_every_delivery_not_the_probes_alone():
+    """The latency scenario's figures come from every delivery: a server that
+    writes the probes first and everyone else 0.2 s later must not look fast."""
+    # 4 connections opened one at a time (accepted in their order), 2 probes:
+    # connections 0 (the sender) and 2; the relay writes to 2 at once, to 1 and 3 late
+    relay = LateRelay(early={2}, delay=0.2)
+    try:
+        cfg = Config(
+            scenario="rate",
+            url=f"ws://127.0.0.1:{relay.port}/",
+            protocol="raw",
+            connections=4,
+            connect_concurrency=1,
+            probes=2,
+            rate=20.0,
+            duration=1.5,
+            warmup=0.3,
+            keepalive=0,
+            reader="full",
+        )
+        res = native.run(cfg)
+    finally:
+        relay.close()
+    assert res["connections_open"] == 4 and res["read_invalid"] == 0
+    assert res["latency_of"] == "every delivery"
+    assert res["latency_samples"] == res["deliveries"] > 0
+    # two of every three deliveries waited 0.2 s: so did the median delivery
+    assert res["latency_ms_p50"] >= 200, res
+    # the probe alone saw none of it
+    probes = res["probe_latency"]
+    assert 0 < probes["latency_samples"] <= res["deliveries"] // 3 + 3
+    assert probes["latency_ms_p50"] < 200, probes
+    # the arrivals say why: the probe is read first of its message's three, and
+    # each message's first and last deliveries are 0.2 s apart
+    assert res["probe_rank_mean"] == 0.0
+    assert res["arrival_messages"] > 0
+    assert res["arrival_span_ms_p50"] >= 200
+    assert res["arrival_first_ms_p50"] < 200 <= res["arrival_last_ms_p50"]

@@ -24,6 +24,16 @@
  *                  nothing else, valid UTF-8, and a content the protocol
  *                  accepts; body is the content, JSON-escaped.
  *
+ * scan(data, limit, 1) groups the relays instead: each run of consecutive
+ * MESSAGE and BROADCAST items becomes one item (RUN, kinds, contents, ends):
+ * kinds a bytes object with one code per relay, contents a list of their
+ * bodies, ends a bytes object with each relay's end as 8 bytes little-endian
+ * (read only when a relay of the run is refused). Why: a read brings ~32
+ * relays in the rooms scenario; a tuple and an end's int per relay, and the
+ * connection's loop over them with a rate-limit call each, were the part of
+ * the per-message cost that a run does not need (docs/rooms-perf.md
+ * "Session 10").
+ *
  * A plain relay is only taken when the Python path would accept it: anything
  * it refuses or that needs its judgement (empty or white-space-only content,
  * over MAX_CONTENT_CHARS characters, lone surrogates, invalid UTF-8, raw
@@ -37,7 +47,7 @@
 #include <stdint.h>
 #include <string.h>
 
-enum { TEXT = 0, BINARY = 1, MESSAGE = 2, BROADCAST = 3 };
+enum { TEXT = 0, BINARY = 1, MESSAGE = 2, BROADCAST = 3, RUN = 4 };
 
 /* protocol.MAX_CONTENT_CHARS: checked against it in tests/unit/test_ingest.py. */
 #define MAX_CONTENT_CHARS 1000
@@ -54,6 +64,54 @@ is_space(uint32_t c)
         return (c >= 0x09 && c <= 0x0D) || (c >= 0x1C && c <= 0x20);
     return c == 0x85 || c == 0xA0 || c == 0x1680 || (c >= 0x2000 && c <= 0x200A) ||
            c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000;
+}
+
+/* The bytes a JSON string holds as they are and encode_basestring writes as
+ * they are: printable ASCII but the quote and the backslash. A run of them
+ * is copied in one step (most of a chat message's characters). */
+static int
+copied_as_is(unsigned char b)
+{
+    return b >= 0x20 && b < 0x80 && b != '"' && b != '\\';
+}
+
+/* copied_as_is() of all eight bytes of v (any byte order), in a few word
+ * operations: (x - 0x01..) & ~x & 0x80.. is nonzero exactly when a byte of x
+ * is zero (a borrow only crosses into the next byte from a zero byte, which
+ * is then flagged itself); with 0x20.. in place of 0x01.. when a byte is
+ * below 0x20, given that no byte has its top bit set (checked first). */
+#define ONES 0x0101010101010101ULL
+#define HIGHS 0x8080808080808080ULL
+
+static int
+all_copied_as_is(uint64_t v)
+{
+    uint64_t quote = v ^ (ONES * '"'), backslash = v ^ (ONES * '\\');
+    uint64_t other = (v & HIGHS) | ((v - ONES * 0x20) & ~v & HIGHS) |
+                     ((quote - ONES) & ~quote & HIGHS) |
+                     ((backslash - ONES) & ~backslash & HIGHS);
+    return other == 0;
+}
+
+/* dst[i] = src[i] ^ mask[i % 4], eight bytes a step: the unmask of a frame
+ * was a step per byte (docs/rooms-perf.md "Session 10"). Both halves of the
+ * 8-byte mask are the 4 mask bytes in memory order, so the byte order of the
+ * machine does not matter. */
+static void
+unmask(unsigned char *dst, const unsigned char *src, Py_ssize_t n, const unsigned char *mask)
+{
+    uint32_t m4;
+    memcpy(&m4, mask, 4);
+    uint64_t m8 = ((uint64_t)m4 << 32) | m4;
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t v;
+        memcpy(&v, src + i, 8);
+        v ^= m8;
+        memcpy(dst + i, &v, 8);
+    }
+    for (; i < n; i++)
+        dst[i] = src[i] ^ mask[i & 3];
 }
 
 static int
@@ -147,6 +205,29 @@ plain_relay(const unsigned char *p, Py_ssize_t n, unsigned char *out, Py_ssize_t
     while (pos < stop) {
         unsigned char b = p[pos];
         uint32_t c;
+        if (copied_as_is(b)) {
+            /* The same steps as one character at a time below: each is one
+             * character, copied, and not white space unless a space. */
+            Py_ssize_t start = pos;
+            while (stop - pos >= 8) {
+                uint64_t v;
+                memcpy(&v, p + pos, 8);
+                if (!all_copied_as_is(v))
+                    break;
+                visible |= v != ONES * ' ';
+                pos += 8;
+            }
+            while (pos < stop && copied_as_is(b = p[pos])) {
+                visible |= b != ' ';
+                pos++;
+            }
+            memcpy(o, p + start, (size_t)(pos - start));
+            o += pos - start;
+            chars += pos - start;
+            if (chars > MAX_CONTENT_CHARS)
+                return TEXT;
+            continue;
+        }
         if (b == '"') {
             return TEXT; /* the string ends early: something follows it */
         } else if (b == '\\') {
@@ -261,18 +342,94 @@ item(int code, PyObject *body, Py_ssize_t end)
     return t;
 }
 
+/* The relays in a row being gathered by scan(..., 1): their codes and ends
+ * in C arrays, their contents in a list, made into one RUN item when a frame
+ * of another kind (or the end of the walk) closes the run. */
+struct run {
+    PyObject *contents; /* NULL while no run is open */
+    char *kinds;
+    unsigned char *ends;
+    Py_ssize_t count, room;
+};
+
+static void
+run_free(struct run *r)
+{
+    Py_CLEAR(r->contents);
+    PyMem_Free(r->kinds);
+    PyMem_Free(r->ends);
+    r->kinds = NULL;
+    r->ends = NULL;
+    r->count = r->room = 0;
+}
+
+static int
+run_add(struct run *r, int code, const char *content, Py_ssize_t len, Py_ssize_t end)
+{
+    if (r->contents == NULL && (r->contents = PyList_New(0)) == NULL)
+        return -1;
+    if (r->count == r->room) {
+        Py_ssize_t room = r->room ? 2 * r->room : 64;
+        char *kinds = PyMem_Realloc(r->kinds, (size_t)room);
+        if (kinds == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        r->kinds = kinds;
+        unsigned char *ends = PyMem_Realloc(r->ends, (size_t)room * 8);
+        if (ends == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        r->ends = ends;
+        r->room = room;
+    }
+    PyObject *body = PyBytes_FromStringAndSize(content, len);
+    if (body == NULL)
+        return -1;
+    int appended = PyList_Append(r->contents, body);
+    Py_DECREF(body);
+    if (appended < 0)
+        return -1;
+    r->kinds[r->count] = (char)code;
+    uint64_t e = (uint64_t)end;
+    for (int i = 0; i < 8; i++)
+        r->ends[8 * r->count + i] = (unsigned char)(e >> (8 * i));
+    r->count++;
+    return 0;
+}
+
+/* The open run, if any, as a (RUN, kinds, contents, ends) item of items. */
+static int
+run_close(struct run *r, PyObject *items)
+{
+    if (r->contents == NULL)
+        return 0;
+    PyObject *it = Py_BuildValue("(iy#Oy#)", RUN, r->kinds, r->count, r->contents,
+                                 (const char *)r->ends, 8 * r->count);
+    if (it == NULL)
+        return -1;
+    int appended = PyList_Append(items, it);
+    Py_DECREF(it);
+    Py_CLEAR(r->contents);
+    r->count = 0; /* the arrays are kept for the next run of this walk */
+    return appended;
+}
+
 static PyObject *
 scan(PyObject *Py_UNUSED(self), PyObject *args)
 {
     Py_buffer view;
     Py_ssize_t limit;
-    if (!PyArg_ParseTuple(args, "y*n:scan", &view, &limit))
+    int runs = 0;
+    if (!PyArg_ParseTuple(args, "y*n|p:scan", &view, &limit, &runs))
         return NULL;
     const unsigned char *data = view.buf;
     Py_ssize_t end = view.len, pos = 0;
     PyObject *items = PyList_New(0);
     unsigned char *scratch = NULL; /* the unmasked payload of a text frame */
     Py_ssize_t scratch_size = 0;
+    struct run run = {0};
     if (items == NULL)
         goto fail;
     while (end - pos >= 2) {
@@ -305,9 +462,7 @@ scan(PyObject *Py_UNUSED(self), PyObject *args)
         if (b0 == 0x82) {
             PyObject *body = PyBytes_FromStringAndSize(NULL, n);
             if (body != NULL) {
-                unsigned char *dst = (unsigned char *)PyBytes_AS_STRING(body);
-                for (Py_ssize_t i = 0; i < n; i++)
-                    dst[i] = src[i] ^ mask[i & 3];
+                unmask((unsigned char *)PyBytes_AS_STRING(body), src, n, mask);
             }
             it = item(BINARY, body, frame_end);
         } else {
@@ -321,37 +476,51 @@ scan(PyObject *Py_UNUSED(self), PyObject *args)
                 }
             }
             unsigned char *plain = scratch, *escaped = scratch + n;
-            for (Py_ssize_t i = 0; i < n; i++)
-                plain[i] = src[i] ^ mask[i & 3];
+            unmask(plain, src, n, mask);
             Py_ssize_t escaped_len = 0;
             int code = plain_relay(plain, n, escaped, &escaped_len);
-            if (code == TEXT)
+            if (code == TEXT) {
                 it = item(TEXT, PyBytes_FromStringAndSize((char *)plain, n), frame_end);
-            else
+            } else if (runs) {
+                if (run_add(&run, code, (char *)escaped, escaped_len, frame_end) < 0)
+                    goto fail;
+                pos = frame_end;
+                continue;
+            } else {
                 it = item(code, PyBytes_FromStringAndSize((char *)escaped, escaped_len),
                           frame_end);
+            }
         }
         if (it == NULL)
             goto fail;
+        if (run_close(&run, items) < 0) {
+            Py_DECREF(it);
+            goto fail;
+        }
         int appended = PyList_Append(items, it);
         Py_DECREF(it);
         if (appended < 0)
             goto fail;
         pos = frame_end;
     }
+    if (run_close(&run, items) < 0)
+        goto fail;
+    run_free(&run);
     PyMem_Free(scratch);
     PyBuffer_Release(&view);
     return Py_BuildValue("(nN)", pos, items);
 fail:
+    run_free(&run);
     PyMem_Free(scratch);
     Py_XDECREF(items);
     PyBuffer_Release(&view);
     return NULL;
 }
 
-/* stamp(relays, head_message, head_broadcast, tail, first_offset): the
- * envelopes of a run of plain relays from scan(), one sender's, published
- * together (wshub.hub.Hub.on_plain_relays).
+/* stamp(kinds, contents, head_message, head_broadcast, tail, first_offset,
+ * sender): the envelopes of a run of plain relays from scan(..., 1) (its
+ * kinds and contents), one sender's, published together
+ * (wshub.hub.Hub.on_plain_relays).
  *
  * Why: per message, the hub's encode_plain_relay() and the fan-out's
  * text_frame() were two Python calls and three bytes objects; a read brings
@@ -361,9 +530,11 @@ fail:
  * timestamp's field: '","timestamp":"..."'), then ',"offset":N' when
  * *first_offset* >= 0 (N counting up from it), then '}': the bytes
  * protocol.encode_plain_relay writes (tests/unit/test_publish_run.py holds
- * the two to each other). Returns (payloads, frames, messages): the frames
- * are wire.text_frame() of the payloads, and messages[i] is whether relay i
- * is a message (True) or a broadcast. */
+ * the two to each other). Returns (payloads, frames, messages, excluded,
+ * message_count): the frames are wire.text_frame() of the payloads,
+ * messages[i] is whether relay i is a message (True) or a broadcast,
+ * excluded[i] is *sender* for a message (it does not get its own) and None
+ * for a broadcast, and message_count counts the messages. */
 static PyObject *
 append_frame(PyObject *frames, const char *payload, Py_ssize_t n)
 {
@@ -393,31 +564,34 @@ append_frame(PyObject *frames, const char *payload, Py_ssize_t n)
 static PyObject *
 stamp(PyObject *Py_UNUSED(self), PyObject *args)
 {
-    PyObject *relays;
-    const char *head_m, *head_b, *tail;
-    Py_ssize_t head_m_len, head_b_len, tail_len;
+    const char *kinds, *head_m, *head_b, *tail;
+    Py_ssize_t count, head_m_len, head_b_len, tail_len;
+    PyObject *contents, *sender;
     long long offset;
-    if (!PyArg_ParseTuple(args, "O!y#y#y#L:stamp", &PyList_Type, &relays, &head_m, &head_m_len,
-                          &head_b, &head_b_len, &tail, &tail_len, &offset))
+    if (!PyArg_ParseTuple(args, "y#O!y#y#y#LO:stamp", &kinds, &count, &PyList_Type, &contents,
+                          &head_m, &head_m_len, &head_b, &head_b_len, &tail, &tail_len,
+                          &offset, &sender))
         return NULL;
-    Py_ssize_t count = PyList_GET_SIZE(relays);
-    PyObject *payloads = PyList_New(0), *frames = PyList_New(0), *messages = PyList_New(count);
-    if (payloads == NULL || frames == NULL || messages == NULL)
+    if (PyList_GET_SIZE(contents) != count) {
+        PyErr_SetString(PyExc_ValueError, "stamp: one kind per content");
+        return NULL;
+    }
+    Py_ssize_t message_count = 0;
+    PyObject *payloads = PyList_New(0), *frames = PyList_New(0), *messages = PyList_New(0),
+             *excluded = PyList_New(0);
+    if (payloads == NULL || frames == NULL || messages == NULL || excluded == NULL)
         goto fail;
     for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *relay = PyList_GET_ITEM(relays, i);
-        if (!PyTuple_Check(relay) || PyTuple_GET_SIZE(relay) < 2 ||
-            !PyBytes_Check(PyTuple_GET_ITEM(relay, 1))) {
-            PyErr_SetString(PyExc_TypeError, "stamp: a relay is (code, content, ...)");
+        PyObject *content = PyList_GET_ITEM(contents, i);
+        int code = (unsigned char)kinds[i];
+        if (!PyBytes_Check(content)) {
+            PyErr_SetString(PyExc_TypeError, "stamp: a relay's content is bytes");
             goto fail;
         }
-        long code = PyLong_AsLong(PyTuple_GET_ITEM(relay, 0));
         if (code != MESSAGE && code != BROADCAST) {
-            if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_ValueError, "stamp: a relay's code is MESSAGE or BROADCAST");
+            PyErr_SetString(PyExc_ValueError, "stamp: a relay's code is MESSAGE or BROADCAST");
             goto fail;
         }
-        PyObject *content = PyTuple_GET_ITEM(relay, 1);
         const char *head = code == MESSAGE ? head_m : head_b;
         Py_ssize_t head_len = code == MESSAGE ? head_m_len : head_b_len;
         char number[32];
@@ -439,29 +613,30 @@ stamp(PyObject *Py_UNUSED(self), PyObject *args)
         memcpy(out, number, (size_t)number_len);
         out[number_len] = '}';
         int appended = PyList_Append(payloads, payload);
-        if (appended < 0 || append_frame(frames, PyBytes_AS_STRING(payload), n) == NULL) {
-            Py_DECREF(payload);
+        Py_DECREF(payload); /* the list holds it (or it is freed on a failure) */
+        if (appended < 0 || append_frame(frames, PyBytes_AS_STRING(payload), n) == NULL)
             goto fail;
-        }
-        Py_DECREF(payload);
-        PyObject *is_message = code == MESSAGE ? Py_True : Py_False;
-        Py_INCREF(is_message);
-        PyList_SET_ITEM(messages, i, is_message);
+        message_count += code == MESSAGE;
+        if (PyList_Append(messages, code == MESSAGE ? Py_True : Py_False) < 0 ||
+            PyList_Append(excluded, code == MESSAGE ? sender : Py_None) < 0)
+            goto fail;
     }
-    return Py_BuildValue("(NNN)", payloads, frames, messages);
+    return Py_BuildValue("(NNNNn)", payloads, frames, messages, excluded, message_count);
 fail:
     Py_XDECREF(payloads);
     Py_XDECREF(frames);
     Py_XDECREF(messages);
+    Py_XDECREF(excluded);
     return NULL;
 }
 
 static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS,
-     "scan(data, limit) -> (stop, [(code, body, end), ...]): see the module's source."},
+     "scan(data, limit, runs=False) -> (stop, [(code, body, end) or (RUN, kinds, contents, "
+     "ends), ...]): see the module's source."},
     {"stamp", stamp, METH_VARARGS,
-     "stamp(relays, head_message, head_broadcast, tail, first_offset) -> "
-     "(payloads, frames, messages): see the module's source."},
+     "stamp(kinds, contents, head_message, head_broadcast, tail, first_offset, sender) -> "
+     "(payloads, frames, messages, excluded, message_count): see the module's source."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -479,12 +654,13 @@ PyInit__ingest(void)
         PyModule_AddIntConstant(m, "BINARY", BINARY) < 0 ||
         PyModule_AddIntConstant(m, "MESSAGE", MESSAGE) < 0 ||
         PyModule_AddIntConstant(m, "BROADCAST", BROADCAST) < 0 ||
+        PyModule_AddIntConstant(m, "RUN", RUN) < 0 ||
         PyModule_AddIntConstant(m, "MAX_CONTENT_CHARS", MAX_CONTENT_CHARS) < 0) {
         Py_DECREF(m);
         return NULL;
     }
-    PyObject *all = Py_BuildValue("(sssssss)", "BINARY", "BROADCAST", "MAX_CONTENT_CHARS",
-                                  "MESSAGE", "TEXT", "scan", "stamp");
+    PyObject *all = Py_BuildValue("(ssssssss)", "BINARY", "BROADCAST", "MAX_CONTENT_CHARS",
+                                  "MESSAGE", "RUN", "TEXT", "scan", "stamp");
     if (all == NULL || PyModule_AddObject(m, "__all__", all) < 0) {
         Py_XDECREF(all);
         Py_DECREF(m);

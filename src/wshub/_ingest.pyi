@@ -1,23 +1,31 @@
 # The C extension of src/wshub/_ingest.c (see wshub.ingest).
-from typing import Final
+from typing import Any, Final
 
 TEXT: Final[int]
 BINARY: Final[int]
 MESSAGE: Final[int]
 BROADCAST: Final[int]
+RUN: Final[int]
 MAX_CONTENT_CHARS: Final[int]
 
-# (stop, [(code, body, end), ...]): the simple frames at the start of *data*.
-def scan(data: bytes, limit: int, /) -> tuple[int, list[tuple[int, bytes, int]]]: ...
+# (stop, [(code, body, end), ...]): the simple frames at the start of *data*;
+# with *runs*, each run of relays in a row is one (RUN, kinds, contents, ends).
+def scan(
+    data: bytes, limit: int, runs: bool = False, /
+) -> tuple[int, list[tuple[int, bytes, int] | tuple[int, bytes, list[bytes], bytes]]]: ...
 
-# (payloads, frames, messages): the envelopes of a run of plain relays from
-# scan() (items of code MESSAGE or BROADCAST), their text frames, and which
-# are messages; an offset each from *first_offset* up (none when < 0).
+# (payloads, frames, messages, excluded, message_count): the envelopes of a
+# run of plain relays from scan(..., True) (its kinds and contents), their
+# text frames, which are messages, *sender* for each message and None for
+# each broadcast, and how many are messages; an offset each from
+# *first_offset* up (none when < 0).
 def stamp(
-    relays: list[tuple[int, bytes, int]],
+    kinds: bytes,
+    contents: list[bytes],
     head_message: bytes,
     head_broadcast: bytes,
     tail: bytes,
     first_offset: int,
+    sender: Any,
     /,
-) -> tuple[list[bytes], list[bytes], list[bool]]: ...
+) -> tuple[list[bytes], list[bytes], list[bool], list[Any], int]: ...

@@ -111,6 +111,11 @@ class ClusterHistory:
         entry = Entry(0, payload, sender, kind, other)
         return self.history.submit(room, self._channel(room), encode_envelope(head), entry)
 
+    def pending(self) -> bool:
+        """Publications wait for Redis' answer: one made now must follow them
+        (a sender's order), even while Redis is known to be unreachable."""
+        return self.history.pending()
+
     def join(
         self,
         room: RoomName,

@@ -352,13 +352,14 @@ class Config:
     # Per-connection message rate
     message_rate: float = _opt(
         20.0,
-        "Data frames per second each connection may send (token bucket; 0: unlimited).",
+        "Frames per second each connection may send: every data frame, continuations and"
+        " control frames included (token bucket; 0: unlimited).",
         _rate,
         "PER_SECOND",
     )
     message_burst: int = _opt(
         40,
-        "Token bucket size: data frames a connection may send at once.",
+        "Token bucket size: frames a connection may send at once.",
         _count,
         "FRAMES",
     )

@@ -57,7 +57,7 @@ from websockets.protocol import State as FrameState
 
 from . import http, ingest
 from .errors import CloseCode, Disconnect
-from .framescan import FrameScanner
+from .framescan import FrameScanner, MalformedFrame
 from .history import JoinQuery
 from .ids import ConnectionId
 from .ratelimit import UNLIMITED, MessageLimit
@@ -79,7 +79,7 @@ _frames_logger.setLevel(logging.WARNING)
 _TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
 # Admit.ACCEPT as a global: compared once per frame (see session._ACCEPT).
 _ACCEPT: Final = Admit.ACCEPT
-_FIRST_RELAY_CODE: Final = ingest.MESSAGE  # the relay codes (MESSAGE, BROADCAST) come last
+_RUN: Final = ingest.RUN
 _PING, _PONG, _CLOSE = Opcode.PING, Opcode.PONG, Opcode.CLOSE
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 
@@ -195,10 +195,11 @@ class PlainRelayOwner:
 
     __slots__ = ()
 
-    def on_plain_relays(self, conn: Connection, relays: list[ingest.Item]) -> None:
-        """Plain relays in a row from one read (scan()'s items of a relay
-        code, in order), each past the rate limit and the content checks;
-        their contents are JSON-escaped (see :func:`protocol.encode_plain_relay`).
+    def on_plain_relays(self, conn: Connection, kinds: bytes, contents: list[bytes]) -> None:
+        """Plain relays in a row from one read (a run of scan(): their codes,
+        one byte each, and their contents, in order), each past the rate
+        limit and the content checks; their contents are JSON-escaped (see
+        :func:`protocol.encode_plain_relay`).
         Queuing them must not close *conn*: the connection does not look
         again between them."""
         raise NotImplementedError
@@ -584,6 +585,13 @@ class Connection(Session, asyncio.Protocol):
                 self.transport.pause_reading()
             return
         self._next_request()
+        if self.ws is None and self._buffer is not None and len(self._buffer) > http.MAX_HEAD_SIZE:
+            # More than a head waits behind the request just handled (answered
+            # at once, a publish or a 401, so never "in request" here): stop
+            # reading until the pipeline is served (respond_keep_alive), or a
+            # client that pipelines faster than one request a read grows the
+            # buffer without bound (8 such clients: +129 MiB).
+            self.transport.pause_reading()
 
     def _next_request(self) -> None:
         """Parse and hand over the request at the start of the buffer, if whole."""
@@ -731,7 +739,8 @@ class Connection(Session, asyncio.Protocol):
             return
         self._cancel_timer()
         self._timer = self.loop.call_later(self.settings.handshake_timeout, self._idle_expired)
-        transport.resume_reading()
+        if len(self._buffer) <= http.MAX_HEAD_SIZE:
+            transport.resume_reading()  # else the pipeline is served first (below)
         if self._buffer:
             # On a later pass: a pipeline of many requests is served request
             # by request between other clients' work, not in one deep call.
@@ -766,6 +775,8 @@ class Connection(Session, asyncio.Protocol):
         if expect_continue:
             self.transport.write(http.CONTINUE)
         self._body_received()
+        if phase.body is not None and not self.transport.is_closing():
+            self.transport.resume_reading()  # the rest of the body (reading may be paused)
 
     def _body_received(self) -> None:
         phase = self._phase()
@@ -916,14 +927,20 @@ class Connection(Session, asyncio.Protocol):
             rest = self._ingest(c_scan, data)
             completed = len(rest) < len(data)  # it takes whole frames only
             data = rest
-        for opcode, chunk in self.settings.scanner.scan(data, self, self._fast_path_open):
-            if opcode is None:
-                if self._feed_library(chunk):
-                    completed = True
-                continue
-            completed = True
-            self._receive_data_frame(_TEXT if opcode == 1 else _BINARY, chunk, True)
-            if self._failed:  # the library queued our Close frame: send it
+        try:
+            for opcode, chunk in self.settings.scanner.scan(data, self, self._fast_path_open):
+                if opcode is None:
+                    if self._feed_library(chunk):
+                        completed = True
+                    continue
+                completed = True
+                self._receive_data_frame(_TEXT if opcode == 1 else _BINARY, chunk, True)
+                if self._failed:  # the library queued our Close frame: send it
+                    self._drain_library_output(self._library().data_to_send())
+        except MalformedFrame as exc:  # a header the library would misjudge
+            self.scan_carry = 0
+            if self.state is State.OPEN:
+                self._fail(CloseCode.PROTOCOL_ERROR, str(exc))
                 self._drain_library_output(self._library().data_to_send())
         ws = self.ws
         if (
@@ -943,45 +960,60 @@ class Connection(Session, asyncio.Protocol):
         the rest, for the scanner. The same steps, in the same order, as the
         scanner's fast path would take (including asking before each frame
         whether it is still open): only a plain relay skips the str."""
-        stop, items = c_scan(data, self.settings.max_message_size)
+        stop, items = c_scan(data, self.settings.max_message_size, True)
         owner = self.owner
         assert isinstance(owner, PlainRelayOwner)
-        # The accepted relays in a row go to the owner together (one
-        # publication of the batch, docs/rooms-perf.md "Session 8"), before
-        # anything else of the read is answered, so the order is kept. Each
-        # is still charged to the rate limit on its own (decisions.md 8), and
-        # queuing relays closes nothing (on_plain_relays), so the "still
-        # open?" question after each of them has the same answer as before.
-        run: list[ingest.Item] | None = None
+        # The relays in a row come as one run (src/wshub/_ingest.c) and go
+        # to the owner together (one publication, docs/rooms-perf.md
+        # "Session 8"), before anything else of the read is answered, so the
+        # order is kept. The run is charged to the rate limit at once
+        # (admit_many: the same tokens as a call per frame, decisions.md 8);
+        # the relays it refuses are charged one by one as before. Queuing
+        # relays closes nothing (on_plain_relays), so the "still open?"
+        # question after each accepted one had the answer it has after the run.
         for item in items:
-            code = item[0]
-            if code >= _FIRST_RELAY_CODE:
-                # _receive_data_frame's steps for a whole frame within the
-                # size limit, its content already checked in C.
-                verdict = self.admit(self.last_seen)
-                if verdict is _ACCEPT:
-                    if run is None:
-                        run = [item]
-                    else:
-                        run.append(item)
+            if item[0] == _RUN:
+                _, kinds, contents, ends = cast(ingest.Run, item)
+                count = len(kinds)
+                accepted = self.admit_many(self.last_seen, count)
+                if accepted == count:
+                    owner.on_plain_relays(self, kinds, contents)
                     continue
-                if run is not None:
-                    owner.on_plain_relays(self, run)
-                    run = None
-                owner.on_rate_limited(self, disconnect=verdict is Admit.DISCONNECT)
-            else:
-                if run is not None:
-                    owner.on_plain_relays(self, run)
-                    run = None
-                self._receive_data_frame(_TEXT if code == ingest.TEXT else _BINARY, item[1], True)
+                if accepted:
+                    owner.on_plain_relays(self, kinds[:accepted], contents[:accepted])
+                closed_at = self._refuse_relays(kinds, contents, accepted)
+                if closed_at < 0:
+                    continue
+                # The fast path ended at one of them: the rest after it.
+                stop = int.from_bytes(ends[8 * closed_at : 8 * closed_at + 8], "little")
+                break
+            code, body, end = cast(ingest.Item, item)
+            self._receive_data_frame(_TEXT if code == ingest.TEXT else _BINARY, body, True)
             if self._failed:  # the library queued our Close frame: send it
                 self._drain_library_output(self._library().data_to_send())
             if not self._fast_path_open():
-                stop = item[2]
+                stop = end
                 break
-        if run is not None:
-            owner.on_plain_relays(self, run)
         return data[stop:] if stop else data
+
+    def _refuse_relays(self, kinds: bytes, contents: list[bytes], first: int) -> int:
+        """The relays of a run from *first* on, past the tokens: each charged
+        (and refused, or its strike closes the connection) as a frame of its
+        own, as :meth:`_receive_data_frame` would. Returns the index of the
+        one after which the fast path ended, -1 if it did not."""
+        owner = self.owner
+        assert isinstance(owner, PlainRelayOwner)
+        for i in range(first, len(kinds)):
+            verdict = self.admit(self.last_seen)
+            if verdict is _ACCEPT:  # not at the same time (no refill): kept exact all the same
+                owner.on_plain_relays(self, kinds[i : i + 1], contents[i : i + 1])
+                continue
+            owner.on_rate_limited(self, disconnect=verdict is Admit.DISCONNECT)
+            if self._failed:  # the library queued our Close frame: send it
+                self._drain_library_output(self._library().data_to_send())
+            if not self._fast_path_open():
+                return i
+        return -1
 
     def _fast_path_open(self) -> bool:
         ws = self.ws
@@ -1084,6 +1116,19 @@ class Connection(Session, asyncio.Protocol):
         else:
             fragments = self._fragments
             assert fragments is not None  # the library refuses a stray continuation
+            # Every frame costs a token, continuations too (decisions.md 8).
+            # One over the budget refuses the whole message, answered once at
+            # its end: its frames are still read (the stream stays in step),
+            # the later ones paid for without adding a strike.
+            if fragments.refused:
+                self.charge(self.last_seen)
+            else:
+                verdict = self.admit(self.last_seen)
+                if verdict is Admit.DISCONNECT:
+                    self._fragments = None
+                    owner.on_rate_limited(self, disconnect=True)
+                    return
+                fragments.refused = verdict is Admit.REFUSE
             fragments.parts += data
             fragments.frames += 1
             if fragments.frames > self.settings.max_message_frames:
@@ -1207,23 +1252,21 @@ class Connection(Session, asyncio.Protocol):
         everything, then the TCP close; one that does not is dropped within
         ``--close-timeout``.
 
-        A client whose Close we have not read (we failed the connection: a
-        frame too big, a protocol error) may still be sending. Closing the
-        socket on its unread bytes would make the kernel send a reset, which
-        can reach the client before it reads our Close frame (its ``send``
-        fails with ECONNRESET). So a plain socket gets a half close instead
-        (a FIN once the buffer is sent), and what the client still sends is
-        read and dropped (:meth:`_receive_frames`) until it closes its side
-        (:meth:`eof_received`) or the abort timer fires.
+        A client may still be sending: one whose Close we have not read (we
+        failed the connection: a frame too big, a protocol error), and one
+        that sent its Close and data after it anyway (RFC 6455 5.5.1 says it
+        must not; the data is ignored). Closing the socket on its unread
+        bytes would make the kernel send a reset, which can reach the client
+        before it reads our Close frame (its ``send`` or ``recv`` fails with
+        ECONNRESET). So a plain socket gets a half close instead (a FIN once
+        the buffer is sent), and what the client still sends is read and
+        dropped (:meth:`_receive_frames`) until it closes its side
+        (:meth:`eof_received`, one round trip for a client that behaves) or
+        the abort timer fires.
         """
         transport = self.transport
         ws = self.ws
-        if (
-            isinstance(ws, _FrameProtocol)
-            and ws.close_rcvd is None
-            and not self.gone
-            and transport.can_write_eof()
-        ):
+        if isinstance(ws, _FrameProtocol) and not self.gone and transport.can_write_eof():
             transport.write_eof()
         else:
             transport.close()

@@ -44,12 +44,19 @@ try:  # what websockets.frames uses: the C version when it is built
 except ImportError:  # pragma: no cover
     from websockets.utils import apply_mask
 
-__all__ = ["Carrier", "FrameScanner"]
+__all__ = ["Carrier", "FrameScanner", "MalformedFrame"]
 
 _RUN = 8192
 """Whole frames bound for the library are handed over together up to this many
 bytes: one call per frame would cost a flood of 1-byte fragments 2.3 times the
 CPU; a bound keeps what one library step allocates small."""
+
+
+class MalformedFrame(Exception):
+    """A frame header breaks a rule of RFC 6455 the library does not check.
+
+    Raised by :meth:`FrameScanner.scan` after it has yielded everything
+    before that frame; the caller fails the connection with 1002."""
 
 
 class Carrier(Protocol):
@@ -101,6 +108,13 @@ class FrameScanner:
                 header += 8
                 if end - pos >= 10:
                     length = int.from_bytes(data[pos + 2 : pos + 10], "big")
+                    if length >> 63:
+                        # RFC 6455 5.2: the most significant bit MUST be 0.
+                        # Such a length is no size at all, so the library's
+                        # "too big" (1009) would name the wrong fault: 1002.
+                        if run >= 0:
+                            yield None, data[run:pos]
+                        raise MalformedFrame("payload length with its most significant bit set")
             if end - pos < header:
                 break
             size = header + length

@@ -712,7 +712,11 @@ _MAX_FIELDS: Final = 100
 _MAX_HISTORY: Final = 10**9  # any larger ?history= is capped at the history size anyway
 
 _EPOCH: Final = re.compile(r"[A-Za-z0-9._~-]{1,64}")
-_DIGITS: Final = re.compile(r"[0-9]+")
+# An INTEGER of decisions.md 19, one spelling per number: JSON's (no sign, no
+# leading zero, no white space), the form the server writes offsets in. A
+# second spelling ("01", "+1") is one more way for two readers to disagree.
+_DIGITS: Final = re.compile(r"0|[1-9][0-9]{0,18}")
+_MAX_INTEGER: Final = 2**63 - 1  # what an offset is counted in (Redis INCR)
 _CONNECTION_ID: Final = re.compile(r"ws-[0-9]{1,20}-[a-z0-9]{9}")
 _NAMES: Final = ("since", "history", "previous")
 
@@ -742,10 +746,13 @@ class QueryRefusal(NamedTuple):
 
 
 def _integer(text: str) -> int | None:
+    """*text* as a non-negative integer, or None: not in the canonical form,
+    or past 2**63 - 1 (no offset can be that large: a number past the range
+    it is counted in does not parse, in since and history alike)."""
     if _DIGITS.fullmatch(text) is None:
         return None
-    digits = text.lstrip("0")
-    return _MAX_HISTORY if len(digits) > 18 else int(digits or "0")
+    value = int(text)  # at most 19 digits
+    return value if value <= _MAX_INTEGER else None
 
 
 def parse_join_query(query: str) -> JoinQuery | QueryRefusal:
@@ -781,6 +788,7 @@ def parse_join_query(query: str) -> JoinQuery | QueryRefusal:
         history = _integer(found["history"])
         if history is None:
             return QueryRefusal("history must be a non-negative integer")
+        history = min(history, _MAX_HISTORY)
     if "previous" in found:
         previous = found["previous"]
         if _CONNECTION_ID.fullmatch(previous) is None:

@@ -73,9 +73,18 @@ _TOKEN_CHARS: Final = frozenset(
 # The byte-by-byte checks of a head as one regex scan each: a kept-alive API
 # client sends a head per request, and a Python loop per byte cost more than
 # the rest of the request's handling.
-_BAD_TARGET: Final = re.compile(rb"[^\x21-\x7e]")
+# Visible ASCII but "#": a fragment is never sent (RFC 9112 3.2, RFC 3986 3.5).
+_BAD_TARGET: Final = re.compile(rb"[^\x21-\x22\x24-\x7e]")
 _BAD_VALUE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _BARE_LF: Final = re.compile(rb"(?<!\r)\n")
+# RFC 9110 7.2 / RFC 3986 3.2.2: Host is uri-host [ ":" port ], uri-host an IP
+# literal in brackets or a reg-name (unreserved, percent-escapes, sub-delims).
+# An http URI's host is never empty (RFC 9110 4.2.1: "MUST reject it as invalid").
+_HOST: Final = re.compile(
+    r"(?:\[(?:[0-9A-Fa-f:.]+|v[0-9A-Fa-f]+\.[A-Za-z0-9._~!$&'()*+,;=:-]+)\]"
+    r"|(?:[A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})+)"
+    r"(?::[0-9]*)?"
+)
 
 
 class HttpError(Exception):
@@ -127,7 +136,7 @@ def _origin_form(target: bytes) -> tuple[str, bytes]:
         raise HttpError(400, "malformed request target")
     cut = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i != -1), default=len(rest))
     authority, path = rest[:cut], rest[cut:]
-    if not authority or b"@" in authority:
+    if _HOST.fullmatch(authority.decode("ascii")) is None:  # no userinfo, no empty host
         raise HttpError(400, "malformed request target")
     if not path.startswith(b"/"):
         path = b"/" + path
@@ -168,7 +177,13 @@ def parse_request_head(buffer: bytes | bytearray) -> tuple[Request, int] | None:
     if _BAD_TARGET.search(target):
         raise HttpError(400, "malformed request target")
     authority = None
-    if not target.startswith(b"/"):
+    if target == b"*" and method == b"OPTIONS":
+        # The asterisk form (RFC 9112 3.2.4): the server as a whole. A valid
+        # request, answered by the route table like any path it has no row
+        # for: 404 (decisions.md 1, "anything else"); 405 would need an Allow
+        # naming the methods of a resource, and "*" is none.
+        pass
+    elif not target.startswith(b"/"):
         authority, target = _origin_form(target)
     if version != b"HTTP/1.1" and version != b"HTTP/1.0":
         raise HttpError(400, "malformed HTTP version")
@@ -181,6 +196,16 @@ def parse_request_head(buffer: bytes | bytearray) -> tuple[Request, int] | None:
         if _BAD_VALUE.search(value):
             raise HttpError(400, "control character in header field")
         headers.append((name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1")))
+    # RFC 9112 3.2: 400 for more than one Host or an invalid one (any
+    # version, the absolute form too: its Host is then ignored, but a request
+    # that carries a broken one is broken), and for none in HTTP/1.1.
+    hosts = [value for key, value in headers if key == "host"]
+    if len(hosts) > 1:
+        raise HttpError(400, "duplicate host header")
+    if hosts and _HOST.fullmatch(hosts[0]) is None:
+        raise HttpError(400, "invalid Host header")
+    if not hosts and version == b"HTTP/1.1":
+        raise HttpError(400, "missing Host header")
     if authority is not None:
         # The target URI is the absolute form's (RFC 9112 3.3), so its
         # authority is the host every later check (origin, server names) sees.
@@ -188,8 +213,6 @@ def parse_request_head(buffer: bytes | bytearray) -> tuple[Request, int] | None:
     request = Request(
         method.decode("ascii"), target.decode("ascii"), tuple(headers), version=version.decode()
     )
-    if request.get("host") is None and request.version == "HTTP/1.1":
-        raise HttpError(400, "missing Host header")
     return request, end + 4
 
 

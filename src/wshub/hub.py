@@ -267,12 +267,16 @@ class Hub(PlainRelayOwner):
             missed=missed if asked else None,
             user_id=user_id,
         )
-        conn.write(text_frame(welcome))
+        frames = [text_frame(welcome)]
         if recovery is not None:
-            for entry in recovery.missed:
-                conn.write(text_frame(protocol.replayed(entry.payload)))
-        for frame in after or ():
-            conn.write(text_frame(frame.payload))
+            frames += [text_frame(protocol.replayed(entry.payload)) for entry in recovery.missed]
+        frames += [text_frame(frame.payload) for frame in after or ()]
+        # One write; what the socket did not take counts toward the node's
+        # --send-buffer-total like anything the fan-out writes (a client
+        # alone in its room would otherwise hold its replay uncounted).
+        unsent = conn.write(frames[0] if len(frames) == 1 else b"".join(frames))
+        if unsent:
+            self._fanout.wrote(conn, unsent)
 
     # -- Joins on Redis (the node runs the reads: clusterhistory.py) ----------------
 
@@ -416,19 +420,20 @@ class Hub(PlainRelayOwner):
         # PONG: a sign of life, already noted by the connection.
         outcomes["ROUTED"] += 1
 
-    def on_plain_relays(self, conn: Connection, relays: list[ingest.Item]) -> None:
+    def on_plain_relays(self, conn: Connection, kinds: bytes, contents: list[bytes]) -> None:
         """A read's plain relays in a row (wshub._ingest recognised and
-        checked them), published together: :meth:`publish` of each, in
-        order, with the envelopes written in one C call (``ingest.stamp``),
-        one clock read, one offset lookup and one history call for the run.
-        A cluster's room (offsets from Redis) takes them one by one."""
+        checked them: their codes and contents), published together:
+        :meth:`publish` of each, in order, with the envelopes written in one
+        C call (``ingest.stamp``), one clock read, one offset lookup and one
+        history call for the run. A cluster's room (offsets from Redis) takes
+        them one by one."""
         stamp = ingest.stamp
         if self._shared is not None or stamp is None:
-            kinds = ingest.KINDS
-            for code, content, _ in relays:
-                self.on_plain_relay(conn, kinds[code], content)  # type: ignore[arg-type]
+            relay_kinds = ingest.KINDS
+            for code, content in zip(kinds, contents, strict=True):
+                self.on_plain_relay(conn, relay_kinds[code], content)  # type: ignore[arg-type]
             return
-        count = len(relays)
+        count = len(kinds)
         outcomes = self._outcomes
         outcomes["INCOMING"] += count
         outcomes["VALIDATED"] += count
@@ -440,28 +445,28 @@ class Hub(PlainRelayOwner):
         tail = protocol.plain_relay_tail(self._clock())
         history = self._history
         if history is None:
-            payloads, frames, messages = stamp(relays, head_message, head_broadcast, tail, -1)
+            payloads, frames, messages, excluded, sent_alone = stamp(
+                kinds, contents, head_message, head_broadcast, tail, -1, conn
+            )
         else:
             mono = self._monotonic()
             first = history.next_offset(self.room, mono)
-            payloads, frames, messages = stamp(relays, head_message, head_broadcast, tail, first)
+            payloads, frames, messages, excluded, sent_alone = stamp(
+                kinds, contents, head_message, head_broadcast, tail, first, conn
+            )
             history.keep_run(self.room, first, payloads, sender, messages, mono)
         self._backplane.publish_relays(self.room, sender, payloads)
         members = len(self.members)
         sizes = self._fanout_sizes
-        some_messages = True in messages
-        if some_messages:
-            excluded: list[Connection | None] = [conn if m else None for m in messages]
-            sent_alone = messages.count(True)
+        if sent_alone:
             sizes[members - 1] = sizes.get(members - 1, 0) + sent_alone
             if count > sent_alone:
                 sizes[members] = sizes.get(members, 0) + count - sent_alone
         else:
-            excluded = [None] * count
             sizes[members] = sizes.get(members, 0) + count
         if members > 1:
             self._fanout.to_all_many(
-                self.audience, payloads, frames, excluded, conn if some_messages else None
+                self.audience, payloads, frames, excluded, conn if sent_alone else None
             )
         elif members:  # the sender alone: its broadcasts come back to it, its messages go nowhere
             for payload, is_message in zip(payloads, messages, strict=True):
@@ -557,9 +562,14 @@ class Hub(PlainRelayOwner):
         exclude: Connection | None,
         kind: RelayKind | None,
         excluded_id: ConnectionId | None = None,
+        *,
+        serve_if_lost: bool = True,
     ) -> asyncio.Future[tuple[str, int]] | None:
-        """Through the room's script (None: Redis unreachable, served here)."""
-        if not self._backplane.ready()[0]:
+        """Through the room's script (None: Redis unreachable, served here).
+        A publication Redis does not take in time is served to this node's
+        members all the same, without an offset, unless *serve_if_lost* is
+        False (a backend's, answered 503 instead: it may send it again)."""
+        if not self._backplane.ready()[0] and not shared.pending():
             # Redis unreachable: serve this node's members at once, without an
             # offset (none can be assigned), rather than late or never.
             self._deliver(payload, exclude)
@@ -573,13 +583,25 @@ class Hub(PlainRelayOwner):
         # The connection it skips, here or on another node (a backend's exclude).
         skip = exclude.id if exclude is not None else excluded_id
         future = shared.publish(self.room, payload, sender, kind, skip)
-        future.add_done_callback(partial(self._published, shared))
+        lost = (payload, exclude) if serve_if_lost else None
+        future.add_done_callback(partial(self._published, shared, lost))
         return future
 
-    def _published(self, shared: ClusterHistory, future: asyncio.Future[tuple[str, int]]) -> None:
+    def _published(
+        self,
+        shared: ClusterHistory,
+        lost: tuple[bytes, Connection | None] | None,
+        future: asyncio.Future[tuple[str, int]],
+    ) -> None:
         if future.cancelled() or future.exception() is not None:
-            # At most once: lost, counted.
+            # Not recorded (Redis frozen, or gone with it in flight): lost for
+            # the other nodes (at most once), counted; this node's members
+            # still get it, without an offset, as while Redis is known to be
+            # unreachable (decisions.md 9). In order: publications fail in
+            # the order they were made.
             shared.failed("publish", self.room, None if future.cancelled() else future.exception())
+            if lost is not None:
+                self._deliver(*lost)
             return
         stream = self._stream
         assert stream is not None
@@ -650,7 +672,9 @@ class Hub(PlainRelayOwner):
             return None
         member = None if exclude is None else self.members.get(exclude)
         payload = protocol.encode_relay(kind, sender, content, self._clock())
-        return self._publish_shared(shared, payload, sender, member, kind, exclude)
+        return self._publish_shared(
+            shared, payload, sender, member, kind, exclude, serve_if_lost=False
+        )
 
     def on_binary(self, conn: Connection, data: bytes) -> None:
         self._counters.messages.inc_label("INCOMING")

@@ -20,25 +20,31 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 from .protocol import RelayKind
 
-__all__ = ["BINARY", "BROADCAST", "KINDS", "MESSAGE", "TEXT", "scan", "stamp"]
+__all__ = ["BINARY", "BROADCAST", "KINDS", "MESSAGE", "RUN", "TEXT", "scan", "stamp"]
 
 TEXT: Final = 0
 BINARY: Final = 1
 MESSAGE: Final = 2
 BROADCAST: Final = 3
+RUN: Final = 4
 KINDS: Final = (None, None, RelayKind.MESSAGE, RelayKind.BROADCAST)
 """The relay kind of an item's code (2 and 3); None for TEXT and BINARY."""
 
 Item = tuple[int, bytes, int]
 """``(code, body, end)``: see src/wshub/_ingest.c."""
-Scan = Callable[[bytes, int], tuple[int, list[Item]]]
-Stamped = tuple[list[bytes], list[bytes], list[bool]]
-"""``(payloads, frames, messages)``: see src/wshub/_ingest.c."""
-Stamp = Callable[[list[Item], bytes, bytes, bytes, int], Stamped]
+Run = tuple[int, bytes, list[bytes], bytes]
+"""``(RUN, kinds, contents, ends)``, the relays in a row of ``scan(data,
+limit, True)``: their codes (one byte each), their contents, and their ends
+(8 bytes little-endian each); see src/wshub/_ingest.c."""
+Scan = Callable[[bytes, int, bool], tuple[int, list[Item | Run]]]
+Stamped = tuple[list[bytes], list[bytes], list[bool], list[Any], int]
+"""``(payloads, frames, messages, excluded, message_count)``: see
+src/wshub/_ingest.c."""
+Stamp = Callable[[bytes, list[bytes], bytes, bytes, bytes, int, Any], Stamped]
 
 scan: Scan | None
 stamp: Stamp | None

@@ -18,11 +18,12 @@ import sys
 import time
 
 from .api import ApiKeys, ApiKeysError
+from .backplane import NodeIdInUse
 from .config import Config
 from .logs import log_event
 from .node import Node
 from .reload import Reloaders
-from .supervisor import REUSE_PORT_ENV, supervise
+from .supervisor import REUSE_PORT_ENV, follow_supervisor, supervise
 from .tls import ServerTLS, TLSError
 
 __all__ = ["run", "serve"]
@@ -190,6 +191,7 @@ def run(config: Config, argv: list[str] | None = None) -> int:
             return 2
     if config.workers > 1:
         return supervise(config, argv or [])
+    follow_supervisor()  # a worker of --workers: stop with the supervisor
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS
@@ -198,6 +200,11 @@ def run(config: Config, argv: list[str] | None = None) -> int:
         runner = uvloop.run
     try:
         runner(serve(config, tls=tls, api_keys=api_keys))
+    except NodeIdInUse as exc:
+        # Logged by the backplane too; a second live node under one id would
+        # corrupt the cluster's presence, so it does not start.
+        print(f"wshub serve: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(
             f"wshub: cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr

@@ -93,10 +93,31 @@ class Session:
     def silent_for(self, now: float) -> float:
         return now - self.last_seen
 
+    def admit_many(self, now: float, count: int) -> int:
+        """:meth:`admit` of *count* (>= 1) frames read at one time *now*, as far as
+        they are accepted: how many from the first are. The same tokens are
+        taken as by that many calls (one refill, then one token a frame: a
+        float less an integer below 2**53 is exact, so ``tokens - k`` is what
+        k subtractions of 1 leave); the first refused frame, and any after
+        it, are the caller's to charge with :meth:`admit` (its strikes)."""
+        limit = self.limit
+        if limit.rate == 0:
+            return count
+        elapsed = now - self.updated
+        if elapsed > 0:
+            self.tokens = refill(self.tokens, limit.burst, elapsed, limit.rate)
+            self.updated = now
+        tokens = self.tokens
+        taken = count if tokens >= count else int(tokens)  # tokens >= 0: int() is floor
+        if taken:
+            self.tokens = tokens - taken
+        return taken
+
     def admit(self, now: float) -> Admit:
-        """Charge one frame against the rate limit: the first frame of a
-        message (data) or a Ping, Pong or Close (control); continuation
-        frames are bounded by the message limits instead."""
+        """Charge one frame against the rate limit: every frame costs a token
+        (decisions.md 8 and 18), a data frame (a continuation included) or a
+        Ping, Pong or Close. One that finds none is refused, and the refusal
+        counts toward the strikes that close the connection."""
         limit = self.limit
         if limit.rate == 0:
             return _ACCEPT
@@ -112,3 +133,18 @@ class Session:
         if self.strikes.add(now):
             return Admit.DISCONNECT
         return Admit.REFUSE
+
+    def charge(self, now: float) -> None:
+        """Take a token for one more frame of a message already refused, if
+        one is left: such frames are paid for like any other, but the
+        message was refused once, so they add no strike (see
+        docs/protocol.md, section 8)."""
+        limit = self.limit
+        if limit.rate == 0:
+            return
+        elapsed = now - self.updated
+        if elapsed > 0:
+            self.tokens = refill(self.tokens, limit.burst, elapsed, limit.rate)
+            self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1

@@ -8,24 +8,34 @@ after the node TTL), so every client elsewhere hears ``user_left`` for them.
 SIGTERM or SIGINT is passed on to every worker, which drains as usual;
 SIGHUP is passed on too, and each worker reloads what it can (a worker started
 later reads the files anew anyway). The supervisor itself holds no files.
+Should the supervisor die without passing anything on (SIGKILL, the OOM
+killer), each worker is sent SIGTERM by the kernel and drains (Linux), rather
+than serve on the port with no one to stop or restart it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 
 from .config import Config
 from .ids import new_node_id
 
-__all__ = ["supervise"]
+__all__ = ["follow_supervisor", "supervise"]
 
 log = logging.getLogger("wshub.supervisor")
 
 REUSE_PORT_ENV = "WSHUB_REUSE_PORT"
+EXIT_REFUSED = 2
+"""A worker's exit code when it refused to start (``wshub serve``'s usage
+errors, and a node id in use): it registered nothing in Redis."""
+SUPERVISOR_PID_ENV = "WSHUB_SUPERVISOR_PID"
+_PR_SET_PDEATHSIG = 1  # prctl(2) option, <linux/prctl.h>
 
 
 class Worker:
@@ -50,7 +60,7 @@ class Worker:
             "1",
             "--node-id",
             self.node_id,
-            env={**os.environ, REUSE_PORT_ENV: "1"},
+            env={**os.environ, REUSE_PORT_ENV: "1", SUPERVISOR_PID_ENV: str(os.getpid())},
         )
         log.info("worker %d started pid=%d node=%s", self.index, self.proc.pid, self.node_id)
 
@@ -88,15 +98,16 @@ async def _supervise(config: Config, argv: list[str]) -> int:
                 worker.node_id,
                 task.result(),
             )
-            try:
-                gone = await reap_node(
-                    config.redis_target, worker.node_id, prefix=config.redis_prefix
-                )
+            if task.result() == EXIT_REFUSED:
+                # It refused to start (its node id is in use: another
+                # supervisor started from the same configuration) and
+                # registered nothing: the id's presence is the live holder's,
+                # and reaping it would announce that one's clients gone.
                 log.warning(
-                    "announced %d connections of node %s as gone", len(gone), worker.node_id
+                    "worker %d refused to start: node %s not reaped", worker.index, worker.node_id
                 )
-            except Exception as exc:  # Redis down: the survivors reap it after the TTL
-                log.warning("could not reap node %s now: %s", worker.node_id, exc)
+            else:
+                await _reap(reap_node, config, worker.node_id)
             worker.restarts += 1
             # A worker that keeps crashing is restarted at most once a second.
             await asyncio.sleep(min(1.0, 0.1 * worker.restarts))
@@ -113,6 +124,34 @@ async def _supervise(config: Config, argv: list[str]) -> int:
         except TimeoutError:
             worker.proc.kill()
     return 0
+
+
+async def _reap(reap_node: Callable[..., Awaitable[list[str]]], config: Config, node: str) -> None:
+    """Announce the connections of a worker that died as gone, now."""
+    try:
+        gone = await reap_node(config.redis_target, node, prefix=config.redis_prefix)
+        log.warning("announced %d connections of node %s as gone", len(gone), node)
+    except Exception as exc:  # Redis down: the survivors reap it after the TTL
+        log.warning("could not reap node %s now: %s", node, exc)
+
+
+def follow_supervisor() -> None:
+    """In a worker, before it serves: have the kernel send it SIGTERM when its
+    supervisor dies, so that it drains and exits as when the supervisor is
+    stopped, instead of serving on unmanaged (a supervisor started again
+    would add its workers next to it on the port). Linux only (prctl
+    PR_SET_PDEATHSIG); elsewhere a worker outlives a killed supervisor."""
+    supervisor = os.environ.get(SUPERVISOR_PID_ENV)
+    if not supervisor:
+        return
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return
+    prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != int(supervisor):
+        # It died before the request above: nothing would tell us any more.
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _pass_on_sighup(workers: list[Worker]) -> None:

@@ -35,9 +35,22 @@ class TLSError(WshubError):
 
 def server_context() -> ssl.SSLContext:
     """A server context with Python's vetted defaults (ciphers, no compression,
-    no renegotiation) and nothing older than TLS 1.2."""
+    no renegotiation), nothing older than TLS 1.2 and no TLS 1.3 session
+    tickets (see below)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # OpenSSL sends TLS 1.3 tickets unasked right after the handshake, while
+    # the client writes its upgrade request. A client already reading on a
+    # thread of its own while another writes the request (websockets' sync
+    # client starts its reader before the handshake; any such client over
+    # OpenSSL) then runs SSL_read, which processes the tickets, alongside
+    # SSL_write on one SSL object, which OpenSSL does not support
+    # (openssl/openssl#20446): now and then the request never left such a
+    # client (5 in 300 with websockets' client, three test loops at once), and
+    # its upgrade hung until the handshake deadline (408). Without tickets
+    # nothing reaches the client before our answer. The cost: a TLS 1.3 client
+    # that reconnects makes a full handshake (docs/operations.md, TLS).
+    context.num_tickets = 0
     return context
 
 

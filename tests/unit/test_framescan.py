@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import struct
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wshub.framescan import FrameScanner
+from wshub.framescan import FrameScanner, MalformedFrame
 
 from ..rawws import chunked, encode_frame, xor
 
@@ -199,8 +200,18 @@ def test_when_the_caller_says_no_every_frame_goes_to_the_library() -> None:
 
 def test_an_oversized_announcement_goes_to_the_library_at_once() -> None:
     # The library refuses it from the header (1009): no waiting for 2^63 bytes.
-    head = bytes((0x81, 0x80 | 127)) + struct.pack("!Q", 2**63) + b"abcd"
+    head = bytes((0x81, 0x80 | 127)) + struct.pack("!Q", 2**63 - 1) + b"abcd"
     assert scan_once(head + b"data", lambda: True) == [(None, head + b"data")]
+
+
+def test_a_length_with_its_top_bit_set_is_malformed_after_what_came_before() -> None:
+    # RFC 6455 5.2: that bit MUST be 0 (1002, where the library would say 1009).
+    ping = encode_frame(0x9, b"p")
+    head = bytes((0x81, 0x80 | 127)) + struct.pack("!Q", 2**63) + b"abcd"
+    got: list[object] = []
+    with pytest.raises(MalformedFrame):
+        got.extend(FrameScanner(LIMIT).scan(ping + head + b"data", Carry(), lambda: True))
+    assert got == [(None, ping)]
 
 
 def test_the_limit_is_inclusive() -> None:

@@ -162,6 +162,19 @@ def test_every_code_point_raw() -> None:
                 assert body == protocol._escape_string(chr(c))[1:-1].encode()
 
 
+def test_every_byte_at_every_place_of_a_word() -> None:
+    """The content is checked eight bytes at a time while they are printable
+    ASCII: each byte value at each of the places of two words and a tail,
+    among letters and among spaces, judged as the Python path judges it."""
+    head = b'{"type":"message","content":"'
+    for filler in (b"a", b" "):
+        for place in range(19):
+            for value in range(256):
+                content = bytearray(filler * 19)
+                content[place] = value
+                check_same(head + bytes(content) + b'"}')
+
+
 def test_content_length_limit_in_characters() -> None:
     for n, taken in ((1000, True), (1001, False)):
         for ch in ("a", "é", "\U0001f600", "\\/", '\\"', "\\u00e9", "\\ud83d\\ude00"):
@@ -221,6 +234,35 @@ def test_the_walk_stops_where_framescan_leaves_its_fast_path(
     # the rest starts at a frame boundary: what framescan does with it is as before
     rest = list(FrameScanner(limit).scan(data[stop:], _Carry(), lambda: True))
     assert not rest or rest[0][0] is None
+
+
+@given(FRAMES, st.integers(0, 20))
+def test_runs_are_the_relays_in_a_row(
+    frames: list[tuple[int, bytes, bool, bool]], cut: int
+) -> None:
+    """scan(data, limit, True): the items of scan(data, limit), each run of
+    relays in a row as one (RUN, kinds, contents, ends) item."""
+    data = b"".join(frame(op, body, fin=fin, masked=m) for op, body, fin, m in frames)
+    data = data[: max(0, len(data) - cut)]
+    stop, items = _ingest.scan(data, LIMIT)
+    run_stop, runs = _ingest.scan(data, LIMIT, True)
+    assert run_stop == stop
+    expanded: list[tuple[int, bytes, int]] = []
+    previous_was_run = False
+    for item in runs:
+        if item[0] == _ingest.RUN:
+            _, kinds, contents, ends = item
+            assert kinds and not previous_was_run  # runs are whole: never two in a row
+            assert len(kinds) == len(contents) == len(ends) // 8
+            for i, (code, content) in enumerate(zip(kinds, contents, strict=True)):
+                end = int.from_bytes(ends[8 * i : 8 * i + 8], "little")
+                expanded.append((code, content, end))
+            previous_was_run = True
+        else:
+            assert item[0] < _ingest.MESSAGE
+            expanded.append(item)  # type: ignore[arg-type]
+            previous_was_run = False
+    assert expanded == items
 
 
 def test_no_c_ingest_env_turns_it_off() -> None:

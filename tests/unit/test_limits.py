@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from wshub.admission import Admission, BadForwardedFor, address_key, client_address
 from wshub.ratelimit import KeyedBuckets, MessageLimit, Strikes, TokenBucket
@@ -71,6 +73,37 @@ def test_session_bucket_burst_then_rate() -> None:
     assert session.admit(0.05) is Admit.REFUSE
     assert all(session.admit(10.0) is Admit.ACCEPT for _ in range(40))  # capped at burst
     assert session.admit(10.0) is Admit.REFUSE
+
+
+@given(
+    st.floats(0.01, 1000),
+    st.integers(1, 50),
+    st.lists(st.tuples(st.floats(0, 3), st.integers(1, 40)), max_size=12),  # a run is never empty
+)
+def test_admit_many_takes_what_as_many_admits_take(
+    rate: float, burst: int, reads: list[tuple[float, int]]
+) -> None:
+    """A read's run charged at once (the C ingest path's relays in a row):
+    the same frames accepted, and the same tokens left, as one admit() per
+    frame at the read's time; the first refused one is then admit()'s."""
+    limit = MessageLimit(rate=rate, burst=burst, strike_limit=0, strike_window=1)
+    at_once, one_by_one = Session(0.0, limit), Session(0.0, limit)
+    now = 0.0
+    for gap, count in reads:
+        now += gap
+        accepted = at_once.admit_many(now, count)
+        expected = 0
+        while expected < count and one_by_one.admit(now) is Admit.ACCEPT:
+            expected += 1
+        if expected < count:  # the one refused: at_once charges it by admit() too
+            assert at_once.admit(now) is Admit.REFUSE
+        assert accepted == expected
+        assert (at_once.tokens, at_once.updated) == (one_by_one.tokens, one_by_one.updated)
+
+
+def test_admit_many_unlimited() -> None:
+    session = Session(0.0, MessageLimit(rate=0, burst=1, strike_limit=0, strike_window=1))
+    assert session.admit_many(1.0, 40) == 40
 
 
 def test_session_liveness() -> None:

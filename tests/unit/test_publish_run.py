@@ -172,7 +172,7 @@ def test_the_c_path_was_taken(monkeypatch: pytest.MonkeyPatch) -> None:
     stamp = _ingest.stamp
 
     def counting(*args: object) -> object:
-        runs.append(len(args[0]))  # type: ignore[arg-type]
+        runs.append(len(args[0]))  # type: ignore[arg-type]  # the run's kinds
         return stamp(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(_ingest, "stamp", counting)
@@ -190,13 +190,15 @@ def test_stamp_is_encode_plain_relay(
     relays: list[tuple[int, bytes]], user_id: str | None, first: int, now: float
 ) -> None:
     sender = ConnectionId("ws-1-abcdefghi")
-    items = [(code, content, 0) for code, content in relays]
-    payloads, frames, messages = _ingest.stamp(
-        items,
+    conn = object()
+    payloads, frames, messages, excluded, message_count = _ingest.stamp(
+        bytes(code for code, _ in relays),
+        [content for _, content in relays],
         protocol.plain_relay_head(RelayKind.MESSAGE, sender, user_id),
         protocol.plain_relay_head(RelayKind.BROADCAST, sender, user_id),
         protocol.plain_relay_tail(now),
         first,
+        conn,
     )
     kinds = ingest.KINDS
     expected = [
@@ -213,19 +215,24 @@ def test_stamp_is_encode_plain_relay(
     assert payloads == expected
     assert frames == [text_frame(p) for p in expected]
     assert messages == [code == ingest.MESSAGE for code, _ in relays]
+    for e, is_message in zip(excluded, messages, strict=True):
+        assert e is (conn if is_message else None)
+    assert message_count == messages.count(True)
 
 
 def test_stamp_frames_of_every_length_header() -> None:
     for size in (0, 125, 126, 65535, 65536, 70000):
-        payloads, frames, _ = _ingest.stamp([(2, b"x" * size, 0)], b"", b"", b"", -1)
+        payloads, frames, *_ = _ingest.stamp(b"\x02", [b"x" * size], b"", b"", b"", -1, None)
         assert frames == [text_frame(payloads[0])]
 
 
 def test_stamp_refuses_what_is_not_a_relay() -> None:
     with pytest.raises(ValueError):
-        _ingest.stamp([(0, b"x", 0)], b"", b"", b"", -1)
+        _ingest.stamp(b"\x00", [b"x"], b"", b"", b"", -1, None)
+    with pytest.raises(ValueError):
+        _ingest.stamp(b"\x02\x02", [b"x"], b"", b"", b"", -1, None)  # a kind without content
     with pytest.raises(TypeError):
-        _ingest.stamp([(2, "x", 0)], b"", b"", b"", -1)  # type: ignore[list-item]
+        _ingest.stamp(b"\x02", ["x"], b"", b"", b"", -1, None)  # type: ignore[list-item]
 
 
 def test_a_peer_that_subscribes_gets_every_later_run() -> None:

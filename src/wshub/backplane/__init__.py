@@ -32,9 +32,16 @@ __all__ = [
     "BackplaneHandler",
     "Envelope",
     "EventKind",
+    "NodeIdInUse",
     "decode_envelope",
     "encode_envelope",
 ]
+
+
+class NodeIdInUse(Exception):
+    """Another live process already runs under this node's ``--node-id``
+    (two nodes with one id would overwrite each other's presence): the node
+    refuses to start (exit code 2)."""
 
 
 class EventKind(enum.StrEnum):

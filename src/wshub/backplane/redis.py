@@ -14,6 +14,8 @@ Keys (``{p}`` is ``--cluster-name``, default ``wshub``)::
     {p}:presence:{room}    HASH connection id -> node id, the room's connections
                            (node id TAB user id for an authenticated one)
     {p}:node:{id}:reaped   marker left by the survivor that reaped the node
+    {p}:node:{id}:run      the random token of the process that holds the id,
+                           expires with the lease
 
 Theory of operation
 -------------------
@@ -65,6 +67,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import secrets
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -75,7 +78,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from ..ids import ConnectionId, NodeId
 from ..logs import LineLimiter, log_event
 from ..rooms import RoomName
-from . import BackplaneHandler, Envelope, EventKind, decode_envelope, encode_envelope
+from . import BackplaneHandler, Envelope, EventKind, NodeIdInUse, decode_envelope, encode_envelope
 from .base import ViewKeeper, lost_payload
 from .redisconn import (
     SENTINEL_SCHEME,
@@ -100,6 +103,16 @@ redis.call('DEL', KEYS[3])
 redis.call('SET', KEYS[4], '1', 'EX', ARGV[2])
 return pairs
 """
+# KEYS: run; ARGV: this process's run token, lease ms. Holds the node id for
+# this process for one more lease, unless another process took it meanwhile
+# (returns that one's token).
+_HOLD_RUN = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return holder end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
+"""
+_ID_IN_USE = "node id in use by another process"  # /readyz, once that is so
 _SUBSCRIBE_TIMEOUT = 5.0  # seconds for Redis to acknowledge a subscription
 
 # (RedisClusterException: a Redis Cluster's client, redis_cluster.py, raises
@@ -202,6 +215,9 @@ class Keys:
     def reaped(self, node: str) -> str:
         return f"{self.prefix}:node:{node}:reaped"
 
+    def run(self, node: str) -> str:
+        return f"{self.prefix}:node:{node}:run"
+
 
 class RedisBackplane(ViewKeeper):
     def __init__(
@@ -250,6 +266,11 @@ class RedisBackplane(ViewKeeper):
         # Nodes of our views found missing from {p}:nodes, and since when.
         self._missing_since: dict[NodeId, float] = {}
         self._registered = False  # once in this run (see _announce_previous_run)
+        # Names this process in {p}:node:{id}:run, to tell it from another
+        # process started under the same --node-id (see _claim_node_id).
+        self._run_token = secrets.token_hex(8)
+        self._hold_script: Any = None
+        self._id_lost = False  # another process has our node id: this backplane is done
         # Figures for /metrics.
         self.published = 0
         self.forward_failures = 0
@@ -268,6 +289,7 @@ class RedisBackplane(ViewKeeper):
         timeout = max(1.0, self.node_ttl / 6)
         self._redis = self._connect(timeout)
         self._reap_script = self._redis.register_script(self._reap_source)
+        self._hold_script = self._redis.register_script(_HOLD_RUN)
         connected = asyncio.get_running_loop().create_future()
         self._tasks = [
             asyncio.create_task(self._supervise(connected), name="wshub-redis-subscriber"),
@@ -283,6 +305,9 @@ class RedisBackplane(ViewKeeper):
         # Redis starts with correct counts.
         try:
             await asyncio.wait_for(asyncio.shield(connected), timeout)
+        except NodeIdInUse:
+            await self._close_connections()
+            raise
         except TimeoutError:
             # The cause at warning: the later attempts are logged at info, and
             # a wrong password looks like any outage from /readyz (issue 19.9).
@@ -405,7 +430,7 @@ class RedisBackplane(ViewKeeper):
         # Public (/readyz, /stats): a fixed phrase. Redis error text
         # (addresses, auth failures, bytes from whatever answered) goes to the
         # log (issue 19.9).
-        self._reason = "redis unreachable"
+        self._reason = _ID_IN_USE if self._id_lost else "redis unreachable"
         # Rooms waiting for their subscription serve their local members
         # meanwhile; the reconnect's resync brings their views up to date.
         self._rooms_ready(set(self._unready))
@@ -631,6 +656,9 @@ class RedisBackplane(ViewKeeper):
             pubsub = self._new_pubsub()
             self._pubsub = pubsub
             try:
+                if not self._registered:
+                    # Before our own subscription: any listener is another process.
+                    await self._claim_node_id()
                 rooms = sorted(self._rooms)
                 waiting = set(self._unready)
                 await pubsub.subscribe(probe_channel, *(self.keys.room(r) for r in rooms))
@@ -652,6 +680,11 @@ class RedisBackplane(ViewKeeper):
                 self._set_down("subscription rebuilt")
             except asyncio.CancelledError:
                 raise
+            except NodeIdInUse as exc:
+                self._lose_node_id(exc)
+                if not connected.done():
+                    connected.set_exception(exc)
+                    connected.exception()  # retrieved: start() raises it
             except _LINK_ERRORS as exc:
                 self._set_down(str(exc) or type(exc).__name__)
             finally:
@@ -739,6 +772,7 @@ class RedisBackplane(ViewKeeper):
         assert self._redis is not None and self.handler is not None
         keys = self.keys
         node = self.node_id
+        await self._hold_node_id()
         was_reaped = await self._redis.exists(keys.reaped(node))
         if was_reaped:
             log.warning("this node was reaped during an outage: its clients must reconnect")
@@ -765,6 +799,65 @@ class RedisBackplane(ViewKeeper):
             pipe.hset(keys.conns(node), cid, room)
             pipe.hset(keys.presence(room), cid, presence_value(node, user))
         await pipe.execute()
+
+    async def _claim_node_id(self) -> None:
+        """At this run's first connection: refuse a ``--node-id`` that a live
+        process already runs under (an operator who copied a config), which
+        would overwrite its presence and announce its clients gone. A live
+        node listens on its probe channel and holds its lease; a killed one
+        does neither for long (the kernel closes its connections at once, the
+        lease runs out within the node TTL), so a node restarted under its id
+        after a crash takes it over (and announces its last run's clients
+        gone, :meth:`_announce_previous_run`)."""
+        assert self._redis is not None
+        keys = self.keys
+        node = self.node_id
+        # The lease first: on a Redis Cluster, the first command also reads
+        # the slot map that finding the probe channel's shard needs.
+        held = await self._redis.exists(keys.alive(node))
+        listeners = await self._probe_listeners() if held else 0
+        if listeners:
+            raise NodeIdInUse(
+                f"node id {node!r} is in use by another live node (its lease is held and "
+                f"{listeners} connection(s) listen on its probe channel): "
+                "give each node its own --node-id"
+            )
+        await self._redis.set(keys.run(node), self._run_token, px=int(self.node_ttl * 1000))
+
+    async def _probe_listeners(self) -> int:
+        """How many connections listen on this node id's probe channel."""
+        assert self._redis is not None
+        channel = self.keys.probe(self.node_id)
+        return sum(int(n) for _, n in await self._redis.pubsub_numsub(channel))
+
+    async def _hold_node_id(self) -> None:
+        """Hold the node id for one more lease, unless another process took
+        it meanwhile (started while this one could not reach Redis, or at the
+        same instant as this one): then :class:`NodeIdInUse`."""
+        holder = await self._hold_script(
+            keys=[self.keys.run(self.node_id)],
+            args=[self._run_token, int(self.node_ttl * 1000)],
+        )
+        if holder is not None:
+            raise NodeIdInUse(
+                f"node id {self.node_id!r} was taken by another process "
+                f"(run {_text(holder)!r}, this one is {self._run_token!r}): "
+                "give each node its own --node-id"
+            )
+
+    def _lose_node_id(self, exc: NodeIdInUse) -> None:
+        """Another process has this node id: write nothing more under it
+        (its presence is the other's now) and close this node's clients, if
+        it has any yet, with 1012 so that they reconnect elsewhere (the other
+        process announced them gone when it registered, or never heard of
+        them). /readyz says so until the process is stopped. (At start, with
+        no client yet, :meth:`start` raises it: the node refuses to start.)"""
+        log_event(log, logging.ERROR, "node_id_in_use", node=self.node_id, detail=str(exc))
+        self._stopping = True
+        self._id_lost = True
+        self._set_down(str(exc))
+        if self.on_rejoined_after_reap is not None:
+            self.on_rejoined_after_reap()
 
     async def _announce_previous_run(self, stale: dict[Any, Any]) -> None:
         """A node restarted under the same ``--node-id`` before its lease
@@ -815,6 +908,10 @@ class RedisBackplane(ViewKeeper):
                 await self._refresh_and_reap()
                 if ticks % 3 == 0:
                     await self._resync()
+            except NodeIdInUse as exc:
+                self._lose_node_id(exc)
+                self._rebuild = True
+                return
             except _ERRORS as exc:
                 self._set_down(f"lease refresh failed: {exc}")
                 self._rebuild = True
@@ -823,6 +920,7 @@ class RedisBackplane(ViewKeeper):
         assert self._redis is not None
         keys = self.keys
         await self._redis.set(keys.alive(self.node_id), "1", px=int(self.node_ttl * 1000))
+        await self._hold_node_id()
         nodes = [_text(n) for n in await self._redis.smembers(keys.nodes)]
         if self.node_id not in nodes and not self._stopping:
             # Redis lost our registration without our connection dropping

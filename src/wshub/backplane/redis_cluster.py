@@ -18,6 +18,7 @@ keys that share it share a slot, hence a shard)::
     {p}:node:{n.ID}:conns      HASH connection id -> room
     {p}:node:{n.ID}:reaped     marker: the node was reaped (claimed)
     {p}:node:{n.ID}:probe      sharded channel of the node's probes to itself
+    {p}:node:{n.ID}:run        the random token of the process holding the id
     {p}:nodes                  SET of node ids (one key, on one shard)
     {p}:user:{u.USER}          a user's per-node connection counts
                                (usercount.py: one key, so its scripts are one slot)
@@ -212,6 +213,9 @@ class ClusterKeys(Keys):
     def reaped(self, node: str) -> str:
         return f"{self._node(node)}:reaped"
 
+    def run(self, node: str) -> str:
+        return f"{self._node(node)}:run"
+
 
 class SlotMoved(ConnectionError):
     """Redis ended a subscription we did not end (its slot moved)."""
@@ -401,6 +405,17 @@ class RedisClusterBackplane(RedisBackplane):
             self._redis, self._shard_client, remap=last is not None and last.moved
         )
         return self._last_pubsub
+
+    async def _probe_listeners(self) -> int:
+        # A sharded channel's subscribers are known to the shard of its slot.
+        channel = self.keys.probe(self.node_id)
+        owner = self._redis.get_node_from_key(channel)
+        client = self._shard_client(owner.host, owner.port)
+        try:
+            reply = await client.pubsub_shardnumsub(channel)
+        finally:
+            await client.aclose()
+        return sum(int(n) for _, n in reply)
 
     # redis-py's cluster client can fail inside itself while a node's
     # connections are remade under a command (AttributeError on a writer

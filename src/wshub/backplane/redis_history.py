@@ -162,6 +162,13 @@ the client's (redis-py builds and parses each command, ~55 us): 10,000 rooms
 are ~0.56 s of CPU every third of ``meta_ttl`` and ~50 ms of Redis', and a
 batch of 100 holds the loop ~6 ms, within a loaded machine's own stalls
 (batches of 1,000 held it 75-130 ms: bench/history_keep_cost.py)."""
+GIVE_UP_MARGIN = 0.25
+"""Seconds past a batch's script deadline after which its caller hears that it
+failed, though Redis has not answered (it froze): by then Redis will not run
+it (the deadline is on Redis' clock, ours measured to well under a
+millisecond), so the caller may serve it without an offset. Without this
+bound a frozen Redis held each batch for the socket timeout (5 s), and the
+batches behind it for a PING's as well."""
 QUEUE_LIMIT = 16 * 1024 * 1024
 """Bytes of publications waiting for Redis; past it new ones fail at once."""
 
@@ -278,6 +285,10 @@ class RedisHistory:
             self._flusher = asyncio.create_task(self._flush(), name="wshub-history-publisher")
         return future
 
+    def pending(self) -> bool:
+        """Publications are queued or on their way and not answered yet."""
+        return bool(self._queue) or (self._flusher is not None and not self._flusher.done())
+
     async def _flush(self) -> None:
         # One batch at a time, in call order, on one connection: a sender's
         # messages keep their order.
@@ -285,8 +296,14 @@ class RedisHistory:
         while self._queue:
             try:
                 # Before the batch is taken: a check that stalls (a frozen
-                # Redis) leaves what queued meanwhile to the age check below.
-                await self._fresh()
+                # Redis) leaves what queued meanwhile to the age check below,
+                # and is given up once the oldest is too old to be sent.
+                now = loop.time()
+                if now - self._last_used <= IDLE_CHECK and self._clock_offset_ms is not None:
+                    self._last_used = now  # in use: nothing to check (no timer either)
+                else:
+                    waited = now - self._queue[0][3]
+                    await _answered(self._fresh(), max(0.05, MAX_AGE - waited), "Redis froze")
             except Exception as exc:
                 batch, self._queue = self._queue, []
                 self._queued_bytes = 0
@@ -305,7 +322,11 @@ class RedisHistory:
                         future.set_exception(StalePublication("waited too long for Redis"))
                 continue
             try:
-                results = await self._run(batch)
+                # A batch Redis has not answered once its deadline passed will
+                # never run (the script checks it): give it up then.
+                results = await _answered(
+                    self._run(batch), MAX_AGE + GIVE_UP_MARGIN, "no answer by the deadline"
+                )
             except Exception as exc:  # every caller hears why its publication failed
                 for _, _, future, _ in batch:
                     if not future.done():
@@ -445,6 +466,21 @@ class RedisHistory:
     ) -> Recovery:
         """As :meth:`wshub.history.History.recent`."""
         return _recovery(await self._call(room, "recent", "", 0, max(0, count), marker))
+
+
+async def _answered(coro: Any, timeout: float, why: str) -> Any:
+    """*coro*'s result, or :class:`StalePublication` after *timeout* seconds.
+
+    ``asyncio.timeout``, not the backplane's ``_within``: no task per call
+    (this is once or twice per batch; a task and an ``asyncio.wait`` cost
+    ~30 us of CPU a batch, measured). The Python 3.11 race ``_within``
+    avoids (a cancel lost inside redis-py when its await completes in the
+    same loop pass) costs nothing here: the reply came, and it is used."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await coro
+    except TimeoutError:
+        raise StalePublication(why) from None
 
 
 def _recovery(reply: list[Any]) -> Recovery:

@@ -438,6 +438,8 @@ static struct {
     /* chat/rate: the senders, round-robin */
     int *senders;
     int nsenders;
+    /* rate: every delivery's arrival, per message (see "Arrivals" below) */
+    int arrivals;
     /* WSHUB_NATIVE_STATS=1: reads, bytes and passes of the measured window on stderr */
     int64_t st_reads, st_bytes, st_waits, st_events;
 } G;
@@ -1016,6 +1018,120 @@ static long content_sender(const uint8_t *p, size_t len) {
 static void stamp(conn_t *c, int64_t ts);
 static int64_t stamp_at(const uint8_t *p, size_t len, long m);
 
+/* ------------------------------------------------------------------ arrivals
+ *
+ * The rate scenario with --reader full: when each of a message's deliveries
+ * was read, on every connection (not only the probes), so that a latency can
+ * be split into what each server does the same way and what it does not: the
+ * time from the send stamp to the first delivery read (the sender's frame
+ * through the server up to its first send(), plus one read), the spread from
+ * the first delivery to the last (the server's pass as the reader sees it),
+ * and the place of the probes in that order (a server that always writes the
+ * probes last would show a worse p99 for the same pass). The same method for
+ * every server: one clock read per read() of any connection while measuring.
+ * The scenario's latency_ms_* are then over every delivery (ar_all): the
+ * probes are fixed connections, and where a server writes them in its order
+ * moved their figures (docs/latency.md). */
+typedef struct {
+    int64_t stamp, first, last;
+    int32_t count;
+} arrival_t;
+
+static void jint(const char *k, long long v);
+static void jfloat(const char *k, double v, int d);
+static void latency_summary(vec_t *v);
+static void latency_report(void);
+static void jkey(const char *k);
+static void jstr_raw(const char *s);
+static int jn;
+
+static arrival_t *AR;
+static size_t ar_cap;
+static vec_t ar_rank; /* per probe delivery: how many deliveries of its message were read before it */
+static vec_t ar_all;  /* every delivery's latency, not the probes' only */
+
+/* "~#<ns> s<seq> ...": the sequence number, or -1 */
+static int64_t content_seq(const uint8_t *p, size_t len) {
+    const uint8_t *e = p + len, *q = memchr(p, ' ', len);
+    if (!q || e - q < 3 || q[1] != 's')
+        return -1;
+    int64_t v = 0;
+    const uint8_t *d = q += 2;
+    while (q < e && *q >= '0' && *q <= '9' && q - d < 18)
+        v = v * 10 + (*q++ - '0');
+    return q == d ? -1 : v;
+}
+
+static void arrival(conn_t *c, const uint8_t *content, size_t len) {
+    if (len < 2 || content[0] != '~' || content[1] != '#')
+        return;
+    int64_t ts = stamp_at(content, len, 0), seq = content_seq(content, len);
+    if (ts < 0 || seq < 0 || seq > (1 << 24))
+        return;
+    if ((size_t)seq >= ar_cap) {
+        size_t cap = ar_cap ? ar_cap : 1024;
+        while (cap <= (size_t)seq)
+            cap *= 2;
+        AR = xrealloc(AR, cap * sizeof *AR);
+        memset(AR + ar_cap, 0, (cap - ar_cap) * sizeof *AR);
+        ar_cap = cap;
+    }
+    arrival_t *a = &AR[seq];
+    if (!a->count) {
+        a->stamp = ts;
+        a->first = a->last = G.rd_now;
+    }
+    if (G.rd_now > a->last)
+        a->last = G.rd_now;
+    if (c->probe)
+        vec_push(&ar_rank, a->count);
+    a->count++;
+    vec_push(&ar_all, G.rd_now - ts);
+}
+
+static void arrivals_summary(const vec_t *v, const char *name) {
+    char k[64];
+    snprintf(k, sizeof k, "%s_ms_p50", name);
+    jfloat(k, v->n ? pct(v->v, v->n, 50) / 1e6 : 0.0, 3);
+    snprintf(k, sizeof k, "%s_ms_p99", name);
+    jfloat(k, v->n ? pct(v->v, v->n, 99) / 1e6 : 0.0, 3);
+    snprintf(k, sizeof k, "%s_ms_max", name);
+    jfloat(k, v->n ? (double)v->v[v->n - 1] / 1e6 : 0.0, 3);
+}
+
+/* Over the messages whose every delivery was read while measuring (those
+ * cut by the window's edges would show a part of their pass). */
+static void arrivals_report(int64_t recips) {
+    vec_t first = {0}, span = {0}, last = {0};
+    int64_t whole = 0;
+    for (size_t i = 0; i < ar_cap; i++) {
+        arrival_t *a = &AR[i];
+        if (a->count < recips)
+            continue;
+        whole++;
+        vec_push(&first, a->first - a->stamp);
+        vec_push(&span, a->last - a->first);
+        vec_push(&last, a->last - a->stamp);
+    }
+    jint("arrival_messages", (long long)whole);
+    if (!whole)
+        return;
+    qsort(first.v, first.n, sizeof *first.v, cmp_i64);
+    qsort(span.v, span.n, sizeof *span.v, cmp_i64);
+    qsort(last.v, last.n, sizeof *last.v, cmp_i64);
+    arrivals_summary(&first, "arrival_first");
+    arrivals_summary(&span, "arrival_span");
+    arrivals_summary(&last, "arrival_last");
+    double sum = 0;
+    for (size_t i = 0; i < ar_rank.n; i++)
+        sum += (double)ar_rank.v[i];
+    /* 0.5 when the probes sit evenly in the order of the deliveries */
+    jfloat("probe_rank_mean", ar_rank.n && recips > 1 ? sum / (double)ar_rank.n / (double)(recips - 1) : 0.0, 3);
+    free(first.v);
+    free(span.v);
+    free(last.v);
+}
+
 /* One whole data message (op 1 or 2) read by --reader full: 1 when it counts. */
 static int full_message(conn_t *c, int op, const uint8_t *p, size_t n) {
     RD.messages++;
@@ -1045,6 +1161,8 @@ static int full_message(conn_t *c, int op, const uint8_t *p, size_t n) {
     RD.counted++;
     if (G.stamping && env.content_raw >= 2 && env.content[0] == '~' && env.content[1] == '#')
         stamp(c, stamp_at(env.content, env.content_raw, 0));
+    if (G.arrivals && G.measuring)
+        arrival(c, env.content, env.content_raw);
     return 1;
 }
 
@@ -1469,8 +1587,9 @@ static void on_readable(conn_t *c) {
     if (G.stamping) {
         G.rd_first = 0;
         G.rd_last = -1;
-        G.rd_now = now_ns();
     }
+    if (G.stamping || (G.arrivals && G.measuring))
+        G.rd_now = now_ns();
     int64_t k = feed(c, p, n);
     if (G.stamping && G.rd_last >= 0)
         vec_push(&G.lat[c->target], G.rd_now - G.rd_last);
@@ -2205,6 +2324,8 @@ static int scenario_rate(void) {
             G.senders[G.nsenders++] = i;
     double total_rate = chat ? cfg.rate * n : cfg.rate;
     int64_t recips = G.nopen - 1; /* every message goes to everyone but its sender */
+    /* one server (the cross-node run keeps its per-URL probes) */
+    G.arrivals = !chat && cfg.full && cfg.nt == 1;
     run_until(now_ns() + NS / 2);
     start_keepalive();
     G.rate_t0 = now_ns();
@@ -2252,7 +2373,25 @@ static int scenario_rate(void) {
     else
         jnull("backlog_s");
     jfloat("sender_late_max_ms", G.late_ns / 1e6, 2);
-    latency_report();
+    if (G.arrivals) {
+        /* Every delivery's latency, whatever the order in which the server
+         * writes its recipients; the probes' alone depend on it (see "Arrivals") */
+        jkey("latency_of");
+        jstr_raw("every delivery");
+        latency_summary(&ar_all);
+        jkey("probe_latency");
+        putchar('{');
+        int save = jn;
+        jn = 0;
+        latency_report();
+        jn = save;
+        putchar('}');
+        arrivals_report(recips);
+    } else {
+        jkey("latency_of");
+        jstr_raw("probes");
+        latency_report();
+    }
     jbool("fell_behind", (offered > 0 && achieved < 0.95) || (offered > 0 && backlog_s > 1.0) || G.closed_early);
     return 0;
 }
