@@ -49,6 +49,10 @@ class FakeShared:
         self.published.append((payload, sender, kind, exclude, future))
         return future
 
+    def pending(self) -> bool:
+        """Publications still wait for the test's answer (ClusterHistory.pending)."""
+        return any(not future.done() for *_, future in self.published)
+
     def join(
         self,
         room: RoomName,
