@@ -24,24 +24,43 @@ go first (idle room states before them). A room's held entries are therefore
 always a contiguous run of offsets ending at its top, and a recovery succeeds
 exactly when that run reaches back to ``OFFSET + 1`` (or ``OFFSET`` is the top).
 
-*Cost.* One global deque of ``(room, offset)`` records in append order finds
-the oldest entry in O(1); records of entries already dropped by a room's own
-cap are skipped when they reach the front, and the deque is compacted when such
-records outnumber the live ones, so each append costs O(1) amortised and the
-records never outgrow twice the entries held.
+*Runs.* What one call keeps is one *run*: :meth:`History.keep` keeps a run of
+one entry, :meth:`History.keep_run` a read's relays published together (~32
+in the rooms scenario), their payloads joined into one bytes object with
+where each ends beside it (:data:`_Run`). A room holds a deque of runs, the
+node one global deque of ``(room, last offset, time)`` records, one per run,
+in append order. So the work per run, not per entry: dropping a full room's
+oldest entries drops whole runs (one object freed, its bytes accounted from
+its ends, no payload touched) or cuts the oldest run (a new tuple with a later
+start; the blob is cut only when the dropped part outweighs what the rest is
+accounted beyond its payloads, :func:`_cut`); the TTL drops whole runs (a
+run's entries share its time). docs/rooms-perf.md "Session 10" has why: with
+100 full rooms, an object per entry (a tuple, its payload, a record, a float)
+was ~3 MB walked at its far end, cache misses that were a third of the rooms
+server's time.
 
-*Invisible to the garbage collector.* What is kept per entry (the entry and its
-record) is a plain tuple of ints, bytes, strings, a bool, a float and None,
-never an object that can be part of a cycle: CPython untracks such a tuple at
-its first young collection, so however many entries are held (the default
-64 MiB bound holds ~150,000), no collection walks them again, and their coming
-and going never triggers a full collection. A record names its room by name,
-not by the room object (which would keep the record tracked). A name always
-means the room's current state: a room is emptied only by taking records from
-the front of the global order (its own cap never takes its last entry), and its
-newest entry's record is its last one there, so a room without entries has no
-records left, and only such a room is ever forgotten. :class:`Entry`, the API's
-type, is built from the tuple only when entries are read (a join's replay,
+*Cost.* The oldest run is found in O(1) at the front of the global order;
+records of runs a room's own cap dropped are skipped when they reach the
+front, and the deque is compacted when such records outnumber the live ones,
+so each append costs O(1) amortised and the records never outgrow twice the
+runs held. The memory bound still drops entries one by one, oldest first
+(from the front run, fewest first); :meth:`History.keep_run` keeps a run as
+one only when the bound cannot be reached on the way (then no single keep()
+would have called it), entry by entry otherwise, so every figure (entries,
+bytes, evictions) is what keeping each entry on its own would leave.
+
+*Invisible to the garbage collector.* What is kept per run (the run and its
+record) is a plain tuple of ints, bytes, strings, a float and None, never an
+object that can be part of a cycle: CPython untracks such a tuple at its
+first young collection, so however many entries are held (the default 64 MiB
+bound holds ~150,000), no collection walks them again, and their coming and
+going never triggers a full collection. A record names its room by name, not
+by the room object (which would keep the record tracked). A name always means
+the room's current state: a room is emptied only by taking records from the
+front of the global order (its own cap never takes its last entry), and its
+newest run's record is its last one there, so a room without entries has no
+records left, and only such a room is ever forgotten. :class:`Entry`, the
+API's type, is built from a run only when entries are read (a join's replay,
 tests).
 
 *Publication* (single-threaded, in the room's hub)::
@@ -49,6 +68,8 @@ tests).
     offset = history.next_offset(room)
     payload = encode_relay(kind, sender, content, now, offset)
     history.append(room, Entry(offset, payload, sender, kind, exclude), now)
+    # or, for a read's run of relays, offsets first.. up:
+    history.keep_run(room, first, payloads, sender, messages, now)
 
 *Join*: :meth:`History.recover` for ``?since=``, :meth:`History.recent` for
 ``?history=``, :meth:`History.state` otherwise; replay each entry's
@@ -59,9 +80,11 @@ from __future__ import annotations
 
 import re
 import secrets
+import struct
+from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
-from itertools import islice
+from itertools import accumulate
 from typing import Final, NamedTuple
 from urllib.parse import unquote
 
@@ -86,11 +109,14 @@ __all__ = [
 ]
 
 ENTRY_OVERHEAD: Final = 240
-"""Bytes accounted per entry besides its payload and ids: the payload's object
-header, the entry's tuple, its slots in the room's deque and the global deque,
-and the record tuple with its float. bench/history_cost.py measures the whole
-entry with tracemalloc: 455 B measured against 456 B accounted for a 186-byte
-frame in one room, 389 B against 471 B over 1,000 rooms (CPython 3.11)."""
+"""Bytes accounted per entry besides its payload and ids. Sized for an entry
+kept on its own (a run of one: the payload's object header, the run's tuple,
+its slots in the room's deque and the global deque, the record tuple with its
+float): tracemalloc over 100,000 entries of a ~190-byte frame (CPython 3.11)
+measured 442 B against 447 B accounted in one room, 417 B against 452 B over
+1,000 rooms. The entries of a longer run share one tuple, one record and one
+bytes object, so they hold less: 100 rooms of 100 entries kept in runs of 32
+(bench/history_run_cost.py) held 2.4 MB against 4.8 MB accounted."""
 
 ROOM_OVERHEAD: Final = 300
 """Bytes accounted per room state (its object, its slots in the rooms' dict and
@@ -140,17 +166,50 @@ def would_receive(entry: Entry, previous: str | None) -> bool:
     return entry.sender != previous and entry.exclude != previous
 
 
-_Kept = tuple[int, bytes, str, bool, str | None]
-"""An entry as a room holds it: ``(offset, payload, sender, is_message,
-exclude)``, all atomic, so untracked by the GC (see "Invisible to the garbage
-collector" above)."""
+_Run = tuple[int, int, bytes, bytes | None, int, str, bytes, str | None]
+"""Entries published together, as a room holds them: ``(first, start, blob,
+ends, ids, sender, flags, exclude)``, all atomic, so untracked by the GC (see
+"Invisible to the garbage collector" above).
+
+* ``first``: the offset of the run's entry 0; ``start``: the index of its
+  oldest entry still held (the ones before it are dropped, their bytes maybe
+  still in ``blob``: see :func:`_cut`);
+* ``blob``: the payloads one after the other (a run of one: the payload itself);
+* ``ends``: native 32-bit unsigned ints, one more than the entries: where
+  ``blob`` begins, then where each payload ends, counted from the same place
+  (so that a cut run keeps its ``ends`` by slicing); None for a run of one;
+* ``ids``: the length of the sender's and the excluded connection's ids, which
+  every entry is accounted with ``ENTRY_OVERHEAD`` besides its payload, kept
+  here so that dropping entries never reads more than ``ends``;
+* ``flags``: one byte per entry, 1 for a ``message``, 0 for a ``broadcast``;
+* ``exclude``: the connection a backend ``message`` was not sent to (a run of
+  one only)."""
 
 _Record = tuple[str, int, float]
-"""``(room name, offset, when appended)``, in the global order."""
+"""``(room name, the run's last offset, when appended)``, in the global order."""
+
+_END: Final = struct.Struct("=I")
+_end_at: Final = _END.unpack_from  # (ends, 4 * index) -> (the index-th end,)
+_FLAGS: Final = (b"\x00", b"\x01")  # a run of one's flags (CPython keeps both)
+assert array("I").itemsize == _END.size == 4
+
+
+def _pack_in_python(payloads: list[bytes], messages: list[bool]) -> tuple[bytes, bytes, bytes]:
+    """:func:`wshub._runpack.pack` for a build without a compiler: a run's
+    ``(blob, ends, flags)``."""
+    ends = array("I", accumulate(map(len, payloads), initial=0))
+    return b"".join(payloads), ends.tobytes(), bytes(messages)
+
+
+_pack: Callable[[list[bytes], list[bool]], tuple[bytes, bytes, bytes]]
+try:
+    from ._runpack import pack as _pack
+except ImportError:  # pragma: no cover (built without a compiler)
+    _pack = _pack_in_python
 
 
 class _Room:
-    __slots__ = ("name", "epoch", "top", "entries", "holders")
+    __slots__ = ("name", "epoch", "top", "runs", "count", "holders")
 
     def __init__(self, name: str, epoch: str) -> None:
         self.name = name
@@ -158,24 +217,58 @@ class _Room:
         self.top = 0
         # Made on the first entry, let go with the last (ENTRIES_OVERHEAD):
         # most rooms of an idle node never hold one.
-        self.entries: deque[_Kept] | None = None
+        self.runs: deque[_Run] | None = None
+        self.count = 0  # entries held
         self.holders = 0
 
 
-def _kept_size(kept: _Kept) -> int:
-    return len(kept[1]) + len(kept[2]) + len(kept[4] or "") + ENTRY_OVERHEAD
+def _held_cost(run: _Run) -> int:
+    """The bytes accounted for the entries the run still holds: their
+    payloads' (the blob's end less where its oldest held entry begins) and
+    ``ids + ENTRY_OVERHEAD`` apiece."""
+    start = run[1]
+    held = len(run[6]) - start
+    each = run[4] + ENTRY_OVERHEAD
+    if start == 0:
+        return len(run[2]) + held * each
+    ends = run[3]
+    assert ends is not None  # a run of one has no index 1
+    base: int = _end_at(ends, 0)[0]
+    begin: int = _end_at(ends, 4 * start)[0]
+    return base + len(run[2]) - begin + held * each
 
 
-def _entry(kept: _Kept) -> Entry:
-    offset, payload, sender, is_message, exclude = kept
-    return Entry(offset, payload, sender, _MESSAGE if is_message else RelayKind.BROADCAST, exclude)
+def _cut(run: _Run, start: int, base: int, cut: int) -> _Run:
+    """The run without its entries before index *start* (0 < start < its
+    length). Their bytes stay in the blob until they are more than what the
+    entries left are accounted beyond their payloads and ids
+    (``ENTRY_OVERHEAD`` each, which a run's entries do not use: they share one
+    tuple); then the blob is cut to the entries left: a copy of at most that
+    many bytes, so the memory held stays under what is accounted, and copying
+    costs at most one byte per byte dropped. *base* and *cut* are the
+    run's ends at 0 and at *start* (its caller has read them already)."""
+    first, _, blob, ends, ids, sender, flags, exclude = run
+    assert ends is not None  # a run of one is never cut, only dropped
+    left = len(flags) - start
+    if cut - base <= left * ENTRY_OVERHEAD:
+        return (first, start, blob, ends, ids, sender, flags, exclude)
+    rest = ends[4 * start :] if left > 1 else None  # one left: a run of one, as keep() makes
+    return (first + start, 0, blob[cut - base :], rest, ids, sender, flags[start:], exclude)
 
 
-def _would_receive(kept: _Kept, previous: str | None) -> bool:
-    """:func:`would_receive` of a kept entry."""
-    if previous is None or not kept[3]:
-        return True
-    return kept[2] != previous and kept[4] != previous
+def _entries(run: _Run, index: int) -> list[Entry]:
+    """The run's entries from *index* (one still held, or its length) on."""
+    first, _, blob, ends, _, sender, flags, exclude = run
+    kinds = (RelayKind.BROADCAST, _MESSAGE)
+    if ends is None:
+        return [Entry(first, blob, sender, kinds[flags[0]], exclude)] if index == 0 else []
+    view = memoryview(ends).cast("I")
+    base = view[0]
+    out = []
+    for i in range(index, len(flags)):
+        payload = blob[view[i] - base : view[i + 1] - base]
+        out.append(Entry(first + i, payload, sender, kinds[flags[i]], exclude))
+    return out
 
 
 class History:
@@ -207,8 +300,9 @@ class History:
         self._epochs = epochs
         self._rooms: dict[str, _Room] = {}
         self._idle: OrderedDict[str, float] = OrderedDict()  # room -> idle since
-        self._order: deque[_Record] = deque()  # in append order
-        self._stale = 0  # records in _order whose entry is gone
+        self._order: deque[_Record] = deque()  # a record per run, in append order
+        self._stale = 0  # records in _order whose run is gone
+        self._count = 0  # entries held, in all rooms
         self._expired_at = float("nan")  # the last expire()'s now (nan: never)
         self.bytes = 0
         """Bytes accounted now (entries and room states): never above ``memory``
@@ -223,7 +317,7 @@ class History:
     @property
     def entries(self) -> int:
         """Entries held now, in all rooms."""
-        return len(self._order) - self._stale
+        return self._count
 
     @property
     def room_count(self) -> int:
@@ -256,7 +350,7 @@ class History:
 
     def _maybe_idle(self, room: _Room, now: float) -> None:
         # *room* is one of self._rooms: every caller found it there.
-        if not room.entries and room.holders == 0:
+        if not room.runs and room.holders == 0:
             self._idle[room.name] = now
             self._idle.move_to_end(room.name)
 
@@ -323,30 +417,27 @@ class History:
         fields as they are, no :class:`Entry` built, and *offset* the one
         :meth:`next_offset` gave at *now* just before, asserted rather than
         checked (the hub encodes the payload with it in between; nothing else
-        runs there). :meth:`append` is the checked door."""
+        runs there). :meth:`append` is the checked door. The entry is a run
+        of one."""
         if now != self._expired_at:
             self.expire(now)
         room = self._rooms.get(name) or self._room(name, now)
         assert offset == room.top + 1, (offset, room.top)
         room.top = offset
-        entries = room.entries
-        if entries is None:
-            entries = room.entries = deque()
+        runs = room.runs
+        if runs is None:
+            runs = room.runs = deque()
             self.bytes += ENTRIES_OVERHEAD
-        # A plain tuple of atomic values, not the Entry: untracked by the GC.
-        entries.append((offset, payload, sender, is_message, exclude))
-        self.bytes += len(payload) + len(sender) + (len(exclude) if exclude else 0) + ENTRY_OVERHEAD
+        ids = len(sender) + len(exclude) if exclude else len(sender)
+        runs.append((offset, 0, payload, None, ids, sender, _FLAGS[is_message], exclude))
+        self.bytes += len(payload) + ids + ENTRY_OVERHEAD
+        room.count += 1
+        self._count += 1
         if self._idle:
             self._idle.pop(name, None)
         self._order.append((name, offset, now))
-        if len(entries) > self.size:
-            # _drop_oldest() without its call (every message of a full room
-            # comes here) and without its emptiness check: never the last,
-            # size >= 1.
-            self.bytes -= _kept_size(entries.popleft())
-            self._stale += 1  # its record is still somewhere in _order
-            if self._stale > 1024 and self._stale > len(self._order) - self._stale:
-                self._compact()
+        if room.count > self.size:
+            self._trim(room, room.count - self.size)
         if self.bytes > self.memory:
             self._bound()
 
@@ -354,82 +445,126 @@ class History:
         self,
         name: str,
         first: int,
-        payloads: Sequence[bytes],
+        payloads: list[bytes],
         sender: str,
-        messages: Sequence[bool],
+        messages: list[bool],
         now: float,
     ) -> None:
         """:meth:`keep` of a run of one sender's relays published together
         (a read's, ``Hub.on_plain_relays``): offsets *first* up, without an
         excluded connection, and *first* the :meth:`next_offset` of *now*.
-        Entry by entry the same steps as :meth:`keep`, the memory bound
-        included, so what is held afterwards is what that many keep() calls
-        leave; the expiry check and the room's lookup once. The room is
+        What is held afterwards, and accounted, is what that many keep()
+        calls leave: kept as one run (one tuple, one record, the payloads
+        joined) when the memory bound cannot be reached on the way (the bytes
+        now and the whole run's are under it: then no keep() would have
+        called the bound), entry by entry by keep() otherwise. The room is
         held (the sender is a member), so the bound never forgets it."""
         if now != self._expired_at:
             self.expire(now)
         room = self._rooms.get(name) or self._room(name, now)
         assert first == room.top + 1, (first, room.top)
-        entries = room.entries
-        size = self.size
-        order = self._order
-        accounted = len(sender) + ENTRY_OVERHEAD
-        offset = first
-        for payload, is_message in zip(payloads, messages, strict=True):
-            if entries is None:
-                entries = room.entries = deque()
-                self.bytes += ENTRIES_OVERHEAD
-            room.top = offset
-            entries.append((offset, payload, sender, is_message, None))
-            self.bytes += len(payload) + accounted
-            if self._idle:
-                self._idle.pop(name, None)
-            order.append((name, offset, now))
-            if len(entries) > size:
-                self.bytes -= _kept_size(entries.popleft())  # never the last: size >= 1
-                self._stale += 1
-                if self._stale > 1024 and self._stale > len(order) - self._stale:
-                    self._compact()
-                    order = self._order
-            if self.bytes > self.memory:
-                self._bound()
-                entries = room.entries  # None if the bound took them all
-            offset += 1
+        count = len(payloads)
+        blob, ends, flags = _pack(payloads, messages)
+        ids = len(sender)
+        cost = len(blob) + count * (ids + ENTRY_OVERHEAD)
+        runs = room.runs
+        if runs is None:
+            cost += ENTRIES_OVERHEAD
+        if self.bytes + cost > self.memory or count < 2:
+            for offset, (payload, is_message) in enumerate(
+                zip(payloads, messages, strict=True), first
+            ):
+                self.keep(name, offset, payload, sender, is_message, None, now)
+            return
+        if runs is None:
+            runs = room.runs = deque()
+        runs.append((first, 0, blob, ends, ids, sender, flags, None))
+        self.bytes += cost
+        room.top = last = first + count - 1
+        room.count += count
+        self._count += count
+        if self._idle:
+            self._idle.pop(name, None)
+        self._order.append((name, last, now))
+        if room.count > self.size:
+            self._trim(room, room.count - self.size)
 
-    def _drop_oldest(self, room: _Room) -> None:
-        entries = room.entries
-        assert entries is not None  # every caller saw the entry it drops
-        self.bytes -= _kept_size(entries.popleft())
-        if not entries:
-            room.entries = None
+    def _trim(self, room: _Room, excess: int) -> None:
+        """Room *room*'s cap: drop its *excess* oldest entries (never all of
+        them: the room holds ``size`` >= 1 more). A run dropped whole leaves
+        its record in the global order, stale; a run dropped in part is cut
+        (:func:`_cut`)."""
+        runs = room.runs
+        assert runs is not None
+        room.count -= excess
+        self._count -= excess
+        while excess:
+            run = runs[0]
+            start = run[1]
+            held = len(run[6]) - start
+            if held <= excess:
+                runs.popleft()
+                self.bytes -= _held_cost(run)
+                self._stale += 1
+                excess -= held
+                continue
+            stop = start + excess
+            ends = run[3]
+            assert ends is not None  # a run of one holds one entry
+            base = _end_at(ends, 0)[0]
+            cut = _end_at(ends, 4 * stop)[0]
+            begin = _end_at(ends, 4 * start)[0] if start else base
+            self.bytes -= cut - begin + excess * (run[4] + ENTRY_OVERHEAD)
+            runs[0] = _cut(run, stop, base, cut)
+            break
+        if self._stale > 1024 and self._stale > len(self._order) - self._stale:
+            self._compact()
+
+    def _drop_run(self, room: _Room) -> int:
+        """Drop room *room*'s oldest run, whose record has just left the front
+        of the global order; returns how many entries it held."""
+        runs = room.runs
+        assert runs is not None  # every caller saw the run it drops
+        run = runs.popleft()
+        held = len(run[6]) - run[1]
+        self.bytes -= _held_cost(run)
+        room.count -= held
+        self._count -= held
+        if not runs:
+            room.runs = None
             self.bytes -= ENTRIES_OVERHEAD
+        return held
 
     def _compact(self) -> None:
-        # _live_room() inlined: this walks every record, about once per
-        # len(_order) appends while rooms are full, and a call per record was
-        # most of its cost (docs/rooms-perf.md).
+        # The liveness test of _front_room() inlined: this walks every record,
+        # about once per len(_order) runs appended while rooms are full.
         rooms = self._rooms
         self._order = deque(
             [
                 record
                 for record in self._order
                 if (room := rooms.get(record[0])) is not None
-                and (entries := room.entries)
-                and entries[0][0] <= record[1]
+                and (runs := room.runs)
+                and (run := runs[0])[0] + run[1] <= record[1]
             ]
         )
         self._stale = 0
 
-    def _live_room(self, record: _Record) -> _Room | None:
-        """The room whose entry *record* is, if that entry is still held: a
-        room keeps a contiguous run of offsets ending at its top, so the entry
-        is held exactly when the room's oldest is not newer."""
-        name, offset, _ = record
-        room = self._rooms.get(name)
+    def _front_room(self, record: _Record) -> _Room | None:
+        """The room whose run *record* is, if that run still holds entries:
+        then it is the room's oldest run (a room's runs are in the global
+        order in its own order, and an older one's record would have left the
+        front before). A room holds a contiguous run of offsets ending at its
+        top, so the run is held exactly when the room's oldest entry is not
+        newer than the run's last."""
+        room = self._rooms.get(record[0])
         if room is None:
             return None  # never: a room with records is not forgotten (above)
-        entries = room.entries
-        return room if entries and entries[0][0] <= offset else None
+        runs = room.runs
+        if not runs:
+            return None
+        run = runs[0]
+        return room if run[0] + run[1] <= record[1] else None
 
     # -- Dropping ---------------------------------------------------------------
 
@@ -441,12 +576,13 @@ class History:
         self._expired_at = now
         order = self._order
         deadline = now - self.ttl
-        # The records are in time order: the expired ones are at the front.
-        live = self._live_room
+        # The records are in time order: the expired ones are at the front,
+        # and a run's entries share its time, so a run expires whole.
+        front = self._front_room
         while order and order[0][2] <= deadline:
-            room = live(order.popleft())
+            room = front(order.popleft())
             if room is not None:
-                self._drop_oldest(room)  # a live record at the front is its room's oldest
+                self._drop_run(room)
                 self._maybe_idle(room, now)
             else:
                 self._stale -= 1
@@ -460,7 +596,7 @@ class History:
 
     def _bound(self) -> None:
         """Under the memory bound: idle room states first, then the oldest
-        entries of all rooms."""
+        entries of all rooms, one by one (the front run's, fewest first)."""
         order = self._order
         while self.bytes > self.memory:
             if self._idle:
@@ -468,17 +604,58 @@ class History:
                 continue
             if not order:
                 break  # only held rooms left: their states are what members need
-            room = self._live_room(order.popleft())
+            room = self._front_room(order[0])
             if room is None:
+                order.popleft()
                 self._stale -= 1
                 continue
-            self._drop_oldest(room)
-            self.evicted += 1
-            if not room.entries and room.holders == 0:
+            runs = room.runs
+            assert runs is not None
+            run = runs[0]
+            _, start, _, ends, ids, _, flags, _ = run
+            length = len(flags)
+            over = self.bytes - self.memory
+            stop = start + 1
+            if ends is not None:
+                # The fewest oldest entries whose bytes cover *over*, read
+                # from the run's ends, not from the payloads.
+                view = memoryview(ends).cast("I")
+                each = ids + ENTRY_OVERHEAD
+                freed = view[stop] - view[start] + each
+                while freed < over and stop < length:
+                    stop += 1
+                    freed += view[stop] - view[stop - 1] + each
+            if stop == length:
+                order.popleft()
+                self.evicted += self._drop_run(room)
+            else:
+                assert ends is not None
+                runs[0] = _cut(run, stop, view[0], view[stop])
+                self.bytes -= freed
+                room.count -= stop - start
+                self._count -= stop - start
+                self.evicted += stop - start
+            if not room.runs and room.holders == 0:
                 self._idle[room.name] = float("-inf")  # the first to go
                 self._idle.move_to_end(room.name, last=False)
 
     # -- Join -------------------------------------------------------------------
+
+    def _since(self, room: _Room, offset: int) -> list[Entry]:
+        """Room *room*'s entries after *offset*, oldest first (it holds them)."""
+        runs = room.runs
+        if not runs or offset >= room.top:
+            return []
+        chosen = []
+        for run in reversed(runs):  # from the newest: no walk over older runs
+            chosen.append(run)
+            if run[0] + run[1] > offset:
+                continue
+            break
+        out: list[Entry] = []
+        for run in reversed(chosen):
+            out += _entries(run, max(run[1], offset + 1 - run[0]))
+        return out
 
     def recover(
         self, name: str, epoch: str, offset: int, previous: str | None, now: float
@@ -499,11 +676,10 @@ class History:
             return Recovery(False, [], room.epoch, top)
         if offset == top:
             return Recovery(True, [], room.epoch, top)
-        entries = room.entries
-        if not entries or entries[0][0] > offset + 1:
+        runs = room.runs
+        if not runs or runs[0][0] + runs[0][1] > offset + 1:
             return Recovery(False, [], room.epoch, top)
-        after = _tail(entries, top - offset)
-        missed = [_entry(kept) for kept in after if _would_receive(kept, previous)]
+        missed = [e for e in self._since(room, offset) if would_receive(e, previous)]
         return Recovery(True, missed, room.epoch, top)
 
     def recent(self, name: str, count: int, now: float) -> Recovery:
@@ -513,32 +689,19 @@ class History:
             return Recovery(False, [], "", 0)
         self.expire(now)
         room = self._room(name, now)
-        entries = room.entries
-        if not entries:
-            return Recovery(True, [], room.epoch, room.top)
-        count = min(count, self.size, len(entries))
-        recent = [_entry(kept) for kept in _tail(entries, count)]
+        count = min(count, self.size, room.count)
+        recent = self._since(room, room.top - count) if count > 0 else []
         return Recovery(True, recent, room.epoch, room.top)
 
     def held(self, name: str) -> Sequence[Entry]:
         """The entries room *name* holds now (for tests and the API)."""
         room = self._rooms.get(name)
-        if room is None or room.entries is None:
+        if room is None or room.runs is None:
             return ()
-        return tuple(_entry(kept) for kept in room.entries)
+        return tuple(self._since(room, room.top - room.count))
 
     def rooms(self) -> Iterable[str]:
         return self._rooms.keys()
-
-
-def _tail(entries: deque[_Kept], count: int) -> list[_Kept]:
-    if count <= 0:
-        return []
-    if count >= len(entries):
-        return list(entries)
-    out = list(islice(reversed(entries), count))  # from the right end: no walk
-    out.reverse()
-    return out
 
 
 # -- The query of a joining connection (decisions.md 13, 19) ------------------

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wshub import protocol
+from wshub import _runpack, history, protocol
 from wshub.history import (
     ENTRIES_OVERHEAD,
     ENTRY_OVERHEAD,
@@ -372,6 +372,162 @@ def test_recover_never_returns_a_gap(ops, size, ttl, memory) -> None:
             expected = [e for e in published if e.offset > offset and would_receive(e, previous)]
             assert result.missed == expected  # every field, as published
             assert offset <= result.offset == (published[-1].offset if published else 0)
+
+
+# -- Property: a run kept at once is what keeping each entry leaves -----------
+
+run_ops = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("run"),
+            st.sampled_from(["a", "b", "c"]),
+            st.lists(st.tuples(st.booleans(), st.integers(0, 300)), min_size=1, max_size=40),
+        ),
+        st.tuples(
+            st.just("one"),
+            st.sampled_from(["a", "d", "e"]),  # d and e have no member
+            st.sampled_from([M, B]),
+            st.sampled_from([None, C_ID]),
+            st.integers(0, 300),
+        ),
+        st.tuples(st.just("time"), st.floats(0, 50)),
+        st.tuples(st.just("recover"), st.sampled_from(["a", "b", "c"]), st.integers(0, 200)),
+    ),
+    max_size=60,
+)
+
+
+def everything(h: History) -> tuple[object, ...]:
+    """What a History shows: every room's entries and place, the figures."""
+    rooms = {name: (h.held(name), h._rooms[name].epoch, h._rooms[name].top) for name in h.rooms()}
+    return rooms, h.bytes, h.evicted, h.entries, h.room_count
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ops=run_ops,
+    size=st.integers(1, 60),
+    ttl=st.floats(1, 60),
+    memory=st.integers(1500, 60_000),
+)
+def test_a_run_kept_at_once_is_what_keeping_each_entry_leaves(ops, size, ttl, memory) -> None:
+    """keep_run (one run, one record, the payloads joined) against keep()
+    of each of its entries: the same entries held, the same bytes accounted,
+    the same evictions, the same recoveries, whatever the caps, the TTL and
+    the memory bound did in between (rooms a, b and c are held by a member,
+    as a sender's room is)."""
+    at_once = History(size=size, ttl=ttl, memory=memory, meta_ttl=30, epochs=epochs())
+    one_by_one = History(size=size, ttl=ttl, memory=memory, meta_ttl=30, epochs=epochs())
+    for h in (at_once, one_by_one):
+        for room in "abc":
+            h.hold(room, 0)
+    now = 0.0
+    for op in ops:
+        if op[0] == "run":
+            _, room, relays = op
+            first = at_once.next_offset(room, now)
+            assert one_by_one.next_offset(room, now) == first
+            payloads = [
+                protocol.encode_relay(
+                    M if is_message else B, ConnectionId(A_ID), "z" * length, now, first + i
+                )
+                for i, (is_message, length) in enumerate(relays)
+            ]
+            messages = [is_message for is_message, _ in relays]
+            at_once.keep_run(room, first, payloads, A_ID, messages, now)
+            for i, (payload, is_message) in enumerate(zip(payloads, messages, strict=True)):
+                one_by_one.keep(room, first + i, payload, A_ID, is_message, None, now)
+        elif op[0] == "one":
+            _, room, kind, exclude, length = op
+            for h in (at_once, one_by_one):
+                publish(h, room, kind, B_ID, now, exclude if kind is M else None, "y" * length)
+        elif op[0] == "time":
+            now += op[1]
+        else:
+            _, room, offset = op
+            epoch = at_once.state(room, now)[0]
+            assert at_once.recover(room, epoch, offset, A_ID, now) == one_by_one.recover(
+                room, epoch, offset, A_ID, now
+            )
+            assert at_once.recent(room, offset, now) == one_by_one.recent(room, offset, now)
+        assert everything(at_once) == everything(one_by_one)
+        assert at_once.bytes == accounted(at_once) and at_once._stale >= 0
+        assert {name for name, _, _ in at_once._order} <= set(at_once.rooms())
+
+
+@pytest.mark.parametrize(("size", "run"), [(100, 32), (100, 7), (1, 32), (10, 64)])
+def test_what_runs_hold_is_no_more_than_what_is_accounted(size: int, run: int) -> None:
+    """Runs of a read's relays into 100 rooms (their payloads joined, the
+    entries a room's cap dropped maybe still in a run's bytes until they are
+    worth a copy): tracemalloc's count of what the history holds stays under
+    the bytes it accounts, so --history-memory bounds real memory."""
+    h = History(size=size)
+    names = [f"room{i:03d}" for i in range(100)]
+    for name in names:
+        h.hold(name, 0)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        empty = tracemalloc.get_traced_memory()[0]
+        for step in range(8):
+            for name in names:
+                first = h.next_offset(name, step)
+                payloads = [
+                    protocol.encode_relay(B, ConnectionId(A_ID), "m" * 100, 1.0, first + i)
+                    for i in range(run)
+                ]
+                h.keep_run(name, first, payloads, A_ID, [False] * run, step)
+        del payloads
+        h._compact()  # stale records: bounded apart (test_stale_records_stay_bounded...)
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - empty
+    finally:
+        tracemalloc.stop()
+    assert h.entries == 100 * min(size, 8 * run)
+    assert held < h.bytes - 100 * (ROOM_OVERHEAD + len(names[0]))
+
+
+def test_runs_are_invisible_to_the_garbage_collector() -> None:
+    """A run (and its record) is a plain tuple of atomic values too."""
+    h = History(size=2_000, epochs=epochs())
+    for room in ("a", "b"):
+        publish(h, room, M, A_ID, 0)
+    gc.collect()
+    before = len(gc.get_objects())
+    for i in range(200):
+        room, now = "ab"[i % 2], i * 0.001
+        first = h.next_offset(room, now)
+        payloads = [
+            protocol.encode_relay(B, ConnectionId(A_ID), "r", now, first + j) for j in range(5)
+        ]
+        h.keep_run(room, first, payloads, A_ID, [j % 2 == 0 for j in range(5)], now)
+    del payloads
+    gc.collect()
+    assert h.entries == 1_002
+    assert len(gc.get_objects()) - before < 50
+    held = h.held("a")
+    assert [e.kind for e in held[1:4]] == [M, B, M] and held[-1].offset == 501
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.binary(max_size=300), st.booleans()), max_size=50))
+def test_a_run_is_packed_alike_in_c_and_in_python(relays) -> None:
+    """wshub._runpack.pack (the build's) and the build without a compiler's."""
+    payloads = [payload for payload, _ in relays]
+    messages = [is_message for _, is_message in relays]
+    blob, ends, flags = history._pack_in_python(payloads, messages)
+    assert blob == b"".join(payloads) and flags == bytes(messages)
+    assert list(memoryview(ends).cast("I")) == [0, *itertools.accumulate(map(len, payloads))]
+    assert _runpack.pack(payloads, messages) == (blob, ends, flags)
+
+
+def test_pack_refuses_what_is_not_a_run() -> None:
+    with pytest.raises(TypeError):
+        _runpack.pack([b"a", "b"], [True, False])  # type: ignore[list-item]
+    with pytest.raises(TypeError):
+        _runpack.pack([b"a"], [1])  # type: ignore[list-item]
+    with pytest.raises(ValueError):
+        _runpack.pack([b"a"], [])
 
 
 # -- Query parsing ----------------------------------------------------------------
