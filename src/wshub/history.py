@@ -715,7 +715,7 @@ _EPOCH: Final = re.compile(r"[A-Za-z0-9._~-]{1,64}")
 # An INTEGER of decisions.md 19, one spelling per number: JSON's (no sign, no
 # leading zero, no white space), the form the server writes offsets in. A
 # second spelling ("01", "+1") is one more way for two readers to disagree.
-_DIGITS: Final = re.compile(r"0|[1-9][0-9]{0,18}")
+_DIGITS: Final = re.compile(r"0|[1-9][0-9]*")
 _MAX_INTEGER: Final = 2**63 - 1  # what an offset is counted in (Redis INCR)
 _CONNECTION_ID: Final = re.compile(r"ws-[0-9]{1,20}-[a-z0-9]{9}")
 _NAMES: Final = ("since", "history", "previous")
@@ -746,13 +746,16 @@ class QueryRefusal(NamedTuple):
 
 
 def _integer(text: str) -> int | None:
-    """*text* as a non-negative integer, or None: not in the canonical form,
-    or past 2**63 - 1 (no offset can be that large: a number past the range
-    it is counted in does not parse, in since and history alike)."""
+    """*text* as a non-negative integer, or None when it is not one in its
+    canonical form (digits only, no sign, space or leading zero). A value past
+    2**63 - 1 is an integer all the same (decisions.md 19: it parses), held at
+    that bound: no offset can be that large, so ``since`` recovers nothing
+    (``recovered: false``) and ``history`` is capped, as for any large value."""
     if _DIGITS.fullmatch(text) is None:
         return None
-    value = int(text)  # at most 19 digits
-    return value if value <= _MAX_INTEGER else None
+    if len(text) > 19:  # int() of thousands of digits is slow, or refused
+        return _MAX_INTEGER
+    return min(int(text), _MAX_INTEGER)
 
 
 def parse_join_query(query: str) -> JoinQuery | QueryRefusal:
