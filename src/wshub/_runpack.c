@@ -101,5 +101,15 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__runpack(void)
 {
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    /* Every public module of wshub names what it exports (tests/unit/test_exports.py). */
+    PyObject *all = Py_BuildValue("(s)", "pack");
+    if (all == NULL || PyModule_AddObject(m, "__all__", all) < 0) {
+        Py_XDECREF(all);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }
