@@ -220,6 +220,9 @@ class RedisHistory:
         self._queued_bytes = 0
         self._clock_offset_ms: float | None = None  # Redis' clock minus ours
         self._flusher: asyncio.Task[None] | None = None
+        # A batch given up unanswered (Redis froze with it in its socket):
+        # until Redis answers it, nothing more is sent (see _flush).
+        self._stalled: asyncio.Future[list[Any]] | None = None
         self._last_used = float("-inf")
         self.published = 0
 
@@ -235,6 +238,8 @@ class RedisHistory:
     async def aclose(self) -> None:
         if self._flusher is not None:
             await asyncio.gather(self._flusher, return_exceptions=True)
+        if self._stalled is not None:
+            self._stalled.cancel()
         await self.redis.aclose()
 
     def keys(self, room: str) -> list[str]:
@@ -313,6 +318,17 @@ class RedisHistory:
                 continue
             batch, self._queue = self._queue, []
             self._queued_bytes = 0
+            if self._stalled is not None and not self._stalled.done():
+                # Redis has not answered the batch given up before: sent now,
+                # this one would run when Redis wakes, inside its own deadline,
+                # after its members here were served without it (late for the
+                # other nodes, and a gap for any node whose subscription came
+                # back meanwhile). Given up at once instead: served here.
+                for _, _, future, _ in batch:
+                    if not future.done():
+                        future.set_exception(StalePublication("Redis still stalled"))
+                continue
+            self._stalled = None
             # A batch that waited behind a stalled pipeline longer than
             # MAX_AGE goes as a whole, like the backplane's: what was sent
             # during a stall is dropped together, not let through in part.
@@ -324,9 +340,15 @@ class RedisHistory:
             try:
                 # A batch Redis has not answered once its deadline passed will
                 # never run (the script checks it): give it up then.
-                results = await _answered(
-                    self._run(batch), MAX_AGE + GIVE_UP_MARGIN, "no answer by the deadline"
-                )
+                running = asyncio.ensure_future(self._run(batch))
+                done, _ = await asyncio.wait((running,), timeout=MAX_AGE + GIVE_UP_MARGIN)
+                if not done:
+                    # Left to finish (not cancelled): its answer, or its
+                    # connection's failure, says when Redis is back.
+                    running.add_done_callback(_retrieve)
+                    self._stalled = running
+                    raise StalePublication("no answer by the deadline")
+                results = running.result()
             except Exception as exc:  # every caller hears why its publication failed
                 for _, _, future, _ in batch:
                     if not future.done():
@@ -481,6 +503,13 @@ async def _answered(coro: Any, timeout: float, why: str) -> Any:
             return await coro
     except TimeoutError:
         raise StalePublication(why) from None
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Fetch a stalled batch's outcome so that asyncio does not log it as
+    never retrieved (its callers heard already: given up)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _recovery(reply: list[Any]) -> Recovery:
