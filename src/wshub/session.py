@@ -100,18 +100,23 @@ class Session:
         float less an integer below 2**53 is exact, so ``tokens - k`` is what
         k subtractions of 1 leave); the first refused frame, and any after
         it, are the caller's to charge with :meth:`admit` (its strikes)."""
-        limit = self.limit
-        if limit.rate == 0:
+        if self.limit.rate == 0:
             return count
-        elapsed = now - self.updated
-        if elapsed > 0:
-            self.tokens = refill(self.tokens, limit.burst, elapsed, limit.rate)
-            self.updated = now
+        self._refill(now)
         tokens = self.tokens
         taken = count if tokens >= count else int(tokens)  # tokens >= 0: int() is floor
         if taken:
             self.tokens = tokens - taken
         return taken
+
+    def _refill(self, now: float) -> None:
+        """The tokens earned since the last charge (the refill of :meth:`admit`,
+        which keeps it inline: it runs once per frame)."""
+        elapsed = now - self.updated
+        if elapsed > 0:
+            limit = self.limit
+            self.tokens = refill(self.tokens, limit.burst, elapsed, limit.rate)
+            self.updated = now
 
     def admit(self, now: float) -> Admit:
         """Charge one frame against the rate limit: every frame costs a token
@@ -139,12 +144,8 @@ class Session:
         one is left: such frames are paid for like any other, but the
         message was refused once, so they add no strike (see
         docs/protocol.md, section 8)."""
-        limit = self.limit
-        if limit.rate == 0:
+        if self.limit.rate == 0:
             return
-        elapsed = now - self.updated
-        if elapsed > 0:
-            self.tokens = refill(self.tokens, limit.burst, elapsed, limit.rate)
-            self.updated = now
+        self._refill(now)
         if self.tokens >= 1:
             self.tokens -= 1
