@@ -561,6 +561,26 @@ append_frame(PyObject *frames, const char *payload, Py_ssize_t n)
     return appended < 0 ? NULL : frames;
 }
 
+/* ',"offset":N' into *out* (at least 31 bytes), its length returned. By
+ * hand rather than snprintf, which parses its format on every relay
+ * (bench/message_instructions.sh: 7,596 -> 7,511 instructions per message). */
+static int
+offset_field(char *out, unsigned long long value)
+{
+    static const char prefix[] = ",\"offset\":";
+    char digits[20];
+    int count = 0;
+    do {
+        digits[count++] = (char)('0' + value % 10);
+        value /= 10;
+    } while (value != 0);
+    memcpy(out, prefix, sizeof prefix - 1);
+    int n = (int)(sizeof prefix - 1);
+    while (count > 0)
+        out[n++] = digits[--count];
+    return n;
+}
+
 static PyObject *
 stamp(PyObject *Py_UNUSED(self), PyObject *args)
 {
@@ -595,9 +615,7 @@ stamp(PyObject *Py_UNUSED(self), PyObject *args)
         const char *head = code == MESSAGE ? head_m : head_b;
         Py_ssize_t head_len = code == MESSAGE ? head_m_len : head_b_len;
         char number[32];
-        int number_len = 0;
-        if (offset >= 0)
-            number_len = snprintf(number, sizeof number, ",\"offset\":%lld", offset + i);
+        int number_len = offset >= 0 ? offset_field(number, (unsigned long long)(offset + i)) : 0;
         Py_ssize_t content_len = PyBytes_GET_SIZE(content);
         Py_ssize_t n = head_len + content_len + tail_len + number_len + 1;
         PyObject *payload = PyBytes_FromStringAndSize(NULL, n);
