@@ -607,7 +607,9 @@ class Connection(Session, asyncio.Protocol):
         if parsed is None:
             return
         request, length = parsed
-        if request.get("upgrade") is not None and not _upgrades.admit(self):
+        # get_all, not get: a repeated Upgrade field is the gateway's 400 to
+        # answer (get() raises it here, out of data_received: no answer).
+        if request.get_all("upgrade") and not _upgrades.admit(self):
             return  # handled in a later loop pass (see UPGRADES_PER_PASS)
         del buffer[:length]
         self._phase().in_request = True
