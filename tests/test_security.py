@@ -717,6 +717,9 @@ def test_a_frozen_redis_delivers_nothing_late(make_server, own_redis: RedisServe
     for srv in (a_srv, b_srv):
         srv.wait_for(lambda srv=srv: srv.get("/readyz")[0] == 200, "ready again")
     b_srv.wait_for(lambda: counts(b_srv)["cluster"] == 2, "cluster healed")
+    # And A heard Redis answer what it froze with: until then what A's
+    # clients send is served on A only (it came during the stall).
+    a_srv.wait_for(lambda: a_srv.metric("wshub_history_redis_stalled") == 0, "stall over")
     a.send({"type": "message", "content": "after"})
     while True:
         message = b.recv_type("message", timeout=TIMEOUT * 2)

@@ -58,6 +58,8 @@ class ClusterHistory:
         self.publish_failures = 0
         self.join_failures = 0
         self.keep_failures = 0
+        self.gaps_filled = 0
+        self.fill_failures = 0
         self._lines = LineLimiter(rate=1.0, burst=5.0)
 
     def figures(self) -> dict[str, float]:
@@ -66,15 +68,21 @@ class ClusterHistory:
             "history_publish_failures": self.publish_failures,
             "history_join_failures": self.join_failures,
             "history_keep_failures": self.keep_failures,
+            "history_gaps_filled": self.gaps_filled,
+            "history_stalled": 1 if self.history.stalled else 0,
+            "history_fill_failures": self.fill_failures,
         }
 
     def failed(self, what: str, room: str, exc: BaseException | None) -> None:
-        """A publication, a join read or a refresh of the epochs Redis did not
-        answer: counted, and logged (at most a line a second)."""
+        """A publication, a join read, a gap's read or a refresh of the epochs
+        Redis did not answer (or a gap's read that found the stream short):
+        counted, and logged (at most a line a second)."""
         if what == "publish":
             self.publish_failures += 1
         elif what == "keep":
             self.keep_failures += 1
+        elif what == "fill":
+            self.fill_failures += 1
         else:
             self.join_failures += 1
         suppressed = self._lines.allow(what, time.monotonic())
@@ -169,6 +177,42 @@ class ClusterHistory:
             done(None)
             return
         done(recovery)
+
+    def fill(
+        self,
+        room: RoomName,
+        epoch: str,
+        offset: int,
+        done: Callable[[str | None, list[Entry] | None], None],
+    ) -> None:
+        """Read the room's entries above *offset* in *epoch* (frames this
+        node's subscription missed, see :mod:`wshub.roomstream`), then call
+        *done* with the room's epoch and them, oldest first, on a later loop
+        pass; with ``(None, None)`` when Redis could not say in time, and
+        with the entries None when the stream no longer holds them all."""
+        task = asyncio.create_task(self._fill(room, epoch, offset, done))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _fill(
+        self,
+        room: RoomName,
+        epoch: str,
+        offset: int,
+        done: Callable[[str | None, list[Entry] | None], None],
+    ) -> None:
+        try:
+            async with asyncio.timeout(self._join_timeout):
+                recovery = await self.history.recover(room, epoch, offset, None)
+        except Exception as exc:  # Redis down or slow: the gap stays open
+            self.failed("fill", room, exc)
+            done(None, None)
+            return
+        if recovery.recovered:
+            self.gaps_filled += 1
+        else:
+            self.failed("fill", room, None)
+        done(recovery.epoch, recovery.missed if recovery.recovered else None)
 
     @property
     def keep_interval(self) -> float:

@@ -27,13 +27,13 @@ from .connectauth import ConnectAuth
 from .connection import Connection, PlainRelayOwner
 from .errors import RATE_LIMIT_EXCEEDED, CloseCode, Disconnect
 from .fanout import Audience, Fanout
-from .history import History, Recovery
+from .history import Entry, History, Recovery
 from .ids import ConnectionId, NodeId
 from .logs import log_event
 from .nodemetrics import Counters
 from .protocol import ErrorCode, RefreshRequest, Refusal, Relay, RelayKind
 from .rooms import RoomName
-from .roomstream import Continuity, Recorded, RoomStream, offset_of
+from .roomstream import Continuity, Recorded, RoomStream, from_entry, offset_of
 from .session import State
 from .wire import ping_frame, text_frame
 
@@ -639,10 +639,36 @@ class Hub(PlainRelayOwner):
                 return
             continuity = stream.heard(Recorded(offset, payload, excluded))
             if continuity is not Continuity.IN_ORDER:
-                self._history_moved_on(continuity.value)
+                self._discontinuous(stream, continuity)
                 return
         members = self.members
         self._deliver(payload, None if excluded is None else members.get(excluded))
+
+    def _discontinuous(self, stream: RoomStream, continuity: Continuity) -> None:
+        if continuity is Continuity.HELD:
+            return  # delivered with the gap's frames
+        shared = self._shared
+        fill = stream.filling
+        if continuity is not Continuity.GAP or shared is None or fill is None:
+            self._history_moved_on(continuity.value)
+            return
+        # Frames lost on the way (the subscription was rebuilt meanwhile) are
+        # in the room's stream: read them rather than close the members.
+        assert stream.epoch is not None and stream.top is not None
+        shared.fill(self.room, stream.epoch, stream.top, partial(self._filled, stream, fill))
+
+    def _filled(
+        self, stream: RoomStream, fill: int, epoch: str | None, entries: list[Entry] | None
+    ) -> None:
+        missed = None if entries is None else [from_entry(entry) for entry in entries]
+        frames = stream.filled(fill, epoch, missed)
+        if frames is None:
+            self._history_moved_on("gap")
+            return
+        members = self.members
+        for frame in frames:
+            excluded = frame.exclude
+            self._deliver(frame.payload, None if excluded is None else members.get(excluded))
 
     def publish_backend(
         self, kind: RelayKind, sender: ConnectionId, content: str, exclude: ConnectionId | None

@@ -268,12 +268,26 @@ def node_metrics(node: NodeFigures) -> tuple[Metrics, Counters]:
     )
     m.gauge(
         "wshub_history_redis_failures_total",
-        "Publications (lost, at most once), join reads (served without history) and "
-        "refreshes of the epochs of rooms with members that Redis did not answer.",
+        "Publications (lost, at most once), join reads (served without history), "
+        "refreshes of the epochs of rooms with members and reads of the frames a gap "
+        "left out (the members closed 1012) that Redis did not answer.",
         lambda: sum(
             node.backplane_figures().get(f"history_{what}_failures", 0.0)
-            for what in ("publish", "join", "keep")
+            for what in ("publish", "join", "keep", "fill")
         ),
+        kind="counter",
+    )
+    m.gauge(
+        "wshub_history_redis_stalled",
+        "1 while Redis has not answered a publication (or the check before one) "
+        "given up unanswered: publications meanwhile are served here only.",
+        on_redis("history_stalled"),
+    )
+    m.gauge(
+        "wshub_history_redis_gaps_filled_total",
+        "Gaps in a room's offsets (frames the subscription missed while it was "
+        "rebuilt) filled from the room's stream in Redis, its members kept.",
+        on_redis("history_gaps_filled"),
         kind="counter",
     )
     m.gauge("wshub_uptime_seconds", "Seconds since this node started.", node.uptime)

@@ -8,11 +8,18 @@ scripts: one order per room. This module keeps what a node must know of that
 order:
 
 * *Continuity.* Once synced (after a join read the room's top), each frame
-  heard must be the one after the last: a frame further on means frames were
-  lost on the way (an outage of the subscription), one at or below the last
-  means the room's history restarted (Redis emptied, a new epoch). Either way
-  the room's members hold positions that no longer follow, and the hub closes
-  them so that they reconnect with ``since`` and recover or learn they cannot.
+  heard must be the one after the last. One at or below the last means the
+  room's history restarted (Redis emptied, a new epoch): the room's members
+  hold positions that no longer follow, and the hub closes them so that they
+  reconnect with ``since`` and recover or learn they cannot.
+* *A gap is filled.* A frame further on means frames were lost on the way:
+  the subscription was rebuilt (Redis froze, a publish timed out, a silent
+  connection) while another node published, so Redis ran those scripts
+  before this node subscribed again. They are in the room's stream, so the
+  hub reads them (from the last offset delivered) and delivers them, then the
+  frames held meanwhile, in order: the members never see the gap. Only when
+  the read cannot give every missing offset (trimmed past the history size,
+  expired, another epoch, Redis gone) are the members closed, as above.
 * *The seam of a join.* A join reads the room's top (and what it missed) from
   Redis while frames keep arriving on the subscription, and the read's reply
   and the subscription are two sockets with no order between them. So, from
@@ -27,9 +34,11 @@ from __future__ import annotations
 import enum
 from typing import NamedTuple
 
+from .history import Entry
 from .ids import ConnectionId
+from .protocol import RelayKind
 
-__all__ = ["Continuity", "Recorded", "RoomStream", "offset_of"]
+__all__ = ["Continuity", "Recorded", "RoomStream", "from_entry", "offset_of"]
 
 
 class Recorded(NamedTuple):
@@ -41,9 +50,20 @@ class Recorded(NamedTuple):
     exclude: ConnectionId | None
 
 
+def from_entry(entry: Entry) -> Recorded:
+    """A frame of the room's stream as it was heard on the subscription: a
+    ``message`` skips its sender (the stream keeps only another exclusion)."""
+    exclude = entry.exclude
+    if exclude is None and entry.kind is RelayKind.MESSAGE:
+        exclude = entry.sender
+    return Recorded(entry.offset, entry.payload, ConnectionId(exclude) if exclude else None)
+
+
 class Continuity(enum.Enum):
-    IN_ORDER = "in_order"  # the next offset, or not synced yet
-    GAP = "gap"  # frames were lost before this one
+    IN_ORDER = "in_order"  # the next offset, or not synced yet: deliver it
+    GAP = "gap"  # frames were lost before this one: held, read them (fill_from)
+    HELD = "held"  # heard while a gap is being filled: held, delivered by filled()
+    LOST = "lost"  # a gap that cannot be filled (too much held): members must go
     RESTARTED = "restarted"  # the offset went back: the room's history restarted
 
 
@@ -64,6 +84,15 @@ class RoomStream:
         """The last offset heard, once a join read the room's top."""
         self._limit = join_buffer_limit
         self._joining: dict[ConnectionId, list[Recorded] | None] = {}
+        # While a gap is filled: the frames heard since it opened (the first
+        # one is the frame after the gap), delivered once the read is in.
+        self._held: list[Recorded] | None = None
+        self._fill = 0  # which fill is running: a late answer of an older one is ignored
+
+    @property
+    def filling(self) -> int | None:
+        """The fill running now (its number for :meth:`filled`), or None."""
+        return self._fill if self._held is not None else None
 
     @property
     def joining(self) -> int:
@@ -83,14 +112,55 @@ class RoomStream:
                 kept.append(frame)
                 if len(kept) > self._limit:  # a join stuck in a flood: it starts over
                     self._joining[connection_id] = None
+        held = self._held
+        if held is not None:
+            if frame.offset <= held[-1].offset:  # restarted under the fill
+                self._held = None
+                self.top = frame.offset
+                return Continuity.RESTARTED
+            held.append(frame)
+            if len(held) > self._limit:  # the read never came back: give up
+                self._held = None
+                return Continuity.LOST
+            return Continuity.HELD
         top = self.top
-        self.top = frame.offset if top is None or frame.offset > top else top
         if top is None or frame.offset == top + 1:
+            self.top = frame.offset
             return Continuity.IN_ORDER
         if frame.offset > top:
+            # self.top stays the last offset delivered: the fill reads from it.
+            self._held = [frame]
+            self._fill += 1
             return Continuity.GAP
         self.top = frame.offset  # the restarted count is the one to follow
         return Continuity.RESTARTED
+
+    def filled(
+        self, fill: int, epoch: str | None, missed: list[Recorded] | None
+    ) -> list[Recorded] | None:
+        """The read of fill *fill* (see :attr:`filling`) is in: the room's
+        *epoch* and its frames above :attr:`top` (None: the read failed).
+
+        Returns the frames to deliver, in order: the missing ones, then those
+        held, ``[]`` when this fill was abandoned meanwhile (a restart, a
+        reset: the members were closed already), or None when the gap cannot
+        be filled (an offset neither read nor held, another epoch): the
+        members must go."""
+        held = self._held
+        if held is None or fill != self._fill:
+            return []
+        self._held = None
+        top = self.top
+        if missed is None or epoch != self.epoch or top is None:
+            return None
+        by_offset = {frame.offset: frame for frame in missed}
+        by_offset.update((frame.offset, frame) for frame in held)
+        last = held[-1].offset
+        frames = [by_offset.get(offset) for offset in range(top + 1, last + 1)]
+        if None in frames:
+            return None
+        self.top = last
+        return [frame for frame in frames if frame is not None]
 
     def finish(
         self, connection_id: ConnectionId, epoch: str, top: int
@@ -104,6 +174,12 @@ class RoomStream:
         kept = self._joining.pop(connection_id, None)
         stale = self.epoch is not None and epoch != self.epoch
         after = None if kept is None else [frame for frame in kept if frame.offset > top]
+        if self._held is not None and not stale:
+            # A gap is being filled: the frames kept for this join may lack
+            # the missing ones, and the fill delivers the held ones to every
+            # member, this one too. It starts over (rare: a fill is one read).
+            return None, False
+        self._held = None  # the fill, if any, is moot: the members go
         if stale or self.top is None:
             self.epoch = epoch
             self.top = max([top, *(frame.offset for frame in after or ())])
@@ -124,3 +200,4 @@ class RoomStream:
         """The members were closed: follow the room afresh."""
         self.epoch = epoch
         self.top = None
+        self._held = None

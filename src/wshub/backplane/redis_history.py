@@ -48,8 +48,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from typing import Any, TypeVar
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
@@ -59,6 +59,8 @@ from ..protocol import RelayKind
 from .redisconn import redis_client
 
 __all__ = ["RedisHistory", "StalePublication"]
+
+_T = TypeVar("_T")
 
 # Shared by both scripts: the room's epoch and top, creating the meta (and
 # dropping any stream left from a lost epoch) when it is gone.
@@ -220,9 +222,13 @@ class RedisHistory:
         self._queued_bytes = 0
         self._clock_offset_ms: float | None = None  # Redis' clock minus ours
         self._flusher: asyncio.Task[None] | None = None
-        # A batch given up unanswered (Redis froze with it in its socket):
-        # until Redis answers it, nothing more is sent (see _flush).
-        self._stalled: asyncio.Future[list[Any]] | None = None
+        # A batch, or the check before one, given up unanswered (Redis froze
+        # with it in its socket): until Redis answers it, nothing more is
+        # sent (see _flush).
+        self._stalled: asyncio.Future[Any] | None = None
+        # Loop time at which Redis answered it: what was queued before came
+        # during the stall and is given up as the rest of it was.
+        self._stall_ended = float("-inf")
         self._last_used = float("-inf")
         self.published = 0
 
@@ -290,6 +296,13 @@ class RedisHistory:
             self._flusher = asyncio.create_task(self._flush(), name="wshub-history-publisher")
         return future
 
+    @property
+    def stalled(self) -> bool:
+        """Redis has not been heard from since it failed to answer in time (a
+        batch given up unanswered, or a check of the connection): what is
+        queued meanwhile will be given up (see :meth:`_flush`)."""
+        return self._stalled is not None
+
     def pending(self) -> bool:
         """Publications are queued or on their way and not answered yet."""
         return bool(self._queue) or (self._flusher is not None and not self._flusher.done())
@@ -299,6 +312,15 @@ class RedisHistory:
         # messages keep their order.
         loop = asyncio.get_running_loop()
         while self._queue:
+            if self.stalled:
+                # Redis has not answered what was given up before (a batch,
+                # or the check before one): sent now, this would run when
+                # Redis wakes, inside its own deadline, after its members
+                # here were served without it (late for the other nodes, and
+                # a gap for any node whose subscription came back meanwhile).
+                # Given up at once instead: served here.
+                self._give_up(self._take(), StalePublication("Redis still stalled"))
+                continue
             try:
                 # Before the batch is taken: a check that stalls (a frozen
                 # Redis) leaves what queued meanwhile to the age check below,
@@ -308,27 +330,21 @@ class RedisHistory:
                     self._last_used = now  # in use: nothing to check (no timer either)
                 else:
                     waited = now - self._queue[0][3]
-                    await _answered(self._fresh(), max(0.05, MAX_AGE - waited), "Redis froze")
+                    await self._or_stall(self._fresh(), max(0.05, MAX_AGE - waited), "Redis froze")
             except Exception as exc:
-                batch, self._queue = self._queue, []
-                self._queued_bytes = 0
-                for _, _, future, _ in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+                self._give_up(self._take(), exc)
                 continue
-            batch, self._queue = self._queue, []
-            self._queued_bytes = 0
-            if self._stalled is not None and not self._stalled.done():
-                # Redis has not answered the batch given up before: sent now,
-                # this one would run when Redis wakes, inside its own deadline,
-                # after its members here were served without it (late for the
-                # other nodes, and a gap for any node whose subscription came
-                # back meanwhile). Given up at once instead: served here.
-                for _, _, future, _ in batch:
-                    if not future.done():
-                        future.set_exception(StalePublication("Redis still stalled"))
-                continue
-            self._stalled = None
+            batch = self._take()
+            if batch[0][3] < self._stall_ended:
+                # Queued before Redis answered what was given up: it came
+                # during the stall, and goes as the rest of it did (served
+                # here), whichever of the two replies (the stalled one, the
+                # check's) this loop read first.
+                during = sum(1 for queued in batch if queued[3] < self._stall_ended)
+                self._give_up(batch[:during], StalePublication("queued while Redis stalled"))
+                batch = batch[during:]
+                if not batch:
+                    continue
             # A batch that waited behind a stalled pipeline longer than
             # MAX_AGE goes as a whole, like the backplane's: what was sent
             # during a stall is dropped together, not let through in part.
@@ -340,15 +356,9 @@ class RedisHistory:
             try:
                 # A batch Redis has not answered once its deadline passed will
                 # never run (the script checks it): give it up then.
-                running = asyncio.ensure_future(self._run(batch))
-                done, _ = await asyncio.wait((running,), timeout=MAX_AGE + GIVE_UP_MARGIN)
-                if not done:
-                    # Left to finish (not cancelled): its answer, or its
-                    # connection's failure, says when Redis is back.
-                    running.add_done_callback(_retrieve)
-                    self._stalled = running
-                    raise StalePublication("no answer by the deadline")
-                results = running.result()
+                results = await self._or_stall(
+                    self._run(batch), MAX_AGE + GIVE_UP_MARGIN, "no answer by the deadline"
+                )
             except Exception as exc:  # every caller hears why its publication failed
                 for _, _, future, _ in batch:
                     if not future.done():
@@ -364,6 +374,36 @@ class RedisHistory:
                 else:
                     future.set_result((result[0].decode(), int(result[1])))
                     self.published += 1
+
+    def _take(self) -> list[_Queued]:
+        batch, self._queue = self._queue, []
+        self._queued_bytes = 0
+        return batch
+
+    @staticmethod
+    def _give_up(batch: Sequence[_Queued], exc: BaseException) -> None:
+        for _, _, future, _ in batch:
+            if not future.done():
+                future.set_exception(exc)
+
+    async def _or_stall(self, coro: Coroutine[Any, Any, _T], timeout: float, why: str) -> _T:
+        """*coro*'s result, or :class:`StalePublication` after *timeout*
+        seconds; then it is left to finish (not cancelled: cancelled, its
+        reply would be lost with its connection), and until it does, Redis is
+        :attr:`stalled`: its answer, or its connection's failure, says when
+        Redis is back."""
+        running = asyncio.ensure_future(coro)
+        done, _ = await asyncio.wait((running,), timeout=timeout)
+        if not done:
+            running.add_done_callback(_retrieve)
+            running.add_done_callback(self._stall_over)
+            self._stalled = running
+            raise StalePublication(why)
+        return running.result()
+
+    def _stall_over(self, _: asyncio.Future[Any]) -> None:
+        self._stalled = None
+        self._stall_ended = asyncio.get_running_loop().time()
 
     async def _fresh(self) -> None:
         """A connection idle for a while is checked with a PING first (and
@@ -488,21 +528,6 @@ class RedisHistory:
     ) -> Recovery:
         """As :meth:`wshub.history.History.recent`."""
         return _recovery(await self._call(room, "recent", "", 0, max(0, count), marker))
-
-
-async def _answered(coro: Any, timeout: float, why: str) -> Any:
-    """*coro*'s result, or :class:`StalePublication` after *timeout* seconds.
-
-    ``asyncio.timeout``, not the backplane's ``_within``: no task per call
-    (this is once or twice per batch; a task and an ``asyncio.wait`` cost
-    ~30 us of CPU a batch, measured). The Python 3.11 race ``_within``
-    avoids (a cancel lost inside redis-py when its await completes in the
-    same loop pass) costs nothing here: the reply came, and it is used."""
-    try:
-        async with asyncio.timeout(timeout):
-            return await coro
-    except TimeoutError:
-        raise StalePublication(why) from None
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
