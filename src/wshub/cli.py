@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Mapping
 
@@ -68,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command == "serve":
+        # Before the slow imports below: SIGHUP must not end the server while it
+        # starts either (decisions.md 19; serve() then installs the reload handler).
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         try:
             config = build_config(rest, os.environ)
         except ConfigError as exc:

@@ -1,0 +1,71 @@
+"""decisions.md 19: "SIGHUP never ends the process" -- from the start, too.
+
+A config-management run that starts the hub and reloads it at once, or a
+supervisor whose SIGHUP reaches a worker it has just (re)started, sends the
+signal while the process is still importing its modules, before the event
+loop's handler is in place.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+from .conftest import TIMEOUT
+from .waiting import wait_until
+
+
+def _imports_begun(pid: int) -> bool:
+    """The interpreter is up and loading modules: a C extension (lib-dynload or
+    site-packages) is mapped. A bare interpreter maps none, so before this
+    point a SIGHUP meets the interpreter's own start, which no code can guard."""
+    try:
+        with open(f"/proc/{pid}/maps") as maps:
+            return any("lib-dynload" in line or "site-packages" in line for line in maps)
+    except FileNotFoundError:
+        return True  # it is gone already: let the test see how
+
+
+def test_sighups_from_the_first_import_to_listening_never_end_the_process() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wshub", "serve", "--port", "0", "--log-level", "info"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: _imports_begun(proc.pid), "its imports to begin", interval=0.001)
+        listening = threading.Event()
+        sent = 0
+
+        def hammer() -> None:
+            nonlocal sent
+            # Until the server says it listens, and a little after (the
+            # handler is installed at the start of serve(), before the bind).
+            while not listening.is_set() and proc.poll() is None:
+                os.kill(proc.pid, signal.SIGHUP)
+                sent += 1
+                time.sleep(0.005)
+
+        sender = threading.Thread(target=hammer, daemon=True)
+        sender.start()
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        listening.set()
+        sender.join(TIMEOUT)
+        assert proc.poll() is None, f"ended by SIGHUP ({proc.returncode}) after {sent} sent"
+        assert re.search(r"listening on \S+:\d+", line), line
+        assert sent > 10  # the signals did come while it was starting
+        host, port = re.search(r"listening on (\S+):(\d+)", line).groups()  # type: ignore[union-attr]
+        with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=TIMEOUT) as answer:
+            assert answer.status == 200
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=TIMEOUT * 3)
+    assert "Traceback" not in err, err
