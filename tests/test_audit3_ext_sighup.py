@@ -17,7 +17,7 @@ import threading
 import time
 import urllib.request
 
-from .conftest import TIMEOUT
+from .conftest import TIMEOUT, free_port
 from .waiting import wait_until
 
 
@@ -69,3 +69,61 @@ def test_sighups_from_the_first_import_to_listening_never_end_the_process() -> N
         proc.terminate()
         _, err = proc.communicate(timeout=TIMEOUT * 3)
     assert "Traceback" not in err, err
+
+
+def test_a_sighup_passed_on_to_starting_workers_ends_none_of_them(redis_server) -> None:
+    """--workers 2: the supervisor passes SIGHUP on to its workers, some of them
+    just (re)started; none of them may die of it."""
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "wshub", "serve", "--port", str(free_port())),
+            *("--workers", "2", "--redis-url", redis_server.url, "--cluster-name", "hup3"),
+            *("--log-level", "info"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log: list[str] = []
+
+    def pump() -> None:
+        assert proc.stderr is not None
+        log.extend(proc.stderr)
+
+    def died() -> bool:
+        return any("exited with" in line for line in log)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        # The supervisor's own handler is in place before it spawns a worker.
+        wait_until(lambda: any("worker 0 started" in line for line in log), "a worker spawned")
+        listening = threading.Event()
+        sent = 0
+
+        def hammer() -> None:
+            nonlocal sent
+            # Until both listen, or a worker died of it (then they can start again).
+            while not listening.is_set() and proc.poll() is None and not died():
+                os.kill(proc.pid, signal.SIGHUP)
+                sent += 1
+                time.sleep(0.005)
+
+        sender = threading.Thread(target=hammer, daemon=True)
+        sender.start()
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(2)]
+        listening.set()
+        sender.join(TIMEOUT)
+        assert all("listening on" in line for line in lines), (lines, "".join(log))
+        assert not died(), "".join(log)
+        assert sent > 10
+        wait_until(lambda: any("SIGHUP passed on to 2 workers" in x for x in log), "a pass-on")
+    finally:
+        proc.terminate()
+        proc.wait(TIMEOUT * 3)
+        reader.join(TIMEOUT)
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()
+        proc.stderr.close()
+    assert not [line for line in log if "exited with" in line or "Traceback" in line], "".join(log)
