@@ -16,6 +16,9 @@ import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
+
+import pytest
 
 from .conftest import TIMEOUT, free_port
 from .waiting import wait_until
@@ -32,9 +35,16 @@ def _imports_begun(pid: int) -> bool:
         return True  # it is gone already: let the test see how
 
 
-def test_sighups_from_the_first_import_to_listening_never_end_the_process() -> None:
+@pytest.mark.parametrize(
+    "command",
+    [[sys.executable, "-m", "wshub"], [str(Path(sys.executable).parent / "wshub")]],
+    ids=["python-m-wshub", "console-script"],
+)
+def test_sighups_from_the_first_import_to_listening_never_end_the_process(
+    command: list[str],
+) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "wshub", "serve", "--port", "0", "--log-level", "info"],
+        [*command, "serve", "--port", "0", "--log-level", "info"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
