@@ -5,9 +5,20 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+
+# SIGHUP never ends the server (decisions.md 19), not even while it starts: the
+# imports before serve() installs its reload handler take half a second on a
+# loaded machine, and SIGHUP's default action is to exit. Ignored from here, the
+# first line of both `wshub serve` and `python -m wshub serve` that is ours;
+# other commands keep the default (a closed terminal still ends `wshub client`).
+# The imports below come after it on purpose.
+if sys.argv[1:2] == ["serve"]:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
 import argparse
 import os
-import sys
 from collections.abc import Mapping
 
 from . import __version__
@@ -68,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command == "serve":
+        # Called as a function (not as the command): before the slow imports below.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         try:
             config = build_config(rest, os.environ)
         except ConfigError as exc:

@@ -154,11 +154,31 @@ def follow_supervisor() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _past_its_interpreter_start(pid: int) -> bool:
+    """Whether worker *pid* no longer has SIGHUP at its default action (exit):
+    it ignores it (``wshub serve`` from its first line) or catches it (its loop).
+    Before that it is still in the interpreter's own start, where a SIGHUP would
+    end it; it has read no file yet, so it needs no reload either. Linux's
+    /proc; elsewhere every worker is taken as past it."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            masks = dict(line.split(":", 1) for line in status if line.startswith("Sig"))
+    except (OSError, ValueError):
+        return True
+    bit = 1 << (signal.SIGHUP - 1)
+    return any(int(masks.get(name, "0"), 16) & bit for name in ("SigIgn", "SigCgt"))
+
+
 def _pass_on_sighup(workers: list[Worker]) -> None:
     alive = [w.proc for w in workers if w.proc is not None and w.proc.returncode is None]
-    for proc in alive:
+    # A worker just (re)started would die of it (decisions.md 19: SIGHUP never
+    # ends the process); it loads the files anew when it starts anyway.
+    ready = [proc for proc in alive if _past_its_interpreter_start(proc.pid)]
+    for proc in ready:
         proc.send_signal(signal.SIGHUP)
-    log.info("SIGHUP passed on to %d workers", len(alive))
+    starting = len(alive) - len(ready)
+    more = f" ({starting} still starting, reading the files anew)" if starting else ""
+    log.info("SIGHUP passed on to %d workers%s", len(ready), more)
 
 
 def supervise(config: Config, argv: list[str]) -> int:
