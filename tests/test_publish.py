@@ -252,3 +252,24 @@ def test_through_the_wshub_command(fake_api: FakeApi, capsys, monkeypatch) -> No
     )
     assert result.returncode == 1, result.stderr
     assert json.loads(result.stdout)["error"]["code"] == "content_too_long"
+
+
+def test_a_websocket_url_publishes_beside_it_into_its_room(make_server, capsys) -> None:
+    """The clients' address works as the URL: ``.../websocket/ROOM`` publishes
+    into ROOM through the API beside it (it was posted to
+    /websocket/ROOM/api/publish: 405), ``.../websocket`` into the default room,
+    and --room wins over the URL's room."""
+    srv = make_server("--api-keys", KEY)
+    lobby, default = srv.client("lobby"), srv.client()
+    base = f"ws://{srv.host}:{srv.port}/websocket"
+    assert run(capsys, f"{base}/lobby", "to the lobby")[0] == 0
+    assert lobby.recv_type("broadcast")["content"] == "to the lobby"
+    assert run(capsys, base, "to the default room")[0] == 0
+    assert default.recv_type("broadcast")["content"] == "to the default room"
+    assert run(capsys, f"{base}/lobby/", "by flag", "--room", "other")[0] == 0
+    assert run(capsys, f"{base}/lobby", "last")[0] == 0
+    assert lobby.recv_type("broadcast")["content"] == "last"  # "by flag" went elsewhere
+    default.send({"type": "ping"})
+    assert default.recv()["type"] == "pong"  # nothing for the lobby reached the default room
+    lobby.close()
+    default.close()

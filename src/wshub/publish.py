@@ -19,6 +19,7 @@ import argparse
 import http.client
 import json
 import os
+import re
 import ssl
 import sys
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ __all__ = ["PublishAnswer", "main", "publish", "publish_url"]
 
 KEY_ENV = "WSHUB_API_KEY"
 _PUBLISH_PATH = "/api/publish"
+# The end of a clients' URL (/websocket, /websocket/ROOM): the API is beside it.
+_WEBSOCKET_PATH = re.compile(r"/websocket(?:/(?P<room>[^/]+))?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,12 +45,24 @@ class PublishAnswer:
     content_type: str
 
 
+def url_room(url: str) -> str | None:
+    """The room a WebSocket URL names (``.../websocket/ROOM``), which
+    ``wshub publish`` publishes into without ``--room``; None for the default
+    room (``.../websocket``) and for a URL naming no WebSocket endpoint."""
+    if "://" not in url:
+        return None
+    endpoint = _WEBSOCKET_PATH.search(urlsplit(url).path.rstrip("/"))
+    return None if endpoint is None else endpoint.group("room")
+
+
 def publish_url(url: str) -> tuple[str, str, int | None, str]:
     """``(scheme, host, port, path)`` of the publish endpoint for *url*.
 
     Accepts ``HOST:PORT``, ``http(s)://`` and ``ws(s)://`` URLs (the same
-    address as the WebSocket endpoint); a URL whose path does not already end
-    in ``/api/publish`` gets it appended, so a hub behind a path prefix works.
+    address as the WebSocket endpoint, ``/websocket`` or ``/websocket/ROOM``
+    included: that part is dropped, see :func:`url_room`); a URL whose path
+    does not already end in ``/api/publish`` gets it appended, so a hub behind
+    a path prefix works.
 
     Raises:
         ValueError: not a URL of a server.
@@ -63,6 +78,9 @@ def publish_url(url: str) -> tuple[str, str, int | None, str]:
     except ValueError:
         raise ValueError(f"bad port in {url!r}") from None
     path = parts.path.rstrip("/")
+    endpoint = _WEBSOCKET_PATH.search(path)
+    if endpoint is not None:  # the clients' address: the API is beside it
+        path = path[: endpoint.start()]
     if not path.endswith(_PUBLISH_PATH):
         path += _PUBLISH_PATH
     return scheme, parts.hostname, port, path
@@ -118,7 +136,12 @@ def _parser() -> argparse.ArgumentParser:
         description="Publish CONTENT into a room through a hub's backend API "
         "(POST /api/publish) and print the JSON answer.",
     )
-    parser.add_argument("url", metavar="URL", help="the hub, e.g. http://127.0.0.1:8787")
+    parser.add_argument(
+        "url",
+        metavar="URL",
+        help="the hub, e.g. http://127.0.0.1:8787, or a clients' URL such as "
+        "ws://127.0.0.1:8787/websocket/ROOM (then ROOM is the default of --room)",
+    )
     parser.add_argument("content", metavar="CONTENT", help="the text to publish; - reads stdin")
     parser.add_argument("--room", help="the room (default: the default room)")
     parser.add_argument(
@@ -189,7 +212,8 @@ def main(
     if content == "-":
         content = (stdin or sys.stdin).read().removesuffix("\n")
     fields = {"type": args.type, "content": content}
-    for name, value in (("room", args.room), ("connectionId", args.sender)):
+    room = args.room if args.room is not None else url_room(args.url)
+    for name, value in (("room", room), ("connectionId", args.sender)):
         if value is not None:
             fields[name] = value
     if args.exclude is not None:
