@@ -13,6 +13,8 @@ import os
 import signal
 import socket
 import statistics
+import subprocess
+import sys
 import time
 
 import httpx
@@ -516,6 +518,29 @@ def test_api_listen_serves_the_api_on_its_own_address(make_server) -> None:
     assert httpx.get(private + "/").status_code == 404
     assert httpx.get(private + "/api/rooms").status_code == 401
     member.close()
+
+
+def test_a_taken_address_is_named_in_the_refusal() -> None:
+    """Exit 1 with the address that could not be bound: the public port's or
+    --api-listen's (it named the public one for both)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        public = free_port()
+        for args, named in (
+            (["--port", str(busy)], f"127.0.0.1:{busy}"),
+            (["--port", str(public), "--api-listen", f"127.0.0.1:{busy}"], f"127.0.0.1:{busy}"),
+        ):
+            result = subprocess.run(
+                [sys.executable, "-m", "wshub", "serve", "--api-keys", KEY, *args],
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT * 6,
+            )
+            assert result.returncode == 1, result.stderr
+            assert f"cannot listen on {named}:" in result.stderr, result.stderr
+            assert "Traceback" not in result.stderr
 
 
 def test_the_keys_file_is_read_again_on_sighup(make_server, tmp_path) -> None:

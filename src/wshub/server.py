@@ -16,6 +16,9 @@ import signal
 import socket
 import sys
 import time
+from asyncio import Server
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from .api import ApiKeys, ApiKeysError
 from .backplane import NodeIdInUse
@@ -77,7 +80,9 @@ async def serve(
     # process: out of every collection from now on.
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
-    server = await loop.create_server(
+    server = await _listening(
+        f"{config.host}:{config.port}",
+        loop.create_server,
         node.new_connection,
         config.host,
         config.port,
@@ -99,7 +104,9 @@ async def serve(
     api_address = config.api_listen_address
     if api_address is not None and node.api_gateway is not None:
         # The API on its own (private) address; the public port has no /api/.
-        api_server = await loop.create_server(
+        api_server = await _listening(
+            config.api_listen,
+            loop.create_server,
             node.new_api_connection,
             api_address[0],
             api_address[1],
@@ -148,6 +155,25 @@ async def serve(
             loop.remove_signal_handler(signum)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # not the default (exit) while exiting
         log.info("stopped")
+
+
+class CannotListen(Exception):
+    """A listening address that could not be bound (taken, not ours)."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(f"cannot listen on {address}: {reason}")
+
+
+async def _listening(
+    address: str, create: Callable[..., Awaitable[Server]], *args: Any, **kwargs: Any
+) -> Server:
+    """``await create(*args, **kwargs)``, its OSError named by *address*: the
+    public port and the --api-listen one fail alike, and the message must
+    say which."""
+    try:
+        return await create(*args, **kwargs)
+    except OSError as exc:
+        raise CannotListen(address, exc.strerror or str(exc)) from exc
 
 
 def _reload(reloaders: Reloaders) -> None:
@@ -205,9 +231,10 @@ def run(config: Config, argv: list[str] | None = None) -> int:
         # corrupt the cluster's presence, so it does not start.
         print(f"wshub serve: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        print(
-            f"wshub: cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr
-        )
+    except CannotListen as exc:
+        print(f"wshub: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # anything else the start could not open
+        print(f"wshub: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0
