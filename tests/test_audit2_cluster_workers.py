@@ -14,32 +14,28 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from .conftest import TIMEOUT, Client, RedisServer, Server, free_port
-from .test_cluster import _worker_pids
+from .conftest import TIMEOUT, Client, RedisServer, free_port
+from .test_cluster import Supervised, _worker_pids, departures_until_pong
 from .test_cluster_rooms import count
 from .waiting import wait_until
 
 
-def supervisor(redis: RedisServer, port: int, *extra: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "wshub", "serve", "--workers", "2", "--port", str(port)]
-        + ["--redis-url", redis.url, "--cluster-name", f"sv{port}", "--log-level", "warning"]
-        + ["--ip-connect-rate", "0", "--max-connections-per-ip", "0", *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+def supervisor(redis: RedisServer, port: int, *extra: str) -> Supervised:
+    """A supervisor of two workers, once both listen. (The cluster's name is
+    the port's unless *extra* names one: a later ``--cluster-name`` wins.)"""
+    sup = Supervised(
+        port,
+        *("--redis-url", redis.url, "--cluster-name", f"sv{port}"),
+        *("--ip-connect-rate", "0", "--max-connections-per-ip", "0", *extra),
     )
-    assert proc.stdout is not None
-    lines = [proc.stdout.readline() for _ in range(2)]
-    assert all("listening on" in line for line in lines), lines
-    return proc
+    with sup.explaining():
+        sup.wait_listening(2)
+    return sup
 
 
 def alive(pid: int) -> bool:
@@ -59,11 +55,12 @@ def test_workers_drain_and_exit_when_their_supervisor_is_killed(
     redis_server: RedisServer,
 ) -> None:
     port = free_port()
-    proc = supervisor(redis_server, port, "--drain-timeout", "3")
+    sup = supervisor(redis_server, port, "--drain-timeout", "3")
+    proc = sup.proc
     workers = _worker_pids(proc.pid)
     try:
         assert len(workers) == 2
-        server = Server(proc, "127.0.0.1", port, [])  # type: ignore[arg-type]
+        server = sup.server()
         clients: list[Client] = [server.client() for _ in range(4)]
         proc.kill()
         proc.wait()
@@ -82,12 +79,7 @@ def test_workers_drain_and_exit_when_their_supervisor_is_killed(
         for pid in workers:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
-        if proc.returncode is None:
-            proc.kill()
-        proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        sup.stop()  # killed already: its exit code is -9
 
 
 def test_a_killed_workers_clients_are_announced_gone_once_and_counted_out(
@@ -97,52 +89,44 @@ def test_a_killed_workers_clients_are_announced_gone_once_and_counted_out(
     ``user_left`` for each of its clients (the supervisor's reaping), and no
     second one when the node TTL and a resync have passed; counts heal."""
     port = free_port()
-    proc = supervisor(redis_server, port, "--node-ttl", "2")
+    sup = supervisor(redis_server, port, "--node-ttl", "2")
     try:
-        server = Server(proc, "127.0.0.1", port, [])  # type: ignore[arg-type]
-        clients = [server.client("w") for _ in range(12)]
-        for client in clients:
-            client.roundtrip()
-        os.kill(_worker_pids(proc.pid)[0], signal.SIGKILL)
-        # Which clients lived on it, and every user_left each survivor hears.
-        heard: dict[str, list[str]] = {}
-        dead: set[str] = set()
-        for client in clients:
-            try:
-                heard[client.id] = presence_until_pong(client)
-            except ConnectionClosed:
-                dead.add(client.id)
-        assert 0 < len(dead) < len(clients)
-        survivors = [c for c in clients if c.id in heard]
-        for client in survivors:
-            while set(heard[client.id]) != dead:
-                heard[client.id].append(
-                    client.recv_type("user_left", timeout=3 * TIMEOUT)["connectionId"]
-                )
-        assert "listening on" in proc.stdout.readline()  # type: ignore[union-attr]
-        # Past a node TTL and a resync (every TTL) after the reaping: nothing more.
-        since = time.monotonic()
-        wait_until(lambda: time.monotonic() - since > 2 * 2 + 1, "two node TTLs", timeout=10)
-        for client in survivors:
-            heard[client.id] += presence_until_pong(client)
-            assert sorted(heard[client.id]) == sorted(dead), "announced twice"
-            assert count(client) == len(survivors)
+        with sup.explaining():
+            server = sup.server()
+            clients = [server.client("w") for _ in range(12)]
+            for client in clients:
+                client.roundtrip()
+            os.kill(_worker_pids(sup.proc.pid)[0], signal.SIGKILL)
+            # Which clients lived on it, and every user_left each survivor hears.
+            heard: dict[str, list[str]] = {}
+            dead: set[str] = set()
+            for client in clients:
+                try:
+                    heard[client.id] = presence_until_pong(client)
+                except ConnectionClosed:
+                    dead.add(client.id)
+            assert 0 < len(dead) < len(clients)
+            survivors = [c for c in clients if c.id in heard]
+            for client in survivors:
+                while len(heard[client.id]) < len(dead):
+                    heard[client.id].append(
+                        client.recv_type("user_left", timeout=3 * TIMEOUT)["connectionId"]
+                    )
+            sup.wait_listening(3)  # the replacement worker
+            # Past a node TTL and a resync (every TTL) after the reaping: nothing more.
+            since = time.monotonic()
+            wait_until(lambda: time.monotonic() - since > 2 * 2 + 1, "two node TTLs", timeout=10)
+            for client in survivors:
+                heard[client.id] += presence_until_pong(client)
+                assert sorted(heard[client.id]) == sorted(dead), "announced twice"
+                assert count(client) == len(survivors)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(TIMEOUT * 3) == 0
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        assert sup.stop() == 0, sup.log()
 
 
 def presence_until_pong(client: Client) -> list[str]:
     """The ids of the ``user_left`` *client* gets before the answer to a ping."""
-    client.send({"type": "ping"})
-    left = []
-    while (frame := client.recv())["type"] != "pong":
-        if frame["type"] == "user_left":
-            left.append(frame["connectionId"])
-    return left
+    return [frame["connectionId"] for frame in departures_until_pong(client)]
 
 
 def test_a_second_supervisor_under_the_same_node_id_reaps_none_of_the_firsts_workers(
@@ -158,14 +142,14 @@ def test_a_second_supervisor_under_the_same_node_id_reaps_none_of_the_firsts_wor
     name = f"sv{port1}"
     same = ("--node-id", "same", "--cluster-name", name, "--node-ttl", "3")
     first = supervisor(redis_server, port1, *same)
-    second = None
+    second: Supervised | None = None
     try:
-        server1 = Server(first, "127.0.0.1", port1, [])  # type: ignore[arg-type]
+        server1 = first.server()
         watchers = [server1.client("s") for _ in range(6)]
         for watcher in watchers:
             watcher.roundtrip()
         second = supervisor(redis_server, port2, *same)
-        server2 = Server(second, "127.0.0.1", port2, [])  # type: ignore[arg-type]
+        server2 = second.server()
         newcomer = server2.client("s")
         for watcher in watchers:
             # Each watcher hears the newcomer join, and nobody leave first
@@ -187,12 +171,10 @@ def test_a_second_supervisor_under_the_same_node_id_reaps_none_of_the_firsts_wor
         for watcher in watchers:
             assert presence_until_pong(watcher) == []
         assert count(newcomer) == 7
+    except (AssertionError, TimeoutError, ConnectionClosed) as exc:
+        logs = "".join(f"\n{sup.log()}" for sup in (first, second) if sup is not None)
+        raise AssertionError(f"{exc!r}; the supervisors' logs:{logs}") from exc
     finally:
-        for proc in (first, second):
-            if proc is None:
-                continue
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(TIMEOUT * 3)
-            for stream in (proc.stdout, proc.stderr):
-                if stream is not None:
-                    stream.close()
+        for sup in (first, second):
+            if sup is not None:
+                sup.stop()

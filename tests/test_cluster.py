@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from typing import IO
 
 import pytest
+import redis as redis_client
 from websockets.exceptions import ConnectionClosed
 
 from .conftest import TIMEOUT, Client, RedisServer, Server, free_port
@@ -170,76 +176,155 @@ def test_drained_node_announces_left_to_the_cluster(make_server, redis_server) -
     a.close()
 
 
+class Supervised:
+    """``wshub serve --workers 2`` with *args*, its output read as it comes:
+    a pipe nobody reads fills (64 KiB) and blocks whichever process writes to
+    it next, the supervisor in the middle of reaping a worker as likely as
+    any; and what it and its workers logged is what a failure shows
+    (:meth:`explaining`)."""
+
+    def __init__(self, port: int, *args: str) -> None:
+        self.port = port
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "wshub", "serve", "--workers", "2", "--port", str(port)]
+            + ["--log-level", "warning", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self._pumps = [
+            threading.Thread(target=self._pump, args=(stream, lines), daemon=True)
+            for stream, lines in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))
+        ]
+        for pump in self._pumps:
+            pump.start()
+
+    @staticmethod
+    def _pump(stream: IO[str], lines: list[str]) -> None:
+        for line in stream:
+            lines.append(line)
+
+    def server(self) -> Server:
+        return Server(self.proc, "127.0.0.1", self.port, [])  # type: ignore[arg-type]
+
+    def wait_listening(self, workers: int) -> None:
+        """Until *workers* workers in all (restarted ones too) said they listen."""
+        wait_until(
+            lambda: sum("listening on" in line for line in self.out) >= workers,
+            f"{workers} workers listening",
+            3 * TIMEOUT,
+        )
+
+    def log(self) -> str:
+        return "".join(self.err)
+
+    @contextlib.contextmanager
+    def explaining(self) -> Iterator[None]:
+        """A failure inside says what the supervisor and its workers logged."""
+        try:
+            yield
+        except (AssertionError, TimeoutError, ConnectionClosed) as exc:
+            raise AssertionError(f"{exc!r}; the supervisor's log:\n{self.log()}") from exc
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(TIMEOUT * 3)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            for pump in self._pumps:
+                pump.join(TIMEOUT)
+            for stream in (self.proc.stdout, self.proc.stderr):
+                if stream is not None:
+                    stream.close()
+
+
+def departures_until_pong(client: Client) -> list[dict]:
+    """The ``user_left`` frames *client* gets before the answer to a ping
+    (a roundtrip that skipped them would lose a departure announced early);
+    ConnectionClosed when its connection is gone (its worker was killed). A
+    TimeoutError is no evidence either way: it fails the test."""
+    client.send({"type": "ping"})
+    left = []
+    while (frame := client.recv())["type"] != "pong":
+        if frame["type"] == "user_left":
+            left.append(frame)
+    return left
+
+
+def held_by_node(redis: RedisServer, prefix: str, pid: int) -> tuple[str, set[str]]:
+    """The node id of worker *pid* and the connections Redis has on record for it."""
+    with open(f"/proc/{pid}/cmdline") as cmdline:
+        argv = cmdline.read().split("\0")
+    node = argv[argv.index("--node-id") + 1]
+    client = redis_client.Redis(port=redis.port, socket_timeout=TIMEOUT)
+    try:
+        return node, {cid.decode() for cid in client.hkeys(f"{prefix}:node:{node}:conns")}
+    finally:
+        client.close()
+
+
 def test_workers_share_the_port_and_restart(redis_server) -> None:
     """--workers 2: two processes on one port, one hub; a killed worker is
-    restarted and its clients are announced as gone."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "wshub",
-            "serve",
-            "--workers",
-            "2",
-            "--port",
-            str(port),
-            "--redis-url",
-            redis_server.url,
-            "--cluster-name",
-            f"w{next(_names)}",
-            "--ip-connect-rate",
-            "0",
-            "--max-connections-per-ip",
-            "0",
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    restarted and its clients are announced as gone, each once, to every
+    client of the other."""
+    name = f"w{next(_names)}"
+    sup = Supervised(
+        free_port(),
+        *("--redis-url", redis_server.url, "--cluster-name", name),
+        *("--ip-connect-rate", "0", "--max-connections-per-ip", "0"),
     )
     try:
-        assert proc.stdout is not None
-        lines = [proc.stdout.readline() for _ in range(2)]
-        assert all("listening on" in line for line in lines), lines
-        server = Server(proc, "127.0.0.1", port, [])  # type: ignore[arg-type]
-        clients = [server.client() for _ in range(12)]
-        # Connections spread over both workers; every client sees the same hub.
-        nodes = {server.stats()["nodeId"] for _ in range(20)}
-        assert len(nodes) == 2
-        clients[0].send({"type": "broadcast", "content": "all"})
-        for client in clients:
-            assert client.recv_type("broadcast")["content"] == "all"
-        # Kill one worker (find it through /stats of the connections it serves).
-        pids = _worker_pids(proc.pid)
-        assert len(pids) == 2
-        victim = pids[0]
-        subprocess.run(["kill", "-9", str(victim)], check=True)
-        survivors = []
-        for client in clients:
-            try:
-                client.roundtrip()
-                survivors.append(client)
-            except (ConnectionClosed, TimeoutError):
-                pass
-        assert 0 < len(survivors) < len(clients)
-        gone = len(clients) - len(survivors)
-        watcher = survivors[0]
-        announced = {
-            # The supervisor sees the exit, reaps the node in Redis and publishes:
-            # a few round trips through a new Redis connection, slower on a busy machine.
-            watcher.recv_type("user_left", timeout=3 * TIMEOUT)["connectionId"]
-            for _ in range(gone)
-        }
-        assert len(announced) == gone
-        assert "listening on" in proc.stdout.readline()  # the replacement worker
-        assert len(_worker_pids(proc.pid)) == 2
+        with sup.explaining():
+            sup.wait_listening(2)
+            server = sup.server()
+            clients = [server.client() for _ in range(12)]
+            # Connections spread over both workers; every client sees the same hub.
+            nodes = {server.stats()["nodeId"] for _ in range(20)}
+            assert len(nodes) == 2
+            clients[0].send({"type": "broadcast", "content": "all"})
+            for client in clients:
+                assert client.recv_type("broadcast")["content"] == "all"
+            pids = _worker_pids(sup.proc.pid)
+            assert len(pids) == 2
+            # Each join reaches Redis on its own: wait for all of them.
+            wait_until(
+                lambda: sum(len(held_by_node(redis_server, name, p)[1]) for p in pids) == 12,
+                "every connection on record in Redis",
+            )
+            victim = pids[0]
+            node, held = held_by_node(redis_server, name, victim)
+            os.kill(victim, signal.SIGKILL)
+            # Which clients lived on it (their connection closes), and every
+            # user_left each other one hears, from the first frame on: the
+            # supervisor may well have reaped the node before it is asked.
+            heard: dict[str, list[str]] = {}
+            dead: set[str] = set()
+            for client in clients:
+                try:
+                    heard[client.id] = [f["connectionId"] for f in departures_until_pong(client)]
+                except ConnectionClosed:
+                    dead.add(client.id)
+            assert 0 < len(dead) < len(clients)
+            assert dead == held, f"node {node} held {held} in Redis"
+            for client in clients:
+                if client.id not in heard:
+                    continue
+                while len(heard[client.id]) < len(dead):
+                    # The supervisor sees the exit, reaps the node in Redis and
+                    # publishes: a few round trips through a new Redis connection.
+                    left = client.recv_type("user_left", timeout=3 * TIMEOUT)
+                    heard[client.id].append(left["connectionId"])
+                assert sorted(heard[client.id]) == sorted(dead), "each departure once"
+            sup.wait_listening(3)  # the replacement worker
+            assert len(_worker_pids(sup.proc.pid)) == 2
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(TIMEOUT * 3) == 0
-        proc.stdout.close()  # type: ignore[union-attr]
-        proc.stderr.close()  # type: ignore[union-attr]
+        assert sup.stop() == 0, sup.log()
 
 
 def _worker_pids(parent: int) -> list[int]:
@@ -281,10 +366,13 @@ def test_the_node_count_follows_each_lease_refresh(make_server, redis_server) ->
     first.wait_for(lambda: first.stats()["backplane"]["ready"], "the first node up")
     assert first.stats()["backplane"]["nodes"] == 1
     second = make_server(*args)
+    # From its registration (ready follows it), not from its listening: on a
+    # loaded machine the registration itself can take a second or more.
+    second.wait_for(lambda: second.stats()["backplane"]["ready"], "the second node registered")
     joined = time.monotonic()
     wait_until(lambda: first.stats()["backplane"]["nodes"] == 2, "the second counted", 3 + 1.5)
     assert first.metric("wshub_cluster_nodes") == 2
-    print(f"\n[figure] the second node counted {time.monotonic() - joined:.1f} s after it listened")
+    print(f"\n[figure] the second node counted {time.monotonic() - joined:.1f} s after registering")
     second.proc.send_signal(signal.SIGTERM)
     second.proc.wait(TIMEOUT)
     wait_until(lambda: first.stats()["backplane"]["nodes"] == 1, "the second gone", 3 + 1.5)

@@ -10,17 +10,17 @@ have; an anonymous connection's frames carry none.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 import signal
-import subprocess
-import sys
 from collections.abc import Callable
 
 from websockets.exceptions import ConnectionClosed
 
 from .conftest import TIMEOUT, Client, RedisServer, Server, free_port
 from .test_auth_server import AUTH, NO_LIMITS, bearer, token
-from .test_cluster import _worker_pids
+from .test_cluster import Supervised, _worker_pids, departures_until_pong
 
 _names = itertools.count()
 
@@ -115,63 +115,42 @@ def test_a_join_found_by_the_resync_after_an_outage_names_its_user(make_server, 
 def test_the_supervisor_names_a_dead_workers_users(redis_server) -> None:
     """--workers 2: a worker killed with SIGKILL is reaped by the supervisor,
     whose user_left for each of its connections names the user it had."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "wshub",
-            "serve",
-            "--workers",
-            "2",
-            "--port",
-            str(port),
-            "--redis-url",
-            redis_server.url,
-            "--cluster-name",
-            f"presenceworkers{next(_names)}",
-            "--auth",
-            "optional",
-            *AUTH,
-            *NO_LIMITS,
-            "--log-level",
-            "warning",
-        ],  # fmt: skip
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    sup = Supervised(
+        free_port(),
+        *("--redis-url", redis_server.url, "--cluster-name", f"presenceworkers{next(_names)}"),
+        *("--auth", "optional", *AUTH, *NO_LIMITS),
     )
     try:
-        assert proc.stdout is not None
-        lines = [proc.stdout.readline() for _ in range(2)]
-        assert all("listening on" in line for line in lines), lines
-        server = Server(proc, "127.0.0.1", port, [])  # type: ignore[arg-type]
-        users: dict[str, str | None] = {}
-        clients = []
-        for i in range(16):
-            # Every fourth anonymous; the kernel spreads them over the workers.
-            kwargs = {} if i % 4 == 3 else bearer(token(f"user-{i}"))
-            client = server.client(**kwargs)
-            users[client.id] = client.welcome.get("userId")
-            clients.append(client)
-        victim = _worker_pids(proc.pid)[0]
-        subprocess.run(["kill", "-9", str(victim)], check=True)
-        survivors = []
-        for client in clients:
-            try:
-                client.roundtrip()
-                survivors.append(client)
-            except (ConnectionClosed, TimeoutError):
-                pass
-        gone = {c.id for c in clients} - {c.id for c in survivors}
-        assert survivors and gone
-        left = presence(survivors[0], "user_left", len(gone), 3 * TIMEOUT)
-        assert set(left) == gone
-        for cid, frame in left.items():
-            assert frame.get("userId") == users[cid], frame
-        assert any(users[cid] is not None for cid in gone)
+        with sup.explaining():
+            sup.wait_listening(2)
+            server = sup.server()
+            users: dict[str, str | None] = {}
+            clients = []
+            for i in range(16):
+                # Every fourth anonymous; the kernel spreads them over the workers.
+                kwargs = {} if i % 4 == 3 else bearer(token(f"user-{i}"))
+                client = server.client(**kwargs)
+                users[client.id] = client.welcome.get("userId")
+                clients.append(client)
+            os.kill(_worker_pids(sup.proc.pid)[0], signal.SIGKILL)
+            # The dead worker's clients find their connection closed; the
+            # supervisor may have reaped it before a survivor's ping is
+            # answered, so the departures come from the first frame on.
+            survivors: dict[str, list[dict]] = {}
+            for client in clients:
+                with contextlib.suppress(ConnectionClosed):
+                    survivors[client.id] = departures_until_pong(client)
+            gone = {c.id for c in clients} - survivors.keys()
+            assert survivors and gone
+            watcher = next(c for c in clients if c.id in survivors)
+            early = survivors[watcher.id]
+            left = presence(watcher, "user_left", len(gone) - len(early), 3 * TIMEOUT)
+            for frame in early:
+                assert frame["connectionId"] not in left, f"announced twice: {frame}"
+                left[frame["connectionId"]] = frame
+            assert set(left) == gone
+            for cid, frame in left.items():
+                assert frame.get("userId") == users[cid], frame
+            assert any(users[cid] is not None for cid in gone)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(TIMEOUT * 3) == 0
-        proc.stdout.close()  # type: ignore[union-attr]
-        proc.stderr.close()  # type: ignore[union-attr]
+        assert sup.stop() == 0, sup.log()
