@@ -20,7 +20,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from .conftest import TIMEOUT, Client, RedisServer, free_port
-from .test_cluster import Supervised, _worker_pids, departures_until_pong
+from .test_cluster import Supervised, _worker_pids, departures_until_pong, spread
 from .test_cluster_rooms import count
 from .waiting import wait_until
 
@@ -93,10 +93,11 @@ def test_a_killed_workers_clients_are_announced_gone_once_and_counted_out(
     try:
         with sup.explaining():
             server = sup.server()
-            clients = [server.client("w") for _ in range(12)]
+            pids = _worker_pids(sup.proc.pid)
+            clients = spread(server, redis_server, f"sv{port}", pids, "w")
             for client in clients:
                 client.roundtrip()
-            os.kill(_worker_pids(sup.proc.pid)[0], signal.SIGKILL)
+            os.kill(pids[0], signal.SIGKILL)
             # Which clients lived on it, and every user_left each survivor hears.
             heard: dict[str, list[str]] = {}
             dead: set[str] = set()

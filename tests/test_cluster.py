@@ -257,6 +257,24 @@ def departures_until_pong(client: Client) -> list[dict]:
     return left
 
 
+def spread(
+    server: Server, redis: RedisServer, prefix: str, pids: list[int], room: str | None = None
+) -> list[Client]:
+    """At least 12 clients of *server* (in *room*), each on record in Redis,
+    with some on every worker of *pids*: the kernel hashes each connection to
+    a worker, and 1 start in 2,048 would put 12 on one."""
+    clients = [server.client(room) for _ in range(12)]
+    while True:
+        # Each join reaches Redis on its own: wait for all of them.
+        wait_until(
+            lambda: sum(len(held_by_node(redis, prefix, p)[1]) for p in pids) == len(clients),
+            "every connection on record in Redis",
+        )
+        if all(held_by_node(redis, prefix, pid)[1] for pid in pids):
+            return clients
+        clients.append(server.client(room))
+
+
 def held_by_node(redis: RedisServer, prefix: str, pid: int) -> tuple[str, set[str]]:
     """The node id of worker *pid* and the connections Redis has on record for it."""
     with open(f"/proc/{pid}/cmdline") as cmdline:
@@ -283,20 +301,15 @@ def test_workers_share_the_port_and_restart(redis_server) -> None:
         with sup.explaining():
             sup.wait_listening(2)
             server = sup.server()
-            clients = [server.client() for _ in range(12)]
-            # Connections spread over both workers; every client sees the same hub.
+            pids = _worker_pids(sup.proc.pid)
+            assert len(pids) == 2
+            clients = spread(server, redis_server, name, pids)
+            # Every client sees the same hub.
             nodes = {server.stats()["nodeId"] for _ in range(20)}
             assert len(nodes) == 2
             clients[0].send({"type": "broadcast", "content": "all"})
             for client in clients:
                 assert client.recv_type("broadcast")["content"] == "all"
-            pids = _worker_pids(sup.proc.pid)
-            assert len(pids) == 2
-            # Each join reaches Redis on its own: wait for all of them.
-            wait_until(
-                lambda: sum(len(held_by_node(redis_server, name, p)[1]) for p in pids) == 12,
-                "every connection on record in Redis",
-            )
             victim = pids[0]
             node, held = held_by_node(redis_server, name, victim)
             os.kill(victim, signal.SIGKILL)
