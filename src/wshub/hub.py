@@ -119,6 +119,7 @@ class Hub(PlainRelayOwner):
         "_shared",
         "_stream",
         "_unsettled",
+        "_held_leaves",
         "_prepared",
     )
 
@@ -162,6 +163,11 @@ class Hub(PlainRelayOwner):
         # done callbacks not run): while any is, a new one must not be served
         # ahead of it, even when Redis is known to be unreachable.
         self._unsettled = 0
+        # user_left envelopes waiting for those publications: a publication
+        # travels on the history's own Redis connection, presence on the
+        # backplane's, so a leave published at once could reach the other
+        # nodes before the leaver's last messages (decisions.md 9: one order).
+        self._held_leaves: list[Envelope] = []
         self._prepared: dict[ConnectionId, tuple[Recovery | None, list[Recorded] | None]] = {}
 
     def count(self) -> int:
@@ -362,7 +368,11 @@ class Hub(PlainRelayOwner):
         left = protocol.encode_user_left(conn.id, self.count(), self._clock(), user_id=user_id)
         if self.members:
             self._fanout.to_all(self.audience, left, urgent=False)
-        self._backplane.publish(Envelope(self._node_id, EventKind.LEFT, self.room, conn.id, left))
+        envelope = Envelope(self._node_id, EventKind.LEFT, self.room, conn.id, left)
+        if self._unsettled:
+            self._held_leaves.append(envelope)  # published once they are (_published)
+        else:
+            self._backplane.publish(envelope)
         if not self.members:
             self._host.room_emptied(self)
 
@@ -603,6 +613,11 @@ class Hub(PlainRelayOwner):
         future: asyncio.Future[tuple[str, int]],
     ) -> None:
         self._unsettled -= 1
+        if not self._unsettled and self._held_leaves:
+            # Redis ran every script before: the leaves come after on every node.
+            held, self._held_leaves = self._held_leaves, []
+            for envelope in held:
+                self._backplane.publish(envelope)
         if future.cancelled() or future.exception() is not None:
             # Not recorded (Redis frozen, or gone with it in flight): lost for
             # the other nodes (at most once), counted; this node's members

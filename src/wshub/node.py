@@ -305,6 +305,10 @@ class Node:
             await self.api.stop()
         if self.user_count is not None:
             await self.user_count.stop()
+        if self.cluster_history is not None:
+            # Departures held behind their last publications go out before
+            # the backplane flushes and stops.
+            await self.cluster_history.settle(max(0.5, deadline - self.loop.time()))
         await self.backplane.stop()
         if self.cluster_history is not None:
             await self.cluster_history.aclose()

@@ -241,6 +241,12 @@ class RedisHistory:
             return cls(cluster_client(url, 5.0), sharded=True, **kwargs)
         return cls(redis_client(url, socket_timeout=5, socket_connect_timeout=5), **kwargs)
 
+    async def answered(self) -> None:
+        """Until every publication queued so far is answered or given up
+        (their futures done, so their done callbacks are scheduled)."""
+        while self._flusher is not None and not self._flusher.done():
+            await asyncio.gather(self._flusher, return_exceptions=True)
+
     async def aclose(self) -> None:
         if self._flusher is not None:
             await asyncio.gather(self._flusher, return_exceptions=True)
