@@ -716,21 +716,43 @@ def rate_limited_then_1008(hub: Hub) -> None:
 def presence_in_order_with_messages(hub: Hub) -> None:
     """3, 9: a client that joins and sends at once is announced before its
     message; one that sends and closes at once, after it: on one node the
-    order is the node's, a cluster must keep it across nodes."""
-    for _ in range(10):
-        r = hub.room()
-        hub.join("a", r)  # node 0
-        srv = hub.node(hub.joined)  # node 1 when two
-        ws = srv.connect(r)
-        ws.send(json.dumps({"type": "message", "content": "hello"}))
-        ws.send(json.dumps({"type": "message", "content": "bye"}))
-        welcome = json.loads(ws.recv(timeout=TIMEOUT))
-        hub.names[welcome["connectionId"]] = "quick"
-        ws.close()
-        seen = [hub.recv("a", "user_joined", "message", "user_left")["type"] for _ in range(4)]
-        assert seen == ["user_joined", "message", "message", "user_left"], seen
-        hub.quiet()
-        hub.reset()
+    order is the node's, a cluster must keep it across nodes, also while
+    other rooms' comings and goings keep the node's presence updates busy."""
+    stop = threading.Event()
+
+    def churn() -> None:
+        n = 0
+        while not stop.is_set():
+            sockets = [hub.node(1).connect(f"{hub.prefix}-churn{n % 20}") for _ in range(5)]
+            for ws in sockets:
+                ws.close()
+            n += 1
+
+    churners = [threading.Thread(target=churn) for _ in range(2)]
+    for thread in churners:
+        thread.start()
+    try:
+        for _ in range(20):
+            r = hub.room()
+            hub.join("a", r)  # node 0, node 1, node 0...: quick's node every other time
+            ws = hub.node(1).connect(r)  # node 1 when two
+            ws.send(json.dumps({"type": "message", "content": "hello"}))
+            ws.send(json.dumps({"type": "message", "content": "bye"}))
+            welcome = json.loads(ws.recv(timeout=TIMEOUT))
+            hub.names[welcome["connectionId"]] = "quick"
+            ws.close()
+            seen = [hub.recv("a", "user_joined", "message", "user_left")["type"] for _ in range(4)]
+            assert seen == ["user_joined", "message", "message", "user_left"], (
+                hub.kind,
+                hub.rooms,
+                seen,
+            )
+            hub.quiet()
+            hub.clients.pop("a").close()  # alone in its room: no one to tell
+    finally:
+        stop.set()
+        for thread in churners:
+            thread.join()
 
 
 def joins_at_once_on_both_nodes(hub: Hub) -> None:

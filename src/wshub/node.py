@@ -134,6 +134,10 @@ class Node:
         self.cluster_history: ClusterHistory | None = None
         if config.redis_target and config.history_size > 0:
             self.cluster_history = _cluster_history(config, self.node_id)
+            # Messages wait for the presence updates queued before them (the
+            # joiner's user_joined), which travel on the backplane's connection.
+            ran = getattr(self.backplane, "ran_so_far", None)
+            self.cluster_history.history.presence_ran = ran
         self._occupied: set[RoomName] = set()  # rooms with members (or joining)
         self._emptied_at: dict[RoomName, float] = {}
         # Upgrades waiting for their room's backplane subscription.
