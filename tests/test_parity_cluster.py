@@ -665,6 +665,36 @@ def default_room_through_the_api(hub: Hub) -> None:
     hub.quiet()
 
 
+def disconnect_a_user_on_both_nodes(hub: Hub) -> None:
+    """14: POST /api/disconnect {"userId"} closes the user's connections on
+    every node with the code and reason asked; user_left once for each."""
+    r = hub.room()
+    hub.join("w", r)  # node 0
+    hub.join("g1", r, **bearer(token("gina")))  # node 1
+    hub.join("g2", r, **bearer(token("gina")))  # node 0
+    body = {"userId": "gina", "code": 4321, "reason": "bye gina"}
+    status, answer = hub.api(1, "POST", "/api/disconnect", body)
+    assert status == 200, answer
+    hub.transcript[-1] = (*hub.transcript[-1][:4], sort_lists(hub.transcript[-1][4]))
+    for name in ("g1", "g2"):
+        gone = hub.clients.pop(name)
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                gone.ws.recv(timeout=TIMEOUT)
+        assert closed.value.rcvd is not None
+        hub.transcript.append(("closed", name, closed.value.rcvd.code, closed.value.rcvd.reason))
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4321, "bye gina")
+    left = [hub.clients["w"].recv() for _ in range(2)]
+    assert all(frame["type"] == "user_left" for frame in left), left
+    # The two nodes close theirs at once: which goes first is not the protocol's,
+    # the count the watcher is left with is.
+    ids = sorted(hub.normal(f)["connectionId"] for f in left)
+    hub.transcript.append(("w", "user_left", ids, left[-1]["totalUsers"]))
+    assert ids == ["g1", "g2"] and all(f.get("userId") == "gina" for f in left), left
+    assert left[-1]["totalUsers"] == 1, left
+    hub.quiet()
+
+
 def limited_rooms_and_history_off(hub: Hub) -> None:
     """12, 19 with --max-rooms 2 and --history-size 0: a third room on a node
     is 503; no offsets, no epoch; since answers recovered false, missed 0."""
@@ -827,6 +857,7 @@ SCENARIOS: list[tuple[str, Callable[[Hub], None]]] = [
     ("default", default_room_through_the_api),
     ("default", users_limited_across_nodes),
     ("default", tokens_expire_refresh_and_rooms),
+    ("default", disconnect_a_user_on_both_nodes),
     ("default", bad_queries),
     ("default", presence_in_order_with_messages),
     ("default", joins_at_once_on_both_nodes),
