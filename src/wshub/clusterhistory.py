@@ -124,6 +124,16 @@ class ClusterHistory:
         (a sender's order), even while Redis is known to be unreachable."""
         return self.history.pending()
 
+    async def settle(self, timeout: float) -> None:
+        """Wait (bounded) for the publications on their way, and let their
+        done callbacks run: the user_left a hub held behind them is queued on
+        the backplane once this returns (hub.py, ``_held_leaves``)."""
+        try:
+            await asyncio.wait_for(self.history.answered(), timeout)
+        except TimeoutError:
+            return
+        await asyncio.sleep(0)
+
     def join(
         self,
         room: RoomName,

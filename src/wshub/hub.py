@@ -15,6 +15,7 @@ rate limits use the loop's monotonic time in the connection.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
@@ -38,8 +39,6 @@ from .session import State
 from .wire import ping_frame, text_frame
 
 if TYPE_CHECKING:
-    import asyncio
-
     from .clusterhistory import ClusterHistory
 
 __all__ = ["Hub", "HubHost"]
@@ -55,6 +54,8 @@ _MESSAGE = RelayKind.MESSAGE  # Micro-optimization: an enum member lookup costs 
 _BROADCAST = RelayKind.BROADCAST
 _RECORDED = EventKind.RECORDED
 _RELAY = EventKind.RELAY
+_HOLD_LIMIT = 2.0
+"""Seconds a departure waits at most for the room's publications before it."""
 _HISTORY_MOVED_ON = Disconnect(
     CloseCode.SERVICE_RESTART, "room history moved on: reconnect with since"
 )
@@ -119,6 +120,8 @@ class Hub(PlainRelayOwner):
         "_shared",
         "_stream",
         "_unsettled",
+        "_held_leaves",
+        "_awaited",
         "_prepared",
     )
 
@@ -162,6 +165,16 @@ class Hub(PlainRelayOwner):
         # done callbacks not run): while any is, a new one must not be served
         # ahead of it, even when Redis is known to be unreachable.
         self._unsettled = 0
+        # user_left envelopes waiting for those publications: a publication
+        # travels on the history's own Redis connection, presence on the
+        # backplane's, so a leave published at once could reach the other
+        # nodes before the leaver's last messages (decisions.md 9: one order).
+        # Each with its frame for this node's members, who hear the leaver's
+        # messages from the subscription, after Redis ran their script: the
+        # leave waits until the room's stream has delivered the last offset a
+        # publication of this room was given (_awaited) as well.
+        self._held_leaves: list[tuple[bytes, Envelope]] = []
+        self._awaited = 0
         self._prepared: dict[ConnectionId, tuple[Recovery | None, list[Recorded] | None]] = {}
 
     def count(self) -> int:
@@ -360,9 +373,17 @@ class Hub(PlainRelayOwner):
             self._auth.left(conn, identity)
             user_id = identity.user_id
         left = protocol.encode_user_left(conn.id, self.count(), self._clock(), user_id=user_id)
-        if self.members:
-            self._fanout.to_all(self.audience, left, urgent=False)
-        self._backplane.publish(Envelope(self._node_id, EventKind.LEFT, self.room, conn.id, left))
+        envelope = Envelope(self._node_id, EventKind.LEFT, self.room, conn.id, left)
+        if self._shared is not None and self._in_flight():
+            if not self._held_leaves:
+                # Bounded: a stream that stalls (a gap being filled, Redis
+                # frozen) holds no departure for long.
+                asyncio.get_running_loop().call_later(_HOLD_LIMIT, self._release_leaves, True)
+            self._held_leaves.append((left, envelope))
+        else:
+            if self.members:
+                self._fanout.to_all(self.audience, left, urgent=False)
+            self._backplane.publish(envelope)
         if not self.members:
             self._host.room_emptied(self)
 
@@ -603,6 +624,37 @@ class Hub(PlainRelayOwner):
         future: asyncio.Future[tuple[str, int]],
     ) -> None:
         self._unsettled -= 1
+        try:
+            self._settle(shared, lost, future)
+        finally:
+            if self._held_leaves:
+                self._release_leaves()
+
+    def _in_flight(self) -> bool:
+        """This room's publications are on their way: not answered by Redis,
+        or answered and not delivered from the subscription yet."""
+        if self._unsettled:
+            return True
+        top = self._stream.top if self._stream is not None else None
+        return top is not None and top < self._awaited
+
+    def _release_leaves(self, anyway: bool = False) -> None:
+        """The held departures, once every publication before them is
+        delivered here and run by Redis (so on every node they follow)."""
+        if not self._held_leaves or (self._in_flight() and not anyway):
+            return
+        held, self._held_leaves = self._held_leaves, []
+        for left, envelope in held:
+            if self.members:
+                self._fanout.to_all(self.audience, left, urgent=False)
+            self._backplane.publish(envelope)
+
+    def _settle(
+        self,
+        shared: ClusterHistory,
+        lost: tuple[bytes, Connection | None] | None,
+        future: asyncio.Future[tuple[str, int]],
+    ) -> None:
         if future.cancelled() or future.exception() is not None:
             # Not recorded (Redis frozen, or gone with it in flight): lost for
             # the other nodes (at most once), counted; this node's members
@@ -615,10 +667,12 @@ class Hub(PlainRelayOwner):
             return
         stream = self._stream
         assert stream is not None
-        epoch = future.result()[0]
+        epoch, offset = future.result()
+        self._awaited = max(self._awaited, offset)
         if not stream.published(epoch):
             self._history_moved_on("epoch")
             stream.reset(epoch)
+            self._awaited = offset  # the new history's count
 
     def _deliver(self, payload: bytes, exclude: Connection | None) -> None:
         recipients = len(self.members) - (1 if exclude is not None else 0)
@@ -643,6 +697,8 @@ class Hub(PlainRelayOwner):
                 return
         members = self.members
         self._deliver(payload, None if excluded is None else members.get(excluded))
+        if self._held_leaves:
+            self._release_leaves()
 
     def _discontinuous(self, stream: RoomStream, continuity: Continuity) -> None:
         if continuity is Continuity.HELD:
@@ -669,6 +725,8 @@ class Hub(PlainRelayOwner):
         for frame in frames:
             excluded = frame.exclude
             self._deliver(frame.payload, None if excluded is None else members.get(excluded))
+        if self._held_leaves:
+            self._release_leaves()
 
     def publish_backend(
         self, kind: RelayKind, sender: ConnectionId, content: str, exclude: ConnectionId | None

@@ -134,6 +134,10 @@ class Node:
         self.cluster_history: ClusterHistory | None = None
         if config.redis_target and config.history_size > 0:
             self.cluster_history = _cluster_history(config, self.node_id)
+            # Messages wait for the presence updates queued before them (the
+            # joiner's user_joined), which travel on the backplane's connection.
+            ran = getattr(self.backplane, "ran_so_far", None)
+            self.cluster_history.history.presence_ran = ran
         self._occupied: set[RoomName] = set()  # rooms with members (or joining)
         self._emptied_at: dict[RoomName, float] = {}
         # Upgrades waiting for their room's backplane subscription.
@@ -305,6 +309,10 @@ class Node:
             await self.api.stop()
         if self.user_count is not None:
             await self.user_count.stop()
+        if self.cluster_history is not None:
+            # Departures held behind their last publications go out before
+            # the backplane flushes and stops.
+            await self.cluster_history.settle(max(0.5, deadline - self.loop.time()))
         await self.backplane.stop()
         if self.cluster_history is not None:
             await self.cluster_history.aclose()

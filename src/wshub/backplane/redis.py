@@ -248,6 +248,12 @@ class RedisBackplane(ViewKeeper):
         self._publish_sha = ""
         self._clock_offset_ms = 0.0  # Redis's clock minus ours, measured at each connect
         self._wake = asyncio.Event()
+        # Envelopes and presence updates queued so far, and how many of them
+        # Redis has run (or the node gave up): the history publishes on a
+        # connection of its own and waits on these (:meth:`ran_so_far`).
+        self._ops_queued = 0
+        self._ops_done = 0
+        self._ops_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._primary_moved = asyncio.Event()  # a sentinel announced a failover
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -366,6 +372,7 @@ class RedisBackplane(ViewKeeper):
             except _ERRORS as exc:
                 log.warning("could not withdraw presence from redis: %s", exc)
         await self._close_connections()
+        self._ran(self._ops_queued)  # nothing waits on a stopped backplane
         self.handler = None
 
     async def _withdraw(self) -> None:
@@ -591,7 +598,29 @@ class RedisBackplane(ViewKeeper):
         keys = self.keys
         channel = keys.probe(self.node_id) if kind is EventKind.PROBE else keys.room(envelope.room)
         self._queue.append(("publish", (channel, data)))
+        self._ops_queued += 1
         self._wake.set()
+
+    def ran_so_far(self) -> asyncio.Future[None] | None:
+        """Done once Redis ran everything queued so far (None: nothing is on
+        its way). A member's messages go through the history's script on
+        another connection: published after this, they follow its
+        ``user_joined`` on every node, as on one node (decisions.md 9)."""
+        if self._ops_done >= self._ops_queued:
+            return None
+        future = asyncio.get_running_loop().create_future()
+        self._ops_waiters.append((self._ops_queued, future))
+        return future
+
+    def _ran(self, upto: int) -> None:
+        self._ops_done = max(self._ops_done, upto)
+        waiting, self._ops_waiters = self._ops_waiters, []
+        for mark, future in waiting:
+            if mark <= self._ops_done or self._stopping:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                self._ops_waiters.append((mark, future))
 
     async def _publisher(self) -> None:
         while not self._stopping:
@@ -600,9 +629,17 @@ class RedisBackplane(ViewKeeper):
             await self._flush()
 
     async def _flush(self) -> None:
+        try:
+            await self._flush_queue()
+        finally:
+            # Run, given up or failed: nothing more to wait for (ran_so_far).
+            self._ran(self._ops_queued if not self._queue else self._ops_done)
+
+    async def _flush_queue(self) -> None:
         while self._queue:
             batch, self._queue = self._queue, []
             self._queued_bytes = 0
+            upto = self._ops_queued  # the whole queue is in this batch
             # Queued before the last pipeline stalled: too late to be worth
             # delivering (at most once, never late).
             stale = time.monotonic() - self._queued_since > PUBLISH_MAX_AGE
@@ -640,7 +677,9 @@ class RedisBackplane(ViewKeeper):
                 self.forward_failures += publications
                 self._set_down(f"publish failed: {exc}")
                 self._rebuild = True
+                self._ran(upto)
                 continue
+            self._ran(upto)
             late = sum(n for n, result in zip(carried, results, strict=True) if n and result == -1)
             self.published += publications - late
             self.forward_failures += late

@@ -174,6 +174,10 @@ batches behind it for a PING's as well."""
 QUEUE_LIMIT = 16 * 1024 * 1024
 """Bytes of publications waiting for Redis; past it new ones fail at once."""
 
+PRESENCE_WAIT = 0.25
+"""Seconds a batch waits at most for the backplane to have run the presence
+updates queued before it (see ``presence_ran``)."""
+
 
 class StalePublication(Exception):
     """Redis did not take the publication in time: dropped, not recorded."""
@@ -222,6 +226,9 @@ class RedisHistory:
         self._queued_bytes = 0
         self._clock_offset_ms: float | None = None  # Redis' clock minus ours
         self._flusher: asyncio.Task[None] | None = None
+        # The backplane's "everything queued so far has run" (None: nothing
+        # on its way); set by the node when the backplane is on Redis.
+        self.presence_ran: Callable[[], asyncio.Future[None] | None] | None = None
         # A batch, or the check before one, given up unanswered (Redis froze
         # with it in its socket): until Redis answers it, nothing more is
         # sent (see _flush).
@@ -240,6 +247,12 @@ class RedisHistory:
             # The room's channel is a sharded one, on its keys' slot.
             return cls(cluster_client(url, 5.0), sharded=True, **kwargs)
         return cls(redis_client(url, socket_timeout=5, socket_connect_timeout=5), **kwargs)
+
+    async def answered(self) -> None:
+        """Until every publication queued so far is answered or given up
+        (their futures done, so their done callbacks are scheduled)."""
+        while self._flusher is not None and not self._flusher.done():
+            await asyncio.gather(self._flusher, return_exceptions=True)
 
     async def aclose(self) -> None:
         if self._flusher is not None:
@@ -335,6 +348,13 @@ class RedisHistory:
                 self._give_up(self._take(), exc)
                 continue
             batch = self._take()
+            presence = self.presence_ran() if self.presence_ran is not None else None
+            if presence is not None:
+                # The user_joined of each sender in the batch was queued on the
+                # backplane before its messages: Redis runs it first, so that
+                # no node sees a message from someone it was not told of yet.
+                # Bounded: a backplane that stalls holds no message for long.
+                await asyncio.wait([presence], timeout=PRESENCE_WAIT)
             if batch[0][3] < self._stall_ended:
                 # Queued before Redis answered what was given up: it came
                 # during the stall, and goes as the rest of it did (served
