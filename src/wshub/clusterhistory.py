@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any
 
 from .backplane import Envelope, EventKind, encode_envelope
 from .backplane.redis_history import RedisHistory
@@ -146,9 +147,7 @@ class ClusterHistory:
         a later loop pass; with None when Redis could not answer in time."""
         mark = asyncio.get_running_loop().create_future()
         self._marks[connection_id] = mark
-        task = asyncio.create_task(self._join(room, connection_id, query, mark, done))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._join(room, connection_id, query, mark, done))
 
     def marked(self, connection_id: ConnectionId) -> None:
         """The mark of *connection_id*'s read was heard on the subscription."""
@@ -200,9 +199,7 @@ class ClusterHistory:
         *done* with the room's epoch and them, oldest first, on a later loop
         pass; with ``(None, None)`` when Redis could not say in time, and
         with the entries None when the stream no longer holds them all."""
-        task = asyncio.create_task(self._fill(room, epoch, offset, done))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._fill(room, epoch, offset, done))
 
     async def _fill(
         self,
@@ -236,8 +233,15 @@ class ClusterHistory:
         next interval comes soon enough (see :attr:`RedisHistory.keep_interval`)."""
         if self._keeping is not None and not self._keeping.done():
             return None
-        task = asyncio.create_task(self._keep(list(rooms)), name="wshub-history-keep")
-        self._keeping = task
+        self._keeping = task = self._spawn(self._keep(list(rooms)), "wshub-history-keep")
+        return task
+
+    def _spawn(
+        self, coro: Coroutine[Any, Any, None], name: str | None = None
+    ) -> asyncio.Task[None]:
+        """*coro* as a task held until it ends (the loop keeps only a weak
+        reference) and cancelled by :meth:`aclose`."""
+        task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
