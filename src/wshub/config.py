@@ -487,8 +487,9 @@ class Config:
     max_handshakes_per_ip: int | None = _opt(
         None,
         "Sockets per client IP (the socket peer; trusted proxies exempt) that have not "
-        "finished the upgrade; past it 429 at accept (default: --max-connections-per-ip; "
-        "0: unlimited).",
+        "finished the upgrade (with TLS: from the TCP accept on, the TLS handshake too); "
+        "past it 429 at accept, or closed at once before TLS (default: "
+        "--max-connections-per-ip; 0: unlimited).",
         _optional_count,
         "N",
     )

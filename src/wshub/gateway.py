@@ -200,24 +200,47 @@ class Gateway:
 
     # -- ConnectionOwner (the HTTP phase) ---------------------------------------
 
-    def on_connect(self, conn: Connection) -> bytes | None:
-        """A socket was accepted: refused at once over the pre-upgrade caps
-        or the file descriptor budget (issue 19.2)."""
+    def _begin_socket(self, peer: str) -> tuple[str, Refused] | None:
+        """Count a socket just accepted from *peer* as unfinished, or say why
+        it is refused: over the pre-upgrade caps or the file descriptor budget
+        (issue 19.2)."""
         admission = self._admission
-        refused: Refused | None
         if admission.handshakes_total + admission.open_total >= self._fd_budget:
             # Past this, accept() would fail with EMFILE, and the event loop
             # resets those connections without a word: refuse them ourselves.
-            reason, refused = "fd_limit", Refused(503, "server is out of file descriptors")
-        else:
-            reason, refused = "handshake_limit", admission.begin_handshake(conn.peer)
-        if refused is not None:
+            return "fd_limit", Refused(503, "server is out of file descriptors")
+        refused = admission.begin_handshake(peer)
+        return None if refused is None else ("handshake_limit", refused)
+
+    def on_connect(self, conn: Connection) -> bytes | None:
+        """A socket was accepted (under TLS: its TLS handshake is done): refused
+        at once over the pre-upgrade caps or the file descriptor budget."""
+        refusal = self._begin_socket(conn.peer)
+        if refusal is not None:
+            reason, refused = refusal
             self.on_refused(conn, refused.status, reason, refused.reason)
             return http.response(
                 refused.status, refused.reason + "\n", headers=(("Retry-After", "1"),)
             )
         self.connecting += 1
         return None
+
+    # -- HandshakeSlots (wshub.tlsaccept: a TLS socket before its handshake ends) --
+
+    def begin_tls(self, peer: str) -> bool:
+        """A socket for TLS was accepted: it holds a slot of the same caps from
+        now on, or is refused (closed: no status can be said before TLS)."""
+        refusal = self._begin_socket(peer)
+        if refusal is None:
+            return True
+        reason, refused = refusal
+        self._refused(peer, refused.status, reason, refused.reason, tls="closed at accept")
+        return False
+
+    def end_tls(self, peer: str) -> None:
+        """Its TLS handshake is over: the slot is given back (a connection that
+        follows takes one again in :meth:`on_connect`, in the same loop pass)."""
+        self._admission.end_handshake(peer)
 
     def _handshake_over(self, conn: Connection) -> None:
         if conn in self._plain_http:
@@ -292,6 +315,9 @@ class Gateway:
     def on_refused(
         self, conn: Connection, status: int, reason: str, detail: str, **fields: object
     ) -> None:
+        self._refused(conn.peer, status, reason, detail, **fields)
+
+    def _refused(self, peer: str, status: int, reason: str, detail: str, **fields: object) -> None:
         self._counters.refused.inc_label(reason)
         if not log.isEnabledFor(logging.INFO):
             return
@@ -302,7 +328,7 @@ class Gateway:
             log,
             logging.INFO,
             "refused",
-            peer=conn.peer,
+            peer=peer,
             status=status,
             reason=reason,
             detail=detail,

@@ -23,11 +23,13 @@ from typing import Any
 from .api import ApiKeys, ApiKeysError
 from .backplane import NodeIdInUse
 from .config import Config
+from .connection import Connection
 from .logs import log_event
 from .node import Node
 from .reload import Reloaders
 from .supervisor import REUSE_PORT_ENV, follow_supervisor, supervise
 from .tls import ServerTLS, TLSError
+from .tlsaccept import HandshakeSlots, TlsAccepts
 
 __all__ = ["run", "serve"]
 
@@ -80,10 +82,33 @@ async def serve(
     # process: out of every collection from now on.
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+    accepts: list[TlsAccepts] = []
+
+    def accepted(slots: HandshakeSlots, connection: Callable[[], Connection]) -> Any:
+        """The protocol factory of a port: *connection* itself without TLS,
+        else a TLS accept that counts the socket in *slots* from the accept on
+        (wshub.tlsaccept) and hands it to *connection* once TLS is up."""
+        if tls is None:
+            return connection
+        # Connection's own deadline starts once the TLS handshake is done: a
+        # client that never sends a ClientHello, or stops halfway, is dropped
+        # by the handshake's. A TLS close waits for the client's close_notify
+        # (and for the client to read what is still queued) no longer than a
+        # WebSocket close may take.
+        factory = TlsAccepts(
+            slots,
+            tls.context,
+            connection,
+            handshake_timeout=config.handshake_timeout,
+            shutdown_timeout=config.close_timeout,
+        )
+        accepts.append(factory)
+        return factory
+
     server = await _listening(
         f"{config.host}:{config.port}",
         loop.create_server,
-        node.new_connection,
+        accepted(node.gateway, node.new_connection),
         config.host,
         config.port,
         backlog=4096,
@@ -91,14 +116,6 @@ async def serve(
         # Only workers of one supervisor share a port; a second server started
         # by mistake on a taken port must fail, not split the traffic.
         reuse_port=os.environ.get(REUSE_PORT_ENV) == "1",
-        ssl=tls.context if tls is not None else None,
-        # Connection's own deadline starts once the TLS handshake is done
-        # (asyncio calls connection_made then): a client that never sends a
-        # ClientHello, or stops halfway, is dropped by this one. A TLS close
-        # waits for the client's close_notify (and for the client to read
-        # what is still queued) no longer than a WebSocket close may take.
-        ssl_handshake_timeout=config.handshake_timeout if tls is not None else None,
-        ssl_shutdown_timeout=config.close_timeout if tls is not None else None,
     )
     servers = [server]
     api_address = config.api_listen_address
@@ -107,15 +124,12 @@ async def serve(
         api_server = await _listening(
             config.api_listen,
             loop.create_server,
-            node.new_api_connection,
+            accepted(node.api_gateway, node.new_api_connection),
             api_address[0],
             api_address[1],
             backlog=1024,
             reuse_address=True,
             reuse_port=os.environ.get(REUSE_PORT_ENV) == "1",
-            ssl=tls.context if tls is not None else None,
-            ssl_handshake_timeout=config.handshake_timeout if tls is not None else None,
-            ssl_shutdown_timeout=config.close_timeout if tls is not None else None,
         )
         servers.append(api_server)
     for sock in (sock for each in servers for sock in each.sockets):
@@ -151,6 +165,8 @@ async def serve(
             os._exit(0)
         for each in servers:
             each.close()
+        for factory in accepts:
+            factory.cancel()  # TLS handshakes still running: nothing was served
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # not the default (exit) while exiting

@@ -1,0 +1,102 @@
+"""Attack round 4 (decisions.md 8 and 16): sockets to the TLS port that never
+finish the TLS handshake count toward the pre-upgrade caps from the accept on.
+
+Before: asyncio wraps an accepted socket in TLS before the server's protocol
+sees it, so the caps of issue 19.2 (``--max-handshakes-per-ip``,
+``--max-handshakes``) only began once a TLS handshake was done. One address
+could hold any number of sockets that sent nothing for the whole handshake
+deadline (10 s by default), each a file descriptor and ~50 KB of memory: 1,000
+from one address under a per-IP cap of 5 cost 50 MB, and 20,000 would have
+taken every descriptor the process had.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Callable
+
+from .conftest import TIMEOUT, Server
+from .test_tls import (  # noqa: F401  (ca, files: fixtures)
+    LOOSE,
+    Files,
+    TestCA,
+    ca,
+    files,
+    https_get,
+    wss_client,
+)
+from .waiting import wait_until
+
+
+def _silent(source: str, server: Server) -> socket.socket:
+    """A TCP socket from *source* that never sends a byte (no ClientHello)."""
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.connect((server.host, server.port))
+    return sock
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_silent_sockets_to_the_tls_port_are_capped_per_ip(
+    make_server: Callable[..., Server],
+    files: Files,  # noqa: F811
+    ca: TestCA,  # noqa: F811
+) -> None:
+    """60 silent sockets from one address under a per-IP cap of 3: 3 are held
+    (until the deadline, 30 s here), the other 57 are closed at once and counted
+    as refused; a client from another address gets in meanwhile, and once the
+    held ones go, the address may connect again."""
+    server = make_server(
+        *LOOSE[:2],  # no connect rate
+        "--message-rate",
+        "0",
+        "--max-connections-per-ip",
+        "3",
+        "--handshake-timeout",
+        "30",
+        *files.flags,
+    )
+    socks = [_silent("127.0.0.2", server) for _ in range(60)]
+    try:
+        wait_until(
+            lambda: sum(_closed_by_server(s) for s in socks if s.fileno() != -1) >= 57,
+            "57 of 60 silent TLS sockets closed at accept",
+        )
+        held = [s for s in socks if not _closed_by_server(s)]
+        assert len(held) == 3
+        status, body = https_get(server, ca, "/metrics")
+        assert status == 200
+        assert b'wshub_connections_refused_total{reason="handshake_limit"} 57' in body
+        other = wss_client(server, ca)  # 127.0.0.1: its own budget
+        other.close()
+        for sock in held:
+            sock.close()
+
+        # The held slots are given back when their sockets go: the address
+        # gets in again (it is a TLS handshake begun, then finished).
+        def one_from_the_address() -> bool:
+            raw = socket.socket()
+            raw.bind(("127.0.0.2", 0))
+            raw.settimeout(TIMEOUT)
+            try:
+                raw.connect((server.host, server.port))
+                with ca.client_context().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                    tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                    return tls.recv(64).startswith(b"HTTP/1.1 200 ")
+            except (OSError, ssl.SSLError):
+                return False
+
+        wait_until(one_from_the_address, "a TLS client from 127.0.0.2 served again")
+    finally:
+        for sock in socks:
+            sock.close()
