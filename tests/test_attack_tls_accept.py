@@ -1,5 +1,6 @@
 """Attack round 4 (decisions.md 8 and 16): sockets to the TLS port that never
-finish the TLS handshake count toward the pre-upgrade caps from the accept on.
+finish the TLS handshake count toward the pre-upgrade caps from the accept on;
+a client may not renegotiate.
 
 Before: asyncio wraps an accepted socket in TLS before the server's protocol
 sees it, so the caps of issue 19.2 (``--max-handshakes-per-ip``,
@@ -100,3 +101,14 @@ def test_silent_sockets_to_the_tls_port_are_capped_per_ip(
     finally:
         for sock in socks:
             sock.close()
+
+
+def test_the_server_context_refuses_renegotiation_whatever_the_openssl() -> None:
+    """Client-initiated TLS 1.2 renegotiation (a handshake's cost to the server
+    on demand, on a socket no cap counts again) is refused by the context
+    itself: OpenSSL 3 refuses it by default, OpenSSL 1.1.1 allows it. (Checked
+    by hand against a real server with ``openssl s_client -tls1_2`` and ``R``:
+    "no renegotiation".)"""
+    from wshub.tls import server_context
+
+    assert server_context().options & ssl.OP_NO_RENEGOTIATION

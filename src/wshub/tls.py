@@ -39,6 +39,11 @@ def server_context() -> ssl.SSLContext:
     tickets (see below)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # TLS 1.2 renegotiation asked by a client costs the server a handshake
+    # each time, on an already open socket no cap counts again. OpenSSL 3
+    # refuses it by default, 1.1.1 (still the system library of some
+    # distributions) does not: said here, whichever library Python has.
+    context.options |= ssl.OP_NO_RENEGOTIATION
     # OpenSSL sends TLS 1.3 tickets unasked right after the handshake, while
     # the client writes its upgrade request. A client already reading on a
     # thread of its own while another writes the request (websockets' sync
