@@ -1,6 +1,6 @@
 """Attack round 4 (decisions.md 8 and 16): sockets to the TLS port that never
 finish the TLS handshake count toward the pre-upgrade caps from the accept on;
-a client may not renegotiate.
+a client may not renegotiate; a server name that is not ASCII is no traceback.
 
 Before: asyncio wraps an accepted socket in TLS before the server's protocol
 sees it, so the caps of issue 19.2 (``--max-handshakes-per-ip``,
@@ -112,3 +112,46 @@ def test_the_server_context_refuses_renegotiation_whatever_the_openssl() -> None
     from wshub.tls import server_context
 
     assert server_context().options & ssl.OP_NO_RENEGOTIATION
+
+
+def _client_hello_naming(server_name: bytes) -> bytes:
+    """A TLS 1.2/1.3 ClientHello whose SNI holds *server_name* as raw bytes
+    (Python's own client would IDNA-encode it): a real one, the name patched in."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    placeholder = b"x" * len(server_name)
+    tls = ssl.create_default_context().wrap_bio(
+        incoming, outgoing, server_hostname=placeholder.decode()
+    )
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    hello = outgoing.read()
+    assert hello.count(placeholder) == 1
+    return hello.replace(placeholder, server_name)
+
+
+def test_a_server_name_that_is_not_ascii_is_refused_without_a_traceback(
+    make_server: Callable[..., Server],
+    files: Files,  # noqa: F811
+    ca: TestCA,  # noqa: F811
+) -> None:
+    """Python decodes the SNI as ASCII before any callback of ours: with an SNI
+    hook set, a name such as ``caf\\xe9`` printed an "Exception ignored"
+    traceback to stderr on every handshake (5 lines a socket, no rate limit).
+    Such a name is no DNS name (RFC 6066 3: ASCII, IDNA for others): the
+    handshake may fail or go on, but nothing is printed, and others connect."""
+    server = make_server(*LOOSE, *files.flags)
+    for _ in range(3):
+        with socket.create_connection((server.host, server.port), timeout=TIMEOUT) as sock:
+            sock.sendall(_client_hello_naming(b"caf\xe9\xff.example"))
+            sock.settimeout(TIMEOUT)
+            try:
+                while sock.recv(65536):  # the server's answer (or alert), then EOF
+                    pass
+            except (ConnectionResetError, TimeoutError):
+                pass
+    client = wss_client(server, ca)
+    client.roundtrip()
+    client.close()
+    assert not [line for line in server.stderr_lines if "Traceback" in line or "ignored" in line]

@@ -95,9 +95,10 @@ async def serve(
         # by the handshake's. A TLS close waits for the client's close_notify
         # (and for the client to read what is still queued) no longer than a
         # WebSocket close may take.
+        server_tls = tls  # (narrowed for the lambda)
         factory = TlsAccepts(
             slots,
-            tls.context,
+            lambda: server_tls.context,
             connection,
             handshake_timeout=config.handshake_timeout,
             shutdown_timeout=config.close_timeout,

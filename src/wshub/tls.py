@@ -1,11 +1,10 @@
 """The server's certificate: loaded from ``--tls-cert``/``--tls-key``, replaced
 on reload, and how long it has left.
 
-asyncio fixes the ``SSLContext`` of a listening server when it is created, so
-the listener gets one context for good, and that context's SNI hook (which
-OpenSSL calls early in every handshake, whether or not the ClientHello names
-a server) moves each new connection onto the context of the certificate
-loaded now. A reload builds a whole new context and swaps one reference:
+Each accepted socket starts its TLS handshake with the context of the
+certificate loaded at that moment (:mod:`wshub.tlsaccept` asks
+:attr:`ServerTLS.context` once per socket). A reload builds a whole new
+context and swaps one reference:
 
 * a file that does not load changes nothing (the old certificate stays);
 * connections already open keep the session they negotiated;
@@ -13,8 +12,9 @@ loaded now. A reload builds a whole new context and swaps one reference:
 
 This is what OpenSSL's maintainers advise over loading new files into a live
 context (openssl/openssl#2147: "create and configure a new SSL_CTX, and then
-switch to using that new SSL_CTX"); the switch is ``SSL_set_SSL_CTX``, which
-Python exposes as the settable ``SSLObject.context``.
+switch to using that new SSL_CTX"). No SNI hook is set: Python decodes the
+ClientHello's server name as ASCII before calling one, and a name that is not
+ASCII made it print an "Exception ignored" traceback on every such handshake.
 """
 
 from __future__ import annotations
@@ -135,19 +135,11 @@ class ServerTLS:
         self.cert_file = cert_file
         self.key_file = key_file
         self.certificate = load_certificate(cert_file, key_file)
-        # The first certificate's context is the listener's; later ones are
-        # reached through the hook.
-        self.context = self.certificate.context
-        self.context.sni_callback = self._select
 
-    def _select(
-        self, ssl_object: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext
-    ) -> None:
-        # Must not raise: OpenSSL would fail the handshake and Python print
-        # the exception to stderr as unraisable.
-        current = self.certificate.context
-        if context is not current:
-            ssl_object.context = current
+    @property
+    def context(self) -> ssl.SSLContext:
+        """The context a handshake starting now uses (the certificate loaded last)."""
+        return self.certificate.context
 
     def reload(self) -> str:
         """Load the files again and use them for every new handshake.

@@ -86,7 +86,7 @@ class TlsAccepts:
     def __init__(
         self,
         slots: HandshakeSlots,
-        context: ssl.SSLContext,
+        context: Callable[[], ssl.SSLContext],
         connection: Callable[[], asyncio.Protocol],
         *,
         handshake_timeout: float,
@@ -165,7 +165,7 @@ class TlsAccept(asyncio.Protocol):
             tls_transport = await asyncio.get_running_loop().start_tls(
                 transport,
                 handoff,
-                accepts.context,
+                accepts.context(),  # the certificate loaded now (SIGHUP swaps it)
                 server_side=True,
                 ssl_handshake_timeout=accepts.handshake_timeout,
                 ssl_shutdown_timeout=accepts.shutdown_timeout,
