@@ -214,11 +214,14 @@ ring_setup(void)
     /* The newest flags first: SINGLE_ISSUER and DEFER_TASKRUN (6.1) let the
      * kernel skip the locking and task-work signalling of a shared ring;
      * SUBMIT_ALL (5.18) goes on past a bad entry, so every entry has a
-     * completion to wait for. An older kernel refuses them with EINVAL. */
+     * completion to wait for. An older kernel refuses them with EINVAL; with
+     * none (5.6-5.17), a bad entry stops the submission there, and the loop
+     * of send_chunk submits the rest in its next enter. */
     static const unsigned attempts[] = {
         IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_SUBMIT_ALL,
         IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SUBMIT_ALL,
         IORING_SETUP_SUBMIT_ALL,
+        0,
     };
     struct io_uring_params params;
     int fd = -1;
