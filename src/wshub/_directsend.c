@@ -34,10 +34,10 @@
  * Where the kernel offers io_uring (--io-uring auto, the default), a chunk's
  * sends go to the kernel in ONE io_uring_enter instead of one send(2) each:
  * the same sends with the same flags, run inline by the kernel, their results
- * read back as send(2)'s would have been. Against main, same machine, same
- * run (bench/run.py --reader full, 5 runs): fan-out 0.272 -> 0.231 us of
- * server CPU per delivery (-15 %), rooms (runs of 9) 0.466 -> 0.452 (-3 %,
- * within the noise). A ring entry alone costs about what a syscall does
+ * read back as send(2)'s would have been. Against main, same machine
+ * (bench/run.py --reader full, three A/Bs, medians of 11 runs): fan-out
+ * 0.269 -> 0.232 us of server CPU per delivery (-14 %), rooms (calls of at
+ * most 9 sends) 0.466 -> 0.452 (-3 %, within the noise). A ring entry alone costs about what a syscall does
  * (sends that fail at once with EAGAIN: equal at 64 a call); the gain shows on
  * real sends (2.26 -> 2.05 us of CPU per TCP send, 64 a call), where one
  * entry into the kernel per chunk keeps its send path hot: our reading, not
