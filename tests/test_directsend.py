@@ -1,6 +1,8 @@
 """wshub._directsend.send_each against real sockets.
 
-Each target is a stand-in for a connection (``send_each`` reads its
+Every test runs on both paths of the sends (``send_path``): io_uring (a
+chunk's sends in one io_uring_enter) and send(2) one by one; their answers
+must be the same. Each target is a stand-in for a connection (``send_each`` reads its
 ``transport`` and ``direct_fd``), its transport too (only ``is_closing`` and
 ``get_write_buffer_size`` are asked of it); the sockets are real, so what
 arrives, what is refused and what a full or broken socket does are the
@@ -9,15 +11,30 @@ kernel's answers.
 
 from __future__ import annotations
 
+import os
 import socket
+import struct
+import subprocess
 import sys
+import threading
 import tracemalloc
 
 import pytest
 
 # The test install has a C compiler: a build that silently fell back to the
 # pure-Python path must fail here, not pass unnoticed.
-from wshub._directsend import send_each, send_ready
+from wshub._directsend import send_each, send_path, send_ready, use_io_uring
+
+from .waiting import wait_until
+
+
+@pytest.fixture(autouse=True, params=["io_uring", "send"])
+def path(request):
+    """Each test on each path (this machine's kernel has io_uring)."""
+    use_io_uring(request.param == "io_uring")
+    assert send_path()[0] == request.param, send_path()
+    yield request.param
+    use_io_uring(True)
 
 
 class Transport:
@@ -329,3 +346,142 @@ def test_send_ready_reads_slots_and_anything_else_alike(pairs) -> None:
     Changing.sealed = property(lambda self: ([], 0))  # type: ignore[assignment]
     assert send_ready([member], b"z", 0, 1) == [(0, -1)]
     assert received(ta) == b"y"  # the refused call sent nothing
+
+
+# -- the paths themselves: many sockets, order, failures, fallback -------------
+
+
+def test_runs_of_sends_keep_each_socket_in_order(pairs) -> None:
+    made = pairs(100)  # chunks of 64 and 36 sends
+    outs = [Target(Transport(), ours.fileno()) for ours, _ in made]
+    frames = [b"frame %03d;" % i for i in range(50)]
+    for frame in frames:
+        assert send_each(outs, frame) is None
+    assert all(received(theirs) == b"".join(frames) for _, theirs in made)
+
+
+def test_a_full_socket_among_many_reports_its_own_share(pairs) -> None:
+    made = pairs(8)
+    ((small, small_peer),) = pairs(1, sndbuf=4096)
+    outs = [Target(Transport(), ours.fileno()) for ours, _ in made]
+    outs.insert(3, Target(Transport(), small.fileno()))
+    data = bytes(range(256)) * 128  # 32 KiB: more than the small socket holds
+    left = send_each(outs, data)
+    assert left is not None and len(left) == 1
+    index, sent = left[0]
+    assert index == 3 and 0 < sent < len(data)
+    # Full now: EAGAIN, nothing sent, in the middle of a run of good sends.
+    assert send_each(outs, data) == [(3, 0)]
+    assert received(small_peer) == data[:sent]
+    assert all(received(theirs) == data * 2 for _, theirs in made)
+
+
+def test_broken_sockets_among_many_cost_the_others_nothing(pairs) -> None:
+    made = pairs(130)
+    for i, (_, theirs) in enumerate(made):
+        if i % 10 == 3:
+            theirs.close()  # EPIPE for these
+    outs = [Target(Transport(), ours.fileno()) for ours, _ in made]
+    assert send_each(outs, b"still here") == [(i, 0) for i in range(130) if i % 10 == 3]
+    assert all(
+        received(theirs) == b"still here" for i, (_, theirs) in enumerate(made) if i % 10 != 3
+    )
+    ready = [Member(Transport(), ours.fileno()) for ours, _ in made]
+    assert send_ready(ready, b"!", 0, 130) == [(i, 0) for i in range(130) if i % 10 == 3]
+
+
+def test_a_peer_reset_among_many_costs_the_others_nothing(pairs) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    clients, accepted = [], []
+    try:
+        for _ in range(6):
+            clients.append(socket.create_connection(listener.getsockname()))
+            conn, _ = listener.accept()
+            conn.setblocking(False)
+            accepted.append(conn)
+        # The third client vanishes with a RST, no FIN: the next send to it fails.
+        clients[2].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        clients[2].close()
+        outs = [Target(Transport(), conn.fileno()) for conn in accepted]
+
+        def reset_arrived() -> bool:  # tcpi_state, the first byte of TCP_INFO, is TCP_CLOSE
+            return accepted[2].getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0] == 7
+
+        wait_until(reset_arrived, "the RST to arrive")
+        assert send_each(outs, b"after the reset") == [(2, 0)]
+        for i, client in enumerate(clients):
+            if i != 2:
+                client.settimeout(5)
+                assert client.recv(100) == b"after the reset"
+    finally:
+        for sock in clients + accepted:
+            sock.close()
+        listener.close()
+
+
+FALLBACK = """
+import socket
+from wshub._directsend import send_each, send_path
+
+class Transport:
+    def is_closing(self): return False
+    def get_write_buffer_size(self): return 0
+
+class Target:
+    def __init__(self, fd):
+        self.transport = Transport()
+        self.direct_fd = fd
+
+pairs = [socket.socketpair() for _ in range(10)]
+path, detail = send_path()
+assert path == "send" and "io_uring_setup" in detail, (path, detail)
+assert send_each([Target(ours.fileno()) for ours, _ in pairs], b"by send(2)") is None
+assert all(theirs.recv(100) == b"by send(2)" for _, theirs in pairs)
+print("ok")
+"""
+
+
+def test_no_io_uring_means_send2_without_an_error() -> None:
+    """Where io_uring_setup fails (seccomp, io_uring_disabled, old kernel),
+    the sends go by send(2) and nobody is told of an error."""
+    env = {**os.environ, "WSHUB_TEST_IO_URING_SETUP_FAILS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", FALLBACK], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and done.stdout == "ok\n" and done.stderr == "", done
+
+
+def test_a_forked_child_sends_on_a_ring_of_its_own(pairs, path: str) -> None:
+    made = pairs(10)
+    outs = [Target(Transport(), ours.fileno()) for ours, _ in made]
+    assert send_each(outs, b"parent;") is None  # the parent's ring is made and used
+    pid = os.fork()
+    if pid == 0:  # the child: its own ring (or send(2)), never the parent's
+        try:
+            ok = send_path()[0] == path and send_each(outs, b"child;") is None
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert send_each(outs, b"parent again;") is None
+    assert send_path()[0] == path
+    assert all(received(theirs) == b"parent;child;parent again;" for _, theirs in made)
+
+
+def test_another_thread_sends_by_send2(pairs, path: str) -> None:
+    made = pairs(10)
+    outs = [Target(Transport(), ours.fileno()) for ours, _ in made]
+    assert send_each(outs, b"one;") is None  # this thread's ring, if any
+    seen: list[object] = []
+
+    def other() -> None:
+        seen.append(send_path())
+        seen.append(send_each(outs, b"two;"))
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join(60)
+    # A ring has one submitter (IORING_SETUP_SINGLE_ISSUER): the others send(2).
+    assert seen[0] == ("send", "off") if path == "send" else seen[0][0] == "send"
+    assert seen[1] is None
+    assert all(received(theirs) == b"one;two;" for _, theirs in made)

@@ -12,3 +12,11 @@ def send_each(outs: Sequence[Any], data: bytes, /) -> list[tuple[int, int]] | No
 def send_ready(
     ready: list[Any], data: bytes, start: int, stop: int, /
 ) -> list[tuple[int, int]] | None: ...
+
+# True (the default): a chunk's sends through io_uring where the kernel
+# offers it; False: send(2) only (--io-uring off).
+def use_io_uring(on: bool, /) -> None: ...
+
+# ("io_uring" | "send", why) for this thread's sends; makes the ring now
+# when it is to be used and not made yet.
+def send_path() -> tuple[str, str]: ...

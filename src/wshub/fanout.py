@@ -99,7 +99,9 @@ __all__ = [
     "SendEach",
     "SendReady",
     "compiled_send_each",
+    "compiled_send_path",
     "compiled_send_ready",
+    "compiled_use_io_uring",
 ]
 
 SendEach = Callable[[list[Any], bytes], "list[tuple[int, int]] | None"]
@@ -143,12 +145,18 @@ CHUNK = 256
 
 compiled_send_each: SendEach | None
 compiled_send_ready: SendReady | None
+compiled_send_path: Callable[[], tuple[str, str]] | None
+compiled_use_io_uring: Callable[[bool], None] | None
 try:
     from ._directsend import send_each as compiled_send_each
+    from ._directsend import send_path as compiled_send_path
     from ._directsend import send_ready as compiled_send_ready
+    from ._directsend import use_io_uring as compiled_use_io_uring
 except ImportError:  # built without a C compiler: every write through the writer
     compiled_send_each = None
     compiled_send_ready = None
+    compiled_send_path = None
+    compiled_use_io_uring = None
 
 
 class Recipient(Protocol):

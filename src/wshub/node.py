@@ -36,7 +36,7 @@ from .connection import Connection, ConnectionSettings, pace_upgrades
 from .echo import EchoEndpoint
 from .endpoints import node_routes
 from .errors import HEARTBEAT_TIMEOUT, SHUTTING_DOWN, SLOW_CONSUMER, CloseCode, Disconnect
-from .fanout import Fanout, compiled_send_each
+from .fanout import Fanout, compiled_send_each, compiled_send_path, compiled_use_io_uring
 from .gateway import Gateway, Upgrade
 from .history import History
 from .hub import Hub
@@ -163,6 +163,9 @@ class Node:
             send_each=compiled_send_each if direct else None,
         )
         pace_upgrades(lambda: self.fanout.behind)  # decisions.md 18: passes time-sliced
+        if compiled_use_io_uring is not None:
+            compiled_use_io_uring(config.io_uring == "auto")
+        self._direct = direct
         if config.direct_send == "on" and compiled_send_each is None:
             log_event(
                 log,
@@ -270,6 +273,11 @@ class Node:
             # (decisions.md 13: it changes only when the history is lost).
             self._every("history_keep", shared.keep_interval, self._keep_epochs)
         self._probe_lag()
+        if self._direct and compiled_send_path is not None:
+            # Asked in the loop's thread, the one that sends: the ring is
+            # made here (once per process), and the log says which path runs.
+            path, detail = compiled_send_path()
+            log_event(log, logging.INFO, "direct_send_path", path=path, detail=detail)
 
     def _every(self, name: str, interval: float, callback: Callable[[], None]) -> None:
         def tick() -> None:
@@ -612,7 +620,20 @@ class Node:
             "pass_seconds_max": round(fanout.pass_seconds_max, 6),
             "pass_cpu_seconds_max": round(fanout.pass_cpu_seconds_max, 6),
             "pass_slices": fanout.slices,
+            "io_uring": float(self.uses_io_uring()),
         }
+
+    def send_path(self) -> str:
+        """How the fan-out's sends reach the sockets now, asked in the loop's
+        thread (the one that sends): "io_uring" (--io-uring auto, where the
+        kernel offers it), "send" (send(2) one by one), or "transport" (no
+        direct sends: --direct-send off, or not compiled)."""
+        if not self._direct or compiled_send_path is None:
+            return "transport"
+        return compiled_send_path()[0]
+
+    def uses_io_uring(self) -> bool:
+        return self.send_path() == "io_uring"
 
     def history_figures(self) -> dict[str, float]:
         history = self.history
@@ -649,5 +670,6 @@ class Node:
             "rooms": self.room_count(),
             "messages": {outcome: self.counters.messages.get(outcome) for outcome in OUTCOMES},
             "deliveries": self.fanout.deliveries,
+            "sendPath": self.send_path(),
             "backplane": {"ready": ready, "detail": detail, **self.backplane.metrics()},
         }

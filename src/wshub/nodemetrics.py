@@ -110,7 +110,8 @@ class NodeFigures(Protocol):
 
     def fanout_figures(self) -> dict[str, float]:
         """deliveries, writes, direct_sends, buffered_total, budget_drops,
-        pass_seconds_max, pass_cpu_seconds_max and pass_slices of the fan-out."""
+        pass_seconds_max, pass_cpu_seconds_max and pass_slices of the fan-out,
+        and io_uring: 1 when its direct sends go through io_uring, else 0."""
         ...
 
     def backplane_figures(self) -> dict[str, float]: ...
@@ -167,6 +168,12 @@ def node_metrics(node: NodeFigures) -> tuple[Metrics, Counters]:
         "from one C call for many clients (--direct-send), not through the transport.",
         fanout("direct_sends"),
         kind="counter",
+    )
+    m.gauge(
+        "wshub_direct_send_io_uring",
+        "1 when direct sends go to the kernel through io_uring, a run of clients in one "
+        "call (--io-uring auto, where the kernel offers it); 0 when by send(2) one by one.",
+        fanout("io_uring"),
     )
     # Floods and storms (decisions.md 18).
     m.gauge(

@@ -51,6 +51,15 @@ def test_every_option_has_flag_env_and_help() -> None:
     assert "`WSHUB_HEARTBEAT_INTERVAL`" in option_reference()
 
 
+def test_io_uring_is_auto_unless_turned_off_by_flag_env_or_file(tmp_path) -> None:
+    assert Config().io_uring == "auto"
+    assert build_config(["--io-uring", "off"], {}).io_uring == "off"
+    assert build_config([], {"WSHUB_IO_URING": "off"}).io_uring == "off"
+    path = tmp_path / "wshub.toml"
+    path.write_text('io-uring = "off"\n')
+    assert build_config(["--config", str(path)], {}).io_uring == "off"
+
+
 def test_precedence_flag_over_env_over_file(tmp_path) -> None:
     path = tmp_path / "wshub.toml"
     path.write_text(
@@ -74,6 +83,7 @@ def test_precedence_flag_over_env_over_file(tmp_path) -> None:
         ([], {"WSHUB_HEARTBEAT_INTERVAL": "-1"}, "--heartbeat-interval"),
         ([], {"WSHUB_MESSAGE_RATE": "nan"}, "--message-rate"),
         (["--compression", "maybe"], {}, "--compression"),
+        ([], {"WSHUB_IO_URING": "on"}, "--io-uring"),  # auto or off
         (["--allowed-origins", "example.com"], {}, "--allowed-origins"),
         (["--trusted-proxies", "10.0.0.0/33"], {}, "--trusted-proxies"),
         (["--max-message-size", "0"], {}, "--max-message-size"),
