@@ -12,15 +12,15 @@ from __future__ import annotations
 import httpx
 
 from .conftest import Client, Server
-from .test_cluster import cluster
+from .test_cluster import FAST_REAP, cluster
 from .waiting import wait_until
 
 KEY = "k-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-def api_cluster(make_server, redis_server, n: int) -> list[Server]:
-    return cluster(make_server, redis_server, n, "--api-keys", KEY)
+def api_cluster(make_server, redis_server, n: int, *extra: str) -> list[Server]:
+    return cluster(make_server, redis_server, n, "--api-keys", KEY, *extra)
 
 
 def post(srv: Server, path: str, body: dict) -> httpx.Response:
@@ -141,7 +141,7 @@ def test_a_disconnect_finds_the_connection_on_another_node(make_server, redis_se
 
 def test_a_cluster_without_redis_answers_503(make_server, own_redis) -> None:
     # A Redis of its own: stopping the session's would break every later test.
-    (a_srv,) = api_cluster(make_server, own_redis, 1)
+    (a_srv,) = api_cluster(make_server, own_redis, 1, *FAST_REAP)
     assert get(a_srv, "/api/rooms").status_code == 200
     own_redis.stop()
     wait_until(lambda: get(a_srv, "/api/rooms").status_code == 503, "503 without Redis")

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from wshub.node import ROOM_GRACE
 
 from .conftest import TIMEOUT, Client, RedisServer
-from .test_cluster import cluster
+from .test_cluster import FAST_REAP, cluster
 from .test_cluster_rooms import count
 from .waiting import wait_until
 
@@ -72,7 +72,7 @@ def test_a_room_emptied_and_joined_again_within_the_grace_keeps_its_cluster_view
 def test_a_node_killed_with_500_connections_in_50_rooms_tells_each_room_its_own(
     make_server, redis_server: RedisServer
 ) -> None:
-    a_srv, c_srv = cluster(make_server, redis_server, 2, "--history-size", "0")
+    a_srv, c_srv = cluster(make_server, redis_server, 2, "--history-size", "0", *FAST_REAP)
     rooms = [f"k{i}" for i in range(50)]
     watchers = {room: a_srv.client(room) for room in rooms}
     with ThreadPoolExecutor(8) as pool:

@@ -19,7 +19,11 @@ from .test_audit_cluster_presence import wait_closed
 def test_a_node_that_does_not_answer_makes_the_answer_503_not_a_partial_one(
     make_server, redis_server
 ) -> None:
-    a_srv, b_srv = api_cluster(make_server, redis_server, 2)
+    # A lease that outlasts the freeze: each of the three calls below waits
+    # 2 s (ANSWER_TIMEOUT) for the frozen node. At --node-ttl 1 the node was
+    # reaped 1 s into it, and passed only while, thawed, it read the disconnect
+    # before its lease refresh found it reaped (then: 1012, not 4000).
+    a_srv, b_srv = api_cluster(make_server, redis_server, 2, "--node-ttl", "30")
     mine, theirs = a_srv.client("room"), b_srv.client("room")
     assert mine.recv_type("user_joined")["connectionId"] == theirs.id
     b_srv.proc.send_signal(signal.SIGSTOP)

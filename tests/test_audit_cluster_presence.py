@@ -24,7 +24,7 @@ from websockets.frames import Close
 from wshub.backplane.presence import PresenceView
 
 from .conftest import TIMEOUT, Client, RedisServer, Server
-from .test_cluster import cluster
+from .test_cluster import FAST_REAP, cluster
 from .waiting import wait_until
 
 
@@ -52,7 +52,7 @@ def registered(client: redis.Redis, prefix: str, srv: Server) -> bool:
 def test_after_flushall_every_node_registers_again_and_no_one_is_announced_gone(
     make_server, redis_server: RedisServer
 ) -> None:
-    a_srv, b_srv = cluster(make_server, redis_server, 2, "--history-size", "0")
+    a_srv, b_srv = cluster(make_server, redis_server, 2, "--history-size", "0", *FAST_REAP)
     prefix = a_srv.args[a_srv.args.index("--cluster-name") + 1]
     a, b = a_srv.client("room"), b_srv.client("room")
     assert a.recv_type("user_joined")["connectionId"] == b.id
@@ -83,7 +83,7 @@ def test_a_redis_restarted_empty_announces_no_one_gone_whose_node_is_not_back_ye
 ) -> None:
     """B is stopped (SIGSTOP) across the restart, so A is back first for sure:
     B's client is still connected, A must not tell its clients it left."""
-    a_srv, b_srv = cluster(make_server, own_redis, 2, "--history-size", "0")
+    a_srv, b_srv = cluster(make_server, own_redis, 2, "--history-size", "0", *FAST_REAP)
     a, b = a_srv.client(), b_srv.client()
     assert a.recv_type("user_joined")["connectionId"] == b.id
     older_than_the_view_grace(time.monotonic())
@@ -113,7 +113,7 @@ def test_a_node_stalled_past_the_ttl_asks_its_clients_to_reconnect(
     clients announced gone; when it runs again its Redis connection is still
     open, so only its lease refresh can tell it that it was reaped: its clients
     must come back as new connections, or the announcement would be false."""
-    a_srv, b_srv = cluster(make_server, redis_server, 2, "--history-size", "0")
+    a_srv, b_srv = cluster(make_server, redis_server, 2, "--history-size", "0", *FAST_REAP)
     a, b = a_srv.client(), b_srv.client()
     assert a.recv_type("user_joined")["connectionId"] == b.id
     b_srv.proc.send_signal(signal.SIGSTOP)

@@ -23,8 +23,20 @@ from .waiting import wait_until
 
 _names = itertools.count()
 
+STEADY_LEASE = ("--node-ttl", "6")
+"""cluster()'s lease unless a test asks for another: a live node is reaped
+only when its event loop stalls for 4 s (two of its refreshes, each a third
+of the TTL, missed), not 0.67 s as at 1 s, which a loaded machine can stall a
+process for. Its self-probe (every TTL / 6) goes silent only after 4 s too."""
+
+FAST_REAP = ("--node-ttl", "1")
+"""For a test that waits for a node to be reaped (killed, frozen) or for its
+registration to be refreshed (a Redis restarted or flushed): within 1.33 s."""
+
 
 def cluster(make_server, redis: RedisServer, n: int, *extra: str) -> list[Server]:
+    """n nodes of one new cluster; *extra* comes last, so it may override
+    any of these (FAST_REAP, another --node-ttl)."""
     name = f"t{next(_names)}"
     return [
         make_server(
@@ -32,8 +44,7 @@ def cluster(make_server, redis: RedisServer, n: int, *extra: str) -> list[Server
             redis.url,
             "--cluster-name",
             name,
-            "--node-ttl",
-            "1",
+            *STEADY_LEASE,
             "--ip-connect-rate",
             "0",
             "--max-connections-per-ip",
@@ -100,7 +111,7 @@ def test_per_sender_order_across_nodes(make_server, redis_server) -> None:
 def test_kill_9_announces_left_exactly_once(make_server, redis_server) -> None:
     """A node killed with SIGKILL: each survivor's clients hear user_left once
     for each of its connections, within 2 x node TTL, and counts heal."""
-    a_srv, b_srv, c_srv = cluster(make_server, redis_server, 3)
+    a_srv, b_srv, c_srv = cluster(make_server, redis_server, 3, *FAST_REAP)
     a, b = a_srv.client(), b_srv.client()
     doomed = [c_srv.client() for _ in range(3)]
     doomed_ids = {d.id for d in doomed}
@@ -128,7 +139,7 @@ def test_redis_outage_keeps_local_delivery_and_heals(make_server, own_redis) -> 
     failures are counted; after a restart the cluster heals without duplicates.
     (History off: with it on, a Redis restarted empty is a new epoch and the
     members are asked to reconnect: test_cluster_recovery.py.)"""
-    a_srv, b_srv = cluster(make_server, own_redis, 2, "--history-size", "0")
+    a_srv, b_srv = cluster(make_server, own_redis, 2, "--history-size", "0", *FAST_REAP)
     a1, a2 = a_srv.client(), a_srv.client()
     b1 = b_srv.client()
     wait_count(a1, a_srv, 3)

@@ -22,6 +22,7 @@ import pytest
 import redis
 
 from .conftest import TIMEOUT, Client, RedisServer, Server, start_server
+from .test_cluster import FAST_REAP, STEADY_LEASE
 from .waiting import wait_until
 
 _names = itertools.count()
@@ -61,22 +62,26 @@ class Engine:
 
 
 def make_engine(name: str, redis_server: RedisServer | None, *extra: str) -> Engine:
-    args = [*OPEN, "--history-size", str(SIZE), *extra]
+    """One node, or two on Redis (at --node-ttl 1, unless *extra*, which
+    comes last, says otherwise)."""
+    args = [*OPEN, "--history-size", str(SIZE)]
     if name == "redis":
         assert redis_server is not None
         args += ["--redis-url", redis_server.url, "--cluster-name", f"rh{next(_names)}"]
-        args += ["--node-ttl", "1"]
+        args += [*FAST_REAP, *extra]
         engine = Engine(name, args, redis=redis_server)
     else:
-        engine = Engine(name, args)
+        engine = Engine(name, [*args, *extra])
     engine.start()
     return engine
 
 
 @pytest.fixture(scope="module", params=["memory", "redis"])
 def engine(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[Engine]:
-    """Shared by the cases that change nothing but their own room."""
-    eng = make_engine(request.param, redis_server)
+    """Shared by the cases that change nothing but their own room. It lives
+    for the whole module and no node of it is reaped: STEADY_LEASE, so that a
+    node stalled ~0.7 s on a busy machine is not reaped (1012) meanwhile."""
+    eng = make_engine(request.param, redis_server, *STEADY_LEASE)
     yield eng
     eng.stop()
 

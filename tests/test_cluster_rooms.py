@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from .conftest import TIMEOUT, Client, Server
-from .test_cluster import cluster
+from .test_cluster import FAST_REAP, cluster
 
 
 def received(srv: Server) -> float:
@@ -77,7 +77,7 @@ def test_a_killed_nodes_departures_are_announced_per_room_once(make_server, redi
     """kill -9 of a node with members in three rooms: each survivor's member
     hears user_left once for each doomed connection of its own room, and of no
     other room; counts heal."""
-    a_srv, b_srv, c_srv = cluster(make_server, redis_server, 3)
+    a_srv, b_srv, c_srv = cluster(make_server, redis_server, 3, *FAST_REAP)
     a1, a2, b1 = a_srv.client("r1"), a_srv.client("r2"), b_srv.client("r1")
     doomed = {
         "r1": [c_srv.client("r1") for _ in range(2)],
@@ -115,7 +115,7 @@ def count(client: Client) -> int:
 def test_rooms_are_subscribed_again_after_a_redis_restart(make_server, own_redis) -> None:
     """After Redis comes back, a room's members on two nodes hear each other
     again. (History off: with it on, see test_cluster_recovery.py.)"""
-    a_srv, b_srv = cluster(make_server, own_redis, 2, "--history-size", "0")
+    a_srv, b_srv = cluster(make_server, own_redis, 2, "--history-size", "0", *FAST_REAP)
     x, y = a_srv.client("room"), b_srv.client("room")
     x.recv_type("user_joined")
     own_redis.stop()

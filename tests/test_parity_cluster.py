@@ -34,6 +34,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from .conftest import TIMEOUT, Client, RedisServer, Server, start_server
 from .rawws import RawClient
 from .test_auth_server import AUTH, NO_LIMITS, bearer, token
+from .test_cluster import STEADY_LEASE
 from .waiting import wait_until
 
 KEY = "k-parity-0123456789"
@@ -189,7 +190,7 @@ def start_hub(kind: str, redis: RedisServer, *extra: str) -> Hub:
     if kind == "one":
         return Hub(kind, [start_server(*args)])
     cluster = ["--redis-url", redis.url, "--cluster-name", f"parity{next(_names)}"]
-    cluster += ["--node-ttl", "1"]
+    cluster += STEADY_LEASE  # the hubs live for the whole module: no false reap
     return Hub(kind, [start_server(*args, *cluster) for _ in range(2)])
 
 

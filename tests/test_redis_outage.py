@@ -20,7 +20,7 @@ import pytest
 from wshub.backplane.redis_cluster import ClusterKeys
 
 from .conftest import TIMEOUT, Client, Server
-from .test_cluster import cluster
+from .test_cluster import FAST_REAP, cluster
 from .test_cluster_redis_cluster import prefix_of, shard_of
 from .waiting import wait_until
 
@@ -63,7 +63,7 @@ def back_after_the_outage(nodes: list[Server], before: list[float], timeout: flo
 def test_the_first_publication_after_a_redis_restart_arrives(
     make_server, own_redis, history: str
 ) -> None:
-    nodes = cluster(make_server, own_redis, 2, "--history-size", history)
+    nodes = cluster(make_server, own_redis, 2, "--history-size", history, *FAST_REAP)
     room = f"outage{next(_rooms)}"
     for client in exchange(*nodes, room, "before"):
         client.close()  # with history on, a holder of the old epoch would get 1012
