@@ -240,13 +240,13 @@ def io_uring_expected() -> bool:
 @pytest.fixture(params=["io_uring", "epoll"])
 def read_io(request, monkeypatch):
     """The reader on io_uring (its default where the kernel has it) and on its
-    fallback, edge-triggered epoll (WSHUB_NATIVE_IO=epoll): both must read alike.
-    The value is what the run must report as its read_io."""
+    fallback, epoll (WSHUB_NATIVE_IO=epoll): both must read alike. The value is
+    what the run must report as its read_io."""
     if request.param == "epoll":
         monkeypatch.setenv("WSHUB_NATIVE_IO", "epoll")
-        return "epoll-edge"
+        return "epoll"
     monkeypatch.delenv("WSHUB_NATIVE_IO", raising=False)
-    return "io_uring" if io_uring_expected() else "epoll-edge"
+    return "io_uring" if io_uring_expected() else "epoll"
 
 
 def deflated(payload: bytes) -> bytes:

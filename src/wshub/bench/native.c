@@ -6,7 +6,8 @@
  * full_message); --rooms N gives fanout one closed loop per room.
  *
  * One thread, one level-triggered epoll set, one 256 KiB read buffer shared by
- * every connection. Receiving walks frame headers only: of each data frame it
+ * every connection; --reader full reads its open connections with io_uring
+ * instead where the kernel has it (see "io_uring" below). Receiving walks frame headers only: of each data frame it
  * looks at the first WIN bytes of the payload for the bench marker "~#" (a cost
  * per frame, not per byte) and skips the rest unread, across reads. A frame split
  * anywhere (inside its header, inside the looked-at window, inside the payload)
@@ -341,8 +342,6 @@ typedef struct {
     uint8_t want_out; /* EPOLLOUT wanted */
     uint8_t ep_on;    /* in the epoll set */
     uint8_t ring;     /* --reader full on io_uring: read by a multishot recv (see "io_uring") */
-    uint8_t again;    /* edge-triggered: in G.again, to be read in the next pass */
-    uint32_t read_pass; /* the last pass (epoll_pass) that read it */
     uint8_t hdr[14];
     uint8_t mkey[4];
     uint16_t cap_have, cap_want;
@@ -448,10 +447,6 @@ static struct {
     int nsenders;
     /* rate: every delivery's arrival, per message (see "Arrivals" below) */
     int arrivals;
-    /* edge-triggered epoll: connections whose last read filled the buffer */
-    int *again, nagain;
-    int *again_now; /* the list being read in this pass */
-    uint32_t pass;
     /* WSHUB_NATIVE_STATS=1: reads, bytes and passes of the measured window on stderr */
     int64_t st_reads, st_bytes, st_waits, st_events, st_rearms;
 } G;
@@ -477,9 +472,6 @@ static void progress_done(void) {
     }
 }
 
-/* --reader full reads edge-triggered (see on_readable); --reader peek as it did */
-static uint32_t ep_edge;
-
 /* c's place in the epoll set after a change of state: EPOLLIN unless io_uring
  * reads it, EPOLLOUT while it has bytes to write; out of the set with neither. */
 static void ep_update(conn_t *c) {
@@ -487,7 +479,7 @@ static void ep_update(conn_t *c) {
     int op = !events ? EPOLL_CTL_DEL : c->ep_on ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
     if (!events && !c->ep_on)
         return;
-    struct epoll_event ev = {.events = events | ep_edge, .data.u32 = (uint32_t)c->idx};
+    struct epoll_event ev = {.events = events, .data.u32 = (uint32_t)c->idx};
     if (epoll_ctl(G.ep, op, c->fd, &ev) < 0 && op != EPOLL_CTL_DEL)
         die("epoll_ctl: %s", strerror(errno));
     c->ep_on = events != 0;
@@ -1583,7 +1575,7 @@ static long handshake_data(conn_t *c, const uint8_t *p, size_t n) {
 #define RING_ENTRIES 4096u  /* submission queue (one recv per connection is armed at a time) */
 #define RING_BUFS 64u /* provided buffers (a power of 2; a pass rarely reads more sockets, and a
                        * recv that finds none is armed again), few so that they stay in cache */
-#define RING_BUF 65536u     /* ... of this many bytes */
+#define RING_BUF RDBUF      /* ... of as many bytes as a recv() of epoll reads at most */
 #define UD_EPOLL (1ULL << 40) /* user_data of the poll on the epoll set */
 #define UD_CANCEL (1ULL << 41)
 
@@ -1598,6 +1590,10 @@ static struct {
     uint8_t *bufs;
     unsigned buf_len; /* bytes a recv may put in one buffer: cfg.read_size at most */
     int epoll_armed;
+    /* the last epoll_wait reported something: ask again at once (level-triggered:
+     * what was not read is still there, and the poll on the set only fires on a
+     * new wakeup) */
+    int epoll_again;
 } U = {.fd = -1};
 
 static int ring_enter(unsigned submit, unsigned wait, unsigned flags, void *arg, size_t argsz) {
@@ -1738,7 +1734,7 @@ static void ring_pass(int timeout) {
     memset(&arg, 0, sizeof arg);
     arg.ts = (uint64_t)(uintptr_t)&ts;
     unsigned head = *U.cq_head;
-    unsigned wait = head == __atomic_load_n(U.cq_tail, __ATOMIC_ACQUIRE) && !G.nagain ? 1 : 0;
+    unsigned wait = head == __atomic_load_n(U.cq_tail, __ATOMIC_ACQUIRE) && !U.epoll_again ? 1 : 0;
     int r = ring_enter(U.queued, wait, IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG, &arg, sizeof arg);
     if (r < 0 && errno != ETIME && errno != EINTR && errno != EBUSY)
         die("io_uring_enter: %s", strerror(errno));
@@ -1786,7 +1782,7 @@ static void ring_pass(int timeout) {
     }
     if (!U.epoll_armed)
         ring_arm_epoll();
-    if (epoll_ready || G.nagain) /* handshakes left unread (G.again) are epoll's too */
+    if (epoll_ready || U.epoll_again)
         epoll_pass(0);
 }
 
@@ -1818,34 +1814,16 @@ static void conn_lost(conn_t *c, int err) {
 
 static void got_data(conn_t *c, const uint8_t *p, size_t n);
 
-/* --reader full (ep_edge): epoll reports a socket once per arrival of data,
- * not again while data is left, so a read that fills the buffer (more may be
- * there) puts the connection in G.again, and the next pass reads it again
- * without asking epoll: one read per connection per pass, as level-triggered
- * epoll did, without its second poll of every socket read in a pass, made by
- * the next epoll_wait only to find it empty. --reader peek is level-triggered. */
-static void read_again(conn_t *c) {
-    if (!c->again) {
-        c->again = 1;
-        G.again[G.nagain++] = c->idx;
-    }
-}
-
+/* One read of a socket epoll reported (level-triggered: one read per report) */
 static void on_readable(conn_t *c) {
-    size_t lim = cfg.read_size;
-    ssize_t r = recv(c->fd, G.buf, lim, MSG_DONTWAIT);
+    ssize_t r = recv(c->fd, G.buf, cfg.read_size, MSG_DONTWAIT);
     if (r <= 0) {
-        if (r < 0 && errno == EINTR && ep_edge)
-            read_again(c);
-        else if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
-            ;
-        else
-            conn_lost(c, r < 0 ? errno : 0);
+        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+            return;
+        conn_lost(c, r < 0 ? errno : 0);
         return;
     }
     got_data(c, G.buf, (size_t)r);
-    if (ep_edge && (size_t)r == lim && c->fd >= 0 && !c->ring)
-        read_again(c);
 }
 
 static void ring_start(conn_t *c);
@@ -1941,26 +1919,14 @@ static int timeout_ms(int64_t until) {
 /* one epoll_wait and what it reported */
 static void epoll_pass(int timeout) {
     static struct epoll_event ev[1024];
-    int left = G.nagain;
-    int n = epoll_wait(G.ep, ev, 1024, left ? 0 : timeout);
+    int n = epoll_wait(G.ep, ev, 1024, timeout);
     if (n < 0 && errno != EINTR)
         die("epoll_wait: %s", strerror(errno));
     if (U.fd < 0) {
         G.st_waits++;
         G.st_events += n > 0 ? n : 0;
     }
-    G.pass++;
-    /* what the last pass left unread first, once each */
-    memcpy(G.again_now, G.again, (size_t)left * sizeof *G.again);
-    G.nagain = 0;
-    for (int i = 0; i < left; i++) {
-        conn_t *c = &G.c[G.again_now[i]];
-        c->again = 0;
-        if (c->fd >= 0 && !c->ring) {
-            c->read_pass = G.pass;
-            on_readable(c);
-        }
-    }
+    U.epoll_again = n > 0;
     for (int i = 0; i < n; i++) {
         conn_t *c = &G.c[ev[i].data.u32];
         if (c->fd < 0)
@@ -1972,14 +1938,8 @@ static void epoll_pass(int timeout) {
         }
         if (e & EPOLLOUT)
             flush_out(c);
-        if (c->fd >= 0 && !c->ring && (e & (EPOLLIN | EPOLLHUP | EPOLLERR))) {
-            if (ep_edge && c->read_pass == G.pass)
-                read_again(c); /* read once in this pass already */
-            else {
-                c->read_pass = G.pass;
-                on_readable(c);
-            }
-        }
+        if (c->fd >= 0 && !c->ring && (e & (EPOLLIN | EPOLLHUP | EPOLLERR)))
+            on_readable(c);
     }
 }
 
@@ -2223,7 +2183,7 @@ static void win_stop(void) {
                 "%.1f events/wait, %.3f us CPU/frame, %.2f us CPU/read, %s, %.0f recv re-arms/s\n", r / W.t,
                 r ? (double)(G.st_bytes - st0[1]) / r : 0.0, r ? (double)W.n / r : 0.0, w / W.t,
                 w ? (double)(G.st_events - st0[3]) / w : 0.0, W.n ? W.cpu / (double)W.n * 1e6 : 0.0,
-                r ? W.cpu / r * 1e6 : 0.0, U.fd >= 0 ? "io_uring" : ep_edge ? "epoll-edge" : "epoll",
+                r ? W.cpu / r * 1e6 : 0.0, U.fd >= 0 ? "io_uring" : "epoll",
                 (double)(G.st_rearms - st0[4]) / W.t);
     }
 }
@@ -2870,16 +2830,13 @@ int main(int argc, char **argv) {
     G.ep = epoll_create1(EPOLL_CLOEXEC);
     if (G.ep < 0)
         die("epoll_create1: %s", strerror(errno));
-    ep_edge = cfg.full ? EPOLLET : 0;
     ring_setup();
     G.buf = calloc(1, RDBUF + MSG_SLACK);
     if (!G.buf)
         die("out of memory");
     G.c = calloc((size_t)cfg.n, sizeof *G.c);
     G.att = calloc((size_t)cfg.concurrency, sizeof *G.att);
-    G.again = calloc((size_t)cfg.n, sizeof *G.again);
-    G.again_now = calloc((size_t)cfg.n, sizeof *G.again_now);
-    if (!G.c || !G.att || !G.again || !G.again_now)
+    if (!G.c || !G.att)
         die("out of memory");
     for (int i = 0; i < cfg.n; i++) {
         G.c[i].fd = -1;
@@ -2912,7 +2869,7 @@ int main(int argc, char **argv) {
     jkey("reader");
     jstr_raw(cfg.full ? "full" : "peek");
     jkey("read_io"); /* how the open connections were read */
-    jstr_raw(U.fd >= 0 ? "io_uring" : cfg.full ? "epoll-edge" : "epoll");
+    jstr_raw(U.fd >= 0 ? "io_uring" : "epoll");
     if (cfg.full) {
         jint("content_size", cfg.size);
         jint("read_messages", RD.messages);
