@@ -1450,7 +1450,8 @@ def render(data: dict, chart_file: Path = CHART) -> str:
             f"the native engine changes. "
             if _engine(a) == "native" and not full_reader(data)
             else "**The generator**: `--engine native --reader full` (the C program `src/wshub/bench/native.c`, "
-            "built with the system's `cc` on first use: epoll, one 256 KiB read buffer; every data message is "
+            "built with the system's `cc` on first use: io_uring where the kernel has it (one multishot recv per "
+            "connection into 64 provided 256 KiB buffers; else epoll and one 256 KiB read buffer); every data message is "
             "read whole, across reads and fragments, and parsed as JSON: every string byte checked, escapes "
             "decoded, UTF-8 validated, every value walked; it counts a `message` or `broadcast` whose content "
             "has the size sent, and with `--rooms` only when the content names its room's sender) for fan-out, "

@@ -207,6 +207,7 @@ class FrameServer:
             self.expected += n
             self.pings += p
         self.pongs: list[bytes] = []
+        self.requests: list[bytes] = []  # each upgrade request's head, as read
         self.unmasked = 0
         self.done = threading.Event()
         self.failure: list[str] = []
@@ -256,6 +257,7 @@ class FrameServer:
             head = b""
             while b"\r\n\r\n" not in head:
                 head += conn.recv(4096)
+            self.requests.append(head)
             key = b""
             for line in head.split(b"\r\n")[1:]:
                 k, _, v = line.partition(b":")

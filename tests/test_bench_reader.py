@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import platform
 import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 
@@ -217,6 +219,81 @@ def test_full_reader_finds_the_type_by_a_json_walk(frame_server, read_size, scan
     assert res["read_other_type"] == want["other"]
     assert res["read_invalid"] == want["invalid"]
     assert res["read_wrong_size"] == 0
+
+
+def io_uring_expected() -> bool:
+    """Whether the reader should get io_uring here: Linux 6.1 or later (multishot
+    recv, provided-buffer rings, DEFER_TASKRUN), io_uring not disabled by sysctl."""
+    release = platform.release().split(".")
+    try:
+        if (int(release[0]), int(release[1].split("-")[0])) < (6, 1):
+            return False
+    except (IndexError, ValueError):
+        return False
+    try:
+        with open("/proc/sys/kernel/io_uring_disabled") as f:
+            return f.read().strip() == "0"
+    except OSError:
+        return True
+
+
+@pytest.fixture(params=["io_uring", "epoll"])
+def read_io(request, monkeypatch):
+    """The reader on io_uring (its default where the kernel has it) and on its
+    fallback, epoll (WSHUB_NATIVE_IO=epoll): both must read alike. The value is
+    what the run must report as its read_io."""
+    if request.param == "epoll":
+        monkeypatch.setenv("WSHUB_NATIVE_IO", "epoll")
+        return "epoll"
+    monkeypatch.delenv("WSHUB_NATIVE_IO", raising=False)
+    return "io_uring" if io_uring_expected() else "epoll"
+
+
+def deflated(payload: bytes) -> bytes:
+    """A text frame as a server with permessage-deflate sends it (RSV1 set, the
+    payload raw DEFLATE without its final empty block): the reader negotiates no
+    extension, so such a frame is no message it can read."""
+    z = zlib.compressobj(wbits=-15)
+    body = z.compress(payload) + z.flush(zlib.Z_SYNC_FLUSH)
+    frame = bytearray(encode_server_frame(OP_TEXT, body[:-4]))
+    frame[0] |= 0x40
+    return bytes(frame)
+
+
+@pytest.mark.parametrize("read_size", [1, 2, 7, 64, None])
+def test_full_reader_reads_alike_on_io_uring_and_epoll(frame_server, read_size, read_io):  # noqa: F811
+    """Every kind of frame that counts or must not (another type, the wrong content
+    size either way, broken JSON, binary, a stray continuation, a deflated frame),
+    each frame's header sent a byte at a time (split across reads), the payloads
+    across reads of 1, 2, 7 and 64 bytes or whole: counted exactly alike whichever
+    way the reader reads; and it offers no compression."""
+    srv = frame_server(blocks=1)
+    frames, want = reader_stream()
+    frames.insert(3, deflated(envelope(b"message", content())))
+    want["invalid"] += 1
+    srv.frames, srv.pings, srv.expected = frames, [b"frag"], want["counted"]
+    cfg = Config(
+        scenario="sink",
+        url=srv.url,
+        protocol="raw",
+        connections=1,
+        warmup=0.0,
+        duration=3.0 if read_size in (1, 2) else 1.0,
+        probes=1,
+        keepalive=0,
+        reader="full",
+    )
+    res = native.run(cfg, read_size=read_size)
+    assert srv.done.is_set(), f"the last Ping was not answered within the run: {srv.failure}"
+    assert res["read_io"] == read_io
+    assert res["deliveries"] == want["counted"] == res["read_counted"]
+    assert res["read_other_type"] == want["other"]
+    assert res["read_wrong_size"] == want["wrong_size"]
+    assert res["read_invalid"] == want["invalid"]
+    assert res["read_messages"] == sum(want.values()) - 1
+    assert srv.pongs == [b"start", b"frag", b"done"]
+    assert len(srv.requests) == 1
+    assert b"sec-websocket-extensions" not in srv.requests[0].lower()
 
 
 def test_peek_reader_counts_what_full_refuses(frame_server):  # noqa: F811

@@ -6,7 +6,8 @@
  * full_message); --rooms N gives fanout one closed loop per room.
  *
  * One thread, one level-triggered epoll set, one 256 KiB read buffer shared by
- * every connection. Receiving walks frame headers only: of each data frame it
+ * every connection; --reader full reads its open connections with io_uring
+ * instead where the kernel has it (see "io_uring" below). Receiving walks frame headers only: of each data frame it
  * looks at the first WIN bytes of the payload for the bench marker "~#" (a cost
  * per frame, not per byte) and skips the rest unread, across reads. A frame split
  * anywhere (inside its header, inside the looked-at window, inside the payload)
@@ -36,6 +37,7 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -44,6 +46,9 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/epoll.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <linux/io_uring.h>
 #include <sys/random.h>
 #include <sys/resource.h>
 #include <sys/time.h>
@@ -334,7 +339,9 @@ typedef struct {
     uint8_t capturing; /* collecting the looked-at start of a payload */
     uint8_t op, fin, masked;
     uint8_t hdr_have;
-    uint8_t want_out; /* EPOLLOUT registered */
+    uint8_t want_out; /* EPOLLOUT wanted */
+    uint8_t ep_on;    /* in the epoll set */
+    uint8_t ring;     /* --reader full on io_uring: read by a multishot recv (see "io_uring") */
     uint8_t hdr[14];
     uint8_t mkey[4];
     uint16_t cap_have, cap_want;
@@ -441,7 +448,7 @@ static struct {
     /* rate: every delivery's arrival, per message (see "Arrivals" below) */
     int arrivals;
     /* WSHUB_NATIVE_STATS=1: reads, bytes and passes of the measured window on stderr */
-    int64_t st_reads, st_bytes, st_waits, st_events;
+    int64_t st_reads, st_bytes, st_waits, st_events, st_rearms;
 } G;
 
 static void progress(const char *fmt, ...) {
@@ -465,17 +472,30 @@ static void progress_done(void) {
     }
 }
 
-static void ep_set(conn_t *c, uint32_t events, int op) {
+/* c's place in the epoll set after a change of state: EPOLLIN unless io_uring
+ * reads it, EPOLLOUT while it has bytes to write; out of the set with neither. */
+static void ep_update(conn_t *c) {
+    uint32_t events = (c->ring ? 0 : EPOLLIN) | (c->want_out ? EPOLLOUT : 0);
+    int op = !events ? EPOLL_CTL_DEL : c->ep_on ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
+    if (!events && !c->ep_on)
+        return;
     struct epoll_event ev = {.events = events, .data.u32 = (uint32_t)c->idx};
     if (epoll_ctl(G.ep, op, c->fd, &ev) < 0 && op != EPOLL_CTL_DEL)
         die("epoll_ctl: %s", strerror(errno));
+    c->ep_on = events != 0;
 }
+
+static void ring_forget(conn_t *c);
 
 static void close_fd(conn_t *c) {
     if (c->fd >= 0) {
+        if (c->ring)
+            ring_forget(c); /* its recv holds the socket open until cancelled */
         close(c->fd); /* leaves the epoll set with it */
         c->fd = -1;
     }
+    c->ring = 0;
+    c->ep_on = 0;
     free(c->hs);
     c->hs = NULL;
     free(c->out);
@@ -513,7 +533,7 @@ static void conn_write(conn_t *c, const void *data, size_t n) {
     c->out_len += n;
     if (!c->want_out && c->state != C_CONNECTING) {
         c->want_out = 1;
-        ep_set(c, EPOLLIN | EPOLLOUT, EPOLL_CTL_MOD);
+        ep_update(c);
     }
 }
 
@@ -533,7 +553,7 @@ static void flush_out(conn_t *c) {
     c->out_len = c->out_off = 0;
     if (c->want_out) {
         c->want_out = 0;
-        ep_set(c, EPOLLIN, EPOLL_CTL_MOD);
+        ep_update(c);
     }
 }
 
@@ -1383,8 +1403,8 @@ static void conn_connected(conn_t *c) {
     c->t_start = now_ns();
     c->deadline = c->t_start + (int64_t)(cfg.connect_timeout * 1e9);
     c->state = C_HANDSHAKE;
-    ep_set(c, EPOLLIN, EPOLL_CTL_MOD);
     c->want_out = 0;
+    ep_update(c);
     target_t *t = &cfg.t[c->target];
     char path[2100];
     if (cfg.rooms > 0) { /* PATH/r<room>, before any query string */
@@ -1439,6 +1459,7 @@ static void start_attempt(int i) {
     struct epoll_event ev = {.events = EPOLLOUT, .data.u32 = (uint32_t)i};
     if (epoll_ctl(G.ep, EPOLL_CTL_ADD, fd, &ev) < 0)
         die("epoll_ctl: %s", strerror(errno));
+    c->ep_on = 1;
     if (connect(fd, (struct sockaddr *)&cfg.t[c->target].addr, sizeof cfg.t[c->target].addr) == 0) {
         conn_connected(c);
     } else if (errno != EINPROGRESS) {
@@ -1533,6 +1554,238 @@ static long handshake_data(conn_t *c, const uint8_t *p, size_t n) {
     return used;
 }
 
+/* ------------------------------------------------------------------ io_uring
+ *
+ * --reader full reads its open connections with io_uring when the kernel has
+ * what it needs (5.19+: multishot recv, provided-buffer rings, and
+ * IORING_SETUP_DEFER_TASKRUN, 6.1): one multishot recv per connection, armed
+ * once, takes a buffer from a ring of provided buffers whenever data arrives,
+ * and with DEFER_TASKRUN those recvs all run inside the next io_uring_enter, so
+ * that one system call reads many sockets where epoll took one epoll_wait per
+ * pass and one recv per socket. Each recv is the same tcp_recvmsg a recv()
+ * makes (it drains what the socket holds, up to a buffer: the same reads, the
+ * same ACKs to the server); the bytes go to got_data as a recv()'s do. The
+ * epoll set stays for what is not a read of an open connection (connecting,
+ * the handshake, EPOLLOUT); io_uring waits on it with a multishot poll.
+ * Without io_uring (setup refused: an older kernel, a seccomp filter,
+ * kernel.io_uring_disabled) or with WSHUB_NATIVE_IO=epoll, every read is
+ * epoll's (on_readable). No liburing: the raw system calls and the ring
+ * layout of <linux/io_uring.h>. */
+
+#define RING_ENTRIES 4096u  /* submission queue (one recv per connection is armed at a time) */
+#define RING_BUFS 64u /* provided buffers (a power of 2; a pass rarely reads more sockets, and a
+                       * recv that finds none is armed again), few so that they stay in cache */
+#define RING_BUF RDBUF      /* ... of as many bytes as a recv() of epoll reads at most */
+#define UD_EPOLL (1ULL << 40) /* user_data of the poll on the epoll set */
+#define UD_CANCEL (1ULL << 41)
+
+static struct {
+    int fd; /* -1: reads are epoll's */
+    unsigned *sq_head, *sq_tail, sq_mask, *sq_array;
+    struct io_uring_sqe *sqes;
+    unsigned *cq_head, *cq_tail, cq_mask;
+    struct io_uring_cqe *cqes;
+    unsigned queued; /* SQEs written, not submitted yet */
+    struct io_uring_buf_ring *br;
+    uint8_t *bufs;
+    unsigned buf_len; /* bytes a recv may put in one buffer: cfg.read_size at most */
+    int epoll_armed;
+    /* the last epoll_wait reported something: ask again at once (level-triggered:
+     * what was not read is still there, and the poll on the set only fires on a
+     * new wakeup) */
+    int epoll_again;
+} U = {.fd = -1};
+
+static int ring_enter(unsigned submit, unsigned wait, unsigned flags, void *arg, size_t argsz) {
+    return (int)syscall(__NR_io_uring_enter, U.fd, submit, wait, flags, arg, argsz);
+}
+
+static struct io_uring_sqe *ring_sqe(void) {
+    unsigned tail = *U.sq_tail;
+    if (tail - __atomic_load_n(U.sq_head, __ATOMIC_ACQUIRE) >= RING_ENTRIES) {
+        /* full: submit what is there first */
+        if (ring_enter(U.queued, 0, 0, NULL, 0) < 0 && errno != EINTR && errno != EBUSY)
+            die("io_uring_enter: %s", strerror(errno));
+        U.queued = 0;
+    }
+    struct io_uring_sqe *sqe = &U.sqes[tail & U.sq_mask];
+    memset(sqe, 0, sizeof *sqe);
+    U.sq_array[tail & U.sq_mask] = tail & U.sq_mask;
+    __atomic_store_n(U.sq_tail, tail + 1, __ATOMIC_RELEASE);
+    U.queued++;
+    return sqe;
+}
+
+static void ring_buf_give(unsigned bid) {
+    unsigned short tail = U.br->tail;
+    struct io_uring_buf *b = &U.br->bufs[tail & (RING_BUFS - 1)];
+    b->addr = (uint64_t)(uintptr_t)(U.bufs + (size_t)bid * (RING_BUF + MSG_SLACK));
+    b->len = U.buf_len;
+    b->bid = (unsigned short)bid;
+    __atomic_store_n(&U.br->tail, (unsigned short)(tail + 1), __ATOMIC_RELEASE);
+}
+
+static void ring_arm_recv(conn_t *c) {
+    struct io_uring_sqe *sqe = ring_sqe();
+    sqe->opcode = IORING_OP_RECV;
+    sqe->fd = c->fd;
+    sqe->ioprio = IORING_RECV_MULTISHOT;
+    sqe->flags = IOSQE_BUFFER_SELECT;
+    sqe->buf_group = 0;
+    sqe->user_data = (uint64_t)c->idx;
+}
+
+static void ring_arm_epoll(void) {
+    struct io_uring_sqe *sqe = ring_sqe();
+    sqe->opcode = IORING_OP_POLL_ADD;
+    sqe->fd = G.ep;
+    sqe->poll32_events = POLLIN;
+    sqe->len = IORING_POLL_ADD_MULTI;
+    sqe->user_data = UD_EPOLL;
+    U.epoll_armed = 1;
+}
+
+/* io_uring for the reads, when the kernel gives it; else U.fd stays -1 */
+static void ring_setup(void) {
+    const char *io = getenv("WSHUB_NATIVE_IO");
+    if (!cfg.full || (io && !strcmp(io, "epoll")))
+        return;
+    struct io_uring_params p;
+    memset(&p, 0, sizeof p);
+    p.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_CQSIZE;
+    p.cq_entries = 4 * RING_ENTRIES;
+    int fd = (int)syscall(__NR_io_uring_setup, RING_ENTRIES, &p);
+    if (fd < 0)
+        return;
+    if (!(p.features & IORING_FEAT_SINGLE_MMAP) || !(p.features & IORING_FEAT_EXT_ARG) || p.sq_entries != RING_ENTRIES) {
+        close(fd);
+        return;
+    }
+    size_t sq_sz = p.sq_off.array + p.sq_entries * sizeof(unsigned);
+    size_t cq_sz = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+    size_t ring_sz = sq_sz > cq_sz ? sq_sz : cq_sz;
+    uint8_t *ring = mmap(NULL, ring_sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_SQ_RING);
+    void *sqes = mmap(NULL, p.sq_entries * sizeof(struct io_uring_sqe), PROT_READ | PROT_WRITE,
+                      MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_SQES);
+    size_t br_sz = RING_BUFS * sizeof(struct io_uring_buf);
+    void *br = mmap(NULL, br_sz, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    uint8_t *bufs = calloc(RING_BUFS, RING_BUF + MSG_SLACK);
+    if (ring == MAP_FAILED || sqes == MAP_FAILED || br == MAP_FAILED || !bufs) {
+        close(fd);
+        return; /* the mappings go with the process; there is epoll */
+    }
+    struct io_uring_buf_reg reg;
+    memset(&reg, 0, sizeof reg);
+    reg.ring_addr = (uint64_t)(uintptr_t)br;
+    reg.ring_entries = RING_BUFS;
+    reg.bgid = 0;
+    if (syscall(__NR_io_uring_register, fd, IORING_REGISTER_PBUF_RING, &reg, 1) < 0) {
+        close(fd);
+        free(bufs);
+        return;
+    }
+    U.fd = fd;
+    U.sq_head = (unsigned *)(ring + p.sq_off.head);
+    U.sq_tail = (unsigned *)(ring + p.sq_off.tail);
+    U.sq_mask = *(unsigned *)(ring + p.sq_off.ring_mask);
+    U.sq_array = (unsigned *)(ring + p.sq_off.array);
+    U.sqes = sqes;
+    U.cq_head = (unsigned *)(ring + p.cq_off.head);
+    U.cq_tail = (unsigned *)(ring + p.cq_off.tail);
+    U.cq_mask = *(unsigned *)(ring + p.cq_off.ring_mask);
+    U.cqes = (struct io_uring_cqe *)(ring + p.cq_off.cqes);
+    U.br = br;
+    U.bufs = bufs;
+    U.buf_len = cfg.read_size < RING_BUF ? (unsigned)cfg.read_size : RING_BUF;
+    for (unsigned i = 0; i < RING_BUFS; i++)
+        ring_buf_give(i);
+    ring_arm_epoll();
+}
+
+/* c is open: its reads are io_uring's from now on (when it is on) */
+static void ring_start(conn_t *c) {
+    if (U.fd < 0 || c->fd < 0 || c->state != C_OPEN)
+        return;
+    c->ring = 1;
+    ep_update(c); /* out of the epoll set unless it has bytes to write */
+    ring_arm_recv(c);
+}
+
+/* c is being closed: its recv is cancelled first (it holds a reference to the
+ * socket, which a close() alone would leave open) */
+static void ring_forget(conn_t *c) {
+    struct io_uring_sqe *sqe = ring_sqe();
+    sqe->opcode = IORING_OP_ASYNC_CANCEL;
+    sqe->addr = (uint64_t)c->idx;
+    sqe->user_data = UD_CANCEL;
+    if (ring_enter(U.queued, 0, 0, NULL, 0) >= 0)
+        U.queued = 0;
+    c->ring = 0;
+}
+
+static void epoll_pass(int timeout);
+static void got_data(conn_t *c, const uint8_t *p, size_t n);
+static void conn_lost(conn_t *c, int err);
+
+/* One pass: submit, wait at most timeout_ms for a completion, handle them all */
+static void ring_pass(int timeout) {
+    struct __kernel_timespec ts = {.tv_sec = timeout / 1000, .tv_nsec = (long)(timeout % 1000) * 1000000};
+    struct io_uring_getevents_arg arg;
+    memset(&arg, 0, sizeof arg);
+    arg.ts = (uint64_t)(uintptr_t)&ts;
+    unsigned head = *U.cq_head;
+    unsigned wait = head == __atomic_load_n(U.cq_tail, __ATOMIC_ACQUIRE) && !U.epoll_again ? 1 : 0;
+    int r = ring_enter(U.queued, wait, IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG, &arg, sizeof arg);
+    if (r < 0 && errno != ETIME && errno != EINTR && errno != EBUSY)
+        die("io_uring_enter: %s", strerror(errno));
+    if (r >= 0)
+        U.queued -= (unsigned)r < U.queued ? (unsigned)r : U.queued;
+    G.st_waits++;
+    int epoll_ready = 0;
+    for (;;) {
+        unsigned tail = __atomic_load_n(U.cq_tail, __ATOMIC_ACQUIRE);
+        if (head == tail)
+            break;
+        while (head != tail) {
+            struct io_uring_cqe *cqe = &U.cqes[head & U.cq_mask];
+            uint64_t ud = cqe->user_data;
+            int res = cqe->res;
+            unsigned flags = cqe->flags;
+            head++;
+            __atomic_store_n(U.cq_head, head, __ATOMIC_RELEASE); /* the CQE is copied: its slot is free */
+            G.st_events++;
+            if (ud == UD_EPOLL) {
+                epoll_ready = 1;
+                if (!(flags & IORING_CQE_F_MORE))
+                    U.epoll_armed = 0;
+                continue;
+            }
+            if (ud == UD_CANCEL)
+                continue;
+            conn_t *c = &G.c[ud];
+            int live = c->ring && c->fd >= 0;
+            if (flags & IORING_CQE_F_BUFFER) {
+                unsigned bid = flags >> IORING_CQE_BUFFER_SHIFT;
+                if (live && res > 0)
+                    got_data(c, U.bufs + (size_t)bid * (RING_BUF + MSG_SLACK), (size_t)res);
+                ring_buf_give(bid);
+            }
+            if (!live || (res > 0 && (flags & IORING_CQE_F_MORE)))
+                continue;
+            if (res == 0 || (res < 0 && res != -ENOBUFS && res != -EINTR && res != -EAGAIN && res != -ECANCELED))
+                conn_lost(c, res < 0 ? -res : 0);
+            else if (!(flags & IORING_CQE_F_MORE) && c->fd >= 0 && c->ring) {
+                ring_arm_recv(c); /* ended (buffers ran out, say): armed again */
+                G.st_rearms++;
+            }
+        }
+    }
+    if (!U.epoll_armed)
+        ring_arm_epoll();
+    if (epoll_ready || U.epoll_again)
+        epoll_pass(0);
+}
+
 /* ------------------------------------------------------------------ the loop */
 
 static void conn_lost(conn_t *c, int err) {
@@ -1559,25 +1812,33 @@ static void conn_lost(conn_t *c, int err) {
     c->state = C_DONE;
 }
 
+static void got_data(conn_t *c, const uint8_t *p, size_t n);
+
+/* One read of a socket epoll reported (level-triggered: one read per report) */
 static void on_readable(conn_t *c) {
-    size_t lim = cfg.read_size;
-    ssize_t r = recv(c->fd, G.buf, lim, MSG_DONTWAIT);
+    ssize_t r = recv(c->fd, G.buf, cfg.read_size, MSG_DONTWAIT);
     if (r <= 0) {
         if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
             return;
         conn_lost(c, r < 0 ? errno : 0);
         return;
     }
-    const uint8_t *p = G.buf;
-    size_t n = (size_t)r;
+    got_data(c, G.buf, (size_t)r);
+}
+
+static void ring_start(conn_t *c);
+
+/* What one read of c brought (the handshake's response first, then frames) */
+static void got_data(conn_t *c, const uint8_t *p, size_t n) {
     G.st_reads++;
-    G.st_bytes += r;
+    G.st_bytes += (int64_t)n;
     if (c->state == C_HANDSHAKE) {
         long used = handshake_data(c, p, n);
         if (used <= 0)
             return;
         p += used;
         n -= (size_t)used;
+        ring_start(c); /* open: io_uring reads what follows, when it is on */
         if (!n)
             return;
     }
@@ -1655,13 +1916,17 @@ static int timeout_ms(int64_t until) {
     return (int)((d + 999999) / 1000000);
 }
 
-static void loop_once(int64_t until) {
+/* one epoll_wait and what it reported */
+static void epoll_pass(int timeout) {
     static struct epoll_event ev[1024];
-    int n = epoll_wait(G.ep, ev, 1024, timeout_ms(until));
+    int n = epoll_wait(G.ep, ev, 1024, timeout);
     if (n < 0 && errno != EINTR)
         die("epoll_wait: %s", strerror(errno));
-    G.st_waits++;
-    G.st_events += n > 0 ? n : 0;
+    if (U.fd < 0) {
+        G.st_waits++;
+        G.st_events += n > 0 ? n : 0;
+    }
+    U.epoll_again = n > 0;
     for (int i = 0; i < n; i++) {
         conn_t *c = &G.c[ev[i].data.u32];
         if (c->fd < 0)
@@ -1673,9 +1938,16 @@ static void loop_once(int64_t until) {
         }
         if (e & EPOLLOUT)
             flush_out(c);
-        if (c->fd >= 0 && (e & (EPOLLIN | EPOLLHUP | EPOLLERR)))
+        if (c->fd >= 0 && !c->ring && (e & (EPOLLIN | EPOLLHUP | EPOLLERR)))
             on_readable(c);
     }
+}
+
+static void loop_once(int64_t until) {
+    if (U.fd >= 0)
+        ring_pass(timeout_ms(until));
+    else
+        epoll_pass(timeout_ms(until));
     if (G.wake) {
         G.wake = 0;
         release();
@@ -1868,13 +2140,14 @@ static void rusage_s(double *user, double *sys) {
     *sys = (double)ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6;
 }
 
-static int64_t st0[4];
+static int64_t st0[5];
 
 static void win_start(void) {
     st0[0] = G.st_reads;
     st0[1] = G.st_bytes;
     st0[2] = G.st_waits;
     st0[3] = G.st_events;
+    st0[4] = G.st_rearms;
     W.t0 = now_ns();
     W.n0 = total();
     W.cpu0 = cpu_s();
@@ -1906,11 +2179,12 @@ static void win_stop(void) {
     const char *st = getenv("WSHUB_NATIVE_STATS");
     if (st && *st && *st != '0') {
         double r = (double)(G.st_reads - st0[0]), w = (double)(G.st_waits - st0[2]);
-        fprintf(stderr, "[native] window: %.0f reads/s, %.0f bytes/read, %.2f frames/read, %.0f epoll_wait/s, "
-                "%.1f events/wait, %.3f us CPU/frame, %.2f us CPU/read\n", r / W.t,
+        fprintf(stderr, "[native] window: %.0f reads/s, %.0f bytes/read, %.2f frames/read, %.0f waits/s (epoll_wait or io_uring_enter), "
+                "%.1f events/wait, %.3f us CPU/frame, %.2f us CPU/read, %s, %.0f recv re-arms/s\n", r / W.t,
                 r ? (double)(G.st_bytes - st0[1]) / r : 0.0, r ? (double)W.n / r : 0.0, w / W.t,
                 w ? (double)(G.st_events - st0[3]) / w : 0.0, W.n ? W.cpu / (double)W.n * 1e6 : 0.0,
-                r ? W.cpu / r * 1e6 : 0.0);
+                r ? W.cpu / r * 1e6 : 0.0, U.fd >= 0 ? "io_uring" : "epoll",
+                (double)(G.st_rearms - st0[4]) / W.t);
     }
 }
 
@@ -2556,6 +2830,7 @@ int main(int argc, char **argv) {
     G.ep = epoll_create1(EPOLL_CLOEXEC);
     if (G.ep < 0)
         die("epoll_create1: %s", strerror(errno));
+    ring_setup();
     G.buf = calloc(1, RDBUF + MSG_SLACK);
     if (!G.buf)
         die("out of memory");
@@ -2593,6 +2868,8 @@ int main(int argc, char **argv) {
     /* what the reader read over the whole run (the window's share is above) */
     jkey("reader");
     jstr_raw(cfg.full ? "full" : "peek");
+    jkey("read_io"); /* how the open connections were read */
+    jstr_raw(U.fd >= 0 ? "io_uring" : "epoll");
     if (cfg.full) {
         jint("content_size", cfg.size);
         jint("read_messages", RD.messages);
