@@ -85,8 +85,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from itertools import repeat
-from operator import is_
 from time import perf_counter, thread_time
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -946,9 +944,17 @@ class Fanout(Generic[R]):
     ) -> bytes:
         """The bytes for a marked connection: its share of the shared frames,
         minus exclusions, with its private frames at their positions."""
-        if not pending and not joined_at and all(map(is_, excluded, repeat(conn))):
+        if (
+            not pending
+            and not joined_at
+            and excluded
+            and excluded[-1] is conn
+            and excluded.count(conn) == len(excluded)
+        ):
             # The sender of every message of the pass (a room's sender with
-            # its read's run): nothing, found without a Python step per frame.
+            # its read's run): nothing, found without a Python step per frame
+            # (list.count tests identity first; the last frame's test first
+            # keeps the others' case from counting a whole pass's).
             return b""
         deflate = conn.deflate
         if deflate is not None:
