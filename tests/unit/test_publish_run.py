@@ -23,7 +23,7 @@ from wshub.ids import ConnectionId, NodeId
 from wshub.node import Node
 from wshub.protocol import RelayKind
 from wshub.rooms import RoomName
-from wshub.wire import text_frame, text_payload
+from wshub.wire import TextPayloads, is_text_frame, text_frame, text_payload
 
 from ..rawws import encode_frame
 from .test_hub import REQUEST, Client, FakeTransport, run
@@ -235,6 +235,19 @@ def test_stamp_frames_of_every_length_header() -> None:
             assert frames == [text_frame(payload)]
             assert text_payload(frames[0]) == payload
             assert blob == (None if first < 0 else payload)
+
+
+def test_text_payloads_are_the_frames_payloads() -> None:
+    # What a peer node is given for a run (Backplane.publish_relays): each
+    # payload taken from its frame when asked for, whatever its header size.
+    payloads = [b"", b"a" * 125, b"b" * 126, b"c" * 65535, b"d" * 65536]
+    view = TextPayloads([text_frame(p) for p in payloads])
+    assert len(view) == len(payloads)
+    assert list(view) == payloads
+    assert [view[i] for i in range(len(view))] == payloads
+    assert view[-1] == payloads[-1] and view[1:3] == payloads[1:3]
+    assert all(is_text_frame(text_frame(p)) for p in payloads)
+    assert not is_text_frame(b"\x89\x00")  # a Ping: never compressed
 
 
 def test_stamp_refuses_what_is_not_a_relay() -> None:
