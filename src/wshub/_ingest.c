@@ -530,11 +530,20 @@ fail:
  * timestamp's field: '","timestamp":"..."'), then ',"offset":N' when
  * *first_offset* >= 0 (N counting up from it), then '}': the bytes
  * protocol.encode_plain_relay writes (tests/unit/test_publish_run.py holds
- * the two to each other). Returns (payloads, frames, messages, excluded,
- * message_count): the frames are wire.text_frame() of the payloads,
- * messages[i] is whether relay i is a message (True) or a broadcast,
- * excluded[i] is *sender* for a message (it does not get its own) and None
- * for a broadcast, and message_count counts the messages. */
+ * the two to each other). Returns (frames, excluded, message_count, blob,
+ * ends, flags): the frames are wire.text_frame() of the payloads, excluded[i]
+ * is *sender* for a message (it does not get its own) and None for a
+ * broadcast, and message_count counts the messages.
+ *
+ * With offsets (*first_offset* >= 0: history on) the payloads come as the
+ * history keeps a run (wshub._runpack.pack's form, History.keep_packed):
+ * *blob* the payloads one after the other, *ends* len + 1 native 32-bit
+ * ints (0, then where each payload ends in blob), *flags* a byte per relay,
+ * 1 for a message; without, the three are None. Why: the payloads as bytes
+ * objects of their own were made only to be copied into the history's blob
+ * (and for the fan-out's compression and the peers, which take them from the
+ * frames now): an allocation, a free and a copy of ~200 bytes per message
+ * (docs/rooms-perf.md "Session 12"). */
 static PyObject *
 append_frame(PyObject *frames, const char *payload, Py_ssize_t n)
 {
@@ -561,24 +570,55 @@ append_frame(PyObject *frames, const char *payload, Py_ssize_t n)
     return appended < 0 ? NULL : frames;
 }
 
+#define OFFSET_PREFIX_LEN 10 /* ',"offset":' */
+
+/* How many digits offset_field() writes for *value*. */
+static int
+decimal_digits(unsigned long long value)
+{
+    int count = 1;
+    while (value >= 10) {
+        value /= 10;
+        count++;
+    }
+    return count;
+}
+
 /* ',"offset":N' into *out* (at least 31 bytes), its length returned. By
  * hand rather than snprintf, which parses its format on every relay
  * (bench/message_instructions.sh: 7,596 -> 7,511 instructions per message). */
 static int
 offset_field(char *out, unsigned long long value)
 {
-    static const char prefix[] = ",\"offset\":";
+    static const char prefix[OFFSET_PREFIX_LEN + 1] = ",\"offset\":";
     char digits[20];
     int count = 0;
     do {
         digits[count++] = (char)('0' + value % 10);
         value /= 10;
     } while (value != 0);
-    memcpy(out, prefix, sizeof prefix - 1);
-    int n = (int)(sizeof prefix - 1);
+    memcpy(out, prefix, OFFSET_PREFIX_LEN);
+    int n = OFFSET_PREFIX_LEN;
     while (count > 0)
         out[n++] = digits[--count];
     return n;
+}
+
+/* One relay's payload into *out* (room for it: payload_size()). */
+static char *
+write_payload(char *out, const char *head, Py_ssize_t head_len, PyObject *content,
+              const char *tail, Py_ssize_t tail_len, const char *number, int number_len)
+{
+    Py_ssize_t content_len = PyBytes_GET_SIZE(content);
+    memcpy(out, head, (size_t)head_len);
+    out += head_len;
+    memcpy(out, PyBytes_AS_STRING(content), (size_t)content_len);
+    out += content_len;
+    memcpy(out, tail, (size_t)tail_len);
+    out += tail_len;
+    memcpy(out, number, (size_t)number_len);
+    out[number_len] = '}';
+    return out + number_len + 1;
 }
 
 static PyObject *
@@ -596,55 +636,96 @@ stamp(PyObject *Py_UNUSED(self), PyObject *args)
         PyErr_SetString(PyExc_ValueError, "stamp: one kind per content");
         return NULL;
     }
-    Py_ssize_t message_count = 0;
-    PyObject *payloads = PyList_New(0), *frames = PyList_New(0), *messages = PyList_New(0),
-             *excluded = PyList_New(0);
-    if (payloads == NULL || frames == NULL || messages == NULL || excluded == NULL)
-        goto fail;
+    /* The checks, and with offsets the blob's size, before anything is made. */
+    uint64_t total = 0;
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *content = PyList_GET_ITEM(contents, i);
         int code = (unsigned char)kinds[i];
         if (!PyBytes_Check(content)) {
             PyErr_SetString(PyExc_TypeError, "stamp: a relay's content is bytes");
-            goto fail;
+            return NULL;
         }
         if (code != MESSAGE && code != BROADCAST) {
             PyErr_SetString(PyExc_ValueError, "stamp: a relay's code is MESSAGE or BROADCAST");
-            goto fail;
+            return NULL;
         }
+        if (offset >= 0)
+            total += (uint64_t)(code == MESSAGE ? head_m_len : head_b_len) +
+                     (uint64_t)PyBytes_GET_SIZE(content) + (uint64_t)tail_len + 1 +
+                     OFFSET_PREFIX_LEN + decimal_digits((unsigned long long)(offset + i));
+    }
+    if (total > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "stamp: a run of more than 4 GiB");
+        return NULL;
+    }
+    Py_ssize_t message_count = 0;
+    PyObject *frames = PyList_New(0), *excluded = PyList_New(0);
+    PyObject *blob = NULL, *ends = NULL, *flags = NULL;
+    char *scratch = NULL; /* without offsets: one payload at a time */
+    Py_ssize_t scratch_size = 0;
+    char *out = NULL, *end_at = NULL, *flag_at = NULL;
+    if (frames == NULL || excluded == NULL)
+        goto fail;
+    if (offset >= 0) {
+        blob = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+        ends = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)sizeof(uint32_t) * (count + 1));
+        flags = PyBytes_FromStringAndSize(NULL, count);
+        if (blob == NULL || ends == NULL || flags == NULL)
+            goto fail;
+        out = PyBytes_AS_STRING(blob);
+        end_at = PyBytes_AS_STRING(ends);
+        flag_at = PyBytes_AS_STRING(flags);
+        uint32_t zero = 0;
+        memcpy(end_at, &zero, sizeof zero);
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *content = PyList_GET_ITEM(contents, i);
+        int code = (unsigned char)kinds[i];
         const char *head = code == MESSAGE ? head_m : head_b;
         Py_ssize_t head_len = code == MESSAGE ? head_m_len : head_b_len;
         char number[32];
         int number_len = offset >= 0 ? offset_field(number, (unsigned long long)(offset + i)) : 0;
-        Py_ssize_t content_len = PyBytes_GET_SIZE(content);
-        Py_ssize_t n = head_len + content_len + tail_len + number_len + 1;
-        PyObject *payload = PyBytes_FromStringAndSize(NULL, n);
-        if (payload == NULL)
-            goto fail;
-        char *out = PyBytes_AS_STRING(payload);
-        memcpy(out, head, (size_t)head_len);
-        out += head_len;
-        memcpy(out, PyBytes_AS_STRING(content), (size_t)content_len);
-        out += content_len;
-        memcpy(out, tail, (size_t)tail_len);
-        out += tail_len;
-        memcpy(out, number, (size_t)number_len);
-        out[number_len] = '}';
-        int appended = PyList_Append(payloads, payload);
-        Py_DECREF(payload); /* the list holds it (or it is freed on a failure) */
-        if (appended < 0 || append_frame(frames, PyBytes_AS_STRING(payload), n) == NULL)
+        Py_ssize_t n = head_len + PyBytes_GET_SIZE(content) + tail_len + number_len + 1;
+        char *payload;
+        if (blob != NULL) {
+            payload = out;
+            out = write_payload(out, head, head_len, content, tail, tail_len, number, number_len);
+            uint32_t position = (uint32_t)(out - PyBytes_AS_STRING(blob));
+            memcpy(end_at + sizeof position * (size_t)(i + 1), &position, sizeof position);
+            flag_at[i] = code == MESSAGE;
+        } else {
+            if (scratch_size < n) {
+                PyMem_Free(scratch);
+                scratch_size = n < 1024 ? 1024 : n;
+                scratch = PyMem_Malloc((size_t)scratch_size);
+                if (scratch == NULL) {
+                    PyErr_NoMemory();
+                    goto fail;
+                }
+            }
+            payload = scratch;
+            write_payload(scratch, head, head_len, content, tail, tail_len, number, number_len);
+        }
+        if (append_frame(frames, payload, n) == NULL)
             goto fail;
         message_count += code == MESSAGE;
-        if (PyList_Append(messages, code == MESSAGE ? Py_True : Py_False) < 0 ||
-            PyList_Append(excluded, code == MESSAGE ? sender : Py_None) < 0)
+        if (PyList_Append(excluded, code == MESSAGE ? sender : Py_None) < 0)
             goto fail;
     }
-    return Py_BuildValue("(NNNNn)", payloads, frames, messages, excluded, message_count);
+    PyMem_Free(scratch);
+    if (blob == NULL) {
+        blob = Py_NewRef(Py_None);
+        ends = Py_NewRef(Py_None);
+        flags = Py_NewRef(Py_None);
+    }
+    return Py_BuildValue("(NNnNNN)", frames, excluded, message_count, blob, ends, flags);
 fail:
-    Py_XDECREF(payloads);
+    PyMem_Free(scratch);
     Py_XDECREF(frames);
-    Py_XDECREF(messages);
     Py_XDECREF(excluded);
+    Py_XDECREF(blob);
+    Py_XDECREF(ends);
+    Py_XDECREF(flags);
     return NULL;
 }
 
@@ -654,7 +735,7 @@ static PyMethodDef methods[] = {
      "ends), ...]): see the module's source."},
     {"stamp", stamp, METH_VARARGS,
      "stamp(kinds, contents, head_message, head_broadcast, tail, first_offset, sender) -> "
-     "(payloads, frames, messages, excluded, message_count): see the module's source."},
+     "(frames, excluded, message_count, blob, ends, flags): see the module's source."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -14,11 +14,12 @@ def scan(
     data: bytes, limit: int, runs: bool = False, /
 ) -> tuple[int, list[tuple[int, bytes, int] | tuple[int, bytes, list[bytes], bytes]]]: ...
 
-# (payloads, frames, messages, excluded, message_count): the envelopes of a
-# run of plain relays from scan(..., True) (its kinds and contents), their
-# text frames, which are messages, *sender* for each message and None for
-# each broadcast, and how many are messages; an offset each from
-# *first_offset* up (none when < 0).
+# (frames, excluded, message_count, blob, ends, flags): the text frames of a
+# run of plain relays from scan(..., True) (its kinds and contents), *sender*
+# for each message and None for each broadcast, and how many are messages;
+# an offset each from *first_offset* up (none when < 0), and then, as
+# History.keep_packed takes them, the payloads joined, where each ends (native
+# 32-bit ints after a 0) and a flag byte each (1: a message); None without.
 def stamp(
     kinds: bytes,
     contents: list[bytes],
@@ -28,4 +29,4 @@ def stamp(
     first_offset: int,
     sender: Any,
     /,
-) -> tuple[list[bytes], list[bytes], list[bool], list[Any], int]: ...
+) -> tuple[list[bytes], list[Any], int, bytes | None, bytes | None, bytes | None]: ...

@@ -85,12 +85,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from itertools import repeat
-from operator import is_
 from time import perf_counter, thread_time
 from typing import Any, Generic, Protocol, TypeVar
 
-from .wire import Deflate, text_frame
+from .wire import Deflate, is_text_frame, text_frame, text_payload
 
 __all__ = [
     "Audience",
@@ -218,7 +216,6 @@ class Audience(Generic[R]):
         "ready",
         "others",
         "frames",
-        "payloads",
         "excluded",
         "marked",
         "queued",
@@ -233,10 +230,10 @@ class Audience(Generic[R]):
         # first member, like the lists below.
         self.ready: dict[R, None] = _NOTHING_QUEUED
         self.others: dict[R, None] = _NOTHING_QUEUED
-        # This pass: shared frames, their JSON payloads (None for control
-        # frames, which are never compressed) and who is excluded from each.
+        # This pass: shared frames and who is excluded from each. A text
+        # frame holds its payload, which a compressing member's frame is made
+        # from (wire.text_payload); control frames are never compressed.
         self.frames: list[bytes] = _NOTHING_QUEUED
-        self.payloads: list[bytes | None] = _NOTHING_QUEUED
         self.excluded: list[R | None] = _NOTHING_QUEUED
         self.marked: list[R] = _NOTHING_QUEUED
         self.queued = False  # in the engine's list of audiences to write
@@ -249,7 +246,6 @@ class _Batch(Generic[R]):
 
     __slots__ = (
         "frames",
-        "payloads",
         "excluded",
         "marked",
         "cut_short",
@@ -272,11 +268,9 @@ class _Batch(Generic[R]):
         self.cut_short = n > most
         if not self.cut_short:
             self.frames = audience.frames
-            self.payloads = audience.payloads
             self.excluded = audience.excluded
             self.marked = audience.marked
             audience.frames = _NOTHING_QUEUED
-            audience.payloads = _NOTHING_QUEUED
             audience.excluded = _NOTHING_QUEUED
             audience.marked = _NOTHING_QUEUED
             excluded = self.excluded
@@ -304,10 +298,8 @@ class _Batch(Generic[R]):
         is split at the cut (private frames and join point moved back by it
         for what stays queued). Returns the deliveries skipped in the batch."""
         self.frames = audience.frames[:cut]
-        self.payloads = audience.payloads[:cut]
         self.excluded = audience.excluded[:cut]
         audience.frames = audience.frames[cut:]
-        audience.payloads = audience.payloads[cut:]
         audience.excluded = audience.excluded[cut:]
         self.marked = audience.marked
         still_excluded = {conn for conn in audience.excluded if conn is not None}
@@ -396,11 +388,9 @@ class Fanout(Generic[R]):
         """
         if audience.frames:
             audience.frames.append(text_frame(payload))
-            audience.payloads.append(payload)
             audience.excluded.append(exclude)
         else:  # the pass's first frame: its lists are made now
             audience.frames = [text_frame(payload)]
-            audience.payloads = [payload]
             audience.excluded = [exclude]
         if exclude is not None:
             self._mark(audience, exclude)
@@ -409,22 +399,19 @@ class Fanout(Generic[R]):
     def to_all_many(
         self,
         audience: Audience[R],
-        payloads: list[bytes],
         frames: list[bytes],
         excluded: list[R | None],
         exclude: R | None,
     ) -> None:
-        """:meth:`to_all` (urgent) of several payloads in order, with their
+        """:meth:`to_all` (urgent) of several payloads in order, as their
         ready-made text frames (``text_frame(payload)`` each); *excluded*
-        says per payload None or *exclude*. The lists become the pass's own
+        says per frame None or *exclude*. The lists become the pass's own
         when it has none yet: the caller lets go of them."""
         if audience.frames:
             audience.frames += frames
-            audience.payloads += payloads
             audience.excluded += excluded
         else:
             audience.frames = frames
-            audience.payloads = payloads  # type: ignore[assignment]  # bytes are bytes | None
             audience.excluded = excluded
         if exclude is not None:
             self._mark(audience, exclude)
@@ -434,11 +421,9 @@ class Fanout(Generic[R]):
         """Queue a ready-made control frame (a Ping) for every member."""
         if audience.frames:
             audience.frames.append(frame)
-            audience.payloads.append(None)
             audience.excluded.append(None)
         else:
             audience.frames = [frame]
-            audience.payloads = [None]
             audience.excluded = [None]
         self._schedule(audience, urgent)
 
@@ -547,7 +532,6 @@ class Fanout(Generic[R]):
         if conn.is_recipient:
             data = self._share(
                 audience.frames,
-                audience.payloads,
                 audience.excluded,
                 conn,
                 conn.pending,
@@ -572,7 +556,6 @@ class Fanout(Generic[R]):
                 pending, joined_at = state
                 return self._share(
                     batch.frames,
-                    batch.payloads,
                     batch.excluded,
                     conn,
                     pending,
@@ -691,7 +674,6 @@ class Fanout(Generic[R]):
             if conn.is_recipient:
                 data = self._share(
                     frames,
-                    batch.payloads,
                     batch.excluded,
                     conn,
                     pending,
@@ -746,7 +728,7 @@ class Fanout(Generic[R]):
                 assert state is not None
                 conn.sealed = None
                 data: bytes | memoryview = self._share(
-                    batch.frames, batch.payloads, batch.excluded, conn, state[0], state[1], {}
+                    batch.frames, batch.excluded, conn, state[0], state[1], {}
                 )
                 if not data:
                     writes -= 1
@@ -788,7 +770,6 @@ class Fanout(Generic[R]):
                 conn.sealed = None
                 data = self._share(
                     batch.frames,
-                    batch.payloads,
                     batch.excluded,
                     conn,
                     state[0],
@@ -835,7 +816,7 @@ class Fanout(Generic[R]):
         compressed = batch.common_deflated.get(deflate.wbits)
         if compressed is None:
             compressed = batch.common_deflated[deflate.wbits] = b"".join(
-                self._deflated(batch.frames, batch.payloads, deflate, batch.deflated)
+                self._deflated(batch.frames, deflate, batch.deflated)
             )
         return compressed
 
@@ -946,16 +927,16 @@ class Fanout(Generic[R]):
     def _deflated(
         self,
         frames: list[bytes],
-        payloads: list[bytes | None],
         deflate: Deflate,
         cache: dict[int, list[bytes]],
     ) -> list[bytes]:
-        """*frames* compressed once per window size."""
+        """*frames* compressed once per window size (the text frames, from
+        their payloads; control frames as they are)."""
         compressed = cache.get(deflate.wbits)
         if compressed is None:
             compressed = [
-                frame if payload is None else deflate.text_frame(payload)
-                for frame, payload in zip(frames, payloads, strict=True)
+                deflate.text_frame(text_payload(frame)) if is_text_frame(frame) else frame
+                for frame in frames
             ]
             cache[deflate.wbits] = compressed
         return compressed
@@ -963,7 +944,6 @@ class Fanout(Generic[R]):
     def _share(
         self,
         frames: list[bytes],
-        payloads: list[bytes | None],
         excluded: list[R | None],
         conn: R,
         pending: list[tuple[int, bytes]] | None,
@@ -972,13 +952,21 @@ class Fanout(Generic[R]):
     ) -> bytes:
         """The bytes for a marked connection: its share of the shared frames,
         minus exclusions, with its private frames at their positions."""
-        if not pending and not joined_at and all(map(is_, excluded, repeat(conn))):
+        if (
+            not pending
+            and not joined_at
+            and excluded
+            and excluded[-1] is conn
+            and excluded.count(conn) == len(excluded)
+        ):
             # The sender of every message of the pass (a room's sender with
-            # its read's run): nothing, found without a Python step per frame.
+            # its read's run): nothing, found without a Python step per frame
+            # (list.count tests identity first; the last frame's test first
+            # keeps the others' case from counting a whole pass's).
             return b""
         deflate = conn.deflate
         if deflate is not None:
-            frames = self._deflated(frames, payloads, deflate, cache)
+            frames = self._deflated(frames, deflate, cache)
         out: list[bytes] = []
         index = joined_at
         for position, frame in pending or ():

@@ -459,22 +459,41 @@ class History:
         now and the whole run's are under it: then no keep() would have
         called the bound), entry by entry by keep() otherwise. The room is
         held (the sender is a member), so the bound never forgets it."""
+        blob, ends, flags = _pack(payloads, messages)
+        self.keep_packed(name, first, blob, ends, flags, sender, now)
+
+    def keep_packed(
+        self,
+        name: str,
+        first: int,
+        blob: bytes,
+        ends: bytes,
+        flags: bytes,
+        sender: str,
+        now: float,
+    ) -> None:
+        """:meth:`keep_run` of a run packed already (``_runpack.pack``'s form,
+        which ``wshub._ingest.stamp`` writes the payloads in: *blob* the
+        payloads one after the other, *ends* where each ends after a 0, as
+        native 32-bit ints, *flags* a byte each, 1 for a ``message``)."""
         if now != self._expired_at:
             self.expire(now)
         room = self._rooms.get(name) or self._room(name, now)
         assert first == room.top + 1, (first, room.top)
-        count = len(payloads)
-        blob, ends, flags = _pack(payloads, messages)
+        count = len(flags)
         ids = len(sender)
         cost = len(blob) + count * (ids + ENTRY_OVERHEAD)
         runs = room.runs
         if runs is None:
             cost += ENTRIES_OVERHEAD
         if self.bytes + cost > self.memory or count < 2:
-            for offset, (payload, is_message) in enumerate(
-                zip(payloads, messages, strict=True), first
-            ):
-                self.keep(name, offset, payload, sender, is_message, None, now)
+            if count == 1:  # the blob is the payload
+                self.keep(name, first, blob, sender, flags[0] == 1, None, now)
+                return
+            view = memoryview(ends).cast("I")
+            for i in range(count):
+                payload = blob[view[i] : view[i + 1]]
+                self.keep(name, first + i, payload, sender, flags[i] == 1, None, now)
             return
         if runs is None:
             runs = room.runs = deque()

@@ -36,7 +36,7 @@ from .protocol import ErrorCode, RefreshRequest, Refusal, Relay, RelayKind
 from .rooms import RoomName
 from .roomstream import Continuity, Recorded, RoomStream, from_entry, offset_of
 from .session import State
-from .wire import ping_frame, text_frame
+from .wire import TextPayloads, ping_frame, text_frame, text_payload
 
 if TYPE_CHECKING:
     from .clusterhistory import ClusterHistory
@@ -471,17 +471,21 @@ class Hub(PlainRelayOwner):
         tail = protocol.plain_relay_tail(self._clock())
         history = self._history
         if history is None:
-            payloads, frames, messages, excluded, sent_alone = stamp(
+            frames, excluded, sent_alone, _, _, _ = stamp(
                 kinds, contents, head_message, head_broadcast, tail, -1, conn
             )
         else:
             mono = self._monotonic()
             first = history.next_offset(self.room, mono)
-            payloads, frames, messages, excluded, sent_alone = stamp(
+            # The payloads come joined, as the history keeps a run: no bytes
+            # object of its own per message (docs/rooms-perf.md "Session 12").
+            frames, excluded, sent_alone, blob, ends, flags = stamp(
                 kinds, contents, head_message, head_broadcast, tail, first, conn
             )
-            history.keep_run(self.room, first, payloads, sender, messages, mono)
-        self._backplane.publish_relays(self.room, sender, payloads)
+            assert blob is not None and ends is not None and flags is not None  # offsets given
+            history.keep_packed(self.room, first, blob, ends, flags, sender, mono)
+        # The payloads taken from the frames only if a peer is sent them.
+        self._backplane.publish_relays(self.room, sender, TextPayloads(frames))
         members = len(self.members)
         sizes = self._fanout_sizes
         if sent_alone:
@@ -491,13 +495,11 @@ class Hub(PlainRelayOwner):
         else:
             sizes[members] = sizes.get(members, 0) + count
         if members > 1:
-            self._fanout.to_all_many(
-                self.audience, payloads, frames, excluded, conn if sent_alone else None
-            )
+            self._fanout.to_all_many(self.audience, frames, excluded, conn if sent_alone else None)
         elif members:  # the sender alone: its broadcasts come back to it, its messages go nowhere
-            for payload, is_message in zip(payloads, messages, strict=True):
-                if not is_message:
-                    self._fanout.to_all(self.audience, payload)
+            for frame, code in zip(frames, kinds, strict=True):
+                if code != ingest.MESSAGE:
+                    self._fanout.to_all(self.audience, text_payload(frame))
         outcomes["ROUTED"] += count
 
     def on_plain_relay(self, conn: Connection, kind: RelayKind, content: bytes) -> None:

@@ -41,8 +41,9 @@ Run = tuple[int, bytes, list[bytes], bytes]
 limit, True)``: their codes (one byte each), their contents, and their ends
 (8 bytes little-endian each); see src/wshub/_ingest.c."""
 Scan = Callable[[bytes, int, bool], tuple[int, list[Item | Run]]]
-Stamped = tuple[list[bytes], list[bytes], list[bool], list[Any], int]
-"""``(payloads, frames, messages, excluded, message_count)``: see
+Stamped = tuple[list[bytes], list[Any], int, bytes | None, bytes | None, bytes | None]
+"""``(frames, excluded, message_count, blob, ends, flags)``, the last three
+(the payloads as the history keeps a run) only with offsets: see
 src/wshub/_ingest.c."""
 Stamp = Callable[[bytes, list[bytes], bytes, bytes, bytes, int, Any], Stamped]
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import struct
 import zlib
-from typing import Final
+from collections.abc import Iterator, Sequence
+from typing import Final, overload
 
 from websockets.extensions.permessage_deflate import (
     PerMessageDeflate,
@@ -23,7 +24,15 @@ from websockets.extensions.permessage_deflate import (
 )
 from websockets.headers import build_extension, parse_extension
 
-__all__ = ["Deflate", "negotiate_deflate", "ping_frame", "text_frame"]
+__all__ = [
+    "Deflate",
+    "TextPayloads",
+    "is_text_frame",
+    "negotiate_deflate",
+    "ping_frame",
+    "text_frame",
+    "text_payload",
+]
 
 OP_TEXT: Final = 0x1
 OP_BINARY: Final = 0x2
@@ -61,6 +70,48 @@ def text_frame(payload: bytes) -> bytes:
     if length < 65536:
         return _HEAD16(FIN | OP_TEXT, 126, length) + payload
     return frame(OP_TEXT, payload)
+
+
+def is_text_frame(frame: bytes) -> bool:
+    """Whether *frame* is a whole uncompressed text frame (:func:`text_frame`'s),
+    not a control frame: the shared frames that compression applies to."""
+    return frame[0] == FIN | OP_TEXT
+
+
+def text_payload(frame: bytes) -> bytes:
+    """The payload of a :func:`text_frame` (server frames are not masked).
+    The fan-out keeps a relay as its frame alone and takes the payload back
+    only for what needs it: a compressing member, a peer node."""
+    length = frame[1]
+    if length < 126:
+        return frame[2:]
+    return frame[4:] if length == 126 else frame[10:]
+
+
+class TextPayloads(Sequence[bytes]):
+    """The payloads of a list of :func:`text_frame` frames, each taken out
+    when asked for (``Backplane.publish_relays`` of a lone node asks for
+    none)."""
+
+    __slots__ = ("_frames",)
+
+    def __init__(self, frames: list[bytes]) -> None:
+        self._frames = frames
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[bytes]: ...
+    def __getitem__(self, index: int | slice) -> bytes | list[bytes]:
+        if isinstance(index, slice):
+            return [text_payload(frame) for frame in self._frames[index]]
+        return text_payload(self._frames[index])
+
+    def __iter__(self) -> Iterator[bytes]:
+        return map(text_payload, self._frames)
 
 
 def ping_frame(payload: bytes = b"") -> bytes:

@@ -163,7 +163,7 @@ def test_an_audience_between_passes_holds_no_lists_of_its_own() -> None:
     room.to_all(b"1")
     loop.run()
     audience = room.audience
-    queues = (audience.frames, audience.payloads, audience.excluded, audience.marked)
+    queues = (audience.frames, audience.excluded, audience.marked)
     assert all(queue == () for queue in queues)
     assert audience.frames is other.audience.frames  # shared, not one per audience
     room.fanout.to_one(b, b"private")  # marks b before any shared frame

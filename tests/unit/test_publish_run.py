@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wshub import _ingest, gateway, ingest, protocol
+from wshub import _ingest, _runpack, gateway, ingest, protocol
 from wshub.backplane import EventKind
 from wshub.backplane.memory import MemoryBackplane, MemoryBroker
 from wshub.config import Config
@@ -23,7 +23,7 @@ from wshub.ids import ConnectionId, NodeId
 from wshub.node import Node
 from wshub.protocol import RelayKind
 from wshub.rooms import RoomName
-from wshub.wire import text_frame
+from wshub.wire import TextPayloads, is_text_frame, text_frame, text_payload
 
 from ..rawws import encode_frame
 from .test_hub import REQUEST, Client, FakeTransport, run
@@ -191,7 +191,7 @@ def test_stamp_is_encode_plain_relay(
 ) -> None:
     sender = ConnectionId("ws-1-abcdefghi")
     conn = object()
-    payloads, frames, messages, excluded, message_count = _ingest.stamp(
+    frames, excluded, message_count, blob, ends, flags = _ingest.stamp(
         bytes(code for code, _ in relays),
         [content for _, content in relays],
         protocol.plain_relay_head(RelayKind.MESSAGE, sender, user_id),
@@ -212,18 +212,42 @@ def test_stamp_is_encode_plain_relay(
         )
         for n, (code, content) in enumerate(relays)
     ]
-    assert payloads == expected
+    messages = [code == ingest.MESSAGE for code, _ in relays]
     assert frames == [text_frame(p) for p in expected]
-    assert messages == [code == ingest.MESSAGE for code, _ in relays]
+    assert [text_payload(frame) for frame in frames] == expected
     for e, is_message in zip(excluded, messages, strict=True):
         assert e is (conn if is_message else None)
     assert message_count == messages.count(True)
+    if first < 0:
+        assert blob is ends is flags is None
+    else:
+        # With offsets, the payloads as the history keeps a run: _runpack's.
+        assert (blob, ends, flags) == _runpack.pack(expected, messages)
 
 
 def test_stamp_frames_of_every_length_header() -> None:
     for size in (0, 125, 126, 65535, 65536, 70000):
-        payloads, frames, *_ = _ingest.stamp(b"\x02", [b"x" * size], b"", b"", b"", -1, None)
-        assert frames == [text_frame(payloads[0])]
+        for first in (-1, 7):
+            frames, _, _, blob, _, _ = _ingest.stamp(
+                b"\x02", [b"x" * size], b"", b"", b"", first, None
+            )
+            payload = b"x" * size + (b"}" if first < 0 else b',"offset":7}')
+            assert frames == [text_frame(payload)]
+            assert text_payload(frames[0]) == payload
+            assert blob == (None if first < 0 else payload)
+
+
+def test_text_payloads_are_the_frames_payloads() -> None:
+    # What a peer node is given for a run (Backplane.publish_relays): each
+    # payload taken from its frame when asked for, whatever its header size.
+    payloads = [b"", b"a" * 125, b"b" * 126, b"c" * 65535, b"d" * 65536]
+    view = TextPayloads([text_frame(p) for p in payloads])
+    assert len(view) == len(payloads)
+    assert list(view) == payloads
+    assert [view[i] for i in range(len(view))] == payloads
+    assert view[-1] == payloads[-1] and view[1:3] == payloads[1:3]
+    assert all(is_text_frame(text_frame(p)) for p in payloads)
+    assert not is_text_frame(b"\x89\x00")  # a Ping: never compressed
 
 
 def test_stamp_refuses_what_is_not_a_relay() -> None:
